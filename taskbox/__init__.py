@@ -1,0 +1,58 @@
+"""taskbox: a persistent Docker sandbox, git branch and durable memory for every coding task.
+
+The names below are the public API that plugins and scripts may rely on.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (
+    CommandTimeout,
+    ConcurrentModification,
+    Conflict,
+    DockerUnavailable,
+    GitError,
+    ImageMissing,
+    InvalidInput,
+    InvalidTransition,
+    MemoryCorrupted,
+    NotFound,
+    PathOutsideWorkspace,
+    SandboxError,
+    TaskboxError,
+    TaskLocked,
+    TaskNotFound,
+)
+from .hookspecs import hookimpl
+from .models import ContainerState, LockMode, Session, Status, Task
+from .sandbox import ExecResult
+from .service import AttachResult, TaskService
+
+__all__ = [
+    "AttachResult",
+    "CommandTimeout",
+    "ConcurrentModification",
+    "Conflict",
+    "ContainerState",
+    "DockerUnavailable",
+    "ExecResult",
+    "GitError",
+    "ImageMissing",
+    "InvalidInput",
+    "InvalidTransition",
+    "LockMode",
+    "MemoryCorrupted",
+    "NotFound",
+    "PathOutsideWorkspace",
+    "SandboxError",
+    "Session",
+    "Status",
+    "Task",
+    "TaskLocked",
+    "TaskNotFound",
+    "TaskService",
+    "TaskboxError",
+    "__version__",
+    "hookimpl",
+]

@@ -1,0 +1,431 @@
+"""The `taskbox` command line: a thin adapter over :class:`taskbox.service.TaskService`.
+
+Human-readable output by default, ``--json`` on every command. Exit codes: 0 success,
+1 other error, 2 invalid input or transition, 3 not found, 4 locked or conflict,
+5 Docker unavailable or image missing, 6 sandbox error, 7 git error, 8 memory error.
+``exec`` exits with the command's own exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import TaskboxError
+from .output import ago, pairs, progress, table, to_json
+from .service import TaskService
+
+
+def _service() -> TaskService:
+    ctx = click.get_current_context()
+    obj = ctx.find_root().obj
+    if obj is None:
+        obj = ctx.find_root().obj = TaskService(os.environ.get("TASKBOX_HOME"))
+    return obj
+
+
+def command(group: click.Group, name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    """Register a command with a ``--json`` flag and uniform error rendering."""
+
+    def wrap(fn: Callable[..., Any]) -> click.Command:
+        @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+        @functools.wraps(fn)
+        def run(*args: Any, as_json: bool, **kw: Any) -> None:
+            try:
+                data, human = fn(*args, **kw)
+            except TaskboxError as exc:
+                if as_json:
+                    click.echo(to_json(exc.to_dict()))
+                else:
+                    click.echo(f"error: {exc.message}", err=True)
+                sys.exit(exc.exit_code)
+            if as_json:
+                click.echo(to_json(data))
+            elif human:
+                click.echo(human)
+
+        return group.command(name, **kwargs)(run)
+
+    return wrap
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="taskbox")
+def cli() -> None:
+    """taskbox: a persistent Docker sandbox, git branch and memory for every coding task."""
+
+
+# --- lifecycle -------------------------------------------------------------------------------
+
+
+def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
+    d = t.to_dict()
+    d["current_agents"] = svc.current_agents(t.id)
+    return d
+
+
+@command(cli, "create-task")
+@click.argument("description")
+@click.option("--repo", default=".", show_default=True, help="The git repository the task works on.")
+@click.option("--agent", default="agent", show_default=True, help="Name of the agent starting the task.")
+@click.option("--model", default="unknown", show_default=True, help="Model the agent runs.")
+@click.option("--title", help="Short title (default: first line of the description).")
+@click.option("--id", "task_id", help="Task id (default: a slug of the description).")
+@click.option("--lock-mode", type=click.Choice(["exclusive", "collaborative"]), default="exclusive", show_default=True)
+@click.option("--memory", help="Memory limit, e.g. 2g (default from settings).")
+@click.option("--cpus", type=float, help="CPU limit in cores.")
+@click.option("--pids", type=int, help="Process limit.")
+@click.option("--network", type=click.Choice(["none", "open"]), help="Network mode (default none).")
+@click.option("--image", help="Sandbox image (default taskbox-sandbox:latest).")
+@click.option("--base", help="Branch or commit to start from (default HEAD).")
+@click.option("--lazy", is_flag=True, help="Create the container on first use instead of now.")
+@click.option("--no-attach", is_flag=True, help="Do not attach an agent session.")
+@click.option("--session", help="Session id to attach with (default: a new one).")
+def create_task(description: str, repo: str, agent: str, model: str, title: str | None, task_id: str | None,
+                lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, network: str | None,
+                image: str | None, base: str | None, lazy: bool, no_attach: bool, session: str | None) -> Any:
+    """Create a task: a workspace on a new branch, a sandbox container and memory."""
+    svc = _service()
+    task = svc.create_task(repo, description, agent=agent, model=model, title=title, task_id=task_id,
+                           lock_mode=lock_mode, memory=memory, cpus=cpus, pids_limit=pids, network=network,
+                           image=image, base_ref=base, lazy=lazy, progress=progress)
+    session_id = None
+    if not (no_attach or lazy):
+        session_id = svc.attach(task.id, agent, model, session).session.id
+        task = svc.get(task.id)
+    data = {**task.to_dict(), "session_id": session_id}
+    human = pairs([("task", task.id), ("status", str(task.status)), ("branch", task.branch),
+                   ("workspace", task.workspace_path), ("container", (task.container_id or "-")[:12]),
+                   ("session", session_id or "-")])
+    return data, human
+
+
+@command(cli, "resume-task")
+@click.argument("task_id")
+@click.option("--agent", default="agent", show_default=True)
+@click.option("--model", default="unknown", show_default=True)
+@click.option("--session", help="Session id (default: a new one).")
+@click.option("--lock-mode", type=click.Choice(["exclusive", "collaborative"]), help="Override the task's lock mode.")
+@click.option("--wait", type=float, default=0, help="Seconds to wait for a held lock.")
+def resume_task(task_id: str, agent: str, model: str, session: str | None, lock_mode: str | None,
+                wait: float) -> Any:
+    """Attach an agent session to a task and restore its state."""
+    res = _service().attach(task_id, agent, model, session, lock_mode=lock_mode, wait=wait)
+    st = res.restored_state
+    lines = [pairs([("task", res.task.id), ("session", res.session.id), ("status", str(res.task.status)),
+                    ("branch", res.task.branch), ("restored in", f"{res.restore_ms} ms")])]
+    if res.recovery:
+        lines.append(f"state.json was damaged ({res.recovery.reason}); rebuilt from the logs, "
+                     f"damaged copy kept as {res.recovery.corrupted_copy}")
+    for lease in res.took_over:
+        lines.append(f"took over the expired lease of {lease['agent']} (session {lease['session_id']})")
+    if st["todos"]:
+        lines.append("\n" + table([(t["id"], t["status"], t["text"]) for t in st["todos"]], ["todo", "status", "text"]))
+    if st["executions"]:
+        lines.append("\nrecent commands:")
+        lines += [f"  [{e.get('exit_code')}] {e.get('command')}" for e in st["executions"][-5:]]
+    return res.to_dict(), "\n".join(lines)
+
+
+@command(cli, "detach")
+@click.argument("task_id")
+@click.option("--session", help="Which session (needed when several are attached).")
+def detach(task_id: str, session: str | None) -> Any:
+    """Detach an agent session; the work is committed and the branch fetched into your repo."""
+    res = _service().detach(task_id, session)
+    extra = "; task paused (container stopped)" if res["paused"] else ""
+    return res, f"detached session {res['session_id']} from {task_id}{extra}; branch {res['branch']} at {res['commit'][:10]}"
+
+
+@command(cli, "list-tasks")
+@click.option("--status", "statuses", multiple=True, help="Only tasks with this status (repeatable).")
+def list_tasks(statuses: tuple[str, ...]) -> Any:
+    """List tasks."""
+    svc = _service()
+    tasks = svc.list_tasks(list(statuses) or None)
+    rows = [_task_row(svc, t) for t in tasks]
+    human = table([(r["task_id"], r["status"], r["branch"], ",".join(r["current_agents"]),
+                    (r["container_id"] or "")[:12], ago(r["last_active"])) for r in rows],
+                  ["task", "status", "branch", "agents", "container", "active"]) if rows else "no tasks"
+    return rows, human
+
+
+@command(cli, "find-task")
+@click.argument("query")
+@click.option("--status", "statuses", multiple=True)
+def find_task(query: str, statuses: tuple[str, ...]) -> Any:
+    """Find tasks whose id, title, description or branch contains QUERY."""
+    svc = _service()
+    rows = [_task_row(svc, t) for t in svc.list_tasks(list(statuses) or None, query)]
+    human = table([(r["task_id"], r["status"], r["branch"], r["title"]) for r in rows],
+                  ["task", "status", "branch", "title"]) if rows else f"no task matches {query!r}"
+    return rows, human
+
+
+@command(cli, "show")
+@click.argument("task_id")
+def show(task_id: str) -> Any:
+    """Show a task's record and its state."""
+    svc = _service()
+    task = svc.get(task_id)
+    state = svc.state(task_id)
+    data = {**_task_row(svc, task), "state": state}
+    human = pairs([("task", task.id), ("title", task.title), ("status", str(task.status)),
+                   ("branch", task.branch), ("repo", task.repo_path), ("workspace", task.workspace_path),
+                   ("container", f"{(task.container_id or '-')[:12]} ({task.container_state})"),
+                   ("limits", f"memory {task.memory_limit}, cpus {task.cpu_limit}, pids {task.pids_limit}, "
+                              f"network {task.network}"),
+                   ("lock", f"{task.lock_mode}; agents: {', '.join(data['current_agents']) or 'none'}"),
+                   ("todos", f"{sum(t['status'] == 'completed' for t in state['todos'])}/{len(state['todos'])} done"),
+                   ("created", ago(task.created_at)), ("active", ago(task.last_active)), ("version", task.version)])
+    return data, human
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("task_id")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--workdir", "-w", help="Directory inside the workspace to run in.")
+@click.option("--timeout", type=float, help="Seconds before the command is killed.")
+@click.option("--session", help="Session the command belongs to (for the log).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def exec_(task_id: str, cmd: tuple[str, ...], workdir: str | None, timeout: float | None,
+          session: str | None, as_json: bool) -> None:
+    """Run a command in a task's sandbox: taskbox exec TASK -- CMD... (exits with its code)."""
+    svc = _service()
+    command_ = cmd[0] if len(cmd) == 1 else list(cmd)
+    try:
+        res = svc.exec(task_id, command_, workdir=workdir, timeout=timeout, session_id=session)
+    except TaskboxError as exc:
+        if as_json:
+            click.echo(to_json(exc.to_dict()))
+        else:
+            partial = exc.details.get("result") or {}
+            sys.stdout.write(partial.get("stdout", ""))
+            sys.stderr.write(partial.get("stderr", ""))
+            click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    if as_json:
+        click.echo(to_json(res.to_dict()))
+    else:
+        sys.stdout.write(res.stdout)
+        sys.stderr.write(res.stderr)
+        if res.truncated:
+            click.echo("[taskbox: output truncated]", err=True)
+    sys.exit(res.exit_code if res.exit_code >= 0 else 1)
+
+
+@cli.command("shell")
+@click.argument("task_id")
+@click.option("--workdir", "-w", help="Directory inside the workspace.")
+def shell(task_id: str, workdir: str | None) -> None:
+    """Open an interactive shell in a task's sandbox."""
+    from .confine import container_workdir
+    from .sandbox import sandbox_owner
+
+    svc = _service()
+    try:
+        task = svc.ensure_running(task_id)
+        wd = container_workdir(__import__("pathlib").Path(task.workspace_path), workdir)
+    except TaskboxError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    docker = shutil.which("docker")
+    if not docker:
+        click.echo("error: the docker CLI is needed for an interactive shell", err=True)
+        sys.exit(5)
+    uid, gid = sandbox_owner()
+    tty = ["-it"] if sys.stdin.isatty() else ["-i"]
+    os.execv(docker, ["docker", "exec", *tty, "-u", f"{uid}:{gid}", "-w", wd, task.container_id or "", "bash"])
+
+
+@command(cli, "complete-task")
+@click.argument("task_id")
+@click.option("--summary", "-s", default="", help="Final summary for Plan.md.")
+@click.option("--cleanup", is_flag=True, help="Remove the container now instead of after the retention period.")
+def complete_task(task_id: str, summary: str, cleanup: bool) -> Any:
+    """Complete a task: commit, fetch its branch into your repository, stop its container."""
+    res = _service().complete(task_id, summary, cleanup=cleanup)
+    return res, f"completed {task_id}; branch {res['branch']} at {res['commit'][:10]} is in your repository"
+
+
+@command(cli, "abort")
+@click.argument("task_id")
+@click.option("--reason", default="")
+def abort(task_id: str, reason: str) -> Any:
+    """Abort a task (its container is stopped, its workspace kept)."""
+    task = _service().abort(task_id, reason)
+    return task.to_dict(), f"aborted {task_id}"
+
+
+@command(cli, "cleanup-task")
+@click.argument("task_id")
+@click.option("--remove-workspace", is_flag=True, help="Also delete the workspace checkout.")
+def cleanup_task(task_id: str, remove_workspace: bool) -> Any:
+    """Remove a finished task's container now and archive it (branch and memory are kept)."""
+    task = _service().cleanup(task_id, remove_workspace=remove_workspace)
+    return task.to_dict(), f"archived {task_id}; container removed"
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+@command(cli, "task-history")
+@click.argument("task_id")
+@click.option("--limit", default=50, show_default=True)
+def task_history(task_id: str, limit: int) -> Any:
+    """Sessions, conversation and lifecycle events of a task."""
+    data = _service().history(task_id, limit)
+    ev = table([(e["id"], ago(e["ts"]), e["type"], to_json(e["payload"]).replace("\n", "")[:60])
+                for e in data["events"]], ["#", "when", "event", "details"])
+    ss = table([(s["id"], s["agent"], s["model"], ago(s["attached_at"]), ago(s["detached_at"]))
+                for s in data["sessions"]], ["session", "agent", "model", "attached", "detached"])
+    return data, f"{ss}\n\n{ev}"
+
+
+@command(cli, "task-executions")
+@click.argument("task_id")
+@click.option("--limit", default=20, show_default=True)
+def task_executions(task_id: str, limit: int) -> Any:
+    """Commands run in a task, newest last."""
+    rows = _service().executions(task_id, limit)
+    human = table([(ago(e.get("ts")), e.get("exit_code"), f"{e.get('duration_ms', 0):.0f}ms", e.get("command"))
+                   for e in rows], ["when", "exit", "took", "command"]) if rows else "no commands yet"
+    return rows, human
+
+
+@command(cli, "task-decisions")
+@click.argument("task_id")
+@click.option("--add", "decision", help="Record a decision.")
+@click.option("--context", default="")
+@click.option("--rationale", default="")
+@click.option("--alternatives", default="")
+@click.option("--agent", default="user")
+def task_decisions(task_id: str, decision: str | None, context: str, rationale: str, alternatives: str,
+                   agent: str) -> Any:
+    """Show a task's decision log, or add to it with --add."""
+    svc = _service()
+    if decision:
+        entry = svc.log_decision(task_id, decision, context=context, rationale=rationale,
+                                 alternatives=alternatives, agent=agent)
+        return entry, f"recorded decision at {entry['time']}"
+    rows = svc.decisions(task_id)
+    human = table([(d.get("time"), d.get("agent"), d.get("decision"), d.get("rationale", ""))
+                   for d in rows], ["time", "agent", "decision", "rationale"]) if rows else "no decisions yet"
+    return rows, human
+
+
+@command(cli, "todo")
+@click.argument("task_id")
+@click.option("--add", "add", multiple=True, help="Add a todo with this text (repeatable).")
+@click.option("--major", is_flag=True, help="Mark added todos as major.")
+@click.option("--done", multiple=True, help="Mark this todo id completed (repeatable).")
+@click.option("--start", multiple=True, help="Mark this todo id in progress (repeatable).")
+def todo(task_id: str, add: tuple[str, ...], major: bool, done: tuple[str, ...], start: tuple[str, ...]) -> Any:
+    """Show or change a task's todos."""
+    svc = _service()
+    changes: list[dict[str, Any]] = [{"text": t, "major": major} for t in add]
+    changes += [{"id": i, "status": "in_progress"} for i in start]
+    changes += [{"id": i, "status": "completed"} for i in done]
+    todos = svc.update_todos(task_id, changes) if changes else svc.state(task_id)["todos"]
+    human = table([(t["id"], t["status"], "yes" if t.get("major") else "", t["text"]) for t in todos],
+                  ["id", "status", "major", "text"]) if todos else "no todos"
+    return todos, human
+
+
+@command(cli, "task-stats")
+@click.argument("task_id", required=False)
+def task_stats(task_id: str | None) -> Any:
+    """Statistics of one task, or of all tasks."""
+    data = _service().stats(task_id)
+    if task_id:
+        m = data["metrics"]
+        human = pairs([("task", data["task_id"]), ("status", data["status"]),
+                       ("todos", f"{data['todos_done']}/{data['todos_total']} done"),
+                       ("sessions", m["sessions"]), ("iterations", m["iterations"]), ("tool calls", m["tool_calls"]),
+                       ("agents", ", ".join(m["agents_used"]) or "-"),
+                       ("commands", f"{data['executions']} ({data['failed_executions']} failed), "
+                                    f"{data['exec_ms_total'] / 1000:.1f}s in total")])
+    else:
+        human = pairs([("tasks", data["tasks"]), *[(k, v) for k, v in sorted(data["by_status"].items())],
+                       ("live leases", data["live_leases"])])
+    return data, human
+
+
+# --- git -------------------------------------------------------------------------------------
+
+
+@command(cli, "diff")
+@click.argument("task_id")
+@click.option("--stat", is_flag=True, help="Only a summary of changed files.")
+def diff(task_id: str, stat: bool) -> Any:
+    """The task's changes against the commit it started from."""
+    text = _service().diff(task_id, stat)
+    return {"task_id": task_id, "diff": text}, text.rstrip() or "no changes"
+
+
+@command(cli, "log")
+@click.argument("task_id")
+@click.option("--limit", default=30, show_default=True)
+def log(task_id: str, limit: int) -> Any:
+    """Commits on the task's branch since it started."""
+    rows = _service().git_log(task_id, limit)
+    return rows, table([(r["commit"][:10], r["date"], r["subject"]) for r in rows], ["commit", "date", "subject"])
+
+
+@command(cli, "sync")
+@click.argument("task_id")
+def sync(task_id: str) -> Any:
+    """Commit the workspace and fetch the task branch into your repository now."""
+    res = _service().sync(task_id)
+    return res, f"branch {res['branch']} at {res['commit'][:10]}"
+
+
+# --- maintenance -----------------------------------------------------------------------------
+
+
+@command(cli, "doctor")
+@click.option("--fix", is_flag=True, help="Repair what is found.")
+def doctor(fix: bool) -> Any:
+    """Find (and repair with --fix) inconsistencies between registry, Docker and disk."""
+    findings = _service().doctor(fix)
+    if not findings:
+        return findings, "all good"
+    human = table([(f["kind"], f["task_id"], f["detail"], f.get("action") or f.get("error") or
+                    ("fixed" if f["fixed"] else "run with --fix")) for f in findings],
+                  ["finding", "task", "detail", "action"])
+    return findings, human
+
+
+@command(cli, "gc")
+def gc() -> Any:
+    """Archive finished tasks whose retention period is over (their containers are removed)."""
+    done = _service().gc()
+    return {"archived": done}, f"archived {len(done)} task(s)" + (f": {', '.join(done)}" if done else "")
+
+
+@cli.group("image")
+def image() -> None:
+    """Sandbox images."""
+
+
+@command(image, "build")
+@click.option("--force", is_flag=True, help="Rebuild even if an image for the same recipe exists.")
+def image_build(force: bool) -> Any:
+    """Build the default sandbox image (bootstrapping a Debian base if it cannot be pulled)."""
+    from . import images
+    from .engine import connect
+
+    res = images.build(connect(), force=force, progress=progress)
+    word = "cached" if res.cached else "built"
+    return res.__dict__, f"{word} {res.tag} (base {res.base}) in {res.seconds:.1f}s"
+
+
+def main() -> None:
+    cli(prog_name="taskbox")

@@ -1,0 +1,104 @@
+"""Where taskbox keeps its state, and the settings that tune it.
+
+All state lives under one directory, ``TASKBOX_HOME`` (default: the user's data directory,
+``$XDG_DATA_HOME/taskbox`` or ``~/.local/share/taskbox``). Settings come from built-in
+defaults, then ``$TASKBOX_HOME/config.toml``, then ``TASKBOX_<NAME>`` environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInput
+
+
+def default_home() -> Path:
+    env = os.environ.get("TASKBOX_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return (Path(base) / "taskbox").resolve()
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class Settings:
+    """Tunable settings; each field's metadata ``doc`` feeds the generated settings table."""
+
+    image: str = _setting("taskbox-sandbox:latest", "Sandbox image new tasks use.")
+    memory: str = _setting("2g", "Default container memory limit (minimum 64m).")
+    cpus: float = _setting(1.0, "Default container CPU limit, in cores (minimum 0.1).")
+    pids_limit: int = _setting(512, "Default maximum number of processes in a container.")
+    network: str = _setting("none", "Default network mode: `none` or `open`.")
+    lease_seconds: int = _setting(300, "How long an agent's lease on a task lasts unless renewed.")
+    collaborative_max_agents: int = _setting(4, "Most agents attached to a collaborative task.")
+    exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")
+    exec_output_limit: int = _setting(
+        1_000_000, "Most bytes of stdout and of stderr a command returns; the rest is cut."
+    )
+    log_output_limit: int = _setting(
+        4_000, "Most characters of a command's output kept in executions.jsonl."
+    )
+    retention_days: int = _setting(
+        7, "Days a completed task keeps its container before `gc` archives it."
+    )
+
+    @classmethod
+    def load(cls, home: Path) -> Settings:
+        values: dict[str, Any] = {}
+        path = home / "config.toml"
+        if path.exists():
+            try:
+                values.update(tomllib.loads(path.read_text()))
+            except tomllib.TOMLDecodeError as exc:
+                raise InvalidInput(f"{path}: invalid TOML: {exc}") from exc
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in fields:
+            env = os.environ.get(f"TASKBOX_{name.upper()}")
+            if env is not None:
+                values[name] = env
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise InvalidInput(f"unknown settings: {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            typ = type(fields[name].default)
+            try:
+                kwargs[name] = typ(value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"setting {name}: expected {typ.__name__}, got {value!r}") from exc
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The layout of ``TASKBOX_HOME``."""
+
+    home: Path
+
+    @property
+    def db(self) -> Path:
+        return self.home / "registry.db"
+
+    @property
+    def workspaces(self) -> Path:
+        return self.home / "workspaces"
+
+    @property
+    def locks(self) -> Path:
+        return self.home / "locks"
+
+    def workspace(self, task_id: str) -> Path:
+        return self.workspaces / task_id
+
+    def ensure(self) -> None:
+        for d in (self.home, self.workspaces, self.locks):
+            d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,151 @@
+"""The reconciler behind `taskbox doctor`: compares the registry, Docker and the disk.
+
+Each finding names what is inconsistent and, with ``fix``, what was done about it:
+interrupted creates are rolled back, interrupted completions finished, lost containers
+forgotten (recreated on next use), orphan containers and workspaces removed, stale leases
+and their sessions ended, and container states re-read from the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import TaskboxError
+from .models import FINISHED, ContainerState, Status
+from .sandbox import LABEL_TASK
+
+if TYPE_CHECKING:
+    from .service import TaskService
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
+    findings: list[dict[str, Any]] = []
+
+    def found(kind: str, task_id: str | None, detail: str, action: Any = None) -> None:
+        entry: dict[str, Any] = {"kind": kind, "task_id": task_id, "detail": detail, "fixed": False}
+        if fix and action is not None:
+            try:
+                entry["action"] = action()
+                entry["fixed"] = True
+            except TaskboxError as exc:
+                entry["error"] = exc.message
+        findings.append(entry)
+
+    tasks = svc.registry.list_tasks()
+    known = {t.id for t in tasks}
+
+    for task in tasks:
+        if task.pending_op and not _alive(task.op_pid):
+            if task.pending_op == "create":
+                found("interrupted-create", task.id, "create was interrupted; the half-made task will be removed",
+                      lambda t=task: (svc._undo_create(t), "removed")[1])
+            elif task.pending_op == "complete":
+                found("interrupted-complete", task.id, "complete was interrupted; it will be finished",
+                      lambda t=task: (svc.complete(t.id), "completed")[1])
+            continue
+        if not Path(task.workspace_path).is_dir() and task.status is not Status.ARCHIVED:
+            found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone",
+                  lambda t=task: (svc.fail(t.id, "workspace missing"), "marked failed")[1]
+                  if t.status in (Status.ACTIVE, Status.PAUSED) else None)
+
+    leases = svc.registry.leases(live_only=False)
+    now = time.time()
+    for lease in leases:
+        if lease.expires_at <= now:
+            found("stale-lease", lease.task_id,
+                  f"lease of {lease.agent} (session {lease.session_id}) expired {now - lease.expires_at:.0f}s ago",
+                  lambda le=lease: (svc.registry.release_lease(le.task_id, le.session_id),
+                                    svc.registry.end_session(le.session_id, time.time()), "released")[2])
+    live = {(le.task_id, le.session_id) for le in leases if le.expires_at > now}
+    for task in tasks:
+        for s in svc.registry.sessions(task.id, open_only=True):
+            if (task.id, s.id) not in live and not any(le.session_id == s.id for le in leases):
+                found("orphan-session", task.id, f"session {s.id} ({s.agent}) is open but holds no lease",
+                      lambda sid=s.id: (svc.registry.end_session(sid, time.time()), "ended")[1])
+
+    try:
+        sandbox = svc.sandbox
+        containers = sandbox.task_containers(svc.home_label)
+    except TaskboxError as exc:
+        findings.append({"kind": "docker-unavailable", "task_id": None, "detail": exc.message, "fixed": False})
+        containers = None
+
+    if containers is not None:
+        by_id = {c["Id"]: c for c in containers}
+        for c in containers:
+            tid = c["Labels"].get(LABEL_TASK)
+            if tid not in known:
+                found("orphan-container", tid, f"container {c['Id'][:12]} has no task in the registry",
+                      lambda cid=c["Id"]: (sandbox.remove(cid), "removed")[1])
+        for task in svc.registry.list_tasks():
+            if task.pending_op or not task.container_id:
+                continue
+            if task.container_id not in by_id:
+                found("lost-container", task.id, f"container {task.container_id[:12]} no longer exists",
+                      lambda t=task: _forget_container(svc, t.id))
+                continue
+            actual = sandbox.state(task.container_id)
+            if actual is not task.container_state:
+                found("container-state", task.id, f"registry says {task.container_state}, Docker says {actual}",
+                      lambda t=task, a=actual: _sync_state(svc, t.id, a))
+            elif actual is ContainerState.RUNNING and task.status in FINISHED:
+                found("running-finished", task.id, f"task is {task.status} but its container runs",
+                      lambda t=task: (sandbox.stop(t.container_id or ""), "stopped")[1])
+
+    if svc.paths.workspaces.is_dir():
+        for d in sorted(svc.paths.workspaces.iterdir()):
+            if d.name not in known:
+                found("orphan-workspace", None, f"workspace {d} has no task",
+                      lambda d=d: (__import__("shutil").rmtree(d), "removed")[1])
+
+    for task in svc.registry.list_tasks():
+        if task.status is Status.ARCHIVED or not Path(task.workspace_path).is_dir() or task.pending_op:
+            continue
+        mem = svc.memory(task)
+        try:
+            _state, recovery = mem.load(svc._defaults(task))
+        except TaskboxError as exc:
+            findings.append({"kind": "memory-unreadable", "task_id": task.id, "detail": exc.message, "fixed": False})
+            continue
+        if recovery:
+            svc._report_recovery(task, recovery)
+            findings.append({"kind": "memory-recovered", "task_id": task.id,
+                             "detail": f"{recovery.reason}; rebuilt from logs, damaged copy kept as "
+                                       f"{recovery.corrupted_copy}", "fixed": True})
+    svc.registry.add_event("doctor.run", None, {"fix": fix, "findings": len(findings)})
+    return findings
+
+
+def _forget_container(svc: TaskService, task_id: str) -> str:
+    task = svc.get(task_id)
+    changes: dict[str, Any] = {"container_id": None, "container_state": ContainerState.LOST}
+    svc._update(task_id, changes, ("container.lost", {"container_id": task.container_id}))
+    if task.status is Status.ACTIVE:
+        svc._transition(task_id, Status.PAUSED)
+        return "forgotten; task paused (a new container is made on next use)"
+    return "forgotten (a new container is made on next use)"
+
+
+def _sync_state(svc: TaskService, task_id: str, actual: ContainerState) -> str:
+    task = svc._update(task_id, {"container_state": actual}, ("container.state", {"state": str(actual)}))
+    if actual is not ContainerState.RUNNING and task.status is Status.ACTIVE:
+        if actual is ContainerState.OOM_KILLED:
+            svc.registry.add_event("container.oom_killed", task_id, {})
+        svc._transition(task_id, Status.PAUSED)
+        return f"recorded {actual}; task paused"
+    return f"recorded {actual}"

@@ -1,0 +1,117 @@
+"""The taskbox exception hierarchy.
+
+Every error taskbox raises on purpose is a :class:`TaskboxError`. Adapters render them:
+the CLI prints one line and exits with :attr:`TaskboxError.exit_code`, the MCP server
+returns a tool error, the web API a JSON body with :attr:`TaskboxError.http_status`.
+
+    TaskboxError                    exit 1
+    ├── InvalidInput                exit 2   bad argument, unsafe description, not a git repo
+    │   ├── InvalidTransition       exit 2   e.g. completing a pending task
+    │   └── PathOutsideWorkspace    exit 2   a path or workdir that escapes the workspace
+    ├── NotFound                    exit 3
+    │   └── TaskNotFound            exit 3
+    ├── Conflict                    exit 4
+    │   ├── TaskLocked              exit 4   another agent holds the task's lease
+    │   └── ConcurrentModification  exit 4   a lost optimistic-locking race: retry
+    ├── DockerUnavailable           exit 5   the engine cannot be reached (says how to start it)
+    ├── ImageMissing                exit 5   the sandbox image is not built
+    ├── SandboxError                exit 6   a container operation failed
+    │   └── CommandTimeout          exit 6
+    ├── GitError                    exit 7   a git command failed (command, code, stderr)
+    └── MemoryCorrupted             exit 8   task memory could not be read or rebuilt
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskboxError(Exception):
+    """Base class of every error taskbox raises on purpose."""
+
+    exit_code = 1
+    http_status = 500
+    code = "error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.details}
+
+
+class InvalidInput(TaskboxError):
+    exit_code = 2
+    http_status = 400
+    code = "invalid_input"
+
+
+class InvalidTransition(InvalidInput):
+    code = "invalid_transition"
+
+
+class PathOutsideWorkspace(InvalidInput):
+    code = "path_outside_workspace"
+
+
+class NotFound(TaskboxError):
+    exit_code = 3
+    http_status = 404
+    code = "not_found"
+
+
+class TaskNotFound(NotFound):
+    code = "task_not_found"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no task {task_id!r} (see `taskbox list-tasks`)", task_id=task_id)
+
+
+class Conflict(TaskboxError):
+    exit_code = 4
+    http_status = 409
+    code = "conflict"
+
+
+class TaskLocked(Conflict):
+    code = "task_locked"
+
+
+class ConcurrentModification(Conflict):
+    code = "concurrent_modification"
+
+
+class DockerUnavailable(TaskboxError):
+    exit_code = 5
+    http_status = 503
+    code = "docker_unavailable"
+
+
+class ImageMissing(TaskboxError):
+    exit_code = 5
+    http_status = 503
+    code = "image_missing"
+
+
+class SandboxError(TaskboxError):
+    exit_code = 6
+    http_status = 500
+    code = "sandbox_error"
+
+
+class CommandTimeout(SandboxError):
+    code = "command_timeout"
+
+
+class GitError(TaskboxError):
+    exit_code = 7
+    http_status = 500
+    code = "git_error"
+
+
+class MemoryCorrupted(TaskboxError):
+    exit_code = 8
+    http_status = 500
+    code = "memory_corrupted"

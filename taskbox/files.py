@@ -1,0 +1,146 @@
+"""File operations inside a task workspace, confined to it and safe against links.
+
+Used by the memory layer, the Plan.md plugin and the agent-facing file tools. Writes are
+atomic (temp file, fsync, rename, fsync of the directory); reads and writes never follow a
+link out of the workspace; files written as root are handed to the sandbox user.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from .confine import host_path, open_nofollow
+from .errors import InvalidInput, NotFound, PathOutsideWorkspace
+from .sandbox import sandbox_owner
+
+
+def _own(path: Path) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, *sandbox_owner(), follow_symlinks=False)
+
+
+def _mkdirs(root: Path, path: Path) -> None:
+    missing = []
+    p = path
+    while not p.exists() and p != root:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        os.mkdir(d)
+        _own(d)
+
+
+def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``rel`` under ``root`` atomically; return the host path."""
+    target = host_path(root, rel, allow_root=False)
+    if target.is_symlink():
+        raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to write through it")
+    if target.is_dir():
+        raise InvalidInput(f"{rel!r} is a directory")
+    _mkdirs(root.resolve(), target.parent)
+    if mode is None:
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data) if len(data) < 2**30 else _write_all(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    _own(tmp)
+    os.replace(tmp, target)
+    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return target
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def append(root: Path, rel: str, data: bytes) -> None:
+    """Append ``data`` to a file (created if missing) in one write."""
+    target = host_path(root, rel, allow_root=False)
+    _mkdirs(root.resolve(), target.parent)
+    fd = open_nofollow(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    _own(target)
+
+
+def read_bytes(root: Path, rel: str, limit: int | None = None) -> bytes:
+    """Read a workspace file without following a link; :class:`NotFound` if it is missing."""
+    target = host_path(root, rel)
+    try:
+        fd = open_nofollow(target, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise NotFound(f"no file {rel!r} in the task workspace", path=rel) from exc
+    except IsADirectoryError as exc:
+        raise InvalidInput(f"{rel!r} is a directory") from exc
+    except OSError as exc:  # ELOOP: the final component is a link
+        raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to follow it") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise InvalidInput(f"{rel!r} is not a regular file")
+        return fh.read() if limit is None else fh.read(limit)
+
+
+def read_optional(root: Path, rel: str) -> bytes | None:
+    try:
+        return read_bytes(root, rel)
+    except NotFound:
+        return None
+
+
+def listing(root: Path, rel: str = ".", recursive: bool = False, limit: int = 5000) -> list[dict[str, Any]]:
+    """Entries under a workspace directory (links are listed, never followed)."""
+    base = host_path(root, rel)
+    if not base.is_dir() or base.is_symlink():
+        raise NotFound(f"no directory {rel!r} in the task workspace", path=rel)
+    out: list[dict[str, Any]] = []
+    rootr = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        if ".git" in dirnames and Path(dirpath) == rootr:
+            dirnames.remove(".git")
+        for name in sorted(dirnames) + sorted(filenames):
+            p = Path(dirpath) / name
+            st = p.lstat()
+            kind = "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file"
+            entry: dict[str, Any] = {"path": p.relative_to(rootr).as_posix(), "type": kind, "size": st.st_size}
+            if kind == "link":
+                entry["target"] = os.readlink(p)
+            out.append(entry)
+            if len(out) >= limit:
+                return out
+        if not recursive:
+            break
+    return out
+
+
+def delete(root: Path, rel: str) -> None:
+    target = host_path(root, rel, allow_root=False)
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.is_dir():
+        import shutil
+
+        shutil.rmtree(target)
+    else:
+        raise NotFound(f"no file {rel!r} in the task workspace", path=rel)

@@ -1,0 +1,306 @@
+"""A task's durable memory: the ``.task-memory/`` folder at the root of its workspace.
+
+Layers (SPEC §3): ``state.json`` (fast-restore snapshot with a SHA-256 checksum, written
+atomically), ``conversations.jsonl`` and ``executions.jsonl`` (append-only logs), and
+``decisions.md`` (human-readable decision log). A damaged ``state.json`` is rebuilt from
+the logs; the damaged copy is kept beside it and the recovery reported.
+
+The folder lives in an agent-writable workspace, so every host-side access goes through
+:mod:`taskbox.files` (confined, atomic, never following links). Writers serialise on a lock file kept under
+``TASKBOX_HOME`` where the sandbox cannot touch it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import files
+from .confine import host_path
+from .errors import MemoryCorrupted
+
+DIRNAME = ".task-memory"
+STATE = "state.json"
+CONVERSATIONS = "conversations.jsonl"
+EXECUTIONS = "executions.jsonl"
+DECISIONS = "decisions.md"
+SCHEMA_VERSION = 1
+TODO_STATUSES = ("pending", "in_progress", "completed", "cancelled")
+
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "schema": int,
+    "task_id": str,
+    "status": str,
+    "branch": str,
+    "current_agent": (str, type(None)),
+    "lock_mode": str,
+    "todos": list,
+    "metrics": dict,
+    "current_checkpoint": (str, type(None)),
+    "updated_at": (int, float),
+}
+
+
+def checksum(state: dict[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of ``state`` without its checksum fields."""
+    body = {k: v for k, v in state.items() if k not in ("checksum", "checksum_algorithm")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def empty_metrics() -> dict[str, Any]:
+    return {"sessions": 0, "iterations": 0, "tool_calls": 0, "agents_used": [], "checkpoints": 0}
+
+
+def validate(state: Any) -> str | None:
+    """Return why ``state`` is not a valid state.json document, or None if it is."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    for key, typ in _STATE_TYPES.items():
+        if key not in state:
+            return f"missing field {key!r}"
+        if not isinstance(state[key], typ):
+            return f"field {key!r} has the wrong type"
+    if state.get("checksum") != checksum(state):
+        return "checksum mismatch"
+    for todo in state["todos"]:
+        if not isinstance(todo, dict) or not isinstance(todo.get("id"), str):
+            return "malformed todo"
+    return None
+
+
+@dataclass
+class Recovery:
+    """What happened when a damaged ``state.json`` was rebuilt."""
+
+    reason: str
+    corrupted_copy: str | None
+    rebuilt_from: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "corrupted_copy": self.corrupted_copy, "rebuilt_from": self.rebuilt_from}
+
+
+class TaskMemory:
+    """Reads and writes one task's ``.task-memory/`` folder."""
+
+    def __init__(self, workspace: Path, lock_file: Path) -> None:
+        self.workspace = workspace
+        self.lock_file = lock_file
+
+    # --- paths and low-level I/O ----------------------------------------------------------
+
+    def path(self, name: str = "") -> Path:
+        return host_path(self.workspace, f"{DIRNAME}/{name}" if name else DIRNAME)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_file, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        files.atomic_write(self.workspace, f"{DIRNAME}/{name}", data)
+
+    def _append(self, name: str, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+        files.append(self.workspace, f"{DIRNAME}/{name}", line.encode())
+
+    def _read_bytes(self, name: str) -> bytes | None:
+        return files.read_optional(self.workspace, f"{DIRNAME}/{name}")
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        data = self._read_bytes(name) or b""
+        out = []
+        for line in data.splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn or hand-edited line never hides the rest of the log
+            if isinstance(entry, dict):
+                out.append(entry)
+        return out
+
+    # --- state.json -----------------------------------------------------------------------
+
+    def initial_state(self, task_id: str, status: str, branch: str, lock_mode: str) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "task_id": task_id,
+            "status": status,
+            "branch": branch,
+            "current_agent": None,
+            "lock_mode": lock_mode,
+            "todos": [],
+            "metrics": empty_metrics(),
+            "current_checkpoint": None,
+            "updated_at": time.time(),
+        }
+
+    def init(self, task_id: str, status: str, branch: str, lock_mode: str) -> dict[str, Any]:
+        """Create the memory folder of a new task."""
+        with self.locked():
+            state = self.initial_state(task_id, status, branch, lock_mode)
+            self._save(state)
+            for name in (CONVERSATIONS, EXECUTIONS):
+                if not self.path(name).exists():
+                    self.write_atomic(name, b"")
+            if not self.path(DECISIONS).exists():
+                self.write_atomic(DECISIONS, f"# Decisions — {task_id}\n".encode())
+            return state
+
+    def _save(self, state: dict[str, Any]) -> None:
+        state["updated_at"] = time.time()
+        state["checksum_algorithm"] = "sha256"
+        state["checksum"] = checksum(state)
+        self.write_atomic(STATE, json.dumps(state, indent=2, sort_keys=True, ensure_ascii=False).encode())
+
+    def load(self, defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], Recovery | None]:
+        """Load ``state.json``; rebuild it from the logs if it is missing or damaged."""
+        with self.locked():
+            return self._load(defaults)
+
+    def _load(self, defaults: dict[str, Any] | None) -> tuple[dict[str, Any], Recovery | None]:
+        raw = self._read_bytes(STATE)
+        reason: str | None
+        if raw is None:
+            reason = "state.json is missing"
+        else:
+            try:
+                state = json.loads(raw)
+                reason = validate(state)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                reason = f"state.json is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+            if reason is None:
+                return state, None
+        if defaults is None:
+            raise MemoryCorrupted(f"{reason} and no task record to rebuild it from")
+        copy = None
+        if raw is not None:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            copy = f"{DIRNAME}/{STATE}.corrupted.{stamp}"
+            self.write_atomic(f"{STATE}.corrupted.{stamp}", raw)
+        state = self.rebuild(defaults)
+        self._save(state)
+        return state, Recovery(reason=reason, corrupted_copy=copy, rebuilt_from=[CONVERSATIONS, EXECUTIONS])
+
+    def rebuild(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Reconstruct the state from the append-only logs (todos, metrics, agents)."""
+        state = self.initial_state(
+            defaults["task_id"], defaults["status"], defaults["branch"], defaults["lock_mode"]
+        )
+        conversations = self.read_jsonl(CONVERSATIONS)
+        executions = self.read_jsonl(EXECUTIONS)
+        todos: dict[str, dict[str, Any]] = {}
+        metrics = empty_metrics()
+        agents: list[str] = []
+        for entry in conversations:
+            kind = entry.get("kind")
+            agent = entry.get("agent")
+            if agent and agent not in agents:
+                agents.append(agent)
+            if kind == "todo" and isinstance(entry.get("todo"), dict):
+                todo = entry["todo"]
+                if todo.get("deleted"):
+                    todos.pop(str(todo.get("id")), None)
+                else:
+                    todos[str(todo.get("id"))] = {k: v for k, v in todo.items() if k != "deleted"}
+            elif kind == "attach":
+                metrics["sessions"] += 1
+                state["current_agent"] = agent
+            elif kind == "detach":
+                metrics["iterations"] += 1
+                state["current_agent"] = None
+            elif kind == "checkpoint":
+                metrics["checkpoints"] += 1
+                state["current_checkpoint"] = entry.get("checkpoint_id")
+        for entry in executions:
+            metrics["tool_calls"] += 1
+            agent = entry.get("agent")
+            if agent and agent not in agents:
+                agents.append(agent)
+        metrics["agents_used"] = agents
+        state["todos"] = list(todos.values())
+        state["metrics"] = metrics
+        return state
+
+    def update(
+        self, defaults: dict[str, Any], fn: Callable[[dict[str, Any]], Any]
+    ) -> tuple[dict[str, Any], Recovery | None]:
+        """Load, change with ``fn`` and save the state under the memory lock."""
+        with self.locked():
+            state, recovery = self._load(defaults)
+            fn(state)
+            self._save(state)
+            return state, recovery
+
+    # --- logs -----------------------------------------------------------------------------
+
+    def log_conversation(self, entry: dict[str, Any]) -> None:
+        with self.locked():
+            self._append(CONVERSATIONS, {"ts": time.time(), **entry})
+
+    def log_execution(self, entry: dict[str, Any]) -> None:
+        with self.locked():
+            self._append(EXECUTIONS, {"ts": time.time(), **entry})
+
+    def conversations(self, limit: int | None = None) -> list[dict[str, Any]]:
+        entries = self.read_jsonl(CONVERSATIONS)
+        return entries[-limit:] if limit else entries
+
+    def executions(self, limit: int | None = None) -> list[dict[str, Any]]:
+        entries = self.read_jsonl(EXECUTIONS)
+        return entries[-limit:] if limit else entries
+
+    def add_decision(
+        self,
+        agent: str,
+        context: str,
+        decision: str,
+        rationale: str = "",
+        alternatives: str = "",
+    ) -> dict[str, Any]:
+        entry = {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "agent": agent,
+            "context": context,
+            "decision": decision,
+            "rationale": rationale,
+            "alternatives": alternatives,
+        }
+        block = (
+            f"\n## {entry['time']} — {agent}\n\n"
+            f"- **Context:** {context}\n- **Decision:** {decision}\n"
+            + (f"- **Rationale:** {rationale}\n" if rationale else "")
+            + (f"- **Alternatives:** {alternatives}\n" if alternatives else "")
+        )
+        with self.locked():
+            current = self._read_bytes(DECISIONS) or b""
+            self.write_atomic(DECISIONS, current + block.encode())
+        return entry
+
+    def decisions(self) -> list[dict[str, str]]:
+        """Parse ``decisions.md`` back into entries."""
+        text = (self._read_bytes(DECISIONS) or b"").decode(errors="replace")
+        out: list[dict[str, str]] = []
+        for block in text.split("\n## ")[1:]:
+            head, _, body = block.partition("\n")
+            when, _, agent = head.partition(" — ")
+            entry = {"time": when.strip(), "agent": agent.strip()}
+            for line in body.splitlines():
+                if line.startswith("- **") and ":** " in line:
+                    key, _, value = line[4:].partition(":** ")
+                    entry[key.lower()] = value
+            out.append(entry)
+        return out

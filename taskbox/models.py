@@ -1,0 +1,149 @@
+"""Task, session and lease records, and the task state machine (SPEC §2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import InvalidTransition
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    ARCHIVED = "archived"
+
+
+class ContainerState(StrEnum):
+    NONE = "none"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    OOM_KILLED = "oom-killed"
+    LOST = "lost"
+
+
+class LockMode(StrEnum):
+    EXCLUSIVE = "exclusive"
+    COLLABORATIVE = "collaborative"
+
+
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    # pending→aborted is our one addition to SPEC §2: a lazily created task that is never
+    # started must still be cancellable.
+    Status.PENDING: frozenset({Status.ACTIVE, Status.ABORTED}),
+    Status.ACTIVE: frozenset({Status.PAUSED, Status.COMPLETED, Status.FAILED, Status.ABORTED}),
+    Status.PAUSED: frozenset({Status.ACTIVE, Status.COMPLETED, Status.FAILED, Status.ABORTED}),
+    Status.COMPLETED: frozenset({Status.ARCHIVED}),
+    Status.FAILED: frozenset({Status.ACTIVE, Status.ARCHIVED}),
+    Status.ABORTED: frozenset({Status.ARCHIVED}),
+    Status.ARCHIVED: frozenset(),
+}
+
+FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.ABORTED, Status.ARCHIVED})
+
+
+def check_transition(task_id: str, current: Status, target: Status) -> None:
+    """Raise :class:`InvalidTransition` unless ``current → target`` is allowed."""
+    if target not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "none (final state)"
+        raise InvalidTransition(
+            f"task {task_id} is {current}; it cannot become {target} (allowed: {allowed})",
+            task_id=task_id,
+            status=str(current),
+            target=str(target),
+        )
+
+
+@dataclass
+class Task:
+    id: str
+    title: str
+    description: str
+    status: Status
+    repo_path: str
+    branch: str
+    base_ref: str
+    workspace_path: str
+    image: str
+    agent: str
+    model: str
+    container_id: str | None = None
+    container_state: ContainerState = ContainerState.NONE
+    memory_limit: str = "2g"
+    cpu_limit: float = 1.0
+    pids_limit: int = 512
+    network: str = "none"
+    lock_mode: LockMode = LockMode.EXCLUSIVE
+    parent_id: str | None = None
+    task_type: str = "main"
+    dependencies: list[str] = field(default_factory=list)
+    integration_target: str | None = None
+    template: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    pending_op: str | None = None
+    op_pid: int | None = None
+    created_at: float = 0.0
+    last_active: float = 0.0
+    completed_at: float | None = None
+    version: int = 1
+
+    JSON_FIELDS = ("dependencies", "metadata")
+
+    @classmethod
+    def from_row(cls, row: Any) -> Task:
+        data = dict(row)
+        for key in cls.JSON_FIELDS:
+            data[key] = json.loads(data[key]) if data[key] else ([] if key == "dependencies" else {})
+        data["status"] = Status(data["status"])
+        data["container_state"] = ContainerState(data["container_state"])
+        data["lock_mode"] = LockMode(data["lock_mode"])
+        return cls(**data)
+
+    def to_row(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in self.JSON_FIELDS:
+            data[key] = json.dumps(data[key], sort_keys=True)
+        for key in ("status", "container_state", "lock_mode"):
+            data[key] = str(data[key])
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("status", "container_state", "lock_mode"):
+            data[key] = str(data[key])
+        data["task_id"] = data.pop("id")
+        return data
+
+
+@dataclass
+class Session:
+    id: str
+    task_id: str
+    agent: str
+    model: str
+    attached_at: float
+    detached_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Lease:
+    task_id: str
+    session_id: str
+    agent: str
+    mode: LockMode
+    acquired_at: float
+    expires_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mode"] = str(self.mode)
+        return data

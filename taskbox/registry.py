@@ -1,0 +1,294 @@
+"""The task registry: SQLite in WAL mode, every write transactional and version-checked."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import migrations
+from .errors import ConcurrentModification, Conflict, TaskLocked, TaskNotFound
+from .models import Lease, LockMode, Session, Task
+
+_TASK_COLUMNS = tuple(Task.__dataclass_fields__)
+
+
+class Registry:
+    """Access to the registry database. Safe to share between threads (one connection each)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        migrations.apply(self._conn())
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: taken with the write lock up front, rolled back on any error."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    def insert_task(self, task: Task, event: tuple[str, dict[str, Any]] | None = None) -> None:
+        row = task.to_row()
+        cols = ", ".join(_TASK_COLUMNS)
+        marks = ", ".join(f":{c}" for c in _TASK_COLUMNS)
+        try:
+            with self.tx() as conn:
+                conn.execute(f"INSERT INTO tasks ({cols}) VALUES ({marks})", row)
+                if event:
+                    self._event(conn, event[0], task.id, event[1])
+        except sqlite3.IntegrityError as exc:
+            if "tasks.id" in str(exc):
+                raise Conflict(f"a task with id {task.id!r} already exists", task_id=task.id) from exc
+            raise Conflict(
+                f"branch {task.branch!r} is already used by another task", branch=task.branch
+            ) from exc
+
+    def get_task(self, task_id: str) -> Task:
+        row = self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return Task.from_row(row)
+
+    def task_exists(self, task_id: str) -> bool:
+        return bool(self._conn().execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone())
+
+    def list_tasks(
+        self, statuses: list[str] | None = None, query: str | None = None, parent_id: str | None = None
+    ) -> list[Task]:
+        sql = "SELECT * FROM tasks WHERE 1=1"
+        args: list[Any] = []
+        if statuses:
+            sql += f" AND status IN ({', '.join('?' * len(statuses))})"
+            args += statuses
+        if query:
+            sql += " AND (id LIKE ? OR title LIKE ? OR description LIKE ? OR branch LIKE ?)"
+            args += [f"%{query}%"] * 4
+        if parent_id:
+            sql += " AND parent_id = ?"
+            args.append(parent_id)
+        sql += " ORDER BY created_at, id"
+        return [Task.from_row(r) for r in self._conn().execute(sql, args)]
+
+    def branches_in_use(self, repo_path: str) -> set[str]:
+        rows = self._conn().execute("SELECT branch FROM tasks WHERE repo_path = ?", (repo_path,))
+        return {r[0] for r in rows}
+
+    def update_task(
+        self,
+        task_id: str,
+        expected_version: int,
+        changes: dict[str, Any],
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> Task:
+        """Apply ``changes`` if the row still has ``expected_version``; bump the version.
+
+        A row changed by someone else since it was read raises
+        :class:`ConcurrentModification` and changes nothing.
+        """
+        probe = self.get_task(task_id)  # serialises the new values the same way as inserts
+        for key, value in changes.items():
+            setattr(probe, key, value)
+        row = probe.to_row()
+        values = {k: row[k] for k in changes}
+        sets = ", ".join(f"{k} = :{k}" for k in values)
+        with self.tx() as conn:
+            cur = conn.execute(
+                f"UPDATE tasks SET {sets}, version = version + 1 WHERE id = :_id AND version = :_v",
+                {**values, "_id": task_id, "_v": expected_version},
+            )
+            if cur.rowcount != 1:
+                if not conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone():
+                    raise TaskNotFound(task_id)
+                raise ConcurrentModification(
+                    f"task {task_id} was modified concurrently (expected version "
+                    f"{expected_version}); re-read it and retry",
+                    task_id=task_id,
+                )
+            if event:
+                self._event(conn, event[0], task_id, event[1])
+            row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return Task.from_row(row)
+
+    def delete_task(self, task_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+            self._event(conn, "task.deleted", task_id, {})
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def add_session(self, session: Session) -> None:
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT INTO agent_sessions (id, task_id, agent, model, attached_at, detached_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (session.id, session.task_id, session.agent, session.model, session.attached_at, None),
+            )
+
+    def end_session(self, session_id: str, when: float) -> None:
+        with self.tx() as conn:
+            conn.execute(
+                "UPDATE agent_sessions SET detached_at = ? WHERE id = ? AND detached_at IS NULL",
+                (when, session_id),
+            )
+
+    def get_session(self, session_id: str) -> Session | None:
+        row = self._conn().execute("SELECT * FROM agent_sessions WHERE id = ?", (session_id,)).fetchone()
+        return Session(**dict(row)) if row else None
+
+    def sessions(self, task_id: str, open_only: bool = False) -> list[Session]:
+        sql = "SELECT * FROM agent_sessions WHERE task_id = ?"
+        if open_only:
+            sql += " AND detached_at IS NULL"
+        sql += " ORDER BY attached_at"
+        return [Session(**dict(r)) for r in self._conn().execute(sql, (task_id,))]
+
+    # --- leases ------------------------------------------------------------------------------
+
+    def acquire_lease(
+        self,
+        task_id: str,
+        session_id: str,
+        agent: str,
+        mode: LockMode,
+        ttl: float,
+        max_holders: int,
+        now: float | None = None,
+    ) -> tuple[Lease, list[Lease]]:
+        """Take a lease on a task in one transaction; return it and the expired leases it replaced.
+
+        Exclusive: refused while any other live lease exists. Collaborative: refused while an
+        exclusive lease is live or ``max_holders`` collaborative leases are.
+        """
+        now = time.time() if now is None else now
+        with self.tx() as conn:
+            expired = [
+                _lease(r)
+                for r in conn.execute(
+                    "SELECT * FROM leases WHERE task_id = ? AND expires_at <= ?", (task_id, now)
+                )
+            ]
+            conn.execute("DELETE FROM leases WHERE task_id = ? AND expires_at <= ?", (task_id, now))
+            live = [
+                _lease(r)
+                for r in conn.execute(
+                    "SELECT * FROM leases WHERE task_id = ? AND session_id != ?", (task_id, session_id)
+                )
+            ]
+            if live:
+                holders = ", ".join(f"{lease.agent} (session {lease.session_id})" for lease in live)
+                if mode is LockMode.EXCLUSIVE or any(le.mode is LockMode.EXCLUSIVE for le in live):
+                    raise TaskLocked(
+                        f"task {task_id} is locked by {holders}; lease expires in "
+                        f"{max(le.expires_at for le in live) - now:.0f}s",
+                        task_id=task_id,
+                        holders=[le.to_dict() for le in live],
+                    )
+                if len(live) >= max_holders:
+                    raise TaskLocked(
+                        f"task {task_id} already has {len(live)} collaborative agents "
+                        f"(maximum {max_holders}): {holders}",
+                        task_id=task_id,
+                        holders=[le.to_dict() for le in live],
+                    )
+            lease = Lease(task_id, session_id, agent, mode, now, now + ttl)
+            conn.execute(
+                "INSERT OR REPLACE INTO leases (task_id, session_id, agent, mode, acquired_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (task_id, session_id, agent, str(mode), now, now + ttl),
+            )
+        return lease, expired
+
+    def renew_lease(self, task_id: str, session_id: str, ttl: float) -> bool:
+        with self.tx() as conn:
+            cur = conn.execute(
+                "UPDATE leases SET expires_at = ? WHERE task_id = ? AND session_id = ?",
+                (time.time() + ttl, task_id, session_id),
+            )
+        return cur.rowcount == 1
+
+    def release_lease(self, task_id: str, session_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM leases WHERE task_id = ? AND session_id = ?", (task_id, session_id))
+
+    def leases(self, task_id: str | None = None, live_only: bool = True) -> list[Lease]:
+        sql = "SELECT * FROM leases WHERE 1=1"
+        args: list[Any] = []
+        if task_id:
+            sql += " AND task_id = ?"
+            args.append(task_id)
+        if live_only:
+            sql += " AND expires_at > ?"
+            args.append(time.time())
+        return [_lease(r) for r in self._conn().execute(sql, args)]
+
+    def purge_expired_leases(self) -> list[Lease]:
+        now = time.time()
+        with self.tx() as conn:
+            gone = [_lease(r) for r in conn.execute("SELECT * FROM leases WHERE expires_at <= ?", (now,))]
+            conn.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
+        return gone
+
+    # --- events ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, type_: str, task_id: str | None, payload: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO events (type, task_id, ts, payload) VALUES (?, ?, ?, ?)",
+            (type_, task_id, time.time(), json.dumps(payload, sort_keys=True, default=str)),
+        )
+
+    def add_event(self, type_: str, task_id: str | None, payload: dict[str, Any] | None = None) -> None:
+        with self.tx() as conn:
+            self._event(conn, type_, task_id, payload or {})
+
+    def events(
+        self, task_id: str | None = None, after_id: int = 0, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM events WHERE id > ?"
+        args: list[Any] = [after_id]
+        if task_id:
+            sql += " AND task_id = ?"
+            args.append(task_id)
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        return [
+            {**dict(r), "payload": json.loads(r["payload"])} for r in self._conn().execute(sql, args)
+        ]
+
+
+def _lease(row: sqlite3.Row) -> Lease:
+    data = dict(row)
+    data["mode"] = LockMode(data["mode"])
+    return Lease(**data)

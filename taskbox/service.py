@@ -1,0 +1,822 @@
+"""The taskbox core: one service that every adapter (CLI, MCP, web) calls.
+
+:class:`TaskService` owns the task lifecycle (SPEC §2): it ties together the registry,
+the task's workspace and branch, its container, its memory and the hook system. Adapters
+only translate input and output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pluggy
+
+from . import engine, files, git, workspace
+from .config import Paths, Settings, default_home
+from .default_plugins.branch import slugify
+from .errors import (
+    ConcurrentModification,
+    Conflict,
+    InvalidInput,
+    InvalidTransition,
+    NotFound,
+    TaskboxError,
+    TaskLocked,
+)
+from .memory import TODO_STATUSES, Recovery, TaskMemory
+from .models import FINISHED, ContainerState, LockMode, Session, Status, Task, check_transition
+from .plugins import make_manager
+from .registry import Registry
+from .sandbox import LABEL_HOME, LABEL_TASK, ContainerSpec, ExecResult, Sandbox, check_cpus, parse_memory
+
+T = TypeVar("T")
+DESCRIPTION_MAX = 2000
+NAME_MAX = 64
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_TASK_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass
+class AttachResult:
+    session: Session
+    task: Task
+    restored_state: dict[str, Any]
+    recovery: Recovery | None = None
+    took_over: list[dict[str, Any]] = field(default_factory=list)
+    restore_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "success": True,
+            "session_id": self.session.id,
+            "task_id": self.task.id,
+            "container_id": self.task.container_id,
+            "status": str(self.task.status),
+            "restored_state": self.restored_state,
+            "recovery": self.recovery.to_dict() if self.recovery else None,
+            "took_over": self.took_over,
+            "restore_ms": self.restore_ms,
+        }
+
+
+def _validate_text(label: str, value: str, limit: int) -> str:
+    value = unicodedata.normalize("NFC", value or "").strip()
+    if not value:
+        raise InvalidInput(f"{label} must not be empty")
+    if len(value) > limit:
+        raise InvalidInput(f"{label} is {len(value)} characters long; the limit is {limit}")
+    if _CONTROL.search(value):
+        raise InvalidInput(f"{label} contains control characters")
+    return value
+
+
+def _validate_name(label: str, value: str) -> str:
+    value = _validate_text(label, value, NAME_MAX)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@+-]*", value):
+        raise InvalidInput(f"{label} {value!r} may contain only letters, digits and . _ @ + -")
+    return value
+
+
+class TaskService:
+    """All taskbox behaviour. Create one per process; it is safe to share between threads."""
+
+    def __init__(
+        self,
+        home: Path | str | None = None,
+        settings: Settings | None = None,
+        plugin_manager: pluggy.PluginManager | None = None,
+    ) -> None:
+        self.paths = Paths(Path(home).resolve() if home else default_home())
+        self.paths.ensure()
+        self.settings = settings or Settings.load(self.paths.home)
+        self.registry = Registry(self.paths.db)
+        self.pm = plugin_manager or make_manager()
+        self.hook = self.pm.hook
+        self._sandbox: Sandbox | None = None
+        # Containers of different TASKBOX_HOMEs on one engine are told apart by this label.
+        self.home_label = hashlib.sha256(str(self.paths.home).encode()).hexdigest()[:16]
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """The container layer; connecting raises DockerUnavailable with how to start Docker."""
+        if self._sandbox is None:
+            self._sandbox = Sandbox(engine.connect())
+        return self._sandbox
+
+    def get(self, task_id: str) -> Task:
+        return self.registry.get_task(task_id)
+
+    def memory(self, task: Task) -> TaskMemory:
+        return TaskMemory(Path(task.workspace_path), self.paths.locks / f"{task.id}.memory.lock")
+
+    def _defaults(self, task: Task) -> dict[str, Any]:
+        return {"task_id": task.id, "status": str(task.status), "branch": task.branch, "lock_mode": str(task.lock_mode)}
+
+    def state(self, task_id: str) -> dict[str, Any]:
+        """The task's state.json (rebuilt from the logs if damaged)."""
+        task = self.get(task_id)
+        state, recovery = self.memory(task).load(self._defaults(task))
+        if recovery:
+            self._report_recovery(task, recovery)
+        return state
+
+    def update_state(self, task: Task, fn: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+        state, recovery = self.memory(task).update(self._defaults(task), fn)
+        if recovery:
+            self._report_recovery(task, recovery)
+        return state
+
+    def _report_recovery(self, task: Task, recovery: Recovery) -> None:
+        self.registry.add_event("memory.recovered", task.id, recovery.to_dict())
+
+    def retry(self, fn: Callable[[], T], attempts: int = 50) -> T:
+        """Run a read-modify-write ``fn`` again when it loses an optimistic-locking race."""
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except ConcurrentModification:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.005 * (1 + secrets.randbelow(10)))
+        raise AssertionError("unreachable")
+
+    def _update(self, task_id: str, changes: dict[str, Any], event: tuple[str, dict[str, Any]] | None = None) -> Task:
+        """Re-read the task and apply ``changes`` with optimistic locking, retrying lost races."""
+
+        def attempt() -> Task:
+            task = self.get(task_id)
+            return self.registry.update_task(task_id, task.version, changes, event)
+
+        return self.retry(attempt)
+
+    def _transition(self, task_id: str, target: Status, changes: dict[str, Any] | None = None, **payload: Any) -> Task:
+        def attempt() -> Task:
+            task = self.get(task_id)
+            check_transition(task.id, task.status, target)
+            event = (f"task.{target}", {"from": str(task.status), **payload})
+            return self.registry.update_task(task_id, task.version, {"status": target, **(changes or {})}, event)
+
+        task = self.retry(attempt)
+        self.update_state(task, lambda s: s.__setitem__("status", str(target)))
+        return task
+
+    def update_metadata(self, task_id: str, fn: Callable[[dict[str, Any]], None]) -> Task:
+        """Change a task's free-form metadata with ``fn``; concurrent callers never lose updates."""
+
+        def attempt() -> Task:
+            task = self.get(task_id)
+            meta = dict(task.metadata)
+            fn(meta)
+            return self.registry.update_task(task_id, task.version, {"metadata": meta})
+
+        return self.retry(attempt)
+
+    # --- create ------------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        repo: str | Path,
+        description: str,
+        *,
+        agent: str = "agent",
+        model: str = "unknown",
+        title: str | None = None,
+        task_id: str | None = None,
+        lock_mode: str = "exclusive",
+        memory: str | None = None,
+        cpus: float | None = None,
+        pids_limit: int | None = None,
+        network: str | None = None,
+        image: str | None = None,
+        base_ref: str | None = None,
+        lazy: bool = False,
+        metadata: dict[str, Any] | None = None,
+        parent_id: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> Task:
+        """Register a task, check out its workspace on a new branch and (unless lazy) start its container.
+
+        Input is validated and Docker checked before anything changes; a failure part-way
+        undoes what was done. A process killed part-way leaves ``pending_op='create'``,
+        which `doctor` reports and repairs.
+        """
+        say = progress or (lambda _msg: None)
+        description = _validate_text("description", description, DESCRIPTION_MAX)
+        title = _validate_text("title", title, 200) if title else description.splitlines()[0][:80]
+        agent = _validate_name("agent name", agent)
+        model = _validate_name("model name", model)
+        mode = self._lock_mode(lock_mode)
+        mem = memory or self.settings.memory
+        parse_memory(mem)
+        cpu = check_cpus(float(cpus if cpus is not None else self.settings.cpus))
+        pids = int(pids_limit if pids_limit is not None else self.settings.pids_limit)
+        if pids < 16:
+            raise InvalidInput(f"pids limit {pids} is below the minimum of 16")
+        net = network or self.settings.network
+        if net not in ("none", "open"):
+            raise InvalidInput(f"network mode {net!r} is not one of none, open")
+        if task_id is not None and not _TASK_ID.match(task_id):
+            raise InvalidInput(f"task id {task_id!r} must be lowercase letters, digits and dashes (max 63)")
+        repo_path = git.repo_root(Path(repo).expanduser().resolve())
+        if repo_path == self.paths.home or self.paths.home in repo_path.parents:
+            raise InvalidInput("the repository must not be inside TASKBOX_HOME")
+        base = base_ref or "HEAD"
+        base_commit = None
+        if workspace.head_commit(repo_path) is not None:
+            proc = git.run(["rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"], cwd=repo_path, check=False)
+            if proc.returncode != 0:
+                raise InvalidInput(f"base ref {base!r} does not exist in {repo_path}")
+            base_commit = proc.stdout.strip()
+        elif base_ref:
+            raise InvalidInput(f"{repo_path} has no commits, so base ref {base_ref!r} does not exist")
+        image_name = image or self.settings.image
+        if not lazy:
+            self.sandbox.ensure_image(image_name)  # Docker down or image missing: nothing changed yet
+
+        wanted = self.hook.branch_name(agent=agent, model=model, description=description)
+        now = time.time()
+        task: Task | None = None
+        for attempt in range(8):
+            tid = task_id or self._new_task_id(description, attempt)
+            branch = self._unique_branch(repo_path, wanted, attempt)
+            candidate = Task(
+                id=tid,
+                title=title,
+                description=description,
+                status=Status.PENDING,
+                repo_path=str(repo_path),
+                branch=branch,
+                base_ref=base_commit or "",
+                workspace_path=str(self.paths.workspace(tid)),
+                image=image_name,
+                agent=agent,
+                model=model,
+                memory_limit=mem,
+                cpu_limit=cpu,
+                pids_limit=pids,
+                network=net,
+                lock_mode=mode,
+                parent_id=parent_id,
+                task_type="subtask" if parent_id else "main",
+                metadata=metadata or {},
+                pending_op="create",
+                op_pid=os.getpid(),
+                created_at=now,
+                last_active=now,
+            )
+            try:
+                self.registry.insert_task(candidate, ("task.registering", {"branch": branch}))
+                task = candidate
+                break
+            except Conflict:
+                if task_id and self.registry.task_exists(task_id):
+                    raise
+                continue  # lost a race for the id or the branch name: take a suffixed one
+        if task is None:
+            raise Conflict("could not find a free task id and branch name; try again")
+
+        try:
+            say(f"checking out {repo_path} on branch {task.branch}")
+            ws = Path(task.workspace_path)
+            if ws.exists():
+                workspace.remove(ws)  # leftover of an earlier crashed create with this id
+            workspace.create(repo_path, ws, task.branch, base_commit)
+            self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
+            self.hook.task_start(service=self, task=task)
+            workspace.commit_all(ws, f"taskbox: start task {task.id}\n\n{description}")
+            workspace.fetch_into(repo_path, ws, task.branch)
+            changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
+            if not lazy:
+                say("starting the sandbox container")
+                cid = self._create_container(task)
+                changes.update(container_id=cid, container_state=ContainerState.RUNNING, status=Status.ACTIVE)
+            task = self.registry.update_task(task.id, task.version, changes, ("task.created", {
+                "branch": task.branch, "lazy": lazy, "repo": str(repo_path)}))
+            if not lazy:
+                self.update_state(task, lambda s: s.__setitem__("status", str(Status.ACTIVE)))
+        except BaseException:
+            self._undo_create(task)
+            raise
+        return task
+
+    def _undo_create(self, task: Task) -> None:
+        try:
+            current = self.get(task.id)
+        except NotFound:
+            return
+        if current.container_id:
+            try:
+                self.sandbox.remove(current.container_id)
+            except TaskboxError:
+                pass
+        else:
+            self._remove_labelled_container(task.id)
+        workspace.remove(Path(task.workspace_path))
+        self.registry.delete_task(task.id)
+
+    def _remove_labelled_container(self, task_id: str) -> None:
+        try:
+            for c in self.sandbox.task_containers(self.home_label):
+                if c["Labels"].get(LABEL_TASK) == task_id:
+                    self.sandbox.remove(c["Id"])
+        except TaskboxError:
+            pass
+
+    def _new_task_id(self, description: str, attempt: int) -> str:
+        base = slugify(description, 40)
+        if attempt == 0 and not self.registry.task_exists(base):
+            return base
+        return f"{base[:35]}-{secrets.token_hex(2)}"
+
+    def _unique_branch(self, repo: Path, wanted: str, attempt: int) -> str:
+        taken = self.registry.branches_in_use(str(repo))
+        name = wanted
+        if attempt > 0 or name in taken or git.ref_exists(repo, f"refs/heads/{name}"):
+            for _ in range(20):
+                name = f"{wanted}-{secrets.token_hex(3)}"
+                if name not in taken and not git.ref_exists(repo, f"refs/heads/{name}"):
+                    break
+        if not git.check_ref_format(name):
+            raise InvalidInput(f"cannot make a valid branch name from {wanted!r}")
+        return name
+
+    def _lock_mode(self, value: str | LockMode) -> LockMode:
+        try:
+            return LockMode(value)
+        except ValueError:
+            raise InvalidInput(f"lock mode {value!r} is not one of exclusive, collaborative") from None
+
+    def _create_container(self, task: Task) -> str:
+        spec = ContainerSpec(
+            name=f"taskbox-{task.id}-{self.home_label[:6]}",
+            image=task.image,
+            workspace=Path(task.workspace_path),
+            labels={LABEL_TASK: task.id, LABEL_HOME: self.home_label, "taskbox.branch": task.branch},
+            memory=task.memory_limit,
+            cpus=task.cpu_limit,
+            pids_limit=task.pids_limit,
+            network=task.network,
+        )
+        self._remove_labelled_container(task.id)  # a container left by a crash mid-create
+        return self.sandbox.create(spec)
+
+    # --- container state ---------------------------------------------------------------------
+
+    def ensure_running(self, task_id: str) -> Task:
+        """Make sure the task's container runs (creating or starting it), and the task is active."""
+        task = self.get(task_id)
+        if task.status in FINISHED and task.status != Status.FAILED:
+            raise InvalidTransition(f"task {task.id} is {task.status}; it has no running sandbox",
+                                    task_id=task.id, status=str(task.status))
+        state = self.sandbox.state(task.container_id)
+        if state is ContainerState.RUNNING and task.status is Status.ACTIVE:
+            return task
+        if state in (ContainerState.NONE, ContainerState.LOST):
+            cid = self._create_container(task)
+            task = self._update(task.id, {"container_id": cid, "container_state": ContainerState.RUNNING},
+                                ("container.created", {"container_id": cid}))
+        elif state is not ContainerState.RUNNING:
+            assert task.container_id
+            self.sandbox.start(task.container_id)
+            task = self._update(task.id, {"container_state": ContainerState.RUNNING},
+                                ("container.started", {"container_id": task.container_id}))
+        if task.status is not Status.ACTIVE:
+            task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
+        return task
+
+    def pause(self, task_id: str) -> Task:
+        """Stop the task's container (its filesystem is kept) and mark the task paused."""
+        task = self.get(task_id)
+        check_transition(task.id, task.status, Status.PAUSED)
+        if task.container_id:
+            self.sandbox.stop(task.container_id)
+        return self._transition(task.id, Status.PAUSED, {"container_state": ContainerState.STOPPED})
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def attach(
+        self,
+        task_id: str,
+        agent: str,
+        model: str = "unknown",
+        session_id: str | None = None,
+        *,
+        lock_mode: str | None = None,
+        wait: float = 0.0,
+        history: int = 20,
+    ) -> AttachResult:
+        """Attach an agent session: take the lease, start the sandbox, restore the memory.
+
+        An exclusive lease held by another live session is refused naming its holder (or
+        waited for up to ``wait`` seconds); an expired lease is taken over and reported.
+        """
+        agent = _validate_name("agent name", agent)
+        model = _validate_name("model name", model)
+        task = self.get(task_id)
+        if task.status not in (Status.PENDING, Status.ACTIVE, Status.PAUSED, Status.FAILED):
+            raise InvalidTransition(f"task {task.id} is {task.status}; agents can attach only to "
+                                    "pending, active, paused or failed tasks", task_id=task.id)
+        mode = self._lock_mode(lock_mode) if lock_mode else task.lock_mode
+        sid = session_id or f"s-{secrets.token_hex(6)}"
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", sid):
+            raise InvalidInput(f"session id {sid!r} may contain only letters, digits and . _ : -")
+        existing = self.registry.get_session(sid)
+        if existing and existing.task_id != task.id:
+            raise InvalidInput(f"session {sid} belongs to task {existing.task_id}")
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                _lease, expired = self.registry.acquire_lease(
+                    task.id, sid, agent, mode, self.settings.lease_seconds, self.settings.collaborative_max_agents)
+                break
+            except TaskLocked:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+        for old in expired:  # the holder stopped renewing: its session is over
+            self.registry.end_session(old.session_id, time.time())
+        try:
+            task = self.ensure_running(task.id)
+        except BaseException:
+            self.registry.release_lease(task.id, sid)
+            raise
+        t0 = time.perf_counter()
+        session = existing if existing and existing.detached_at is None else Session(
+            id=sid, task_id=task.id, agent=agent, model=model, attached_at=time.time())
+        if session is not existing:
+            self.registry.add_session(session)
+        mem = self.memory(task)
+        state, recovery = mem.load(self._defaults(task))
+        mem.log_conversation({"session": sid, "agent": agent, "role": "system", "kind": "attach", "model": model,
+                              "message": f"{agent} ({model}) attached"})
+
+        def on_attach(s: dict[str, Any]) -> None:
+            s["current_agent"] = agent
+            s["metrics"]["sessions"] += 1
+            if agent not in s["metrics"]["agents_used"]:
+                s["metrics"]["agents_used"].append(agent)
+
+        state = self.update_state(task, on_attach)
+        restored = {
+            "todos": state["todos"],
+            "conversations": mem.conversations(history),
+            "executions": mem.executions(history),
+            "metrics": state["metrics"],
+            "current_checkpoint": state["current_checkpoint"],
+        }
+        restore_ms = round((time.perf_counter() - t0) * 1000, 2)
+        task = self._update(task.id, {"last_active": time.time()},
+                            ("session.attached", {"session_id": sid, "agent": agent, "model": model,
+                                                  "took_over": [e.session_id for e in expired]}))
+        self.hook.session_start(service=self, task=task, session=session)
+        if recovery:
+            self._report_recovery(task, recovery)
+        return AttachResult(session, task, restored, recovery, [e.to_dict() for e in expired], restore_ms)
+
+    def renew(self, task_id: str, session_id: str) -> bool:
+        return self.registry.renew_lease(task_id, session_id, self.settings.lease_seconds)
+
+    def detach(self, task_id: str, session_id: str | None = None) -> dict[str, Any]:
+        """End an agent session; commit the work, fetch the branch, pause if nobody is left."""
+        task = self.get(task_id)
+        open_sessions = self.registry.sessions(task.id, open_only=True)
+        if session_id is None:
+            if len(open_sessions) != 1:
+                names = ", ".join(f"{s.id} ({s.agent})" for s in open_sessions) or "none"
+                raise InvalidInput(f"task {task.id} has {len(open_sessions)} attached sessions ({names}); "
+                                   "say which one with --session")
+            session = open_sessions[0]
+        else:
+            found = [s for s in open_sessions if s.id == session_id]
+            if not found:
+                raise NotFound(f"session {session_id} is not attached to task {task.id}", session_id=session_id)
+            session = found[0]
+        self.registry.release_lease(task.id, session.id)
+        self.registry.end_session(session.id, time.time())
+        mem = self.memory(task)
+        mem.log_conversation({"session": session.id, "agent": session.agent, "role": "system", "kind": "detach",
+                              "message": f"{session.agent} detached"})
+        remaining = [s for s in open_sessions if s.id != session.id]
+
+        def on_detach(s: dict[str, Any]) -> None:
+            s["metrics"]["iterations"] += 1
+            s["current_agent"] = remaining[-1].agent if remaining else None
+
+        self.update_state(task, on_detach)
+        self.hook.session_end(service=self, task=task, session=session)
+        commit = workspace.commit_all(Path(task.workspace_path), f"taskbox: {session.agent} detached ({session.id})")
+        fetched = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
+        self.registry.add_event("session.detached", task.id, {"session_id": session.id, "agent": session.agent,
+                                                               "commit": commit})
+        paused = False
+        if not remaining and self.get(task.id).status is Status.ACTIVE:
+            self.pause(task.id)
+            paused = True
+        return {"task_id": task.id, "session_id": session.id, "paused": paused, "commit": fetched,
+                "branch": task.branch, "remaining_sessions": [s.id for s in remaining]}
+
+    # --- exec --------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        task_id: str,
+        command: str | list[str],
+        *,
+        workdir: str | None = None,
+        timeout: float | None = None,
+        session_id: str | None = None,
+        log: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> ExecResult:
+        """Run a command in the task's sandbox; bounded in time and output, logged in memory."""
+        from .confine import container_workdir
+
+        task = self.get(task_id)
+        if isinstance(command, str) and not command.strip():
+            raise InvalidInput("empty command")
+        wd = container_workdir(Path(task.workspace_path), workdir)
+        secs = float(timeout if timeout is not None else self.settings.exec_timeout)
+        if secs <= 0 or secs > 24 * 3600:
+            raise InvalidInput(f"timeout {secs} must be between 0 and 86400 seconds")
+        if task.status is not Status.ACTIVE or task.container_state is not ContainerState.RUNNING:
+            task = self.ensure_running(task.id)
+        args = {"command": command, "workdir": wd, "timeout": secs}
+        self.hook.pre_tool_call(service=self, task=task, tool="exec", args=args)
+        session = self.registry.get_session(session_id) if session_id else None
+        try:
+            result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
+                                       output_limit=self.settings.exec_output_limit, env=env)
+        except TaskboxError as exc:
+            partial = exc.details.get("result")
+            if log and partial:
+                self._log_exec(task, session, command, wd, ExecResult(**partial))
+            raise
+        if log:
+            self._log_exec(task, session, command, wd, result)
+        self.hook.post_tool_call(service=self, task=task, tool="exec", args=args, result=result)
+        return result
+
+    def _log_exec(self, task: Task, session: Session | None, command: str | list[str], wd: str,
+                  result: ExecResult) -> None:
+        limit = self.settings.log_output_limit
+        cmd_text = command if isinstance(command, str) else " ".join(command)
+        self.memory(task).log_execution({
+            "session": session.id if session else None,
+            "agent": session.agent if session else None,
+            "tool": "exec",
+            "command": cmd_text,
+            "workdir": wd,
+            "exit_code": result.exit_code,
+            "duration_ms": result.duration_ms,
+            "stdout": result.stdout[-limit:],
+            "stderr": result.stderr[-limit:],
+            "truncated": result.truncated or len(result.stdout) > limit or len(result.stderr) > limit,
+            "timed_out": result.timed_out,
+        })
+        self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
+        self._update(task.id, {"last_active": time.time()},
+                     ("task.exec", {"command": cmd_text[:200], "exit_code": result.exit_code,
+                                    "duration_ms": result.duration_ms, "timed_out": result.timed_out}))
+
+    # --- todos and decisions -----------------------------------------------------------------
+
+    def update_todos(self, task_id: str, todos: list[dict[str, Any]], session_id: str | None = None) -> list[dict[str, Any]]:
+        """Add or change todos (matched by id); ``{"id": X, "deleted": true}`` removes one."""
+        task = self.get(task_id)
+        session = self.registry.get_session(session_id) if session_id else None
+        agent = session.agent if session else None
+        completed: list[dict[str, Any]] = []
+        clean: list[dict[str, Any]] = []
+        for raw in todos:
+            if not isinstance(raw, dict):
+                raise InvalidInput("each todo must be an object with at least an id or a text")
+            todo = dict(raw)
+            if todo.get("status", "pending") not in TODO_STATUSES:
+                raise InvalidInput(f"todo status {todo.get('status')!r} is not one of {', '.join(TODO_STATUSES)}")
+            if "text" in todo:
+                todo["text"] = _validate_text("todo text", str(todo["text"]), 500)
+            clean.append(todo)
+
+        def apply(s: dict[str, Any]) -> None:
+            by_id = {t["id"]: t for t in s["todos"]}
+            for todo in clean:
+                tid = str(todo.get("id") or f"t{len(by_id) + 1}")
+                while "id" not in todo and tid in by_id:
+                    tid = f"t{int(tid[1:]) + 1}" if tid[1:].isdigit() else f"{tid}-1"
+                if todo.get("deleted"):
+                    by_id.pop(tid, None)
+                    continue
+                old = by_id.get(tid)
+                if old is None and "text" not in todo:
+                    raise NotFound(f"no todo {tid!r} in task {task.id}")
+                new = {"id": tid, "text": "", "status": "pending", "major": False, "weight": 1,
+                       "priority": "normal", "progress": 0, **(old or {}),
+                       **{k: v for k, v in todo.items() if k != "id"}}
+                if new["status"] == "completed":
+                    new["progress"] = 100
+                    if not old or old.get("status") != "completed":
+                        completed.append(new)
+                by_id[tid] = new
+                todo["id"] = tid
+            s["todos"] = list(by_id.values())
+
+        state = self.update_state(task, apply)
+        mem = self.memory(task)
+        for todo in clean:
+            mem.log_conversation({"session": session_id, "agent": agent, "role": "system", "kind": "todo",
+                                  "todo": next((t for t in state["todos"] if t["id"] == todo["id"]),
+                                               {"id": todo["id"], "deleted": True})})
+        self.hook.post_tool_call(service=self, task=task, tool="update_todos", args={"todos": clean},
+                                 result={"todos": state["todos"]})
+        for todo in completed:
+            self.registry.add_event("todo.completed", task.id, {"todo": todo})
+            self.hook.todo_complete(service=self, task=task, todo=todo)
+        return state["todos"]
+
+    def log_decision(self, task_id: str, decision: str, *, context: str = "", rationale: str = "",
+                     alternatives: str = "", agent: str = "user") -> dict[str, Any]:
+        task = self.get(task_id)
+        entry = self.memory(task).add_decision(agent, context or "-", _validate_text("decision", decision, 4000),
+                                               rationale, alternatives)
+        self.registry.add_event("decision.logged", task.id, entry)
+        return entry
+
+    def log_message(self, task_id: str, role: str, message: str, session_id: str | None = None) -> None:
+        task = self.get(task_id)
+        session = self.registry.get_session(session_id) if session_id else None
+        self.memory(task).log_conversation({"session": session_id, "agent": session.agent if session else None,
+                                            "role": role, "kind": "message", "message": message})
+
+    # --- complete / abort / cleanup ----------------------------------------------------------
+
+    def complete(self, task_id: str, summary: str = "", *, cleanup: bool = False) -> dict[str, Any]:
+        """Finish a task: final Plan.md summary, commit, fetch the branch, stop the container.
+
+        Marked ``pending_op='complete'`` while it runs, so a crash part-way is finished by
+        `doctor --fix`. The container is kept for the retention period unless ``cleanup``.
+        """
+        task = self.get(task_id)
+        if task.pending_op != "complete":
+            check_transition(task.id, task.status, Status.COMPLETED)
+            task = self._update(task.id, {"pending_op": "complete", "op_pid": os.getpid()})
+        self.hook.task_complete(service=self, task=task, summary=summary)
+        self.update_state(task, lambda s: s.update(status=str(Status.COMPLETED), current_agent=None))
+        commit = workspace.commit_all(Path(task.workspace_path), f"taskbox: complete task {task.id}\n\n{summary}".strip())
+        head = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
+        for s in self.registry.sessions(task.id, open_only=True):
+            self.registry.release_lease(task.id, s.id)
+            self.registry.end_session(s.id, time.time())
+        if task.container_id:
+            self.sandbox.stop(task.container_id)
+        task = self.retry(lambda: self.registry.update_task(
+            task.id, self.get(task.id).version,
+            {"status": Status.COMPLETED, "pending_op": None, "op_pid": None, "completed_at": time.time(),
+             "container_state": ContainerState.STOPPED if task.container_id else ContainerState.NONE},
+            ("task.completed", {"branch": task.branch, "commit": head, "summary": summary})))
+        removed = False
+        if cleanup:
+            self.cleanup(task.id)
+            removed = True
+        return {"success": True, "task_id": task.id, "branch": task.branch, "commit": head,
+                "new_commit": commit, "container_removed": removed,
+                "status": str(self.get(task.id).status)}
+
+    def abort(self, task_id: str, reason: str = "") -> Task:
+        task = self.get(task_id)
+        check_transition(task.id, task.status, Status.ABORTED)
+        for s in self.registry.sessions(task.id, open_only=True):
+            self.registry.release_lease(task.id, s.id)
+            self.registry.end_session(s.id, time.time())
+        if task.container_id:
+            self.sandbox.stop(task.container_id)
+        return self._transition(task.id, Status.ABORTED, {"container_state": ContainerState.STOPPED
+                                if task.container_id else ContainerState.NONE}, reason=reason)
+
+    def fail(self, task_id: str, reason: str) -> Task:
+        return self._transition(task_id, Status.FAILED, reason=reason)
+
+    def cleanup(self, task_id: str, *, remove_workspace: bool = False) -> Task:
+        """Remove a finished task's container now (archiving it); branch and memory are kept."""
+        task = self.get(task_id)
+        if task.status not in FINISHED:
+            raise InvalidTransition(f"task {task.id} is {task.status}; complete or abort it before cleanup",
+                                    task_id=task.id, status=str(task.status))
+        if task.container_id:
+            self.sandbox.remove(task.container_id)
+        else:
+            self._remove_labelled_container(task.id)
+        changes: dict[str, Any] = {"container_id": None, "container_state": ContainerState.NONE}
+        if task.status is not Status.ARCHIVED:
+            task = self._transition(task.id, Status.ARCHIVED, changes)
+        else:
+            task = self._update(task.id, changes)
+        if remove_workspace:
+            workspace.remove(Path(task.workspace_path))
+            self.registry.add_event("workspace.removed", task.id, {})
+        return task
+
+    def gc(self) -> list[str]:
+        """Archive completed tasks whose retention period is over; return their ids."""
+        cutoff = time.time() - self.settings.retention_days * 86400
+        done = []
+        for task in self.registry.list_tasks([str(Status.COMPLETED), str(Status.ABORTED), str(Status.FAILED)]):
+            finished = task.completed_at or task.last_active
+            if finished < cutoff:
+                self.cleanup(task.id)
+                done.append(task.id)
+        return done
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def list_tasks(self, statuses: list[str] | None = None, query: str | None = None) -> list[Task]:
+        for s in statuses or []:
+            if s not in Status.__members__.values():
+                raise InvalidInput(f"status {s!r} is not one of {', '.join(Status)}")
+        return self.registry.list_tasks(statuses, query)
+
+    def current_agents(self, task_id: str) -> list[str]:
+        return [lease.agent for lease in self.registry.leases(task_id)]
+
+    def history(self, task_id: str, limit: int = 200) -> dict[str, Any]:
+        task = self.get(task_id)
+        return {"task_id": task.id, "sessions": [s.to_dict() for s in self.registry.sessions(task.id)],
+                "conversations": self.memory(task).conversations(limit),
+                "events": self.registry.events(task.id, limit=limit)}
+
+    def executions(self, task_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        task = self.get(task_id)
+        return self.memory(task).executions(limit)
+
+    def decisions(self, task_id: str) -> list[dict[str, str]]:
+        task = self.get(task_id)
+        return self.memory(task).decisions()
+
+    def stats(self, task_id: str | None = None) -> dict[str, Any]:
+        if task_id:
+            task = self.get(task_id)
+            state = self.state(task.id)
+            todos = state["todos"]
+            execs = self.memory(task).executions()
+            durations = [e.get("duration_ms", 0) for e in execs]
+            return {"task_id": task.id, "status": str(task.status), "metrics": state["metrics"],
+                    "todos_total": len(todos), "todos_done": sum(t.get("status") == "completed" for t in todos),
+                    "executions": len(execs), "failed_executions": sum(e.get("exit_code") != 0 for e in execs),
+                    "exec_ms_total": round(sum(durations), 1),
+                    "age_s": round(time.time() - task.created_at, 1)}
+        tasks = self.registry.list_tasks()
+        by_status: dict[str, int] = {}
+        for t in tasks:
+            by_status[str(t.status)] = by_status.get(str(t.status), 0) + 1
+        return {"tasks": len(tasks), "by_status": by_status,
+                "live_leases": len(self.registry.leases())}
+
+    def diff(self, task_id: str, stat: bool = False) -> str:
+        task = self.get(task_id)
+        return workspace.diff(Path(task.workspace_path), task.base_ref or None, stat=stat)
+
+    def git_log(self, task_id: str, limit: int = 50) -> list[dict[str, str]]:
+        task = self.get(task_id)
+        return workspace.log(Path(task.workspace_path), task.base_ref or None, limit)
+
+    def sync(self, task_id: str, message: str = "taskbox: sync") -> dict[str, Any]:
+        """Commit the workspace and fetch the task branch into the user's repository now."""
+        task = self.get(task_id)
+        commit = workspace.commit_all(Path(task.workspace_path), message)
+        head = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
+        self.registry.add_event("task.synced", task.id, {"commit": head})
+        return {"task_id": task.id, "branch": task.branch, "commit": head, "new_commit": commit}
+
+    # --- workspace files (confined) ----------------------------------------------------------
+
+    def read_file(self, task_id: str, path: str, limit: int = 1_000_000) -> bytes:
+        return files.read_bytes(Path(self.get(task_id).workspace_path), path, limit)
+
+    def write_file(self, task_id: str, path: str, data: bytes) -> str:
+        task = self.get(task_id)
+        self.hook.pre_tool_call(service=self, task=task, tool="write_file", args={"path": path})
+        target = files.atomic_write(Path(task.workspace_path), path, data)
+        return target.relative_to(Path(task.workspace_path).resolve()).as_posix()
+
+    # --- reconcile ---------------------------------------------------------------------------
+
+    def doctor(self, fix: bool = False) -> list[dict[str, Any]]:
+        """Find (and with ``fix``, repair) what crashes and manual changes left inconsistent."""
+        from .doctor import reconcile
+
+        self.hook.tick(service=self)
+        return reconcile(self, fix)
+
+    def ensure_image(self, image: str | None = None) -> None:
+        self.sandbox.ensure_image(image or self.settings.image)
+

@@ -1,0 +1,121 @@
+"""A task's workspace: a private clone of the user's repository on the task's branch.
+
+The clone copies objects (no hardlinks, no alternates), so nothing the container writes can
+reach the user's repository; work travels back only by the host fetching the task branch.
+Every git command on a workspace is run through :func:`taskbox.git.run` as *untrusted*.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from . import git
+from .errors import GitError
+from .sandbox import sandbox_owner
+
+
+def _as_owner() -> dict[str, int]:
+    """Run workspace git as the sandbox user when we are root, so files stay writable inside."""
+    if os.geteuid() != 0:
+        return {}
+    uid, gid = sandbox_owner()
+    return {"user": uid, "group": gid}
+
+
+def hand_over(path: Path) -> None:
+    """Give ``path`` (recursively) to the sandbox user when taskbox runs as root."""
+    if os.geteuid() != 0:
+        return
+    uid, gid = sandbox_owner()
+    os.chown(path, uid, gid, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+
+
+def head_commit(repo: Path) -> str | None:
+    proc = git.run(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], cwd=repo, check=False)
+    return proc.stdout.strip() or None
+
+
+def create(repo: Path, dest: Path, branch: str, base_ref: str | None) -> None:
+    """Clone ``repo`` into ``dest`` and check out a new ``branch`` at ``base_ref``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    git.run(["clone", "--quiet", "--no-hardlinks", "--no-checkout", str(repo), str(dest)], cwd=dest.parent)
+    hand_over(dest)
+    own = _as_owner()
+    if base_ref:
+        git.run(["checkout", "--quiet", "-b", branch, base_ref], cwd=dest, untrusted=True, **own)
+    else:  # an empty repository: start the branch unborn
+        git.run(["checkout", "--quiet", "--orphan", branch], cwd=dest, untrusted=True, **own)
+    # The user's repository path means nothing inside the container.
+    git.run(["remote", "remove", "origin"], cwd=dest, untrusted=True, check=False, **own)
+    git.run(["config", "user.name", "taskbox agent"], cwd=dest, untrusted=True, **own)
+    git.run(["config", "user.email", "agent@taskbox.local"], cwd=dest, untrusted=True, **own)
+
+
+def commit_all(ws: Path, message: str) -> str | None:
+    """Commit everything in the workspace; return the new commit, or None if nothing changed."""
+    own = _as_owner()
+    git.run(["add", "--all"], cwd=ws, untrusted=True, **own)
+    status = git.run(["status", "--porcelain", "--untracked-files=no"], cwd=ws, untrusted=True, **own)
+    if not status.stdout.strip():
+        return None
+    git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, untrusted=True, **own)
+    return git.run(["rev-parse", "HEAD"], cwd=ws, untrusted=True, **own).stdout.strip()
+
+
+def current_branch(ws: Path) -> str:
+    return git.run(["symbolic-ref", "--short", "HEAD"], cwd=ws, untrusted=True).stdout.strip()
+
+
+def fetch_into(repo: Path, ws: Path, branch: str) -> str:
+    """Bring the task branch from the workspace into the user's repository; return its commit."""
+    git.check_untrusted(ws)
+    ref = f"refs/heads/{branch}"
+    try:
+        git.run(
+            ["fetch", "--quiet", "--no-tags", str(ws / ".git"), f"+{ref}:{ref}"],
+            cwd=repo,
+            harden=True,  # upload-pack runs in the agent-written repo and inherits -c config
+        )
+    except GitError as exc:
+        if "checked out" in (exc.details.get("stderr") or ""):
+            raise GitError(
+                f"branch {branch} is checked out in {repo}; switch to another branch there "
+                "so taskbox can update it",
+                branch=branch,
+            ) from exc
+        raise
+    return git.run(["rev-parse", ref], cwd=repo).stdout.strip()
+
+
+def diff(ws: Path, base: str | None, stat: bool = False) -> str:
+    """The task's changes against ``base`` (committed and uncommitted, new files included)."""
+    own = _as_owner()
+    git.run(["add", "--all", "--intent-to-add"], cwd=ws, untrusted=True, **own)
+    args = ["diff", "--no-ext-diff", "--no-textconv", "--no-color"]
+    if stat:
+        args.append("--stat")
+    if base:
+        args.append(base)
+    return git.run(args, cwd=ws, untrusted=True, **own).stdout
+
+
+def log(ws: Path, base: str | None, limit: int = 50) -> list[dict[str, str]]:
+    rng = f"{base}..HEAD" if base else "HEAD"
+    proc = git.run(
+        ["log", f"-{limit}", "--format=%H%x00%an%x00%aI%x00%s", rng], cwd=ws, untrusted=True, check=False
+    )
+    out = []
+    for line in proc.stdout.splitlines():
+        sha, author, when, subject = (line.split("\0") + ["", "", "", ""])[:4]
+        out.append({"commit": sha, "author": author, "date": when, "subject": subject})
+    return out
+
+
+def remove(ws: Path) -> None:
+    if ws.exists():
+        shutil.rmtree(ws)
