@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,17 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def upload_pack_command() -> str:
+    """An ``--upload-pack`` program for fetching from an untrusted local repository.
+
+    Local fetches spawn upload-pack inside the other repository without our ``-c`` config,
+    so the overrides (and the ownership exception for the sandbox user's files) are given
+    to it explicitly.
+    """
+    opts = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in _SAFE_CONFIG.items())
+    return f"git {opts} upload-pack"
 
 
 def check_untrusted(repo: Path) -> None:

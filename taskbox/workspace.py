@@ -77,7 +77,8 @@ def fetch_into(repo: Path, ws: Path, branch: str) -> str:
     ref = f"refs/heads/{branch}"
     try:
         git.run(
-            ["fetch", "--quiet", "--no-tags", str(ws / ".git"), f"+{ref}:{ref}"],
+            ["fetch", "--quiet", "--no-tags", f"--upload-pack={git.upload_pack_command()}",
+             str(ws / ".git"), f"+{ref}:{ref}"],
             cwd=repo,
             harden=True,  # upload-pack runs in the agent-written repo and inherits -c config
         )
