@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pluggy
 
-from . import engine, files, git, workspace
+from . import engine, faults, files, git, workspace
 from .config import Paths, Settings, default_home
 from .default_plugins.branch import slugify
 from .errors import (
@@ -29,6 +29,7 @@ from .errors import (
     InvalidInput,
     InvalidTransition,
     NotFound,
+    PathOutsideWorkspace,
     TaskboxError,
     TaskLocked,
 )
@@ -83,6 +84,17 @@ def _validate_name(label: str, value: str) -> str:
     value = _validate_text(label, value, NAME_MAX)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@+-]*", value):
         raise InvalidInput(f"{label} {value!r} may contain only letters, digits and . _ @ + -")
+    return value
+
+
+def _clip(value: Any, limit: int = 300) -> Any:
+    """A tool argument as logged: long text (file contents, big commands) cut to ``limit``."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}… [{len(value)} characters]"
+    if isinstance(value, list | tuple):
+        return [_clip(v, limit) for v in value[:50]]
+    if isinstance(value, dict):
+        return {str(k): _clip(v, limit) for k, v in list(value.items())[:50]}
     return value
 
 
@@ -296,10 +308,12 @@ class TaskService:
             self.hook.task_start(service=self, task=task)
             workspace.commit_all(ws, f"taskbox: start task {task.id}\n\n{description}")
             workspace.fetch_into(repo_path, ws, task.branch)
+            faults.point("create.workspace")
             changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
             if not lazy:
                 say("starting the sandbox container")
                 cid = self._create_container(task)
+                faults.point("create.container")
                 changes.update(container_id=cid, container_state=ContainerState.RUNNING, status=Status.ACTIVE)
             task = self.registry.update_task(task.id, task.version, changes, ("task.created", {
                 "branch": task.branch, "lazy": lazy, "repo": str(repo_path)}))
@@ -446,18 +460,19 @@ class TaskService:
                 time.sleep(0.2)
         for old in expired:  # the holder stopped renewing: its session is over
             self.registry.end_session(old.session_id, time.time())
+        t0 = time.perf_counter()
+        mem = self.memory(task)
         try:
+            # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
+            state, recovery = mem.load(self._defaults(task))
             task = self.ensure_running(task.id)
         except BaseException:
             self.registry.release_lease(task.id, sid)
             raise
-        t0 = time.perf_counter()
         session = existing if existing and existing.detached_at is None else Session(
             id=sid, task_id=task.id, agent=agent, model=model, attached_at=time.time())
         if session is not existing:
             self.registry.add_session(session)
-        mem = self.memory(task)
-        state, recovery = mem.load(self._defaults(task))
         mem.log_conversation({"session": sid, "agent": agent, "role": "system", "kind": "attach", "model": model,
                               "message": f"{agent} ({model}) attached"})
 
@@ -571,6 +586,18 @@ class TaskService:
                   result: ExecResult) -> None:
         limit = self.settings.log_output_limit
         cmd_text = command if isinstance(command, str) else " ".join(command)
+        try:
+            self._write_exec_log(task, session, cmd_text, wd, result, limit)
+        except (PathOutsideWorkspace, OSError) as exc:
+            # The agent broke its own memory folder (e.g. made it a link out). The command's
+            # result still reaches the caller; the refusal is recorded where the agent cannot edit.
+            self.registry.add_event("memory.refused", task.id, {"error": str(exc), "command": cmd_text[:200]})
+        self._update(task.id, {"last_active": time.time()},
+                     ("task.exec", {"command": cmd_text[:200], "exit_code": result.exit_code,
+                                    "duration_ms": result.duration_ms, "timed_out": result.timed_out}))
+
+    def _write_exec_log(self, task: Task, session: Session | None, cmd_text: str, wd: str,
+                        result: ExecResult, limit: int) -> None:
         self.memory(task).log_execution({
             "session": session.id if session else None,
             "agent": session.agent if session else None,
@@ -585,9 +612,6 @@ class TaskService:
             "timed_out": result.timed_out,
         })
         self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
-        self._update(task.id, {"last_active": time.time()},
-                     ("task.exec", {"command": cmd_text[:200], "exit_code": result.exit_code,
-                                    "duration_ms": result.duration_ms, "timed_out": result.timed_out}))
 
     # --- todos and decisions -----------------------------------------------------------------
 
@@ -674,6 +698,7 @@ class TaskService:
         self.update_state(task, lambda s: s.update(status=str(Status.COMPLETED), current_agent=None))
         commit = workspace.commit_all(Path(task.workspace_path), f"taskbox: complete task {task.id}\n\n{summary}".strip())
         head = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
+        faults.point("complete.fetched")
         for s in self.registry.sessions(task.id, open_only=True):
             self.registry.release_lease(task.id, s.id)
             self.registry.end_session(s.id, time.time())
@@ -806,7 +831,198 @@ class TaskService:
         task = self.get(task_id)
         self.hook.pre_tool_call(service=self, task=task, tool="write_file", args={"path": path})
         target = files.atomic_write(Path(task.workspace_path), path, data)
-        return target.relative_to(Path(task.workspace_path).resolve()).as_posix()
+        rel = target.relative_to(Path(task.workspace_path).resolve()).as_posix()
+        self.hook.post_tool_call(service=self, task=task, tool="write_file", args={"path": path},
+                                 result={"path": rel, "size": len(data)})
+        return rel
+
+    def read_text(self, task_id: str, path: str, start_line: int = 1, max_lines: int | None = None,
+                  max_bytes: int = 256_000) -> dict[str, Any]:
+        """A workspace text file, or a range of its lines, bounded to ``max_bytes``."""
+        if start_line < 1:
+            raise InvalidInput("start_line counts from 1")
+        if max_lines is not None and max_lines < 1:
+            raise InvalidInput("max_lines must be at least 1")
+        task = self.get(task_id)
+        data = files.read_bytes(Path(task.workspace_path), path)
+        if b"\0" in data[:8192]:
+            raise InvalidInput(f"{path!r} is a binary file ({len(data)} bytes); inspect it with a command")
+        lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+        end = len(lines) if max_lines is None else min(len(lines), start_line - 1 + max_lines)
+        content = "".join(lines[start_line - 1:end])
+        if len(content.encode()) > max_bytes:  # cut at a line end, so no line comes back half
+            content = content.encode()[:max_bytes].decode("utf-8", errors="ignore")
+            content = content[: content.rfind("\n") + 1] or content
+            end = start_line - 1 + content.count("\n")
+        return {"path": path, "content": content, "start_line": start_line, "end_line": end,
+                "total_lines": len(lines), "size": len(data), "truncated": end < len(lines)}
+
+    def edit_file(self, task_id: str, path: str, old: str, new: str, *, replace_all: bool = False) -> dict[str, Any]:
+        """Replace ``old`` with ``new`` in a workspace text file.
+
+        ``old`` must occur exactly once unless ``replace_all``, so an edit never lands in the
+        wrong place; the file is rewritten atomically under a per-task lock.
+        """
+        if not old:
+            raise InvalidInput("the text to replace must not be empty (write the file to create it)")
+        if old == new:
+            raise InvalidInput("the replacement is the same as the text to replace")
+        task = self.get(task_id)
+        root = Path(task.workspace_path)
+        args = {"path": path, "old": old, "new": new, "replace_all": replace_all}
+        self.hook.pre_tool_call(service=self, task=task, tool="edit_file", args=args)
+        with self._file_lock(task):
+            raw = files.read_bytes(root, path)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"{path!r} is not UTF-8 text; edit it with a command") from None
+            count = text.count(old)
+            if count == 0:
+                raise NotFound(f"the text to replace does not occur in {path!r}; read the file and copy "
+                               "the exact text, whitespace included", path=path)
+            if count > 1 and not replace_all:
+                raise InvalidInput(f"the text to replace occurs {count} times in {path!r}; include more "
+                                   "surrounding lines to make it unique, or set replace_all", path=path)
+            data = (text.replace(old, new) if replace_all else text.replace(old, new, 1)).encode()
+            target = files.atomic_write(root, path, data)
+        result = {"path": target.relative_to(root.resolve()).as_posix(),
+                  "replacements": count if replace_all else 1, "size": len(data)}
+        self.hook.post_tool_call(service=self, task=task, tool="edit_file", args=args, result=result)
+        return result
+
+    def list_files(self, task_id: str, path: str = ".", *, recursive: bool = False,
+                   limit: int = 1000) -> dict[str, Any]:
+        """Entries of a workspace directory (``.git`` left out; links listed, never followed)."""
+        if limit < 1:
+            raise InvalidInput("limit must be at least 1")
+        task = self.get(task_id)
+        entries = files.listing(Path(task.workspace_path), path, recursive, limit + 1)
+        return {"path": path, "entries": entries[:limit], "truncated": len(entries) > limit}
+
+    def delete_file(self, task_id: str, path: str) -> dict[str, Any]:
+        """Delete a file, link or directory tree in the workspace (never .git or .task-memory)."""
+        task = self.get(task_id)
+        root = Path(task.workspace_path)
+        rel = files.host_path(root, path, allow_root=False).relative_to(root.resolve()).as_posix()
+        if rel.split("/")[0] in (".git", ".task-memory"):
+            raise InvalidInput(f"{rel.split('/')[0]} belongs to taskbox and cannot be deleted", path=path)
+        args = {"path": path}
+        self.hook.pre_tool_call(service=self, task=task, tool="delete_file", args=args)
+        with self._file_lock(task):
+            files.delete(root, path)
+        result = {"path": rel, "deleted": True}
+        self.hook.post_tool_call(service=self, task=task, tool="delete_file", args=args, result=result)
+        return result
+
+    def _file_lock(self, task: Task) -> Any:
+        import fcntl
+        from contextlib import contextmanager
+
+        @contextmanager
+        def held() -> Any:
+            with open(self.paths.locks / f"{task.id}.files.lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+        return held()
+
+    # --- agent tool calls (MCP) --------------------------------------------------------------
+
+    def create_or_resume_task(self, repo: str | Path, description: str, *, task_id: str | None = None,
+                              resume_if_exists: bool = False, **options: Any) -> dict[str, Any]:
+        """Create a task, or with ``resume_if_exists`` pick up the matching one and start its sandbox.
+
+        The match is the task with ``task_id`` if given, else the most recently active
+        unfinished task of the same repository with the same description. Without
+        ``resume_if_exists`` an existing ``task_id`` is a :class:`Conflict`.
+        """
+        repo_path = str(git.repo_root(Path(repo).expanduser().resolve()))
+        existing: Task | None = None
+        if task_id is not None and self.registry.task_exists(task_id):
+            existing = self.get(task_id)
+            if not resume_if_exists:
+                raise Conflict(f"a task with id {task_id!r} already exists; resume it with resume_if_exists "
+                               "or attach to it", task_id=task_id)
+            if existing.repo_path != repo_path:
+                raise InvalidInput(f"task {task_id} works on {existing.repo_path}, not {repo_path}", task_id=task_id)
+        elif task_id is None and resume_if_exists:
+            wanted = unicodedata.normalize("NFC", description or "").strip()
+            open_ = [str(s) for s in (Status.PENDING, Status.ACTIVE, Status.PAUSED, Status.FAILED)]
+            matches = [t for t in self.registry.list_tasks(open_)
+                       if t.repo_path == repo_path and t.description == wanted]
+            existing = max(matches, key=lambda t: t.last_active) if matches else None
+        if existing is None:
+            task = self.create_task(repo, description, task_id=task_id, **options)
+            outcome, had_container = "created", False
+        else:
+            had_container = self.sandbox.state(existing.container_id) in (ContainerState.RUNNING,
+                                                                          ContainerState.STOPPED)
+            task = self.ensure_running(existing.id)
+            self.registry.add_event("task.resumed", task.id, {"container_kept": had_container})
+            outcome = "resumed"
+        return {"task_id": task.id, "status": outcome, "task_status": str(task.status),
+                "container_id": task.container_id, "existing_container": had_container,
+                "branch": task.branch, "workspace_path": task.workspace_path, "repo_path": task.repo_path}
+
+    def status(self, task_id: str, recent: int = 5) -> dict[str, Any]:
+        """A task's record with its live state: agents, todos, metrics, recent commands."""
+        task = self.get(task_id)
+        state = self.state(task.id)
+        return {**task.to_dict(), "current_agents": self.current_agents(task.id),
+                "current_agent": state.get("current_agent"), "todos": state["todos"],
+                "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
+                "recent_executions": self.memory(task).executions(recent)}
+
+    def run_tool(self, task_id: str, tool: str, args: dict[str, Any], fn: Callable[[], T], *,
+                 session_id: str | None = None, hooks: bool = True) -> T:
+        """Run one agent tool call on a task: hooks around ``fn``, then a record in its memory.
+
+        ``hooks=False`` is for operations that run the pre/post tool-call hooks themselves
+        (exec, write/edit/delete file). A call by an attached session renews its lease.
+        """
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            if hooks:
+                self.hook.pre_tool_call(service=self, task=self.get(task_id), tool=tool, args=args)
+            result = fn()
+            if hooks:
+                self.hook.post_tool_call(service=self, task=self.get(task_id), tool=tool, args=args, result=result)
+            return result
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            try:
+                self.record_tool_call(task_id, tool, args, session_id=session_id, error=failure,
+                                      duration_ms=(time.perf_counter() - started) * 1000)
+            except (TaskboxError, OSError) as exc:  # a failed log line must not hide the tool's outcome
+                self.registry.add_event("tool_call.unlogged", task_id, {"tool": tool, "reason": str(exc)[:200]})
+
+    def record_tool_call(self, task_id: str, tool: str, args: dict[str, Any], *, session_id: str | None = None,
+                         error: BaseException | None = None, duration_ms: float | None = None) -> None:
+        """Log an agent tool call in the task's ``conversations.jsonl`` (long arguments cut)."""
+        try:
+            task = self.get(task_id)
+        except NotFound:
+            return
+        session = self.registry.get_session(session_id) if session_id else None
+        if session and session.detached_at is None:
+            self.renew(task.id, session.id)
+        entry: dict[str, Any] = {"session": session_id, "agent": session.agent if session else None,
+                                 "role": "tool", "kind": "tool_call", "tool": tool,
+                                 "args": {k: _clip(v) for k, v in args.items()}, "ok": error is None}
+        if duration_ms is not None:
+            entry["duration_ms"] = round(duration_ms, 2)
+        if isinstance(error, TaskboxError):
+            entry["error"] = {"code": error.code, "message": error.message[:500]}
+        elif error is not None:
+            entry["error"] = {"code": "internal_error", "message": f"{type(error).__name__}: {error}"[:500]}
+        self.memory(task).log_conversation(entry)
 
     # --- reconcile ---------------------------------------------------------------------------
 

@@ -16,23 +16,25 @@ from .errors import GitError
 from .sandbox import sandbox_owner
 
 
-def _as_owner() -> dict[str, int]:
-    """Run workspace git as the sandbox user when we are root, so files stay writable inside."""
-    if os.geteuid() != 0:
-        return {}
-    uid, gid = sandbox_owner()
-    return {"user": uid, "group": gid}
-
-
 def hand_over(path: Path) -> None:
-    """Give ``path`` (recursively) to the sandbox user when taskbox runs as root."""
-    if os.geteuid() != 0:
+    """Give ``path`` (recursively) to the sandbox user when taskbox runs as root.
+
+    Host-side git runs as the invoking user (the sandbox uid may not even be able to reach
+    TASKBOX_HOME on the host); files it creates as root must stay writable in the container.
+    """
+    if os.geteuid() != 0 or not path.exists():
         return
     uid, gid = sandbox_owner()
-    os.chown(path, uid, gid, follow_symlinks=False)
+
+    def give(p: str) -> None:
+        st = os.lstat(p)
+        if st.st_uid != uid or st.st_gid != gid:
+            os.chown(p, uid, gid, follow_symlinks=False)
+
+    give(str(path))
     for dirpath, dirnames, filenames in os.walk(path):
         for name in dirnames + filenames:
-            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+            give(os.path.join(dirpath, name))
 
 
 def head_commit(repo: Path) -> str | None:
@@ -44,27 +46,28 @@ def create(repo: Path, dest: Path, branch: str, base_ref: str | None) -> None:
     """Clone ``repo`` into ``dest`` and check out a new ``branch`` at ``base_ref``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     git.run(["clone", "--quiet", "--no-hardlinks", "--no-checkout", str(repo), str(dest)], cwd=dest.parent)
-    hand_over(dest)
-    own = _as_owner()
     if base_ref:
-        git.run(["checkout", "--quiet", "-b", branch, base_ref], cwd=dest, untrusted=True, **own)
+        git.run(["checkout", "--quiet", "-b", branch, base_ref], cwd=dest, untrusted=True)
     else:  # an empty repository: start the branch unborn
-        git.run(["checkout", "--quiet", "--orphan", branch], cwd=dest, untrusted=True, **own)
+        git.run(["checkout", "--quiet", "--orphan", branch], cwd=dest, untrusted=True)
     # The user's repository path means nothing inside the container.
-    git.run(["remote", "remove", "origin"], cwd=dest, untrusted=True, check=False, **own)
-    git.run(["config", "user.name", "taskbox agent"], cwd=dest, untrusted=True, **own)
-    git.run(["config", "user.email", "agent@taskbox.local"], cwd=dest, untrusted=True, **own)
+    git.run(["remote", "remove", "origin"], cwd=dest, untrusted=True, check=False)
+    git.run(["config", "user.name", "taskbox agent"], cwd=dest, untrusted=True)
+    git.run(["config", "user.email", "agent@taskbox.local"], cwd=dest, untrusted=True)
+    hand_over(dest)
 
 
 def commit_all(ws: Path, message: str) -> str | None:
     """Commit everything in the workspace; return the new commit, or None if nothing changed."""
-    own = _as_owner()
-    git.run(["add", "--all"], cwd=ws, untrusted=True, **own)
-    status = git.run(["status", "--porcelain", "--untracked-files=no"], cwd=ws, untrusted=True, **own)
-    if not status.stdout.strip():
-        return None
-    git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, untrusted=True, **own)
-    return git.run(["rev-parse", "HEAD"], cwd=ws, untrusted=True, **own).stdout.strip()
+    try:
+        git.run(["add", "--all"], cwd=ws, untrusted=True)
+        status = git.run(["status", "--porcelain", "--untracked-files=no"], cwd=ws, untrusted=True)
+        if not status.stdout.strip():
+            return None
+        git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, untrusted=True)
+        return git.run(["rev-parse", "HEAD"], cwd=ws, untrusted=True).stdout.strip()
+    finally:
+        hand_over(ws / ".git")
 
 
 def current_branch(ws: Path) -> str:
@@ -95,14 +98,14 @@ def fetch_into(repo: Path, ws: Path, branch: str) -> str:
 
 def diff(ws: Path, base: str | None, stat: bool = False) -> str:
     """The task's changes against ``base`` (committed and uncommitted, new files included)."""
-    own = _as_owner()
-    git.run(["add", "--all", "--intent-to-add"], cwd=ws, untrusted=True, **own)
+    git.run(["add", "--all", "--intent-to-add"], cwd=ws, untrusted=True)
+    hand_over(ws / ".git")
     args = ["diff", "--no-ext-diff", "--no-textconv", "--no-color"]
     if stat:
         args.append("--stat")
     if base:
         args.append(base)
-    return git.run(args, cwd=ws, untrusted=True, **own).stdout
+    return git.run(args, cwd=ws, untrusted=True).stdout
 
 
 def log(ws: Path, base: str | None, limit: int = 50) -> list[dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from ..hookspecs import hookimpl
 
@@ -10,6 +11,8 @@ SLUG_MAX = 50
 
 
 def _clean(text: str, allowed: str) -> str:
+    # Fold accents (é -> e) so non-English descriptions keep readable slugs.
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     text = re.sub(f"[^{allowed}]+", "-", text.lower())
     text = re.sub(r"-{2,}", "-", text)
     text = re.sub(r"\.{2,}", ".", text)

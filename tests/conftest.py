@@ -1,0 +1,67 @@
+"""Shared fixtures. Tests run against the real Docker engine and real git.
+
+There is deliberately no skip when Docker is missing: the `docker_engine` fixture fails,
+so a CI machine without an engine fails loudly instead of passing vacuously.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from taskbox import TaskService, engine
+from taskbox.sandbox import LABEL_HOME
+
+IMAGE = os.environ.get("TASKBOX_TEST_IMAGE", "taskbox-sandbox:latest")
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
+                          env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}).stdout
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    client = engine.connect()  # raises DockerUnavailable: the test errors, it is never skipped
+    client.images.get(IMAGE)  # the image must be built (scripts/test builds it)
+    return client
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    monkeypatch.setenv("TASKBOX_HOME", str(h))
+    monkeypatch.setenv("TASKBOX_IMAGE", IMAGE)
+    return h
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    r = tmp_path / "repo"
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    (r / "README.md").write_text("# demo\n")
+    (r / "app.py").write_text("print('hello')\n")
+    git(r, "add", ".")
+    git(r, "commit", "-qm", "initial")
+    return r
+
+
+@pytest.fixture
+def svc(home: Path, docker_engine) -> Iterator[TaskService]:
+    service = TaskService(home)
+    yield service
+    for c in docker_engine.api.containers(all=True, filters={"label": f"{LABEL_HOME}={service.home_label}"}):
+        docker_engine.api.remove_container(c["Id"], force=True)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real `taskbox` command line in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "taskbox", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
