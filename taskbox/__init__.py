@@ -3,8 +3,6 @@
 The names below are the public API that plugins and scripts may rely on.
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 from .errors import (

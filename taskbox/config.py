@@ -70,7 +70,7 @@ class Settings:
             raise InvalidInput(f"unknown settings: {', '.join(sorted(unknown))}")
         kwargs: dict[str, Any] = {}
         for name, value in values.items():
-            typ = type(fields[name].default)
+            typ: Any = type(fields[name].default)
             try:
                 kwargs[name] = typ(value)
             except (TypeError, ValueError) as exc:

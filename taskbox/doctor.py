@@ -9,7 +9,9 @@ and their sessions ended, and container states re-read from the engine.
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,14 +55,14 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
         if task.pending_op and not _alive(task.op_pid):
             if task.pending_op == "create":
                 found("interrupted-create", task.id, "create was interrupted; the half-made task will be removed",
-                      lambda t=task: (svc._undo_create(t), "removed")[1])
+                      lambda t=task: _then("removed", lambda: svc._undo_create(t)))
             elif task.pending_op == "complete":
                 found("interrupted-complete", task.id, "complete was interrupted; it will be finished",
-                      lambda t=task: (svc.complete(t.id), "completed")[1])
+                      lambda t=task: _then("completed", lambda: svc.complete(t.id)))
             continue
         if not Path(task.workspace_path).is_dir() and task.status is not Status.ARCHIVED:
             found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone",
-                  lambda t=task: (svc.fail(t.id, "workspace missing"), "marked failed")[1]
+                  lambda t=task: _then("marked failed", lambda: svc.fail(t.id, "workspace missing"))
                   if t.status in (Status.ACTIVE, Status.PAUSED) else None)
 
     leases = svc.registry.leases(live_only=False)
@@ -69,14 +71,14 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
         if lease.expires_at <= now:
             found("stale-lease", lease.task_id,
                   f"lease of {lease.agent} (session {lease.session_id}) expired {now - lease.expires_at:.0f}s ago",
-                  lambda le=lease: (svc.registry.release_lease(le.task_id, le.session_id),
-                                    svc.registry.end_session(le.session_id, time.time()), "released")[2])
+                  lambda le=lease: _then("released", lambda: svc.registry.release_lease(le.task_id, le.session_id),
+                                        lambda: svc.registry.end_session(le.session_id, time.time())))
     live = {(le.task_id, le.session_id) for le in leases if le.expires_at > now}
     for task in tasks:
         for s in svc.registry.sessions(task.id, open_only=True):
             if (task.id, s.id) not in live and not any(le.session_id == s.id for le in leases):
                 found("orphan-session", task.id, f"session {s.id} ({s.agent}) is open but holds no lease",
-                      lambda sid=s.id: (svc.registry.end_session(sid, time.time()), "ended")[1])
+                      lambda sid=s.id: _then("ended", lambda: svc.registry.end_session(sid, time.time())))
 
     try:
         sandbox = svc.sandbox
@@ -91,7 +93,7 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
             tid = c["Labels"].get(LABEL_TASK)
             if tid not in known:
                 found("orphan-container", tid, f"container {c['Id'][:12]} has no task in the registry",
-                      lambda cid=c["Id"]: (sandbox.remove(cid), "removed")[1])
+                      lambda cid=c["Id"]: _then("removed", lambda: sandbox.remove(cid)))
         for task in svc.registry.list_tasks():
             if task.pending_op or not task.container_id:
                 continue
@@ -105,13 +107,13 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
                       lambda t=task, a=actual: _sync_state(svc, t.id, a))
             elif actual is ContainerState.RUNNING and task.status in FINISHED:
                 found("running-finished", task.id, f"task is {task.status} but its container runs",
-                      lambda t=task: (sandbox.stop(t.container_id or ""), "stopped")[1])
+                      lambda t=task: _then("stopped", lambda: sandbox.stop(t.container_id or "")))
 
     if svc.paths.workspaces.is_dir():
         for d in sorted(svc.paths.workspaces.iterdir()):
             if d.name not in known:
                 found("orphan-workspace", None, f"workspace {d} has no task",
-                      lambda d=d: (__import__("shutil").rmtree(d), "removed")[1])
+                      lambda d=d: _then("removed", lambda: shutil.rmtree(d)))
 
     for task in svc.registry.list_tasks():
         if task.status is Status.ARCHIVED or not Path(task.workspace_path).is_dir() or task.pending_op:
@@ -129,6 +131,12 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
                                        f"{recovery.corrupted_copy}", "fixed": True})
     svc.registry.add_event("doctor.run", None, {"fix": fix, "findings": len(findings)})
     return findings
+
+
+def _then(message: str, *steps: Callable[[], Any]) -> str:
+    for step in steps:
+        step()
+    return message
 
 
 def _forget_container(svc: TaskService, task_id: str) -> str:

@@ -30,6 +30,7 @@ from .errors import (
     InvalidTransition,
     NotFound,
     PathOutsideWorkspace,
+    SandboxError,
     TaskboxError,
     TaskLocked,
 )
@@ -37,7 +38,15 @@ from .memory import TODO_STATUSES, Recovery, TaskMemory
 from .models import FINISHED, ContainerState, LockMode, Session, Status, Task, check_transition
 from .plugins import make_manager
 from .registry import Registry
-from .sandbox import LABEL_HOME, LABEL_TASK, ContainerSpec, ExecResult, Sandbox, check_cpus, parse_memory
+from .sandbox import (
+    LABEL_HOME,
+    LABEL_TASK,
+    ContainerSpec,
+    ExecResult,
+    Sandbox,
+    check_cpus,
+    parse_memory,
+)
 
 T = TypeVar("T")
 DESCRIPTION_MAX = 2000
@@ -243,15 +252,15 @@ class TaskService:
         repo_path = git.repo_root(Path(repo).expanduser().resolve())
         if repo_path == self.paths.home or self.paths.home in repo_path.parents:
             raise InvalidInput("the repository must not be inside TASKBOX_HOME")
-        base = base_ref or "HEAD"
-        base_commit = None
-        if workspace.head_commit(repo_path) is not None:
-            proc = git.run(["rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"], cwd=repo_path, check=False)
-            if proc.returncode != 0:
-                raise InvalidInput(f"base ref {base!r} does not exist in {repo_path}")
-            base_commit = proc.stdout.strip()
-        elif base_ref:
+        base_commit = workspace.head_commit(repo_path)
+        if base_ref and base_commit is None:
             raise InvalidInput(f"{repo_path} has no commits, so base ref {base_ref!r} does not exist")
+        if base_ref:
+            proc = git.run(["rev-parse", "--verify", "--quiet", f"{base_ref}^{{commit}}"], cwd=repo_path,
+                           check=False)
+            if proc.returncode != 0:
+                raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
+            base_commit = proc.stdout.strip()
         image_name = image or self.settings.image
         if not lazy:
             self.sandbox.ensure_image(image_name)  # Docker down or image missing: nothing changed yet
@@ -306,13 +315,12 @@ class TaskService:
             workspace.create(repo_path, ws, task.branch, base_commit)
             self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
             self.hook.task_start(service=self, task=task)
-            workspace.commit_all(ws, f"taskbox: start task {task.id}\n\n{description}")
-            workspace.fetch_into(repo_path, ws, task.branch)
+            workspace.commit_all(ws, f"taskbox: start task {task.id}\n\n{description}", trusted=True)
             faults.point("create.workspace")
             changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
             if not lazy:
                 say("starting the sandbox container")
-                cid = self._create_container(task)
+                cid = self._create_container(task, fresh=True)
                 faults.point("create.container")
                 changes.update(container_id=cid, container_state=ContainerState.RUNNING, status=Status.ACTIVE)
             task = self.registry.update_task(task.id, task.version, changes, ("task.created", {
@@ -371,7 +379,7 @@ class TaskService:
         except ValueError:
             raise InvalidInput(f"lock mode {value!r} is not one of exclusive, collaborative") from None
 
-    def _create_container(self, task: Task) -> str:
+    def _create_container(self, task: Task, fresh: bool = False) -> str:
         spec = ContainerSpec(
             name=f"taskbox-{task.id}-{self.home_label[:6]}",
             image=task.image,
@@ -382,8 +390,15 @@ class TaskService:
             pids_limit=task.pids_limit,
             network=task.network,
         )
-        self._remove_labelled_container(task.id)  # a container left by a crash mid-create
-        return self.sandbox.create(spec)
+        if not fresh:
+            self._remove_labelled_container(task.id)  # e.g. left behind by a crash
+        try:
+            return self.sandbox.create(spec)
+        except SandboxError as exc:
+            if "already in use" not in exc.message:
+                raise
+            self._remove_labelled_container(task.id)  # a leftover holds the name: replace it
+            return self.sandbox.create(spec)
 
     # --- container state ---------------------------------------------------------------------
 
@@ -553,8 +568,13 @@ class TaskService:
         session_id: str | None = None,
         log: bool = True,
         env: dict[str, str] | None = None,
+        output_limit: int | None = None,
     ) -> ExecResult:
-        """Run a command in the task's sandbox; bounded in time and output, logged in memory."""
+        """Run a command in the task's sandbox; bounded in time and output, logged in memory.
+
+        ``output_limit`` lowers the bytes of stdout and of stderr returned (an MCP client
+        wants far less than a terminal); it never raises the configured limit.
+        """
         from .confine import container_workdir
 
         task = self.get(task_id)
@@ -571,7 +591,8 @@ class TaskService:
         session = self.registry.get_session(session_id) if session_id else None
         try:
             result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
-                                       output_limit=self.settings.exec_output_limit, env=env)
+                                       output_limit=min(output_limit or self.settings.exec_output_limit,
+                                                        self.settings.exec_output_limit), env=env)
         except TaskboxError as exc:
             partial = exc.details.get("result")
             if log and partial:

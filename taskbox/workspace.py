@@ -43,29 +43,37 @@ def head_commit(repo: Path) -> str | None:
 
 
 def create(repo: Path, dest: Path, branch: str, base_ref: str | None) -> None:
-    """Clone ``repo`` into ``dest`` and check out a new ``branch`` at ``base_ref``."""
+    """Clone ``repo`` into ``dest`` and check out a new ``branch`` at ``base_ref``.
+
+    Until the container starts nobody but taskbox has written the clone, so these git
+    commands need not be treated as untrusted.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    git.run(["clone", "--quiet", "--no-hardlinks", "--no-checkout", str(repo), str(dest)], cwd=dest.parent)
+    git.run(["clone", "--quiet", "--no-hardlinks", "--no-checkout", "--config", "user.name=taskbox agent",
+             "--config", "user.email=agent@taskbox.local", str(repo), str(dest)], cwd=dest.parent)
     if base_ref:
-        git.run(["checkout", "--quiet", "-b", branch, base_ref], cwd=dest, untrusted=True)
+        git.run(["checkout", "--quiet", "-b", branch, base_ref], cwd=dest)
     else:  # an empty repository: start the branch unborn
-        git.run(["checkout", "--quiet", "--orphan", branch], cwd=dest, untrusted=True)
-    # The user's repository path means nothing inside the container.
-    git.run(["remote", "remove", "origin"], cwd=dest, untrusted=True, check=False)
-    git.run(["config", "user.name", "taskbox agent"], cwd=dest, untrusted=True)
-    git.run(["config", "user.email", "agent@taskbox.local"], cwd=dest, untrusted=True)
+        git.run(["checkout", "--quiet", "--orphan", branch], cwd=dest)
     hand_over(dest)
 
 
-def commit_all(ws: Path, message: str) -> str | None:
-    """Commit everything in the workspace; return the new commit, or None if nothing changed."""
+def commit_all(ws: Path, message: str, *, trusted: bool = False) -> str | None:
+    """Commit everything in the workspace; return the new commit, or None if nothing changed.
+
+    ``trusted`` is only for a workspace no agent has written yet (during create).
+    """
+    untrusted = not trusted
     try:
-        git.run(["add", "--all"], cwd=ws, untrusted=True)
-        status = git.run(["status", "--porcelain", "--untracked-files=no"], cwd=ws, untrusted=True)
-        if not status.stdout.strip():
-            return None
-        git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, untrusted=True)
-        return git.run(["rev-parse", "HEAD"], cwd=ws, untrusted=True).stdout.strip()
+        git.run(["add", "--all"], cwd=ws, untrusted=untrusted)
+        proc = git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, untrusted=untrusted,
+                       check=False)
+        if proc.returncode != 0:
+            if "nothing to commit" in proc.stdout + proc.stderr or "nothing added" in proc.stdout:
+                return None
+            raise GitError(f"git commit failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}",
+                           returncode=proc.returncode, stderr=proc.stderr)
+        return git.run(["rev-parse", "HEAD"], cwd=ws, untrusted=untrusted).stdout.strip()
     finally:
         hand_over(ws / ".git")
 

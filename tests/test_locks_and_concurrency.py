@@ -118,6 +118,8 @@ def test_same_description_at_the_same_moment_gets_distinct_branches(svc: TaskSer
     branches = {t.branch for t in tasks}
     assert len(branches) == 5 and len({t.id for t in tasks}) == 5
     assert "a-m/fix-the-login-bug" in branches
+    for t in tasks:
+        svc.sync(t.id)  # the branches reach the user's repository side by side
     for b in branches:
         assert git(repo, "rev-parse", "--verify", f"refs/heads/{b}").strip()
         assert subprocess.run(["git", "check-ref-format", "--branch", b]).returncode == 0
