@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -232,7 +233,7 @@ def shell(task_id: str, workdir: str | None) -> None:
     svc = _service()
     try:
         task = svc.ensure_running(task_id)
-        wd = container_workdir(__import__("pathlib").Path(task.workspace_path), workdir)
+        wd = container_workdir(Path(task.workspace_path), workdir)
     except TaskboxError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
@@ -425,6 +426,59 @@ def image_build(force: bool) -> Any:
     res = images.build(connect(), force=force, progress=progress)
     word = "cached" if res.cached else "built"
     return res.__dict__, f"{word} {res.tag} (base {res.base}) in {res.seconds:.1f}s"
+
+
+# --- agents: MCP server and integrations -----------------------------------------------------
+
+
+@cli.command("mcp")
+@click.option("--http", "http", is_flag=True, help="Serve streamable HTTP instead of stdio.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (with --http).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (with --http).")
+def mcp(http: bool, host: str, port: int) -> None:
+    """Serve the taskbox MCP tools to agents: stdio by default, or HTTP at http://HOST:PORT/mcp."""
+    from .mcp_server import serve_http, serve_stdio
+
+    try:
+        if http:
+            click.echo(f"taskbox MCP server on http://{host}:{port}/mcp", err=True)
+            serve_http(host, port)
+        else:
+            serve_stdio()
+    except TaskboxError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.group("integrate")
+def integrate_group() -> None:
+    """Configure an agent (OpenCode, Claude Code) to use the taskbox MCP server."""
+
+
+def _integrate(agent: str, directory: str, name: str) -> Any:
+    from .integrate import integrate
+
+    res = integrate(agent, directory, name=name)
+    return res.to_dict(), res.describe()
+
+
+@command(integrate_group, "opencode")
+@click.option("--dir", "directory", default=".", show_default=True, help="The project directory.")
+@click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
+def integrate_opencode(directory: str, name: str) -> Any:
+    """Add the taskbox MCP server to opencode.json (merged with what is there)."""
+    return _integrate("opencode", directory, name)
+
+
+@command(integrate_group, "claude-code")
+@click.option("--dir", "directory", default=".", show_default=True, help="The project directory.")
+@click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
+def integrate_claude_code(directory: str, name: str) -> Any:
+    """Add the taskbox MCP server to .mcp.json (merged with what is there)."""
+    return _integrate("claude-code", directory, name)
 
 
 def main() -> None:

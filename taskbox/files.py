@@ -8,6 +8,7 @@ link out of the workspace; files written as root are handed to the sandbox user.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -139,8 +140,6 @@ def delete(root: Path, rel: str) -> None:
     if target.is_symlink() or target.is_file():
         target.unlink()
     elif target.is_dir():
-        import shutil
-
         shutil.rmtree(target)
     else:
         raise NotFound(f"no file {rel!r} in the task workspace", path=rel)

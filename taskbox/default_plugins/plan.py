@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from .. import files
@@ -67,9 +68,7 @@ def _edit(task: Any, fn: Any) -> None:
     files.atomic_write(_root(task), PLAN, fn(text).encode())
 
 
-def _root(task: Any) -> Any:
-    from pathlib import Path
-
+def _root(task: Any) -> Path:
     return Path(task.workspace_path)
 
 
