@@ -1,0 +1,573 @@
+"""The taskbox MCP server: the task tools for agents, over stdio or streamable HTTP.
+
+A thin adapter over :class:`~taskbox.service.TaskService` (STYLE rule 1). Each tool only
+translates: it maps its arguments to one service call, runs that call on a worker thread
+(the service is synchronous and may wait seconds on Docker or git; the event loop must keep
+serving other calls meanwhile), and returns the result as structured JSON. Every
+:class:`~taskbox.errors.TaskboxError` becomes an MCP tool error (``isError``) carrying its
+message and code; anything else becomes a tool error too, so bad input never stops the server.
+
+Tool calls on a task go through :meth:`TaskService.run_tool`, which runs the
+``pre_tool_call``/``post_tool_call`` hooks and logs the call in the task's memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+import anyio
+import anyio.to_thread
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import Field
+from typing_extensions import TypedDict
+
+from . import __version__
+from .errors import CommandTimeout, InvalidInput, TaskboxError
+from .service import TaskService
+
+log = logging.getLogger("taskbox.mcp")
+F = TypeVar("F", bound=Callable[..., Any])
+
+OUTPUT_LIMIT = 100_000  # bytes of stdout and of stderr execute_in_task returns; more is cut
+DIFF_LIMIT = 200_000  # characters of task_diff output
+WORKER_THREADS = 32  # service calls running at once; further calls queue
+
+INSTRUCTIONS = """\
+taskbox gives each coding task its own persistent Docker sandbox, git branch and memory.
+Typical flow: create_task_sandbox (or resume one) -> attach_agent_to_task (restores todos and
+history) -> work with execute_in_task and the *_task_file tools -> keep update_task_todos and
+log_task_decision current -> create_task_checkpoint before risky steps -> detach_agent_from_task
+to stop for now, or complete_task when done. Run project commands in the sandbox with
+execute_in_task, never on the host; paths are relative to the task workspace (/workspace)."""
+
+# Every tool returns a CallToolResult whose structured content is a JSON object; the
+# annotation publishes that as the tool's output schema.
+Result = Annotated[CallToolResult, dict[str, Any]]
+TaskId = Annotated[str, Field(description="The task's id, as returned by create_task_sandbox or list_active_tasks.")]
+WorkspacePath = Annotated[str, Field(description="Path relative to the task workspace (or absolute under /workspace).")]
+
+
+class ResourceLimits(TypedDict, total=False):
+    """Resource limits of a task's container."""
+
+    memory: Annotated[str, Field(description="Memory limit such as 512m or 2g (minimum 64m).")]
+    cpu: Annotated[float, Field(description="CPU limit in cores, e.g. 1.5 (minimum 0.1).")]
+
+
+class TodoChange(TypedDict, total=False):
+    """One todo to add or change; todos are matched by id."""
+
+    id: Annotated[str, Field(description="Id of an existing todo to change; leave out to add a new one.")]
+    text: Annotated[str, Field(description="What to do (required for a new todo).")]
+    status: Literal["pending", "in_progress", "completed", "cancelled"]
+    major: Annotated[bool, Field(description="A major milestone (completing one can trigger a checkpoint).")]
+    deleted: Annotated[bool, Field(description="True removes the todo with this id.")]
+
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
+
+
+def _json(data: Any) -> Any:
+    """``data`` as plain JSON values (paths, enums and the like become strings)."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def ok(data: dict[str, Any]) -> CallToolResult:
+    clean = _json(data)
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(clean, ensure_ascii=False))],
+                          structured_content=clean)
+
+
+def tool_error(message: str, details: dict[str, Any]) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=message)], structured_content=_json(details),
+                          is_error=True)
+
+
+def render_error(exc: BaseException) -> CallToolResult:
+    """An exception as an MCP tool error: its message for the model, its details as data."""
+    if isinstance(exc, CommandTimeout):
+        partial = exc.details.get("result") or {}
+        text = exc.message
+        for stream in ("stdout", "stderr"):
+            if partial.get(stream):
+                text += f"\n--- {stream} before the timeout (last 2000 characters) ---\n{partial[stream][-2000:]}"
+        return tool_error(text, exc.to_dict())
+    if isinstance(exc, TaskboxError):
+        return tool_error(exc.message, exc.to_dict())
+    log.exception("unexpected error in an MCP tool", exc_info=exc)
+    message = f"internal error in taskbox ({type(exc).__name__}: {exc}); the server keeps running"
+    return tool_error(message, {"error": "internal_error", "message": message})
+
+
+class _Adapter:
+    """State the tools share: the service, the sessions attached through this server, a thread pool."""
+
+    def __init__(self, service: TaskService | None) -> None:
+        self._service = service
+        self._service_lock = threading.Lock()
+        self.limiter = anyio.CapacityLimiter(WORKER_THREADS)
+        # (connection, task) -> session attached through this server, so later calls are
+        # logged under it and renew its lease. stdio has one connection: the key is None.
+        self.sessions: dict[tuple[str | None, str], str] = {}
+
+    @property
+    def service(self) -> TaskService:
+        """The service, opened on first use so a bad TASKBOX_HOME is reported as a tool error."""
+        with self._service_lock:
+            if self._service is None:
+                self._service = TaskService()
+            return self._service
+
+    @staticmethod
+    def connection(ctx: Context | None) -> str | None:
+        """Who is calling: ``stdio`` (one client per server process), the client's
+        ``mcp-session-id`` over HTTP, or None for a stateless HTTP request that carries none."""
+        try:
+            headers = ctx.headers if ctx is not None else None
+        except (AttributeError, LookupError, ValueError):
+            headers = None
+        if headers is None:
+            return "stdio"
+        return headers.get("mcp-session-id")
+
+    def session(self, connection: str | None, task_id: str) -> str | None:
+        """The agent session a call belongs to (run on a worker thread: it may read the registry).
+
+        The session attached through this connection; for a caller we cannot tell apart
+        (stateless HTTP), the task's only attached session if it has exactly one.
+        """
+        if connection is not None:
+            return self.sessions.get((connection, task_id))
+        attached = self.service.registry.sessions(task_id, open_only=True)
+        return attached[0].id if len(attached) == 1 else None
+
+    async def run(self, fn: Callable[[], dict[str, Any]]) -> CallToolResult:
+        """Run a blocking service call on a worker thread; errors become tool errors."""
+        try:
+            return ok(await anyio.to_thread.run_sync(fn, limiter=self.limiter))
+        except Exception as exc:  # every failure is the model's to read, never the server's end
+            return render_error(exc)
+
+    async def task_tool(self, ctx: Context | None, task_id: str, tool: str, args: dict[str, Any],
+                        fn: Callable[[str | None], dict[str, Any]], *, hooks: bool = True) -> CallToolResult:
+        """A tool call on one task: hooks and a memory record around ``fn(session_id)``
+        (see TaskService.run_tool)."""
+        connection = self.connection(ctx)
+
+        def call() -> dict[str, Any]:
+            session = self.session(connection, task_id)
+            return self.service.run_tool(task_id, tool, args, lambda: fn(session), session_id=session,
+                                         hooks=hooks)
+
+        return await self.run(call)
+
+
+def _cut(text: str, limit: int) -> tuple[str, bool]:
+    return (text, False) if len(text) <= limit else (text[:limit], True)
+
+
+def create_server(service: TaskService | None = None) -> MCPServer:
+    """The taskbox MCP server with every tool registered, over ``service`` (default: TASKBOX_HOME)."""
+    ad = _Adapter(service)
+    server: MCPServer = MCPServer("taskbox", title="taskbox", instructions=INSTRUCTIONS, version=__version__)
+
+    def tool(annotations: ToolAnnotations) -> Callable[[F], F]:
+        """Register a tool; its docstring, dedented, is the description the model reads."""
+
+        def register(fn: F) -> F:
+            server.add_tool(fn, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations)
+            return fn
+
+        return register
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @tool(WRITES)
+    async def create_task_sandbox(
+        *,
+        task_id: Annotated[str | None, Field(description="Id for the new task (lowercase, digits, dashes); "
+                                                         "default: a slug of the description.")] = None,
+        task_description: Annotated[str, Field(description="What the task is about; names the branch.")],
+        workspace_path: Annotated[str, Field(description="Absolute path of the user's git repository the "
+                                                         "task works on.")],
+        agent_name: Annotated[str, Field(description="Your agent name, e.g. opencode or claude-code.")] = "agent",
+        agent_model: Annotated[str, Field(description="Your model, e.g. claude-opus-4.5.")] = "unknown",
+        resource_limits: Annotated[ResourceLimits | None, Field(description="Container limits; "
+                                                                            "default from settings.")] = None,
+        lock_mode: Annotated[Literal["exclusive", "collaborative"], Field(
+            description="exclusive: one agent at a time; collaborative: several.")] = "exclusive",
+        resume_if_exists: Annotated[bool, Field(description="Resume the task with this id, or the unfinished "
+                                                            "task with the same description, instead of "
+                                                            "creating a new one.")] = False,
+    ) -> Result:
+        """Start a new coding task: its own Docker sandbox, git branch and memory (or resume one).
+
+        Use this first, once per piece of work, before changing any code. Then call
+        attach_agent_to_task. Returns task_id, container_id, branch, workspace_path (the task's
+        own checkout, where your changes appear), status 'created' or 'resumed', and
+        existing_container.
+        """
+        limits = resource_limits or {}
+
+        def call() -> dict[str, Any]:
+            res = ad.service.create_or_resume_task(workspace_path, task_description, task_id=task_id,
+                                            resume_if_exists=resume_if_exists, agent=agent_name, model=agent_model,
+                                            lock_mode=lock_mode, memory=limits.get("memory"),
+                                            cpus=limits.get("cpu"))
+            ad.service.record_tool_call(res["task_id"], "create_task_sandbox",
+                                 {"task_description": task_description, "workspace_path": workspace_path,
+                                  "resume_if_exists": resume_if_exists, "outcome": res["status"]})
+            return res
+
+        return await ad.run(call)
+
+    @tool(WRITES)
+    async def attach_agent_to_task(
+        task_id: TaskId,
+        agent_name: Annotated[str, Field(description="Your agent name, e.g. opencode.")],
+        agent_model: Annotated[str, Field(description="Your model name.")],
+        session_id: Annotated[str, Field(description="A stable id for this agent session (letters, digits, "
+                                                     ". _ : -); reuse it to detach.")],
+        ctx: Context,
+    ) -> Result:
+        """Attach yourself to a task and get its saved state back: todos, recent conversation, commands.
+
+        Call this after create_task_sandbox, and whenever you pick up an existing task (also one
+        another agent worked on). An exclusive task held by another live agent is refused with
+        who holds it. Starts the sandbox if it was stopped.
+        """
+        args = {"agent_name": agent_name, "agent_model": agent_model, "session_id": session_id}
+
+        def call() -> dict[str, Any]:
+            return ad.service.attach(task_id, agent_name, agent_model, session_id).to_dict()
+
+        result = await ad.run(lambda: ad.service.run_tool(task_id, "attach_agent_to_task", args, call,
+                                                   session_id=session_id))
+        connection = ad.connection(ctx)
+        if not result.is_error and connection is not None:
+            ad.sessions[(connection, task_id)] = session_id
+        return result
+
+    @tool(WRITES)
+    async def detach_agent_from_task(
+        task_id: TaskId,
+        session_id: Annotated[str, Field(description="The session id you attached with.")],
+        ctx: Context,
+        save_checkpoint: Annotated[bool, Field(description="Take a checkpoint before detaching.")] = False,
+        checkpoint_name: Annotated[str | None, Field(description="Name of that checkpoint.")] = None,
+    ) -> Result:
+        """Stop working on a task for now: your work is committed to the task branch and fetched
+        into the user's repository; the sandbox is stopped (files kept) when nobody else is attached.
+
+        Use this when you pause or hand the task to another agent; use complete_task when it is done.
+        """
+        args = {"session_id": session_id, "save_checkpoint": save_checkpoint, "checkpoint_name": checkpoint_name}
+
+        def call(_session: str | None) -> dict[str, Any]:
+            return {"success": True, **ad.service.detach(task_id, session_id, save_checkpoint=save_checkpoint,
+                                                         checkpoint_name=checkpoint_name)}
+
+        result = await ad.task_tool(ctx, task_id, "detach_agent_from_task", args, call)
+        if not result.is_error:
+            ad.sessions.pop((ad.connection(ctx), task_id), None)
+        return result
+
+    @tool(DESTRUCTIVE)
+    async def complete_task(
+        task_id: TaskId,
+        ctx: Context,
+        cleanup_after: Annotated[bool, Field(description="Remove the container now instead of after the "
+                                                         "retention period.")] = False,
+        create_final_checkpoint: Annotated[bool, Field(description="Make sure a final (pinned) checkpoint "
+                                                                   "exists; the built-in auto-checkpoint "
+                                                                   "plugin normally takes it.")] = True,
+        summary: Annotated[str, Field(description="Final summary written to Plan.md.")] = "",
+    ) -> Result:
+        """Finish a task: final checkpoint, final commit, branch fetched into the user's repository,
+        sandbox stopped. Use only when the work is done and verified; the task cannot be resumed.
+        Returns success, branch, container_removed and final_checkpoint_id.
+        """
+        args = {"cleanup_after": cleanup_after, "create_final_checkpoint": create_final_checkpoint,
+                "summary": summary}
+
+        def call(_session: str | None) -> dict[str, Any]:
+            return ad.service.complete_task(task_id, summary, cleanup=cleanup_after,
+                                            final_checkpoint=create_final_checkpoint)
+
+        result = await ad.task_tool(ctx, task_id, "complete_task", args, call)
+        if not result.is_error:
+            for key in [k for k in ad.sessions if k[1] == task_id]:
+                del ad.sessions[key]
+        return result
+
+    @tool(READ_ONLY)
+    async def list_active_tasks(
+        status: Annotated[Literal["pending", "active", "paused", "completed", "failed", "aborted", "archived",
+                                  "all"] | None,
+                          Field(description="Only tasks with this status; default: pending, active and "
+                                            "paused; 'all' for every task.")] = None,
+    ) -> Result:
+        """List tasks with task_id, title, branch, status, container_id, current_agent, created_at
+        and last_active. Use it to find a task to resume instead of creating a duplicate."""
+
+        def call() -> dict[str, Any]:
+            statuses: list[str] | None = (None if status == "all" else [status] if status
+                                          else ["pending", "active", "paused"])
+            rows = []
+            for t in ad.service.list_tasks(statuses):
+                agents = ad.service.current_agents(t.id)
+                rows.append({"task_id": t.id, "title": t.title, "branch": t.branch, "status": str(t.status),
+                             "container_id": t.container_id, "current_agent": agents[0] if agents else None,
+                             "current_agents": agents, "created_at": t.created_at, "last_active": t.last_active,
+                             "workspace_path": t.workspace_path, "repo_path": t.repo_path})
+            return {"tasks": rows, "count": len(rows)}
+
+        return await ad.run(call)
+
+    @tool(READ_ONLY)
+    async def get_task_status(task_id: TaskId, ctx: Context) -> Result:
+        """A task's record and live state: status, branch, container, attached agents, todos,
+        metrics, current checkpoint and the last commands run. Use it to orient yourself."""
+        return await ad.task_tool(ctx, task_id, "get_task_status", {}, lambda _s: ad.service.status(task_id))
+
+    # --- running commands --------------------------------------------------------------------
+
+    @tool(WRITES)
+    async def execute_in_task(
+        task_id: TaskId,
+        command: Annotated[str, Field(description="Shell command, run with sh -c as a non-root user.")],
+        ctx: Context,
+        workdir: Annotated[str | None, Field(description="Directory inside the workspace to run in "
+                                                         "(default: the workspace root).")] = None,
+        timeout: Annotated[float | None, Field(description="Seconds before the command is killed "
+                                                           "(default 600).", gt=0, le=86400)] = None,
+        log_execution: Annotated[bool, Field(description="Record the command and its output in the "
+                                                         "task's memory.")] = True,
+    ) -> Result:
+        """Run a shell command in the task's sandbox (builds, tests, git, package installs, scripts).
+
+        Use this instead of any host shell: the sandbox has the task's checkout at /workspace and no
+        network unless the task allows it. Returns stdout, stderr, exit_code, duration_ms and
+        truncated (true when output was cut at 100 kB per stream). A command that runs past its
+        timeout is killed and reported as an error with its partial output.
+        """
+        args = {"command": command, "workdir": workdir, "timeout": timeout, "log_execution": log_execution}
+        def call(session: str | None) -> dict[str, Any]:
+            res = ad.service.exec(task_id, command, workdir=workdir, timeout=timeout, session_id=session,
+                           log=log_execution, output_limit=OUTPUT_LIMIT)
+            return res.to_dict()
+
+        return await ad.task_tool(ctx, task_id, "execute_in_task", args, call, hooks=False)
+
+    # --- files -------------------------------------------------------------------------------
+
+    @tool(READ_ONLY)
+    async def read_task_file(
+        task_id: TaskId,
+        path: WorkspacePath,
+        ctx: Context,
+        start_line: Annotated[int, Field(description="First line to return, from 1.", ge=1)] = 1,
+        max_lines: Annotated[int | None, Field(description="Most lines to return (default: all, up to "
+                                                           "256 kB).", ge=1)] = None,
+    ) -> Result:
+        """Read a text file of the task workspace, whole or a range of lines. Use it before editing
+        a file. Returns content, start_line, end_line, total_lines and truncated."""
+        args = {"path": path, "start_line": start_line, "max_lines": max_lines}
+        return await ad.task_tool(ctx, task_id, "read_task_file", args,
+                                  lambda _s: ad.service.read_text(task_id, path, start_line, max_lines))
+
+    @tool(WRITES)
+    async def write_task_file(
+        task_id: TaskId,
+        path: WorkspacePath,
+        content: Annotated[str, Field(description="The whole new content of the file (UTF-8 text).")],
+        ctx: Context,
+    ) -> Result:
+        """Create a file in the task workspace or replace its whole content (parent directories are
+        created). For a small change to an existing file prefer edit_task_file."""
+        data = content.encode()
+        args = {"path": path, "content": content}
+        return await ad.task_tool(ctx, task_id, "write_task_file", args,
+                                  lambda _s: {"path": ad.service.write_file(task_id, path, data), "size": len(data)},
+                                  hooks=False)
+
+    @tool(WRITES)
+    async def edit_task_file(
+        task_id: TaskId,
+        path: WorkspacePath,
+        old_text: Annotated[str, Field(description="Exact text to replace, whitespace included; must occur "
+                                                   "once unless replace_all.")],
+        new_text: Annotated[str, Field(description="Text to put in its place.")],
+        ctx: Context,
+        replace_all: Annotated[bool, Field(description="Replace every occurrence.")] = False,
+    ) -> Result:
+        """Change part of a text file in the task workspace by search and replace. Read the file
+        first and copy old_text exactly; include enough lines to make it unique."""
+        args = {"path": path, "old_text": old_text, "new_text": new_text, "replace_all": replace_all}
+        return await ad.task_tool(ctx, task_id, "edit_task_file", args,
+                                  lambda _s: ad.service.edit_file(task_id, path, old_text, new_text, replace_all=replace_all),
+                                  hooks=False)
+
+    @tool(READ_ONLY)
+    async def list_task_files(
+        task_id: TaskId,
+        ctx: Context,
+        path: Annotated[str, Field(description="Directory relative to the workspace root.")] = ".",
+        recursive: Annotated[bool, Field(description="Descend into subdirectories.")] = False,
+    ) -> Result:
+        """List files and directories in the task workspace (.git left out) with type and size.
+        Use it to explore the project layout."""
+        args = {"path": path, "recursive": recursive}
+        return await ad.task_tool(ctx, task_id, "list_task_files", args,
+                                  lambda _s: ad.service.list_files(task_id, path, recursive=recursive))
+
+    @tool(DESTRUCTIVE)
+    async def delete_task_file(task_id: TaskId, path: WorkspacePath, ctx: Context) -> Result:
+        """Delete a file, link or directory (recursively) in the task workspace. .git and
+        .task-memory cannot be deleted."""
+        return await ad.task_tool(ctx, task_id, "delete_task_file", {"path": path},
+                                  lambda _s: ad.service.delete_file(task_id, path), hooks=False)
+
+    @tool(READ_ONLY)
+    async def task_diff(
+        task_id: TaskId,
+        ctx: Context,
+        stat: Annotated[bool, Field(description="Only a summary of changed files.")] = False,
+    ) -> Result:
+        """The task's changes (committed and not, new files included) against the commit it
+        started from, as a unified diff. Use it to review your work before completing."""
+
+        def call(_session: str | None) -> dict[str, Any]:
+            text, truncated = _cut(ad.service.diff(task_id, stat), DIFF_LIMIT)
+            return {"task_id": task_id, "diff": text, "truncated": truncated}
+
+        return await ad.task_tool(ctx, task_id, "task_diff", {"stat": stat}, call)
+
+    # --- memory ------------------------------------------------------------------------------
+
+    @tool(WRITES)
+    async def update_task_todos(
+        task_id: TaskId,
+        todos: Annotated[list[TodoChange], Field(description="Todos to add (no id) or change (by id).",
+                                                 min_length=1)],
+        ctx: Context,
+    ) -> Result:
+        """Add todos or change their status (pending, in_progress, completed, cancelled). Keep the
+        list current: it survives sessions, is shown in Plan.md and restored on attach. Returns the
+        whole todo list."""
+        changes = [dict(t) for t in todos]
+        return await ad.task_tool(ctx, task_id, "update_task_todos", {"todos": changes},
+                                  lambda session: {"todos": ad.service.update_todos(task_id, changes,
+                                                                                    session_id=session)})
+
+    @tool(WRITES)
+    async def log_task_decision(
+        task_id: TaskId,
+        decision: Annotated[str, Field(description="What was decided.")],
+        ctx: Context,
+        context: Annotated[str, Field(description="The situation that needed a decision.")] = "",
+        rationale: Annotated[str, Field(description="Why.")] = "",
+        alternatives: Annotated[str, Field(description="Options considered and rejected.")] = "",
+    ) -> Result:
+        """Record a design decision in the task's decision log (decisions.md), so later sessions and
+        other agents know what was chosen and why."""
+        def call(session_id: str | None) -> dict[str, Any]:
+            session = ad.service.registry.get_session(session_id) if session_id else None
+            return ad.service.log_decision(task_id, decision, context=context, rationale=rationale,
+                                    alternatives=alternatives, agent=session.agent if session else "agent")
+
+        args = {"decision": decision, "context": context, "rationale": rationale, "alternatives": alternatives}
+        return await ad.task_tool(ctx, task_id, "log_task_decision", args, call)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    @tool(WRITES)
+    async def create_task_checkpoint(
+        task_id: TaskId,
+        checkpoint_name: Annotated[str, Field(description="A short name, e.g. before-refactor.")],
+        ctx: Context,
+        description: Annotated[str, Field(description="What state this captures.")] = "",
+        include_filesystem_snapshot: Annotated[bool, Field(description="Also capture the container's "
+                                                                       "filesystem outside the workspace "
+                                                                       "(installed system packages).")] = False,
+    ) -> Result:
+        """Save a named restore point of the task: every workspace file (untracked and ignored ones
+        too) and its memory. Take one before a risky change; returns checkpoint_id for
+        restore_task_checkpoint."""
+        args = {"checkpoint_name": checkpoint_name, "description": description,
+                "include_filesystem_snapshot": include_filesystem_snapshot}
+        return await ad.task_tool(ctx, task_id, "create_task_checkpoint", args,
+                                  lambda _s: ad.service.create_checkpoint(task_id, checkpoint_name, description=description,
+                                                                include_filesystem=include_filesystem_snapshot,
+                                                                trigger="manual"))
+
+    @tool(DESTRUCTIVE)
+    async def restore_task_checkpoint(
+        task_id: TaskId,
+        checkpoint_id: Annotated[str, Field(description="Id returned by create_task_checkpoint.")],
+        ctx: Context,
+    ) -> Result:
+        """Roll the task workspace back to a checkpoint exactly: changed files are restored and files
+        created since are removed. Use it to undo a failed approach. Refused while another agent is
+        attached to the task."""
+        return await ad.task_tool(ctx, task_id, "restore_task_checkpoint", {"checkpoint_id": checkpoint_id},
+                                  lambda session: ad.service.restore_checkpoint(task_id, checkpoint_id,
+                                                                                session_id=session))
+
+    return server
+
+
+# --- running and documenting -------------------------------------------------------------------
+
+
+def serve_stdio(service: TaskService | None = None) -> None:
+    """Serve MCP on stdin/stdout until the client closes the stream."""
+    create_server(service).run("stdio")
+
+
+def serve_http(host: str = "127.0.0.1", port: int = 8765, service: TaskService | None = None) -> None:
+    """Serve MCP over streamable HTTP at ``http://HOST:PORT/mcp``."""
+    if not 0 <= port <= 65535:
+        raise InvalidInput(f"port {port} is not between 0 and 65535")
+    create_server(service).run("streamable-http", host=host, port=port)
+
+
+def tool_reference(server: MCPServer | None = None) -> str:
+    """The Markdown tool reference in docs/mcp.md, generated from the registered tools."""
+    server = server or create_server()
+    tools = anyio.run(server.list_tools)
+    out = []
+    for tool in sorted(tools, key=lambda t: t.name):
+        out.append(f"### `{tool.name}`\n")
+        out.append(" ".join((tool.description or "").split()) + "\n")
+        props = tool.input_schema.get("properties", {})
+        required = set(tool.input_schema.get("required", []))
+        if props:
+            out.append("| argument | type | required | description |")
+            out.append("|---|---|---|---|")
+            for name, schema in props.items():
+                out.append(f"| `{name}` | {_type_name(schema)} | {'yes' if name in required else 'no'} | "
+                           f"{' '.join(schema.get('description', '').split())} |")
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _type_name(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return " \\| ".join(f"`{v}`" for v in schema["enum"])
+    if "anyOf" in schema:
+        return " or ".join(_type_name(s) for s in schema["anyOf"] if s.get("type") != "null")
+    if "$ref" in schema:
+        return "object"
+    if schema.get("type") == "array":
+        return f"list of {_type_name(schema.get('items', {}))}"
+    return str(schema.get("type", "any"))
+
