@@ -6,6 +6,7 @@ The names below are the public API that plugins and scripts may rely on.
 __version__ = "0.1.0"
 
 from .errors import (
+    CheckpointCorrupted,
     CommandTimeout,
     ConcurrentModification,
     Conflict,
@@ -17,10 +18,12 @@ from .errors import (
     MemoryCorrupted,
     NotFound,
     PathOutsideWorkspace,
+    PolicyDenied,
     SandboxError,
     TaskboxError,
     TaskLocked,
     TaskNotFound,
+    UnsafeArchive,
 )
 from .hookspecs import hookimpl
 from .models import ContainerState, LockMode, Session, Status, Task
@@ -29,6 +32,7 @@ from .service import AttachResult, TaskService
 
 __all__ = [
     "AttachResult",
+    "CheckpointCorrupted",
     "CommandTimeout",
     "ConcurrentModification",
     "Conflict",
@@ -43,6 +47,7 @@ __all__ = [
     "MemoryCorrupted",
     "NotFound",
     "PathOutsideWorkspace",
+    "PolicyDenied",
     "SandboxError",
     "Session",
     "Status",
@@ -51,6 +56,7 @@ __all__ = [
     "TaskNotFound",
     "TaskService",
     "TaskboxError",
+    "UnsafeArchive",
     "__version__",
     "hookimpl",
 ]

@@ -2,7 +2,8 @@
 
 Human-readable output by default, ``--json`` on every command. Exit codes: 0 success,
 1 other error, 2 invalid input or transition, 3 not found, 4 locked or conflict,
-5 Docker unavailable or image missing, 6 sandbox error, 7 git error, 8 memory error.
+5 Docker unavailable or image missing, 6 sandbox error, 7 git error, 8 memory error,
+9 refused by the project policy.
 ``exec`` exits with the command's own exit code.
 """
 
@@ -83,7 +84,11 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
 @click.option("--memory", help="Memory limit, e.g. 2g (default from settings).")
 @click.option("--cpus", type=float, help="CPU limit in cores.")
 @click.option("--pids", type=int, help="Process limit.")
-@click.option("--network", type=click.Choice(["none", "open"]), help="Network mode (default none).")
+@click.option("--network", type=click.Choice(["none", "allowlist", "open"]),
+              help="Network mode: none (default), allowlist (only --allow-domain names, through a proxy) "
+                   "or open.")
+@click.option("--allow-domain", "allow_domains", multiple=True, metavar="DOMAIN",
+              help="A domain (or *.suffix) the task may reach in allowlist mode (repeatable; implies allowlist).")
 @click.option("--image", help="Sandbox image (default taskbox-sandbox:latest).")
 @click.option("--base", help="Branch or commit to start from (default HEAD).")
 @click.option("--lazy", is_flag=True, help="Create the container on first use instead of now.")
@@ -91,17 +96,26 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
 @click.option("--session", help="Session id to attach with (default: a new one).")
 def create_task(description: str, repo: str, agent: str, model: str, title: str | None, task_id: str | None,
                 lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, network: str | None,
-                image: str | None, base: str | None, lazy: bool, no_attach: bool, session: str | None) -> Any:
+                allow_domains: tuple[str, ...], image: str | None, base: str | None, lazy: bool, no_attach: bool,
+                session: str | None) -> Any:
     """Create a task: a workspace on a new branch, a sandbox container and memory."""
+    from .default_plugins.safety import warnings as safety_warnings
+
     svc = _service()
+    if allow_domains and network is None:
+        network = "allowlist"
     task = svc.create_task(repo, description, agent=agent, model=model, title=title, task_id=task_id,
                            lock_mode=lock_mode, memory=memory, cpus=cpus, pids_limit=pids, network=network,
+                           allow_domains=list(allow_domains) or None,
                            image=image, base_ref=base, lazy=lazy, progress=progress)
+    weaker = safety_warnings(svc, task)
+    for line in weaker:
+        click.echo(f"warning: {line}", err=True)
     session_id = None
     if not (no_attach or lazy):
         session_id = svc.attach(task.id, agent, model, session).session.id
         task = svc.get(task.id)
-    data = {**task.to_dict(), "session_id": session_id}
+    data = {**task.to_dict(), "session_id": session_id, "warnings": weaker}
     human = pairs([("task", task.id), ("status", str(task.status)), ("branch", task.branch),
                    ("workspace", task.workspace_path), ("container", (task.container_id or "-")[:12]),
                    ("session", session_id or "-")])
@@ -138,9 +152,12 @@ def resume_task(task_id: str, agent: str, model: str, session: str | None, lock_
 @command(cli, "detach")
 @click.argument("task_id")
 @click.option("--session", help="Which session (needed when several are attached).")
-def detach(task_id: str, session: str | None) -> Any:
+@click.option("--checkpoint", "save_checkpoint", is_flag=True, help="Also take a checkpoint.")
+@click.option("--checkpoint-name", help="Name of that checkpoint.")
+def detach(task_id: str, session: str | None, save_checkpoint: bool, checkpoint_name: str | None) -> Any:
     """Detach an agent session; the work is committed and the branch fetched into your repo."""
-    res = _service().detach(task_id, session)
+    res = _service().detach(task_id, session, save_checkpoint=save_checkpoint or bool(checkpoint_name),
+                            checkpoint_name=checkpoint_name)
     extra = "; task paused (container stopped)" if res["paused"] else ""
     return res, f"detached session {res['session_id']} from {task_id}{extra}; branch {res['branch']} at {res['commit'][:10]}"
 
@@ -388,6 +405,170 @@ def sync(task_id: str) -> Any:
     return res, f"branch {res['branch']} at {res['commit'][:10]}"
 
 
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+class _CheckpointGroup(click.Group):
+    """``checkpoint TASK [NAME]`` takes a checkpoint; ``checkpoint list|diff|… TASK`` does the rest."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["create", *args]
+        return super().parse_args(ctx, args)
+
+
+def _checkpoint_rows(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no checkpoints yet"
+    return table([(("* " if r.get("current") else "") + r["checkpoint_id"], r["name"], r["trigger"],
+                   "yes" if r["pinned"] else "", r["files"], _size(r["bytes_added"]), ago(r["created_at"]),
+                   r["description"][:40]) for r in rows],
+                 ["checkpoint", "name", "trigger", "pinned", "files", "added", "created", "description"])
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@cli.group("checkpoint", cls=_CheckpointGroup)
+def checkpoint() -> None:
+    """Checkpoints: `checkpoint TASK [NAME] [-d DESC]` takes one; list, diff, export, import, prune."""
+
+
+@command(checkpoint, "create")
+@click.argument("task_id")
+@click.argument("name", required=False)
+@click.option("--description", "-d", default="", help="What this checkpoint is.")
+@click.option("--include-filesystem", is_flag=True, help="Also capture the container's filesystem (docker commit).")
+@click.option("--pin", is_flag=True, help="Never prune this checkpoint.")
+def checkpoint_create(task_id: str, name: str | None, description: str, include_filesystem: bool, pin: bool) -> Any:
+    """Checkpoint a task's whole workspace (also: `taskbox checkpoint TASK [NAME]`)."""
+    res = _service().create_checkpoint(task_id, name, description, include_filesystem=include_filesystem,
+                                       pinned=pin)
+    return res, (f"checkpoint {res['checkpoint_id']} ({res['name']}) of {task_id}: {res['files']} files, "
+                 f"{_size(res['bytes_added'])} added, {res['duration_ms']:.0f} ms")
+
+
+@command(checkpoint, "list")
+@click.argument("task_id")
+def checkpoint_list(task_id: str) -> Any:
+    """A task's checkpoints, oldest first (* marks the current one)."""
+    rows = _service().list_checkpoints(task_id)
+    return rows, _checkpoint_rows(rows)
+
+
+@command(checkpoint, "diff")
+@click.argument("task_id")
+@click.argument("a")
+@click.argument("b", default="current")
+@click.option("--names-only", is_flag=True, help="Only the changed paths, no patch.")
+def checkpoint_diff(task_id: str, a: str, b: str, names_only: bool) -> Any:
+    """What changed from checkpoint A to checkpoint B (`current`: the workspace now)."""
+    res = _service().checkpoint_diff(task_id, a, b)
+    lines = [f"{res['a']} -> {res['b']}: {res['added']} added, {res['modified']} modified, "
+             f"{res['deleted']} deleted" + (f", {res['git_changes']} changes inside .git" if res["git_changes"] else "")]
+    lines += [f"  {c['status'][0].upper()} {c['path']}" for c in res["changes"]]
+    if res["patch"] and not names_only:
+        lines += ["", res["patch"].rstrip()]
+    return res, "\n".join(lines)
+
+
+@command(checkpoint, "export")
+@click.argument("task_id")
+@click.argument("checkpoint_id")
+@click.argument("path", default=".")
+def checkpoint_export(task_id: str, checkpoint_id: str, path: str) -> Any:
+    """Write a checkpoint as a portable .tar.gz (PATH: a file or a directory)."""
+    res = _service().export_checkpoint(task_id, checkpoint_id, path)
+    return res, f"exported {res['checkpoint_id']} to {res['path']} ({_size(res['size_bytes'])})"
+
+
+@command(checkpoint, "import")
+@click.argument("task_id")
+@click.argument("path")
+def checkpoint_import(task_id: str, path: str) -> Any:
+    """Read an exported .tar.gz into a new checkpoint of TASK (restore it with restore-checkpoint)."""
+    res = _service().import_checkpoint(task_id, path)
+    return res, f"imported {path} as checkpoint {res['checkpoint_id']} ({res['name']}) of {task_id}"
+
+
+@command(checkpoint, "delete")
+@click.argument("task_id")
+@click.argument("checkpoint_id")
+def checkpoint_delete(task_id: str, checkpoint_id: str) -> Any:
+    """Delete one checkpoint (its space is reclaimed by `taskbox gc`)."""
+    res = _service().delete_checkpoint(task_id, checkpoint_id)
+    return res, f"deleted checkpoint {res['checkpoint_id']} ({res['name']})"
+
+
+@command(checkpoint, "prune")
+@click.argument("task_id")
+def checkpoint_prune(task_id: str) -> Any:
+    """Apply the retention settings to a task's checkpoints now."""
+    done = _service().prune_checkpoints(task_id)
+    return {"pruned": done}, f"pruned {len(done)} checkpoint(s)" + (f": {', '.join(done)}" if done else "")
+
+
+@command(cli, "restore-checkpoint")
+@click.argument("task_id")
+@click.option("--checkpoint", "-c", "checkpoint_id", help="Checkpoint id or name (default: the newest).")
+@click.option("--list", "list_only", is_flag=True, help="Only list the task's checkpoints.")
+@click.option("--force", is_flag=True, help="Restore even while another agent is attached.")
+@click.option("--session", help="The attached session asking (it does not count as another agent).")
+def restore_checkpoint(task_id: str, checkpoint_id: str | None, list_only: bool, force: bool,
+                       session: str | None) -> Any:
+    """Make a task's workspace exactly a checkpoint's: changed files reverted, new ones removed."""
+    svc = _service()
+    if list_only:
+        rows = svc.list_checkpoints(task_id)
+        return rows, _checkpoint_rows(rows)
+    res = svc.restore_checkpoint(task_id, checkpoint_id, force, session_id=session)
+    return res, (f"restored {task_id} to {res['checkpoint_id']} ({res['name']}): {res['files_changed']} changed, "
+                 f"{res['files_restored']} brought back, {res['files_removed']} removed in {res['duration_ms']:.0f} ms"
+                 + ("; container recreated from its filesystem" if res["container_restored"] else ""))
+
+
+@command(cli, "configure-risky-operations")
+@click.option("--repo", default=".", show_default=True, help="The project whose .taskbox/risk.json to use.")
+@click.option("--list", "list_", is_flag=True, help="List the patterns (the default).")
+@click.option("--add", metavar="TOOL:PATTERN", help="Add a pattern (a regular expression; TOOL exec or *).")
+@click.option("--category", default="custom", show_default=True, help="Category of an added pattern.")
+@click.option("--weight", type=click.IntRange(0, 10), help="Score of an added pattern (default by category, else 4).")
+@click.option("--remove", metavar="ID|TOOL:PATTERN", help="Remove a pattern.")
+@click.option("--test", nargs=2, metavar="TOOL CMD", help="Score a command and say whether a checkpoint is taken.")
+@click.option("--reset", is_flag=True, help="Back to the built-in patterns.")
+@click.option("--high-only/--no-high-only", default=None, help="Checkpoint automatically only before high risk.")
+@click.option("--threshold", type=click.Choice(["low", "medium", "high"]), help="Lowest level that checkpoints.")
+def configure_risky_operations(repo: str, list_: bool, add: str | None, category: str, weight: int | None,
+                               remove: str | None, test: tuple[str, str] | None, reset: bool,
+                               high_only: bool | None, threshold: str | None) -> Any:
+    """Risk scoring of commands (0-10) that decides automatic checkpoints before them."""
+    res = _service().risky_operations(repo, add=add, remove=remove, test=test, reset=reset, high_only=high_only,
+                                      threshold=threshold, category=category, weight=weight)
+    lines = []
+    if res.get("reset"):
+        lines.append("reset to the built-in patterns")
+    if res.get("added"):
+        lines.append(f"added {res['added']['id']}: {res['added']['tool']}:{res['added']['pattern']}")
+    if res.get("removed"):
+        lines.append(f"removed {res['removed']['id']}: {res['removed']['tool']}:{res['removed']['pattern']}")
+    if res.get("test"):
+        t = res["test"]
+        lines.append(f"score {t['score']}/10, level {t['level']}; checkpoint first: {'yes' if t['checkpoint'] else 'no'}")
+        lines += [f"  +{m['weight']} {m['category']} ({m['id']}: {m['description'] or m['pattern']})"
+                  for m in t["matches"]]
+    if list_ or not lines:
+        lines.append(table([(p["id"], p["tool"], p["category"], p["weight"], p["pattern"]) for p in res["patterns"]],
+                           ["id", "tool", "category", "weight", "pattern"]))
+        lines.append(f"high_only: {str(res['high_only']).lower()}, threshold: {res['threshold']} "
+                     f"({res['path'] if res['customised'] else 'built-in defaults'})")
+    return res, "\n".join(lines)
+
+
 # --- maintenance -----------------------------------------------------------------------------
 
 
@@ -406,7 +587,7 @@ def doctor(fix: bool) -> Any:
 
 @command(cli, "gc")
 def gc() -> Any:
-    """Archive finished tasks whose retention period is over (their containers are removed)."""
+    """Archive finished tasks past retention; prune old checkpoints and reclaim their space."""
     done = _service().gc()
     return {"archived": done}, f"archived {len(done)} task(s)" + (f": {', '.join(done)}" if done else "")
 
@@ -418,14 +599,104 @@ def image() -> None:
 
 @command(image, "build")
 @click.option("--force", is_flag=True, help="Rebuild even if an image for the same recipe exists.")
-def image_build(force: bool) -> Any:
+@click.option("--proxy", is_flag=True, help="Also build the egress proxy image (squid) for allowlist mode.")
+def image_build(force: bool, proxy: bool) -> Any:
     """Build the default sandbox image (bootstrapping a Debian base if it cannot be pulled)."""
     from . import images
     from .engine import connect
 
     res = images.build(connect(), force=force, progress=progress)
     word = "cached" if res.cached else "built"
-    return res.__dict__, f"{word} {res.tag} (base {res.base}) in {res.seconds:.1f}s"
+    human = f"{word} {res.tag} (base {res.base}) in {res.seconds:.1f}s"
+    data: dict[str, Any] = dict(res.__dict__)
+    if proxy:
+        pres = images.build_proxy(connect(), force=force, progress=progress)
+        data["proxy"] = pres.__dict__
+        human += f"\n{'cached' if pres.cached else 'built'} {pres.tag} in {pres.seconds:.1f}s"
+    return data, human
+
+
+# --- safety: project policy --------------------------------------------------------------------
+
+
+@cli.group("policy")
+def policy_group() -> None:
+    """The project policy (.taskbox/policy.toml): network, limits, command and file rules."""
+
+
+@command(policy_group, "show")
+@click.option("--repo", default=".", show_default=True, help="The project's git repository.")
+def policy_show(repo: str) -> Any:
+    """Show the project's effective policy (defaults where it has no policy file)."""
+    from . import policy
+    from .git import repo_root
+
+    pol = policy.load(repo_root(Path(repo).expanduser().resolve()))
+    data = pol.to_dict()
+    net = pol.network
+    lines = [pairs([("policy file", f"{pol.path}" + ("" if pol.exists else " (absent: defaults)")),
+                    ("default action", pol.default),
+                    ("network mode", net.mode or "(settings default)"),
+                    ("allow", ", ".join(net.allow) or "-"), ("deny", ", ".join(net.deny) or "-"),
+                    ("allow private", ", ".join(net.allow_private) or "-"),
+                    ("ports", ", ".join(str(p) for p in net.ports)),
+                    ("limits", ", ".join(f"{k}={v}" for k, v in data["limits"].items() if v is not None) or "-"),
+                    ("mounts", ", ".join(pol.mounts) or "-")])]
+    if pol.rules:
+        lines.append("\n" + table([(r.id or f"rules[{i}]", r.action, ",".join(r.tools),
+                                     r.pattern or r.glob or f"risk>={r.risk}", r.reason)
+                                    for i, r in enumerate(pol.rules)], ["rule", "action", "tools", "match", "reason"]))
+    return data, "\n".join(lines)
+
+
+@command(policy_group, "check")
+@click.argument("cmd", nargs=-1, required=True)
+@click.option("--repo", default=".", show_default=True, help="The project's git repository.")
+@click.option("--tool", default="exec", show_default=True, help="The tool to check (exec, write_file, ...).")
+@click.option("--url", "is_url", is_flag=True, help="CMD is a URL or host: check it against the network rules.")
+def policy_check(cmd: tuple[str, ...], repo: str, tool: str, is_url: bool) -> Any:
+    """Say what the policy decides for a command (or, with --url, a host), and by which rule."""
+    from urllib.parse import urlsplit
+
+    from . import policy
+    from .git import repo_root
+    from .network import EgressRules
+
+    root = repo_root(Path(repo).expanduser().resolve())
+    pol = policy.load(root)
+    text = " ".join(cmd)
+    if is_url:
+        split = urlsplit(text if "://" in text else f"http://{text}")
+        net = pol.network
+        decision = EgressRules.build(net.allow, net.deny, net.allow_private, net.ports).decide(
+            split.hostname or text, split.port or (443 if split.scheme == "https" else 80))
+        data = decision.to_dict()
+        human = f"{data['decision']} {decision.host} (rule: {decision.rule})"
+    else:
+        key = "command" if tool == "exec" else "path"
+        res = pol.evaluate(tool, {key: text}, root)
+        data = res.to_dict()
+        human = f"{res.action} (rule: {res.rule}) — {res.reason}" + (f"; risk {res.risk}" if res.risk else "")
+    if data.get("decision", data.get("action")) == "deny":
+        click.echo(human)
+        sys.exit(9)
+    return data, human
+
+
+@command(policy_group, "audit")
+@click.argument("task_id")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--denied", is_flag=True, help="Only refused calls and requests.")
+def policy_audit(task_id: str, limit: int, denied: bool) -> Any:
+    """A task's audit log: every policy and egress decision, with the rule that made it."""
+    from . import network, policy
+
+    svc = _service()
+    task = svc.get(task_id)
+    network.sync_log(svc, task)
+    entries = policy.audit_log(svc, task.id, limit, "deny" if denied else None)
+    rows = [(ago(e["time"]), e["kind"], e["decision"], e["rule"], str(e["subject"])[:70]) for e in entries]
+    return entries, table(rows, ["when", "kind", "decision", "rule", "subject"]) if rows else "no entries"
 
 
 # --- agents: MCP server and integrations -----------------------------------------------------

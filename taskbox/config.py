@@ -37,7 +37,23 @@ class Settings:
     memory: str = _setting("2g", "Default container memory limit (minimum 64m).")
     cpus: float = _setting(1.0, "Default container CPU limit, in cores (minimum 0.1).")
     pids_limit: int = _setting(512, "Default maximum number of processes in a container.")
-    network: str = _setting("none", "Default network mode: `none` or `open`.")
+    network: str = _setting(
+        "none", "Default network mode: `none`, `allowlist` (egress proxy) or `open` (warned about)."
+    )
+    runtime: str = _setting(
+        "auto", "Container runtime: `auto` (gVisor `runsc` when the engine has it), `default`, or a name."
+    )
+    egress_network: str = _setting(
+        "taskbox-egress", "Docker network the egress proxies reach allowed domains through "
+        "(created as a bridge if missing; an existing one is used as is)."
+    )
+    proxy_image: str = _setting("taskbox-proxy:latest", "Egress proxy image (`taskbox image build --proxy`).")
+    pressure_warning: float = _setting(70.0, "Memory use (% of the limit) that raises a warning event.")
+    pressure_critical: float = _setting(85.0, "Memory use (% of the limit) that takes a checkpoint.")
+    pressure_emergency: float = _setting(
+        95.0, "Memory use (% of the limit) that takes an emergency checkpoint and pauses the task."
+    )
+    pressure_interval: float = _setting(10.0, "Seconds between memory samples of the pressure monitor.")
     lease_seconds: int = _setting(300, "How long an agent's lease on a task lasts unless renewed.")
     collaborative_max_agents: int = _setting(4, "Most agents attached to a collaborative task.")
     exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")
@@ -49,6 +65,12 @@ class Settings:
     )
     retention_days: int = _setting(
         7, "Days a completed task keeps its container before `gc` archives it."
+    )
+    checkpoint_max_per_task: int = _setting(
+        20, "Most checkpoints kept per task; the oldest unnamed, unpinned ones are pruned first."
+    )
+    checkpoint_max_age_days: int = _setting(
+        30, "Days after which unnamed, unpinned checkpoints are pruned (0: never by age)."
     )
 
     @classmethod

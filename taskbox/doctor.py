@@ -3,7 +3,8 @@
 Each finding names what is inconsistent and, with ``fix``, what was done about it:
 interrupted creates are rolled back, interrupted completions finished, lost containers
 forgotten (recreated on next use), orphan containers and workspaces removed, stale leases
-and their sessions ended, and container states re-read from the engine.
+and their sessions ended, container states re-read from the engine, and interrupted
+checkpoint restores finished (see :meth:`taskbox.checkpoints.Checkpoints.reconcile`).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
             findings.append({"kind": "memory-recovered", "task_id": task.id,
                              "detail": f"{recovery.reason}; rebuilt from logs, damaged copy kept as "
                                        f"{recovery.corrupted_copy}", "fixed": True})
+    findings += svc.checkpoints.reconcile(fix)  # interrupted restores, frozen containers, lost checkpoints
     svc.registry.add_event("doctor.run", None, {"fix": fix, "findings": len(findings)})
     return findings
 

@@ -7,7 +7,8 @@ returns a tool error, the web API a JSON body with :attr:`TaskboxError.http_stat
     TaskboxError                    exit 1
     ├── InvalidInput                exit 2   bad argument, unsafe description, not a git repo
     │   ├── InvalidTransition       exit 2   e.g. completing a pending task
-    │   └── PathOutsideWorkspace    exit 2   a path or workdir that escapes the workspace
+    │   ├── PathOutsideWorkspace    exit 2   a path or workdir that escapes the workspace
+    │   └── UnsafeArchive           exit 2   an archive member escapes, links out or is a device
     ├── NotFound                    exit 3
     │   └── TaskNotFound            exit 3
     ├── Conflict                    exit 4
@@ -18,7 +19,9 @@ returns a tool error, the web API a JSON body with :attr:`TaskboxError.http_stat
     ├── SandboxError                exit 6   a container operation failed
     │   └── CommandTimeout          exit 6
     ├── GitError                    exit 7   a git command failed (command, code, stderr)
-    └── MemoryCorrupted             exit 8   task memory could not be read or rebuilt
+    ├── MemoryCorrupted             exit 8   task memory could not be read or rebuilt
+    ├── CheckpointCorrupted         exit 8   a checkpoint's stored data is damaged or missing
+    └── PolicyDenied                exit 9   the project policy refuses a command, file or limit
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class InvalidTransition(InvalidInput):
 
 class PathOutsideWorkspace(InvalidInput):
     code = "path_outside_workspace"
+
+
+class UnsafeArchive(InvalidInput):
+    code = "unsafe_archive"
 
 
 class NotFound(TaskboxError):
@@ -115,3 +122,17 @@ class MemoryCorrupted(TaskboxError):
     exit_code = 8
     http_status = 500
     code = "memory_corrupted"
+
+
+class CheckpointCorrupted(TaskboxError):
+    exit_code = 8
+    http_status = 500
+    code = "checkpoint_corrupted"
+
+
+class PolicyDenied(TaskboxError):
+    """The project policy (``.taskbox/policy.toml``) refused a tool call, a limit or a mount."""
+
+    exit_code = 9
+    http_status = 403
+    code = "policy_denied"

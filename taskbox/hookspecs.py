@@ -58,3 +58,8 @@ def todo_complete(service: Any, task: Any, todo: dict[str, Any]) -> None:
 @hookspec
 def tick(service: Any) -> None:
     """Periodic housekeeping (called by `taskbox doctor` and long-running servers)."""
+
+
+@hookspec
+def sandbox_spec(service: Any, task: Any, spec: Any) -> None:
+    """A task's container is about to be created from ``spec`` (a ContainerSpec); adjust it."""

@@ -41,8 +41,10 @@ __all__ = [
     "BOOTSTRAP_BASE",
     "DEFAULT_IMAGE",
     "IMAGE_REPO",
+    "PROXY_IMAGE",
     "BuildResult",
     "build",
+    "build_proxy",
     "ensure",
     "image_tag",
     "recipe",
@@ -54,6 +56,8 @@ BOOTSTRAP_BASE = "taskbox-base:bookworm"
 IMAGE_REPO = "taskbox-sandbox"
 DEFAULT_IMAGE = f"{IMAGE_REPO}:latest"
 RECIPE_LABEL = "taskbox.recipe"
+PROXY_REPO = "taskbox-proxy"
+PROXY_IMAGE = f"{PROXY_REPO}:latest"
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -62,6 +66,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 PULL_TIMEOUT = 60.0
 SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 _RECIPE_FILE = "recipes/sandbox.Dockerfile"
+_PROXY_RECIPE_FILE = "recipes/proxy.Dockerfile"
 # A base is pasted into a Dockerfile FROM line: allow image references only, nothing that
 # could add a line or an instruction.
 _IMAGE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*")
@@ -81,12 +86,17 @@ class BuildResult:
     seconds: float
 
 
-def recipe(base: str) -> str:
-    """The sandbox Dockerfile text for ``base``."""
+def recipe(base: str, file: str = _RECIPE_FILE) -> str:
+    """The sandbox Dockerfile text for ``base`` (or another recipe ``file`` of the package)."""
     if not _IMAGE_REF.fullmatch(base):
         raise InvalidInput(f"not a valid base image reference: {base!r}", base=base)
-    template = resources.files("taskbox").joinpath(_RECIPE_FILE).read_text(encoding="utf-8")
+    template = resources.files("taskbox").joinpath(file).read_text(encoding="utf-8")
     return template.replace("{base}", base)
+
+
+def proxy_recipe(base: str) -> str:
+    """The egress proxy Dockerfile text for ``base``."""
+    return recipe(base, _PROXY_RECIPE_FILE)
 
 
 def recipe_hash(base: str) -> str:
@@ -143,6 +153,36 @@ def build(
     _tag_latest(built)
     say(f"==> built {tag} ({built.short_id}), tagged {DEFAULT_IMAGE}")
     return BuildResult(tag, built.id, False, base, time.monotonic() - started)
+
+
+def build_proxy(
+    client: docker.DockerClient | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build the egress proxy image (squid from Debian) on the sandbox's base; tag ``:latest``.
+
+    Like :func:`build`: an image already built from the current recipe returns at once.
+    """
+    client = client or connect()
+    say: Progress = progress or _quiet
+    started = time.monotonic()
+    base = _local_base(client) if not force else None
+    base = base or _choose_base(client, say)
+    text = proxy_recipe(base)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    tag = f"{PROXY_REPO}:{digest}"
+    found = None if force else _get(client, tag)
+    cached = found is not None
+    if found is None:
+        say(f"==> building {tag} from {base}")
+        built = _get(client, _build_image(client, base, tag, nocache=force, say=say, text=text))
+        if built is None:
+            raise SandboxError(f"docker built {tag} but the image is gone", tag=tag)
+        found = built
+    _tag_latest(found, PROXY_IMAGE)
+    return BuildResult(tag, found.id, cached, base, time.monotonic() - started)
 
 
 def ensure(client: docker.DockerClient, image: str) -> None:
@@ -361,9 +401,10 @@ def _mountpoints(prefix: str) -> list[str]:
 
 
 def _build_image(
-    client: docker.DockerClient, base: str, tag: str, *, nocache: bool, say: Progress
+    client: docker.DockerClient, base: str, tag: str, *, nocache: bool, say: Progress,
+    text: str | None = None,
 ) -> str:
-    text = recipe(base)
+    text = recipe(base) if text is None else text
     tail: deque[str] = deque(maxlen=_LOG_TAIL)
     error: str | None = None
     image_id: str | None = None
@@ -375,7 +416,7 @@ def _build_image(
             forcerm=True,
             nocache=nocache,
             pull=False,
-            labels={RECIPE_LABEL: recipe_hash(base)},
+            labels={RECIPE_LABEL: hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]},
             decode=True,
         )
         for chunk in stream:
@@ -408,12 +449,12 @@ def _consume(chunk: dict[str, Any], tail: deque[str], say: Progress) -> str | No
     return None
 
 
-def _tag_latest(image: Image) -> None:
-    repository, _, tag = DEFAULT_IMAGE.partition(":")
+def _tag_latest(image: Image, ref: str = DEFAULT_IMAGE) -> None:
+    repository, _, tag = ref.partition(":")
     try:
         image.tag(repository, tag)
     except (DockerException, requests.RequestException) as exc:
-        raise _translate(exc, f"tagging {DEFAULT_IMAGE}") from exc
+        raise _translate(exc, f"tagging {ref}") from exc
 
 
 # -- helpers ----------------------------------------------------------------------------

@@ -1,14 +1,29 @@
-"""Task containers through the Docker Engine API: safe defaults, exec with bounds.
+"""Task containers through the Docker Engine API: hardened defaults, exec with bounds.
 
 Containers idle (``sleep infinity`` under an init process) and commands run in them with
-``docker exec``. Defaults follow SPEC §6: a non-root user, every capability dropped,
-``no-new-privileges``, pids/memory/CPU limits, no network, no Docker socket, never privileged.
+``docker exec``. The default profile (SPEC §6) is:
+
+* a non-root user (the host user's uid, or the image's ``agent`` user when taskbox is root);
+* every capability dropped, ``no-new-privileges``, Docker's default seccomp profile (never
+  ``unconfined`` unless asked for), never privileged, no devices, no host namespaces
+  (private pid, ipc and cgroup namespaces), never the Docker socket;
+* pids, memory (no swap beyond it) and CPU limits; open-files and file-size ulimits; a
+  bounded container log; an init process that reaps zombies;
+* no network (``none``), or an internal network behind an egress proxy (``allowlist``,
+  see :mod:`taskbox.network`); the engine's bridge (``open``) only when asked for; never
+  the host network;
+* gVisor (``runsc``) as the runtime when the engine has it, unless told otherwise.
+
+Anything weaker than this is listed by :func:`weakened` so adapters can warn about it.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
+import secrets
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,14 +37,26 @@ from docker.types import LogConfig, Ulimit
 
 from .errors import CommandTimeout, ImageMissing, InvalidInput, SandboxError
 from .models import ContainerState
+from .network import MODES as NETWORK_MODES
+from .network import PROXY_ALIAS, PROXY_UID, EgressConfig, squid_config
 
 LABEL_TASK = "taskbox.task"
 LABEL_HOME = "taskbox.home"
+LABEL_ROLE = "taskbox.role"  # "egress-proxy" on proxy containers, absent on task containers
+LABEL_EGRESS_FOR = "taskbox.egress-for"  # on a proxy and a task network: the task container's name
+LABEL_EGRESS = "taskbox.egress"  # on a task container: base64 JSON of its egress configuration
 CONTAINER_WORKSPACE = "/workspace"
 SANDBOX_UID = 1000  # the image's `agent` user, used when taskbox itself runs as root
 MIN_MEMORY = 64 * 1024**2
 MIN_CPUS = 0.1
-NETWORK_MODES = ("none", "open")
+DEFAULT_NOFILE = 4096
+DEFAULT_FSIZE = 8 * 1024**3  # one file may not grow past this (SIGXFSZ / EFBIG)
+KILL_MARK = "TASKBOX_EXEC"  # every exec carries a unique value, so its processes can be found
+# Capabilities a task may ask to add back. Everything that reaches the host (SYS_ADMIN,
+# SYS_PTRACE, NET_ADMIN, SYS_MODULE, DAC_READ_SEARCH …) is refused outright.
+ADDABLE_CAPS = frozenset({"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+                          "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP", "MKNOD"})
+RUNTIMES_SAFE = ("runsc",)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -77,6 +104,13 @@ class ContainerSpec:
     pids_limit: int = 512
     network: str = "none"
     env: dict[str, str] = field(default_factory=dict)
+    # Hardening knobs: the defaults are the safe profile; see weakened().
+    runtime: str = "auto"  # "auto": runsc when the engine has it, else the engine default
+    cap_add: list[str] = field(default_factory=list)
+    nofile: int = DEFAULT_NOFILE
+    fsize: int = DEFAULT_FSIZE
+    seccomp: str = "default"  # "default" or "unconfined"
+    egress: EgressConfig | None = None  # required for network "allowlist"
 
 
 @dataclass
@@ -93,33 +127,115 @@ class ExecResult:
         return asdict(self)
 
 
+def weakened(spec: ContainerSpec, *, default_pids: int = 512, default_memory: str = "2g") -> list[str]:
+    """Human-readable warnings for every way ``spec`` is weaker than the default profile."""
+    out = []
+    if spec.network == "open":
+        out.append("network `open`: the task can reach any host, including this machine's services; "
+                   "prefer `allowlist` with the domains it needs")
+    if spec.cap_add:
+        out.append(f"capabilities added back: {', '.join(sorted(spec.cap_add))}")
+    if spec.seccomp != "default":
+        out.append("seccomp is unconfined: every system call is allowed")
+    if spec.runtime not in ("auto", *RUNTIMES_SAFE):
+        out.append(f"runtime {spec.runtime!r} chosen explicitly (gVisor `runsc` is not used)")
+    if spec.pids_limit > default_pids:
+        out.append(f"pids limit raised to {spec.pids_limit} (default {default_pids})")
+    if parse_memory(spec.memory) > parse_memory(default_memory):
+        out.append(f"memory limit raised to {spec.memory} (default {default_memory})")
+    if spec.nofile > DEFAULT_NOFILE:
+        out.append(f"open-files limit raised to {spec.nofile} (default {DEFAULT_NOFILE})")
+    if spec.fsize > DEFAULT_FSIZE:
+        out.append(f"file-size limit raised to {spec.fsize} bytes (default {DEFAULT_FSIZE})")
+    return out
+
+
 class Sandbox:
     """Container operations for tasks; Docker errors are translated at this boundary."""
 
     def __init__(self, client: docker.DockerClient) -> None:
         self.client = client
         self.api = client.api
+        self._runtimes: set[str] | None = None
+        self._cgroups: dict[str, tuple[int, dict[str, Path]]] = {}
+
+    # --- engine facts ------------------------------------------------------------------------
+
+    def runtimes(self) -> set[str]:
+        """The OCI runtimes the engine offers (``runc``, and ``runsc`` when gVisor is installed)."""
+        if self._runtimes is None:
+            try:
+                self._runtimes = set((self.api.info().get("Runtimes") or {}).keys())
+            except DockerException as exc:
+                raise SandboxError(f"could not read the engine's runtimes: {_explain(exc)}") from exc
+        return self._runtimes
+
+    def _runtime(self, wanted: str) -> str | None:
+        if wanted == "auto":
+            return next((r for r in RUNTIMES_SAFE if r in self.runtimes()), None)
+        if wanted in ("", "default"):
+            return None
+        if wanted not in self.runtimes():
+            raise InvalidInput(f"runtime {wanted!r} is not installed in the engine "
+                               f"(it has: {', '.join(sorted(self.runtimes()))})")
+        return wanted
+
+    # --- create ------------------------------------------------------------------------------
 
     def create(self, spec: ContainerSpec) -> str:
-        """Create and start a task container; return its id."""
+        """Create and start a task container (and, in ``allowlist`` mode, its proxy); return its id."""
         if spec.network not in NETWORK_MODES:
             raise InvalidInput(f"network mode {spec.network!r} is not one of {', '.join(NETWORK_MODES)}")
+        if spec.network == "allowlist" and spec.egress is None:
+            raise InvalidInput("network mode allowlist needs egress rules")
+        bad_caps = sorted({c.upper().removeprefix("CAP_") for c in spec.cap_add} - ADDABLE_CAPS)
+        if bad_caps:
+            raise InvalidInput(f"capabilities {', '.join(bad_caps)} cannot be given to a task container")
+        if spec.seccomp not in ("default", "unconfined"):
+            raise InvalidInput(f"seccomp must be `default` or `unconfined`, not {spec.seccomp!r}")
         mem = parse_memory(spec.memory)
         check_cpus(spec.cpus)
         uid, gid = sandbox_owner()
+        runtime = self._runtime(spec.runtime)
+        env = {"HOME": "/home/agent", **spec.env}
+        labels = dict(spec.labels)
+        network_mode = "none"
+        extra: dict[str, Any] = {}
+        if spec.network == "allowlist":
+            assert spec.egress is not None
+            network_mode = self._create_egress(spec)
+            env.update(spec.egress.proxy_env())
+            labels[LABEL_EGRESS] = _encode_egress(spec.egress)
+            # Names resolve through Docker's embedded DNS, which forwards unknown names to
+            # 127.0.0.1 *inside* the task's namespace, where nothing listens: the proxy's
+            # name resolves, nothing else does, and no query leaves the machine.
+            extra.update(dns=["127.0.0.1"], sysctls={"net.ipv6.conf.all.disable_ipv6": "1"})
+        elif spec.network == "open":
+            network_mode = "bridge"
+        security_opt = ["no-new-privileges:true"]
+        if spec.seccomp == "unconfined":
+            security_opt.append("seccomp=unconfined")
         host_config = self.api.create_host_config(
             binds={str(spec.workspace): {"bind": CONTAINER_WORKSPACE, "mode": "rw"}},
-            network_mode="none" if spec.network == "none" else "bridge",
+            network_mode=network_mode,
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges:true"],
+            cap_add=sorted({c.upper().removeprefix("CAP_") for c in spec.cap_add}) or None,
+            security_opt=security_opt,
             pids_limit=spec.pids_limit,
             mem_limit=mem,
             memswap_limit=mem,  # no swap beyond the memory limit
             nano_cpus=int(spec.cpus * 1e9),
             init=True,
             privileged=False,
-            ulimits=[Ulimit(name="nofile", soft=4096, hard=4096)],
+            ipc_mode="private",
+            pid_mode=None,
+            cgroupns="private",
+            devices=[],
+            runtime=runtime,
+            ulimits=[Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile),
+                     Ulimit(name="fsize", soft=spec.fsize, hard=spec.fsize)],
             log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "2"}),
+            **extra,
         )
         try:
             created = self.api.create_container(
@@ -128,20 +244,146 @@ class Sandbox:
                 name=spec.name,
                 user=f"{uid}:{gid}",
                 working_dir=CONTAINER_WORKSPACE,
-                environment={"HOME": "/home/agent", **spec.env},
-                labels=spec.labels,
+                environment=env,
+                labels=labels,
                 host_config=host_config,
                 network_disabled=spec.network == "none",
             )
             cid: str = created["Id"]
             self.api.start(cid)
         except ImageNotFound as exc:
+            self._remove_egress(spec.name)
             raise ImageMissing(
                 f"sandbox image {spec.image} is not built; run `taskbox image build`"
             ) from exc
         except DockerException as exc:
+            self._remove_egress(spec.name)
             raise SandboxError(f"could not create container {spec.name}: {_explain(exc)}") from exc
         return cid
+
+    def _create_egress(self, spec: ContainerSpec) -> str:
+        """Make the task's internal network and its proxy container; return the network name."""
+        assert spec.egress is not None
+        egress = spec.egress
+        net_name = f"{spec.name}-net"
+        self._remove_egress(spec.name)  # leftovers of a crashed create hold the names
+        home = spec.labels.get(LABEL_HOME, "")
+        labels = {LABEL_HOME: home, LABEL_EGRESS_FOR: spec.name, **egress.extra_labels}
+        if LABEL_TASK in spec.labels:
+            labels[LABEL_TASK] = spec.labels[LABEL_TASK]
+        try:
+            self.ensure_outside_network(egress.outside_network)
+            # internal: no route out. inhibit_ipv4: the host's end of the bridge gets no
+            # address, so the host's own services are unreachable too.
+            self.api.create_network(net_name, driver="bridge", internal=True, labels=labels,
+                                    options={"com.docker.network.bridge.inhibit_ipv4": "true"},
+                                    check_duplicate=True)
+            host_config = self.api.create_host_config(
+                network_mode=egress.outside_network,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                read_only=True,
+                tmpfs={"/tmp": "size=16m,mode=1777"},
+                pids_limit=64,
+                mem_limit=128 * 1024**2,
+                memswap_limit=128 * 1024**2,
+                nano_cpus=int(0.5e9),
+                init=True,
+                ipc_mode="private",
+                log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+            )
+            proxy = self.api.create_container(
+                egress.image, name=f"{spec.name}-egress", user=PROXY_UID,
+                environment={"TASKBOX_SQUID_CONF": squid_config(egress.rules)},
+                labels={**labels, LABEL_ROLE: "egress-proxy"}, host_config=host_config,
+            )["Id"]
+            self.api.connect_container_to_network(proxy, net_name, aliases=[PROXY_ALIAS])
+            self.api.start(proxy)
+        except ImageNotFound as exc:
+            self._remove_egress(spec.name)
+            raise ImageMissing(f"egress proxy image {egress.image} is not built; "
+                               "run `taskbox image build --proxy`") from exc
+        except DockerException as exc:
+            self._remove_egress(spec.name)
+            raise SandboxError(f"could not set up the egress proxy of {spec.name}: {_explain(exc)}") from exc
+        self._wait_proxy(proxy)
+        return net_name
+
+    def _wait_proxy(self, proxy: str, timeout: float = 20) -> None:
+        """Wait until squid accepts connections, so the task's first request does not fail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                logs = self.api.logs(proxy, stdout=False, stderr=True, tail=200).decode(errors="replace")
+                state = self.api.inspect_container(proxy)["State"]
+            except DockerException as exc:
+                raise SandboxError(f"egress proxy {proxy[:12]} failed: {_explain(exc)}") from exc
+            if "Accepting HTTP Socket connections" in logs:
+                return
+            if not state.get("Running") or time.monotonic() > deadline:
+                tail = "\n".join(logs.splitlines()[-5:])
+                raise SandboxError(f"egress proxy {proxy[:12]} did not start:\n{tail}")
+            time.sleep(0.05)
+
+    def ensure_outside_network(self, name: str) -> None:
+        """Create the proxies' shared outside network unless it exists (an existing one is used as is)."""
+        try:
+            if any(n["Name"] == name for n in self.api.networks(names=[name])):
+                return
+            self.api.create_network(name, driver="bridge", labels={LABEL_ROLE: "egress-outside"},
+                                    check_duplicate=True)
+        except APIError as exc:
+            if exc.status_code == 409:  # created concurrently
+                return
+            raise
+
+    def _egress_of(self, cid: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The name of a task container and its egress proxy containers (none outside allowlist)."""
+        try:
+            info = self.api.inspect_container(cid)
+        except DockerNotFound:
+            return None, []
+        labels = info["Config"].get("Labels") or {}
+        if labels.get(LABEL_ROLE) == "egress-proxy":
+            return None, []
+        name = info["Name"].lstrip("/")
+        if LABEL_EGRESS not in labels:
+            return name, []
+        return name, list(self.api.containers(all=True, filters={"label": f"{LABEL_EGRESS_FOR}={name}"}))
+
+    def _remove_egress(self, name: str) -> None:
+        try:
+            for c in self.api.containers(all=True, filters={"label": f"{LABEL_EGRESS_FOR}={name}"}):
+                self.api.remove_container(c["Id"], force=True, v=True)
+            for n in self.api.networks(filters={"label": f"{LABEL_EGRESS_FOR}={name}"}):
+                try:
+                    self.api.remove_network(n["Id"])
+                except APIError as exc:
+                    if exc.status_code not in (403, 404, 409):  # still in use, or gone
+                        raise
+        except DockerNotFound:
+            pass
+        except DockerException as exc:
+            raise SandboxError(f"could not remove the egress proxy of {name}: {_explain(exc)}") from exc
+
+    def egress_log(self, cid: str, since: str | None = None) -> list[tuple[str, str]]:
+        """New lines of a task's proxy access log as ``(docker timestamp, line)``, after ``since``."""
+        name, proxies = self._egress_of(cid)
+        out: list[tuple[str, str]] = []
+        for p in proxies:
+            kwargs: dict[str, Any] = {"stdout": True, "stderr": False, "timestamps": True}
+            if since:
+                kwargs["since"] = _docker_time(since)
+            try:
+                raw = self.api.logs(p["Id"], **kwargs).decode(errors="replace")
+            except DockerException as exc:
+                raise SandboxError(f"could not read the egress log of {name}: {_explain(exc)}") from exc
+            for line in raw.splitlines():
+                stamp, _, text = line.partition(" ")
+                if since and stamp <= since:
+                    continue
+                out.append((stamp, text))
+        return out
 
     def ensure_image(self, image: str) -> None:
         """Raise :class:`ImageMissing` (saying how to build it) unless ``image`` exists."""
@@ -152,15 +394,41 @@ class Sandbox:
         except DockerException as exc:
             raise SandboxError(f"could not inspect image {image}: {_explain(exc)}") from exc
 
+    # --- lifecycle ---------------------------------------------------------------------------
+
     def start(self, cid: str) -> None:
         try:
+            name, proxies = self._egress_of(cid)
+            info = self.api.inspect_container(cid)
+            labels = info["Config"].get("Labels") or {}
+            if name and LABEL_EGRESS in labels and not proxies:
+                self._recreate_egress(name, info)  # lost (e.g. removed by hand): make it again
+            for p in proxies:
+                self.api.start(p["Id"])
             self.api.start(cid)
+            for p in proxies:
+                self._wait_proxy(p["Id"])
         except DockerException as exc:
             raise SandboxError(f"could not start container {cid[:12]}: {_explain(exc)}") from exc
 
+    def _recreate_egress(self, name: str, info: dict[str, Any]) -> None:
+        labels = info["Config"].get("Labels") or {}
+        egress = _decode_egress(labels[LABEL_EGRESS])
+        spec = ContainerSpec(name=name, image="", workspace=Path("/"), labels=labels, network="allowlist",
+                             egress=egress)
+        net = self._create_egress(spec)
+        # The task container still points at its (removed) old network: reattach it.
+        try:
+            self.api.connect_container_to_network(info["Id"], net)
+        except APIError:
+            pass
+
     def stop(self, cid: str, timeout: int = 2) -> None:
         try:
+            _name, proxies = self._egress_of(cid)
             self.api.stop(cid, timeout=timeout)
+            for p in proxies:
+                self.api.stop(p["Id"], timeout=1)
         except DockerNotFound:
             pass
         except DockerException as exc:
@@ -168,11 +436,22 @@ class Sandbox:
 
     def remove(self, cid: str) -> None:
         try:
+            info = self.api.inspect_container(cid)
+        except DockerNotFound:
+            return
+        except DockerException as exc:
+            raise SandboxError(f"could not inspect container {cid[:12]}: {_explain(exc)}") from exc
+        labels = info["Config"].get("Labels") or {}
+        owner = labels.get(LABEL_EGRESS_FOR) or info["Name"].lstrip("/")
+        try:
             self.api.remove_container(cid, force=True, v=True)
         except DockerNotFound:
             pass
         except DockerException as exc:
             raise SandboxError(f"could not remove container {cid[:12]}: {_explain(exc)}") from exc
+        self._cgroups.pop(cid, None)
+        if LABEL_EGRESS in labels or labels.get(LABEL_ROLE) == "egress-proxy":
+            self._remove_egress(owner)
 
     def state(self, cid: str | None) -> ContainerState:
         if not cid:
@@ -195,6 +474,105 @@ class Sandbox:
         except DockerException as exc:
             raise SandboxError(f"could not list containers: {_explain(exc)}") from exc
 
+    def memory_usage(self, cid: str, *, engine: bool = True) -> dict[str, int] | None:
+        """Current memory use and limit of a running container, and its process count.
+
+        ``usage`` excludes reclaimable page cache (as ``docker stats`` shows it). Read from
+        the container's cgroup on the host when possible (microseconds); otherwise from the
+        engine's stats API (about a second) unless ``engine=False``. None when it does not run.
+        """
+        paths = self._cgroup(cid)
+        mem = paths.get("memory")
+        if mem is not None:
+            try:
+                return _cgroup_memory(mem, paths.get("pids"))
+            except (OSError, ValueError):
+                self._cgroups.pop(cid, None)
+        if not engine:
+            return None
+        try:
+            stats = self.api.stats(cid, stream=False, one_shot=True)
+        except DockerNotFound:
+            return None
+        except DockerException as exc:
+            raise SandboxError(f"could not read the stats of {cid[:12]}: {_explain(exc)}") from exc
+        data = stats.get("memory_stats") or {}
+        if "usage" not in data:
+            return None
+        detail = data.get("stats") or {}
+        cache = detail.get("total_inactive_file", detail.get("inactive_file", 0))
+        return {"usage": max(0, int(data["usage"]) - int(cache)), "limit": int(data.get("limit") or 0),
+                "pids": int((stats.get("pids_stats") or {}).get("current") or 0)}
+
+    # --- OOM detection -----------------------------------------------------------------------
+
+    def oom_kills(self, cid: str) -> int | None:
+        """How many processes the kernel's OOM killer has killed in the container's cgroup.
+
+        Read on the host from the container's memory cgroup (v1 ``memory.oom_control``, v2
+        ``memory.events``); None where the engine is not local or the file is not readable.
+        """
+        mem = self._cgroup(cid).get("memory")
+        if mem is None:
+            return None
+        name = "memory.oom_control" if (mem / "memory.oom_control").exists() else "memory.events"
+        try:
+            text = (mem / name).read_text()
+        except OSError:
+            self._cgroups.pop(cid, None)
+            return None
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return None
+
+    def _cgroup(self, cid: str) -> dict[str, Path]:
+        """The container's cgroup directories on this host (``memory``, ``pids``), if readable."""
+        try:
+            pid = int(self.api.inspect_container(cid)["State"].get("Pid") or 0)
+        except DockerException:
+            return {}
+        cached = self._cgroups.get(cid)
+        if cached and cached[0] == pid:
+            return cached[1]
+        found: dict[str, Path] = {}
+        try:
+            for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if pid else []:
+                hid, controllers, rel = line.split(":", 2)
+                if hid == "0" and controllers == "":  # cgroup v2: one unified directory
+                    d = Path("/sys/fs/cgroup") / rel.lstrip("/")
+                    if (d / "memory.current").exists():
+                        found.setdefault("memory", d)
+                        found.setdefault("pids", d)
+                    continue
+                for ctl in ("memory", "pids"):
+                    if ctl in controllers.split(","):
+                        d = Path("/sys/fs/cgroup") / ctl / rel.lstrip("/")
+                        if d.is_dir():
+                            found[ctl] = d
+        except (OSError, ValueError):
+            found = {}
+        if pid:
+            self._cgroups[cid] = (pid, found)
+        return found
+
+    def _oom_kills_inside(self, cid: str) -> int | None:
+        """The OOM kill counter read from inside the container (when the host cannot read it)."""
+        try:
+            exec_id = self.api.exec_create(cid, ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.oom_control "
+                                                 "/sys/fs/cgroup/memory.events 2>/dev/null"])["Id"]
+            text = self.api.exec_start(exec_id).decode(errors="replace")
+        except DockerException:
+            return None
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+        return None
+
+    # --- exec --------------------------------------------------------------------------------
+
     def exec(
         self,
         cid: str,
@@ -208,7 +586,9 @@ class Sandbox:
         """Run ``command`` (a shell string or argv) in the container, bounded in time and output.
 
         The command runs under coreutils ``timeout`` in its own process group, so on expiry
-        the whole group — background children included — is killed.
+        the whole group — background children included — is killed; processes that left the
+        group (``setsid``) are found by the exec's ``TASKBOX_EXEC`` mark and killed too. An
+        OOM kill during the command sets ``oom_killed`` and says so on stderr.
         """
         argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
         if not argv:
@@ -216,10 +596,16 @@ class Sandbox:
         secs = max(1, int(timeout + 0.999))
         wrapped = ["timeout", "-k", "2", str(secs), *argv]
         uid, gid = sandbox_owner()
+        mark = secrets.token_hex(8)
+        oom_before = self.oom_kills(cid)
+        host_oom = oom_before is not None
+        if not host_oom:
+            oom_before = self._oom_kills_inside(cid)
         start = time.monotonic()
         try:
             exec_id = self.api.exec_create(
-                cid, wrapped, workdir=workdir, user=f"{uid}:{gid}", environment=env or None
+                cid, wrapped, workdir=workdir, user=f"{uid}:{gid}",
+                environment={**(env or {}), KILL_MARK: mark}
             )["Id"]
             stream = self.api.exec_start(exec_id, stream=True, demux=True)
             out, err = bytearray(), bytearray()
@@ -242,20 +628,91 @@ class Sandbox:
         code = info.get("ExitCode")
         code = -1 if code is None else int(code)
         timed_out = code == 124 or (code == 137 and duration >= secs * 1000)
+        oom_after = self.oom_kills(cid) if host_oom else self._oom_kills_inside(cid)
+        oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
+        if not oom_killed and code == 137 and not timed_out and oom_before is None:
+            # No counter to compare: the container's own flag is the best evidence left.
+            oom_killed = self._container_oom_flag(cid)
+        stderr = err.decode(errors="replace")
+        if oom_killed:
+            timed_out = False
+            stderr += ("\n[taskbox] the command was killed by the out-of-memory killer: it reached the "
+                       "task's memory limit\n")
         result = ExecResult(
             stdout=out.decode(errors="replace"),
-            stderr=err.decode(errors="replace"),
+            stderr=stderr,
             exit_code=code,
             duration_ms=round(duration, 2),
             truncated=truncated,
             timed_out=timed_out,
+            oom_killed=oom_killed,
         )
         if timed_out:
+            self.kill_marked(cid, mark)
             raise CommandTimeout(
                 f"command timed out after {secs}s and was killed: {_short(argv)}",
                 result=result.to_dict(),
             )
         return result
+
+    def kill_marked(self, cid: str, mark: str) -> None:
+        """Kill every process in the container that carries an exec's ``TASKBOX_EXEC`` mark.
+
+        Catches children that escaped the timeout's process group with ``setsid`` or a
+        double fork. A process that also wiped its environment is not found (see docs/safety.md).
+        """
+        script = (f'for p in /proc/[0-9]*; do tr "\\0" "\\n" < "$p/environ" 2>/dev/null '
+                  f'| grep -qx "{KILL_MARK}={mark}" && kill -9 "${{p#/proc/}}" 2>/dev/null; done; true')
+        uid, gid = sandbox_owner()
+        try:
+            exec_id = self.api.exec_create(cid, ["sh", "-c", script], user=f"{uid}:{gid}")["Id"]
+            self.api.exec_start(exec_id)
+        except DockerException:
+            pass  # the container may be gone; nothing left to kill then
+
+    def _container_oom_flag(self, cid: str) -> bool:
+        try:
+            return bool(self.api.inspect_container(cid)["State"].get("OOMKilled"))
+        except DockerException:
+            return False
+
+
+def _cgroup_memory(mem: Path, pids: Path | None) -> dict[str, int]:
+    stat = dict(line.split(" ", 1) for line in (mem / "memory.stat").read_text().splitlines() if " " in line)
+    if (mem / "memory.usage_in_bytes").exists():  # cgroup v1
+        usage = int((mem / "memory.usage_in_bytes").read_text())
+        limit = int((mem / "memory.limit_in_bytes").read_text())
+        cache = int(stat.get("total_inactive_file", 0))
+    else:
+        usage = int((mem / "memory.current").read_text())
+        raw = (mem / "memory.max").read_text().strip()
+        limit = 0 if raw == "max" else int(raw)
+        cache = int(stat.get("inactive_file", 0))
+    count = 0
+    if pids is not None and (pids / "pids.current").exists():
+        count = int((pids / "pids.current").read_text())
+    return {"usage": max(0, usage - cache), "limit": limit, "pids": count}
+
+
+def _encode_egress(egress: EgressConfig) -> str:
+    data = {"rules": egress.rules.to_dict(), "outside_network": egress.outside_network, "image": egress.image}
+    return base64.b64encode(json.dumps(data, sort_keys=True).encode()).decode()
+
+
+def _decode_egress(text: str) -> EgressConfig:
+    from .network import EgressRules
+
+    data = json.loads(base64.b64decode(text))
+    return EgressConfig(EgressRules.build(**data["rules"]), data["outside_network"], data["image"])
+
+
+def _docker_time(stamp: str) -> float:
+    """A docker log timestamp (RFC 3339, nanoseconds) as seconds since the epoch, rounded down."""
+    from datetime import datetime
+
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    base = datetime.fromisoformat(head + "+00:00").timestamp()
+    return base + float(f"0.{frac[:6] or '0'}") - 0.001
 
 
 def _short(argv: list[str]) -> str:

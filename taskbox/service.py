@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pluggy
 
-from . import engine, faults, files, git, workspace
+from . import engine, faults, files, git, policy, workspace
 from .config import Paths, Settings, default_home
 from .default_plugins.branch import slugify
 from .errors import (
@@ -36,6 +36,8 @@ from .errors import (
 )
 from .memory import TODO_STATUSES, Recovery, TaskMemory
 from .models import FINISHED, ContainerState, LockMode, Session, Status, Task, check_transition
+from .network import MODES as NETWORK_MODES
+from .network import EgressRules
 from .plugins import make_manager
 from .registry import Registry
 from .sandbox import (
@@ -219,6 +221,7 @@ class TaskService:
         cpus: float | None = None,
         pids_limit: int | None = None,
         network: str | None = None,
+        allow_domains: list[str] | None = None,
         image: str | None = None,
         base_ref: str | None = None,
         lazy: bool = False,
@@ -238,15 +241,24 @@ class TaskService:
         agent = _validate_name("agent name", agent)
         model = _validate_name("model name", model)
         mode = self._lock_mode(lock_mode)
-        mem = memory or self.settings.memory
+        # The project policy (.taskbox/policy.toml) gives defaults and ceilings (taskbox.policy).
+        project = policy.load(git.repo_root(Path(repo).expanduser().resolve()))
+        mem = memory or project.limits.memory or self.settings.memory
         parse_memory(mem)
-        cpu = check_cpus(float(cpus if cpus is not None else self.settings.cpus))
-        pids = int(pids_limit if pids_limit is not None else self.settings.pids_limit)
+        cpu = check_cpus(float(cpus if cpus is not None else project.limits.cpus or self.settings.cpus))
+        pids = int(pids_limit if pids_limit is not None else project.limits.pids or self.settings.pids_limit)
         if pids < 16:
             raise InvalidInput(f"pids limit {pids} is below the minimum of 16")
-        net = network or self.settings.network
-        if net not in ("none", "open"):
-            raise InvalidInput(f"network mode {net!r} is not one of none, open")
+        project.check_limits(mem, cpu, pids)
+        net = network or project.network.mode or self.settings.network
+        if net not in NETWORK_MODES:
+            raise InvalidInput(f"network mode {net!r} is not one of {', '.join(NETWORK_MODES)}")
+        if allow_domains:
+            if net != "allowlist":
+                raise InvalidInput("allowed domains need network mode allowlist")
+            EgressRules.build(allow_domains)  # refuse a bad entry before anything changes
+            metadata = {**(metadata or {}), "sandbox": {**((metadata or {}).get("sandbox") or {}),
+                                                        "allow_domains": list(allow_domains)}}
         if task_id is not None and not _TASK_ID.match(task_id):
             raise InvalidInput(f"task id {task_id!r} must be lowercase letters, digits and dashes (max 63)")
         repo_path = git.repo_root(Path(repo).expanduser().resolve())
@@ -390,6 +402,7 @@ class TaskService:
             pids_limit=task.pids_limit,
             network=task.network,
         )
+        self.hook.sandbox_spec(service=self, task=task, spec=spec)  # hardening, egress proxy rules
         if not fresh:
             self._remove_labelled_container(task.id)  # e.g. left behind by a crash
         try:
@@ -517,8 +530,12 @@ class TaskService:
     def renew(self, task_id: str, session_id: str) -> bool:
         return self.registry.renew_lease(task_id, session_id, self.settings.lease_seconds)
 
-    def detach(self, task_id: str, session_id: str | None = None) -> dict[str, Any]:
-        """End an agent session; commit the work, fetch the branch, pause if nobody is left."""
+    def detach(self, task_id: str, session_id: str | None = None, *, save_checkpoint: bool = False,
+               checkpoint_name: str | None = None) -> dict[str, Any]:
+        """End an agent session; commit the work, fetch the branch, pause if nobody is left.
+
+        ``save_checkpoint`` takes a checkpoint (named ``checkpoint_name``) after the commit.
+        """
         task = self.get(task_id)
         open_sessions = self.registry.sessions(task.id, open_only=True)
         if session_id is None:
@@ -547,6 +564,8 @@ class TaskService:
         self.hook.session_end(service=self, task=task, session=session)
         commit = workspace.commit_all(Path(task.workspace_path), f"taskbox: {session.agent} detached ({session.id})")
         fetched = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
+        checkpoint = self.create_checkpoint(task.id, checkpoint_name, trigger="detach", reason=(
+            f"{session.agent} detached (session {session.id})")) if save_checkpoint else None
         self.registry.add_event("session.detached", task.id, {"session_id": session.id, "agent": session.agent,
                                                                "commit": commit})
         paused = False
@@ -554,7 +573,8 @@ class TaskService:
             self.pause(task.id)
             paused = True
         return {"task_id": task.id, "session_id": session.id, "paused": paused, "commit": fetched,
-                "branch": task.branch, "remaining_sessions": [s.id for s in remaining]}
+                "branch": task.branch, "remaining_sessions": [s.id for s in remaining],
+                "checkpoint_id": checkpoint["checkpoint_id"] if checkpoint else None}
 
     # --- exec --------------------------------------------------------------------------------
 
@@ -615,7 +635,8 @@ class TaskService:
             self.registry.add_event("memory.refused", task.id, {"error": str(exc), "command": cmd_text[:200]})
         self._update(task.id, {"last_active": time.time()},
                      ("task.exec", {"command": cmd_text[:200], "exit_code": result.exit_code,
-                                    "duration_ms": result.duration_ms, "timed_out": result.timed_out}))
+                                    "duration_ms": result.duration_ms, "timed_out": result.timed_out,
+                                    "oom_killed": result.oom_killed}))
 
     def _write_exec_log(self, task: Task, session: Session | None, cmd_text: str, wd: str,
                         result: ExecResult, limit: int) -> None:
@@ -631,6 +652,7 @@ class TaskService:
             "stderr": result.stderr[-limit:],
             "truncated": result.truncated or len(result.stdout) > limit or len(result.stderr) > limit,
             "timed_out": result.timed_out,
+            "oom_killed": result.oom_killed,
         })
         self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
 
@@ -781,7 +803,80 @@ class TaskService:
             if finished < cutoff:
                 self.cleanup(task.id)
                 done.append(task.id)
+        self.gc_checkpoints()
         return done
+
+    # --- checkpoints (the engine is taskbox.checkpoints) ---------------------------------------
+
+    @property
+    def checkpoints(self) -> Any:
+        from .checkpoints import Checkpoints
+
+        if getattr(self, "_checkpoints", None) is None:
+            self._checkpoints = Checkpoints(self)
+        return self._checkpoints
+
+    def create_checkpoint(self, task_id: str, name: str | None = None, description: str = "", *,
+                          include_filesystem: bool = False, trigger: str = "manual", pinned: bool = False,
+                          reason: str = "") -> dict[str, Any]:
+        """Checkpoint the task's whole workspace (and, if asked, its container's filesystem)."""
+        return self.checkpoints.create(task_id, name, description, include_filesystem=include_filesystem,
+                                       trigger=trigger, pinned=pinned, reason=reason)
+
+    def restore_checkpoint(self, task_id: str, checkpoint_id: str | None = None, force: bool = False, *,
+                           session_id: str | None = None) -> dict[str, Any]:
+        """Make the workspace exactly the checkpoint's (the newest if none is named).
+
+        Refused while an agent other than ``session_id`` is attached, unless ``force``.
+        """
+        return self.checkpoints.restore(task_id, checkpoint_id, force=force, session_id=session_id)
+
+    def list_checkpoints(self, task_id: str) -> list[dict[str, Any]]:
+        return self.checkpoints.rows(task_id)
+
+    def checkpoint_diff(self, task_id: str, a: str, b: str) -> dict[str, Any]:
+        """Files changed between checkpoints ``a`` and ``b`` (``current`` is the workspace now)."""
+        return self.checkpoints.diff(task_id, a, b)
+
+    def export_checkpoint(self, task_id: str, checkpoint_id: str, path: str | Path) -> dict[str, Any]:
+        return self.checkpoints.export(task_id, checkpoint_id, path)
+
+    def import_checkpoint(self, task_id: str, path: str | Path) -> dict[str, Any]:
+        return self.checkpoints.import_(task_id, path)
+
+    def prune_checkpoints(self, task_id: str) -> list[str]:
+        """Apply the retention settings to one task's checkpoints; return the pruned ids."""
+        return self.checkpoints.prune(task_id)
+
+    def delete_checkpoint(self, task_id: str, checkpoint_id: str) -> dict[str, Any]:
+        return self.checkpoints.delete(task_id, checkpoint_id)
+
+    def gc_checkpoints(self) -> dict[str, Any]:
+        """Retention for every task and the space of pruned checkpoints reclaimed."""
+        return self.checkpoints.gc()
+
+    def risky_operations(self, repo: str | Path, *, add: str | None = None, remove: str | None = None,
+                         test: tuple[str, str] | None = None, reset: bool = False, high_only: bool | None = None,
+                         threshold: str | None = None, category: str = "custom",
+                         weight: int | None = None) -> dict[str, Any]:
+        """Show or change a project's risk patterns, or score a command (SPEC §5)."""
+        from . import risk
+
+        root = git.repo_root(Path(repo).expanduser().resolve())
+        out: dict[str, Any] = {}
+        if reset:
+            risk.reset(root)
+            out["reset"] = True
+        if add:
+            out["added"] = risk.add_pattern(root, add, category=category, weight=weight).__dict__
+        if remove:
+            out["removed"] = risk.remove_pattern(root, remove).__dict__
+        if high_only is not None or threshold is not None:
+            risk.set_options(root, high_only=high_only, threshold=threshold)
+        cfg = risk.load(root)
+        if test:
+            out["test"] = cfg.assess(test[0], test[1]).to_dict()
+        return {**cfg.to_dict(), **out}
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -988,6 +1083,20 @@ class TaskService:
         return {"task_id": task.id, "status": outcome, "task_status": str(task.status),
                 "container_id": task.container_id, "existing_container": had_container,
                 "branch": task.branch, "workspace_path": task.workspace_path, "repo_path": task.repo_path}
+
+    def complete_task(self, task_id: str, summary: str = "", *, cleanup: bool = False,
+                      final_checkpoint: bool = True) -> dict[str, Any]:
+        """:meth:`complete`, reporting the task's final checkpoint.
+
+        The built-in auto-checkpoint plugin takes it during completion, after the final Plan.md
+        summary is written; if none was taken (that plugin disabled, or its checkpoint failed)
+        and ``final_checkpoint`` is set, it is taken now.
+        """
+        res = self.complete(task_id, summary, cleanup=cleanup)
+        final = [c for c in self.list_checkpoints(task_id) if c["trigger"] == "final"]
+        if not final and final_checkpoint:
+            final = [self.create_checkpoint(task_id, "final", trigger="final", reason="task completed")]
+        return {**res, "final_checkpoint_id": final[-1]["checkpoint_id"] if final else None}
 
     def status(self, task_id: str, recent: int = 5) -> dict[str, Any]:
         """A task's record with its live state: agents, todos, metrics, recent commands."""
