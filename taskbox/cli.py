@@ -649,8 +649,8 @@ def policy_show(repo: str) -> Any:
     return data, "\n".join(lines)
 
 
-@command(policy_group, "check")
-@click.argument("cmd", nargs=-1, required=True)
+@command(policy_group, "check", context_settings={"ignore_unknown_options": True})
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--repo", default=".", show_default=True, help="The project's git repository.")
 @click.option("--tool", default="exec", show_default=True, help="The tool to check (exec, write_file, ...).")
 @click.option("--url", "is_url", is_flag=True, help="CMD is a URL or host: check it against the network rules.")

@@ -151,6 +151,7 @@ def run(
             input=input.decode() if input is not None else None,
             capture_output=True,
             text=True,
+            errors="surrogateescape",  # file names need not be UTF-8; they round-trip via os.fsencode
             timeout=timeout,
             user=user,
             group=group,

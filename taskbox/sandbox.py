@@ -655,12 +655,42 @@ class Sandbox:
             )
         return result
 
-    def kill_marked(self, cid: str, mark: str) -> None:
+    def kill_marked(self, cid: str, mark: str) -> int:
         """Kill every process in the container that carries an exec's ``TASKBOX_EXEC`` mark.
 
         Catches children that escaped the timeout's process group with ``setsid`` or a
-        double fork. A process that also wiped its environment is not found (see docs/safety.md).
+        double fork. Done from the host through the container's cgroup when possible — that
+        needs no new process in the container, so it works even when a fork bomb has used up
+        every pid — else by a script run inside. A process that also wiped its environment
+        is not found (see docs/safety.md). Returns how many processes were killed (host side).
         """
+        procs = self._cgroup(cid).get("pids") or self._cgroup(cid).get("memory")
+        needle = f"{KILL_MARK}={mark}".encode()
+        if procs is not None and (procs / "cgroup.procs").exists():
+            killed = 0
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                found = 0
+                try:
+                    pids = [int(p) for p in (procs / "cgroup.procs").read_text().split()]
+                except OSError:
+                    break
+                for pid in pids:
+                    try:
+                        env = Path(f"/proc/{pid}/environ").read_bytes()
+                    except OSError:
+                        continue
+                    if needle in env.split(b"\0"):
+                        found += 1
+                        try:
+                            os.kill(pid, 9)
+                            killed += 1
+                        except OSError:
+                            pass
+                if not found:
+                    return killed
+                time.sleep(0.02)  # forks in flight: sweep again
+            return killed
         script = (f'for p in /proc/[0-9]*; do tr "\\0" "\\n" < "$p/environ" 2>/dev/null '
                   f'| grep -qx "{KILL_MARK}={mark}" && kill -9 "${{p#/proc/}}" 2>/dev/null; done; true')
         uid, gid = sandbox_owner()
@@ -669,6 +699,7 @@ class Sandbox:
             self.api.exec_start(exec_id)
         except DockerException:
             pass  # the container may be gone; nothing left to kill then
+        return 0
 
     def _container_oom_flag(self, cid: str) -> bool:
         try:

@@ -513,7 +513,8 @@ class TaskService:
         state = self.update_state(task, on_attach)
         restored = {
             "todos": state["todos"],
-            "conversations": mem.conversations(history),
+            # Tool-call records would crowd out what agents said; they have their own log.
+            "conversations": [c for c in mem.conversations() if c.get("kind") != "tool_call"][-history:],
             "executions": mem.executions(history),
             "metrics": state["metrics"],
             "current_checkpoint": state["current_checkpoint"],

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import InvalidInput, NotFound, PathOutsideWorkspace, TaskService, UnsafeArchive, archive
+from taskbox import (
+    InvalidInput,
+    NotFound,
+    PathOutsideWorkspace,
+    TaskService,
+    UnsafeArchive,
+    archive,
+)
 
 from .conftest import git
 

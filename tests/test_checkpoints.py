@@ -342,3 +342,20 @@ def test_include_filesystem_brings_back_system_changes(svc: TaskService, repo: P
             docker_engine.api.remove_container(c["Id"], force=True)
         svc.delete_checkpoint(task.id, cp["checkpoint_id"])
     assert not docker_engine.api.images(name=image)
+
+
+def test_names_that_are_not_utf8(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "latin-1 names", lazy=True)
+    ws = Path(task.workspace_path)
+    name, empty = os.fsdecode(b"caf\xe9.txt"), os.fsdecode(b"empty\xff")
+    (ws / name).write_text("latin-1 name")
+    (ws / empty).mkdir()
+    hand_over(ws)
+    a = svc.create_checkpoint(task.id)
+    before = manifest(ws)
+    (ws / name).write_text("changed")
+    (ws / empty).rmdir()
+    changes = svc.checkpoint_diff(task.id, a["checkpoint_id"], "current")["changes"]
+    assert {"status": "modified", "path": name} in changes and {"status": "deleted", "path": empty + "/"} in changes
+    svc.restore_checkpoint(task.id, a["checkpoint_id"])
+    assert differences(before, manifest(ws)) == []
