@@ -528,16 +528,28 @@ def create_server(service: TaskService | None = None) -> MCPServer:
 # --- running and documenting -------------------------------------------------------------------
 
 
+def _serve(service: TaskService | None, run: Callable[[MCPServer], None]) -> None:
+    """Run the server; a resource-pressure monitor samples task memory while it serves."""
+    from .pressure import Monitor
+
+    svc = service or TaskService()
+    monitor = Monitor(svc).start()
+    try:
+        run(create_server(svc))
+    finally:
+        monitor.stop()
+
+
 def serve_stdio(service: TaskService | None = None) -> None:
     """Serve MCP on stdin/stdout until the client closes the stream."""
-    create_server(service).run("stdio")
+    _serve(service, lambda server: server.run("stdio"))
 
 
 def serve_http(host: str = "127.0.0.1", port: int = 8765, service: TaskService | None = None) -> None:
     """Serve MCP over streamable HTTP at ``http://HOST:PORT/mcp``."""
     if not 0 <= port <= 65535:
         raise InvalidInput(f"port {port} is not between 0 and 65535")
-    create_server(service).run("streamable-http", host=host, port=port)
+    _serve(service, lambda server: server.run("streamable-http", host=host, port=port))
 
 
 def tool_reference(server: MCPServer | None = None) -> str:
