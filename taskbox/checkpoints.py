@@ -70,7 +70,8 @@ if TYPE_CHECKING:
 FORMAT = 1
 MANIFEST = "manifest.json"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
-TRIGGERS = ("manual", "major-todo", "risky-command", "detach", "emergency", "final", "import")
+TRIGGERS = ("manual", "major-todo", "risky-command", "policy", "detach", "resource-pressure", "emergency",
+            "final", "import")
 # The task's append-only history: a restore keeps these as they are now.
 KEEP_ON_RESTORE = (".task-memory/conversations.jsonl", ".task-memory/executions.jsonl",
                    ".task-memory/decisions.md")

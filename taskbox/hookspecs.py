@@ -26,7 +26,7 @@ def task_start(service: Any, task: Any) -> None:
 
 
 @hookspec
-def task_complete(service: Any, task: Any, summary: str) -> None:
+def task_complete(service: Any, task: Any, summary: str, final_checkpoint: bool) -> None:
     """A task is completing; finalise its workspace before the final commit."""
 
 

@@ -286,9 +286,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         ctx: Context,
         cleanup_after: Annotated[bool, Field(description="Remove the container now instead of after the "
                                                          "retention period.")] = False,
-        create_final_checkpoint: Annotated[bool, Field(description="Make sure a final (pinned) checkpoint "
-                                                                   "exists; the built-in auto-checkpoint "
-                                                                   "plugin normally takes it.")] = True,
+        create_final_checkpoint: Annotated[bool, Field(description="Take a final (pinned) checkpoint of the "
+                                                                   "finished work; false skips it.")] = True,
         summary: Annotated[str, Field(description="Final summary written to Plan.md.")] = "",
     ) -> Result:
         """Finish a task: final checkpoint, final commit, branch fetched into the user's repository,
@@ -299,8 +298,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
                 "summary": summary}
 
         def call(_session: str | None) -> dict[str, Any]:
-            return ad.service.complete_task(task_id, summary, cleanup=cleanup_after,
-                                            final_checkpoint=create_final_checkpoint)
+            return ad.service.complete(task_id, summary, cleanup=cleanup_after,
+                                       final_checkpoint=create_final_checkpoint)
 
         result = await ad.task_tool(ctx, task_id, "complete_task", args, call)
         if not result.is_error:

@@ -312,13 +312,7 @@ def check(service: TaskService, task: Task, tool: str, args: dict[str, Any]) -> 
         short = decision.subject if len(decision.subject) <= 100 else decision.subject[:97] + "..."
         reason = f"policy rule {decision.rule} before `{short}`"
         try:
-            try:
-                service.create_checkpoint(task.id, None, trigger="policy", reason=reason)
-            except InvalidInput as exc:
-                # A checkpoint engine without a "policy" trigger: use its word for the same idea.
-                if "trigger" not in exc.message:
-                    raise
-                service.create_checkpoint(task.id, None, trigger="risky-command", reason=f"[policy] {reason}")
+            service.create_checkpoint(task.id, None, trigger="policy", reason=reason)
         except TaskboxError as exc:
             service.registry.add_event("policy.checkpoint_failed", task.id,
                                        {"rule": decision.rule, "error": exc.message[:300]})

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidInput, TaskboxError
+from .errors import TaskboxError
 from .models import ContainerState, Status
 
 if TYPE_CHECKING:
@@ -137,19 +137,8 @@ def _remember(service: TaskService, task_id: str, level: str, current: Sample | 
 
 
 def _checkpoint(service: TaskService, task: Task, trigger: str, reason: str) -> None:
-    create = getattr(service, "create_checkpoint", None)
-    if create is None:
-        service.registry.add_event("resource.checkpoint_unavailable", task.id, {"trigger": trigger})
-        return
     try:
-        try:
-            create(task.id, None, trigger=trigger, reason=reason)
-        except InvalidInput as exc:
-            # The checkpoint engine's trigger vocabulary may not know "resource-pressure" yet:
-            # fall back to its nearest word, keeping ours in the reason.
-            if "trigger" not in exc.message:
-                raise
-            create(task.id, None, trigger="emergency", reason=f"[{trigger}] {reason}")
+        service.create_checkpoint(task.id, None, trigger=trigger, reason=reason)
     except TaskboxError as exc:
         service.registry.add_event("resource.checkpoint_failed", task.id,
                                    {"trigger": trigger, "error": exc.message[:300]})

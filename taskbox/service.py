@@ -728,17 +728,20 @@ class TaskService:
 
     # --- complete / abort / cleanup ----------------------------------------------------------
 
-    def complete(self, task_id: str, summary: str = "", *, cleanup: bool = False) -> dict[str, Any]:
-        """Finish a task: final Plan.md summary, commit, fetch the branch, stop the container.
+    def complete(self, task_id: str, summary: str = "", *, cleanup: bool = False,
+                 final_checkpoint: bool = True) -> dict[str, Any]:
+        """Finish a task: final Plan.md summary and checkpoint, commit, fetch the branch, stop the container.
 
         Marked ``pending_op='complete'`` while it runs, so a crash part-way is finished by
         `doctor --fix`. The container is kept for the retention period unless ``cleanup``.
+        The final checkpoint is taken by the built-in auto-checkpoint plugin unless
+        ``final_checkpoint`` is false.
         """
         task = self.get(task_id)
         if task.pending_op != "complete":
             check_transition(task.id, task.status, Status.COMPLETED)
             task = self._update(task.id, {"pending_op": "complete", "op_pid": os.getpid()})
-        self.hook.task_complete(service=self, task=task, summary=summary)
+        self.hook.task_complete(service=self, task=task, summary=summary, final_checkpoint=final_checkpoint)
         self.update_state(task, lambda s: s.update(status=str(Status.COMPLETED), current_agent=None))
         commit = workspace.commit_all(Path(task.workspace_path), f"taskbox: complete task {task.id}\n\n{summary}".strip())
         head = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
@@ -757,8 +760,10 @@ class TaskService:
         if cleanup:
             self.cleanup(task.id)
             removed = True
+        finals = [c for c in self.list_checkpoints(task.id) if c["trigger"] == "final"]
         return {"success": True, "task_id": task.id, "branch": task.branch, "commit": head,
                 "new_commit": commit, "container_removed": removed,
+                "final_checkpoint_id": finals[-1]["checkpoint_id"] if finals and final_checkpoint else None,
                 "status": str(self.get(task.id).status)}
 
     def abort(self, task_id: str, reason: str = "") -> Task:
@@ -1084,20 +1089,6 @@ class TaskService:
         return {"task_id": task.id, "status": outcome, "task_status": str(task.status),
                 "container_id": task.container_id, "existing_container": had_container,
                 "branch": task.branch, "workspace_path": task.workspace_path, "repo_path": task.repo_path}
-
-    def complete_task(self, task_id: str, summary: str = "", *, cleanup: bool = False,
-                      final_checkpoint: bool = True) -> dict[str, Any]:
-        """:meth:`complete`, reporting the task's final checkpoint.
-
-        The built-in auto-checkpoint plugin takes it during completion, after the final Plan.md
-        summary is written; if none was taken (that plugin disabled, or its checkpoint failed)
-        and ``final_checkpoint`` is set, it is taken now.
-        """
-        res = self.complete(task_id, summary, cleanup=cleanup)
-        final = [c for c in self.list_checkpoints(task_id) if c["trigger"] == "final"]
-        if not final and final_checkpoint:
-            final = [self.create_checkpoint(task_id, "final", trigger="final", reason="task completed")]
-        return {**res, "final_checkpoint_id": final[-1]["checkpoint_id"] if final else None}
 
     def status(self, task_id: str, recent: int = 5) -> dict[str, Any]:
         """A task's record with its live state: agents, todos, metrics, recent commands."""

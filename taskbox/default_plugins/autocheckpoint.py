@@ -53,8 +53,10 @@ def pre_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any]) -> N
 
 
 @hookimpl(trylast=True)
-def task_complete(service: Any, task: Any, summary: str) -> None:
+def task_complete(service: Any, task: Any, summary: str, final_checkpoint: bool) -> None:
     # Runs after the Plan.md plugin wrote the final summary, so the checkpoint includes it.
+    if not final_checkpoint:
+        return
     rows = service.list_checkpoints(task.id)
     if rows and rows[-1]["trigger"] == "final":
         return  # already taken (an interrupted completion being finished, or by the caller)
