@@ -45,7 +45,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,7 @@ from .errors import (
 from .sandbox import sandbox_owner
 
 if TYPE_CHECKING:
+    from .doctor import Findings
     from .models import Task
     from .service import TaskService
 
@@ -1192,19 +1193,8 @@ class Checkpoints:
 
     # --- doctor ----------------------------------------------------------------------------
 
-    def reconcile(self, fix: bool) -> list[dict[str, Any]]:
-        """Findings for `taskbox doctor`: interrupted restores, frozen containers, lost checkpoints."""
-        findings: list[dict[str, Any]] = []
-
-        def found(kind: str, task_id: str, detail: str, action: Callable[[], str] | None) -> None:
-            entry: dict[str, Any] = {"kind": kind, "task_id": task_id, "detail": detail, "fixed": False}
-            if fix and action is not None:
-                try:
-                    entry["action"] = action()
-                    entry["fixed"] = True
-                except TaskboxError as exc:
-                    entry["error"] = exc.message
-            findings.append(entry)
+    def reconcile(self, found: Findings) -> None:
+        """Add findings for `taskbox doctor`: interrupted restores, frozen containers, lost checkpoints."""
 
         for task in self.svc.registry.list_tasks():
             if self.busy(task.id):
@@ -1233,7 +1223,6 @@ class Checkpoints:
                             return "removed from the registry"
                         found("lost-checkpoint", task.id,
                               f"checkpoint {r['checkpoint_id']} ({r['name']}) is missing from the store", forget)
-        return findings
 
 
 # --- archives ----------------------------------------------------------------------------------
@@ -1257,17 +1246,7 @@ def _check_text(label: str, value: str, limit: int) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    files.write_durably(path, json.dumps(data).encode())
 
 
 def _unsafe(member: str, why: str) -> InvalidInput:

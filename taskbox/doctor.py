@@ -36,18 +36,27 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
-    findings: list[dict[str, Any]] = []
+class Findings(list[dict[str, Any]]):
+    """What a reconciler found; with ``fix`` each finding's repair action is run as it is added."""
 
-    def found(kind: str, task_id: str | None, detail: str, action: Any = None) -> None:
+    def __init__(self, fix: bool) -> None:
+        super().__init__()
+        self.fix = fix
+
+    def __call__(self, kind: str, task_id: str | None, detail: str,
+                 action: Callable[..., Any] | None = None) -> None:
         entry: dict[str, Any] = {"kind": kind, "task_id": task_id, "detail": detail, "fixed": False}
-        if fix and action is not None:
+        if self.fix and action is not None:
             try:
                 entry["action"] = action()
                 entry["fixed"] = True
             except TaskboxError as exc:
                 entry["error"] = exc.message
-        findings.append(entry)
+        self.append(entry)
+
+
+def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
+    findings = found = Findings(fix)
 
     tasks = svc.registry.list_tasks()
     known = {t.id for t in tasks}
@@ -130,7 +139,7 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
             findings.append({"kind": "memory-recovered", "task_id": task.id,
                              "detail": f"{recovery.reason}; rebuilt from logs, damaged copy kept as "
                                        f"{recovery.corrupted_copy}", "fixed": True})
-    findings += svc.checkpoints.reconcile(fix)  # interrupted restores, frozen containers, lost checkpoints
+    svc.checkpoints.reconcile(found)  # interrupted restores, frozen containers, lost checkpoints
     svc.registry.add_event("doctor.run", None, {"fix": fix, "findings": len(findings)})
     return findings
 

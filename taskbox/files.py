@@ -35,6 +35,33 @@ def _mkdirs(root: Path, path: Path) -> None:
         _own(d)
 
 
+def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync of the directory.
+
+    For files under taskbox's own control; workspace files go through :func:`atomic_write`.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``rel`` under ``root`` atomically; return the host path."""
     target = host_path(root, rel, allow_root=False)
@@ -48,7 +75,7 @@ def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None) -> 
     tmp = target.parent / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.write(fd, data) if len(data) < 2**30 else _write_all(fd, data)
+        _write_all(fd, data)
         os.fchmod(fd, mode)
         os.fsync(fd)
     except BaseException:
@@ -58,11 +85,7 @@ def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None) -> 
     os.close(fd)
     _own(tmp)
     os.replace(tmp, target)
-    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _fsync_dir(target.parent)
     return target
 
 
