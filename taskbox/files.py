@@ -35,21 +35,25 @@ def _mkdirs(root: Path, path: Path) -> None:
         _own(d)
 
 
-def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_durably(path: Path, data: bytes, mode: int = 0o644, *, hand_over: bool = False) -> None:
     """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync of the directory.
 
-    For files under taskbox's own control; workspace files go through :func:`atomic_write`.
+    ``hand_over`` gives the file to the sandbox user (for workspace files written as root).
+    Workspace files go through :func:`atomic_write`, which confines the path first.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         _write_all(fd, data)
+        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    if hand_over:
+        _own(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -72,20 +76,7 @@ def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None) -> 
     _mkdirs(root.resolve(), target.parent)
     if mode is None:
         mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
-    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        _write_all(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    _own(tmp)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    write_durably(target, data, mode, hand_over=True)
     return target
 
 
