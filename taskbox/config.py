@@ -54,6 +54,10 @@ class Settings:
         95.0, "Memory use (% of the limit) that takes an emergency checkpoint and pauses the task."
     )
     pressure_interval: float = _setting(10.0, "Seconds between memory samples of the pressure monitor.")
+    idle_pause_minutes: int = _setting(
+        30, "Minutes an active task with no attached agent keeps its container running before the "
+        "`tick` housekeeping pauses it (0: never)."
+    )
     lease_seconds: int = _setting(300, "How long an agent's lease on a task lasts unless renewed.")
     collaborative_max_agents: int = _setting(4, "Most agents attached to a collaborative task.")
     exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")

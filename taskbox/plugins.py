@@ -12,6 +12,7 @@ from . import hookspecs
 DEFAULT_PLUGINS = (
     "taskbox.default_plugins.branch",
     "taskbox.default_plugins.plan",
+    "taskbox.default_plugins.idle",
     "taskbox.default_plugins.autocheckpoint",
     "taskbox.default_plugins.safety",
 )

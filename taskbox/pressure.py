@@ -145,7 +145,7 @@ def _checkpoint(service: TaskService, task: Task, trigger: str, reason: str) -> 
 
 
 class Monitor:
-    """A daemon thread that runs :func:`check_all` every ``interval`` seconds until stopped."""
+    """A daemon thread that runs the service's ``tick`` (pressure sampling, idle pause, …) every ``interval`` seconds."""
 
     def __init__(self, service: TaskService, interval: float | None = None) -> None:
         self.service = service
@@ -164,6 +164,6 @@ class Monitor:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                check_all(self.service)
+                self.service.tick()  # pressure sampling is the safety plugin's tick
             except TaskboxError as exc:
                 self.service.registry.add_event("resource.monitor_error", None, {"error": exc.message[:300]})

@@ -1148,11 +1148,15 @@ class TaskService:
 
     # --- reconcile ---------------------------------------------------------------------------
 
+    def tick(self) -> None:
+        """Periodic housekeeping: every plugin's ``tick`` (pressure sampling, idle pause, …)."""
+        self.hook.tick(service=self)
+
     def doctor(self, fix: bool = False) -> list[dict[str, Any]]:
         """Find (and with ``fix``, repair) what crashes and manual changes left inconsistent."""
         from .doctor import reconcile
 
-        self.hook.tick(service=self)
+        self.tick()
         return reconcile(self, fix)
 
     def ensure_image(self, image: str | None = None) -> None:

@@ -125,3 +125,18 @@ def test_limits_are_applied(svc: TaskService, repo: Path, docker_engine) -> None
     hc = container(docker_engine, task.container_id)["HostConfig"]
     assert hc["Memory"] == 256 * 1024**2 and hc["MemorySwap"] == 256 * 1024**2
     assert hc["NanoCpus"] == 500_000_000 and hc["PidsLimit"] == 64
+
+
+def test_idle_task_is_paused_by_tick_but_not_while_attached(svc: TaskService, repo: Path, docker_engine) -> None:
+    svc.settings.idle_pause_minutes = 1
+    idle = svc.create_task(repo, "forgotten task")
+    busy = svc.create_task(repo, "attached task")
+    svc.attach(busy.id, "worker")
+    for t in (idle, busy):  # both last active two minutes ago
+        svc.registry.update_task(t.id, svc.get(t.id).version, {"last_active": svc.get(t.id).last_active - 120})
+    svc.tick()
+    assert svc.get(idle.id).status is Status.PAUSED
+    assert not container(docker_engine, idle.container_id)["State"]["Running"]
+    assert "task.idle_paused" in [e["type"] for e in svc.registry.events(idle.id)]
+    assert svc.get(busy.id).status is Status.ACTIVE  # a live lease keeps it running
+    assert svc.exec(idle.id, "echo awake").stdout == "awake\n"  # and it starts again on use
