@@ -144,3 +144,21 @@ def m001_initial(conn: sqlite3.Connection) -> None:
         """
     )
     conn.execute("CREATE INDEX events_task ON events (task_id, id)")
+
+
+@migration
+def m002_lease_waiters(conn: sqlite3.Connection) -> None:
+    # Agents waiting for a held task, served first come, first served. A waiter that stops
+    # refreshing `seen_at` (it gave up or crashed) drops out of the queue.
+    conn.execute(
+        """
+        CREATE TABLE lease_waiters (
+            task_id TEXT NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+            session_id TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            enqueued_at REAL NOT NULL,
+            seen_at REAL NOT NULL,
+            PRIMARY KEY (task_id, session_id)
+        )
+        """
+    )

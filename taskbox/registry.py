@@ -16,6 +16,7 @@ from .errors import ConcurrentModification, Conflict, TaskLocked, TaskNotFound
 from .models import Lease, LockMode, Session, Task
 
 _TASK_COLUMNS = tuple(Task.__dataclass_fields__)
+WAITER_STALE_SECONDS = 5.0  # a waiter polls every 0.2 s; silence this long means it is gone
 
 
 class Registry:
@@ -185,14 +186,34 @@ class Registry:
         ttl: float,
         max_holders: int,
         now: float | None = None,
+        queued: bool = False,
     ) -> tuple[Lease, list[Lease]]:
         """Take a lease on a task in one transaction; return it and the expired leases it replaced.
 
         Exclusive: refused while any other live lease exists. Collaborative: refused while an
-        exclusive lease is live or ``max_holders`` collaborative leases are.
+        exclusive lease is live or ``max_holders`` collaborative leases are. Agents queued with
+        :meth:`join_queue` are served first come, first served: a ``queued`` caller is refused
+        while someone queued before it; any other newcomer while anyone is queued.
         """
         now = time.time() if now is None else now
         with self.tx() as conn:
+            conn.execute("DELETE FROM lease_waiters WHERE task_id = ? AND seen_at <= ?",
+                         (task_id, now - WAITER_STALE_SECONDS))
+            holding = conn.execute("SELECT 1 FROM leases WHERE task_id = ? AND session_id = ? AND expires_at > ?",
+                                   (task_id, session_id, now)).fetchone()
+            if not holding:
+                mine = conn.execute("SELECT enqueued_at FROM lease_waiters WHERE task_id = ? AND session_id = ?",
+                                    (task_id, session_id)).fetchone()
+                ahead = [r[0] for r in conn.execute(
+                    "SELECT agent FROM lease_waiters WHERE task_id = ? AND session_id != ? AND enqueued_at <= ?"
+                    " ORDER BY enqueued_at", (task_id, session_id, mine[0] if queued and mine else now + 1e9))]
+                if ahead:
+                    raise TaskLocked(
+                        f"task {task_id} has {len(ahead)} agent(s) waiting before you ({', '.join(ahead)}); "
+                        "wait in turn with --wait",
+                        task_id=task_id,
+                        waiting=ahead,
+                    )
             expired = [
                 _lease(r)
                 for r in conn.execute(
@@ -223,12 +244,27 @@ class Registry:
                         holders=[le.to_dict() for le in live],
                     )
             lease = Lease(task_id, session_id, agent, mode, now, now + ttl)
+            conn.execute("DELETE FROM lease_waiters WHERE task_id = ? AND session_id = ?", (task_id, session_id))
             conn.execute(
                 "INSERT OR REPLACE INTO leases (task_id, session_id, agent, mode, acquired_at, expires_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (task_id, session_id, agent, str(mode), now, now + ttl),
             )
         return lease, expired
+
+    def join_queue(self, task_id: str, session_id: str, agent: str) -> None:
+        """Queue (or stay queued) for a task's lease; call again at least every few seconds."""
+        now = time.time()
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT INTO lease_waiters (task_id, session_id, agent, enqueued_at, seen_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (task_id, session_id) DO UPDATE SET seen_at = excluded.seen_at",
+                (task_id, session_id, agent, now, now),
+            )
+
+    def leave_queue(self, task_id: str, session_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM lease_waiters WHERE task_id = ? AND session_id = ?", (task_id, session_id))
 
     def renew_lease(self, task_id: str, session_id: str, ttl: float) -> bool:
         with self.tx() as conn:

@@ -477,15 +477,24 @@ class TaskService:
         if existing and existing.task_id != task.id:
             raise InvalidInput(f"session {sid} belongs to task {existing.task_id}")
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                _lease, expired = self.registry.acquire_lease(
-                    task.id, sid, agent, mode, self.settings.lease_seconds, self.settings.collaborative_max_agents)
-                break
-            except TaskLocked:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.2)
+        queued = False
+        try:
+            while True:
+                try:
+                    _lease, expired = self.registry.acquire_lease(
+                        task.id, sid, agent, mode, self.settings.lease_seconds,
+                        self.settings.collaborative_max_agents, queued=queued)
+                    break
+                except TaskLocked:
+                    if time.monotonic() >= deadline:
+                        raise
+                    self.registry.join_queue(task.id, sid, agent)  # first come, first served
+                    queued = True
+                    time.sleep(0.2)
+        except BaseException:
+            if queued:
+                self.registry.leave_queue(task.id, sid)
+            raise
         for old in expired:  # the holder stopped renewing: its session is over
             self.registry.end_session(old.session_id, time.time())
         t0 = time.perf_counter()

@@ -35,6 +35,41 @@ def test_waiting_attach_gets_the_task_when_released(svc: TaskService, repo: Path
     assert res.session.agent == "bob"
 
 
+def test_waiters_are_served_first_come_first_served(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "popular task")
+    svc.attach(task.id, "alice", session_id="s-a")
+    order: list[str] = []
+
+    def wait_for(agent: str) -> None:
+        res = TaskService(svc.paths.home).attach(task.id, agent, session_id=f"s-{agent}", wait=20)
+        order.append(res.session.agent)
+        time.sleep(0.5)  # work a little, then hand over
+        TaskService(svc.paths.home).detach(task.id, f"s-{agent}")
+
+    bob = threading.Thread(target=wait_for, args=("bob",))
+    bob.start()
+    time.sleep(0.6)  # bob is queued first
+    carol = threading.Thread(target=wait_for, args=("carol",))
+    carol.start()
+    time.sleep(0.6)
+    with pytest.raises(TaskLocked, match="waiting before you"):  # no jumping the queue
+        svc.attach(task.id, "dave", session_id="s-dave")
+    svc.detach(task.id, "s-a")
+    bob.join(30)
+    carol.join(30)
+    assert order == ["bob", "carol"]
+    assert svc.registry._conn().execute("SELECT COUNT(*) FROM lease_waiters").fetchone()[0] == 0
+
+
+def test_a_waiter_that_gives_up_leaves_the_queue(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "impatient")
+    svc.attach(task.id, "alice", session_id="s-a")
+    with pytest.raises(TaskLocked):
+        svc.attach(task.id, "bob", session_id="s-b", wait=0.5)
+    svc.detach(task.id, "s-a")
+    assert svc.attach(task.id, "carol", session_id="s-c").session.agent == "carol"
+
+
 def test_collaborative_allows_several_agents_up_to_the_limit(svc: TaskService, repo: Path) -> None:
     svc.settings.collaborative_max_agents = 2
     task = svc.create_task(repo, "pairing", lock_mode="collaborative")
