@@ -10,6 +10,7 @@ Human-readable output by default, ``--json`` on every command. Exit codes: 0 suc
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import sys
@@ -729,27 +730,63 @@ def integrate_group() -> None:
     """Configure an agent (OpenCode, Claude Code) to use the taskbox MCP server."""
 
 
-def _integrate(agent: str, directory: str, name: str) -> Any:
-    from .integrate import integrate
+def _integrate(agent: str, directory: str, name: str, guard: bool) -> Any:
+    from .integrate import install_guard, integrate
 
-    res = integrate(agent, directory, name=name)
-    return res.to_dict(), res.describe()
+    done = [integrate(agent, directory, name=name)]
+    if guard:
+        done.append(install_guard(agent, directory))
+    data = done[0].to_dict() if not guard else [d.to_dict() for d in done]
+    return data, "\n".join(d.describe() for d in done)
+
+
+_GUARD_HELP = "Also install the agent-side hook that refuses host-side shell and file tools while a task is attached."
 
 
 @command(integrate_group, "opencode")
 @click.option("--dir", "directory", default=".", show_default=True, help="The project directory.")
 @click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
-def integrate_opencode(directory: str, name: str) -> Any:
+@click.option("--guard", is_flag=True, help=_GUARD_HELP)
+def integrate_opencode(directory: str, name: str, guard: bool) -> Any:
     """Add the taskbox MCP server to opencode.json (merged with what is there)."""
-    return _integrate("opencode", directory, name)
+    return _integrate("opencode", directory, name, guard)
 
 
 @command(integrate_group, "claude-code")
 @click.option("--dir", "directory", default=".", show_default=True, help="The project directory.")
 @click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
-def integrate_claude_code(directory: str, name: str) -> Any:
+@click.option("--guard", is_flag=True, help=_GUARD_HELP)
+def integrate_claude_code(directory: str, name: str, guard: bool) -> Any:
     """Add the taskbox MCP server to .mcp.json (merged with what is there)."""
-    return _integrate("claude-code", directory, name)
+    return _integrate("claude-code", directory, name, guard)
+
+
+@cli.command("guard")
+@click.option("--agent", type=click.Choice(["claude-code", "opencode"]), required=True)
+@click.option("--dir", "directory", help="Project directory (default: from the hook payload, or here).")
+@click.option("--tool", help="The agent's tool name (default: from the hook payload on stdin).")
+def guard(agent: str, directory: str | None, tool: str | None) -> None:
+    """Hook for agents: exit 2 (refuse) for host-side shell/file tools while a task is attached.
+
+    Claude Code passes its PreToolUse payload (tool_name, cwd) on stdin; OpenCode's plugin
+    passes --dir and --tool. Installed by `taskbox integrate ... --guard`.
+    """
+    if tool is None:
+        try:
+            payload = json.loads(sys.stdin.read() or "{}")
+        except json.JSONDecodeError as exc:
+            click.echo(f"taskbox guard: unreadable hook payload ({exc}); not blocking", err=True)
+            sys.exit(1)  # for Claude Code, a non-blocking error shown to the user
+        tool = str(payload.get("tool_name") or "")
+        directory = directory or payload.get("cwd") or os.environ.get("CLAUDE_PROJECT_DIR")
+    try:
+        decision = _service().guard(directory or ".", tool)
+    except TaskboxError as exc:
+        click.echo(f"taskbox guard: {exc.message}; not blocking", err=True)
+        sys.exit(1)
+    if not decision["allowed"]:
+        click.echo(decision["reason"], err=True)
+        sys.exit(2)  # both agents treat exit 2 as "refuse, and tell the model why"
 
 
 def main() -> None:

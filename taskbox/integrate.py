@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,16 +49,18 @@ class Integration:
     server_name: str
     entry: dict[str, Any]
     previous: dict[str, Any] | None
+    what: str = "MCP server"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
+        thing = f"{self.what} {self.server_name!r}"
         what = {
-            "created": f"created {self.path} with MCP server {self.server_name!r}",
-            "added": f"added MCP server {self.server_name!r} to {self.path}",
-            "updated": f"updated MCP server {self.server_name!r} in {self.path}",
-            "unchanged": f"{self.path} already has MCP server {self.server_name!r}; nothing changed",
+            "created": f"created {self.path} with {thing}",
+            "added": f"added {thing} to {self.path}",
+            "updated": f"updated {thing} in {self.path}",
+            "unchanged": f"{self.path} already has {thing}; nothing changed",
         }[self.action]
         lines = [what]
         if self.action == "updated":
@@ -132,3 +135,78 @@ def _merge(agent: str, root: Path, filename: str, section: str, name: str, entry
     files.atomic_write(root, filename, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(), mode)
     action = "created" if created else "added" if previous is None else "updated"
     return Integration(agent, str(path), action, name, entry, previous)
+
+
+# --- agent-side guard hooks ----------------------------------------------------------------
+
+CLAUDE_GUARDED = "Bash|Write|Edit|MultiEdit|NotebookEdit"
+OPENCODE_PLUGIN = ".opencode/plugins/taskbox-guard.js"
+
+
+def guard_command(agent: str) -> str:
+    """The shell command an agent's hook runs: `taskbox guard`, with a non-default TASKBOX_HOME."""
+    exe = server_command()[0]
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in server_env().items())
+    return f"{env + ' ' if env else ''}{shlex.quote(exe)} guard --agent {agent}"
+
+
+def opencode_plugin_source(exe: str, env: dict[str, str]) -> str:
+    return f"""// Written by `taskbox integrate opencode --guard`; rewritten when that runs again.
+// While a taskbox task of this repository has an agent attached, OpenCode's host-side shell
+// and file-writing tools are refused, so the work happens in the task's sandbox.
+const TASKBOX = {json.dumps(exe)}
+const ENV = {json.dumps(env)}
+const GUARDED = ["bash", "write", "edit", "patch"]
+
+export const TaskboxGuard = async ({{ $, directory }}) => ({{
+  "tool.execute.before": async (input) => {{
+    if (!GUARDED.includes(input.tool)) return
+    const r = await $`${{TASKBOX}} guard --agent opencode --dir ${{directory}} --tool ${{input.tool}}`
+      .env({{ ...process.env, ...ENV }}).nothrow().quiet()
+    if (r.exitCode === 2) throw new Error(r.stderr.toString().trim())
+  }},
+}})
+"""
+
+
+def install_guard(agent: str, directory: str | Path = ".") -> Integration:
+    """Install the agent-side hook that refuses host-side shell and file tools while a task is attached."""
+    if agent not in AGENTS:
+        raise InvalidInput(f"unknown agent {agent!r}; one of {', '.join(AGENTS)}")
+    root = Path(directory).expanduser().resolve()
+    if not root.is_dir():
+        raise InvalidInput(f"{root} is not a directory")
+    command = guard_command(agent)
+    if agent == "opencode":
+        source = opencode_plugin_source(server_command()[0], server_env())
+        old = files.read_optional(root, OPENCODE_PLUGIN)
+        action = "unchanged" if old == source.encode() else "created" if old is None else "updated"
+        if action != "unchanged":
+            files.atomic_write(root, OPENCODE_PLUGIN, source.encode())
+        return Integration(agent, str(root / OPENCODE_PLUGIN), action, "taskbox-guard",
+                           {"plugin": OPENCODE_PLUGIN, "command": command}, None, "guard plugin")
+    entry = {"matcher": CLAUDE_GUARDED, "hooks": [{"type": "command", "command": command}]}
+    path = root / ".claude" / "settings.json"
+    raw = files.read_optional(root, ".claude/settings.json")
+    try:
+        config: dict[str, Any] = json.loads(raw.decode("utf-8")) if raw and raw.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"{path} is not valid JSON ({exc}); fix it first, it was left untouched") from exc
+    if not isinstance(config, dict) or not isinstance(config.setdefault("hooks", {}), dict):
+        raise InvalidInput(f"{path}: unexpected structure; it was left untouched")
+    pre = config["hooks"].setdefault("PreToolUse", [])
+    if not isinstance(pre, list):
+        raise InvalidInput(f"{path}: hooks.PreToolUse is not a list; it was left untouched")
+
+    def ours(item: Any) -> bool:
+        return isinstance(item, dict) and any(" guard --agent claude-code" in str(h.get("command", ""))
+                                              for h in item.get("hooks", []) if isinstance(h, dict))
+
+    previous = next((item for item in pre if ours(item)), None)
+    if previous == entry:
+        return Integration(agent, str(path), "unchanged", "taskbox-guard", entry, previous, "guard hook")
+    config["hooks"]["PreToolUse"] = [item for item in pre if not ours(item)] + [entry]
+    files.atomic_write(root, ".claude/settings.json",
+                       (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+    action = "created" if raw is None else "added" if previous is None else "updated"
+    return Integration(agent, str(path), action, "taskbox-guard", entry, previous, "guard hook")
