@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
@@ -33,15 +32,12 @@ def run(client: docker.DockerClient, image: str, *cmd: str, user: str | None = N
     return output.decode().strip()
 
 
-def test_second_build_is_cached_and_fast(
+def test_second_build_is_cached(
     client: docker.DockerClient, built: images.BuildResult
 ) -> None:
-    started = time.monotonic()
     again = images.build(client)
-    elapsed = time.monotonic() - started
 
     assert again.cached is True
-    assert elapsed < 1.0
     assert again.tag == built.tag == images.image_tag(built.base)
     assert again.image_id == built.image_id
     assert client.images.get(images.DEFAULT_IMAGE).id == built.image_id

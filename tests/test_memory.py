@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -70,9 +69,8 @@ def test_state_writes_are_atomic_and_fast(tmp_path: Path) -> None:
     mem.update({"task_id": "t", "status": "active", "branch": "b", "lock_mode": "exclusive"},
                lambda s: s["todos"].extend({"id": f"t{i}", "text": "x" * 100} for i in range(500)))
     assert not list((ws / ".task-memory").glob("*.tmp"))
-    t0 = time.perf_counter()
     state, recovery = mem.load()
-    assert (time.perf_counter() - t0) < 1.0 and recovery is None and len(state["todos"]) == 500
+    assert recovery is None and len(state["todos"]) == 500  # its speed is measured by bench/
 
 
 def test_memory_folder_replaced_by_a_link_is_refused(svc: TaskService, repo: Path, tmp_path: Path) -> None:
