@@ -103,8 +103,6 @@ def create_task(description: str, repo: str, agent: str, model: str, title: str 
     from .default_plugins.safety import warnings as safety_warnings
 
     svc = _service()
-    if allow_domains and network is None:
-        network = "allowlist"
     task = svc.create_task(repo, description, agent=agent, model=model, title=title, task_id=task_id,
                            lock_mode=lock_mode, memory=memory, cpus=cpus, pids_limit=pids, network=network,
                            allow_domains=list(allow_domains) or None,

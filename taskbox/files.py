@@ -7,10 +7,13 @@ link out of the workspace; files written as root are handed to the sandbox user.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,18 @@ def _mkdirs(root: Path, path: Path) -> None:
     for d in reversed(missing):
         os.mkdir(d)
         _own(d)
+
+
+@contextmanager
+def locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (kept under TASKBOX_HOME, out of the sandbox's reach)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_durably(path: Path, data: bytes, mode: int = 0o644, *, hand_over: bool = False) -> None:

@@ -381,7 +381,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         a file. Returns content, start_line, end_line, total_lines and truncated."""
         args = {"path": path, "start_line": start_line, "max_lines": max_lines}
         return await ad.task_tool(ctx, task_id, "read_task_file", args,
-                                  lambda _s: ad.service.read_text(task_id, path, start_line, max_lines))
+                                  lambda _s: ad.service.read_text(task_id, path, start_line, max_lines),
+                                  hooks=False)
 
     @tool(WRITES)
     async def write_task_file(
@@ -426,7 +427,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         Use it to explore the project layout."""
         args = {"path": path, "recursive": recursive}
         return await ad.task_tool(ctx, task_id, "list_task_files", args,
-                                  lambda _s: ad.service.list_files(task_id, path, recursive=recursive))
+                                  lambda _s: ad.service.list_files(task_id, path, recursive=recursive),
+                                  hooks=False)
 
     @tool(DESTRUCTIVE)
     async def delete_task_file(task_id: TaskId, path: WorkspacePath, ctx: Context) -> Result:
@@ -465,7 +467,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         changes = [dict(t) for t in todos]
         return await ad.task_tool(ctx, task_id, "update_task_todos", {"todos": changes},
                                   lambda session: {"todos": ad.service.update_todos(task_id, changes,
-                                                                                    session_id=session)})
+                                                                                    session_id=session)},
+                                  hooks=False)
 
     @tool(WRITES)
     async def log_task_decision(

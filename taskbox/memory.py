@@ -12,7 +12,6 @@ The folder lives in an agent-writable workspace, so every host-side access goes 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import time
@@ -102,13 +101,8 @@ class TaskMemory:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with files.locked(self.lock_file):
+            yield
 
     def write_atomic(self, name: str, data: bytes) -> None:
         files.atomic_write(self.workspace, f"{DIRNAME}/{name}", data)

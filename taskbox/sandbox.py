@@ -387,12 +387,9 @@ class Sandbox:
 
     def ensure_image(self, image: str) -> None:
         """Raise :class:`ImageMissing` (saying how to build it) unless ``image`` exists."""
-        try:
-            self.api.inspect_image(image)
-        except ImageNotFound as exc:
-            raise ImageMissing(f"sandbox image {image} is not built; run `taskbox image build`") from exc
-        except DockerException as exc:
-            raise SandboxError(f"could not inspect image {image}: {_explain(exc)}") from exc
+        from . import images
+
+        images.ensure(self.client, image)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -14,14 +14,16 @@ import secrets
 import time
 import unicodedata
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
 from . import engine, faults, files, git, policy, workspace
 from .config import Paths, Settings, default_home
+from .confine import container_workdir
 from .default_plugins.branch import slugify
 from .errors import (
     ConcurrentModification,
@@ -49,6 +51,9 @@ from .sandbox import (
     check_cpus,
     parse_memory,
 )
+
+if TYPE_CHECKING:
+    from .checkpoints import Checkpoints
 
 T = TypeVar("T")
 DESCRIPTION_MAX = 2000
@@ -125,6 +130,7 @@ class TaskService:
         self.pm = plugin_manager or make_manager()
         self.hook = self.pm.hook
         self._sandbox: Sandbox | None = None
+        self._checkpoints: Checkpoints | None = None
         # Containers of different TASKBOX_HOMEs on one engine are told apart by this label.
         self.home_label = hashlib.sha256(str(self.paths.home).encode()).hexdigest()[:16]
 
@@ -241,8 +247,11 @@ class TaskService:
         agent = _validate_name("agent name", agent)
         model = _validate_name("model name", model)
         mode = self._lock_mode(lock_mode)
+        repo_path = git.repo_root(Path(repo).expanduser().resolve())
+        if repo_path == self.paths.home or self.paths.home in repo_path.parents:
+            raise InvalidInput("the repository must not be inside TASKBOX_HOME")
         # The project policy (.taskbox/policy.toml) gives defaults and ceilings (taskbox.policy).
-        project = policy.load(git.repo_root(Path(repo).expanduser().resolve()))
+        project = policy.load(repo_path)
         mem = memory or project.limits.memory or self.settings.memory
         parse_memory(mem)
         cpu = check_cpus(float(cpus if cpus is not None else project.limits.cpus or self.settings.cpus))
@@ -250,7 +259,7 @@ class TaskService:
         if pids < 16:
             raise InvalidInput(f"pids limit {pids} is below the minimum of 16")
         project.check_limits(mem, cpu, pids)
-        net = network or project.network.mode or self.settings.network
+        net = network or ("allowlist" if allow_domains else None) or project.network.mode or self.settings.network
         if net not in NETWORK_MODES:
             raise InvalidInput(f"network mode {net!r} is not one of {', '.join(NETWORK_MODES)}")
         if allow_domains:
@@ -261,9 +270,6 @@ class TaskService:
                                                         "allow_domains": list(allow_domains)}}
         if task_id is not None and not _TASK_ID.match(task_id):
             raise InvalidInput(f"task id {task_id!r} must be lowercase letters, digits and dashes (max 63)")
-        repo_path = git.repo_root(Path(repo).expanduser().resolve())
-        if repo_path == self.paths.home or self.paths.home in repo_path.parents:
-            raise InvalidInput("the repository must not be inside TASKBOX_HOME")
         base_commit = workspace.head_commit(repo_path)
         if base_ref and base_commit is None:
             raise InvalidInput(f"{repo_path} has no commits, so base ref {base_ref!r} does not exist")
@@ -605,8 +611,6 @@ class TaskService:
         ``output_limit`` lowers the bytes of stdout and of stderr returned (an MCP client
         wants far less than a terminal); it never raises the configured limit.
         """
-        from .confine import container_workdir
-
         task = self.get(task_id)
         if isinstance(command, str) and not command.strip():
             raise InvalidInput("empty command")
@@ -684,6 +688,7 @@ class TaskService:
             if "text" in todo:
                 todo["text"] = _validate_text("todo text", str(todo["text"]), 500)
             clean.append(todo)
+        self.hook.pre_tool_call(service=self, task=task, tool="update_todos", args={"todos": clean})
 
         def apply(s: dict[str, Any]) -> None:
             by_id = {t["id"]: t for t in s["todos"]}
@@ -729,12 +734,6 @@ class TaskService:
         self.registry.add_event("decision.logged", task.id, entry)
         return entry
 
-    def log_message(self, task_id: str, role: str, message: str, session_id: str | None = None) -> None:
-        task = self.get(task_id)
-        session = self.registry.get_session(session_id) if session_id else None
-        self.memory(task).log_conversation({"session": session_id, "agent": session.agent if session else None,
-                                            "role": role, "kind": "message", "message": message})
-
     # --- complete / abort / cleanup ----------------------------------------------------------
 
     def complete(self, task_id: str, summary: str = "", *, cleanup: bool = False,
@@ -755,9 +754,7 @@ class TaskService:
         commit = workspace.commit_all(Path(task.workspace_path), f"taskbox: complete task {task.id}\n\n{summary}".strip())
         head = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
         faults.point("complete.fetched")
-        for s in self.registry.sessions(task.id, open_only=True):
-            self.registry.release_lease(task.id, s.id)
-            self.registry.end_session(s.id, time.time())
+        self._end_sessions(task.id)
         if task.container_id:
             self.sandbox.stop(task.container_id)
         task = self.retry(lambda: self.registry.update_task(
@@ -778,13 +775,17 @@ class TaskService:
     def abort(self, task_id: str, reason: str = "") -> Task:
         task = self.get(task_id)
         check_transition(task.id, task.status, Status.ABORTED)
-        for s in self.registry.sessions(task.id, open_only=True):
-            self.registry.release_lease(task.id, s.id)
-            self.registry.end_session(s.id, time.time())
+        self._end_sessions(task.id)
         if task.container_id:
             self.sandbox.stop(task.container_id)
         return self._transition(task.id, Status.ABORTED, {"container_state": ContainerState.STOPPED
                                 if task.container_id else ContainerState.NONE}, reason=reason)
+
+    def _end_sessions(self, task_id: str) -> None:
+        """Release every lease and end every open session of a finishing task."""
+        for s in self.registry.sessions(task_id, open_only=True):
+            self.registry.release_lease(task_id, s.id)
+            self.registry.end_session(s.id, time.time())
 
     def fail(self, task_id: str, reason: str) -> Task:
         return self._transition(task_id, Status.FAILED, reason=reason)
@@ -824,10 +825,11 @@ class TaskService:
     # --- checkpoints (the engine is taskbox.checkpoints) ---------------------------------------
 
     @property
-    def checkpoints(self) -> Any:
+    def checkpoints(self) -> Checkpoints:
+        """The checkpoint engine (made on first use: most commands never need it)."""
         from .checkpoints import Checkpoints
 
-        if getattr(self, "_checkpoints", None) is None:
+        if self._checkpoints is None:
             self._checkpoints = Checkpoints(self)
         return self._checkpoints
 
@@ -961,7 +963,8 @@ class TaskService:
     def write_file(self, task_id: str, path: str, data: bytes) -> str:
         task = self.get(task_id)
         self.hook.pre_tool_call(service=self, task=task, tool="write_file", args={"path": path})
-        target = files.atomic_write(Path(task.workspace_path), path, data)
+        with self._file_lock(task):
+            target = files.atomic_write(Path(task.workspace_path), path, data)
         rel = target.relative_to(Path(task.workspace_path).resolve()).as_posix()
         self.hook.post_tool_call(service=self, task=task, tool="write_file", args={"path": path},
                                  result={"path": rel, "size": len(data)})
@@ -975,6 +978,9 @@ class TaskService:
         if max_lines is not None and max_lines < 1:
             raise InvalidInput("max_lines must be at least 1")
         task = self.get(task_id)
+        args = {"path": path}
+        # The same tool names as the project policy's file rules (taskbox.policy.FILE_TOOLS).
+        self.hook.pre_tool_call(service=self, task=task, tool="read_file", args=args)
         data = files.read_bytes(Path(task.workspace_path), path)
         if b"\0" in data[:8192]:
             raise InvalidInput(f"{path!r} is a binary file ({len(data)} bytes); inspect it with a command")
@@ -985,8 +991,10 @@ class TaskService:
             content = content.encode()[:max_bytes].decode("utf-8", errors="ignore")
             content = content[: content.rfind("\n") + 1] or content
             end = start_line - 1 + content.count("\n")
-        return {"path": path, "content": content, "start_line": start_line, "end_line": end,
-                "total_lines": len(lines), "size": len(data), "truncated": end < len(lines)}
+        result = {"path": path, "content": content, "start_line": start_line, "end_line": end,
+                  "total_lines": len(lines), "size": len(data), "truncated": end < len(lines)}
+        self.hook.post_tool_call(service=self, task=task, tool="read_file", args=args, result=result)
+        return result
 
     def edit_file(self, task_id: str, path: str, old: str, new: str, *, replace_all: bool = False) -> dict[str, Any]:
         """Replace ``old`` with ``new`` in a workspace text file.
@@ -1028,8 +1036,12 @@ class TaskService:
         if limit < 1:
             raise InvalidInput("limit must be at least 1")
         task = self.get(task_id)
+        args = {"path": path, "recursive": recursive}
+        self.hook.pre_tool_call(service=self, task=task, tool="list_files", args=args)
         entries = files.listing(Path(task.workspace_path), path, recursive, limit + 1)
-        return {"path": path, "entries": entries[:limit], "truncated": len(entries) > limit}
+        result = {"path": path, "entries": entries[:limit], "truncated": len(entries) > limit}
+        self.hook.post_tool_call(service=self, task=task, tool="list_files", args=args, result=result)
+        return result
 
     def delete_file(self, task_id: str, path: str) -> dict[str, Any]:
         """Delete a file, link or directory tree in the workspace (never .git or .task-memory)."""
@@ -1046,20 +1058,9 @@ class TaskService:
         self.hook.post_tool_call(service=self, task=task, tool="delete_file", args=args, result=result)
         return result
 
-    def _file_lock(self, task: Task) -> Any:
-        import fcntl
-        from contextlib import contextmanager
-
-        @contextmanager
-        def held() -> Any:
-            with open(self.paths.locks / f"{task.id}.files.lock", "a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
-
-        return held()
+    def _file_lock(self, task: Task) -> AbstractContextManager[None]:
+        """Serialises the file tools of one task, so an edit never loses a concurrent write."""
+        return files.locked(self.paths.locks / f"{task.id}.files.lock")
 
     # --- agent tool calls (MCP) --------------------------------------------------------------
 
@@ -1155,7 +1156,7 @@ class TaskService:
             entry["error"] = {"code": "internal_error", "message": f"{type(error).__name__}: {error}"[:500]}
         self.memory(task).log_conversation(entry)
 
-    # --- reconcile ---------------------------------------------------------------------------
+    # --- agent-side guard ---------------------------------------------------------------------
 
     # Host-side agent tools that act outside the sandbox; reads stay allowed.
     GUARDED_TOOLS = frozenset({"bash", "shell", "write", "edit", "multiedit", "notebookedit", "patch"})
@@ -1182,6 +1183,8 @@ class TaskService:
                           f"in its sandbox with the taskbox MCP tools (execute_in_task, write_task_file, "
                           f"edit_task_file) instead of the host-side {tool} tool"}
 
+    # --- housekeeping --------------------------------------------------------------------------
+
     def tick(self) -> None:
         """Periodic housekeeping: every plugin's ``tick`` (pressure sampling, idle pause, …)."""
         self.hook.tick(service=self)
@@ -1192,7 +1195,4 @@ class TaskService:
 
         self.tick()
         return reconcile(self, fix)
-
-    def ensure_image(self, image: str | None = None) -> None:
-        self.sandbox.ensure_image(image or self.settings.image)
 

@@ -508,11 +508,11 @@ def test_every_task_tool_runs_the_tool_call_hooks(home: Path, repo: Path, docker
                 ("execute_in_task", {"command": "true"}, "exec"),
                 ("write_task_file", {"path": "a.txt", "content": "x"}, "write_file"),
                 ("edit_task_file", {"path": "a.txt", "old_text": "x", "new_text": "y"}, "edit_file"),
-                ("read_task_file", {"path": "a.txt"}, "read_task_file"),
-                ("list_task_files", {}, "list_task_files"),
+                ("read_task_file", {"path": "a.txt"}, "read_file"),
+                ("list_task_files", {}, "list_files"),
                 ("delete_task_file", {"path": "a.txt"}, "delete_file"),
                 ("task_diff", {}, "task_diff"),
-                ("update_task_todos", {"todos": [{"text": "t"}]}, "update_task_todos"),
+                ("update_task_todos", {"todos": [{"text": "t"}]}, "update_todos"),
                 ("log_task_decision", {"decision": "d"}, "log_task_decision"),
                 ("get_task_status", {}, "get_task_status"),
             ]
@@ -523,6 +523,7 @@ def test_every_task_tool_runs_the_tool_call_hooks(home: Path, repo: Path, docker
                 assert ("post", hook_name, "hooked") in recorder.calls, tool
                 assert recorder.calls.index(("pre", hook_name, "hooked")) < \
                     recorder.calls.index(("post", hook_name, "hooked"))
+                assert recorder.calls.count(("post", hook_name, "hooked")) == 1, tool  # never twice
             # a plugin refusing a call turns it into a tool error, and nothing is written
             text = await call_error(client, "write_task_file", task_id="hooked", path="secrets/key", content="k")
             assert "policy: agents may not write to secrets/" in text

@@ -202,3 +202,16 @@ def test_cli_policy_show_and_check(repo: Path, home: Path) -> None:
     assert res.returncode == 9 and "deny:evil.pythonhosted.org" in res.stdout
     res = run_cli("policy", "check", "--repo", str(repo), "--url", "http://169.254.169.254/", env=env)
     assert res.returncode == 9 and "ip-literal" in res.stdout
+
+
+def test_read_and_list_rules_hold_for_agent_tools(svc, repo: Path) -> None:
+    """File rules for read_file / list_files hold whichever adapter calls the service."""
+    write_policy(repo, '[[rules]]\nid = "no-secrets"\naction = "deny"\ntools = ["read_file", "list_files"]\n'
+                       'glob = ".env*"\n')
+    task = svc.create_task(repo, "secret reader", lazy=True)
+    (Path(task.workspace_path) / ".env").write_text("TOKEN=s3cret\n")
+    with pytest.raises(PolicyDenied, match="no-secrets"):
+        svc.read_text(task.id, ".env")
+    with pytest.raises(PolicyDenied, match="no-secrets"):
+        svc.list_files(task.id, ".env.d")
+    assert svc.read_text(task.id, "README.md")["content"] == "# demo\n"
