@@ -412,7 +412,7 @@ class Store:
         index = self.meta / f"verify.{os.getpid()}.index"
         try:
             info = "".join(f"100644 {sha}\t{i}\n" for i, sha in enumerate(sorted(set(shas))))
-            self.git(["update-index", "--add", "--index-info"], index=index, input=info.encode())
+            self.git(["update-index", "--add", "--index-info"], index=index, input=info.encode(errors="surrogateescape"))
             tree = self.git(["write-tree", "--missing-ok"], index=index).stdout.strip()
             # git archive inflates every blob; a damaged object fails here, with its name.
             self.git(["archive", "--format=tar", "-o", os.devnull, tree])
@@ -831,6 +831,8 @@ class Checkpoints:
             if commit is None:
                 raise CheckpointCorrupted(f"checkpoint {cp['checkpoint_id']} is in the registry but not in the "
                                           f"store {store.path}; run `taskbox doctor`")
+            if cp.get("image"):
+                self._check_image(cp["image"])  # before any file changes: all of the restore or none
             try:
                 with self._frozen(task):
                     stats = self._restore_files(task, ws, store, cp["checkpoint_id"], commit)
@@ -901,7 +903,7 @@ class Checkpoints:
             if data is None:
                 kept[rel] = None
                 continue
-            (keep_dir / str(i)).write_bytes(data)
+            files.write_durably(keep_dir / str(i), data)  # a replayed journal puts these back
             kept[rel] = str(i)
         return kept
 
@@ -922,9 +924,14 @@ class Checkpoints:
             return None
         try:
             data = json.loads(journal.read_text())
-        except (OSError, ValueError):
-            journal.unlink(missing_ok=True)
-            return None
+        except (OSError, ValueError) as exc:
+            # Moved aside (not deleted) so the next restore can run and make the workspace whole.
+            aside = journal.with_name(f"{journal.name}.unreadable.{int(time.time())}")
+            journal.replace(aside)
+            self.svc.registry.add_event("checkpoint.journal_unreadable", task.id, {"kept_as": str(aside)})
+            raise CheckpointCorrupted(
+                f"an interrupted restore left an unreadable journal (kept as {aside}): {exc}; the workspace "
+                "may be half restored, so restore a checkpoint again", task_id=task.id) from exc
         store = self.store(task.id)
         with self._frozen(task):
             self._restore_files(task, Path(task.workspace_path), store, data["checkpoint_id"], data["commit"],
@@ -932,13 +939,15 @@ class Checkpoints:
         self.svc.registry.add_event("checkpoint.restore_finished", task.id, {"checkpoint_id": data["checkpoint_id"]})
         return str(data["checkpoint_id"])
 
-    def _restore_container(self, task: Task, image: str) -> bool:
-        from .models import ContainerState
-
+    def _check_image(self, image: str) -> None:
         try:
             self.svc.sandbox.api.inspect_image(image)
         except Exception as exc:
             raise CheckpointCorrupted(f"the container image {image} of this checkpoint is gone") from exc
+
+    def _restore_container(self, task: Task, image: str) -> bool:
+        from .models import ContainerState
+
         was_running = self.svc.sandbox.state(task.container_id) is ContainerState.RUNNING
         if task.container_id:
             self.svc.sandbox.remove(task.container_id)
@@ -1384,7 +1393,7 @@ def _read_archive(store: Store, src: Path, scratch: Path) -> tuple[dict[str, Any
     shas: list[str] = []
     if scratch_paths:
         shas = store.git(["hash-object", "-w", "--no-filters", "--stdin-paths"],
-                         input=("\n".join(scratch_paths) + "\n").encode()).stdout.split()
+                         input=("\n".join(scratch_paths) + "\n").encode(errors="surrogateescape")).stdout.split()
     for (key, mode, sub), sha in zip(blobs, shas, strict=True):
         index_lines.setdefault(key, []).append(f"{mode} {sha}\t{sub}")
     for key, unit in units.items():
@@ -1399,7 +1408,7 @@ def _read_archive(store: Store, src: Path, scratch: Path) -> tuple[dict[str, Any
         if lines:
             index = scratch / f"index-{secrets.token_hex(4)}"
             store.git(["update-index", "--add", "-z", "--index-info"], index=index,
-                      input=("\0".join(lines) + "\0").encode())
+                      input=("\0".join(lines) + "\0").encode(errors="surrogateescape"))
             unit.tree = store.git(["write-tree"], index=index).stdout.strip()
         else:
             store.git(["write-tree"], index=scratch / "empty-index")  # makes sure the empty tree exists

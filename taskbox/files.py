@@ -27,7 +27,7 @@ def _own(path: Path) -> None:
         os.chown(path, *sandbox_owner(), follow_symlinks=False)
 
 
-def _mkdirs(root: Path, path: Path) -> None:
+def _mkdirs(root: Path, path: Path, hand_over: bool = True) -> None:
     missing = []
     p = path
     while not p.exists() and p != root:
@@ -35,7 +35,8 @@ def _mkdirs(root: Path, path: Path) -> None:
         p = p.parent
     for d in reversed(missing):
         os.mkdir(d)
-        _own(d)
+        if hand_over:
+            _own(d)
 
 
 @contextmanager
@@ -81,17 +82,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
-def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None) -> Path:
-    """Write ``data`` to ``rel`` under ``root`` atomically; return the host path."""
+def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None, *,
+                 hand_over: bool = True) -> Path:
+    """Write ``data`` to ``rel`` under ``root`` atomically; return the host path.
+
+    ``hand_over`` gives new files and directories to the sandbox user when taskbox runs as
+    root (right in a workspace); writes into a user's own repository pass False.
+    """
     target = host_path(root, rel, allow_root=False)
     if target.is_symlink():
         raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to write through it")
     if target.is_dir():
         raise InvalidInput(f"{rel!r} is a directory")
-    _mkdirs(root.resolve(), target.parent)
+    _mkdirs(root.resolve(), target.parent, hand_over)
     if mode is None:
         mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
-    write_durably(target, data, mode, hand_over=True)
+    write_durably(target, data, mode, hand_over=hand_over)
     return target
 
 

@@ -148,7 +148,7 @@ def run(
             cmd,
             cwd=cwd,
             env=full_env,
-            input=input.decode() if input is not None else None,
+            input=input.decode(errors="surrogateescape") if input is not None else None,
             capture_output=True,
             text=True,
             errors="surrogateescape",  # file names need not be UTF-8; they round-trip via os.fsencode

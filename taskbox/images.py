@@ -185,12 +185,10 @@ def build_proxy(
     return BuildResult(tag, found.id, cached, base, time.monotonic() - started)
 
 
-def ensure(client: docker.DockerClient, image: str) -> None:
-    """Raise :class:`ImageMissing` unless ``image`` exists in the local engine."""
+def ensure(client: docker.DockerClient, image: str, build: str = "taskbox image build") -> None:
+    """Raise :class:`ImageMissing` (saying to run ``build``) unless ``image`` exists locally."""
     if _get(client, image) is None:
-        raise ImageMissing(
-            f"sandbox image {image} is not built; run `taskbox image build`", image=image
-        )
+        raise ImageMissing(f"image {image} is not built; run `{build}`", image=image)
 
 
 # -- base image -------------------------------------------------------------------------

@@ -131,8 +131,8 @@ def _merge(agent: str, root: Path, filename: str, section: str, name: str, entry
     if previous == entry:
         return Integration(agent, str(path), "unchanged", name, entry, previous)
     servers[name] = entry
-    mode = None if created else path.stat().st_mode & 0o777
-    files.atomic_write(root, filename, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(), mode)
+    files.atomic_write(root, filename, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(),
+                       hand_over=False)
     action = "created" if created else "added" if previous is None else "updated"
     return Integration(agent, str(path), action, name, entry, previous)
 
@@ -182,7 +182,7 @@ def install_guard(agent: str, directory: str | Path = ".") -> Integration:
         old = files.read_optional(root, OPENCODE_PLUGIN)
         action = "unchanged" if old == source.encode() else "created" if old is None else "updated"
         if action != "unchanged":
-            files.atomic_write(root, OPENCODE_PLUGIN, source.encode())
+            files.atomic_write(root, OPENCODE_PLUGIN, source.encode(), hand_over=False)
         return Integration(agent, str(root / OPENCODE_PLUGIN), action, "taskbox-guard",
                            {"plugin": OPENCODE_PLUGIN, "command": command}, None, "guard plugin")
     entry = {"matcher": CLAUDE_GUARDED, "hooks": [{"type": "command", "command": command}]}
@@ -207,6 +207,6 @@ def install_guard(agent: str, directory: str | Path = ".") -> Integration:
         return Integration(agent, str(path), "unchanged", "taskbox-guard", entry, previous, "guard hook")
     config["hooks"]["PreToolUse"] = [item for item in pre if not ours(item)] + [entry]
     files.atomic_write(root, ".claude/settings.json",
-                       (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+                       (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(), hand_over=False)
     action = "created" if raw is None else "added" if previous is None else "updated"
     return Integration(agent, str(path), action, "taskbox-guard", entry, previous, "guard hook")

@@ -385,11 +385,11 @@ class Sandbox:
                 out.append((stamp, text))
         return out
 
-    def ensure_image(self, image: str) -> None:
-        """Raise :class:`ImageMissing` (saying how to build it) unless ``image`` exists."""
+    def ensure_image(self, image: str, build: str = "taskbox image build") -> None:
+        """Raise :class:`ImageMissing` (saying to run ``build``) unless ``image`` exists."""
         from . import images
 
-        images.ensure(self.client, image)
+        images.ensure(self.client, image, build)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -280,8 +280,10 @@ class TaskService:
                 raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
             base_commit = proc.stdout.strip()
         image_name = image or self.settings.image
-        if not lazy:
-            self.sandbox.ensure_image(image_name)  # Docker down or image missing: nothing changed yet
+        if not lazy:  # Docker down or an image missing: say so before anything changes
+            self.sandbox.ensure_image(image_name)
+            if net == "allowlist":
+                self.sandbox.ensure_image(self.settings.proxy_image, "taskbox image build --proxy")
 
         wanted = self.hook.branch_name(agent=agent, model=model, description=description)
         now = time.time()

@@ -125,3 +125,14 @@ def test_written_configs_start_a_working_server(home: Path, tmp_path: Path) -> N
 
     anyio.run(main)
     assert (home / "registry.db").exists()  # the server opened the home the config names
+
+
+def test_integrate_leaves_the_users_files_theirs(tmp_path: Path) -> None:
+    """Run as root, integrate must not hand the user's config files to the sandbox uid."""
+    from taskbox.integrate import install_guard, integrate
+
+    integrate("claude-code", tmp_path)
+    install_guard("claude-code", tmp_path)
+    install_guard("opencode", tmp_path)
+    for rel in (".mcp.json", ".claude", ".claude/settings.json", ".opencode/plugins/taskbox-guard.js"):
+        assert (tmp_path / rel).stat().st_uid == os.geteuid(), rel
