@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from .errors import InvalidInput
+
+T = TypeVar("T")
 
 
 def default_home() -> Path:
@@ -102,6 +106,37 @@ class Settings:
             except (TypeError, ValueError) as exc:
                 raise InvalidInput(f"setting {name}: expected {typ.__name__}, got {value!r}") from exc
         return cls(**kwargs)
+
+
+_project_cache: dict[tuple[Path, Callable[[str, Path], Any]], tuple[tuple[int, int], Any]] = {}
+_project_lock = threading.Lock()
+
+
+def load_project_file(path: Path, parse: Callable[[str, Path], T]) -> T | None:
+    """Read a project config file (e.g. ``.taskbox/policy.toml``) and ``parse(text, path)`` it; None if absent.
+
+    These files are consulted on every tool call, so the parsed result is cached until the
+    file's mtime or size changes. Unreadable or non-UTF-8 files are :class:`InvalidInput`.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from exc
+    key = (st.st_mtime_ns, st.st_size)
+    with _project_lock:
+        hit = _project_cache.get((path, parse))
+        if hit and hit[0] == key:
+            return cast(T, hit[1])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from exc
+    value = parse(text, path)
+    with _project_lock:
+        _project_cache[(path, parse)] = (key, value)
+    return value
 
 
 @dataclass(frozen=True)

@@ -50,13 +50,13 @@ import fnmatch
 import json
 import os
 import re
-import threading
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import load_project_file
 from .errors import InvalidInput, PolicyDenied
 
 if TYPE_CHECKING:
@@ -197,10 +197,6 @@ class Policy:
 
 # --- loading -----------------------------------------------------------------------------------
 
-_cache: dict[Path, tuple[tuple[int, int], Policy]] = {}
-_cache_lock = threading.Lock()
-
-
 def policy_path(repo: Path) -> Path:
     return Path(repo) / POLICY_FILE
 
@@ -208,25 +204,15 @@ def policy_path(repo: Path) -> Path:
 def load(repo: Path | str) -> Policy:
     """The policy of the project at ``repo`` (the defaults when it has no policy file)."""
     path = policy_path(Path(repo))
+    return load_project_file(path, _parse_text) or Policy(path=path)
+
+
+def _parse_text(text: str, path: Path) -> Policy:
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        return Policy(path=path)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc}") from exc
-    key = (st.st_mtime_ns, st.st_size)
-    with _cache_lock:
-        hit = _cache.get(path)
-        if hit and hit[0] == key:
-            return hit[1]
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"{path}: invalid TOML: {exc}") from exc
-    pol = parse(data, path)
-    with _cache_lock:
-        _cache[path] = (key, pol)
-    return pol
+    return parse(data, path)
 
 
 def parse(data: dict[str, Any], path: Path | None = None) -> Policy:

@@ -21,12 +21,13 @@ missing file means the built-in defaults; ``reset`` deletes it.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import files
+from .config import load_project_file
 from .errors import InvalidInput, NotFound
 
 CONFIG = Path(".taskbox") / "risk.json"
@@ -197,12 +198,10 @@ def _check_pattern(p: Pattern) -> Pattern:
 def load(repo: Path) -> RiskConfig:
     """The risk configuration of the project at ``repo`` (built-in defaults if it has none)."""
     path = config_path(repo)
-    try:
-        raw = path.read_text()
-    except FileNotFoundError:
-        return RiskConfig(path=path)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc}") from exc
+    return load_project_file(path, _parse) or RiskConfig(path=path)
+
+
+def _parse(raw: str, path: Path) -> RiskConfig:
     try:
         data = json.loads(raw)
         patterns = [_check_pattern(Pattern(**{k: p[k] for k in Pattern.__dataclass_fields__ if k in p}))
@@ -221,9 +220,7 @@ def save(repo: Path, cfg: RiskConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"version": 1, "high_only": cfg.high_only, "threshold": cfg.threshold,
             "patterns": [asdict(p) for p in cfg.patterns]}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    os.replace(tmp, path)
+    files.write_durably(path, (json.dumps(body, indent=2) + "\n").encode())
     return path
 
 

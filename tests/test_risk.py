@@ -102,3 +102,21 @@ def test_configure_risky_operations_cli(home: Path, repo: Path) -> None:
     assert r.returncode == 2 and r.stderr.startswith("error:")
     assert run_cli("configure-risky-operations", "--repo", str(repo), "--reset").returncode == 0
     assert not (repo / ".taskbox" / "risk.json").exists()
+
+
+def test_unreadable_risk_config_is_a_clear_error_and_never_breaks_commands(svc, repo) -> None:
+    (repo / ".taskbox").mkdir()
+    (repo / ".taskbox" / "risk.json").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(InvalidInput, match="cannot read"):
+        risk.load(repo)
+    task = svc.create_task(repo, "risky config")
+    assert svc.exec(task.id, "rm -rf build").exit_code == 0  # the command still runs
+    assert "risk.config_invalid" in [e["type"] for e in svc.registry.events(task.id)]
+
+
+def test_risk_config_is_parsed_once_until_it_changes(tmp_path) -> None:
+    first = risk.load(tmp_path)
+    risk.add_pattern(tmp_path, "exec:\\bdeploy\\b", category="custom", weight=5)
+    loaded = risk.load(tmp_path)
+    assert loaded is risk.load(tmp_path)  # cached: the same object until the file changes
+    assert loaded is not first and any(p.pattern == "\\bdeploy\\b" for p in loaded.patterns)
