@@ -6,9 +6,14 @@ import os
 from functools import lru_cache
 
 import docker
-from docker.errors import DockerException
+import requests
+from docker.errors import APIError, DockerException
 
-from .errors import DockerUnavailable
+from .errors import DockerUnavailable, InvalidInput, SandboxError, TaskboxError
+
+# What a Docker API call can raise: the SDK's errors, and requests' own when the engine's
+# socket goes away mid-session (those are not DockerExceptions).
+DOCKER_ERRORS = (DockerException, requests.RequestException)
 
 HOW_TO_START = (
     "start it with `sudo systemctl start docker` (or `sudo dockerd >/var/log/dockerd.log 2>&1 &`), "
@@ -51,3 +56,18 @@ def _reason(exc: Exception) -> str:
     if "PermissionError" in text or "Permission denied" in text:
         return "permission denied on the Docker socket (add yourself to the `docker` group)"
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def translate(exc: Exception, what: str) -> TaskboxError:
+    """The taskbox error for a failed Docker call; ``what`` says what was being done.
+
+    A lost engine becomes :class:`DockerUnavailable` (with how to start it), a request the
+    engine refused as malformed :class:`InvalidInput`, anything else :class:`SandboxError`.
+    """
+    if isinstance(exc, requests.ConnectionError):
+        return DockerUnavailable(f"{what}: lost the Docker engine at {docker_host()}; {HOW_TO_START}")
+    if isinstance(exc, APIError):
+        text = str(exc.explanation or exc)
+        return (InvalidInput if exc.status_code == 400 else SandboxError)(f"{what}: {text}")
+    text = str(exc).strip()
+    return SandboxError(f"{what}: {text.splitlines()[0][:300] if text else type(exc).__name__}")

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import requests
-from docker.errors import APIError, DockerException, NotFound
+from docker.errors import NotFound
 from docker.models.images import Image
 
-from .engine import HOW_TO_START, connect
-from .errors import DockerUnavailable, ImageMissing, InvalidInput, SandboxError, TaskboxError
+from .engine import DOCKER_ERRORS, connect, translate
+from .errors import ImageMissing, InvalidInput, SandboxError, TaskboxError
 
 __all__ = [
     "BASE_IMAGE",
@@ -227,7 +226,7 @@ def _pull(client: docker.DockerClient, ref: str, say: Progress) -> bool:
                 # Per-layer byte counters arrive many times a second; only states are news.
                 elif "status" in event and "progress" not in event:
                     say(f"    {event.get('id', ref)}: {event['status']}")
-        except (DockerException, requests.RequestException) as exc:
+        except DOCKER_ERRORS as exc:
             failure.append(_first_line(exc))
 
     # The SDK sends pulls without a timeout, so a daemon thread bounds the wait.
@@ -361,7 +360,7 @@ def _import(client: docker.DockerClient, rootfs: Path) -> None:
             ],
             stream_src=True,
         )
-    except (DockerException, requests.RequestException) as exc:
+    except DOCKER_ERRORS as exc:
         tar.kill()
         raise _translate(exc, f"importing {BOOTSTRAP_BASE}") from exc
     finally:
@@ -421,7 +420,7 @@ def _build_image(
             image_id = _consume(chunk, tail, say) or image_id
             if "error" in chunk:
                 error = str(chunk["error"]).strip()
-    except (DockerException, requests.RequestException) as exc:
+    except DOCKER_ERRORS as exc:
         raise _translate(exc, f"building {tag}", tail) from exc
     if error is not None:
         raise SandboxError(
@@ -451,7 +450,7 @@ def _tag_latest(image: Image, ref: str = DEFAULT_IMAGE) -> None:
     repository, _, tag = ref.partition(":")
     try:
         image.tag(repository, tag)
-    except (DockerException, requests.RequestException) as exc:
+    except DOCKER_ERRORS as exc:
         raise _translate(exc, f"tagging {ref}") from exc
 
 
@@ -463,7 +462,7 @@ def _get(client: docker.DockerClient, ref: str) -> Image | None:
         return client.images.get(ref)
     except NotFound:
         return None
-    except (DockerException, requests.RequestException) as exc:
+    except DOCKER_ERRORS as exc:
         raise _translate(exc, f"looking up image {ref}") from exc
 
 
@@ -491,15 +490,12 @@ def _run(cmd: list[str], say: Progress, *, what: str) -> None:
 
 
 def _translate(exc: Exception, doing: str, tail: Iterable[str] = ()) -> TaskboxError:
-    if isinstance(exc, requests.ConnectionError):
-        return DockerUnavailable(f"lost the Docker engine while {doing}; {HOW_TO_START}")
-    if isinstance(exc, APIError) and exc.status_code == 400:
-        return InvalidInput(f"docker refused {doing}: {exc.explanation or exc}")
-    message = f"docker failed {doing}: {_first_line(exc)}"
+    err = translate(exc, f"docker failed {doing}")
     lines = list(tail)
-    if lines:
-        message += "\n--- build log tail ---\n" + "\n".join(lines)
-    return SandboxError(message)
+    if lines and isinstance(err, SandboxError):
+        err.message += "\n--- build log tail ---\n" + "\n".join(lines)
+        err.args = (err.message,)
+    return err
 
 
 def _first_line(exc: BaseException) -> str:

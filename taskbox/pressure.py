@@ -165,5 +165,6 @@ class Monitor:
         while not self._stop.wait(self.interval):
             try:
                 self.service.tick()  # pressure sampling is the safety plugin's tick
-            except TaskboxError as exc:
-                self.service.registry.add_event("resource.monitor_error", None, {"error": exc.message[:300]})
+            except Exception as exc:  # the monitor thread must outlive any one failed round
+                message = exc.message if isinstance(exc, TaskboxError) else f"{type(exc).__name__}: {exc}"
+                self.service.registry.add_event("resource.monitor_error", None, {"error": message[:300]})

@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound
+from docker.errors import APIError, ImageNotFound
 from docker.errors import NotFound as DockerNotFound
 from docker.types import LogConfig, Ulimit
 
+from . import engine as docker_engine
+from .engine import DOCKER_ERRORS
 from .errors import CommandTimeout, ImageMissing, InvalidInput, SandboxError
 from .models import ContainerState
 from .network import MODES as NETWORK_MODES
@@ -166,8 +168,8 @@ class Sandbox:
         if self._runtimes is None:
             try:
                 self._runtimes = set((self.api.info().get("Runtimes") or {}).keys())
-            except DockerException as exc:
-                raise SandboxError(f"could not read the engine's runtimes: {_explain(exc)}") from exc
+            except DOCKER_ERRORS as exc:
+                raise docker_engine.translate(exc, "could not read the engine's runtimes") from exc
         return self._runtimes
 
     def _runtime(self, wanted: str) -> str | None:
@@ -256,9 +258,9 @@ class Sandbox:
             raise ImageMissing(
                 f"sandbox image {spec.image} is not built; run `taskbox image build`"
             ) from exc
-        except DockerException as exc:
+        except DOCKER_ERRORS as exc:
             self._remove_egress(spec.name)
-            raise SandboxError(f"could not create container {spec.name}: {_explain(exc)}") from exc
+            raise docker_engine.translate(exc, f"could not create container {spec.name}") from exc
         return cid
 
     def _create_egress(self, spec: ContainerSpec) -> str:
@@ -303,9 +305,9 @@ class Sandbox:
             self._remove_egress(spec.name)
             raise ImageMissing(f"egress proxy image {egress.image} is not built; "
                                "run `taskbox image build --proxy`") from exc
-        except DockerException as exc:
+        except DOCKER_ERRORS as exc:
             self._remove_egress(spec.name)
-            raise SandboxError(f"could not set up the egress proxy of {spec.name}: {_explain(exc)}") from exc
+            raise docker_engine.translate(exc, f"could not set up the egress proxy of {spec.name}") from exc
         self._wait_proxy(proxy)
         return net_name
 
@@ -316,8 +318,8 @@ class Sandbox:
             try:
                 logs = self.api.logs(proxy, stdout=False, stderr=True, tail=200).decode(errors="replace")
                 state = self.api.inspect_container(proxy)["State"]
-            except DockerException as exc:
-                raise SandboxError(f"egress proxy {proxy[:12]} failed: {_explain(exc)}") from exc
+            except DOCKER_ERRORS as exc:
+                raise docker_engine.translate(exc, f"egress proxy {proxy[:12]} failed") from exc
             if "Accepting HTTP Socket connections" in logs:
                 return
             if not state.get("Running") or time.monotonic() > deadline:
@@ -363,8 +365,8 @@ class Sandbox:
                         raise
         except DockerNotFound:
             pass
-        except DockerException as exc:
-            raise SandboxError(f"could not remove the egress proxy of {name}: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not remove the egress proxy of {name}") from exc
 
     def egress_log(self, cid: str, since: str | None = None) -> list[tuple[str, str]]:
         """New lines of a task's proxy access log as ``(docker timestamp, line)``, after ``since``."""
@@ -376,8 +378,8 @@ class Sandbox:
                 kwargs["since"] = _docker_time(since)
             try:
                 raw = self.api.logs(p["Id"], **kwargs).decode(errors="replace")
-            except DockerException as exc:
-                raise SandboxError(f"could not read the egress log of {name}: {_explain(exc)}") from exc
+            except DOCKER_ERRORS as exc:
+                raise docker_engine.translate(exc, f"could not read the egress log of {name}") from exc
             for line in raw.splitlines():
                 stamp, _, text = line.partition(" ")
                 if since and stamp <= since:
@@ -405,8 +407,8 @@ class Sandbox:
             self.api.start(cid)
             for p in proxies:
                 self._wait_proxy(p["Id"])
-        except DockerException as exc:
-            raise SandboxError(f"could not start container {cid[:12]}: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not start container {cid[:12]}") from exc
 
     def _recreate_egress(self, name: str, info: dict[str, Any]) -> None:
         labels = info["Config"].get("Labels") or {}
@@ -428,24 +430,24 @@ class Sandbox:
                 self.api.stop(p["Id"], timeout=1)
         except DockerNotFound:
             pass
-        except DockerException as exc:
-            raise SandboxError(f"could not stop container {cid[:12]}: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not stop container {cid[:12]}") from exc
 
     def remove(self, cid: str) -> None:
         try:
             info = self.api.inspect_container(cid)
         except DockerNotFound:
             return
-        except DockerException as exc:
-            raise SandboxError(f"could not inspect container {cid[:12]}: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not inspect container {cid[:12]}") from exc
         labels = info["Config"].get("Labels") or {}
         owner = labels.get(LABEL_EGRESS_FOR) or info["Name"].lstrip("/")
         try:
             self.api.remove_container(cid, force=True, v=True)
         except DockerNotFound:
             pass
-        except DockerException as exc:
-            raise SandboxError(f"could not remove container {cid[:12]}: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not remove container {cid[:12]}") from exc
         self._cgroups.pop(cid, None)
         if LABEL_EGRESS in labels or labels.get(LABEL_ROLE) == "egress-proxy":
             self._remove_egress(owner)
@@ -457,8 +459,8 @@ class Sandbox:
             info = self.api.inspect_container(cid)
         except DockerNotFound:
             return ContainerState.LOST
-        except DockerException as exc:
-            raise SandboxError(f"could not inspect container {cid[:12]}: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not inspect container {cid[:12]}") from exc
         st = info["State"]
         if st.get("OOMKilled") and not st.get("Running"):
             return ContainerState.OOM_KILLED
@@ -468,8 +470,8 @@ class Sandbox:
         """Every container (running or not) labelled as belonging to this taskbox home."""
         try:
             return list(self.api.containers(all=True, filters={"label": f"{LABEL_HOME}={home_label}"}))
-        except DockerException as exc:
-            raise SandboxError(f"could not list containers: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, "could not list containers") from exc
 
     def memory_usage(self, cid: str, *, engine: bool = True) -> dict[str, int] | None:
         """Current memory use and limit of a running container, and its process count.
@@ -491,8 +493,8 @@ class Sandbox:
             stats = self.api.stats(cid, stream=False, one_shot=True)
         except DockerNotFound:
             return None
-        except DockerException as exc:
-            raise SandboxError(f"could not read the stats of {cid[:12]}: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not read the stats of {cid[:12]}") from exc
         data = stats.get("memory_stats") or {}
         if "usage" not in data:
             return None
@@ -525,14 +527,19 @@ class Sandbox:
         return None
 
     def _cgroup(self, cid: str) -> dict[str, Path]:
-        """The container's cgroup directories on this host (``memory``, ``pids``), if readable."""
+        """The container's cgroup directories on this host (``memory``, ``pids``), if readable.
+
+        Found once per container: the directory lasts as long as the container (restarts
+        included), and a failed read drops the cached entry, so this costs no Docker call
+        on the exec path.
+        """
+        cached = self._cgroups.get(cid)
+        if cached:
+            return cached[1]
         try:
             pid = int(self.api.inspect_container(cid)["State"].get("Pid") or 0)
-        except DockerException:
+        except DOCKER_ERRORS:
             return {}
-        cached = self._cgroups.get(cid)
-        if cached and cached[0] == pid:
-            return cached[1]
         found: dict[str, Path] = {}
         try:
             for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if pid else []:
@@ -560,7 +567,7 @@ class Sandbox:
             exec_id = self.api.exec_create(cid, ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.oom_control "
                                                  "/sys/fs/cgroup/memory.events 2>/dev/null"])["Id"]
             text = self.api.exec_start(exec_id).decode(errors="replace")
-        except DockerException:
+        except DOCKER_ERRORS:
             return None
         for line in text.splitlines():
             key, _, value = line.partition(" ")
@@ -619,8 +626,8 @@ class Sandbox:
             info = self.api.exec_inspect(exec_id)
         except DockerNotFound as exc:
             raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
-        except DockerException as exc:
-            raise SandboxError(f"exec failed in {cid[:12]}: {_explain(exc)}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
         duration = (time.monotonic() - start) * 1000
         code = info.get("ExitCode")
         code = -1 if code is None else int(code)
@@ -694,14 +701,14 @@ class Sandbox:
         try:
             exec_id = self.api.exec_create(cid, ["sh", "-c", script], user=f"{uid}:{gid}")["Id"]
             self.api.exec_start(exec_id)
-        except DockerException:
+        except DOCKER_ERRORS:
             pass  # the container may be gone; nothing left to kill then
         return 0
 
     def _container_oom_flag(self, cid: str) -> bool:
         try:
             return bool(self.api.inspect_container(cid)["State"].get("OOMKilled"))
-        except DockerException:
+        except DOCKER_ERRORS:
             return False
 
 
@@ -748,7 +755,4 @@ def _short(argv: list[str]) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _explain(exc: Exception) -> str:
-    if isinstance(exc, APIError):
-        return str(exc.explanation or exc)
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+

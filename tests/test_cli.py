@@ -89,3 +89,16 @@ def test_task_errors_have_distinct_codes(home: Path, repo: Path, docker_engine) 
     assert r.returncode == 2 and "complete or abort it" in r.stderr
     r = run_cli("exec", tid, "--timeout", "1", "--", "sleep", "30")
     assert r.returncode == 6 and "timed out" in r.stderr
+
+
+def test_engine_lost_mid_session_is_docker_unavailable() -> None:
+    """A dropped engine socket (requests' error, not the SDK's) becomes the friendly error."""
+    import docker
+
+    from taskbox import DockerUnavailable
+    from taskbox.sandbox import Sandbox
+
+    gone = Sandbox(docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41"))
+    for call in (lambda: gone.state("abc"), lambda: gone.stop("abc"), lambda: gone.task_containers("x")):
+        with pytest.raises(DockerUnavailable, match="lost the Docker engine.*dockerd"):
+            call()
