@@ -400,6 +400,7 @@ class Store:
 
     def delete_ref(self, name: str) -> None:
         self.git(["update-ref", "-d", f"refs/checkpoints/{name}"], check=False)
+        (self.meta / "needs-gc").touch()  # its objects may now be unreachable
 
     def resolve(self, name: str) -> str | None:
         proc = self.git(["rev-parse", "--verify", "--quiet", f"refs/checkpoints/{name}^{{commit}}"], check=False)
@@ -425,12 +426,19 @@ class Store:
             tmp.unlink(missing_ok=True)
 
     def gc(self) -> None:
-        """Pack and drop unreachable objects (the private indexes are dropped too)."""
-        # The indexes are not gc roots: objects only they name are pruned, so they must go
-        # (the next checkpoint re-reads the workspace once).
+        """Pack and drop unreachable objects (the private indexes are dropped too).
+
+        Only after a checkpoint was deleted: that is when objects become unreachable, and
+        dropping the indexes makes the next checkpoint re-read the whole workspace.
+        """
+        marker = self.meta / "needs-gc"
+        if not marker.exists():
+            return
+        # The indexes are not gc roots: objects only they name are pruned, so they must go.
         shutil.rmtree(self.meta / "index", ignore_errors=True)
         (self.meta / "index").mkdir(parents=True, exist_ok=True)
         self.git(["gc", "--quiet", "--prune=now"])
+        marker.unlink(missing_ok=True)
 
 
 def _corrupted(message: str, exc: GitError, after: str = "") -> CheckpointCorrupted:

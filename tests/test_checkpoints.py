@@ -359,3 +359,16 @@ def test_names_that_are_not_utf8(svc: TaskService, repo: Path) -> None:
     assert {"status": "modified", "path": name} in changes and {"status": "deleted", "path": empty + "/"} in changes
     svc.restore_checkpoint(task.id, a["checkpoint_id"])
     assert differences(before, manifest(ws)) == []
+
+
+def test_gc_with_nothing_deleted_keeps_the_stat_cache(svc, repo) -> None:
+    task = svc.create_task(repo, "gc keeps caches", lazy=True)
+    svc.create_checkpoint(task.id, "one")
+    index = svc.paths.home / "checkpoints" / f"{task.id}.git" / "taskbox" / "index"
+    before = sorted(p.name for p in index.iterdir())
+    assert before
+    svc.gc()
+    assert sorted(p.name for p in index.iterdir()) == before  # no deletion: nothing to collect
+    svc.delete_checkpoint(task.id, "one")
+    svc.gc()
+    assert list(index.iterdir()) == []  # objects were collected, so the caches went with them
