@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import faults, files, git
+from .confine import sandbox_owner
 from .errors import (
     CheckpointCorrupted,
     GitError,
@@ -61,7 +62,6 @@ from .errors import (
     TaskboxError,
     TaskLocked,
 )
-from .sandbox import sandbox_owner
 
 if TYPE_CHECKING:
     from .doctor import Findings

@@ -243,13 +243,12 @@ def exec_(task_id: str, cmd: tuple[str, ...], workdir: str | None, timeout: floa
 @click.option("--workdir", "-w", help="Directory inside the workspace.")
 def shell(task_id: str, workdir: str | None) -> None:
     """Open an interactive shell in a task's sandbox."""
-    from .confine import container_workdir
-    from .sandbox import sandbox_owner
+    from .confine import container_workdir, sandbox_owner
 
     svc = _service()
     try:
         task = svc.ensure_running(task_id)
-        wd = container_workdir(Path(task.workspace_path), workdir)
+        wd = container_workdir(workdir)
     except TaskboxError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)

@@ -68,6 +68,9 @@ class Settings:
     exec_output_limit: int = _setting(
         1_000_000, "Most bytes of stdout and of stderr a command returns; the rest is cut."
     )
+    fetch_limit: str = _setting(
+        "2g", "Most bytes a task branch may pack to when it is fetched into the user's repository."
+    )
     log_output_limit: int = _setting(
         4_000, "Most characters of a command's output kept in executions.jsonl."
     )

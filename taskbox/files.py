@@ -1,15 +1,18 @@
-"""File operations inside a task workspace, confined to it and safe against links.
+"""File operations inside a task workspace, through the one primitive of :mod:`taskbox.confine`.
 
-Used by the memory layer, the Plan.md plugin and the agent-facing file tools. Writes are
-atomic (temp file, fsync, rename, fsync of the directory); reads and writes never follow a
-link out of the workspace; files written as root are handed to the sandbox user.
+Used by the memory layer, the Plan.md plugin, the checkpoint engine and the agent-facing
+file tools. Every path is resolved once, beneath the workspace root's descriptor, with no
+link followed at any component; the work is then done on descriptors (``fstat``, bounded
+reads, ``*at`` calls relative to the parent directory). Writes are atomic (temp file,
+fsync, ``renameat``, fsync of the directory); files written as root are handed to the
+sandbox user.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -17,26 +20,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .confine import host_path, open_nofollow
-from .errors import InvalidInput, NotFound, PathOutsideWorkspace
-from .sandbox import sandbox_owner
+from .confine import (
+    lstat_at,
+    normalize,
+    open_beneath,
+    open_dir,
+    open_parent,
+    read_fd,
+    rooted,
+    sandbox_owner,
+)
+from .errors import InvalidInput, NotFound, PathOutsideWorkspace, TaskboxError
+
+READ_LIMIT = 64 << 20  # the most any host-side read of a workspace file takes in
 
 
-def _own(path: Path) -> None:
-    if os.geteuid() == 0:
-        os.chown(path, *sandbox_owner(), follow_symlinks=False)
-
-
-def _mkdirs(root: Path, path: Path, hand_over: bool = True) -> None:
-    missing = []
-    p = path
-    while not p.exists() and p != root:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        os.mkdir(d)
-        if hand_over:
-            _own(d)
+def _owner(hand_over: bool) -> tuple[int, int] | None:
+    return sandbox_owner() if hand_over and os.geteuid() == 0 else None
 
 
 @contextmanager
@@ -51,56 +51,6 @@ def locked(lock_file: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_durably(path: Path, data: bytes, mode: int = 0o644, *, hand_over: bool = False) -> None:
-    """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync of the directory.
-
-    ``hand_over`` gives the file to the sandbox user (for workspace files written as root).
-    Workspace files go through :func:`atomic_write`, which confines the path first.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        _write_all(fd, data)
-        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    if hand_over:
-        _own(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None, *,
-                 hand_over: bool = True) -> Path:
-    """Write ``data`` to ``rel`` under ``root`` atomically; return the host path.
-
-    ``hand_over`` gives new files and directories to the sandbox user when taskbox runs as
-    root (right in a workspace); writes into a user's own repository pass False.
-    """
-    target = host_path(root, rel, allow_root=False)
-    if target.is_symlink():
-        raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to write through it")
-    if target.is_dir():
-        raise InvalidInput(f"{rel!r} is a directory")
-    _mkdirs(root.resolve(), target.parent, hand_over)
-    if mode is None:
-        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
-    write_durably(target, data, mode, hand_over=hand_over)
-    return target
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -108,73 +58,275 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def append(root: Path, rel: str, data: bytes) -> None:
-    """Append ``data`` to a file (created if missing) in one write."""
-    target = host_path(root, rel, allow_root=False)
-    _mkdirs(root.resolve(), target.parent)
-    fd = open_nofollow(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def _tmp_name(name: str) -> str:
+    return f".{name[:64]}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+
+
+def _replace_at(dfd: int, name: str, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
+    """Atomically replace ``name`` in the open directory ``dfd`` with ``data``."""
+    tmp = _tmp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
     try:
         _write_all(fd, data)
-    finally:
+        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fsync(fd)
+    except BaseException:
         os.close(fd)
-    _own(target)
-
-
-def read_bytes(root: Path, rel: str, limit: int | None = None) -> bytes:
-    """Read a workspace file without following a link; :class:`NotFound` if it is missing."""
-    target = host_path(root, rel)
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
     try:
-        fd = open_nofollow(target, os.O_RDONLY)
-    except FileNotFoundError as exc:
-        raise NotFound(f"no file {rel!r} in the task workspace", path=rel) from exc
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+    os.fsync(dfd)
+
+
+def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` atomically and durably: temp file, fsync, rename, fsync of the directory.
+
+    For taskbox's own files under TASKBOX_HOME; workspace files go through :func:`atomic_write`.
+    """
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _replace_at(dfd, path.name, data, mode, None)
+    finally:
+        os.close(dfd)
+
+
+def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None, *,
+                 hand_over: bool = True) -> str:
+    """Write ``data`` to ``rel`` under ``root`` atomically; return the normalised relative path.
+
+    ``hand_over`` gives new files and directories to the sandbox user when taskbox runs as
+    root (right in a workspace); writes into a user's own repository pass False.
+    """
+    rel = normalize(rel, allow_root=False)
+    owner = _owner(hand_over)
+    with rooted(root) as rfd:
+        dfd, name = open_parent(rfd, rel, create=True, owner=owner)
+        try:
+            st = lstat_at(dfd, name)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to write through it", path=rel)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise InvalidInput(f"{rel!r} is a directory", path=rel)
+            if mode is None:
+                mode = stat.S_IMODE(st.st_mode) & 0o777 if st is not None else 0o644
+            _replace_at(dfd, name, data, mode, owner)
+        finally:
+            os.close(dfd)
+    return rel
+
+
+def append(root: Path, rel: str, data: bytes) -> None:
+    """Append ``data`` to a file (created if missing) in one write."""
+    rel = normalize(rel, allow_root=False)
+    owner = _owner(True)
+    with rooted(root) as rfd:
+        dfd, name = open_parent(rfd, rel, create=True, owner=owner)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to write through it",
+                                           path=rel) from exc
+            raise
+        finally:
+            os.close(dfd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidInput(f"{rel!r} is not a regular file", path=rel)
+            _write_all(fd, data)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
+
+
+def _open_file(rfd: int, rel: str) -> int:
+    try:
+        fd = open_beneath(rfd, rel, os.O_RDONLY | os.O_NONBLOCK)  # a fifo must not block the host
     except IsADirectoryError as exc:
-        raise InvalidInput(f"{rel!r} is a directory") from exc
-    except OSError as exc:  # ELOOP: the final component is a link
-        raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to follow it") from exc
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise InvalidInput(f"{rel!r} is not a regular file")
-        return fh.read() if limit is None else fh.read(limit)
+        raise InvalidInput(f"{rel!r} is a directory", path=rel) from exc
+    except NotADirectoryError as exc:
+        raise NotFound(f"no file {rel!r} in the task workspace", path=rel) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidInput(f"{rel!r} is not a regular file", path=rel)
+    return fd
 
 
-def read_optional(root: Path, rel: str) -> bytes | None:
+def read_head(root: Path, rel: str, limit: int = READ_LIMIT) -> tuple[bytes, int]:
+    """The first ``limit`` bytes of a workspace file and its size (sized before reading)."""
+    rel = normalize(rel, allow_root=False)
+    with rooted(root) as rfd:
+        fd = _open_file(rfd, rel)
+        try:
+            size = os.fstat(fd).st_size
+            return read_fd(fd, max(0, limit)), size
+        finally:
+            os.close(fd)
+
+
+def read_bytes(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes:
+    """Read a workspace file without following a link; at most ``limit`` bytes.
+
+    :class:`NotFound` if it is missing; a longer file is a clear error, never a partial read
+    mistaken for the whole.
+    """
+    data, size = read_head(root, rel, limit + 1)
+    if len(data) > limit:
+        raise InvalidInput(f"{rel!r} is larger than {limit} bytes ({size}); read it in parts", path=rel)
+    return data
+
+
+def read_tail(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes | None:
+    """The last ``limit`` bytes of a workspace file (None if missing): bounded log reads."""
+    rel = normalize(rel, allow_root=False)
+    with rooted(root) as rfd:
+        try:
+            fd = _open_file(rfd, rel)
+        except NotFound:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                os.lseek(fd, size - limit, os.SEEK_SET)
+            return read_fd(fd, limit)
+        finally:
+            os.close(fd)
+
+
+def read_optional(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes | None:
     try:
-        return read_bytes(root, rel)
+        return read_bytes(root, rel, limit)
     except NotFound:
         return None
 
 
+def exists(root: Path, rel: str) -> bool:
+    """Whether ``rel`` exists beneath the root (reached without following a link)."""
+    rel = normalize(rel)
+    with rooted(root) as rfd:
+        try:
+            dfd, name = open_parent(rfd, rel)
+        except (NotFound, PathOutsideWorkspace, InvalidInput):
+            return False
+        try:
+            return lstat_at(dfd, name) is not None
+        finally:
+            os.close(dfd)
+
+
+def _kind(mode: int) -> str:
+    return "link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode) else "file"
+
+
 def listing(root: Path, rel: str = ".", recursive: bool = False, limit: int = 5000) -> list[dict[str, Any]]:
     """Entries under a workspace directory (links are listed, never followed)."""
-    base = host_path(root, rel)
-    if not base.is_dir() or base.is_symlink():
-        raise NotFound(f"no directory {rel!r} in the task workspace", path=rel)
+    rel = normalize(rel)
     out: list[dict[str, Any]] = []
-    rootr = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        if ".git" in dirnames and Path(dirpath) == rootr:
-            dirnames.remove(".git")
-        for name in sorted(dirnames) + sorted(filenames):
-            p = Path(dirpath) / name
-            st = p.lstat()
-            kind = "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file"
-            entry: dict[str, Any] = {"path": p.relative_to(rootr).as_posix(), "type": kind, "size": st.st_size}
-            if kind == "link":
-                entry["target"] = os.readlink(p)
-            out.append(entry)
-            if len(out) >= limit:
-                return out
-        if not recursive:
-            break
+    with rooted(root) as rfd:
+        try:
+            base = open_dir(rfd, rel)
+        except (NotFound, InvalidInput) as exc:
+            raise NotFound(f"no directory {rel!r} in the task workspace", path=rel) from exc
+        try:
+            prefix = "" if rel == "." else rel + "/"
+            # fwalk opens every directory relative to its parent with O_NOFOLLOW: no link is
+            # followed and no path is resolved twice.
+            for dirpath, dirnames, filenames, dfd in os.fwalk(".", dir_fd=base):
+                dirnames.sort()
+                here = "" if dirpath == "." else dirpath[2:] + "/"
+                if dirpath == "." and rel == "." and ".git" in dirnames:
+                    dirnames.remove(".git")
+                for name in sorted(dirnames) + sorted(filenames):
+                    st = lstat_at(dfd, name)
+                    if st is None:
+                        continue
+                    kind = _kind(st.st_mode)
+                    entry: dict[str, Any] = {"path": f"{prefix}{here}{name}", "type": kind, "size": st.st_size}
+                    if kind == "link":
+                        try:
+                            entry["target"] = os.readlink(name, dir_fd=dfd)
+                        except OSError:
+                            entry["target"] = ""
+                    out.append(entry)
+                    if len(out) >= limit:
+                        return out
+                if not recursive:
+                    break
+        finally:
+            os.close(base)
     return out
 
 
-def delete(root: Path, rel: str) -> None:
-    target = host_path(root, rel, allow_root=False)
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    elif target.is_dir():
-        shutil.rmtree(target)
-    else:
-        raise NotFound(f"no file {rel!r} in the task workspace", path=rel)
+def _rmtree_at(dfd: int, name: str, depth: int = 0) -> None:
+    """Remove the directory ``name`` in ``dfd`` and everything in it, without following links."""
+    if depth > 4096:
+        raise InvalidInput("directory tree too deep to delete")
+    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        with os.scandir(sub) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for child, is_dir in entries:
+            if is_dir:
+                _rmtree_at(sub, child, depth + 1)
+            else:
+                try:
+                    os.unlink(child, dir_fd=sub)
+                except IsADirectoryError:  # swapped for a directory meanwhile
+                    _rmtree_at(sub, child, depth + 1)
+                except FileNotFoundError:
+                    pass
+    finally:
+        os.close(sub)
+    os.rmdir(name, dir_fd=dfd)
+
+
+def remove_at(dfd: int, name: str) -> bool:
+    """Remove ``name`` (file, link or whole directory tree) from the open directory ``dfd``."""
+    st = lstat_at(dfd, name)
+    if st is None:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        for _ in range(3):  # the sandbox may be adding files meanwhile
+            try:
+                _rmtree_at(dfd, name)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR, errno.ELOOP):
+                    raise
+        raise TaskboxError(f"{name!r} kept changing while it was being deleted; try again")
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except IsADirectoryError:
+        _rmtree_at(dfd, name)
+    return True
+
+
+def delete(root: Path, rel: str) -> str:
+    """Delete a file, link or directory tree in the workspace; return the normalised path."""
+    rel = normalize(rel, allow_root=False)
+    with rooted(root) as rfd:
+        try:
+            dfd, name = open_parent(rfd, rel)
+        except (NotFound, InvalidInput) as exc:
+            raise NotFound(f"no file {rel!r} in the task workspace", path=rel) from exc
+        try:
+            if not remove_at(dfd, name):
+                raise NotFound(f"no file {rel!r} in the task workspace", path=rel)
+        finally:
+            os.close(dfd)
+    return rel

@@ -1,18 +1,15 @@
-"""The one git helper: every git command taskbox runs goes through :func:`run`.
+"""The one git helper: every git command taskbox runs on the host goes through :func:`run`.
 
-A task's workspace is written by an agent inside a container, so its ``.git`` may hold
-hostile configuration: hooks, an fsmonitor program, filter/diff/merge drivers, a pager or
-editor. Git runs those on the host. For such *untrusted* repositories :func:`run` neutralises
-every repository-config code path that executes a program, and refuses a ``.git`` that is
-a link or a gitfile (which could point anywhere on the host).
+It runs only on repositories the host trusts: the user's own and taskbox's private stores.
+A task's workspace repository is written by the agent (its config, attributes, hooks,
+``commondir``, gitfiles and alternates may all be traps), so git runs there only inside a
+sandbox (:mod:`taskbox.workspace`), never through this helper.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import shlex
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,13 +37,6 @@ _SAFE_CONFIG = {
     "protocol.ext.allow": "never",
     "safe.directory": "*",
 }
-# Per-driver keys that name a program to run; their driver names are found by scanning.
-_DRIVER_KEY = re.compile(
-    r"^(filter\.(?P<f>.+)\.(clean|smudge|process)|diff\.(?P<d>.+)\.(textconv|command)"
-    r"|merge\.(?P<m>.+)\.driver|gpg\.(?P<g>.+)\.program)$",
-    re.IGNORECASE,
-)
-
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "taskbox",
     "GIT_AUTHOR_EMAIL": "taskbox@localhost",
@@ -69,53 +59,10 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def upload_pack_command() -> str:
-    """An ``--upload-pack`` program for fetching from an untrusted local repository.
-
-    Local fetches spawn upload-pack inside the other repository without our ``-c`` config,
-    so the overrides (and the ownership exception for the sandbox user's files) are given
-    to it explicitly.
-    """
-    opts = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in _SAFE_CONFIG.items())
-    return f"git {opts} upload-pack"
-
-
-def check_untrusted(repo: Path) -> None:
-    """Refuse a workspace whose ``.git`` is not a plain directory inside it."""
-    dotgit = repo / ".git"
-    if dotgit.is_symlink() or not dotgit.is_dir():
-        raise GitError(
-            f"{dotgit} is not a plain directory (replaced by a link or gitfile?); "
-            "refusing to run git on it"
-        )
-
-
-def _driver_overrides(repo: Path, env: dict[str, str]) -> list[str]:
-    """Find program-running driver keys in an untrusted repo's config and blank them."""
-    # Reading config never executes anything; --includes follows include/includeIf as git would.
-    proc = subprocess.run(
-        ["git", "-c", "safe.directory=*", "config", "--list", "--includes", "-z"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        timeout=30,
-    )
-    args: list[str] = []
-    for entry in proc.stdout.split(b"\0"):
-        key = entry.split(b"\n", 1)[0].decode(errors="replace")
-        m = _DRIVER_KEY.match(key)
-        if m:
-            args += ["-c", f"{key}="]
-            if m.group("f"):
-                args += ["-c", f"filter.{m.group('f')}.required=false"]
-    return args
-
-
 def run(
     args: Sequence[str],
     cwd: Path,
     *,
-    untrusted: bool = False,
     harden: bool = False,
     check: bool = True,
     env: dict[str, str] | None = None,
@@ -126,19 +73,19 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``git ARGS`` in ``cwd``; raise :class:`GitError` with code and stderr on failure.
 
-    ``untrusted=True`` marks ``cwd`` as an agent-written repository: hooks and every
-    config-driven program are disabled. ``harden=True`` applies the same fixed overrides
-    without inspecting ``cwd`` (for commands that read *another*, untrusted repository). ``user``/``group`` run git as that uid/gid (used when
-    taskbox runs as root, so files it writes in a workspace stay the sandbox user's).
+    Never point it at an agent-written repository (workspace git runs in the sandbox, see
+    :mod:`taskbox.workspace`). ``harden=True`` is for taskbox's private stores: fixed
+    overrides for every program-running config key, and no global config (a host-wide
+    ``filter.lfs`` must not run on content that came from a workspace). ``user``/``group``
+    run git as that uid/gid.
     """
     full_env = _env(env)
     cmd = ["git"]
-    if untrusted or harden:
+    if harden:
+        full_env["GIT_CONFIG_GLOBAL"] = "/dev/null"
+        full_env["GIT_ATTR_NOSYSTEM"] = "1"
         for key, value in _SAFE_CONFIG.items():
             cmd += ["-c", f"{key}={value}"]
-    if untrusted:
-        check_untrusted(cwd)
-        cmd += _driver_overrides(cwd, full_env)
     else:
         cmd += ["-c", "safe.directory=*"]
     cmd += list(args)
@@ -182,8 +129,8 @@ def repo_root(path: Path) -> Path:
     return Path(proc.stdout.strip()).resolve()
 
 
-def ref_exists(repo: Path, ref: str, *, untrusted: bool = False) -> bool:
-    proc = run(["rev-parse", "--verify", "--quiet", ref], cwd=repo, check=False, untrusted=untrusted)
+def ref_exists(repo: Path, ref: str) -> bool:
+    proc = run(["rev-parse", "--verify", "--quiet", ref], cwd=repo, check=False)
     return proc.returncode == 0
 
 

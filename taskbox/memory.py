@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import files
-from .confine import host_path
-from .errors import MemoryCorrupted
+from .errors import InvalidInput, MemoryCorrupted
 
 DIRNAME = ".task-memory"
 STATE = "state.json"
@@ -31,6 +30,7 @@ CONVERSATIONS = "conversations.jsonl"
 EXECUTIONS = "executions.jsonl"
 DECISIONS = "decisions.md"
 SCHEMA_VERSION = 1
+STATE_LIMIT = 16 << 20  # a larger state.json is damaged (the agent can write anything there)
 TODO_STATUSES = ("pending", "in_progress", "completed", "cancelled")
 
 _STATE_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -96,8 +96,8 @@ class TaskMemory:
 
     # --- paths and low-level I/O ----------------------------------------------------------
 
-    def path(self, name: str = "") -> Path:
-        return host_path(self.workspace, f"{DIRNAME}/{name}" if name else DIRNAME)
+    def exists(self, name: str) -> bool:
+        return files.exists(self.workspace, f"{DIRNAME}/{name}")
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -112,10 +112,21 @@ class TaskMemory:
         files.append(self.workspace, f"{DIRNAME}/{name}", line.encode())
 
     def _read_bytes(self, name: str) -> bytes | None:
-        return files.read_optional(self.workspace, f"{DIRNAME}/{name}")
+        """A memory file, read whole; one larger than :data:`STATE_LIMIT` counts as damaged."""
+        try:
+            return files.read_optional(self.workspace, f"{DIRNAME}/{name}", STATE_LIMIT)
+        except InvalidInput:
+            return b"\0 (too large)"
+
+    def _read_log(self, name: str) -> bytes:
+        """The newest part of an append-only log: the agent can grow it without bound."""
+        data = files.read_tail(self.workspace, f"{DIRNAME}/{name}", files.READ_LIMIT) or b""
+        if len(data) >= files.READ_LIMIT:  # cut at the front: drop the partial first line
+            data = data[data.find(b"\n") + 1:]
+        return data
 
     def read_jsonl(self, name: str) -> list[dict[str, Any]]:
-        data = self._read_bytes(name) or b""
+        data = self._read_log(name)
         out = []
         for line in data.splitlines():
             try:
@@ -148,9 +159,9 @@ class TaskMemory:
             state = self.initial_state(task_id, status, branch, lock_mode)
             self._save(state)
             for name in (CONVERSATIONS, EXECUTIONS):
-                if not self.path(name).exists():
+                if not self.exists(name):
                     self.write_atomic(name, b"")
-            if not self.path(DECISIONS).exists():
+            if not self.exists(DECISIONS):
                 self.write_atomic(DECISIONS, f"# Decisions — {task_id}\n".encode())
             return state
 
@@ -280,13 +291,12 @@ class TaskMemory:
             + (f"- **Alternatives:** {alternatives}\n" if alternatives else "")
         )
         with self.locked():
-            current = self._read_bytes(DECISIONS) or b""
-            self.write_atomic(DECISIONS, current + block.encode())
+            files.append(self.workspace, f"{DIRNAME}/{DECISIONS}", block.encode())
         return entry
 
     def decisions(self) -> list[dict[str, str]]:
         """Parse ``decisions.md`` back into entries."""
-        text = (self._read_bytes(DECISIONS) or b"").decode(errors="replace")
+        text = self._read_log(DECISIONS).decode(errors="replace")
         out: list[dict[str, str]] = []
         for block in text.split("\n## ")[1:]:
             head, _, body = block.partition("\n")

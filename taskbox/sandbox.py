@@ -26,9 +26,11 @@ import re
 import secrets
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import docker
 from docker.errors import APIError, ImageNotFound
@@ -36,6 +38,7 @@ from docker.errors import NotFound as DockerNotFound
 from docker.types import LogConfig, Ulimit
 
 from . import engine as docker_engine
+from .confine import sandbox_owner
 from .engine import DOCKER_ERRORS
 from .errors import CommandTimeout, ImageMissing, InvalidInput, SandboxError
 from .models import ContainerState
@@ -47,8 +50,8 @@ LABEL_HOME = "taskbox.home"
 LABEL_ROLE = "taskbox.role"  # "egress-proxy" on proxy containers, absent on task containers
 LABEL_EGRESS_FOR = "taskbox.egress-for"  # on a proxy and a task network: the task container's name
 LABEL_EGRESS = "taskbox.egress"  # on a task container: base64 JSON of its egress configuration
+LABEL_SCRATCH = "taskbox.scratch"  # on a throwaway container that reads a workspace for the host
 CONTAINER_WORKSPACE = "/workspace"
-SANDBOX_UID = 1000  # the image's `agent` user, used when taskbox itself runs as root
 MIN_MEMORY = 64 * 1024**2
 MIN_CPUS = 0.1
 DEFAULT_NOFILE = 4096
@@ -83,18 +86,6 @@ def check_cpus(value: float) -> float:
     return value
 
 
-def sandbox_owner() -> tuple[int, int]:
-    """The uid:gid commands run as in the container, and that owns the workspace on the host.
-
-    Matching the host user keeps the workspace editable by them; when taskbox runs as root,
-    the image's unprivileged ``agent`` user is used instead, never root.
-    """
-    uid, gid = os.geteuid(), os.getegid()
-    if uid == 0:
-        return SANDBOX_UID, SANDBOX_UID
-    return uid, gid
-
-
 @dataclass
 class ContainerSpec:
     name: str
@@ -113,6 +104,16 @@ class ContainerSpec:
     fsize: int = DEFAULT_FSIZE
     seccomp: str = "default"  # "default" or "unconfined"
     egress: EgressConfig | None = None  # required for network "allowlist"
+
+
+@dataclass
+class Captured:
+    """The outcome of one of taskbox's own commands in a sandbox: exit code, bounded output."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: str
+    truncated: bool = False
 
 
 @dataclass
@@ -658,6 +659,62 @@ class Sandbox:
                 result=result.to_dict(),
             )
         return result
+
+    def capture(self, cid: str, argv: list[str], *, sink: BinaryIO | None = None, limit: int = 4 << 20,
+                env: dict[str, str] | None = None, timeout: float = 300) -> Captured:
+        """Run ``argv`` in ``/workspace`` as the sandbox user; bytes out, bounded.
+
+        For taskbox's own commands on the workspace (git): stdout is kept as bytes (or
+        streamed to ``sink``) up to ``limit``; ``truncated`` says the rest was dropped.
+        """
+        secs = max(1, int(timeout + 0.999))
+        uid, gid = sandbox_owner()
+        out, err = bytearray(), bytearray()
+        written = 0
+        truncated = False
+        try:
+            exec_id = self.api.exec_create(cid, ["timeout", "-k", "2", str(secs), *argv],
+                                           workdir=CONTAINER_WORKSPACE, user=f"{uid}:{gid}",
+                                           environment={"LC_ALL": "C", **(env or {})})["Id"]
+            for chunk_out, chunk_err in self.api.exec_start(exec_id, stream=True, demux=True):
+                if chunk_out:
+                    room = limit - written
+                    part = chunk_out[:max(room, 0)]
+                    if part:
+                        if sink is not None:
+                            sink.write(part)
+                        else:
+                            out += part
+                        written += len(part)
+                    if len(chunk_out) > len(part):
+                        truncated = True  # keep draining so the command can finish
+                if chunk_err and len(err) < 65536:
+                    err += chunk_err[:65536 - len(err)]
+            code = self.api.exec_inspect(exec_id).get("ExitCode")
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        return Captured(exit_code=-1 if code is None else int(code), stdout=bytes(out),
+                        stderr=err.decode(errors="replace"), truncated=truncated)
+
+    @contextmanager
+    def scratch(self, image: str, workspace: Path, labels: dict[str, str]) -> Iterator[str]:
+        """A throwaway hardened container that mounts only ``workspace`` (no network), removed after.
+
+        For work on a workspace whose task container is not running: the agent-written
+        repository is read inside a sandbox, never by a host process.
+        """
+        spec = ContainerSpec(name=f"taskbox-scratch-{secrets.token_hex(6)}", image=image, workspace=workspace,
+                             labels={**labels, LABEL_SCRATCH: "1"}, memory="1g", cpus=1.0, pids_limit=256)
+        cid = self.create(spec)
+        try:
+            yield cid
+        finally:
+            try:
+                self.api.remove_container(cid, force=True)
+            except DOCKER_ERRORS:
+                pass  # doctor finds a leftover by its label
 
     def kill_marked(self, cid: str, mark: str) -> int:
         """Kill every process in the container that carries an exec's ``TASKBOX_EXEC`` mark.

@@ -7,14 +7,15 @@ only translate input and output.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import secrets
 import time
 import unicodedata
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,7 +24,7 @@ import pluggy
 
 from . import engine, faults, files, git, policy, workspace
 from .config import Paths, Settings, default_home
-from .confine import container_workdir
+from .confine import container_workdir, normalize
 from .default_plugins.branch import slugify
 from .errors import (
     ConcurrentModification,
@@ -335,7 +336,7 @@ class TaskService:
             workspace.create(repo_path, ws, task.branch, base_commit)
             self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
             self.hook.task_start(service=self, task=task)
-            workspace.commit_all(ws, f"taskbox: start task {task.id}\n\n{description}", trusted=True)
+            workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}")
             faults.point("create.workspace")
             changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
             if not lazy:
@@ -580,8 +581,7 @@ class TaskService:
 
         self.update_state(task, on_detach)
         self.hook.session_end(service=self, task=task, session=session)
-        commit = workspace.commit_all(Path(task.workspace_path), f"taskbox: {session.agent} detached ({session.id})")
-        fetched = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
+        commit, fetched = self._publish(task, f"taskbox: {session.agent} detached ({session.id})")
         checkpoint = self.create_checkpoint(task.id, checkpoint_name, trigger="detach", reason=(
             f"{session.agent} detached (session {session.id})")) if save_checkpoint else None
         self.registry.add_event("session.detached", task.id, {"session_id": session.id, "agent": session.agent,
@@ -616,7 +616,7 @@ class TaskService:
         task = self.get(task_id)
         if isinstance(command, str) and not command.strip():
             raise InvalidInput("empty command")
-        wd = container_workdir(Path(task.workspace_path), workdir)
+        wd = container_workdir(workdir)
         secs = float(timeout if timeout is not None else self.settings.exec_timeout)
         if secs <= 0 or secs > 24 * 3600:
             raise InvalidInput(f"timeout {secs} must be between 0 and 86400 seconds")
@@ -753,8 +753,7 @@ class TaskService:
             task = self._update(task.id, {"pending_op": "complete", "op_pid": os.getpid()})
         self.hook.task_complete(service=self, task=task, summary=summary, final_checkpoint=final_checkpoint)
         self.update_state(task, lambda s: s.update(status=str(Status.COMPLETED), current_agent=None))
-        commit = workspace.commit_all(Path(task.workspace_path), f"taskbox: complete task {task.id}\n\n{summary}".strip())
-        head = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
+        commit, head = self._publish(task, f"taskbox: complete task {task.id}\n\n{summary}".strip())
         faults.point("complete.fetched")
         self._end_sessions(task.id)
         if task.container_id:
@@ -941,33 +940,65 @@ class TaskService:
         return {"tasks": len(tasks), "by_status": by_status,
                 "live_leases": len(self.registry.leases())}
 
+    @contextmanager
+    def in_sandbox(self, task: Task) -> Iterator[workspace.Runner]:
+        """A runner for taskbox's own commands on the workspace, inside a sandbox.
+
+        The task's container when it runs, else a throwaway one mounting only the workspace:
+        the agent-written repository is never read by a git process on the host.
+        """
+        ws = Path(task.workspace_path)
+        if not ws.is_dir():
+            raise NotFound(f"task {task.id} has no workspace at {ws}", task_id=task.id)
+        if task.container_id and self.sandbox.state(task.container_id) is ContainerState.RUNNING:
+            yield functools.partial(self.sandbox.capture, task.container_id)
+            return
+        labels = {LABEL_TASK: task.id, LABEL_HOME: self.home_label}
+        with self.sandbox.scratch(task.image, ws, labels) as cid:
+            yield functools.partial(self.sandbox.capture, cid)
+
+    def _publish(self, task: Task, message: str) -> tuple[str | None, str]:
+        """Commit the workspace (in the sandbox) and fetch the branch into the user's repository."""
+        with self.in_sandbox(task) as run:
+            commit = workspace.commit_all(run, message)
+            head = workspace.fetch_into(run, Path(task.repo_path), task.branch, scratch=self.paths.home / "tmp",
+                                        limit=parse_memory(self.settings.fetch_limit))
+        return commit, head
+
     def diff(self, task_id: str, stat: bool = False) -> str:
         task = self.get(task_id)
-        return workspace.diff(Path(task.workspace_path), task.base_ref or None, stat=stat)
+        with self.in_sandbox(task) as run:
+            return workspace.diff(run, task.base_ref or None, stat=stat)
 
     def git_log(self, task_id: str, limit: int = 50) -> list[dict[str, str]]:
         task = self.get(task_id)
-        return workspace.log(Path(task.workspace_path), task.base_ref or None, limit)
+        with self.in_sandbox(task) as run:
+            return workspace.log(run, task.base_ref or None, limit)
 
     def sync(self, task_id: str, message: str = "taskbox: sync") -> dict[str, Any]:
         """Commit the workspace and fetch the task branch into the user's repository now."""
         task = self.get(task_id)
-        commit = workspace.commit_all(Path(task.workspace_path), message)
-        head = workspace.fetch_into(Path(task.repo_path), Path(task.workspace_path), task.branch)
+        commit, head = self._publish(task, message)
         self.registry.add_event("task.synced", task.id, {"commit": head})
         return {"task_id": task.id, "branch": task.branch, "commit": head, "new_commit": commit}
 
     # --- workspace files (confined) ----------------------------------------------------------
 
     def read_file(self, task_id: str, path: str, limit: int = 1_000_000) -> bytes:
-        return files.read_bytes(Path(self.get(task_id).workspace_path), path, limit)
+        """The first ``limit`` bytes of a workspace file (sized first; never more is read)."""
+        task = self.get(task_id)
+        args = {"path": path}
+        self.hook.pre_tool_call(service=self, task=task, tool="read_file", args=args)
+        data, size = files.read_head(Path(task.workspace_path), path, limit)
+        self.hook.post_tool_call(service=self, task=task, tool="read_file", args=args,
+                                 result={"path": path, "size": size})
+        return data
 
     def write_file(self, task_id: str, path: str, data: bytes) -> str:
         task = self.get(task_id)
         self.hook.pre_tool_call(service=self, task=task, tool="write_file", args={"path": path})
         with self._file_lock(task):
-            target = files.atomic_write(Path(task.workspace_path), path, data)
-        rel = target.relative_to(Path(task.workspace_path).resolve()).as_posix()
+            rel = files.atomic_write(Path(task.workspace_path), path, data)
         self.hook.post_tool_call(service=self, task=task, tool="write_file", args={"path": path},
                                  result={"path": rel, "size": len(data)})
         return rel
@@ -983,9 +1014,15 @@ class TaskService:
         args = {"path": path}
         # The same tool names as the project policy's file rules (taskbox.policy.FILE_TOOLS).
         self.hook.pre_tool_call(service=self, task=task, tool="read_file", args=args)
-        data = files.read_bytes(Path(task.workspace_path), path)
+        # Sized before reading, and never more than the window asked for is read: a sparse
+        # 1 GiB file costs the server ``max_bytes`` of memory, not a gigabyte.
+        window = max_bytes + 1 if start_line == 1 else max(max_bytes * 4, files.READ_LIMIT)
+        data, size = files.read_head(Path(task.workspace_path), path, window)
         if b"\0" in data[:8192]:
-            raise InvalidInput(f"{path!r} is a binary file ({len(data)} bytes); inspect it with a command")
+            raise InvalidInput(f"{path!r} is a binary file ({size} bytes); inspect it with a command")
+        partial = len(data) < size
+        if partial:  # drop the last, possibly cut line
+            data = data[: data.rfind(b"\n") + 1] or data
         lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
         end = len(lines) if max_lines is None else min(len(lines), start_line - 1 + max_lines)
         content = "".join(lines[start_line - 1:end])
@@ -994,7 +1031,8 @@ class TaskService:
             content = content[: content.rfind("\n") + 1] or content
             end = start_line - 1 + content.count("\n")
         result = {"path": path, "content": content, "start_line": start_line, "end_line": end,
-                  "total_lines": len(lines), "size": len(data), "truncated": end < len(lines)}
+                  "total_lines": None if partial else len(lines), "size": size,
+                  "truncated": end < len(lines) or partial}
         self.hook.post_tool_call(service=self, task=task, tool="read_file", args=args, result=result)
         return result
 
@@ -1026,8 +1064,8 @@ class TaskService:
                 raise InvalidInput(f"the text to replace occurs {count} times in {path!r}; include more "
                                    "surrounding lines to make it unique, or set replace_all", path=path)
             data = (text.replace(old, new) if replace_all else text.replace(old, new, 1)).encode()
-            target = files.atomic_write(root, path, data)
-        result = {"path": target.relative_to(root.resolve()).as_posix(),
+            rel = files.atomic_write(root, path, data)
+        result = {"path": rel,
                   "replacements": count if replace_all else 1, "size": len(data)}
         self.hook.post_tool_call(service=self, task=task, tool="edit_file", args=args, result=result)
         return result
@@ -1049,7 +1087,7 @@ class TaskService:
         """Delete a file, link or directory tree in the workspace (never .git or .task-memory)."""
         task = self.get(task_id)
         root = Path(task.workspace_path)
-        rel = files.host_path(root, path, allow_root=False).relative_to(root.resolve()).as_posix()
+        rel = normalize(path, allow_root=False)
         if rel.split("/")[0] in (".git", ".task-memory"):
             raise InvalidInput(f"{rel.split('/')[0]} belongs to taskbox and cannot be deleted", path=path)
         args = {"path": path}

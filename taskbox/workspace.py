@@ -1,26 +1,50 @@
 """A task's workspace: a private clone of the user's repository on the task's branch.
 
 The clone copies objects (no hardlinks, no alternates), so nothing the container writes can
-reach the user's repository; work travels back only by the host fetching the task branch.
-Every git command on a workspace is run through :func:`taskbox.git.run` as *untrusted*.
+reach the user's repository. Once the container has started, the workspace's ``.git`` is
+the agent's: its config, attributes, hooks, ``commondir``, gitfiles, ``core.worktree`` and
+alternates may all be traps for a host-side git. So **no git command runs on the host in an
+agent-written workspace**. Committing, diffing, logging and packing the branch run *inside
+a sandbox* — the task's own container, or a throwaway one that mounts only this workspace —
+as the sandbox user, where an attacker gains nothing they could not already do. The host
+only receives bytes: a git bundle, written to a file under ``TASKBOX_HOME`` up to a size
+limit, which ``git fetch`` in the user's repository reads as data (the same code path as a
+fetch from an untrusted remote, with object checks on). See docs/safety.md.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from . import git
-from .errors import GitError
-from .sandbox import sandbox_owner
+from .confine import sandbox_owner
+from .errors import GitError, SandboxError
+from .sandbox import Captured
+
+# Runs argv in a sandbox that mounts the workspace at /workspace (cwd), as the sandbox user.
+# ``sink``: stream stdout there (at most ``limit`` bytes) instead of returning it.
+Runner = Callable[..., Captured]
+
+# Fixed config for git run in the sandbox: not for safety (the sandbox is the agent's own),
+# but so an agent's config cannot make taskbox's own commands hang or misreport.
+_SANDBOX_GIT = ["git", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.pager=cat",
+                "-c", "core.editor=true", "-c", "commit.gpgSign=false", "-c", "color.ui=false",
+                "-c", "user.name=taskbox", "-c", "user.email=taskbox@localhost", "--no-pager"]
+_G = "G='" + " ".join(_SANDBOX_GIT) + "'\n"  # every word is plain: safe to split unquoted
+_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+DIFF_LIMIT = 4 << 20
 
 
 def hand_over(path: Path) -> None:
     """Give ``path`` (recursively) to the sandbox user when taskbox runs as root.
 
-    Host-side git runs as the invoking user (the sandbox uid may not even be able to reach
-    TASKBOX_HOME on the host); files it creates as root must stay writable in the container.
+    Only for a fresh clone no agent has written yet (during create): host-side git ran as
+    root there, and the files must be writable in the container.
     """
     if os.geteuid() != 0 or not path.exists():
         return
@@ -38,6 +62,7 @@ def hand_over(path: Path) -> None:
 
 
 def head_commit(repo: Path) -> str | None:
+    """The commit checked out in the user's own (trusted) repository."""
     proc = git.run(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], cwd=repo, check=False)
     return proc.stdout.strip() or None
 
@@ -46,7 +71,7 @@ def create(repo: Path, dest: Path, branch: str, base_ref: str | None) -> None:
     """Clone ``repo`` into ``dest`` and check out a new ``branch`` at ``base_ref``.
 
     Until the container starts nobody but taskbox has written the clone, so these git
-    commands need not be treated as untrusted.
+    commands run on the host.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     git.run(["clone", "--quiet", "--no-hardlinks", "--no-checkout", "--config", "user.name=taskbox agent",
@@ -55,79 +80,149 @@ def create(repo: Path, dest: Path, branch: str, base_ref: str | None) -> None:
         git.run(["checkout", "--quiet", "-b", branch, base_ref], cwd=dest)
     else:  # an empty repository: start the branch unborn
         git.run(["checkout", "--quiet", "--orphan", branch], cwd=dest)
-    hand_over(dest)
 
 
-def commit_all(ws: Path, message: str, *, trusted: bool = False) -> str | None:
-    """Commit everything in the workspace; return the new commit, or None if nothing changed.
-
-    ``trusted`` is only for a workspace no agent has written yet (during create).
-    """
-    untrusted = not trusted
+def commit_fresh(ws: Path, message: str) -> str | None:
+    """The first commit of a new workspace, before any agent has written it (host-side git)."""
     try:
-        git.run(["add", "--all"], cwd=ws, untrusted=untrusted)
-        proc = git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, untrusted=untrusted,
-                       check=False)
+        git.run(["add", "--all"], cwd=ws)
+        proc = git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, check=False)
         if proc.returncode != 0:
             if "nothing to commit" in proc.stdout + proc.stderr or "nothing added" in proc.stdout:
                 return None
             raise GitError(f"git commit failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}",
                            returncode=proc.returncode, stderr=proc.stderr)
-        return git.run(["rev-parse", "HEAD"], cwd=ws, untrusted=untrusted).stdout.strip()
+        return git.run(["rev-parse", "HEAD"], cwd=ws).stdout.strip()
     finally:
-        hand_over(ws / ".git")
+        hand_over(ws)
 
 
-def current_branch(ws: Path) -> str:
-    return git.run(["symbolic-ref", "--short", "HEAD"], cwd=ws, untrusted=True).stdout.strip()
+def _check(res: Captured, what: str) -> str:
+    if res.exit_code != 0:
+        detail = (res.stderr.strip() or res.stdout.decode(errors="replace").strip())[-500:]
+        raise GitError(f"{what} failed in the sandbox (exit {res.exit_code}): {detail}",
+                       returncode=res.exit_code, stderr=res.stderr[-2000:])
+    return res.stdout.decode(errors="replace")
 
 
-def fetch_into(repo: Path, ws: Path, branch: str) -> str:
-    """Bring the task branch from the workspace into the user's repository; return its commit."""
-    git.check_untrusted(ws)
+# Commit everything; print "committed" or "unchanged", then the HEAD commit (or "none").
+_COMMIT = _G + r"""
+$G add --all || exit 10
+if $G diff --cached --quiet 2>/dev/null; then echo unchanged
+else $G commit --quiet --no-verify -m "$TASKBOX_MESSAGE" || exit 11; echo committed; fi
+$G rev-parse --verify --quiet 'HEAD^{commit}' || echo none
+"""
+
+
+def commit_all(run: Runner, message: str) -> str | None:
+    """Commit everything in the workspace (in the sandbox); the new commit, or None if unchanged."""
+    res = run(["sh", "-c", _COMMIT], env={"TASKBOX_MESSAGE": message})
+    lines = _check(res, "git commit").split()
+    if len(lines) < 2 or lines[0] not in ("committed", "unchanged"):
+        raise GitError(f"git commit in the sandbox gave an unexpected answer: {' '.join(lines)[:200]!r}")
+    if lines[0] == "unchanged":
+        return None
+    sha = lines[-1]
+    return sha if _SHA.match(sha) else None
+
+
+def branch_tip(run: Runner, branch: str) -> str | None:
+    """The commit of ``branch`` in the workspace, as the sandbox's git sees it."""
+    res = run([*_SANDBOX_GIT, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}"])
+    sha = res.stdout.decode(errors="replace").strip()
+    return sha if res.exit_code == 0 and _SHA.match(sha) else None
+
+
+# Pack the branch as a bundle on stdout, leaving out what the user's repository has.
+_BUNDLE = _G + r"""
+ref="$1"; shift
+tip=$($G rev-parse --verify --quiet "$ref^{commit}") || { echo "no branch $ref" >&2; exit 3; }
+args="$ref"
+for b in "$@"; do
+  [ "$b" = "$tip" ] && continue
+  $G cat-file -e "$b^{commit}" 2>/dev/null && $G merge-base --is-ancestor "$b" "$tip" 2>/dev/null \
+    && args="$args ^$b"
+done
+exec $G bundle create --quiet - $args
+"""
+
+
+def fetch_into(run: Runner, repo: Path, branch: str, *, scratch: Path, limit: int) -> str:
+    """Bring the task branch from the workspace into the user's repository; return its commit.
+
+    The sandbox packs the branch into a bundle (prerequisites: the commits the user's
+    repository already has); the host takes at most ``limit`` bytes of it into a file of its
+    own and fetches from that file. Nothing of the workspace's repository is read on the host.
+    """
     ref = f"refs/heads/{branch}"
+    tip = branch_tip(run, branch)
+    if tip is None:
+        raise GitError(f"the workspace has no branch {branch} (was it deleted or renamed in the sandbox?)",
+                       branch=branch)
+    have = git.run(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo, check=False).stdout.strip()
+    if have == tip:
+        return tip
+    basis = [c for c in (have, head_commit(repo)) if c and _SHA.match(c)]
+    scratch.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="fetch-", suffix=".bundle", dir=scratch)
+    path = Path(name)
     try:
-        git.run(
-            ["fetch", "--quiet", "--no-tags", f"--upload-pack={git.upload_pack_command()}",
-             str(ws / ".git"), f"+{ref}:{ref}"],
-            cwd=repo,
-            harden=True,  # upload-pack runs in the agent-written repo and inherits -c config
-        )
-    except GitError as exc:
-        if "checked out" in (exc.details.get("stderr") or ""):
-            raise GitError(
-                f"branch {branch} is checked out in {repo}; switch to another branch there "
-                "so taskbox can update it",
-                branch=branch,
-            ) from exc
-        raise
-    return git.run(["rev-parse", ref], cwd=repo).stdout.strip()
+        with os.fdopen(fd, "wb") as sink:
+            res = run(["sh", "-c", _BUNDLE, "sh", ref, *basis], sink=sink, limit=limit)
+        if res.truncated:
+            raise GitError(f"the task branch {branch} packs to more than {limit} bytes; refusing to fetch it "
+                           "(raise the fetch_limit setting if this is expected)", branch=branch)
+        _check(res, "git bundle")
+        try:
+            git.run(["-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                     str(path), f"+{ref}:{ref}"], cwd=repo)
+        except GitError as exc:
+            if "checked out" in (exc.details.get("stderr") or ""):
+                raise GitError(
+                    f"branch {branch} is checked out in {repo}; switch to another branch there "
+                    "so taskbox can update it",
+                    branch=branch,
+                ) from exc
+            raise
+    finally:
+        path.unlink(missing_ok=True)
+    got = git.run(["rev-parse", ref], cwd=repo).stdout.strip()
+    if got != tip:
+        raise GitError(f"fetching {branch} gave {got[:12]}, not the workspace's {tip[:12]}", branch=branch)
+    return got
 
 
-def diff(ws: Path, base: str | None, stat: bool = False) -> str:
+def diff(run: Runner, base: str | None, stat: bool = False, limit: int = DIFF_LIMIT) -> str:
     """The task's changes against ``base`` (committed and uncommitted, new files included)."""
-    git.run(["add", "--all", "--intent-to-add"], cwd=ws, untrusted=True)
-    hand_over(ws / ".git")
     args = ["diff", "--no-ext-diff", "--no-textconv", "--no-color"]
     if stat:
         args.append("--stat")
     if base:
+        if not _SHA.match(base):
+            raise GitError(f"base {base!r} is not a commit id")
         args.append(base)
-    return git.run(args, cwd=ws, untrusted=True).stdout
+    script = _G + '$G add --all --intent-to-add >/dev/null 2>&1; exec $G "$@"'
+    res = run(["sh", "-c", script, "sh", *args], limit=limit)
+    out = _check(res, "git diff")
+    if res.truncated:
+        out += f"\n[taskbox] diff cut at {limit} bytes\n"
+    return out
 
 
-def log(ws: Path, base: str | None, limit: int = 50) -> list[dict[str, str]]:
-    rng = f"{base}..HEAD" if base else "HEAD"
-    proc = git.run(
-        ["log", f"-{limit}", "--format=%H%x00%an%x00%aI%x00%s", rng], cwd=ws, untrusted=True, check=False
-    )
+def log(run: Runner, base: str | None, limit: int = 50) -> list[dict[str, str]]:
+    rng = f"{base}..HEAD" if base and _SHA.match(base) else "HEAD"
+    res = run([*_SANDBOX_GIT, "log", f"-{int(limit)}", "--format=%H%x00%an%x00%aI%x00%s", rng], limit=1 << 20)
     out = []
-    for line in proc.stdout.splitlines():
+    for line in res.stdout.decode(errors="replace").splitlines():
         sha, author, when, subject = (line.split("\0") + ["", "", "", ""])[:4]
         out.append({"commit": sha, "author": author, "date": when, "subject": subject})
     return out
 
 
 def remove(ws: Path) -> None:
+    """Delete a workspace tree (``shutil.rmtree`` works on descriptors and never follows a link)."""
+    if ws.is_symlink():
+        raise SandboxError(f"workspace {ws} is a link; refusing to delete through it")
     if ws.exists():
         shutil.rmtree(ws)
+

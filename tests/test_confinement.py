@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import PathOutsideWorkspace, TaskService
-from taskbox.confine import container_workdir, host_path
+from taskbox import PathOutsideWorkspace, TaskService, files
+from taskbox.confine import container_workdir
 
 from .conftest import git
 
@@ -57,16 +57,16 @@ def test_cannot_escalate(svc, task) -> None:
 
 def test_workdir_must_stay_inside_the_workspace(svc: TaskService, task, tmp_path: Path) -> None:
     ws = Path(task.workspace_path)
-    assert container_workdir(ws, "src/../.") == "/workspace"
-    assert container_workdir(ws, "/workspace/sub") == "/workspace/sub"
+    assert container_workdir("src/../.") == "/workspace"
+    assert container_workdir("/workspace/sub") == "/workspace/sub"
     for bad in ("..", "../x", "/etc", "/workspace/../etc", "a/../../b"):
         with pytest.raises(PathOutsideWorkspace):
             svc.exec(task.id, "pwd", workdir=bad)
     (ws / "escape").symlink_to("/etc")
     with pytest.raises(PathOutsideWorkspace):
-        host_path(ws, "escape/passwd")
+        files.read_bytes(ws, "escape/passwd")
     with pytest.raises(PathOutsideWorkspace):
-        svc.read_file(task.id, "escape/passwd")
+        svc.read_text(task.id, "escape/passwd")
 
 
 def test_agent_written_git_config_never_runs_on_the_host(svc: TaskService, task, tmp_path: Path) -> None:
@@ -93,5 +93,5 @@ def test_replaced_dotgit_is_refused(svc: TaskService, task) -> None:
     from taskbox import GitError
 
     svc.exec(task.id, "mv .git .git-real && echo 'gitdir: /root' > .git")
-    with pytest.raises(GitError, match="not a plain directory"):
+    with pytest.raises(GitError):
         svc.sync(task.id)
