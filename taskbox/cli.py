@@ -248,7 +248,7 @@ def shell(task_id: str, workdir: str | None) -> None:
     svc = _service()
     try:
         task = svc.ensure_running(task_id)
-        wd = container_workdir(workdir)
+        wd = container_workdir(workdir, Path(task.workspace_path))
     except TaskboxError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 import tomllib
 from collections.abc import Callable
@@ -19,6 +20,18 @@ from typing import Any, TypeVar, cast
 from .errors import InvalidInput
 
 T = TypeVar("T")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int, what: str = "size") -> int:
+    """Parse ``512m``/``2g``/``10k``/bytes (powers of 1024) into bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise InvalidInput(f"{what} {value!r} is not a size like 512m or 2g")
+    return int(float(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower()))
 
 
 def default_home() -> Path:

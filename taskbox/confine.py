@@ -85,15 +85,19 @@ def normalize(path: str | os.PathLike[str], *, allow_root: bool = True) -> str:
     return rel
 
 
-def container_workdir(workdir: str | None) -> str:
+def container_workdir(workdir: str | None, root: Path | None = None) -> str:
     """Map a workdir given by an agent to a path inside the container, confined to /workspace.
 
-    The container resolves it with the container's own privileges, so a lexical check is
-    enough: a link there leads only around the sandbox's own filesystem.
+    The container resolves it again with its own privileges (a link there leads only around
+    the sandbox's own filesystem), so this is a courtesy check: with ``root`` given, a
+    workdir that is missing or goes through a link is refused with a clear error.
     """
     if not workdir:
         return CONTAINER_ROOT
     rel = normalize(workdir)
+    if root is not None and rel != ".":
+        with rooted(root) as rfd:
+            os.close(open_dir(rfd, rel))
     return CONTAINER_ROOT if rel == "." else f"{CONTAINER_ROOT}/{rel}"
 
 

@@ -30,6 +30,7 @@ CONVERSATIONS = "conversations.jsonl"
 EXECUTIONS = "executions.jsonl"
 DECISIONS = "decisions.md"
 SCHEMA_VERSION = 1
+LOG_ENTRIES = 20_000  # the most log entries parsed on the host at once (a rebuild uses the newest)
 STATE_LIMIT = 16 << 20  # a larger state.json is damaged (the agent can write anything there)
 TODO_STATUSES = ("pending", "in_progress", "completed", "cancelled")
 
@@ -125,16 +126,20 @@ class TaskMemory:
             data = data[data.find(b"\n") + 1:]
         return data
 
-    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
-        data = self._read_log(name)
-        out = []
-        for line in data.splitlines():
+    def read_jsonl(self, name: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The newest entries of a log (at most ``limit``, and never more than LOG_ENTRIES)."""
+        want = min(limit or LOG_ENTRIES, LOG_ENTRIES)
+        out: list[dict[str, Any]] = []
+        for line in reversed(self._read_log(name).splitlines()):
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # a torn or hand-edited line never hides the rest of the log
             if isinstance(entry, dict):
                 out.append(entry)
+                if len(out) >= want:
+                    break
+        out.reverse()
         return out
 
     # --- state.json -----------------------------------------------------------------------
@@ -261,12 +266,10 @@ class TaskMemory:
             self._append(EXECUTIONS, {"ts": time.time(), **entry})
 
     def conversations(self, limit: int | None = None) -> list[dict[str, Any]]:
-        entries = self.read_jsonl(CONVERSATIONS)
-        return entries[-limit:] if limit else entries
+        return self.read_jsonl(CONVERSATIONS, limit)
 
     def executions(self, limit: int | None = None) -> list[dict[str, Any]]:
-        entries = self.read_jsonl(EXECUTIONS)
-        return entries[-limit:] if limit else entries
+        return self.read_jsonl(EXECUTIONS, limit)
 
     def add_decision(
         self,

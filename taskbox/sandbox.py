@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import secrets
 import shlex
 import time
@@ -38,6 +37,7 @@ from docker.errors import NotFound as DockerNotFound
 from docker.types import LogConfig, Ulimit
 
 from . import engine as docker_engine
+from .config import parse_size
 from .confine import sandbox_owner
 from .engine import DOCKER_ERRORS
 from .errors import CommandTimeout, ImageMissing, InvalidInput, SandboxError
@@ -63,18 +63,9 @@ ADDABLE_CAPS = frozenset({"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "
                           "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP", "MKNOD"})
 RUNTIMES_SAFE = ("runsc",)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-
-
 def parse_memory(value: str | int) -> int:
     """Parse ``512m``/``2g``/bytes into bytes; refuse values under the sane minimum."""
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise InvalidInput(f"memory limit {value!r} is not a size like 512m or 2g")
-        size = int(float(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower()))
+    size = parse_size(value, "memory limit")
     if size < MIN_MEMORY:
         raise InvalidInput(f"memory limit {value!r} is below the minimum of 64m")
     return size

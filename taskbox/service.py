@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pluggy
 
 from . import engine, faults, files, git, policy, workspace
-from .config import Paths, Settings, default_home
+from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
 from .default_plugins.branch import slugify
 from .errors import (
@@ -616,7 +616,7 @@ class TaskService:
         task = self.get(task_id)
         if isinstance(command, str) and not command.strip():
             raise InvalidInput("empty command")
-        wd = container_workdir(workdir)
+        wd = container_workdir(workdir, Path(task.workspace_path))
         secs = float(timeout if timeout is not None else self.settings.exec_timeout)
         if secs <= 0 or secs > 24 * 3600:
             raise InvalidInput(f"timeout {secs} must be between 0 and 86400 seconds")
@@ -962,7 +962,7 @@ class TaskService:
         with self.in_sandbox(task) as run:
             commit = workspace.commit_all(run, message)
             head = workspace.fetch_into(run, Path(task.repo_path), task.branch, scratch=self.paths.home / "tmp",
-                                        limit=parse_memory(self.settings.fetch_limit))
+                                        limit=parse_size(self.settings.fetch_limit, "fetch_limit"))
         return commit, head
 
     def diff(self, task_id: str, stat: bool = False) -> str:

@@ -30,8 +30,10 @@ def test_second_exclusive_attach_is_refused_naming_the_holder(svc: TaskService, 
 def test_waiting_attach_gets_the_task_when_released(svc: TaskService, repo: Path) -> None:
     task = svc.create_task(repo, "queue")
     svc.attach(task.id, "alice", session_id="s-a")
-    threading.Timer(0.5, lambda: svc.detach(task.id, "s-a")).start()
+    timer = threading.Timer(0.5, lambda: svc.detach(task.id, "s-a"))
+    timer.start()
     res = svc.attach(task.id, "bob", session_id="s-b", wait=10)
+    timer.join(30)  # the detach finishes (commit and fetch) before the containers are removed
     assert res.session.agent == "bob"
 
 
