@@ -179,6 +179,8 @@ def open_beneath(root_fd: int, rel: str, flags: int, mode: int = 0o644) -> int:
                 path=rel) from exc
         if exc.errno == errno.ENOTDIR and flags & os.O_DIRECTORY:
             raise InvalidInput(f"{rel!r} is not a directory", path=rel) from exc
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InvalidInput(f"path {rel[:80]!r}… is too long ({len(rel)} bytes)", path=rel[:200]) from exc
         raise
 
 

@@ -234,29 +234,36 @@ def _kind(mode: int) -> str:
 
 
 def listing(root: Path, rel: str = ".", recursive: bool = False, limit: int = 5000) -> list[dict[str, Any]]:
-    """Entries under a workspace directory (links are listed, never followed)."""
+    """Entries under a workspace directory (links are listed, never followed).
+
+    Depth first, like ``os.walk``, but iterative: each directory is opened afresh beneath
+    the root (no link on the way), so no descriptor chain is held and no depth overflows.
+    """
     rel = normalize(rel)
     out: list[dict[str, Any]] = []
     with rooted(root) as rfd:
-        try:
-            base = open_dir(rfd, rel)
-        except (NotFound, InvalidInput) as exc:
-            raise NotFound(f"no directory {rel!r} in the task workspace", path=rel) from exc
-        try:
-            prefix = "" if rel == "." else rel + "/"
-            # fwalk opens every directory relative to its parent with O_NOFOLLOW: no link is
-            # followed and no path is resolved twice.
-            for dirpath, dirnames, filenames, dfd in os.fwalk(".", dir_fd=base):
-                dirnames.sort()
-                here = "" if dirpath == "." else dirpath[2:] + "/"
-                if dirpath == "." and rel == "." and ".git" in dirnames:
-                    dirnames.remove(".git")
-                for name in sorted(dirnames) + sorted(filenames):
-                    st = lstat_at(dfd, name)
-                    if st is None:
-                        continue
+        stack = [rel]
+        first = True
+        while stack:
+            here = stack.pop()
+            try:
+                dfd = open_dir(rfd, here)
+            except (NotFound, InvalidInput, PathOutsideWorkspace) as exc:
+                if first:
+                    raise NotFound(f"no directory {rel!r} in the task workspace", path=rel) from exc
+                continue  # changed while we walked: list what is still there
+            first = False
+            try:
+                with os.scandir(dfd) as it:
+                    entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+                prefix = "" if here == "." else here + "/"
+                dirs = sorted((n, st) for n, st in entries if stat.S_ISDIR(st.st_mode))
+                others = sorted((n, st) for n, st in entries if not stat.S_ISDIR(st.st_mode))
+                if here == "." and rel == ".":
+                    dirs = [d for d in dirs if d[0] != ".git"]
+                for name, st in dirs + others:
                     kind = _kind(st.st_mode)
-                    entry: dict[str, Any] = {"path": f"{prefix}{here}{name}", "type": kind, "size": st.st_size}
+                    entry: dict[str, Any] = {"path": f"{prefix}{name}", "type": kind, "size": st.st_size}
                     if kind == "link":
                         try:
                             entry["target"] = os.readlink(name, dir_fd=dfd)
@@ -265,34 +272,110 @@ def listing(root: Path, rel: str = ".", recursive: bool = False, limit: int = 50
                     out.append(entry)
                     if len(out) >= limit:
                         return out
-                if not recursive:
-                    break
-        finally:
-            os.close(base)
+                if recursive:
+                    stack.extend(f"{prefix}{name}" for name, _ in reversed(dirs))
+            finally:
+                os.close(dfd)
     return out
 
 
-def _rmtree_at(dfd: int, name: str, depth: int = 0) -> None:
-    """Remove the directory ``name`` in ``dfd`` and everything in it, without following links."""
-    if depth > 4096:
-        raise InvalidInput("directory tree too deep to delete")
-    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    try:
-        with os.scandir(sub) as it:
-            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-        for child, is_dir in entries:
-            if is_dir:
-                _rmtree_at(sub, child, depth + 1)
-            else:
+def _empty_dir(top: int, name: str) -> None:
+    """Delete everything inside the directory ``top`` without following a link, at any depth.
+
+    The agent chooses the depth, so the walk holds neither a stack nor long paths: every
+    subdirectory met below the first level is first moved up into ``top`` (``renameat``
+    between two descriptors, same filesystem) and emptied from there, so each directory is
+    opened one name beneath ``top`` and no more than two descriptors are open at once.
+    """
+    pending = ["."]
+    moved = 0
+    rounds = 0
+    while pending:
+        rounds += 1
+        if rounds > 50_000_000:
+            raise TaskboxError(f"{name!r} kept changing while it was being deleted; try again")
+        d = pending.pop()
+        if d == ".":
+            fd = os.dup(top)
+        else:
+            try:
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                os.unlink(d, dir_fd=top)  # became a link or a file meanwhile: remove just that
+                continue
+        try:
+            with os.scandir(fd) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            for child, is_dir in entries:
+                if not is_dir:
+                    try:
+                        os.unlink(child, dir_fd=fd)
+                        continue
+                    except FileNotFoundError:
+                        continue
+                    except IsADirectoryError:
+                        pass
+                if d == ".":
+                    pending.append(child)
+                    continue
+                moved += 1
+                flat = f".taskbox-rm-{os.getpid()}-{moved}"
                 try:
-                    os.unlink(child, dir_fd=sub)
-                except IsADirectoryError:  # swapped for a directory meanwhile
-                    _rmtree_at(sub, child, depth + 1)
+                    os.rename(child, flat, src_dir_fd=fd, dst_dir_fd=top)
+                    pending.append(flat)
                 except FileNotFoundError:
                     pass
+        finally:
+            os.close(fd)
+        if d != ".":
+            try:
+                os.rmdir(d, dir_fd=top)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY:
+                    raise
+                pending.append(d)  # something appeared meanwhile: empty it again
+
+
+def _rmtree_at(dfd: int, name: str) -> None:
+    """Remove the directory ``name`` in ``dfd`` and everything in it, without following links."""
+    for _ in range(100):
+        try:
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            os.unlink(name, dir_fd=dfd)
+            return
+        try:
+            _empty_dir(sub, name)
+        finally:
+            os.close(sub)
+        try:
+            os.rmdir(name, dir_fd=dfd)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
+    raise TaskboxError(f"{name!r} kept changing while it was being deleted; try again")
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a whole tree at a host path whose parent taskbox owns (a workspace)."""
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_at(dfd, path.name)
     finally:
-        os.close(sub)
-    os.rmdir(name, dir_fd=dfd)
+        os.close(dfd)
 
 
 def remove_at(dfd: int, name: str) -> bool:
@@ -301,14 +384,8 @@ def remove_at(dfd: int, name: str) -> bool:
     if st is None:
         return False
     if stat.S_ISDIR(st.st_mode):
-        for _ in range(3):  # the sandbox may be adding files meanwhile
-            try:
-                _rmtree_at(dfd, name)
-                return True
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR, errno.ELOOP):
-                    raise
-        raise TaskboxError(f"{name!r} kept changing while it was being deleted; try again")
+        _rmtree_at(dfd, name)
+        return True
     try:
         os.unlink(name, dir_fd=dfd)
     except IsADirectoryError:

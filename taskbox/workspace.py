@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import git
+from . import files, git
 from .confine import sandbox_owner
-from .errors import GitError, SandboxError
+from .errors import GitError
 from .sandbox import Captured
 
 # Runs argv in a sandbox that mounts the workspace at /workspace (cwd), as the sandbox user.
@@ -220,9 +219,6 @@ def log(run: Runner, base: str | None, limit: int = 50) -> list[dict[str, str]]:
 
 
 def remove(ws: Path) -> None:
-    """Delete a workspace tree (``shutil.rmtree`` works on descriptors and never follows a link)."""
-    if ws.is_symlink():
-        raise SandboxError(f"workspace {ws} is a link; refusing to delete through it")
-    if ws.exists():
-        shutil.rmtree(ws)
+    """Delete a workspace tree: by descriptors, never following a link, at any depth."""
+    files.remove_tree(ws)
 

@@ -326,3 +326,21 @@ def test_host_never_runs_git_in_the_workspace(svc: TaskService, task, tmp_path: 
     calls = log.read_text().splitlines() if log.exists() else []
     assert calls, "the wrapper saw no git call at all (the fetch into the user's repository is one)"
     assert not [c for c in calls if ws in c], calls
+
+
+def test_deep_trees_are_listed_and_deleted_without_overflow(svc: TaskService, task) -> None:
+    """Directory depth is the agent's choice: listing and deleting stay iterative and bounded."""
+    svc.exec(task.id, "mkdir deep && cd deep && for i in $(seq 1500); do mkdir d && cd d; done && echo x > leaf.txt")
+    listed = svc.list_files(task.id, "deep", recursive=True, limit=5000)["entries"]
+    assert len(listed) == 1501 and listed[-1]["path"].endswith("/leaf.txt")
+    svc.delete_file(task.id, "deep")
+    assert svc.exec(task.id, "test -e deep; echo $?").stdout.strip() == "1"
+    svc.exec(task.id, "mkdir deeper && cd deeper && for i in $(seq 2500); do mkdir d && cd d; done")
+    # past PATH_MAX: listed as far as a path reaches, deleted or refused in one clear line
+    assert len(svc.list_files(task.id, "deeper", recursive=True, limit=10_000)["entries"]) > 1000
+    svc.delete_file(task.id, "deeper")
+    assert svc.exec(task.id, "test -e deeper; echo $?").stdout.strip() == "1"
+    svc.exec(task.id, "mkdir gone && cd gone && for i in $(seq 2500); do mkdir d && cd d; done")
+    svc.abort(task.id, "done")
+    svc.cleanup(task.id, remove_workspace=True)  # the whole workspace, 2500 levels deep
+    assert not Path(task.workspace_path).exists()
