@@ -7,6 +7,7 @@ link out of the workspace; files written as root are handed to the sandbox user.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .confine import host_path, open_nofollow
-from .errors import InvalidInput, NotFound, PathOutsideWorkspace
+from .errors import InvalidInput, NotFound, PathOutsideWorkspace, WorkspaceFull
 from .sandbox import sandbox_owner
 
 
@@ -37,6 +38,18 @@ def _mkdirs(root: Path, path: Path, hand_over: bool = True) -> None:
         os.mkdir(d)
         if hand_over:
             _own(d)
+
+
+@contextmanager
+def _room(rel: str) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT (the workspace's disk or inode quota used up) into :class:`WorkspaceFull`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise WorkspaceFull(f"no space left in the task workspace to write {rel!r}: its disk or inode quota "
+                            "is used up; delete files in it or give the task a larger quota", path=rel) from exc
 
 
 @contextmanager
@@ -94,10 +107,11 @@ def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None, *,
         raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to write through it")
     if target.is_dir():
         raise InvalidInput(f"{rel!r} is a directory")
-    _mkdirs(root.resolve(), target.parent, hand_over)
-    if mode is None:
-        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
-    write_durably(target, data, mode, hand_over=hand_over)
+    with _room(rel):
+        _mkdirs(root.resolve(), target.parent, hand_over)
+        if mode is None:
+            mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
+        write_durably(target, data, mode, hand_over=hand_over)
     return target
 
 
@@ -111,12 +125,13 @@ def _write_all(fd: int, data: bytes) -> None:
 def append(root: Path, rel: str, data: bytes) -> None:
     """Append ``data`` to a file (created if missing) in one write."""
     target = host_path(root, rel, allow_root=False)
-    _mkdirs(root.resolve(), target.parent)
-    fd = open_nofollow(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        _write_all(fd, data)
-    finally:
-        os.close(fd)
+    with _room(rel):
+        _mkdirs(root.resolve(), target.parent)
+        fd = open_nofollow(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
     _own(target)
 
 

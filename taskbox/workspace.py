@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from . import git
-from .errors import GitError
+from .errors import GitError, VolumeError
 from .sandbox import sandbox_owner
 
 
@@ -129,5 +129,8 @@ def log(ws: Path, base: str | None, limit: int = 50) -> list[dict[str, str]]:
 
 
 def remove(ws: Path) -> None:
+    """Delete a workspace directory; a mounted workspace volume must be released first."""
+    if os.path.ismount(ws):  # rmtree would empty the volume, then fail on the mount point
+        raise VolumeError(f"{ws} is still a mounted workspace volume; it is not deleted")
     if ws.exists():
         shutil.rmtree(ws)
