@@ -280,6 +280,19 @@ def release(image: Path, mountpoint: Path) -> bool:
     return did
 
 
+def release_all(volumes: Path, workspaces: Path) -> list[str]:
+    """Release every volume in ``volumes`` and whatever is mounted at ``workspaces/<name>``.
+
+    For tearing down a whole throw-away ``TASKBOX_HOME`` (tests, benchmarks) once its
+    containers are gone; a task's own volume is released by its cleanup. Returns the names
+    released.
+    """
+    names = {p.name.removesuffix(".img") for p in volumes.glob("*.img")} if volumes.is_dir() else set()
+    if workspaces.is_dir():
+        names |= {p.name for p in workspaces.iterdir()}
+    return [name for name in sorted(names) if release(volumes / f"{name}.img", workspaces / name)]
+
+
 # --- helpers ------------------------------------------------------------------------------------
 
 

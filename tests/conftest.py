@@ -61,11 +61,7 @@ def release_volumes(home: Path) -> None:
             client.api.remove_container(c["Id"], force=True)
     except Exception:  # noqa: BLE001 - no engine: there are no containers to remove either
         pass
-    names = {p.name for p in paths.workspaces.iterdir()} if paths.workspaces.is_dir() else set()
-    if paths.volumes.is_dir():
-        names |= {p.name.removesuffix(".img") for p in paths.volumes.glob("*.img")}
-    for name in sorted(names):
-        quota.release(paths.volume(name), paths.workspace(name))
+    quota.release_all(paths.volumes, paths.workspaces)
     leaked = [m.mountpoint for m in quota.mounts() if m.mountpoint.startswith(f"{paths.home}/")]
     assert not leaked, f"mounts left under {paths.home}: {leaked}"
 
