@@ -1,9 +1,9 @@
 """Disk and inode quotas of task workspaces: each workspace is a filesystem of its own.
 
 A task's workspace (``$TASKBOX_HOME/workspaces/<task>``) is the mount point of a sparse
-ext4 image (``$TASKBOX_HOME/volumes/<task>.img``) made with a fixed inode count and no
-reserved blocks, mounted through a loop device with ``nosuid,nodev`` before the clone is
-made into it. A sandbox that fills it gets ``ENOSPC`` inside; on the host the image takes at
+ext4 image (``$TASKBOX_HOME/volumes/<task>.img``) made with a fixed inode count and a small
+root-only reserve (:func:`reserve`), mounted through a loop device with ``nosuid,nodev``
+before the clone is made into it. A sandbox that fills it gets ``ENOSPC`` inside; on the host the image takes at
 most its size. The image lies outside every workspace, so no sandbox can reach it.
 
 This works on any Linux host where taskbox runs as root and loop devices exist (a plain
@@ -65,6 +65,15 @@ def check_inodes(value: int, size: int, what: str = "inode quota") -> int:
         raise InvalidInput(f"{what} {value} is too many for a disk quota of {human(size)} "
                            f"(at most one inode per {BYTES_PER_INODE // 1024} KiB: {size // BYTES_PER_INODE})")
     return value
+
+
+def reserve(size: int) -> int:
+    """Bytes of a volume only root may use: taskbox's own bookkeeping (memory, Plan.md, commits).
+
+    The sandbox never runs as root, so a task that fills its disk still leaves taskbox room to
+    record state and logs: 1/64 of the volume, at most 16 MiB (1 MiB of a 64 MiB one).
+    """
+    return min(size // 64, 16 * 1024**2)
 
 
 def human(size: int) -> str:
@@ -161,6 +170,7 @@ def usage(mountpoint: Path) -> dict[str, int]:
     """Space and inodes used and available on the volume mounted at ``mountpoint`` (statvfs)."""
     st = os.statvfs(mountpoint)
     return {"bytes_used": (st.f_blocks - st.f_bfree) * st.f_frsize, "bytes_limit": st.f_blocks * st.f_frsize,
+            "bytes_available": st.f_bavail * st.f_frsize,  # to the sandbox: without root's reserve
             "inodes_used": st.f_files - st.f_ffree, "inodes_limit": st.f_files}
 
 
@@ -216,7 +226,7 @@ def create_volume(image: Path, mountpoint: Path, size: int, inodes: int, owner: 
         finally:
             os.close(fd)
         uid, gid = owner
-        argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+        argv = ["mkfs.ext4", "-q", "-F", "-m", f"{100 * reserve(size) / size:.4f}", "-E",
                 f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1"]
         if inodes:
             argv += ["-N", str(inodes)]

@@ -270,7 +270,12 @@ class TaskService:
             return self.registry.update_task(task_id, task.version, {"status": target, **(changes or {})}, event)
 
         task = self.retry(attempt)
-        self.update_state(task, lambda s: s.__setitem__("status", str(target)))
+        try:
+            self.update_state(task, lambda s: s.__setitem__("status", str(target)))
+        except WorkspaceFull as exc:
+            # The registry holds the status; state.json only mirrors it. A workspace the agent
+            # filled (e.g. its inodes) must not stop a pause or a failure from taking effect.
+            self.registry.add_event("memory.refused", task.id, {"error": exc.message, "status": str(target)})
         return task
 
     def update_metadata(self, task_id: str, fn: Callable[[dict[str, Any]], None]) -> Task:

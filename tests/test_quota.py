@@ -76,7 +76,11 @@ def test_filling_the_disk_is_enospc_inside(svc: TaskService, repo: Path) -> None
     assert image.stat().st_blocks * 512 <= 64 * MIB
     usage = svc.workspace_usage(svc.get(task.id))
     assert usage is not None and usage["bytes_used"] > 0.9 * usage["bytes_limit"]
-    # taskbox's own host-side writes say so instead of failing with a traceback
+    assert usage["bytes_available"] < 2 * MIB
+    # root's small reserve keeps taskbox's bookkeeping working on a disk the agent filled
+    svc.update_todos(task.id, [{"text": "recorded although the disk is full"}])
+    assert svc.state(task.id)["todos"][-1]["text"] == "recorded although the disk is full"
+    # a large host-side write does not fit: one clear error, no traceback
     with pytest.raises(WorkspaceFull, match="no space left in the task workspace"):
         svc.write_file(task.id, "notes.txt", b"x" * (8 * MIB))
     r = run_cli("exec", task.id, "--", "rm", "big")
@@ -98,6 +102,11 @@ def test_creating_many_files_hits_the_inode_quota(svc: TaskService, repo: Path) 
     assert usage["bytes_limit"] - usage["bytes_used"] > 32 * MIB
     res = svc.exec(task.id, "touch one-more; echo more >> README.md && tail -1 README.md")
     assert "No space left on device" in res.stderr and res.stdout == "more\n"
+    # no inode for a new state.json: the pause still takes effect, the refusal is recorded
+    assert svc.pause(task.id).status is Status.PAUSED
+    assert any(e["type"] == "memory.refused" for e in svc.registry.events(task.id))
+    with pytest.raises(WorkspaceFull):
+        svc.write_file(task.id, "new.txt", b"x")
 
 
 def test_show_and_status_report_usage(svc: TaskService, repo: Path) -> None:
