@@ -61,7 +61,7 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
 
     tasks = svc.registry.list_tasks()
     known = {t.id for t in tasks}
-    unmounted: set[str] = set()  # tasks whose workspace volume is (still) not mounted
+    unmounted: set[str] = set()  # tasks whose workspace volume is (still) not mounted, or gone
 
     for task in tasks:
         if task.pending_op and not _alive(task.op_pid):
@@ -82,6 +82,7 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
                           lambda t=task: _mount(svc, t, unmounted))
                 continue
             if task.status is not Status.ARCHIVED:
+                unmounted.add(task.id)
                 found("missing-volume", task.id, f"workspace volume {image} is gone",
                       lambda t=task: _then("marked failed", lambda: svc.fail(t.id, "workspace volume missing"))
                       if t.status in (Status.ACTIVE, Status.PAUSED) else None)

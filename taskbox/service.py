@@ -35,6 +35,7 @@ from .errors import (
     SandboxError,
     TaskboxError,
     TaskLocked,
+    VolumeError,
     WorkspaceFull,
 )
 from .memory import TODO_STATUSES, Recovery, TaskMemory
@@ -153,22 +154,21 @@ class TaskService:
 
     def _ws(self, task: Task) -> Path:
         """The task's workspace for host-side reads and writes, its volume mounted if it has one."""
-        self._ensure_volume(task, strict=False)
+        self._ensure_volume(task)
         return Path(task.workspace_path)
 
-    def _ensure_volume(self, task: Task, *, strict: bool = True) -> None:
+    def _ensure_volume(self, task: Task) -> None:
         """Mount the task's workspace volume (its disk and inode quota) unless it is mounted.
 
         After a reboot the volume is not mounted and the workspace path is the bare, empty,
-        immutable directory underneath; a container started then would bind that. ``strict``
-        (container starts) makes a missing volume an error; otherwise (host-side use) it is
-        left to the caller, which finds the workspace gone (e.g. after `cleanup-task
-        --remove-workspace`).
+        immutable directory underneath: a container started then would bind that, and host
+        writes would fail. A missing volume is a :class:`VolumeError`, except for an archived
+        task whose workspace `cleanup-task --remove-workspace` removed.
         """
         if not task.metadata.get("quota"):
             return
         image = self.paths.volume(task.id)
-        if not strict and not image.exists():
+        if task.status is Status.ARCHIVED and not image.exists():
             return
         if quota.ensure_mounted(image, Path(task.workspace_path)):
             self.registry.add_event("workspace.mounted", task.id, {"image": str(image)})
@@ -272,9 +272,10 @@ class TaskService:
         task = self.retry(attempt)
         try:
             self.update_state(task, lambda s: s.__setitem__("status", str(target)))
-        except WorkspaceFull as exc:
+        except (WorkspaceFull, VolumeError) as exc:
             # The registry holds the status; state.json only mirrors it. A workspace the agent
-            # filled (e.g. its inodes) must not stop a pause or a failure from taking effect.
+            # filled (e.g. its inodes), or whose volume is gone, must not stop a pause or a
+            # failure from taking effect.
             self.registry.add_event("memory.refused", task.id, {"error": exc.message, "status": str(target)})
         return task
 
@@ -603,8 +604,8 @@ class TaskService:
         for old in expired:  # the holder stopped renewing: its session is over
             self.registry.end_session(old.session_id, time.time())
         t0 = time.perf_counter()
-        mem = self.memory(task)
         try:
+            mem = self.memory(task)  # mounts the workspace volume if it is not (after a reboot)
             # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
             state, recovery = mem.load(self._defaults(task))
             task = self.ensure_running(task.id)
@@ -937,7 +938,7 @@ class TaskService:
                           include_filesystem: bool = False, trigger: str = "manual", pinned: bool = False,
                           reason: str = "") -> dict[str, Any]:
         """Checkpoint the task's whole workspace (and, if asked, its container's filesystem)."""
-        self._ensure_volume(self.get(task_id), strict=False)
+        self._ensure_volume(self.get(task_id))
         return self.checkpoints.create(task_id, name, description, include_filesystem=include_filesystem,
                                        trigger=trigger, pinned=pinned, reason=reason)
 
@@ -947,7 +948,7 @@ class TaskService:
 
         Refused while an agent other than ``session_id`` is attached, unless ``force``.
         """
-        self._ensure_volume(self.get(task_id), strict=False)
+        self._ensure_volume(self.get(task_id))
         return self.checkpoints.restore(task_id, checkpoint_id, force=force, session_id=session_id)
 
     def list_checkpoints(self, task_id: str) -> list[dict[str, Any]]:

@@ -180,6 +180,28 @@ def test_container_never_starts_on_an_unmounted_workspace(svc: TaskService, repo
     assert (ws / "kept.txt").read_text() == "kept\nagain\n"
 
 
+def test_missing_volume_is_reported_and_the_task_failed(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "volume lost", **SMALL)
+    image, ws = volume(svc, task.id)
+    svc.pause(task.id)
+    subprocess.run(["umount", str(ws)], check=True)
+    image.unlink()
+    r = run_cli("doctor", "--fix", "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    [f] = [f for f in json.loads(r.stdout) if f["task_id"] == task.id]
+    assert f["kind"] == "missing-volume" and f["fixed"] and f["action"] == "marked failed"
+    assert svc.get(task.id).status is Status.FAILED
+    # starting it again is refused with one clear line, never a container on the bare directory
+    r = run_cli("resume-task", task.id)
+    assert r.returncode == 6 and r.stderr.strip().splitlines()[-1].startswith("error: the workspace volume")
+    assert svc.get(task.id).container_id == task.container_id
+    assert docker_state(svc, task.container_id) == "exited"
+
+
+def docker_state(svc: TaskService, cid: str | None) -> str:
+    return str(svc.sandbox.api.inspect_container(cid)["State"]["Status"])
+
+
 def test_cleanup_frees_the_volume(svc: TaskService, repo: Path) -> None:
     task = svc.create_task(repo, "short lived", **SMALL)
     image, ws = volume(svc, task.id)
