@@ -40,6 +40,7 @@ from taskbox import (  # noqa: E402
     engine,
     images,
     policy,
+    quota,
 )
 from taskbox.sandbox import LABEL_HOME  # noqa: E402
 
@@ -250,6 +251,7 @@ def main() -> int:
             api.remove_container(c["Id"], force=True)
         for n in api.networks(filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
             api.remove_network(n["Id"])
+        quota.release_all(svc.paths.volumes, svc.paths.workspaces)  # unmount the workspace volumes
         api.remove_container(standin, force=True)
         api.remove_network(net["Id"])
     if args.json:

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from taskbox import TaskService  # noqa: E402
+from taskbox import TaskService, quota  # noqa: E402
 from taskbox.sandbox import LABEL_HOME  # noqa: E402
 from taskbox.workspace import hand_over  # noqa: E402
 
@@ -215,6 +215,7 @@ def main() -> int:
         if svc is not None:
             for c in svc.sandbox.api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
                 svc.sandbox.api.remove_container(c["Id"], force=True)
+            quota.release_all(svc.paths.volumes, svc.paths.workspaces)  # before rmtree walks into them
         shutil.rmtree(scratch, ignore_errors=True)
     print(table(results))
     if args.json:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from taskbox import TaskService, engine  # noqa: E402
+from taskbox import TaskService, engine, quota  # noqa: E402
 
 IMAGE = os.environ.get("TASKBOX_IMAGE", "taskbox-sandbox:latest")
 
@@ -141,6 +141,7 @@ def main() -> int:
         for t in svc.list_tasks():
             if t.container_id:
                 api.remove_container(t.container_id, force=True)
+        quota.release_all(svc.paths.volumes, svc.paths.workspaces)  # unmount the workspace volumes
 
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -60,7 +60,7 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 async def measure(home: Path, repo: Path, runs: int, warmup: int) -> dict[str, Any]:
-    from taskbox import TaskService  # imported late: TASKBOX_HOME must be set first
+    from taskbox import TaskService, quota  # imported late: TASKBOX_HOME must be set first
 
     docker = shutil.which("docker")
     if not docker:
@@ -95,6 +95,7 @@ async def measure(home: Path, repo: Path, runs: int, warmup: int) -> dict[str, A
                     times["service"].append(t_service)
         finally:
             service.sandbox.remove(cid)
+            quota.release_all(service.paths.volumes, service.paths.workspaces)  # before the temp dir goes
     return {name: summary(samples) for name, samples in times.items()}
 
 

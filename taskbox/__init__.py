@@ -24,6 +24,8 @@ from .errors import (
     TaskLocked,
     TaskNotFound,
     UnsafeArchive,
+    VolumeError,
+    WorkspaceFull,
 )
 from .hookspecs import hookimpl
 from .models import ContainerState, LockMode, Session, Status, Task
@@ -57,6 +59,8 @@ __all__ = [
     "TaskService",
     "TaskboxError",
     "UnsafeArchive",
+    "VolumeError",
+    "WorkspaceFull",
     "__version__",
     "hookimpl",
 ]

@@ -85,6 +85,8 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
 @click.option("--memory", help="Memory limit, e.g. 2g (default from settings).")
 @click.option("--cpus", type=float, help="CPU limit in cores.")
 @click.option("--pids", type=int, help="Process limit.")
+@click.option("--disk", help="Disk quota of the workspace, e.g. 10g (default from settings; minimum 64m).")
+@click.option("--inodes", type=int, help="Inode quota (most files and directories) of the workspace.")
 @click.option("--network", type=click.Choice(["none", "allowlist", "open"]),
               help="Network mode: none (default), allowlist (only --allow-domain names, through a proxy) "
                    "or open.")
@@ -96,7 +98,8 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
 @click.option("--no-attach", is_flag=True, help="Do not attach an agent session.")
 @click.option("--session", help="Session id to attach with (default: a new one).")
 def create_task(description: str, repo: str, agent: str, model: str, title: str | None, task_id: str | None,
-                lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, network: str | None,
+                lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
+                inodes: int | None, network: str | None,
                 allow_domains: tuple[str, ...], image: str | None, base: str | None, lazy: bool, no_attach: bool,
                 session: str | None) -> Any:
     """Create a task: a workspace on a new branch, a sandbox container and memory."""
@@ -104,7 +107,8 @@ def create_task(description: str, repo: str, agent: str, model: str, title: str 
 
     svc = _service()
     task = svc.create_task(repo, description, agent=agent, model=model, title=title, task_id=task_id,
-                           lock_mode=lock_mode, memory=memory, cpus=cpus, pids_limit=pids, network=network,
+                           lock_mode=lock_mode, memory=memory, cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes,
+                           network=network,
                            allow_domains=list(allow_domains) or None,
                            image=image, base_ref=base, lazy=lazy, progress=progress)
     weaker = safety_warnings(svc, task)
@@ -193,16 +197,28 @@ def show(task_id: str) -> Any:
     svc = _service()
     task = svc.get(task_id)
     state = svc.state(task_id)
-    data = {**_task_row(svc, task), "state": state}
+    usage = svc.workspace_usage(task)
+    data = {**_task_row(svc, task), "state": state, "workspace_usage": usage}
     human = pairs([("task", task.id), ("title", task.title), ("status", str(task.status)),
                    ("branch", task.branch), ("repo", task.repo_path), ("workspace", task.workspace_path),
                    ("container", f"{(task.container_id or '-')[:12]} ({task.container_state})"),
                    ("limits", f"memory {task.memory_limit}, cpus {task.cpu_limit}, pids {task.pids_limit}, "
                               f"network {task.network}"),
+                   ("disk", _usage_line(usage)),
                    ("lock", f"{task.lock_mode}; agents: {', '.join(data['current_agents']) or 'none'}"),
                    ("todos", f"{sum(t['status'] == 'completed' for t in state['todos'])}/{len(state['todos'])} done"),
                    ("created", ago(task.created_at)), ("active", ago(task.last_active)), ("version", task.version)])
     return data, human
+
+
+def _usage_line(usage: dict[str, Any] | None) -> str:
+    if usage is None:
+        return "no quota"
+    if not usage["mounted"]:
+        return "volume not mounted (`taskbox doctor --fix` mounts it)"
+    mib = 1024 * 1024
+    return (f"{usage['bytes_used'] / mib:.1f} of {usage['bytes_limit'] / mib:.0f} MiB, "
+            f"{usage['inodes_used']} of {usage['inodes_limit']} inodes")
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})

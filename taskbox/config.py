@@ -54,6 +54,15 @@ class Settings:
     memory: str = _setting("2g", "Default container memory limit (minimum 64m).")
     cpus: float = _setting(1.0, "Default container CPU limit, in cores (minimum 0.1).")
     pids_limit: int = _setting(512, "Default maximum number of processes in a container.")
+    workspace_quota: str = _setting(
+        "10g", "Default disk quota of a task's workspace (minimum 64m): the workspace is its own "
+        "filesystem image of this size, mounted at the workspace path; needs root and loop devices. "
+        "`0` turns quotas off (plain directories; the host disk is unprotected)."
+    )
+    workspace_inodes: int = _setting(
+        1_000_000, "Default inode quota (most files and directories) of a task's workspace (minimum 1000; "
+        "`0`: the filesystem's default of one per 16 KiB)."
+    )
     network: str = _setting(
         "none", "Default network mode: `none`, `allowlist` (egress proxy) or `open` (warned about)."
     )
@@ -173,8 +182,16 @@ class Paths:
     def locks(self) -> Path:
         return self.home / "locks"
 
+    @property
+    def volumes(self) -> Path:
+        """Filesystem images of workspaces with a quota (outside every workspace: no sandbox reaches them)."""
+        return self.home / "volumes"
+
     def workspace(self, task_id: str) -> Path:
         return self.workspaces / task_id
+
+    def volume(self, task_id: str) -> Path:
+        return self.volumes / f"{task_id}.img"
 
     def ensure(self) -> None:
         for d in (self.home, self.workspaces, self.locks):

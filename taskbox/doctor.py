@@ -2,20 +2,21 @@
 
 Each finding names what is inconsistent and, with ``fix``, what was done about it:
 interrupted creates are rolled back, interrupted completions finished, lost containers
-forgotten (recreated on next use), orphan containers and workspaces removed, stale leases
-and their sessions ended, container states re-read from the engine, and interrupted
-checkpoint restores finished (see :meth:`taskbox.checkpoints.Checkpoints.reconcile`).
+forgotten (recreated on next use), workspace volumes that are not mounted (after a reboot)
+mounted again, orphan containers, volumes and workspaces removed, stale leases and their
+sessions ended, container states re-read from the engine, and interrupted checkpoint
+restores finished (see :meth:`taskbox.checkpoints.Checkpoints.reconcile`).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import quota, workspace
 from .errors import TaskboxError
 from .models import FINISHED, ContainerState, Status
 from .sandbox import LABEL_TASK
@@ -60,6 +61,7 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
 
     tasks = svc.registry.list_tasks()
     known = {t.id for t in tasks}
+    unmounted: set[str] = set()  # tasks whose workspace volume is (still) not mounted, or gone
 
     for task in tasks:
         if task.pending_op and not _alive(task.op_pid):
@@ -70,6 +72,21 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
                 found("interrupted-complete", task.id, "complete was interrupted; it will be finished",
                       lambda t=task: _then("completed", lambda: svc.complete(t.id)))
             continue
+        image = svc.paths.volume(task.id)
+        if task.metadata.get("quota") and not task.pending_op:
+            if image.exists():
+                if not quota.is_mounted(image, Path(task.workspace_path)):
+                    unmounted.add(task.id)
+                    found("unmounted-workspace", task.id,
+                          f"workspace volume {image} is not mounted at {task.workspace_path} (e.g. after a reboot)",
+                          lambda t=task: _mount(svc, t, unmounted))
+                continue
+            if task.status is not Status.ARCHIVED:
+                unmounted.add(task.id)
+                found("missing-volume", task.id, f"workspace volume {image} is gone",
+                      lambda t=task: _then("marked failed", lambda: svc.fail(t.id, "workspace volume missing"))
+                      if t.status in (Status.ACTIVE, Status.PAUSED) else None)
+                continue
         if not Path(task.workspace_path).is_dir() and task.status is not Status.ARCHIVED:
             found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone",
                   lambda t=task: _then("marked failed", lambda: svc.fail(t.id, "workspace missing"))
@@ -119,14 +136,23 @@ def reconcile(svc: TaskService, fix: bool) -> list[dict[str, Any]]:
                 found("running-finished", task.id, f"task is {task.status} but its container runs",
                       lambda t=task: _then("stopped", lambda: sandbox.stop(t.container_id or "")))
 
+    if svc.paths.volumes.is_dir():
+        for img in sorted(svc.paths.volumes.iterdir()):
+            tid = img.name.removesuffix(".img")
+            if img.name.endswith(".img") and tid not in known:
+                found("orphan-volume", None, f"workspace volume {img} has no task",
+                      lambda i=img, t=tid: _then("unmounted and removed",
+                                                 lambda: quota.release(i, svc.paths.workspace(t))))
     if svc.paths.workspaces.is_dir():
         for d in sorted(svc.paths.workspaces.iterdir()):
             if d.name not in known:
                 found("orphan-workspace", None, f"workspace {d} has no task",
-                      lambda d=d: _then("removed", lambda: shutil.rmtree(d)))
+                      lambda d=d: _then("removed", lambda: quota.release(svc.paths.volume(d.name), d),
+                                        lambda: workspace.remove(d)))
 
     for task in svc.registry.list_tasks():
-        if task.status is Status.ARCHIVED or not Path(task.workspace_path).is_dir() or task.pending_op:
+        if (task.status is Status.ARCHIVED or not Path(task.workspace_path).is_dir() or task.pending_op
+                or task.id in unmounted):
             continue
         mem = svc.memory(task)
         try:
@@ -148,6 +174,12 @@ def _then(message: str, *steps: Callable[[], Any]) -> str:
     for step in steps:
         step()
     return message
+
+
+def _mount(svc: TaskService, task: Any, unmounted: set[str]) -> str:
+    svc._ensure_volume(task)
+    unmounted.discard(task.id)
+    return "mounted"
 
 
 def _forget_container(svc: TaskService, task_id: str) -> str:

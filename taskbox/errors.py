@@ -17,7 +17,9 @@ returns a tool error, the web API a JSON body with :attr:`TaskboxError.http_stat
     ├── DockerUnavailable           exit 5   the engine cannot be reached (says how to start it)
     ├── ImageMissing                exit 5   the sandbox image is not built
     ├── SandboxError                exit 6   a container operation failed
-    │   └── CommandTimeout          exit 6
+    │   ├── CommandTimeout          exit 6
+    │   ├── VolumeError             exit 6   a workspace volume (disk quota) could not be made or mounted
+    │   └── WorkspaceFull           exit 6   a host-side write found the workspace's disk or inode quota used up
     ├── GitError                    exit 7   a git command failed (command, code, stderr)
     ├── MemoryCorrupted             exit 8   task memory could not be read or rebuilt
     ├── CheckpointCorrupted         exit 8   a checkpoint's stored data is damaged or missing
@@ -110,6 +112,18 @@ class SandboxError(TaskboxError):
 
 class CommandTimeout(SandboxError):
     code = "command_timeout"
+
+
+class VolumeError(SandboxError):
+    """A task's workspace volume (its disk and inode quota) could not be made, mounted or released."""
+
+    code = "volume_error"
+
+
+class WorkspaceFull(SandboxError):
+    """A host-side write into a workspace failed: its disk or inode quota is used up (ENOSPC)."""
+
+    code = "workspace_full"
 
 
 class GitError(TaskboxError):

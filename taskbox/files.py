@@ -30,13 +30,25 @@ from .confine import (
     rooted,
     sandbox_owner,
 )
-from .errors import InvalidInput, NotFound, PathOutsideWorkspace, TaskboxError
+from .errors import InvalidInput, NotFound, PathOutsideWorkspace, TaskboxError, WorkspaceFull
 
 READ_LIMIT = 64 << 20  # the most any host-side read of a workspace file takes in
 
 
 def _owner(hand_over: bool) -> tuple[int, int] | None:
     return sandbox_owner() if hand_over and os.geteuid() == 0 else None
+
+
+@contextmanager
+def _room(rel: str) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT (the workspace's disk or inode quota used up) into :class:`WorkspaceFull`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise WorkspaceFull(f"no space left in the task workspace to write {rel!r}: its disk or inode quota "
+                            "is used up; delete files in it or give the task a larger quota", path=rel) from exc
 
 
 @contextmanager
@@ -112,7 +124,7 @@ def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None, *,
     """
     rel = normalize(rel, allow_root=False)
     owner = _owner(hand_over)
-    with rooted(root) as rfd:
+    with rooted(root) as rfd, _room(rel):
         dfd, name = open_parent(rfd, rel, create=True, owner=owner)
         try:
             st = lstat_at(dfd, name)
@@ -132,7 +144,7 @@ def append(root: Path, rel: str, data: bytes) -> None:
     """Append ``data`` to a file (created if missing) in one write."""
     rel = normalize(rel, allow_root=False)
     owner = _owner(True)
-    with rooted(root) as rfd:
+    with rooted(root) as rfd, _room(rel):
         dfd, name = open_parent(rfd, rel, create=True, owner=owner)
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -54,10 +54,12 @@ WorkspacePath = Annotated[str, Field(description="Path relative to the task work
 
 
 class ResourceLimits(TypedDict, total=False):
-    """Resource limits of a task's container."""
+    """Resource limits of a task's container and workspace."""
 
     memory: Annotated[str, Field(description="Memory limit such as 512m or 2g (minimum 64m).")]
     cpu: Annotated[float, Field(description="CPU limit in cores, e.g. 1.5 (minimum 0.1).")]
+    disk: Annotated[str, Field(description="Disk quota of the task's workspace such as 10g (minimum 64m).")]
+    inodes: Annotated[int, Field(description="Inode quota (most files and directories) of the workspace.")]
 
 
 class TodoChange(TypedDict, total=False):
@@ -200,7 +202,7 @@ def create_server(service: TaskService | None = None) -> MCPServer:
                                                          "task works on.")],
         agent_name: Annotated[str, Field(description="Your agent name, e.g. opencode or claude-code.")] = "agent",
         agent_model: Annotated[str, Field(description="Your model, e.g. claude-opus-4.5.")] = "unknown",
-        resource_limits: Annotated[ResourceLimits | None, Field(description="Container limits; "
+        resource_limits: Annotated[ResourceLimits | None, Field(description="Container and workspace limits; "
                                                                             "default from settings.")] = None,
         lock_mode: Annotated[Literal["exclusive", "collaborative"], Field(
             description="exclusive: one agent at a time; collaborative: several.")] = "exclusive",
@@ -221,7 +223,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
             res = ad.service.create_or_resume_task(workspace_path, task_description, task_id=task_id,
                                             resume_if_exists=resume_if_exists, agent=agent_name, model=agent_model,
                                             lock_mode=lock_mode, memory=limits.get("memory"),
-                                            cpus=limits.get("cpu"))
+                                            cpus=limits.get("cpu"), disk=limits.get("disk"),
+                                            inodes=limits.get("inodes"))
             ad.service.record_tool_call(res["task_id"], "create_task_sandbox",
                                  {"task_description": task_description, "workspace_path": workspace_path,
                                   "resume_if_exists": resume_if_exists, "outcome": res["status"]})
@@ -334,7 +337,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
     @tool(READ_ONLY)
     async def get_task_status(task_id: TaskId, ctx: Context) -> Result:
         """A task's record and live state: status, branch, container, attached agents, todos,
-        metrics, current checkpoint and the last commands run. Use it to orient yourself."""
+        metrics, current checkpoint, the last commands run and the workspace's disk and inode use
+        against its quota (workspace_usage). Use it to orient yourself."""
         return await ad.task_tool(ctx, task_id, "get_task_status", {}, lambda _s: ad.service.status(task_id))
 
     # --- running commands --------------------------------------------------------------------

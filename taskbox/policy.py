@@ -15,9 +15,13 @@ defaults apply (no network, settings' limits, every command allowed). Example::
     memory = "2g"
     cpus = 1.0
     pids = 512
+    disk = "10g"                        # workspace disk quota (taskbox.quota)
+    inodes = 1000000                    # workspace inode quota
     max_memory = "4g"
     max_cpus = 2.0
     max_pids = 1024
+    max_disk = "20g"
+    max_inodes = 2000000
 
     [mounts]
     allow = []                          # host paths a task may have mounted (read-only)
@@ -86,6 +90,10 @@ class Limits:
     max_memory: str | None = None
     max_cpus: float | None = None
     max_pids: int | None = None
+    disk: str | None = None
+    inodes: int | None = None
+    max_disk: str | None = None
+    max_inodes: int | None = None
 
 
 @dataclass
@@ -170,8 +178,14 @@ class Policy:
         name = rule.id or f"rules[{i}]"
         return PolicyDecision(rule.action, name, rule.reason or f"rule {name} ({rule.action})", tool, text, level)
 
-    def check_limits(self, memory: str, cpus: float, pids: int) -> None:
-        """Raise :class:`PolicyDenied` if a task's limits exceed the project's ceilings."""
+    def check_limits(self, memory: str, cpus: float, pids: int, *, disk: int | None = None,
+                     inodes: int | None = None) -> None:
+        """Raise :class:`PolicyDenied` if a task's limits exceed the project's ceilings.
+
+        ``disk`` (bytes) and ``inodes`` are the workspace quota; 0 means none, which exceeds
+        any ceiling (0 inodes: the filesystem's default, one per 16 KiB of ``disk``).
+        """
+        from .quota import parse_size
         from .sandbox import parse_memory
 
         lim = self.limits
@@ -184,6 +198,16 @@ class Policy:
         if lim.max_pids and pids > lim.max_pids:
             raise PolicyDenied(f"pids limit {pids} exceeds the project's maximum of {lim.max_pids}",
                                rule="limits.max_pids", policy=str(self.path))
+        if lim.max_disk and disk is not None and (not disk or disk > parse_size(lim.max_disk)):
+            what = f"a disk quota of {disk} bytes" if disk else "no disk quota (workspace_quota = 0)"
+            raise PolicyDenied(f"{what} exceeds the project's maximum of {lim.max_disk}",
+                               rule="limits.max_disk", policy=str(self.path))
+        if lim.max_inodes and inodes is not None:
+            count = inodes or (disk // 16384 if disk else 0)
+            if not count or count > lim.max_inodes:
+                what = f"an inode quota of {count}" if count else "no inode quota"
+                raise PolicyDenied(f"{what} exceeds the project's maximum of {lim.max_inodes}",
+                                   rule="limits.max_inodes", policy=str(self.path))
 
     def mount_allowed(self, host_path: str | Path) -> bool:
         """Whether the policy allows mounting ``host_path`` (itself or under a listed path) into a task."""
@@ -218,6 +242,7 @@ def _parse_text(text: str, path: Path) -> Policy:
 def parse(data: dict[str, Any], path: Path | None = None) -> Policy:
     """Validate a policy given as parsed TOML; :class:`InvalidInput` names the bad entry."""
     from .network import MODES, EgressRules
+    from .quota import MIN_INODES, parse_size
     from .sandbox import check_cpus, parse_memory
 
     where = str(path) if path else "policy"
@@ -241,6 +266,13 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Policy:
     for size in (limits.memory, limits.max_memory):
         if size is not None:
             parse_memory(size)
+    for size in (limits.disk, limits.max_disk):
+        if size is not None and not parse_size(str(size), f"{where}: limits disk"):
+            raise InvalidInput(f"{where}: a disk limit of 0 is not allowed (quotas are turned off only by "
+                               "the workspace_quota setting)")
+    for count in (limits.inodes, limits.max_inodes):
+        if count is not None and (not isinstance(count, int) or count < MIN_INODES):
+            raise InvalidInput(f"{where}: an inode limit must be a whole number of at least {MIN_INODES}")
     for cores in (limits.cpus, limits.max_cpus):
         if cores is not None:
             check_cpus(float(cores))

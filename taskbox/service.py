@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from . import engine, faults, files, git, policy, workspace
+from . import engine, faults, files, git, policy, quota, workspace
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
 from .default_plugins.branch import slugify
@@ -36,6 +36,8 @@ from .errors import (
     SandboxError,
     TaskboxError,
     TaskLocked,
+    VolumeError,
+    WorkspaceFull,
 )
 from .memory import TODO_STATUSES, Recovery, TaskMemory
 from .models import FINISHED, ContainerState, LockMode, Session, Status, Task, check_transition
@@ -51,6 +53,7 @@ from .sandbox import (
     Sandbox,
     check_cpus,
     parse_memory,
+    sandbox_owner,
 )
 
 if TYPE_CHECKING:
@@ -148,7 +151,77 @@ class TaskService:
         return self.registry.get_task(task_id)
 
     def memory(self, task: Task) -> TaskMemory:
-        return TaskMemory(Path(task.workspace_path), self.paths.locks / f"{task.id}.memory.lock")
+        return TaskMemory(self._ws(task), self.paths.locks / f"{task.id}.memory.lock")
+
+    def _ws(self, task: Task) -> Path:
+        """The task's workspace for host-side reads and writes, its volume mounted if it has one."""
+        self._ensure_volume(task)
+        return Path(task.workspace_path)
+
+    def _ensure_volume(self, task: Task) -> None:
+        """Mount the task's workspace volume (its disk and inode quota) unless it is mounted.
+
+        After a reboot the volume is not mounted and the workspace path is the bare, empty,
+        immutable directory underneath: a container started then would bind that, and host
+        writes would fail. A missing volume is a :class:`VolumeError`, except for an archived
+        task whose workspace `cleanup-task --remove-workspace` removed.
+        """
+        if not task.metadata.get("quota"):
+            return
+        image = self.paths.volume(task.id)
+        if task.status is Status.ARCHIVED and not image.exists():
+            return
+        if quota.ensure_mounted(image, Path(task.workspace_path)):
+            self.registry.add_event("workspace.mounted", task.id, {"image": str(image)})
+
+    def _remove_workspace(self, task: Task) -> None:
+        """Delete the task's workspace: first its own volume (unmounted, image deleted), then the directory."""
+        ws = Path(task.workspace_path)
+        quota.release(self.paths.volume(task.id), ws)
+        workspace.remove(ws)
+
+    def workspace_usage(self, task: Task) -> dict[str, Any] | None:
+        """Disk and inode use of the task's workspace volume against its quota; None without a quota."""
+        vol = task.metadata.get("quota")
+        if not vol:
+            return None
+        image = self.paths.volume(task.id)
+        out: dict[str, Any] = {"quota_bytes": vol["disk"], "quota_inodes": vol["inodes"], "image": str(image),
+                               "mounted": quota.is_mounted(image, Path(task.workspace_path))}
+        try:
+            out["host_bytes"] = image.stat().st_blocks * 512  # what the sparse image takes on the host disk
+        except FileNotFoundError:
+            out["host_bytes"] = 0
+        if out["mounted"]:
+            out.update(quota.usage(Path(task.workspace_path)))
+        return out
+
+    def _workspace_quota(self, project: policy.Policy, disk: str | None, inodes: int | None) -> tuple[int, int]:
+        """A new task's workspace quota: (bytes, inodes), or (0, 0) when quotas are off.
+
+        The task's own values win, then the project policy's ``[limits]``, then the settings.
+        Only the ``workspace_quota`` setting can turn quotas off.
+        """
+        if disk is not None:
+            size = quota.parse_size(disk)
+            if not size:
+                raise InvalidInput("a task's disk quota cannot be 0: quotas are turned off only by the "
+                                   "workspace_quota setting")
+        elif project.limits.disk:
+            size = quota.parse_size(project.limits.disk)
+        else:
+            size = quota.parse_size(self.settings.workspace_quota, "the workspace_quota setting")
+        if not size:
+            if inodes is not None:
+                raise InvalidInput("an inode quota needs a disk quota, and workspace quotas are off "
+                                   "(workspace_quota = 0)")
+            return 0, 0
+        if inodes is not None:
+            return size, quota.check_inodes(int(inodes), size)
+        count = int(project.limits.inodes or self.settings.workspace_inodes)
+        if count and not project.limits.inodes:
+            count = min(count, size // quota.BYTES_PER_INODE)  # the default scaled down to a small disk
+        return size, quota.check_inodes(count, size)
 
     def _defaults(self, task: Task) -> dict[str, Any]:
         return {"task_id": task.id, "status": str(task.status), "branch": task.branch, "lock_mode": str(task.lock_mode)}
@@ -198,7 +271,13 @@ class TaskService:
             return self.registry.update_task(task_id, task.version, {"status": target, **(changes or {})}, event)
 
         task = self.retry(attempt)
-        self.update_state(task, lambda s: s.__setitem__("status", str(target)))
+        try:
+            self.update_state(task, lambda s: s.__setitem__("status", str(target)))
+        except (WorkspaceFull, VolumeError) as exc:
+            # The registry holds the status; state.json only mirrors it. A workspace the agent
+            # filled (e.g. its inodes), or whose volume is gone, must not stop a pause or a
+            # failure from taking effect.
+            self.registry.add_event("memory.refused", task.id, {"error": exc.message, "status": str(target)})
         return task
 
     def update_metadata(self, task_id: str, fn: Callable[[dict[str, Any]], None]) -> Task:
@@ -227,6 +306,8 @@ class TaskService:
         memory: str | None = None,
         cpus: float | None = None,
         pids_limit: int | None = None,
+        disk: str | None = None,
+        inodes: int | None = None,
         network: str | None = None,
         allow_domains: list[str] | None = None,
         image: str | None = None,
@@ -238,8 +319,9 @@ class TaskService:
     ) -> Task:
         """Register a task, check out its workspace on a new branch and (unless lazy) start its container.
 
-        Input is validated and Docker checked before anything changes; a failure part-way
-        undoes what was done. A process killed part-way leaves ``pending_op='create'``,
+        ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`). Input is
+        validated and Docker checked before anything changes; a failure part-way undoes what
+        was done. A process killed part-way leaves ``pending_op='create'``,
         which `doctor` reports and repairs.
         """
         say = progress or (lambda _msg: None)
@@ -259,7 +341,14 @@ class TaskService:
         pids = int(pids_limit if pids_limit is not None else project.limits.pids or self.settings.pids_limit)
         if pids < 16:
             raise InvalidInput(f"pids limit {pids} is below the minimum of 16")
-        project.check_limits(mem, cpu, pids)
+        disk_bytes, inode_count = self._workspace_quota(project, disk, inodes)
+        project.check_limits(mem, cpu, pids, disk=disk_bytes, inodes=inode_count)
+        if disk_bytes:  # not root, no mkfs, a quota larger than the free disk: say so now
+            quota.check_supported()
+            quota.check_room(self.paths.volumes, disk_bytes)
+        metadata = {k: v for k, v in (metadata or {}).items() if k != "quota"}
+        if disk_bytes:
+            metadata["quota"] = {"disk": disk_bytes, "inodes": inode_count}
         net = network or ("allowlist" if allow_domains else None) or project.network.mode or self.settings.network
         if net not in NETWORK_MODES:
             raise InvalidInput(f"network mode {net!r} is not one of {', '.join(NETWORK_MODES)}")
@@ -329,10 +418,13 @@ class TaskService:
             raise Conflict("could not find a free task id and branch name; try again")
 
         try:
-            say(f"checking out {repo_path} on branch {task.branch}")
             ws = Path(task.workspace_path)
-            if ws.exists():
-                workspace.remove(ws)  # leftover of an earlier crashed create with this id
+            if ws.exists() or self.paths.volume(task.id).exists():
+                self._remove_workspace(task)  # leftover of an earlier crashed create with this id
+            if vol := task.metadata.get("quota"):
+                say(f"making the workspace volume ({quota.human(vol['disk'])}, {vol['inodes'] or 'default'} inodes)")
+                quota.create_volume(self.paths.volume(task.id), ws, vol["disk"], vol["inodes"], sandbox_owner())
+            say(f"checking out {repo_path} on branch {task.branch}")
             workspace.create(repo_path, ws, task.branch, base_commit)
             self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
             self.hook.task_start(service=self, task=task)
@@ -349,11 +441,15 @@ class TaskService:
             if not lazy:
                 self.update_state(task, lambda s: s.__setitem__("status", str(Status.ACTIVE)))
         except BaseException:
-            self._undo_create(task)
+            try:
+                self._undo_create(task)
+            except TaskboxError as exc:  # the row stays (pending_op='create'): `doctor --fix` retries
+                self.registry.add_event("task.undo_failed", task.id, {"error": exc.message[:300]})
             raise
         return task
 
     def _undo_create(self, task: Task) -> None:
+        """Remove a half-made task: container, workspace volume and directory, then its registry row."""
         try:
             current = self.get(task.id)
         except NotFound:
@@ -365,7 +461,7 @@ class TaskService:
                 pass
         else:
             self._remove_labelled_container(task.id)
-        workspace.remove(Path(task.workspace_path))
+        self._remove_workspace(current)
         self.registry.delete_task(task.id)
 
     def _remove_labelled_container(self, task_id: str) -> None:
@@ -401,6 +497,7 @@ class TaskService:
             raise InvalidInput(f"lock mode {value!r} is not one of exclusive, collaborative") from None
 
     def _create_container(self, task: Task, fresh: bool = False) -> str:
+        self._ensure_volume(task)  # never bind the bare directory under an unmounted volume
         spec = ContainerSpec(
             name=f"taskbox-{task.id}-{self.home_label[:6]}",
             image=task.image,
@@ -430,6 +527,7 @@ class TaskService:
         if task.status in FINISHED and task.status != Status.FAILED:
             raise InvalidTransition(f"task {task.id} is {task.status}; it has no running sandbox",
                                     task_id=task.id, status=str(task.status))
+        self._ensure_volume(task)  # e.g. after a reboot: before the container starts on the path
         state = self.sandbox.state(task.container_id)
         if state is ContainerState.RUNNING and task.status is Status.ACTIVE:
             return task
@@ -507,8 +605,8 @@ class TaskService:
         for old in expired:  # the holder stopped renewing: its session is over
             self.registry.end_session(old.session_id, time.time())
         t0 = time.perf_counter()
-        mem = self.memory(task)
         try:
+            mem = self.memory(task)  # mounts the workspace volume if it is not (after a reboot)
             # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
             state, recovery = mem.load(self._defaults(task))
             task = self.ensure_running(task.id)
@@ -645,9 +743,10 @@ class TaskService:
         cmd_text = command if isinstance(command, str) else " ".join(command)
         try:
             self._write_exec_log(task, session, cmd_text, wd, result, limit)
-        except (PathOutsideWorkspace, OSError) as exc:
-            # The agent broke its own memory folder (e.g. made it a link out). The command's
-            # result still reaches the caller; the refusal is recorded where the agent cannot edit.
+        except (PathOutsideWorkspace, WorkspaceFull, OSError) as exc:
+            # The agent broke its own memory folder (e.g. made it a link out) or filled its
+            # workspace. The command's result still reaches the caller; the refusal is recorded
+            # where the agent cannot edit.
             self.registry.add_event("memory.refused", task.id, {"error": str(exc), "command": cmd_text[:200]})
         self._update(task.id, {"last_active": time.time()},
                      ("task.exec", {"command": cmd_text[:200], "exit_code": result.exit_code,
@@ -807,8 +906,8 @@ class TaskService:
         else:
             task = self._update(task.id, changes)
         if remove_workspace:
-            workspace.remove(Path(task.workspace_path))
-            self.registry.add_event("workspace.removed", task.id, {})
+            self._remove_workspace(task)
+            self.registry.add_event("workspace.removed", task.id, {"volume": bool(task.metadata.get("quota"))})
         return task
 
     def gc(self) -> list[str]:
@@ -838,6 +937,7 @@ class TaskService:
                           include_filesystem: bool = False, trigger: str = "manual", pinned: bool = False,
                           reason: str = "") -> dict[str, Any]:
         """Checkpoint the task's whole workspace (and, if asked, its container's filesystem)."""
+        self._ensure_volume(self.get(task_id))
         return self.checkpoints.create(task_id, name, description, include_filesystem=include_filesystem,
                                        trigger=trigger, pinned=pinned, reason=reason)
 
@@ -847,6 +947,7 @@ class TaskService:
 
         Refused while an agent other than ``session_id`` is attached, unless ``force``.
         """
+        self._ensure_volume(self.get(task_id))
         return self.checkpoints.restore(task_id, checkpoint_id, force=force, session_id=session_id)
 
     def list_checkpoints(self, task_id: str) -> list[dict[str, Any]]:
@@ -947,7 +1048,7 @@ class TaskService:
         The task's container when it runs, else a throwaway one mounting only the workspace:
         the agent-written repository is never read by a git process on the host.
         """
-        ws = Path(task.workspace_path)
+        ws = self._ws(task)
         if not ws.is_dir():
             raise NotFound(f"task {task.id} has no workspace at {ws}", task_id=task.id)
         if task.container_id and self.sandbox.state(task.container_id) is ContainerState.RUNNING:
@@ -989,7 +1090,7 @@ class TaskService:
         task = self.get(task_id)
         args = {"path": path}
         self.hook.pre_tool_call(service=self, task=task, tool="read_file", args=args)
-        data, size = files.read_head(Path(task.workspace_path), path, limit)
+        data, size = files.read_head(self._ws(task), path, limit)
         self.hook.post_tool_call(service=self, task=task, tool="read_file", args=args,
                                  result={"path": path, "size": size})
         return data
@@ -998,7 +1099,7 @@ class TaskService:
         task = self.get(task_id)
         self.hook.pre_tool_call(service=self, task=task, tool="write_file", args={"path": path})
         with self._file_lock(task):
-            rel = files.atomic_write(Path(task.workspace_path), path, data)
+            rel = files.atomic_write(self._ws(task), path, data)
         self.hook.post_tool_call(service=self, task=task, tool="write_file", args={"path": path},
                                  result={"path": rel, "size": len(data)})
         return rel
@@ -1017,7 +1118,7 @@ class TaskService:
         # Sized before reading, and never more than the window asked for is read: a sparse
         # 1 GiB file costs the server ``max_bytes`` of memory, not a gigabyte.
         window = max_bytes + 1 if start_line == 1 else max(max_bytes * 4, files.READ_LIMIT)
-        data, size = files.read_head(Path(task.workspace_path), path, window)
+        data, size = files.read_head(self._ws(task), path, window)
         if b"\0" in data[:8192]:
             raise InvalidInput(f"{path!r} is a binary file ({size} bytes); inspect it with a command")
         partial = len(data) < size
@@ -1047,7 +1148,7 @@ class TaskService:
         if old == new:
             raise InvalidInput("the replacement is the same as the text to replace")
         task = self.get(task_id)
-        root = Path(task.workspace_path)
+        root = self._ws(task)
         args = {"path": path, "old": old, "new": new, "replace_all": replace_all}
         self.hook.pre_tool_call(service=self, task=task, tool="edit_file", args=args)
         with self._file_lock(task):
@@ -1078,7 +1179,7 @@ class TaskService:
         task = self.get(task_id)
         args = {"path": path, "recursive": recursive}
         self.hook.pre_tool_call(service=self, task=task, tool="list_files", args=args)
-        entries = files.listing(Path(task.workspace_path), path, recursive, limit + 1)
+        entries = files.listing(self._ws(task), path, recursive, limit + 1)
         result = {"path": path, "entries": entries[:limit], "truncated": len(entries) > limit}
         self.hook.post_tool_call(service=self, task=task, tool="list_files", args=args, result=result)
         return result
@@ -1086,7 +1187,7 @@ class TaskService:
     def delete_file(self, task_id: str, path: str) -> dict[str, Any]:
         """Delete a file, link or directory tree in the workspace (never .git or .task-memory)."""
         task = self.get(task_id)
-        root = Path(task.workspace_path)
+        root = self._ws(task)
         rel = normalize(path, allow_root=False)
         if rel.split("/")[0] in (".git", ".task-memory"):
             raise InvalidInput(f"{rel.split('/')[0]} belongs to taskbox and cannot be deleted", path=path)
@@ -1147,7 +1248,8 @@ class TaskService:
         return {**task.to_dict(), "current_agents": self.current_agents(task.id),
                 "current_agent": state.get("current_agent"), "todos": state["todos"],
                 "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
-                "recent_executions": self.memory(task).executions(recent)}
+                "recent_executions": self.memory(task).executions(recent),
+                "workspace_usage": self.workspace_usage(task)}
 
     def run_tool(self, task_id: str, tool: str, args: dict[str, Any], fn: Callable[[], T], *,
                  session_id: str | None = None, hooks: bool = True) -> T:

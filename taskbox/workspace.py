@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import files, git
 from .confine import sandbox_owner
-from .errors import GitError
+from .errors import GitError, VolumeError
 from .sandbox import Captured
 
 # Runs argv in a sandbox that mounts the workspace at /workspace (cwd), as the sandbox user.
@@ -219,6 +219,11 @@ def log(run: Runner, base: str | None, limit: int = 50) -> list[dict[str, str]]:
 
 
 def remove(ws: Path) -> None:
-    """Delete a workspace tree: by descriptors, never following a link, at any depth."""
+    """Delete a workspace tree: by descriptors, never following a link, at any depth.
+
+    A mounted workspace volume must be released first (emptying it would not free it).
+    """
+    if os.path.ismount(ws):
+        raise VolumeError(f"{ws} is still a mounted workspace volume; it is not deleted")
     files.remove_tree(ws)
 

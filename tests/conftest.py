@@ -6,6 +6,7 @@ so a CI machine without an engine fails loudly instead of passing vacuously.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import TaskService, engine
+from taskbox import TaskService, engine, quota
+from taskbox.config import Paths
 from taskbox.sandbox import LABEL_HOME
 
 IMAGE = os.environ.get("TASKBOX_TEST_IMAGE", "taskbox-sandbox:latest")
@@ -34,11 +36,34 @@ def docker_engine():
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     h = tmp_path / "home"
     monkeypatch.setenv("TASKBOX_HOME", str(h))
     monkeypatch.setenv("TASKBOX_IMAGE", IMAGE)
-    return h
+    yield h
+    release_volumes(h)
+
+
+def release_volumes(home: Path) -> None:
+    """Unmount and delete every workspace volume under ``home``, whatever the test left behind.
+
+    Containers go first (a container keeps its volume's loop device attached); then each
+    volume is released, so no mount and no loop device outlives the test, and the
+    directories under the mount points are removable again.
+    """
+    paths = Paths(home.resolve())
+    if not paths.volumes.is_dir() and not paths.workspaces.is_dir():
+        return
+    label = hashlib.sha256(str(paths.home).encode()).hexdigest()[:16]
+    try:
+        client = engine.connect()
+        for c in client.api.containers(all=True, filters={"label": f"{LABEL_HOME}={label}"}):
+            client.api.remove_container(c["Id"], force=True)
+    except Exception:  # noqa: BLE001 - no engine: there are no containers to remove either
+        pass
+    quota.release_all(paths.volumes, paths.workspaces)
+    leaked = [m.mountpoint for m in quota.mounts() if m.mountpoint.startswith(f"{paths.home}/")]
+    assert not leaked, f"mounts left under {paths.home}: {leaked}"
 
 
 @pytest.fixture

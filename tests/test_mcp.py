@@ -152,7 +152,7 @@ def test_tools_and_input_schemas_over_stdio(svc: TaskService) -> None:
         create = tools["create_task_sandbox"].input_schema
         assert create["properties"]["lock_mode"]["enum"] == ["exclusive", "collaborative"]
         limits = create["$defs"]["ResourceLimits"]["properties"]
-        assert set(limits) == {"memory", "cpu"}
+        assert set(limits) == {"memory", "cpu", "disk", "inodes"}
         todo = tools["update_task_todos"].input_schema["$defs"]["TodoChange"]["properties"]
         assert {"id", "text", "status", "major"} <= set(todo)
         assert tools["delete_task_file"].annotations.destructive_hint is True

@@ -39,6 +39,9 @@ def warnings(service: Any, task: Any) -> list[str]:
                          cap_add=list(own.get("cap_add") or []), seccomp=own.get("seccomp", "default"))
     out = weakened(spec, default_pids=max(service.settings.pids_limit, 512),
                    default_memory=service.settings.memory)
+    meta = task.metadata if isinstance(task.metadata, dict) else {}
+    if not meta.get("quota"):
+        out.append("the workspace has no disk or inode quota (workspace_quota = 0): the task can fill the host disk")
     if task.network == "allowlist":
         rules = network.task_rules(service, task)
         if any(r.kind == "address" for r in rules.allow) or rules.allow_private:
