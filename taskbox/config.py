@@ -80,6 +80,15 @@ class Settings:
     checkpoint_max_age_days: int = _setting(
         30, "Days after which unnamed, unpinned checkpoints are pruned (0: never by age)."
     )
+    archive_max_bytes: int = _setting(
+        10 * 1024**3, "Most bytes an imported archive (e.g. `checkpoint import`) may expand to; counted "
+        "while it is read, so a decompression bomb is refused early."
+    )
+    archive_max_members: int = _setting(1_000_000, "Most members (files, directories, links) an imported archive may have.")
+    archive_max_ratio: float = _setting(
+        100.0, "Most an imported archive may expand relative to its compressed size (applies past 16 MiB; "
+        "0: no ratio limit)."
+    )
 
     @classmethod
     def load(cls, home: Path) -> Settings:
