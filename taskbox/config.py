@@ -41,6 +41,13 @@ class Settings:
     memory: str = _setting("2g", "Default container memory limit (minimum 64m).")
     cpus: float = _setting(1.0, "Default container CPU limit, in cores (minimum 0.1).")
     pids_limit: int = _setting(512, "Default maximum number of processes in a container.")
+    max_memory: str = _setting(
+        "64g", "Most memory a task may be given (also never more than the machine running the containers has)."
+    )
+    max_cpus: float = _setting(
+        16.0, "Most CPU cores a task may be given (also never more than the machine has)."
+    )
+    max_pids: int = _setting(4096, "Most processes a task's container may be allowed.")
     network: str = _setting(
         "none", "Default network mode: `none`, `allowlist` (egress proxy) or `open` (warned about)."
     )

@@ -48,8 +48,8 @@ from .sandbox import (
     ContainerSpec,
     ExecResult,
     Sandbox,
-    check_cpus,
-    parse_memory,
+    check_limits,
+    host_capacity,
 )
 
 if TYPE_CHECKING:
@@ -253,12 +253,15 @@ class TaskService:
         # The project policy (.taskbox/policy.toml) gives defaults and ceilings (taskbox.policy).
         project = policy.load(repo_path)
         mem = memory or project.limits.memory or self.settings.memory
-        parse_memory(mem)
-        cpu = check_cpus(float(cpus if cpus is not None else project.limits.cpus or self.settings.cpus))
+        cpu = float(cpus if cpus is not None else project.limits.cpus or self.settings.cpus)
         pids = int(pids_limit if pids_limit is not None else project.limits.pids or self.settings.pids_limit)
-        if pids < 16:
-            raise InvalidInput(f"pids limit {pids} is below the minimum of 16")
+        check_limits(mem, cpu, pids)
         project.check_limits(mem, cpu, pids)
+        # The settings' caps and what the machine has; a lazy task is checked against this
+        # host now and against the engine when its container is made.
+        check_limits(mem, cpu, pids, max_memory=self.settings.max_memory, max_cpus=self.settings.max_cpus,
+                     max_pids=self.settings.max_pids,
+                     capacity=host_capacity() if lazy else self.sandbox.capacity())
         net = network or ("allowlist" if allow_domains else None) or project.network.mode or self.settings.network
         if net not in NETWORK_MODES:
             raise InvalidInput(f"network mode {net!r} is not one of {', '.join(NETWORK_MODES)}")
