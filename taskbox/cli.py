@@ -688,12 +688,8 @@ def policy_check(cmd: tuple[str, ...], repo: str, tool: str, is_url: bool) -> An
 @click.option("--denied", is_flag=True, help="Only refused calls and requests.")
 def policy_audit(task_id: str, limit: int, denied: bool) -> Any:
     """A task's audit log: every policy and egress decision, with the rule that made it."""
-    from . import network, policy
-
     svc = _service()
-    task = svc.get(task_id)
-    network.sync_log(svc, task)
-    entries = policy.audit_log(svc, task.id, limit, "deny" if denied else None)
+    entries = svc.audit_log(task_id, limit, "deny" if denied else None)
     rows = [(ago(e["time"]), e["kind"], e["decision"], e["rule"], str(e["subject"])[:70]) for e in entries]
     return entries, table(rows, ["when", "kind", "decision", "rule", "subject"]) if rows else "no entries"
 

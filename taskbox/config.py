@@ -87,6 +87,14 @@ class Settings:
     checkpoint_max_age_days: int = _setting(
         30, "Days after which unnamed, unpinned checkpoints are pruned (0: never by age)."
     )
+    record_burst: int = _setting(
+        20, "Audit entries and events of one kind a task may record one by one per `record_window`; "
+        "the rest are counted into one aggregated record."
+    )
+    record_window: float = _setting(60.0, "Seconds of the rate-limit window of audit entries and events.")
+    audit_max_bytes: int = _setting(
+        10 * 1024**2, "Size at which a task's audit log is rotated (one older generation is kept)."
+    )
     archive_max_bytes: int = _setting(
         10 * 1024**3, "Most bytes an imported archive (e.g. `checkpoint import`) may expand to; counted "
         "while it is read, so a decompression bomb is refused early."

@@ -52,6 +52,7 @@ SANDBOX_UID = 1000  # the image's `agent` user, used when taskbox itself runs as
 MIN_MEMORY = 64 * 1024**2
 MIN_CPUS = 0.1
 MIN_PIDS = 16
+MAX_LOG_LINE = 64 * 1024  # a proxy log line longer than this is dropped, not buffered
 DEFAULT_NOFILE = 4096
 DEFAULT_FSIZE = 8 * 1024**3  # one file may not grow past this (SIGXFSZ / EFBIG)
 KILL_MARK = "TASKBOX_EXEC"  # every exec carries a unique value, so its processes can be found
@@ -444,23 +445,45 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not remove the egress proxy of {name}") from exc
 
-    def egress_log(self, cid: str, since: str | None = None) -> list[tuple[str, str]]:
-        """New lines of a task's proxy access log as ``(docker timestamp, line)``, after ``since``."""
+    def egress_log(self, cid: str, since: str | None = None,
+                   max_lines: int = 10_000) -> list[tuple[str, str]]:
+        """New lines of a task's proxy access log as ``(docker timestamp, line)``, after ``since``.
+
+        Read as a stream and stopped after ``max_lines`` lines (over-long lines are dropped),
+        so a flood of requests never makes one read unbounded.
+        """
         name, proxies = self._egress_of(cid)
         out: list[tuple[str, str]] = []
         for p in proxies:
-            kwargs: dict[str, Any] = {"stdout": True, "stderr": False, "timestamps": True}
+            kwargs: dict[str, Any] = {"stdout": True, "stderr": False, "timestamps": True, "stream": True,
+                                      "follow": False}
             if since:
                 kwargs["since"] = _docker_time(since)
             try:
-                raw = self.api.logs(p["Id"], **kwargs).decode(errors="replace")
+                stream = self.api.logs(p["Id"], **kwargs)
+                try:
+                    buf = b""
+                    for chunk in stream:
+                        buf += chunk
+                        *complete, buf = buf.split(b"\n")
+                        for raw in complete:
+                            stamp, _, text = raw.decode(errors="replace").partition(" ")
+                            if stamp and not (since and stamp <= since):
+                                out.append((stamp, text))
+                        if len(buf) > MAX_LOG_LINE:
+                            buf = b""
+                        if len(out) >= max_lines:
+                            break
+                    else:
+                        stamp, _, text = buf.decode(errors="replace").partition(" ")
+                        if stamp and not (since and stamp <= since):
+                            out.append((stamp, text))
+                finally:
+                    stream.close()
             except DOCKER_ERRORS as exc:
                 raise docker_engine.translate(exc, f"could not read the egress log of {name}") from exc
-            for line in raw.splitlines():
-                stamp, _, text = line.partition(" ")
-                if since and stamp <= since:
-                    continue
-                out.append((stamp, text))
+            if len(out) >= max_lines:
+                return out[:max_lines]
         return out
 
     def ensure_image(self, image: str, build: str = "taskbox image build") -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from . import engine, faults, files, git, policy, workspace
+from . import engine, faults, files, git, network, policy, workspace
 from .config import Paths, Settings, default_home
 from .confine import container_workdir
 from .default_plugins.branch import slugify
@@ -126,7 +126,8 @@ class TaskService:
         self.paths = Paths(Path(home).resolve() if home else default_home())
         self.paths.ensure()
         self.settings = settings or Settings.load(self.paths.home)
-        self.registry = Registry(self.paths.db)
+        self.registry = Registry(self.paths.db, burst=self.settings.record_burst,
+                                 window=self.settings.record_window)
         self.pm = plugin_manager or make_manager()
         self.hook = self.pm.hook
         self._sandbox: Sandbox | None = None
@@ -454,6 +455,7 @@ class TaskService:
         check_transition(task.id, task.status, Status.PAUSED)
         if task.container_id:
             self.sandbox.stop(task.container_id)
+        policy.flush_records(self, task.id, force=True)
         return self._transition(task.id, Status.PAUSED, {"container_state": ContainerState.STOPPED})
 
     # --- sessions ----------------------------------------------------------------------------
@@ -762,6 +764,7 @@ class TaskService:
         self._end_sessions(task.id)
         if task.container_id:
             self.sandbox.stop(task.container_id)
+        policy.flush_records(self, task.id, force=True)
         task = self.retry(lambda: self.registry.update_task(
             task.id, self.get(task.id).version,
             {"status": Status.COMPLETED, "pending_op": None, "op_pid": None, "completed_at": time.time(),
@@ -783,6 +786,7 @@ class TaskService:
         self._end_sessions(task.id)
         if task.container_id:
             self.sandbox.stop(task.container_id)
+        policy.flush_records(self, task.id, force=True)
         return self._transition(task.id, Status.ABORTED, {"container_state": ContainerState.STOPPED
                                 if task.container_id else ContainerState.NONE}, reason=reason)
 
@@ -916,6 +920,14 @@ class TaskService:
         return {"task_id": task.id, "sessions": [s.to_dict() for s in self.registry.sessions(task.id)],
                 "conversations": self.memory(task).conversations(limit),
                 "events": self.registry.events(task.id, limit=limit)}
+
+    def audit_log(self, task_id: str, limit: int | None = None, decision: str | None = None) -> list[dict[str, Any]]:
+        """A task's audit log (policy, egress and sandbox decisions), with the latest proxy decisions
+        and the aggregated records of rate-limited ones written first."""
+        task = self.get(task_id)
+        network.sync_log(self, task)
+        policy.flush_records(self, task.id, force=True)
+        return policy.audit_log(self, task.id, limit, decision)
 
     def executions(self, task_id: str, limit: int = 50) -> list[dict[str, Any]]:
         task = self.get(task_id)

@@ -9,7 +9,8 @@
   memory pressure level is re-sampled.
 - ``task_start``: every way the task is weaker than the default profile is recorded as a
   ``sandbox.weakened`` event (the CLI prints the same list as warnings).
-- ``tick``: memory pressure of every running task, and pending egress decisions.
+- ``tick``: memory pressure of every running task, pending egress decisions, and the
+  aggregated records of closed rate-limit windows.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def task_start(service: Any, task: Any) -> None:
 
 @hookimpl
 def tick(service: Any) -> None:
+    policy.flush_records(service)  # aggregated audit entries and events of closed rate-limit windows
     pressure.check_all(service)
     for task in service.registry.list_tasks([str(Status.ACTIVE), str(Status.PAUSED)]):
         if task.network == "allowlist":
