@@ -211,14 +211,19 @@ def show(task_id: str) -> Any:
 @click.option("--workdir", "-w", help="Directory inside the workspace to run in.")
 @click.option("--timeout", type=float, help="Seconds before the command is killed.")
 @click.option("--session", help="Session the command belongs to (for the log).")
+@click.option("--secret", "secret_names", multiple=True, metavar="NAME",
+              help="Put secret NAME (TASKBOX_SECRET_NAME or secrets.toml) into the command's environment; "
+                   "its value is redacted from output and logs. Repeatable.")
+@click.option("--no-log", is_flag=True, help="Record nothing of the command or its output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def exec_(task_id: str, cmd: tuple[str, ...], workdir: str | None, timeout: float | None,
-          session: str | None, as_json: bool) -> None:
+          session: str | None, secret_names: tuple[str, ...], no_log: bool, as_json: bool) -> None:
     """Run a command in a task's sandbox: taskbox exec TASK -- CMD... (exits with its code)."""
     svc = _service()
     command_ = cmd[0] if len(cmd) == 1 else list(cmd)
     try:
-        res = svc.exec(task_id, command_, workdir=workdir, timeout=timeout, session_id=session)
+        res = svc.exec(task_id, command_, workdir=workdir, timeout=timeout, session_id=session,
+                       secrets=list(secret_names), log=not no_log)
     except TaskboxError as exc:
         if as_json:
             click.echo(to_json(exc.to_dict()))

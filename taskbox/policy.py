@@ -68,6 +68,7 @@ POLICY_FILE = Path(".taskbox") / "policy.toml"
 ACTIONS = ("allow", "checkpoint", "deny")  # in increasing strictness
 RISK_LEVELS = ("low", "medium", "high")
 FILE_TOOLS = ("write_file", "edit_file", "delete_file", "read_file", "list_files")
+NOT_LOGGED = "[not logged]"  # what is recorded instead of a command run with log=False
 
 
 @dataclass
@@ -285,19 +286,21 @@ def check(service: TaskService, task: Task, tool: str, args: dict[str, Any]) -> 
     """
     pol = for_task(service, task)
     decision = pol.evaluate(tool, args, Path(task.repo_path))
-    audit(service, task.id, kind="tool", decision=decision.action, rule=decision.rule, subject=decision.subject,
+    # A call made with log=False is decided on its text but recorded without it.
+    subject = decision.subject if args.get("log", True) else NOT_LOGGED
+    audit(service, task.id, kind="tool", decision=decision.action, rule=decision.rule, subject=subject,
           tool=tool, reason=decision.reason, risk=decision.risk)
     if decision.action == "deny":
         service.registry.add_event("policy.denied", task.id, {"tool": tool, "rule": decision.rule,
-                                                              "subject": decision.subject[:300],
-                                                              "reason": decision.reason})
+                                                              "subject": subject[:300],
+                                                              "reason": decision.reason}, sample=decision.rule)
         raise PolicyDenied(f"refused by the project policy ({decision.rule}): {decision.reason}",
                            rule=decision.rule, tool=tool)
     if decision.action == "checkpoint":
         from .errors import TaskboxError
 
-        short = decision.subject if len(decision.subject) <= 100 else decision.subject[:97] + "..."
-        reason = f"policy rule {decision.rule} before `{short}`"
+        short = subject if len(subject) <= 100 else subject[:97] + "..."
+        reason = service.redactor.text(f"policy rule {decision.rule} before `{short}`")
         try:
             service.create_checkpoint(task.id, None, trigger="policy", reason=reason)
         except TaskboxError as exc:
@@ -340,7 +343,7 @@ def audit_batch(service: TaskService, task_id: str, entries: list[dict[str, Any]
                                               [str(entries[i].get(sample) or "") for i in idx])
         keep.update(idx[:take])
         if closed:
-            lines.append(_aggregate_line(task_id, key, closed))
+            lines.append(_aggregate_line(service, task_id, key, closed))
     for i, e in enumerate(entries):
         if i in keep:
             entry = {"time": now, "task_id": task_id, **{k: v for k, v in e.items() if v is not None}}
@@ -355,15 +358,15 @@ def flush_records(service: TaskService, task_id: str | None = None, force: bool 
     found = service.registry.flush_windows("audit", task_id, force)
     for tid, key, aggregate in found:
         if tid:
-            _append(service, tid, _aggregate_line(tid, key, aggregate))
+            _append(service, tid, _aggregate_line(service, tid, key, aggregate))
     service.registry.flush_events(task_id, force)
 
 
-def _aggregate_line(task_id: str, key: str, aggregate: dict[str, Any]) -> bytes:
+def _aggregate_line(service: TaskService, task_id: str, key: str, aggregate: dict[str, Any]) -> bytes:
     kind, _, decision = key.partition(":")
     entry = {"time": time.time(), "task_id": task_id, "kind": kind, "decision": decision, "rule": "aggregated",
              "subject": f"{aggregate['count']} more {kind} {decision} decisions", **aggregate}
-    return (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
+    return _line(service, entry)
 
 
 def _line(service: TaskService, entry: dict[str, Any]) -> bytes:

@@ -372,8 +372,9 @@ class Registry:
             for sample in list(samples)[take:]:
                 if len(kept) >= MAX_SAMPLES:
                     break
-                if sample is not None and str(sample)[:200] not in kept:
-                    kept.append(str(sample)[:200])
+                text = self.redact(str(sample))[:200] if sample is not None else None
+                if text is not None and text not in kept:
+                    kept.append(text)
         conn.execute(
             "INSERT INTO rate_windows (task_id, stream, key, started_at, admitted, suppressed, first_at, last_at,"
             " samples) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id, stream, key) DO UPDATE SET"

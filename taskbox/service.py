@@ -7,6 +7,7 @@ only translate input and output.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -51,6 +52,8 @@ from .sandbox import (
     check_limits,
     host_capacity,
 )
+from .secrets import Redactor
+from .secrets import resolve as resolve_secrets
 
 if TYPE_CHECKING:
     from .checkpoints import Checkpoints
@@ -126,8 +129,10 @@ class TaskService:
         self.paths = Paths(Path(home).resolve() if home else default_home())
         self.paths.ensure()
         self.settings = settings or Settings.load(self.paths.home)
+        # Secret values never reach a record: every event, memory and audit write passes this.
+        self.redactor = Redactor(self.paths.home)
         self.registry = Registry(self.paths.db, burst=self.settings.record_burst,
-                                 window=self.settings.record_window)
+                                 window=self.settings.record_window, redact=self.redactor)
         self.pm = plugin_manager or make_manager()
         self.hook = self.pm.hook
         self._sandbox: Sandbox | None = None
@@ -148,7 +153,7 @@ class TaskService:
         return self.registry.get_task(task_id)
 
     def memory(self, task: Task) -> TaskMemory:
-        return TaskMemory(Path(task.workspace_path), self.paths.locks / f"{task.id}.memory.lock")
+        return TaskMemory(Path(task.workspace_path), self.paths.locks / f"{task.id}.memory.lock", self.redactor)
 
     def _defaults(self, task: Task) -> dict[str, Any]:
         return {"task_id": task.id, "status": str(task.status), "branch": task.branch, "lock_mode": str(task.lock_mode)}
@@ -612,11 +617,17 @@ class TaskService:
         log: bool = True,
         env: dict[str, str] | None = None,
         output_limit: int | None = None,
+        secrets: list[str] | None = None,
     ) -> ExecResult:
         """Run a command in the task's sandbox; bounded in time and output, logged in memory.
 
         ``output_limit`` lowers the bytes of stdout and of stderr returned (an MCP client
         wants far less than a terminal); it never raises the configured limit.
+        ``secrets`` names secrets (:mod:`taskbox.secrets`) put into this command's
+        environment only; their values are redacted from the output and every record.
+        ``log=False`` records nothing of the command, its arguments or its output — not in
+        memory, events, the audit log, Plan.md or checkpoint reasons; hooks see
+        ``args["log"] is False`` and must keep it that way. Only the tool-call count moves.
         """
         task = self.get(task_id)
         if isinstance(command, str) and not command.strip():
@@ -625,27 +636,57 @@ class TaskService:
         secs = float(timeout if timeout is not None else self.settings.exec_timeout)
         if secs <= 0 or secs > 24 * 3600:
             raise InvalidInput(f"timeout {secs} must be between 0 and 86400 seconds")
+        values = resolve_secrets(self.paths.home, secrets or [])
+        self.redactor.add(values)
         if task.status is not Status.ACTIVE or task.container_state is not ContainerState.RUNNING:
             task = self.ensure_running(task.id)
-        args = {"command": command, "workdir": wd, "timeout": secs}
+        args: dict[str, Any] = {"command": command, "workdir": wd, "timeout": secs}
+        if values:
+            args["secrets"] = sorted(values)
+        if not log:
+            args["log"] = False
         self.hook.pre_tool_call(service=self, task=task, tool="exec", args=args)
         session = self.registry.get_session(session_id) if session_id else None
         try:
             result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
                                        output_limit=min(output_limit or self.settings.exec_output_limit,
-                                                        self.settings.exec_output_limit), env=env)
+                                                        self.settings.exec_output_limit),
+                                       env={**(env or {}), **values})
         except TaskboxError as exc:
+            self._redact_error(exc)  # in place: it reaches the caller
             partial = exc.details.get("result")
-            if log and partial:
-                self._log_exec(task, session, command, wd, ExecResult(**partial))
+            if partial:
+                self._log_exec(task, session, command, wd, ExecResult(**partial), log)
             raise
-        if log:
-            self._log_exec(task, session, command, wd, result)
+        result = self._redact_result(result)
+        self._log_exec(task, session, command, wd, result, log)
         self.hook.post_tool_call(service=self, task=task, tool="exec", args=args, result=result)
         return result
 
+    def _redact_result(self, result: ExecResult) -> ExecResult:
+        if not self.redactor.active:
+            return result
+        return dataclasses.replace(result, stdout=self.redactor.output(result.stdout),
+                                   stderr=self.redactor.output(result.stderr))
+
+    def _redact_error(self, exc: TaskboxError) -> None:
+        """The error with secret values taken out of its message and partial output (it reaches the caller)."""
+        if not self.redactor.active:
+            return
+        exc.message = self.redactor.text(exc.message)
+        exc.args = (exc.message,)
+        partial = exc.details.get("result")
+        if isinstance(partial, dict):
+            clean = self._redact_result(ExecResult(**partial))
+            exc.details["result"] = clean.to_dict()
+        exc.details = self.redactor(exc.details)
+
     def _log_exec(self, task: Task, session: Session | None, command: str | list[str], wd: str,
-                  result: ExecResult) -> None:
+                  result: ExecResult, log: bool = True) -> None:
+        if not log:  # nothing of the command: only that one ran
+            self._update(task.id, {"last_active": time.time()}, ("task.exec", {"logged": False}))
+            self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
+            return
         limit = self.settings.log_output_limit
         cmd_text = command if isinstance(command, str) else " ".join(command)
         try:
@@ -1127,11 +1168,12 @@ class TaskService:
                 "recent_executions": self.memory(task).executions(recent)}
 
     def run_tool(self, task_id: str, tool: str, args: dict[str, Any], fn: Callable[[], T], *,
-                 session_id: str | None = None, hooks: bool = True) -> T:
+                 session_id: str | None = None, hooks: bool = True, log: bool = True) -> T:
         """Run one agent tool call on a task: hooks around ``fn``, then a record in its memory.
 
         ``hooks=False`` is for operations that run the pre/post tool-call hooks themselves
         (exec, write/edit/delete file). A call by an attached session renews its lease.
+        ``log=False`` records only that the tool was called: no arguments, no error text.
         """
         started = time.perf_counter()
         failure: BaseException | None = None
@@ -1148,13 +1190,17 @@ class TaskService:
         finally:
             try:
                 self.record_tool_call(task_id, tool, args, session_id=session_id, error=failure,
-                                      duration_ms=(time.perf_counter() - started) * 1000)
+                                      duration_ms=(time.perf_counter() - started) * 1000, log=log)
             except (TaskboxError, OSError) as exc:  # a failed log line must not hide the tool's outcome
                 self.registry.add_event("tool_call.unlogged", task_id, {"tool": tool, "reason": str(exc)[:200]})
 
     def record_tool_call(self, task_id: str, tool: str, args: dict[str, Any], *, session_id: str | None = None,
-                         error: BaseException | None = None, duration_ms: float | None = None) -> None:
-        """Log an agent tool call in the task's ``conversations.jsonl`` (long arguments cut)."""
+                         error: BaseException | None = None, duration_ms: float | None = None,
+                         log: bool = True) -> None:
+        """Log an agent tool call in the task's ``conversations.jsonl`` (long arguments cut).
+
+        ``log=False``: the tool's name, outcome and error code only — nothing of its arguments.
+        """
         try:
             task = self.get(task_id)
         except NotFound:
@@ -1164,13 +1210,17 @@ class TaskService:
             self.renew(task.id, session.id)
         entry: dict[str, Any] = {"session": session_id, "agent": session.agent if session else None,
                                  "role": "tool", "kind": "tool_call", "tool": tool,
-                                 "args": {k: _clip(v) for k, v in args.items()}, "ok": error is None}
+                                 "args": {k: _clip(v) for k, v in args.items()} if log else {},
+                                 "ok": error is None}
+        if not log:
+            entry["logged"] = False
         if duration_ms is not None:
             entry["duration_ms"] = round(duration_ms, 2)
         if isinstance(error, TaskboxError):
-            entry["error"] = {"code": error.code, "message": error.message[:500]}
+            entry["error"] = {"code": error.code, "message": error.message[:500]} if log else {"code": error.code}
         elif error is not None:
-            entry["error"] = {"code": "internal_error", "message": f"{type(error).__name__}: {error}"[:500]}
+            entry["error"] = ({"code": "internal_error", "message": f"{type(error).__name__}: {error}"[:500]} if log
+                              else {"code": "internal_error"})
         self.memory(task).log_conversation(entry)
 
     # --- agent-side guard ---------------------------------------------------------------------

@@ -73,11 +73,11 @@ def post_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any], res
     if tool != "exec" or not isinstance(result, ExecResult):
         return
     if result.oom_killed:
+        command = str(args.get("command")) if args.get("log", True) else policy.NOT_LOGGED
         service.registry.add_event("task.oom_killed", task.id, {
-            "command": str(args.get("command"))[:200], "exit_code": result.exit_code,
-            "memory_limit": task.memory_limit})
+            "command": command[:200], "exit_code": result.exit_code, "memory_limit": task.memory_limit})
         policy.audit(service, task.id, kind="resource", decision="oom-killed", rule="memory-limit",
-                     subject=str(args.get("command"))[:1000], memory_limit=task.memory_limit)
+                     subject=command[:1000], memory_limit=task.memory_limit)
     try:
         network.sync_log(service, task)
         pressure.check_task(service, service.get(task.id), engine=False)
