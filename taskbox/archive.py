@@ -1,21 +1,31 @@
-"""Tar archives in and out of a workspace, without ever following a link out of it.
+"""Tar archives in and out of a workspace, bounded, and without ever following a link out of it.
 
-:func:`safe_extract` is the one way taskbox unpacks an archive (checkpoint import, any
-archive an agent hands over). Every member is checked before anything is written, and the
-whole archive is refused if one member is unsafe:
+:func:`members` is the one way taskbox reads an archive (checkpoint import, :func:`safe_extract`,
+any archive an agent hands over): it streams the archive once, checks every member as it
+comes, and refuses the whole archive if one member is unsafe:
 
-* names that are absolute, contain ``..`` after normalisation, or contain NUL;
-* devices, FIFOs and other special files;
-* hard links to anything but a regular file earlier in the same archive;
+* names that are absolute, contain ``..`` after normalisation, contain NUL, or are longer
+  than ``PATH_MAX``; a name that appears twice;
+* devices, FIFOs, sparse files and other special files;
+* hard links to anything but a regular file earlier in the same archive (or any hard
+  link, when the caller asks for none);
 * symbolic links whose target would leave the destination (absolute, or ``..`` past the
   top) — unless ``symlinks="any"``, for restores that must reproduce e.g. a virtualenv's
   absolute links: those are then *created* but never followed;
-* "link-then-file": a member whose parent path is a symbolic link (in the archive or
-  already on disk), which would write through the link.
+* a member whose path passes through a link or a regular file of the archive, in either
+  order ("link-then-file").
 
-Extraction then walks the destination with directory file descriptors opened with
-``O_NOFOLLOW`` and creates files with ``O_EXCL | O_NOFOLLOW``, so a link swapped in by a
-running container while extracting is not followed either. set-uid/set-gid bits are dropped.
+It is also **bounded while it streams**, so a decompression bomb costs little: the bytes the
+archive expands to are counted as they are decompressed, and each member's declared size
+is counted from its header *before* its data is read, against :class:`Limits` — total
+expanded bytes, number of members, and expansion ratio (expanded / compressed). Metadata
+headers (pax, GNU long names) larger than :data:`META_LIMIT` are refused before they are
+read into memory.
+
+:func:`safe_extract` validates the whole archive first (nothing written), then extracts it
+walking the destination with directory file descriptors opened with ``O_NOFOLLOW`` and
+creating files with ``O_EXCL | O_NOFOLLOW``, so a link swapped in by a running container
+while extracting is not followed either. set-uid/set-gid bits are dropped.
 
 :func:`pack` writes a directory tree into a tar, storing links as links (never their
 targets' contents) and skipping special files.
@@ -23,19 +33,54 @@ targets' contents) and skipping special files.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import posixpath
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal, cast
 
-from .errors import UnsafeArchive
+from .errors import InvalidInput, UnsafeArchive
 
 MAX_MEMBERS = 1_000_000
+MAX_NAME = 4096  # PATH_MAX: a longer name is not a file anyone meant to write
+META_LIMIT = 1 << 20  # a pax or GNU long-name header bigger than this is an attack, not metadata
+# Tar framing (512-byte headers, 10 KiB records) makes tiny archives expand many times over;
+# the ratio limit applies only to archives expanding past this.
+RATIO_ALLOWANCE = 16 * 1024**2
+_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_UNREADABLE = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, RecursionError, ValueError)
+Symlinks = Literal["inside", "any", "none"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How far an archive may expand: total bytes, members, and expanded/compressed ratio."""
+
+    max_bytes: int = 10 * 1024**3
+    max_members: int = MAX_MEMBERS
+    max_ratio: float = 100.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(int(settings.archive_max_bytes), int(settings.archive_max_members),
+                   float(settings.archive_max_ratio))
+
+    def budget(self, compressed: int | None) -> tuple[int, str]:
+        """The most bytes an archive of ``compressed`` bytes may expand to, and which limit that is."""
+        if compressed is not None and self.max_ratio > 0:
+            by_ratio = max(int(compressed * self.max_ratio), RATIO_ALLOWANCE)
+            if by_ratio < self.max_bytes:
+                return by_ratio, (f"{compressed} bytes may expand at most {self.max_ratio:g}-fold "
+                                  "(setting archive_max_ratio)")
+        return self.max_bytes, f"the limit is {self.max_bytes} bytes (setting archive_max_bytes)"
 
 
 @dataclass
@@ -48,7 +93,10 @@ class ExtractResult:
 
 def _clean_name(name: str) -> str:
     if "\0" in name:
-        raise UnsafeArchive(f"archive member {name!r} contains a NUL byte", member=name)
+        raise UnsafeArchive(f"archive member {name[:200]!r} contains a NUL byte", member=name[:200])
+    if len(name.encode(errors="surrogateescape")) > MAX_NAME:
+        raise UnsafeArchive(f"archive member {name[:100]!r}… has a name longer than {MAX_NAME} bytes",
+                            member=name[:200])
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         raise UnsafeArchive(f"archive member {name!r} has an absolute name", member=name)
     norm = posixpath.normpath(name)
@@ -56,124 +104,296 @@ def _clean_name(name: str) -> str:
         return "."
     parts = norm.split("/")
     if ".." in parts or norm.startswith("/"):
-        raise UnsafeArchive(f"archive member {name!r} escapes the destination with ..", member=name)
+        raise UnsafeArchive(f"archive member {name!r} climbs out of the destination with ..", member=name)
     return norm
 
 
-def _link_stays_inside(member: str, target: str) -> bool:
+def _link_stays_inside(member: str, target: str, root: str) -> bool:
     if target.startswith("/") or "\0" in target:
         return False
     joined = posixpath.normpath(posixpath.join(posixpath.dirname(member), target))
+    if root:
+        return joined == root or joined.startswith(root + "/")
     return joined != ".." and not joined.startswith("../") and not joined.startswith("/")
 
 
-def check_members(members: list[tarfile.TarInfo], symlinks: Literal["inside", "any", "none"] = "inside") -> list[
-        tuple[str, tarfile.TarInfo]]:
-    """Validate every member; return ``(clean name, member)`` pairs or raise :class:`UnsafeArchive`."""
-    if len(members) > MAX_MEMBERS:
-        raise UnsafeArchive(f"archive has {len(members)} members; the limit is {MAX_MEMBERS}")
-    out: list[tuple[str, tarfile.TarInfo]] = []
-    links: set[str] = set()
-    regular: set[str] = set()
-    for m in members:
+def _ancestors(name: str) -> Iterator[str]:
+    parts = name.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        yield "/".join(parts[:i])
+
+
+class Checker:
+    """Checks members one at a time, as they stream by (see the module docstring).
+
+    :meth:`check` refuses what it can tell from a member and those before it; :meth:`finish`,
+    once every member was seen, refuses a path through a link or file that came *later*.
+    ``root`` (e.g. ``"workspace"``) is the sub-tree links must stay in.
+    """
+
+    def __init__(self, limits: Limits, budget: tuple[int, str], *, symlinks: Symlinks = "inside",
+                 hardlinks: bool = True, root: str = "") -> None:
+        self.limits = limits
+        self.budget, self.why = budget
+        self.symlinks = symlinks
+        self.hardlinks = hardlinks
+        self.root = root
+        self.count = 0
+        self.declared = 0
+        self.seen: dict[str, str] = {}  # clean name -> "d" (directory), "f" (regular file) or "l" (link)
+
+    def check(self, m: tarfile.TarInfo) -> str:
+        """Validate one member; return its clean name or raise :class:`UnsafeArchive`."""
+        self.count += 1
+        if self.count > self.limits.max_members:
+            raise UnsafeArchive(f"archive has more than {self.limits.max_members} members "
+                                "(setting archive_max_members)")
         name = _clean_name(m.name)
+        # Counted from the header, before the data is read: a member claiming to be huge is
+        # refused without decompressing it.
+        self.declared += max(m.size, 0) + tarfile.BLOCKSIZE
+        if self.declared > self.budget:
+            raise UnsafeArchive(f"archive expands to more than {self.budget} bytes: {self.why}")
         if name == "." and not m.isdir():
             raise UnsafeArchive(f"archive member {m.name!r} would replace the destination", member=m.name)
-        parents = name.split("/")[:-1]
-        for i in range(1, len(parents) + 1):
-            if "/".join(parents[:i]) in links:
-                raise UnsafeArchive(f"archive member {m.name!r} would be written through the link "
-                                    f"{'/'.join(parents[:i])!r}", member=m.name)
+        if m.sparse is not None:
+            raise UnsafeArchive(f"archive member {m.name!r} is a sparse file", member=m.name)
+        kind = "d" if m.isdir() else "l" if m.issym() else "f" if m.isreg() or m.islnk() else ""
+        before = self.seen.get(name)
+        if before is not None and not (before == "d" and kind == "d"):
+            raise UnsafeArchive(f"archive member {m.name!r} appears twice", member=m.name)
+        for parent in _ancestors(name):
+            self._through(m.name, parent)
         if m.issym():
-            if symlinks == "none":
+            if self.symlinks == "none":
                 raise UnsafeArchive(f"archive member {m.name!r} is a symbolic link", member=m.name)
-            if symlinks == "inside" and not _link_stays_inside(name, m.linkname):
-                raise UnsafeArchive(f"archive member {m.name!r} links outside the destination "
-                                    f"({m.linkname!r})", member=m.name)
-            links.add(name)
-            regular.discard(name)
+            if self.symlinks == "inside" and not _link_stays_inside(name, m.linkname, self.root):
+                raise UnsafeArchive(f"archive member {m.name!r} links outside the destination (a link "
+                                    f"pointing out to {m.linkname!r})", member=m.name)
         elif m.islnk():
+            if not self.hardlinks:
+                raise UnsafeArchive(f"archive member {m.name!r} is a hard link", member=m.name)
             target = _clean_name(m.linkname)
-            if target not in regular:
+            if self.seen.get(target) != "f":
                 raise UnsafeArchive(f"archive member {m.name!r} is a hard link to {m.linkname!r}, which is not "
                                     "a regular file earlier in the archive", member=m.name)
-            regular.add(name)
-        elif m.isreg():
-            regular.add(name)
-            links.discard(name)
-        elif m.isdir():
-            if name in links:
-                raise UnsafeArchive(f"archive member {m.name!r} turns a link into a directory", member=m.name)
-        else:
-            kind = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
+        elif not (m.isreg() or m.isdir()):
+            what = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
                     tarfile.FIFOTYPE: "FIFO"}.get(m.type, f"special file (type {m.type!r})")
-            raise UnsafeArchive(f"archive member {m.name!r} is a {kind}", member=m.name)
-        out.append((name, m))
-    return out
+            raise UnsafeArchive(f"archive member {m.name!r} is a {what}; a device, fifo or other special "
+                                "file is never extracted", member=m.name)
+        self.seen[name] = kind
+        return name
+
+    def _through(self, member: str, parent: str) -> None:
+        kind = self.seen.get(parent)
+        if kind == "l":
+            raise UnsafeArchive(f"archive member {member!r} passes through a link ({parent!r})", member=member)
+        if kind == "f":
+            raise UnsafeArchive(f"archive member {member!r} passes through a file ({parent!r})", member=member)
+
+    def finish(self) -> None:
+        """Refuse a member under a link or file that came after it in the archive."""
+        for name in self.seen:
+            for parent in _ancestors(name):
+                self._through(name, parent)
 
 
-def safe_extract(source: str | Path | IO[bytes], dest: str | Path, *,
-                 symlinks: Literal["inside", "any", "none"] = "inside",
-                 max_bytes: int | None = None) -> ExtractResult:
-    """Extract the tar at ``source`` (path or file object, any compression) into ``dest``.
+class _Header(tarfile.TarInfo):
+    """A TarInfo that refuses oversized metadata headers before tarfile reads them into memory."""
 
-    Raises :class:`UnsafeArchive` before writing anything if any member is unsafe (see the
-    module docstring), or part-way if the destination changes under it (a link appears).
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > META_LIMIT:
+            raise UnsafeArchive(f"archive has a {self.size}-byte metadata header; the limit is {META_LIMIT}")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeArchive(f"archive member {self.name!r} is a sparse file", member=self.name)
+        return cast(tarfile.TarInfo, super()._proc_member(tarfile_))  # type: ignore[misc]
+
+
+class _Counted:
+    """The decompressed stream, counted as it is read: past ``budget`` bytes it raises."""
+
+    def __init__(self, inner: IO[bytes], budget: int, why: str) -> None:
+        self.inner, self.budget, self.why = inner, budget, why
+        self.count = 0
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = self.inner.read(_CHUNK if n is None or n < 0 else min(n, _CHUNK))
+        self.count += len(data)
+        if self.count > self.budget:
+            raise UnsafeArchive(f"archive expands to more than {self.budget} bytes: {self.why}")
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class _Data:
+    """A member's data; a damaged stream under it is an :class:`UnsafeArchive`, like anywhere else."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self.inner = inner
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.inner.read(n)
+        except UnsafeArchive:
+            raise
+        except _UNREADABLE as exc:
+            raise UnsafeArchive(f"not a readable tar archive: {exc}") from exc
+
+
+class _Prefixed:
+    """A non-seekable stream with the bytes already read to sniff its compression put back."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self.head, self.rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            data, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
+            return data
+        return self.rest.read(n)
+
+
+def _decompressed(raw: IO[bytes]) -> IO[bytes]:
+    head = raw.read(6)
+    try:
+        seekable = raw.seekable()
+    except (AttributeError, OSError):
+        seekable = False
+    if seekable:
+        raw.seek(-len(head), os.SEEK_CUR)
+        src: IO[bytes] = raw
+    else:
+        src = cast(IO[bytes], _Prefixed(head, raw))
+    if head.startswith(b"\x1f\x8b"):
+        return cast(IO[bytes], gzip.GzipFile(fileobj=src, mode="rb"))
+    if head.startswith(b"BZh"):
+        return cast(IO[bytes], bz2.BZ2File(src))
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return cast(IO[bytes], lzma.LZMAFile(src))
+    return src
+
+
+def _size_of(fh: IO[bytes]) -> int | None:
+    try:
+        return os.fstat(fh.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        try:
+            here = fh.tell()
+            end = fh.seek(0, os.SEEK_END)
+            fh.seek(here)
+            return end - here
+        except (AttributeError, OSError, ValueError):
+            return None
+
+
+def members(source: str | Path | IO[bytes], limits: Limits | None = None, *, symlinks: Symlinks = "inside",
+            hardlinks: bool = True, root: str = "") -> Iterator[tuple[str, tarfile.TarInfo, IO[bytes] | None]]:
+    """Stream the tar at ``source`` (a path or file object; gzip, bzip2, xz or plain).
+
+    Yields ``(clean name, member, data)`` for each member that passes :class:`Checker`;
+    ``data`` (regular files only) is readable until the next member is asked for. Raises
+    :class:`UnsafeArchive` at the first unsafe member or limit crossed, having read no
+    further than that. When the generator is exhausted every member has been checked,
+    the order-independent checks included.
+    """
+    limits = limits or Limits()
+    if isinstance(source, str | Path):
+        try:
+            raw: IO[bytes] = open(source, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {source}: {exc.strerror}") from exc
+    else:
+        raw = source
+    try:
+        budget = limits.budget(_size_of(raw))
+        checker = Checker(limits, budget, symlinks=symlinks, hardlinks=hardlinks, root=root)
+        try:
+            stream = _Counted(_decompressed(raw), *budget)
+            tar = tarfile.open(fileobj=cast(IO[bytes], stream), mode="r|", tarinfo=_Header)
+            with tar:
+                for m in tar:
+                    name = checker.check(m)
+                    fh = tar.extractfile(m) if m.isreg() else None
+                    yield name, m, cast(IO[bytes], _Data(fh)) if fh is not None else None
+        except UnsafeArchive:
+            raise
+        except _UNREADABLE as exc:
+            raise UnsafeArchive(f"not a readable tar archive: {exc}") from exc
+        checker.finish()
+    finally:
+        if raw is not source:
+            raw.close()
+
+
+def check(source: str | Path | IO[bytes], limits: Limits | None = None, *, symlinks: Symlinks = "inside",
+          hardlinks: bool = True, root: str = "") -> int:
+    """Validate a whole archive without writing anything; return its number of members."""
+    n = 0
+    for _ in members(source, limits, symlinks=symlinks, hardlinks=hardlinks, root=root):
+        n += 1
+    return n
+
+
+def safe_extract(source: str | Path | IO[bytes], dest: str | Path, *, symlinks: Symlinks = "inside",
+                 limits: Limits | None = None) -> ExtractResult:
+    """Extract the tar at ``source`` (path or seekable file object, any compression) into ``dest``.
+
+    Raises :class:`UnsafeArchive` before writing anything if any member is unsafe or a
+    limit is crossed (see the module docstring), or part-way if the destination changes
+    under it (a link appears).
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    try:
-        tar = tarfile.open(source, "r:*") if isinstance(source, str | Path) else tarfile.open(fileobj=source,
-                                                                                            mode="r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise UnsafeArchive(f"not a readable tar archive: {exc}") from exc
+    if not isinstance(source, str | Path):
+        start = source.tell()
+    check(source, limits, symlinks=symlinks)
+    if not isinstance(source, str | Path):
+        source.seek(start)
     result = ExtractResult()
-    with tar:
-        members = check_members(tar.getmembers(), symlinks)
-        total = sum(m.size for _n, m in members if m.isreg())
-        if max_bytes is not None and total > max_bytes:
-            raise UnsafeArchive(f"archive expands to {total} bytes; the limit is {max_bytes}")
-        root_fd = os.open(dest, _DIR_FLAGS)
-        try:
-            hardlinks: list[tuple[str, str]] = []
-            for name, m in members:
-                if name == ".":
-                    continue
-                parent_fd = _open_parents(root_fd, name)
-                base = name.rsplit("/", 1)[-1]
-                try:
-                    if m.isdir():
-                        _make_dir(parent_fd, base, m.mode)
-                        result.dirs += 1
-                    elif m.issym():
-                        _replace(parent_fd, base)
-                        os.symlink(m.linkname, base, dir_fd=parent_fd)
-                        result.links += 1
-                    elif m.islnk():
-                        hardlinks.append((name, _clean_name(m.linkname)))
-                    else:
-                        fh = tar.extractfile(m)
-                        assert fh is not None
-                        result.bytes += _write_file(parent_fd, base, fh, m.mode)
-                        result.files += 1
-                finally:
-                    os.close(parent_fd)
-            for name, target in hardlinks:
-                # Copied, not linked: a hard link would tie two workspace paths to one inode.
-                src_parent = _open_parents(root_fd, target)
-                dst_parent = _open_parents(root_fd, name)
-                try:
-                    src = os.open(target.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                  dir_fd=src_parent)
-                    with os.fdopen(src, "rb") as fh:
-                        mode = os.fstat(fh.fileno()).st_mode
-                        result.bytes += _write_file(dst_parent, name.rsplit("/", 1)[-1], fh, mode)
+    root_fd = os.open(dest, _DIR_FLAGS)
+    try:
+        hardlinks: list[tuple[str, str]] = []
+        for name, m, fh in members(source, limits, symlinks=symlinks):
+            if name == ".":
+                continue
+            parent_fd = _open_parents(root_fd, name)
+            base = name.rsplit("/", 1)[-1]
+            try:
+                if m.isdir():
+                    _make_dir(parent_fd, base, m.mode)
+                    result.dirs += 1
+                elif m.issym():
+                    _replace(parent_fd, base)
+                    os.symlink(m.linkname, base, dir_fd=parent_fd)
+                    result.links += 1
+                elif m.islnk():
+                    hardlinks.append((name, _clean_name(m.linkname)))
+                else:
+                    assert fh is not None
+                    result.bytes += _write_file(parent_fd, base, fh, m.mode)
                     result.files += 1
-                finally:
-                    os.close(src_parent)
-                    os.close(dst_parent)
-        finally:
-            os.close(root_fd)
+            finally:
+                os.close(parent_fd)
+        for name, target in hardlinks:
+            # Copied, not linked: a hard link would tie two workspace paths to one inode.
+            src_parent = _open_parents(root_fd, target)
+            dst_parent = _open_parents(root_fd, name)
+            try:
+                src = os.open(target.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=src_parent)
+                with os.fdopen(src, "rb") as f:
+                    mode = os.fstat(f.fileno()).st_mode
+                    result.bytes += _write_file(dst_parent, name.rsplit("/", 1)[-1], f, mode)
+                result.files += 1
+            finally:
+                os.close(src_parent)
+                os.close(dst_parent)
+    finally:
+        os.close(root_fd)
     return result
 
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import faults, files, git
+from . import archive, faults, files, git
 from .confine import sandbox_owner
 from .errors import (
     CheckpointCorrupted,
@@ -1184,7 +1184,8 @@ class Checkpoints:
         with self.locked(task.id):
             store.ensure()
             with tempfile.TemporaryDirectory(dir=store.meta) as scratch:
-                info, units, count = _read_archive(store, src, Path(scratch))
+                info, units, count = _read_archive(store, src, Path(scratch),
+                                                   archive.Limits.from_settings(self.svc.settings))
             cp_id = f"cp-{secrets.token_hex(6)}"
             name = _check_name(str(info.get("name") or "imported")[:64]) if info.get("name") else "imported"
             description = str(info.get("description") or "")[:2000]
@@ -1266,132 +1267,100 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     files.write_durably(path, json.dumps(data).encode())
 
 
-def _unsafe(member: str, why: str) -> InvalidInput:
-    return InvalidInput(f"refusing to import: {member!r} {why}", member=member)
-
-
-def _read_archive(store: Store, src: Path, scratch: Path) -> tuple[dict[str, Any], list[Unit], int]:
+def _read_archive(store: Store, src: Path, scratch: Path,
+                  limits: archive.Limits) -> tuple[dict[str, Any], list[Unit], int]:
     """Validate an exported archive and write its content into the store as units.
 
-    Nothing from the archive is ever extracted to a path it names: file contents go to
-    numbered scratch files and from there into git objects. Refused: absolute names, ``..``,
-    devices, fifos, hard links, links that point out of the workspace, and a path that
-    passes through a link or a file.
+    The archive is read once, as a stream, through :func:`taskbox.archive.members` — the one
+    archive validator — bounded by ``limits`` (expanded bytes, members, ratio): absolute
+    names, ``..``, devices, fifos, hard links, links that point out of ``workspace/``, and a
+    path through a link or a file are refused. Nothing is ever extracted to a path the
+    archive names: file contents go to numbered scratch files and from there into git objects.
     """
-    try:
-        tar = tarfile.open(src, "r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise InvalidInput(f"{src} is not a readable .tar.gz archive: {exc}") from exc
     info: dict[str, Any] = {}
     entries: dict[str, tarfile.TarInfo] = {}
-    with tar:
-        members = tar.getmembers()
-        for m in members:
-            name = m.name
-            if "\0" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-                raise _unsafe(name, "has an absolute name")
-            parts = [p for p in name.split("/") if p not in ("", ".")]
-            if ".." in parts:
-                raise _unsafe(name, "climbs out with ..")
-            clean = "/".join(parts)
-            if clean == "checkpoint.json" and m.isreg():
-                f = tar.extractfile(m)
-                try:
-                    info = json.loads(f.read(1_000_000)) if f else {}
-                except ValueError as exc:
-                    raise InvalidInput(f"checkpoint.json in {src} is not valid JSON") from exc
-                continue
-            if clean == "workspace" and m.isdir():
-                continue
-            if not clean.startswith("workspace/"):
-                raise _unsafe(name, "is not under workspace/ (not an exported checkpoint?)")
-            rel = clean[len("workspace/"):]
-            if m.islnk():
-                raise _unsafe(name, "is a hard link")
-            if not (m.isreg() or m.isdir() or m.issym()):
-                raise _unsafe(name, "is a device, fifo or other special file")
-            if rel in entries:
-                raise _unsafe(name, "appears twice")
+    data: dict[str, Path] = {}  # regular file -> its scratch copy
+    for name, m, fh in archive.members(src, limits, symlinks="inside", hardlinks=False, root="workspace"):
+        if name == "checkpoint.json" and m.isreg():
+            try:
+                info = json.loads(fh.read(1_000_000)) if fh else {}
+            except ValueError as exc:
+                raise InvalidInput(f"checkpoint.json in {src} is not valid JSON") from exc
+            continue
+        if name in ("workspace", ".") and m.isdir():
+            continue
+        if not name.startswith("workspace/"):
+            raise InvalidInput(f"refusing to import: {m.name!r} is not under workspace/ (not an exported "
+                               "checkpoint?)", member=m.name)
+        rel = name[len("workspace/"):]
+        entries[rel] = m
+        if fh is not None:
+            fn = scratch / f"f{len(data)}"
+            with open(fn, "wb") as out:
+                shutil.copyfileobj(fh, out, 1 << 20)
+            data[rel] = fn
+    fmt = info.get("format", FORMAT) if isinstance(info, dict) else None
+    if fmt != FORMAT:
+        raise InvalidInput(f"{src}: unknown checkpoint format {fmt!r}")
+
+    # Which unit each path belongs to: a component ``.git`` starts a gitdir unit; a
+    # directory holding a ``.git`` is a nested files unit.
+    roots = {""} | {posixpath.dirname(r) if r.endswith("/.git") or r == ".git" else "" for r in entries
+                    if r == ".git" or r.endswith("/.git")}
+    for rel in entries:
+        comps = rel.split("/")
+        if ".git" in comps[:-1]:
+            roots.add("/".join(comps[:comps.index(".git")]))
+
+    def owner(rel: str) -> tuple[str, str, str]:
+        comps = rel.split("/")
+        if ".git" in comps[:-1] or (comps[-1] == ".git" and entries[rel].isdir()):
+            i = comps.index(".git")
+            return "gitdir", "/".join(comps[:i + 1]), "/".join(comps[i + 1:])
+        best = max((r for r in roots if r == "" or rel == r or rel.startswith(r + "/")), key=len)
+        if rel == best:  # the root of a nested unit: it belongs to its parent as a directory
+            best = max((r for r in roots if r != rel and (r == "" or rel.startswith(r + "/"))), key=len)
+        return "files", best, rel[len(best) + 1:] if best else rel
+
+    units: dict[str, Unit] = {}
+    index_lines: dict[str, list[str]] = {}
+    blobs: list[tuple[str, str, str]] = []  # (unit key, mode, path)
+    scratch_paths: list[str] = []
+    dirs: dict[str, set[str]] = {}
+    has_child: set[str] = set()
+    count = 0
+    for rel, m in entries.items():
+        kind, upath, sub = owner(rel)
+        key = f"{kind}:{upath}"
+        unit = units.setdefault(key, Unit(upath, kind))
+        if kind == "files" and sub == ".git" and not m.isdir():
             if m.issym():
-                target = m.linkname
-                if target.startswith("/") or "\0" in target:
-                    raise _unsafe(name, f"is a link pointing out of the workspace ({target})")
-                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
-                if resolved == ".." or resolved.startswith("../"):
-                    raise _unsafe(name, f"is a link pointing out of the workspace ({target})")
-            entries[rel] = m
-        for rel in entries:
-            p = posixpath.dirname(rel)
-            while p:
-                parent = entries.get(p)
-                if parent is not None and not parent.isdir():
-                    kind = "a link" if parent.issym() else "a file"
-                    raise _unsafe(f"workspace/{rel}", f"passes through {kind} ({p})")
-                p = posixpath.dirname(p)
-        if not isinstance(info, dict) or info.get("format", FORMAT) != FORMAT:
-            raise InvalidInput(f"{src}: unknown checkpoint format {info.get('format')!r}")
-
-        # Which unit each path belongs to: a component ``.git`` starts a gitdir unit; a
-        # directory holding a ``.git`` is a nested files unit.
-        roots = {""} | {posixpath.dirname(r) if r.endswith("/.git") or r == ".git" else "" for r in entries
-                        if r == ".git" or r.endswith("/.git")}
-        for rel in entries:
-            comps = rel.split("/")
-            if ".git" in comps[:-1]:
-                roots.add("/".join(comps[:comps.index(".git")]))
-
-        def owner(rel: str) -> tuple[str, str, str]:
-            comps = rel.split("/")
-            if ".git" in comps[:-1] or (comps[-1] == ".git" and entries[rel].isdir()):
-                i = comps.index(".git")
-                return "gitdir", "/".join(comps[:i + 1]), "/".join(comps[i + 1:])
-            best = max((r for r in roots if r == "" or rel == r or rel.startswith(r + "/")), key=len)
-            if rel == best:  # the root of a nested unit: it belongs to its parent as a directory
-                best = max((r for r in roots if r != rel and (r == "" or rel.startswith(r + "/"))), key=len)
-            return "files", best, rel[len(best) + 1:] if best else rel
-
-        units: dict[str, Unit] = {}
-        index_lines: dict[str, list[str]] = {}
-        blobs: list[tuple[str, str, str]] = []  # (unit key, mode, path)
-        scratch_paths: list[str] = []
-        dirs: dict[str, set[str]] = {}
-        has_child: set[str] = set()
-        count = 0
-        for rel, m in entries.items():
-            kind, upath, sub = owner(rel)
-            key = f"{kind}:{upath}"
-            unit = units.setdefault(key, Unit(upath, kind))
-            if kind == "files" and sub == ".git" and not m.isdir():
-                if m.issym():
-                    unit.dotgit = {"type": "link", "target": m.linkname}
-                else:
-                    f = tar.extractfile(m)
-                    data = f.read(65537) if f else b""
-                    unit.dotgit = {"type": "file", "data": base64.b64encode(data).decode(), "mode": m.mode & 0o777}
-                continue
-            if kind == "files" and rel in roots and rel != upath:
-                continue
-            p = posixpath.dirname(sub)
-            while p:
-                has_child.add(f"{key}\0{p}")
-                p = posixpath.dirname(p)
-            if m.isdir():
-                if sub:
-                    dirs.setdefault(key, set()).add(sub)
-                continue
-            fn = scratch / str(len(scratch_paths))
-            if m.issym():
-                fn.write_bytes(os.fsencode(m.linkname))
-                mode = "120000"
+                unit.dotgit = {"type": "link", "target": m.linkname}
             else:
-                f = tar.extractfile(m)
-                with open(fn, "wb") as out:
-                    if f is not None:
-                        shutil.copyfileobj(f, out, 1 << 20)
-                mode = "100755" if m.mode & 0o100 else "100644"
-            scratch_paths.append(str(fn))
-            blobs.append((key, mode, sub))
-            count += kind == "files"
+                with open(data[rel], "rb") as f:
+                    raw = f.read(65537)
+                unit.dotgit = {"type": "file", "data": base64.b64encode(raw).decode(), "mode": m.mode & 0o777}
+            continue
+        if kind == "files" and rel in roots and rel != upath:
+            continue
+        p = posixpath.dirname(sub)
+        while p:
+            has_child.add(f"{key}\0{p}")
+            p = posixpath.dirname(p)
+        if m.isdir():
+            if sub:
+                dirs.setdefault(key, set()).add(sub)
+            continue
+        if m.issym():
+            fn = scratch / f"l{len(scratch_paths)}"
+            fn.write_bytes(os.fsencode(m.linkname))
+            mode = "120000"
+        else:
+            fn = data[rel]
+            mode = "100755" if m.mode & 0o100 else "100644"
+        scratch_paths.append(str(fn))
+        blobs.append((key, mode, sub))
+        count += kind == "files"
     for r in roots - {""}:
         key = f"files:{r}"
         units.setdefault(key, Unit(r, "files"))

@@ -227,14 +227,19 @@ def _usage_line(usage: dict[str, Any] | None) -> str:
 @click.option("--workdir", "-w", help="Directory inside the workspace to run in.")
 @click.option("--timeout", type=float, help="Seconds before the command is killed.")
 @click.option("--session", help="Session the command belongs to (for the log).")
+@click.option("--secret", "secret_names", multiple=True, metavar="NAME",
+              help="Put secret NAME (TASKBOX_SECRET_NAME or secrets.toml) into the command's environment; "
+                   "its value is redacted from output and logs. Repeatable.")
+@click.option("--no-log", is_flag=True, help="Record nothing of the command or its output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def exec_(task_id: str, cmd: tuple[str, ...], workdir: str | None, timeout: float | None,
-          session: str | None, as_json: bool) -> None:
+          session: str | None, secret_names: tuple[str, ...], no_log: bool, as_json: bool) -> None:
     """Run a command in a task's sandbox: taskbox exec TASK -- CMD... (exits with its code)."""
     svc = _service()
     command_ = cmd[0] if len(cmd) == 1 else list(cmd)
     try:
-        res = svc.exec(task_id, command_, workdir=workdir, timeout=timeout, session_id=session)
+        res = svc.exec(task_id, command_, workdir=workdir, timeout=timeout, session_id=session,
+                       secrets=list(secret_names), log=not no_log)
     except TaskboxError as exc:
         if as_json:
             click.echo(to_json(exc.to_dict()))
@@ -703,12 +708,8 @@ def policy_check(cmd: tuple[str, ...], repo: str, tool: str, is_url: bool) -> An
 @click.option("--denied", is_flag=True, help="Only refused calls and requests.")
 def policy_audit(task_id: str, limit: int, denied: bool) -> Any:
     """A task's audit log: every policy and egress decision, with the rule that made it."""
-    from . import network, policy
-
     svc = _service()
-    task = svc.get(task_id)
-    network.sync_log(svc, task)
-    entries = policy.audit_log(svc, task.id, limit, "deny" if denied else None)
+    entries = svc.audit_log(task_id, limit, "deny" if denied else None)
     rows = [(ago(e["time"]), e["kind"], e["decision"], e["rule"], str(e["subject"])[:70]) for e in entries]
     return entries, table(rows, ["when", "kind", "decision", "rule", "subject"]) if rows else "no entries"
 

@@ -63,6 +63,13 @@ class Settings:
         1_000_000, "Default inode quota (most files and directories) of a task's workspace (minimum 1000; "
         "`0`: the filesystem's default of one per 16 KiB)."
     )
+    max_memory: str = _setting(
+        "64g", "Most memory a task may be given (also never more than the machine running the containers has)."
+    )
+    max_cpus: float = _setting(
+        16.0, "Most CPU cores a task may be given (also never more than the machine has)."
+    )
+    max_pids: int = _setting(4096, "Most processes a task's container may be allowed.")
     network: str = _setting(
         "none", "Default network mode: `none`, `allowlist` (egress proxy) or `open` (warned about)."
     )
@@ -104,6 +111,23 @@ class Settings:
     )
     checkpoint_max_age_days: int = _setting(
         30, "Days after which unnamed, unpinned checkpoints are pruned (0: never by age)."
+    )
+    record_burst: int = _setting(
+        20, "Audit entries and events of one kind a task may record one by one per `record_window`; "
+        "the rest are counted into one aggregated record."
+    )
+    record_window: float = _setting(60.0, "Seconds of the rate-limit window of audit entries and events.")
+    audit_max_bytes: int = _setting(
+        10 * 1024**2, "Size at which a task's audit log is rotated (one older generation is kept)."
+    )
+    archive_max_bytes: int = _setting(
+        10 * 1024**3, "Most bytes an imported archive (e.g. `checkpoint import`) may expand to; counted "
+        "while it is read, so a decompression bomb is refused early."
+    )
+    archive_max_members: int = _setting(1_000_000, "Most members (files, directories, links) an imported archive may have.")
+    archive_max_ratio: float = _setting(
+        100.0, "Most an imported archive may expand relative to its compressed size (applies past 16 MiB; "
+        "0: no ratio limit)."
     )
 
     @classmethod

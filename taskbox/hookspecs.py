@@ -42,7 +42,7 @@ def session_end(service: Any, task: Any, session: Any) -> None:
 
 @hookspec
 def pre_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any]) -> None:
-    """A tool is about to run in a task; raise a TaskboxError to refuse it."""
+    """A tool is about to run in a task; raise a TaskboxError to refuse it (``args["log"] is False``: record nothing of it)."""
 
 
 @hookspec

@@ -159,7 +159,8 @@ class _Adapter:
             return render_error(exc)
 
     async def task_tool(self, ctx: Context | None, task_id: str, tool: str, args: dict[str, Any],
-                        fn: Callable[[str | None], dict[str, Any]], *, hooks: bool = True) -> CallToolResult:
+                        fn: Callable[[str | None], dict[str, Any]], *, hooks: bool = True,
+                        log: bool = True) -> CallToolResult:
         """A tool call on one task: hooks and a memory record around ``fn(session_id)``
         (see TaskService.run_tool)."""
         connection = self.connection(ctx)
@@ -167,7 +168,7 @@ class _Adapter:
         def call() -> dict[str, Any]:
             session = self.session(connection, task_id)
             return self.service.run_tool(task_id, tool, args, lambda: fn(session), session_id=session,
-                                         hooks=hooks)
+                                         hooks=hooks, log=log)
 
         return await self.run(call)
 
@@ -353,22 +354,29 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         timeout: Annotated[float | None, Field(description="Seconds before the command is killed "
                                                            "(default 600).", gt=0, le=86400)] = None,
         log_execution: Annotated[bool, Field(description="Record the command and its output in the "
-                                                         "task's memory.")] = True,
+                                                         "task's memory; false records nothing of them "
+                                                         "anywhere.")] = True,
+        secrets: Annotated[list[str] | None, Field(description="Names of secrets the user set up for taskbox, "
+                                                              "put into this command's environment under "
+                                                              "the same names; their values never appear "
+                                                              "in output or logs.")] = None,
     ) -> Result:
         """Run a shell command in the task's sandbox (builds, tests, git, package installs, scripts).
 
         Use this instead of any host shell: the sandbox has the task's checkout at /workspace and no
         network unless the task allows it. Returns stdout, stderr, exit_code, duration_ms and
         truncated (true when output was cut at 100 kB per stream). A command that runs past its
-        timeout is killed and reported as an error with its partial output.
+        timeout is killed and reported as an error with its partial output. Refer to a secret
+        as $NAME in the command; its value shows as [REDACTED:NAME] in the output.
         """
-        args = {"command": command, "workdir": workdir, "timeout": timeout, "log_execution": log_execution}
+        args = {"command": command, "workdir": workdir, "timeout": timeout, "log_execution": log_execution,
+                "secrets": secrets}
         def call(session: str | None) -> dict[str, Any]:
             res = ad.service.exec(task_id, command, workdir=workdir, timeout=timeout, session_id=session,
-                           log=log_execution, output_limit=OUTPUT_LIMIT)
+                           log=log_execution, output_limit=OUTPUT_LIMIT, secrets=secrets)
             return res.to_dict()
 
-        return await ad.task_tool(ctx, task_id, "execute_in_task", args, call, hooks=False)
+        return await ad.task_tool(ctx, task_id, "execute_in_task", args, call, hooks=False, log=log_execution)
 
     # --- files -------------------------------------------------------------------------------
 

@@ -91,9 +91,11 @@ class Recovery:
 class TaskMemory:
     """Reads and writes one task's ``.task-memory/`` folder."""
 
-    def __init__(self, workspace: Path, lock_file: Path) -> None:
+    def __init__(self, workspace: Path, lock_file: Path, redact: Callable[[Any], Any] | None = None) -> None:
         self.workspace = workspace
         self.lock_file = lock_file
+        # Every write passes through it: secret values never reach a memory file (taskbox.secrets).
+        self.redact = redact or (lambda value: value)
 
     # --- paths and low-level I/O ----------------------------------------------------------
 
@@ -109,7 +111,7 @@ class TaskMemory:
         files.atomic_write(self.workspace, f"{DIRNAME}/{name}", data)
 
     def _append(self, name: str, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+        line = json.dumps(self.redact(entry), sort_keys=True, ensure_ascii=False, default=str) + "\n"
         files.append(self.workspace, f"{DIRNAME}/{name}", line.encode())
 
     def _read_bytes(self, name: str) -> bytes | None:
@@ -171,6 +173,7 @@ class TaskMemory:
             return state
 
     def _save(self, state: dict[str, Any]) -> None:
+        state.update(self.redact({k: v for k, v in state.items() if k in ("todos", "current_agent")}))
         state["updated_at"] = time.time()
         state["checksum_algorithm"] = "sha256"
         state["checksum"] = checksum(state)
@@ -279,14 +282,16 @@ class TaskMemory:
         rationale: str = "",
         alternatives: str = "",
     ) -> dict[str, Any]:
-        entry = {
+        entry = self.redact({
             "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "agent": agent,
             "context": context,
             "decision": decision,
             "rationale": rationale,
             "alternatives": alternatives,
-        }
+        })
+        agent, context, decision = entry["agent"], entry["context"], entry["decision"]
+        rationale, alternatives = entry["rationale"], entry["alternatives"]
         block = (
             f"\n## {entry['time']} — {agent}\n\n"
             f"- **Context:** {context}\n- **Decision:** {decision}\n"

@@ -162,3 +162,26 @@ def m002_lease_waiters(conn: sqlite3.Connection) -> None:
         )
         """
     )
+
+
+@migration
+def m003_rate_windows(conn: sqlite3.Connection) -> None:
+    # Per task, per stream ("event" or "audit") and per kind: the current rate-limit window.
+    # Records past the burst are only counted here, and written as one aggregated record
+    # when the window closes or is flushed (taskbox.registry.Registry.admit).
+    conn.execute(
+        """
+        CREATE TABLE rate_windows (
+            task_id TEXT NOT NULL,
+            stream TEXT NOT NULL,
+            key TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            admitted INTEGER NOT NULL DEFAULT 0,
+            suppressed INTEGER NOT NULL DEFAULT 0,
+            first_at REAL,
+            last_at REAL,
+            samples TEXT NOT NULL DEFAULT '[]',
+            PRIMARY KEY (task_id, stream, key)
+        )
+        """
+    )

@@ -44,6 +44,7 @@ PROXY_PORT = 3128
 PROXY_ALIAS = "taskbox-proxy"
 PROXY_UID = "13:13"  # Debian's `proxy` user in the proxy image
 DEFAULT_PORTS = (80, 443)
+LOG_BATCH = 10_000  # proxy log lines read per sync; a flood is read over several syncs
 # Addresses a name must not resolve to unless listed: "this" network, RFC 1918, CGNAT,
 # loopback, link-local (cloud metadata lives at 169.254.169.254), IETF/benchmark ranges,
 # multicast and reserved, and their IPv6 counterparts (v4-mapped included).
@@ -359,29 +360,27 @@ def sync_log(service: TaskService, task: Task) -> list[dict[str, Any]]:
     """Copy new proxy decisions of ``task`` into its audit log; report denials as events.
 
     Returns the new decisions. Safe to call often: a cursor file remembers what was read.
+    One call reads at most :data:`LOG_BATCH` lines (the rest wait for the next call), and
+    the audit log and events take them through the per-task rate limit, so a command that
+    makes thousands of denied requests leaves a burst of entries and one aggregated record.
     """
     from . import policy
 
     if task.network != "allowlist" or not task.container_id:
         return []
-    lines = service.sandbox.egress_log(task.container_id, since=_read_cursor(service, task.id))
+    lines = service.sandbox.egress_log(task.container_id, since=_read_cursor(service, task.id),
+                                       max_lines=LOG_BATCH)
     if not lines:
         return []
-    decisions = []
-    last = None
-    for stamp, text in lines:
-        last = stamp
-        record = parse_log_line(text)
-        if record is None:
-            continue
-        decisions.append(record)
-        policy.audit(service, task.id, kind="egress", decision=record["decision"], rule=record["rule"] or "-",
-                     subject=record["url"], host=record["host"], method=record["method"], code=record["code"])
-        if record["decision"] == "deny":
-            service.registry.add_event("egress.denied", task.id, {k: record[k] for k in
-                                                                  ("host", "port", "method", "url", "rule")})
-    if last is not None:
-        _write_cursor(service, task.id, last)
+    decisions = [r for r in (parse_log_line(text) for _stamp, text in lines) if r is not None]
+    policy.audit_batch(service, task.id, [
+        {"kind": "egress", "decision": r["decision"], "rule": r["rule"] or "-", "subject": r["url"],
+         "host": r["host"], "method": r["method"], "code": r["code"]} for r in decisions], sample="host")
+    denied = [r for r in decisions if r["decision"] == "deny"]
+    service.registry.add_events("egress.denied", task.id,
+                                [{k: r[k] for k in ("host", "port", "method", "url", "rule")} for r in denied],
+                                [r["host"] for r in denied])
+    _write_cursor(service, task.id, lines[-1][0])
     return decisions
 
 

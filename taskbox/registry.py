@@ -1,4 +1,12 @@
-"""The task registry: SQLite in WAL mode, every write transactional and version-checked."""
+"""The task registry: SQLite in WAL mode, every write transactional and version-checked.
+
+Events are bounded per task and kind: :meth:`Registry.admit` lets a burst through per
+window (settings ``record_burst`` per ``record_window`` seconds) and only counts the rest,
+which become one aggregated record (``"aggregated": true`` with a ``count``) when the window
+closes or is flushed. The window state is a row of ``rate_windows``, so short-lived
+processes (every CLI call) share it. The same limiter bounds the audit log
+(:func:`taskbox.policy.audit`). Every event payload passes through ``redact`` (secrets).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,13 +25,18 @@ from .models import Lease, LockMode, Session, Task
 
 _TASK_COLUMNS = tuple(Task.__dataclass_fields__)
 WAITER_STALE_SECONDS = 5.0  # a waiter polls every 0.2 s; silence this long means it is gone
+MAX_SAMPLES = 5  # distinct examples an aggregated record keeps of what it counts
 
 
 class Registry:
     """Access to the registry database. Safe to share between threads (one connection each)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, burst: int = 20, window: float = 60.0,
+                 redact: Callable[[Any], Any] | None = None) -> None:
         self.path = path
+        self.burst = burst
+        self.window = window
+        self.redact = redact or (lambda value: value)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         migrations.apply(self._conn())
@@ -145,6 +158,7 @@ class Registry:
     def delete_task(self, task_id: str) -> None:
         with self.tx() as conn:
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+            conn.execute("DELETE FROM rate_windows WHERE task_id = ?", (task_id,))
             self._event(conn, "task.deleted", task_id, {})
 
     # --- sessions ----------------------------------------------------------------------------
@@ -298,16 +312,116 @@ class Registry:
 
     # --- events ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _event(conn: sqlite3.Connection, type_: str, task_id: str | None, payload: dict[str, Any]) -> None:
+    def _event(self, conn: sqlite3.Connection, type_: str, task_id: str | None, payload: dict[str, Any]) -> None:
         conn.execute(
             "INSERT INTO events (type, task_id, ts, payload) VALUES (?, ?, ?, ?)",
-            (type_, task_id, time.time(), json.dumps(payload, sort_keys=True, default=str)),
+            (type_, task_id, time.time(), json.dumps(self.redact(payload), sort_keys=True, default=str)),
         )
 
-    def add_event(self, type_: str, task_id: str | None, payload: dict[str, Any] | None = None) -> None:
+    def add_event(self, type_: str, task_id: str | None, payload: dict[str, Any] | None = None, *,
+                  sample: str | None = None) -> bool:
+        """Record an event, unless its task already had a burst of this type in this window.
+
+        Returns whether it was written; one that is not is counted, and ends up in an
+        aggregated event of the same type (``sample`` is what it keeps as an example).
+        """
+        return self.add_events(type_, task_id, [payload or {}], [sample]) == 1
+
+    def add_events(self, type_: str, task_id: str | None, payloads: Sequence[dict[str, Any]],
+                   samples: Sequence[str | None] = ()) -> int:
+        """Record a batch of events of one type (e.g. the denials of one proxy log read); return how many were written."""
+        if not payloads:
+            return 0
         with self.tx() as conn:
-            self._event(conn, type_, task_id, payload or {})
+            take, closed = self._admit(conn, "event", task_id, type_, len(payloads), samples, time.time())
+            if closed:
+                self._event(conn, type_, task_id, closed)
+            for payload in payloads[:take]:
+                self._event(conn, type_, task_id, payload)
+        return take
+
+    def admit(self, stream: str, task_id: str | None, key: str, count: int = 1,
+              samples: Sequence[str | None] = ()) -> tuple[int, dict[str, Any] | None]:
+        """How many of ``count`` new records of ``key`` may be written now, and the aggregate of a closed window.
+
+        The rest are counted (with up to five distinct ``samples``, one per record) and come
+        back as the aggregate when the window has closed: write it before the new records.
+        """
+        with self.tx() as conn:
+            return self._admit(conn, stream, task_id, key, count, samples, time.time())
+
+    def _admit(self, conn: sqlite3.Connection, stream: str, task_id: str | None, key: str, count: int,
+               samples: Sequence[str | None], now: float) -> tuple[int, dict[str, Any] | None]:
+        tid = task_id or ""
+        row = conn.execute("SELECT * FROM rate_windows WHERE task_id = ? AND stream = ? AND key = ?",
+                           (tid, stream, key)).fetchone()
+        closed = None
+        if row is None or now >= row["started_at"] + self.window:
+            if row is not None and row["suppressed"]:
+                closed = self._aggregate(row)
+            started, admitted, suppressed, first, last, kept = now, 0, 0, None, None, []
+        else:
+            started, admitted, suppressed = row["started_at"], row["admitted"], row["suppressed"]
+            first, last, kept = row["first_at"], row["last_at"], json.loads(row["samples"])
+        take = min(count, max(self.burst - admitted, 0))
+        rest = count - take
+        if rest:
+            suppressed += rest
+            first = first if first is not None else now
+            last = now
+            for sample in list(samples)[take:]:
+                if len(kept) >= MAX_SAMPLES:
+                    break
+                text = self.redact(str(sample))[:200] if sample is not None else None
+                if text is not None and text not in kept:
+                    kept.append(text)
+        conn.execute(
+            "INSERT INTO rate_windows (task_id, stream, key, started_at, admitted, suppressed, first_at, last_at,"
+            " samples) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id, stream, key) DO UPDATE SET"
+            " started_at = excluded.started_at, admitted = excluded.admitted, suppressed = excluded.suppressed,"
+            " first_at = excluded.first_at, last_at = excluded.last_at, samples = excluded.samples",
+            (tid, stream, key, started, admitted + take, suppressed, first, last, json.dumps(kept)))
+        return take, closed
+
+    def _aggregate(self, row: sqlite3.Row) -> dict[str, Any]:
+        return {"aggregated": True, "count": row["suppressed"], "first": row["first_at"], "last": row["last_at"],
+                "samples": json.loads(row["samples"]), "window_seconds": self.window,
+                "note": f"{row['suppressed']} more past the burst of {self.burst}; not recorded one by one"}
+
+    def flush_windows(self, stream: str, task_id: str | None = None,
+                      force: bool = False) -> list[tuple[str | None, str, dict[str, Any]]]:
+        """Take the aggregates of counted records: of closed windows, or of every window with ``force``.
+
+        Returns ``(task id, key, aggregate)``; a forced flush keeps an open window's burst used
+        up, so flushing often never lets more records through.
+        """
+        with self.tx() as conn:
+            return self._flush(conn, stream, task_id, force)
+
+    def _flush(self, conn: sqlite3.Connection, stream: str, task_id: str | None,
+               force: bool) -> list[tuple[str | None, str, dict[str, Any]]]:
+        now = time.time()
+        out: list[tuple[str | None, str, dict[str, Any]]] = []
+        sql = "SELECT * FROM rate_windows WHERE stream = ? AND suppressed > 0"
+        args: list[Any] = [stream]
+        if task_id is not None:
+            sql += " AND task_id = ?"
+            args.append(task_id)
+        for row in conn.execute(sql, args).fetchall():
+            if not force and now < row["started_at"] + self.window:
+                continue
+            out.append((row["task_id"] or None, row["key"], self._aggregate(row)))
+            conn.execute("UPDATE rate_windows SET suppressed = 0, first_at = NULL, last_at = NULL, samples = '[]'"
+                         " WHERE task_id = ? AND stream = ? AND key = ?", (row["task_id"], stream, row["key"]))
+        return out
+
+    def flush_events(self, task_id: str | None = None, force: bool = False) -> int:
+        """Write the aggregated events of closed (or, with ``force``, all) windows; return how many."""
+        with self.tx() as conn:
+            found = self._flush(conn, "event", task_id, force)
+            for tid, key, aggregate in found:
+                self._event(conn, key, tid, aggregate)
+        return len(found)
 
     def events(
         self, task_id: str | None = None, after_id: int = 0, limit: int = 1000

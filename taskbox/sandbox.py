@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import shlex
 import time
@@ -54,6 +55,8 @@ LABEL_SCRATCH = "taskbox.scratch"  # on a throwaway container that reads a works
 CONTAINER_WORKSPACE = "/workspace"
 MIN_MEMORY = 64 * 1024**2
 MIN_CPUS = 0.1
+MIN_PIDS = 16
+MAX_LOG_LINE = 64 * 1024  # a proxy log line longer than this is dropped, not buffered
 DEFAULT_NOFILE = 4096
 DEFAULT_FSIZE = 8 * 1024**3  # one file may not grow past this (SIGXFSZ / EFBIG)
 KILL_MARK = "TASKBOX_EXEC"  # every exec carries a unique value, so its processes can be found
@@ -72,9 +75,70 @@ def parse_memory(value: str | int) -> int:
 
 
 def check_cpus(value: float) -> float:
-    if value < MIN_CPUS or value > (os.cpu_count() or 1):
-        raise InvalidInput(f"cpu limit {value} must be between {MIN_CPUS} and {os.cpu_count()} cores")
+    """Refuse a CPU limit under the sane minimum; the host's cores are checked by :func:`check_limits`."""
+    if not value >= MIN_CPUS:  # also NaN
+        raise InvalidInput(f"cpu limit {value} is below the minimum of {MIN_CPUS} cores")
     return value
+
+
+def format_size(size: int) -> str:
+    """Bytes as the shortest of ``512m`` / ``23.4g`` that reads well in an error message."""
+    for unit, factor in (("t", 1024**4), ("g", 1024**3), ("m", 1024**2), ("k", 1024)):
+        if size >= factor:
+            return f"{size / factor:.1f}".removesuffix(".0") + unit
+    return f"{size}b"
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the machine that runs the containers has: total memory (bytes) and CPUs."""
+
+    memory: int | None
+    cpus: float | None
+    source: str  # "the host" or "the Docker engine", for error messages
+
+
+def host_capacity() -> Capacity:
+    """This machine's total memory (``/proc/meminfo``) and the CPUs this process may use."""
+    memory = None
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            head = fh.read(4096).decode(errors="replace")  # MemTotal is the first line
+        m = re.search(r"^MemTotal:\s+(\d+)\s*kB", head, re.MULTILINE)
+        memory = int(m.group(1)) * 1024 if m else None
+    except OSError:
+        pass
+    try:
+        cpus: int | None = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count()
+    return Capacity(memory, float(cpus) if cpus else None, "the host")
+
+
+def check_limits(memory: str, cpus: float, pids: int, *, max_memory: str = "", max_cpus: float = 0.0,
+                 max_pids: int = 0, capacity: Capacity | None = None) -> int:
+    """Refuse resource limits above the settings' caps or the machine's capacity; return memory in bytes.
+
+    The error names the cap that was hit, so the user knows which one to raise (a setting)
+    or that the machine cannot give more.
+    """
+    mem = parse_memory(memory)
+    check_cpus(cpus)
+    if pids < MIN_PIDS:
+        raise InvalidInput(f"pids limit {pids} is below the minimum of {MIN_PIDS}")
+    if max_memory and mem > parse_memory(max_memory):
+        raise InvalidInput(f"memory limit {memory} exceeds the cap of {max_memory} (setting max_memory)")
+    if max_cpus and cpus > max_cpus:
+        raise InvalidInput(f"cpu limit {cpus:g} exceeds the cap of {max_cpus:g} cores (setting max_cpus)")
+    if max_pids and pids > max_pids:
+        raise InvalidInput(f"pids limit {pids} exceeds the cap of {max_pids} (setting max_pids)")
+    if capacity is not None:
+        if capacity.memory and mem > capacity.memory:
+            raise InvalidInput(f"memory limit {memory} exceeds the {format_size(capacity.memory)} of memory "
+                               f"{capacity.source} has")
+        if capacity.cpus and cpus > capacity.cpus:
+            raise InvalidInput(f"cpu limit {cpus:g} exceeds the {capacity.cpus:g} CPUs {capacity.source} has")
+    return mem
 
 
 @dataclass
@@ -151,6 +215,7 @@ class Sandbox:
         self.client = client
         self.api = client.api
         self._runtimes: set[str] | None = None
+        self._capacity: Capacity | None = None
         self._cgroups: dict[str, tuple[int, dict[str, Path]]] = {}
 
     # --- engine facts ------------------------------------------------------------------------
@@ -163,6 +228,18 @@ class Sandbox:
             except DOCKER_ERRORS as exc:
                 raise docker_engine.translate(exc, "could not read the engine's runtimes") from exc
         return self._runtimes
+
+    def capacity(self) -> Capacity:
+        """The engine's machine: its total memory and CPUs (``docker info``), read once."""
+        if self._capacity is None:
+            try:
+                info = self.api.info()
+            except DOCKER_ERRORS as exc:
+                raise docker_engine.translate(exc, "could not read the engine's capacity") from exc
+            memory, ncpu = info.get("MemTotal"), info.get("NCPU")
+            self._capacity = Capacity(int(memory) if memory else None, float(ncpu) if ncpu else None,
+                                      "the Docker engine")
+        return self._capacity
 
     def _runtime(self, wanted: str) -> str | None:
         if wanted == "auto":
@@ -187,8 +264,9 @@ class Sandbox:
             raise InvalidInput(f"capabilities {', '.join(bad_caps)} cannot be given to a task container")
         if spec.seccomp not in ("default", "unconfined"):
             raise InvalidInput(f"seccomp must be `default` or `unconfined`, not {spec.seccomp!r}")
-        mem = parse_memory(spec.memory)
-        check_cpus(spec.cpus)
+        # The engine's own capacity, checked here too: a lazy task's limits were checked only
+        # against this host, and the engine may be a VM or another machine.
+        mem = check_limits(spec.memory, spec.cpus, spec.pids_limit, capacity=self.capacity())
         uid, gid = sandbox_owner()
         runtime = self._runtime(spec.runtime)
         env = {"HOME": "/home/agent", **spec.env}
@@ -360,23 +438,45 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not remove the egress proxy of {name}") from exc
 
-    def egress_log(self, cid: str, since: str | None = None) -> list[tuple[str, str]]:
-        """New lines of a task's proxy access log as ``(docker timestamp, line)``, after ``since``."""
+    def egress_log(self, cid: str, since: str | None = None,
+                   max_lines: int = 10_000) -> list[tuple[str, str]]:
+        """New lines of a task's proxy access log as ``(docker timestamp, line)``, after ``since``.
+
+        Read as a stream and stopped after ``max_lines`` lines (over-long lines are dropped),
+        so a flood of requests never makes one read unbounded.
+        """
         name, proxies = self._egress_of(cid)
         out: list[tuple[str, str]] = []
         for p in proxies:
-            kwargs: dict[str, Any] = {"stdout": True, "stderr": False, "timestamps": True}
+            kwargs: dict[str, Any] = {"stdout": True, "stderr": False, "timestamps": True, "stream": True,
+                                      "follow": False}
             if since:
                 kwargs["since"] = _docker_time(since)
             try:
-                raw = self.api.logs(p["Id"], **kwargs).decode(errors="replace")
+                stream = self.api.logs(p["Id"], **kwargs)
+                try:
+                    buf = b""
+                    for chunk in stream:
+                        buf += chunk
+                        *complete, buf = buf.split(b"\n")
+                        for raw in complete:
+                            stamp, _, text = raw.decode(errors="replace").partition(" ")
+                            if stamp and not (since and stamp <= since):
+                                out.append((stamp, text))
+                        if len(buf) > MAX_LOG_LINE:
+                            buf = b""
+                        if len(out) >= max_lines:
+                            break
+                    else:
+                        stamp, _, text = buf.decode(errors="replace").partition(" ")
+                        if stamp and not (since and stamp <= since):
+                            out.append((stamp, text))
+                finally:
+                    stream.close()
             except DOCKER_ERRORS as exc:
                 raise docker_engine.translate(exc, f"could not read the egress log of {name}") from exc
-            for line in raw.splitlines():
-                stamp, _, text = line.partition(" ")
-                if since and stamp <= since:
-                    continue
-                out.append((stamp, text))
+            if len(out) >= max_lines:
+                return out[:max_lines]
         return out
 
     def ensure_image(self, image: str, build: str = "taskbox image build") -> None:

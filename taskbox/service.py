@@ -7,6 +7,7 @@ only translate input and output.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from . import engine, faults, files, git, policy, quota, workspace
+from . import engine, faults, files, git, network, policy, quota, workspace
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
 from .default_plugins.branch import slugify
@@ -51,10 +52,12 @@ from .sandbox import (
     ContainerSpec,
     ExecResult,
     Sandbox,
-    check_cpus,
-    parse_memory,
+    check_limits,
+    host_capacity,
     sandbox_owner,
 )
+from .secrets import Redactor
+from .secrets import resolve as resolve_secrets
 
 if TYPE_CHECKING:
     from .checkpoints import Checkpoints
@@ -130,7 +133,10 @@ class TaskService:
         self.paths = Paths(Path(home).resolve() if home else default_home())
         self.paths.ensure()
         self.settings = settings or Settings.load(self.paths.home)
-        self.registry = Registry(self.paths.db)
+        # Secret values never reach a record: every event, memory and audit write passes this.
+        self.redactor = Redactor(self.paths.home)
+        self.registry = Registry(self.paths.db, burst=self.settings.record_burst,
+                                 window=self.settings.record_window, redact=self.redactor)
         self.pm = plugin_manager or make_manager()
         self.hook = self.pm.hook
         self._sandbox: Sandbox | None = None
@@ -151,7 +157,7 @@ class TaskService:
         return self.registry.get_task(task_id)
 
     def memory(self, task: Task) -> TaskMemory:
-        return TaskMemory(self._ws(task), self.paths.locks / f"{task.id}.memory.lock")
+        return TaskMemory(self._ws(task), self.paths.locks / f"{task.id}.memory.lock", self.redactor)
 
     def _ws(self, task: Task) -> Path:
         """The task's workspace for host-side reads and writes, its volume mounted if it has one."""
@@ -336,13 +342,16 @@ class TaskService:
         # The project policy (.taskbox/policy.toml) gives defaults and ceilings (taskbox.policy).
         project = policy.load(repo_path)
         mem = memory or project.limits.memory or self.settings.memory
-        parse_memory(mem)
-        cpu = check_cpus(float(cpus if cpus is not None else project.limits.cpus or self.settings.cpus))
+        cpu = float(cpus if cpus is not None else project.limits.cpus or self.settings.cpus)
         pids = int(pids_limit if pids_limit is not None else project.limits.pids or self.settings.pids_limit)
-        if pids < 16:
-            raise InvalidInput(f"pids limit {pids} is below the minimum of 16")
+        check_limits(mem, cpu, pids)
         disk_bytes, inode_count = self._workspace_quota(project, disk, inodes)
         project.check_limits(mem, cpu, pids, disk=disk_bytes, inodes=inode_count)
+        # The settings' caps and what the machine has; a lazy task is checked against this
+        # host now and against the engine when its container is made.
+        check_limits(mem, cpu, pids, max_memory=self.settings.max_memory, max_cpus=self.settings.max_cpus,
+                     max_pids=self.settings.max_pids,
+                     capacity=host_capacity() if lazy else self.sandbox.capacity())
         if disk_bytes:  # not root, no mkfs, a quota larger than the free disk: say so now
             quota.check_supported()
             quota.check_room(self.paths.volumes, disk_bytes)
@@ -550,6 +559,7 @@ class TaskService:
         check_transition(task.id, task.status, Status.PAUSED)
         if task.container_id:
             self.sandbox.stop(task.container_id)
+        policy.flush_records(self, task.id, force=True)
         return self._transition(task.id, Status.PAUSED, {"container_state": ContainerState.STOPPED})
 
     # --- sessions ----------------------------------------------------------------------------
@@ -705,11 +715,17 @@ class TaskService:
         log: bool = True,
         env: dict[str, str] | None = None,
         output_limit: int | None = None,
+        secrets: list[str] | None = None,
     ) -> ExecResult:
         """Run a command in the task's sandbox; bounded in time and output, logged in memory.
 
         ``output_limit`` lowers the bytes of stdout and of stderr returned (an MCP client
         wants far less than a terminal); it never raises the configured limit.
+        ``secrets`` names secrets (:mod:`taskbox.secrets`) put into this command's
+        environment only; their values are redacted from the output and every record.
+        ``log=False`` records nothing of the command, its arguments or its output — not in
+        memory, events, the audit log, Plan.md or checkpoint reasons; hooks see
+        ``args["log"] is False`` and must keep it that way. Only the tool-call count moves.
         """
         task = self.get(task_id)
         if isinstance(command, str) and not command.strip():
@@ -718,27 +734,57 @@ class TaskService:
         secs = float(timeout if timeout is not None else self.settings.exec_timeout)
         if secs <= 0 or secs > 24 * 3600:
             raise InvalidInput(f"timeout {secs} must be between 0 and 86400 seconds")
+        values = resolve_secrets(self.paths.home, secrets or [])
+        self.redactor.add(values)
         if task.status is not Status.ACTIVE or task.container_state is not ContainerState.RUNNING:
             task = self.ensure_running(task.id)
-        args = {"command": command, "workdir": wd, "timeout": secs}
+        args: dict[str, Any] = {"command": command, "workdir": wd, "timeout": secs}
+        if values:
+            args["secrets"] = sorted(values)
+        if not log:
+            args["log"] = False
         self.hook.pre_tool_call(service=self, task=task, tool="exec", args=args)
         session = self.registry.get_session(session_id) if session_id else None
         try:
             result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
                                        output_limit=min(output_limit or self.settings.exec_output_limit,
-                                                        self.settings.exec_output_limit), env=env)
+                                                        self.settings.exec_output_limit),
+                                       env={**(env or {}), **values})
         except TaskboxError as exc:
+            self._redact_error(exc)  # in place: it reaches the caller
             partial = exc.details.get("result")
-            if log and partial:
-                self._log_exec(task, session, command, wd, ExecResult(**partial))
+            if partial:
+                self._log_exec(task, session, command, wd, ExecResult(**partial), log)
             raise
-        if log:
-            self._log_exec(task, session, command, wd, result)
+        result = self._redact_result(result)
+        self._log_exec(task, session, command, wd, result, log)
         self.hook.post_tool_call(service=self, task=task, tool="exec", args=args, result=result)
         return result
 
+    def _redact_result(self, result: ExecResult) -> ExecResult:
+        if not self.redactor.active:
+            return result
+        return dataclasses.replace(result, stdout=self.redactor.output(result.stdout),
+                                   stderr=self.redactor.output(result.stderr))
+
+    def _redact_error(self, exc: TaskboxError) -> None:
+        """The error with secret values taken out of its message and partial output (it reaches the caller)."""
+        if not self.redactor.active:
+            return
+        exc.message = self.redactor.text(exc.message)
+        exc.args = (exc.message,)
+        partial = exc.details.get("result")
+        if isinstance(partial, dict):
+            clean = self._redact_result(ExecResult(**partial))
+            exc.details["result"] = clean.to_dict()
+        exc.details = self.redactor(exc.details)
+
     def _log_exec(self, task: Task, session: Session | None, command: str | list[str], wd: str,
-                  result: ExecResult) -> None:
+                  result: ExecResult, log: bool = True) -> None:
+        if not log:  # nothing of the command: only that one ran
+            self._update(task.id, {"last_active": time.time()}, ("task.exec", {"logged": False}))
+            self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
+            return
         limit = self.settings.log_output_limit
         cmd_text = command if isinstance(command, str) else " ".join(command)
         try:
@@ -857,6 +903,7 @@ class TaskService:
         self._end_sessions(task.id)
         if task.container_id:
             self.sandbox.stop(task.container_id)
+        policy.flush_records(self, task.id, force=True)
         task = self.retry(lambda: self.registry.update_task(
             task.id, self.get(task.id).version,
             {"status": Status.COMPLETED, "pending_op": None, "op_pid": None, "completed_at": time.time(),
@@ -878,6 +925,7 @@ class TaskService:
         self._end_sessions(task.id)
         if task.container_id:
             self.sandbox.stop(task.container_id)
+        policy.flush_records(self, task.id, force=True)
         return self._transition(task.id, Status.ABORTED, {"container_state": ContainerState.STOPPED
                                 if task.container_id else ContainerState.NONE}, reason=reason)
 
@@ -1013,6 +1061,14 @@ class TaskService:
         return {"task_id": task.id, "sessions": [s.to_dict() for s in self.registry.sessions(task.id)],
                 "conversations": self.memory(task).conversations(limit),
                 "events": self.registry.events(task.id, limit=limit)}
+
+    def audit_log(self, task_id: str, limit: int | None = None, decision: str | None = None) -> list[dict[str, Any]]:
+        """A task's audit log (policy, egress and sandbox decisions), with the latest proxy decisions
+        and the aggregated records of rate-limited ones written first."""
+        task = self.get(task_id)
+        network.sync_log(self, task)
+        policy.flush_records(self, task.id, force=True)
+        return policy.audit_log(self, task.id, limit, decision)
 
     def executions(self, task_id: str, limit: int = 50) -> list[dict[str, Any]]:
         task = self.get(task_id)
@@ -1252,11 +1308,12 @@ class TaskService:
                 "workspace_usage": self.workspace_usage(task)}
 
     def run_tool(self, task_id: str, tool: str, args: dict[str, Any], fn: Callable[[], T], *,
-                 session_id: str | None = None, hooks: bool = True) -> T:
+                 session_id: str | None = None, hooks: bool = True, log: bool = True) -> T:
         """Run one agent tool call on a task: hooks around ``fn``, then a record in its memory.
 
         ``hooks=False`` is for operations that run the pre/post tool-call hooks themselves
         (exec, write/edit/delete file). A call by an attached session renews its lease.
+        ``log=False`` records only that the tool was called: no arguments, no error text.
         """
         started = time.perf_counter()
         failure: BaseException | None = None
@@ -1273,13 +1330,17 @@ class TaskService:
         finally:
             try:
                 self.record_tool_call(task_id, tool, args, session_id=session_id, error=failure,
-                                      duration_ms=(time.perf_counter() - started) * 1000)
+                                      duration_ms=(time.perf_counter() - started) * 1000, log=log)
             except (TaskboxError, OSError) as exc:  # a failed log line must not hide the tool's outcome
                 self.registry.add_event("tool_call.unlogged", task_id, {"tool": tool, "reason": str(exc)[:200]})
 
     def record_tool_call(self, task_id: str, tool: str, args: dict[str, Any], *, session_id: str | None = None,
-                         error: BaseException | None = None, duration_ms: float | None = None) -> None:
-        """Log an agent tool call in the task's ``conversations.jsonl`` (long arguments cut)."""
+                         error: BaseException | None = None, duration_ms: float | None = None,
+                         log: bool = True) -> None:
+        """Log an agent tool call in the task's ``conversations.jsonl`` (long arguments cut).
+
+        ``log=False``: the tool's name, outcome and error code only — nothing of its arguments.
+        """
         try:
             task = self.get(task_id)
         except NotFound:
@@ -1289,13 +1350,17 @@ class TaskService:
             self.renew(task.id, session.id)
         entry: dict[str, Any] = {"session": session_id, "agent": session.agent if session else None,
                                  "role": "tool", "kind": "tool_call", "tool": tool,
-                                 "args": {k: _clip(v) for k, v in args.items()}, "ok": error is None}
+                                 "args": {k: _clip(v) for k, v in args.items()} if log else {},
+                                 "ok": error is None}
+        if not log:
+            entry["logged"] = False
         if duration_ms is not None:
             entry["duration_ms"] = round(duration_ms, 2)
         if isinstance(error, TaskboxError):
-            entry["error"] = {"code": error.code, "message": error.message[:500]}
+            entry["error"] = {"code": error.code, "message": error.message[:500]} if log else {"code": error.code}
         elif error is not None:
-            entry["error"] = {"code": "internal_error", "message": f"{type(error).__name__}: {error}"[:500]}
+            entry["error"] = ({"code": "internal_error", "message": f"{type(error).__name__}: {error}"[:500]} if log
+                              else {"code": "internal_error"})
         self.memory(task).log_conversation(entry)
 
     # --- agent-side guard ---------------------------------------------------------------------

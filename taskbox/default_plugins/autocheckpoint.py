@@ -48,8 +48,11 @@ def pre_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any]) -> N
     assessment = cfg.assess(tool, text)
     if not assessment.checkpoint:
         return
+    if args.get("log", True) is False:  # the command must not be recorded, not even as a reason
+        _take(service, task, "risky-command", f"before a command run without logging — {assessment.reason}")
+        return
     short = text if len(text) <= 120 else text[:117] + "..."
-    _take(service, task, "risky-command", f"before `{short}` — {assessment.reason}")
+    _take(service, task, "risky-command", service.redactor.text(f"before `{short}` — {assessment.reason}"))
 
 
 @hookimpl(trylast=True)

@@ -9,7 +9,8 @@
   memory pressure level is re-sampled.
 - ``task_start``: every way the task is weaker than the default profile is recorded as a
   ``sandbox.weakened`` event (the CLI prints the same list as warnings).
-- ``tick``: memory pressure of every running task, and pending egress decisions.
+- ``tick``: memory pressure of every running task, pending egress decisions, and the
+  aggregated records of closed rate-limit windows.
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ def post_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any], res
     if tool != "exec" or not isinstance(result, ExecResult):
         return
     if result.oom_killed:
+        command = str(args.get("command")) if args.get("log", True) else policy.NOT_LOGGED
         service.registry.add_event("task.oom_killed", task.id, {
-            "command": str(args.get("command"))[:200], "exit_code": result.exit_code,
-            "memory_limit": task.memory_limit})
+            "command": command[:200], "exit_code": result.exit_code, "memory_limit": task.memory_limit})
         policy.audit(service, task.id, kind="resource", decision="oom-killed", rule="memory-limit",
-                     subject=str(args.get("command"))[:1000], memory_limit=task.memory_limit)
+                     subject=command[:1000], memory_limit=task.memory_limit)
     try:
         network.sync_log(service, task)
         pressure.check_task(service, service.get(task.id), engine=False)
@@ -98,6 +99,7 @@ def task_start(service: Any, task: Any) -> None:
 
 @hookimpl
 def tick(service: Any) -> None:
+    policy.flush_records(service)  # aggregated audit entries and events of closed rate-limit windows
     pressure.check_all(service)
     for task in service.registry.list_tasks([str(Status.ACTIVE), str(Status.PAUSED)]):
         if task.network == "allowlist":
