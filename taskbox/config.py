@@ -97,6 +97,10 @@ class Settings:
     exec_output_limit: int = _setting(
         1_000_000, "Most bytes of stdout and of stderr a command returns; the rest is cut."
     )
+    sandbox_git_timeout: int = _setting(
+        300, "Seconds taskbox's own git commands in a sandbox (commit, diff, bundle) may take before "
+        "the host kills them."
+    )
     fetch_limit: str = _setting(
         "2g", "Most bytes a task branch may pack to when it is fetched into the user's repository."
     )

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from .confine import (
     lstat_at,
@@ -32,7 +33,10 @@ from .confine import (
 )
 from .errors import InvalidInput, NotFound, PathOutsideWorkspace, TaskboxError, WorkspaceFull
 
+P = ParamSpec("P")
+R = TypeVar("R")
 READ_LIMIT = 64 << 20  # the most any host-side read of a workspace file takes in
+DIR_ENTRIES = 100_000  # the most entries of one directory a listing reads
 
 
 def _owner(hand_over: bool) -> tuple[int, int] | None:
@@ -49,6 +53,43 @@ def _room(rel: str) -> Iterator[None]:
             raise
         raise WorkspaceFull(f"no space left in the task workspace to write {rel!r}: its disk or inode quota "
                             "is used up; delete files in it or give the task a larger quota", path=rel) from exc
+
+
+_WHAT = {errno.ENAMETOOLONG: "name is too long", errno.ENXIO: "is not a regular file (a socket or fifo?)",
+         errno.EISDIR: "is a directory", errno.ENOTDIR: "goes through something that is not a directory",
+         errno.ELOOP: "goes through a symbolic link", errno.EACCES: "is not accessible",
+         errno.EPERM: "is not accessible", errno.EROFS: "is on a read-only filesystem",
+         errno.EMLINK: "has too many links", errno.EEXIST: "already exists"}
+
+
+def _translated(fn: Callable[P, R]) -> Callable[P, R]:
+    """Whatever the agent made of a path, an OS error leaves here as one taskbox error line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except TaskboxError:
+            raise
+        except OSError as exc:
+            rel = args[1] if len(args) > 1 and isinstance(args[1], str) else kwargs.get("rel", "")
+            shown = display(str(rel))[:200]
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise WorkspaceFull(f"no space left in the task workspace for {shown!r}", path=shown) from exc
+            if exc.errno == errno.ENOENT:
+                raise NotFound(f"no file {shown!r} in the task workspace", path=shown) from exc
+            if exc.errno == errno.ELOOP:
+                raise PathOutsideWorkspace(f"{shown!r} goes through a symbolic link; refusing to follow it",
+                                           path=shown) from exc
+            what = _WHAT.get(exc.errno or 0, f"failed: {exc.strerror}")
+            raise InvalidInput(f"{shown!r} {what}", path=shown) from exc
+
+    return wrapper
+
+
+def display(name: str) -> str:
+    """A file name as safe text: bytes that are not UTF-8 shown as ``\\xNN`` escapes."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
 
 
 @contextmanager
@@ -115,6 +156,7 @@ def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(dfd)
 
 
+@_translated
 def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None, *,
                  hand_over: bool = True) -> str:
     """Write ``data`` to ``rel`` under ``root`` atomically; return the normalised relative path.
@@ -140,6 +182,7 @@ def atomic_write(root: Path, rel: str, data: bytes, mode: int | None = None, *,
     return rel
 
 
+@_translated
 def append(root: Path, rel: str, data: bytes) -> None:
     """Append ``data`` to a file (created if missing) in one write."""
     rel = normalize(rel, allow_root=False)
@@ -147,8 +190,9 @@ def append(root: Path, rel: str, data: bytes) -> None:
     with rooted(root) as rfd, _room(rel):
         dfd, name = open_parent(rfd, rel, create=True, owner=owner)
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644, dir_fd=dfd)
+            # O_NONBLOCK: a fifo planted by the agent must not block the host (ENXIO instead)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK, 0o644, dir_fd=dfd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise PathOutsideWorkspace(f"{rel!r} is a symbolic link; refusing to write through it",
@@ -159,6 +203,7 @@ def append(root: Path, rel: str, data: bytes) -> None:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise InvalidInput(f"{rel!r} is not a regular file", path=rel)
+            os.set_blocking(fd, True)
             _write_all(fd, data)
             if owner is not None:
                 os.fchown(fd, *owner)
@@ -179,6 +224,7 @@ def _open_file(rfd: int, rel: str) -> int:
     return fd
 
 
+@_translated
 def read_head(root: Path, rel: str, limit: int = READ_LIMIT) -> tuple[bytes, int]:
     """The first ``limit`` bytes of a workspace file and its size (sized before reading)."""
     rel = normalize(rel, allow_root=False)
@@ -191,6 +237,7 @@ def read_head(root: Path, rel: str, limit: int = READ_LIMIT) -> tuple[bytes, int
             os.close(fd)
 
 
+@_translated
 def read_bytes(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes:
     """Read a workspace file without following a link; at most ``limit`` bytes.
 
@@ -203,6 +250,7 @@ def read_bytes(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes:
     return data
 
 
+@_translated
 def read_tail(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes | None:
     """The last ``limit`` bytes of a workspace file (None if missing): bounded log reads."""
     rel = normalize(rel, allow_root=False)
@@ -220,6 +268,7 @@ def read_tail(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes | None:
             os.close(fd)
 
 
+@_translated
 def read_optional(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes | None:
     try:
         return read_bytes(root, rel, limit)
@@ -227,6 +276,7 @@ def read_optional(root: Path, rel: str, limit: int = READ_LIMIT) -> bytes | None
         return None
 
 
+@_translated
 def exists(root: Path, rel: str) -> bool:
     """Whether ``rel`` exists beneath the root (reached without following a link)."""
     rel = normalize(rel)
@@ -245,6 +295,7 @@ def _kind(mode: int) -> str:
     return "link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode) else "file"
 
 
+@_translated
 def listing(root: Path, rel: str = ".", recursive: bool = False, limit: int = 5000) -> list[dict[str, Any]]:
     """Entries under a workspace directory (links are listed, never followed).
 
@@ -266,8 +317,15 @@ def listing(root: Path, rel: str = ".", recursive: bool = False, limit: int = 50
                 continue  # changed while we walked: list what is still there
             first = False
             try:
+                entries: list[tuple[str, os.stat_result]] = []
                 with os.scandir(dfd) as it:
-                    entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+                    for e in it:  # a directory of millions of entries costs a bounded read
+                        if len(entries) >= DIR_ENTRIES:
+                            break
+                        try:
+                            entries.append((e.name, e.stat(follow_symlinks=False)))
+                        except FileNotFoundError:
+                            continue
                 prefix = "" if here == "." else here + "/"
                 dirs = sorted((n, st) for n, st in entries if stat.S_ISDIR(st.st_mode))
                 others = sorted((n, st) for n, st in entries if not stat.S_ISDIR(st.st_mode))
@@ -275,10 +333,11 @@ def listing(root: Path, rel: str = ".", recursive: bool = False, limit: int = 50
                     dirs = [d for d in dirs if d[0] != ".git"]
                 for name, st in dirs + others:
                     kind = _kind(st.st_mode)
-                    entry: dict[str, Any] = {"path": f"{prefix}{name}", "type": kind, "size": st.st_size}
+                    entry: dict[str, Any] = {"path": display(f"{prefix}{name}"), "type": kind,
+                                             "size": st.st_size}
                     if kind == "link":
                         try:
-                            entry["target"] = os.readlink(name, dir_fd=dfd)
+                            entry["target"] = display(os.readlink(name, dir_fd=dfd))
                         except OSError:
                             entry["target"] = ""
                     out.append(entry)
@@ -286,6 +345,8 @@ def listing(root: Path, rel: str = ".", recursive: bool = False, limit: int = 50
                         return out
                 if recursive:
                     stack.extend(f"{prefix}{name}" for name, _ in reversed(dirs))
+                    if len(stack) > DIR_ENTRIES:
+                        return out
             finally:
                 os.close(dfd)
     return out
@@ -381,6 +442,7 @@ def _rmtree_at(dfd: int, name: str) -> None:
     raise TaskboxError(f"{name!r} kept changing while it was being deleted; try again")
 
 
+@_translated
 def remove_tree(path: Path) -> None:
     """Delete a whole tree at a host path whose parent taskbox owns (a workspace)."""
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -405,6 +467,7 @@ def remove_at(dfd: int, name: str) -> bool:
     return True
 
 
+@_translated
 def delete(root: Path, rel: str) -> str:
     """Delete a file, link or directory tree in the workspace; return the normalised path."""
     rel = normalize(rel, allow_root=False)

@@ -13,6 +13,7 @@ import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import GitError, InvalidInput
 
@@ -67,6 +68,7 @@ def run(
     check: bool = True,
     env: dict[str, str] | None = None,
     input: bytes | None = None,
+    stdin: BinaryIO | None = None,
     timeout: float = 300,
     user: int | None = None,
     group: int | None = None,
@@ -96,6 +98,7 @@ def run(
             cwd=cwd,
             env=full_env,
             input=input.decode(errors="surrogateescape") if input is not None else None,
+            stdin=stdin,
             capture_output=True,
             text=True,
             errors="surrogateescape",  # file names need not be UTF-8; they round-trip via os.fsencode

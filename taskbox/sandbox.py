@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shlex
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -763,10 +764,22 @@ class Sandbox:
         out, err = bytearray(), bytearray()
         written = 0
         truncated = False
+        mark = secrets.token_hex(8)
+        # The in-container `timeout` is the agent's to stop (SIGSTOP): the host keeps its own
+        # deadline and kills the command's processes from outside when it passes.
+        expired = threading.Event()
+
+        def deadline() -> None:
+            expired.set()
+            self.kill_marked(cid, mark)
+
+        watchdog = threading.Timer(secs + 10, deadline)
+        watchdog.daemon = True
         try:
             exec_id = self.api.exec_create(cid, ["timeout", "-k", "2", str(secs), *argv],
                                            workdir=CONTAINER_WORKSPACE, user=f"{uid}:{gid}",
-                                           environment={"LC_ALL": "C", **(env or {})})["Id"]
+                                           environment={"LC_ALL": "C", **(env or {}), KILL_MARK: mark})["Id"]
+            watchdog.start()
             for chunk_out, chunk_err in self.api.exec_start(exec_id, stream=True, demux=True):
                 if chunk_out:
                     room = limit - written
@@ -786,6 +799,10 @@ class Sandbox:
             raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        finally:
+            watchdog.cancel()
+        if expired.is_set():
+            raise CommandTimeout(f"taskbox's own command in the sandbox did not finish within {secs}s and was killed")
         return Captured(exit_code=-1 if code is None else int(code), stdout=bytes(out),
                         stderr=err.decode(errors="replace"), truncated=truncated)
 

@@ -1107,12 +1107,13 @@ class TaskService:
         ws = self._ws(task)
         if not ws.is_dir():
             raise NotFound(f"task {task.id} has no workspace at {ws}", task_id=task.id)
+        timeout = self.settings.sandbox_git_timeout
         if task.container_id and self.sandbox.state(task.container_id) is ContainerState.RUNNING:
-            yield functools.partial(self.sandbox.capture, task.container_id)
+            yield functools.partial(self.sandbox.capture, task.container_id, timeout=timeout)
             return
         labels = {LABEL_TASK: task.id, LABEL_HOME: self.home_label}
         with self.sandbox.scratch(task.image, ws, labels) as cid:
-            yield functools.partial(self.sandbox.capture, cid)
+            yield functools.partial(self.sandbox.capture, cid, timeout=timeout)
 
     def _publish(self, task: Task, message: str) -> tuple[str | None, str]:
         """Commit the workspace (in the sandbox) and fetch the branch into the user's repository."""

@@ -19,6 +19,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from . import files, git
 from .confine import sandbox_owner
@@ -98,7 +99,8 @@ def commit_fresh(ws: Path, message: str) -> str | None:
 
 def _check(res: Captured, what: str) -> str:
     if res.exit_code != 0:
-        detail = (res.stderr.strip() or res.stdout.decode(errors="replace").strip())[-500:]
+        detail = (res.stderr.strip() or res.stdout[-2000:].decode(errors="replace").strip())[-300:]
+        detail = " | ".join(line for line in detail.splitlines() if line.strip())  # one line
         raise GitError(f"{what} failed in the sandbox (exit {res.exit_code}): {detail}",
                        returncode=res.exit_code, stderr=res.stderr[-2000:])
     return res.stdout.decode(errors="replace")
@@ -146,49 +148,90 @@ exec $G bundle create --quiet - $args
 """
 
 
+def _read_bundle_header(fh: BinaryIO, ref: str) -> tuple[str, list[str], int]:
+    """Parse a bundle header strictly, on the host's own descriptor; return (tip, prerequisites, pack offset).
+
+    The bytes came out of the sandbox: they are data, never a path or a repository for git to
+    open (a "gitdir: ..." text in place of a bundle would make ``git fetch FILE`` follow it).
+    """
+    head = fh.read(65536)
+    for signature in (b"# v2 git bundle\n", b"# v3 git bundle\n"):
+        if head.startswith(signature):
+            break
+    else:
+        raise GitError("the sandbox produced no git bundle for the task branch (bad signature)")
+    end = head.find(b"\n\n")
+    if end < 0:
+        raise GitError("the task branch bundle has no end of header within 64 KiB")
+    tip = ""
+    prereqs: list[str] = []
+    for line in head[len(signature):end].split(b"\n"):
+        text = line.decode("ascii", errors="replace")
+        if text.startswith("@"):  # v3 capabilities: only the default object format is accepted
+            if text not in ("@object-format=sha1",):
+                raise GitError(f"the task branch bundle asks for an unsupported capability {text[:60]!r}")
+        elif text.startswith("-"):
+            sha = text[1:].split(" ", 1)[0]
+            if not _SHA.match(sha):
+                raise GitError("the task branch bundle has a malformed prerequisite")
+            prereqs.append(sha)
+        else:
+            sha, _, name = text.partition(" ")
+            if not _SHA.match(sha) or name != ref or tip:
+                raise GitError(f"the task branch bundle names an unexpected ref {name[:80]!r}")
+            tip = sha
+    if not tip:
+        raise GitError(f"the task branch bundle does not contain {ref}")
+    if head[end + 2:end + 6] != b"PACK":
+        raise GitError("the task branch bundle holds no pack after its header")
+    return tip, prereqs, end + 2
+
+
 def fetch_into(run: Runner, repo: Path, branch: str, *, scratch: Path, limit: int) -> str:
     """Bring the task branch from the workspace into the user's repository; return its commit.
 
     The sandbox packs the branch into a bundle (prerequisites: the commits the user's
     repository already has); the host takes at most ``limit`` bytes of it into a file of its
-    own and fetches from that file. Nothing of the workspace's repository is read on the host.
+    own, parses the header itself and gives only the pack to ``git index-pack --strict`` in
+    the user's repository; the branch moves only after the new tip is checked complete
+    (``update-ref`` with the old value). No git process opens anything the sandbox wrote.
     """
     ref = f"refs/heads/{branch}"
+    have = git.run(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo, check=False).stdout.strip()
     tip = branch_tip(run, branch)
     if tip is None:
         raise GitError(f"the workspace has no branch {branch} (was it deleted or renamed in the sandbox?)",
                        branch=branch)
-    have = git.run(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo, check=False).stdout.strip()
     if have == tip:
         return tip
+    checked_out = git.run(["symbolic-ref", "--quiet", "HEAD"], cwd=repo, check=False).stdout.strip()
+    if checked_out == ref:
+        raise GitError(f"branch {branch} is checked out in {repo}; switch to another branch there "
+                       "so taskbox can update it", branch=branch)
     basis = [c for c in (have, head_commit(repo)) if c and _SHA.match(c)]
     scratch.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="fetch-", suffix=".bundle", dir=scratch)
     path = Path(name)
     try:
-        with os.fdopen(fd, "wb") as sink:
-            res = run(["sh", "-c", _BUNDLE, "sh", ref, *basis], sink=sink, limit=limit)
-        if res.truncated:
-            raise GitError(f"the task branch {branch} packs to more than {limit} bytes; refusing to fetch it "
-                           "(raise the fetch_limit setting if this is expected)", branch=branch)
-        _check(res, "git bundle")
-        try:
-            git.run(["-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-                     str(path), f"+{ref}:{ref}"], cwd=repo)
-        except GitError as exc:
-            if "checked out" in (exc.details.get("stderr") or ""):
-                raise GitError(
-                    f"branch {branch} is checked out in {repo}; switch to another branch there "
-                    "so taskbox can update it",
-                    branch=branch,
-                ) from exc
-            raise
+        with os.fdopen(fd, "w+b") as fh:
+            res = run(["sh", "-c", _BUNDLE, "sh", ref, *basis], sink=fh, limit=limit)
+            if res.truncated:
+                raise GitError(f"the task branch {branch} packs to more than {limit} bytes; refusing to fetch "
+                               "it (raise the fetch_limit setting if this is expected)", branch=branch)
+            _check(res, "git bundle")
+            fh.seek(0)
+            new, prereqs, offset = _read_bundle_header(fh, ref)
+            for sha in prereqs:
+                if not git.ref_exists(repo, f"{sha}^{{commit}}"):
+                    raise GitError(f"the task branch bundle needs commit {sha[:12]}, which {repo} does not have")
+            fh.seek(offset)
+            git.run(["index-pack", "--stdin", "--fix-thin", "--strict"], cwd=repo, stdin=fh, timeout=1800)
     finally:
         path.unlink(missing_ok=True)
-    got = git.run(["rev-parse", ref], cwd=repo).stdout.strip()
-    if got != tip:
-        raise GitError(f"fetching {branch} gave {got[:12]}, not the workspace's {tip[:12]}", branch=branch)
-    return got
+    # complete: every object the new tip needs is there (index-pack checks objects, not reachability)
+    git.run(["rev-list", "--quiet", "--objects", new, "--not", "--all"], cwd=repo)
+    git.run(["update-ref", "-m", "taskbox: fetch task branch", ref, new, have or "0" * len(new)], cwd=repo)
+    return new
 
 
 def diff(run: Runner, base: str | None, stat: bool = False, limit: int = DIFF_LIMIT) -> str:
