@@ -134,7 +134,7 @@ _CHUNK = 1 << 20
 _MAX_DEPTH = 400  # directories deeper than this are refused with a clear error, not a crash
 _DOTGIT_FILE_LIMIT = 65536  # a gitfile is one line; a bigger ".git" file is not captured
 _LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit is 4096)
-_RACY_NS = 1_000_000_000  # entries changed this close to a capture are re-read next time
+_RACY_NS = 100_000_000  # entries changed this close to a capture are re-read next time (a clock tick is <= 10 ms)
 _CACHE_VERSION = 2
 _CAPTURE_REF = "refs/taskbox/capture"
 _NULL_SHA = "0" * 40
@@ -620,15 +620,20 @@ class Store:
         subdirs: list[str] = []
         with os.scandir(dfd) as it:
             listing = list(it)
-        for entry in listing:
+        prefix = f"{sub}/" if sub else ""
+        entries, keys, metas, cached_entry = sc.entries, sc.keys, sc.meta, sc.cache.get
+        for entry in listing:  # the hot loop of a checkpoint: kept lean
             name = entry.name
-            rel = f"{sub}/{name}" if sub else name
+            if entry.is_dir(follow_symlinks=False):  # from the directory entry's type: no system call
+                subdirs.append(name)
+                continue
+            rel = prefix + name
             try:
                 st = entry.stat(follow_symlinks=False)  # fstatat relative to dfd, no link followed
             except FileNotFoundError:
                 continue
             mode = st.st_mode
-            if stat.S_ISDIR(mode):
+            if stat.S_ISDIR(mode):  # became one since it was listed
                 subdirs.append(name)
                 continue
             if name == ".git":
@@ -640,38 +645,34 @@ class Store:
             if gitdir and name.endswith(".lock"):  # a restored stale lock would block git
                 sc.extra.append(rel)
                 continue
-            if stat.S_ISLNK(mode):
-                key: StatKey | None = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode)
-                cached = sc.cache.get(rel)
-                if cached is not None and cached[2] == key and cached[0] == "120000":
-                    ref = cached[1]
-                else:
-                    try:
-                        target = os.readlink(os.fsencode(name), dir_fd=dfd)
-                    except OSError:  # replaced meanwhile: the agent's race, not captured
-                        continue
-                    ref = imp.blob(target)
-                    if st.st_ctime_ns >= start - _RACY_NS:
-                        key = None
-                sc.entries[rel] = ("120000", ref)
-            elif stat.S_ISREG(mode):
-                key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode)
-                git_mode = "100755" if mode & stat.S_IXUSR else "100644"
-                cached = sc.cache.get(rel)
+            key: StatKey | None = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode)
+            cached = cached_entry(rel)
+            if stat.S_ISREG(mode):
                 if cached is not None and cached[2] == key:
-                    ref = cached[1]
+                    entries[rel] = (cached[0], cached[1])
                 else:
                     got = self._read_file(dfd, name, imp, start)
                     if got is None:
                         sc.extra.append(rel)  # no longer a regular file: not captured
                         continue
                     git_mode, ref, key, st = got
-                sc.entries[rel] = (git_mode, ref)
+                    entries[rel] = (git_mode, ref)
+            elif stat.S_ISLNK(mode):
+                if cached is not None and cached[2] == key:
+                    entries[rel] = ("120000", cached[1])
+                else:
+                    try:
+                        target = os.readlink(os.fsencode(name), dir_fd=dfd)
+                    except OSError:  # replaced meanwhile: the agent's race, not captured
+                        continue
+                    entries[rel] = ("120000", imp.blob(target))
+                    if st.st_ctime_ns >= start - _RACY_NS:
+                        key = None
             else:
                 sc.extra.append(rel)  # fifos, sockets, devices: a checkpoint cannot hold them
                 continue
-            sc.keys[rel] = key
-            sc.meta[rel] = (st.st_uid, st.st_gid, st.st_mode)
+            keys[rel] = key
+            metas[rel] = (st.st_uid, st.st_gid, st.st_mode)
             content += 1
         for name in subdirs:
             rel = f"{sub}/{name}" if sub else name
