@@ -134,7 +134,10 @@ _CHUNK = 1 << 20
 _MAX_DEPTH = 400  # directories deeper than this are refused with a clear error, not a crash
 _DOTGIT_FILE_LIMIT = 65536  # a gitfile is one line; a bigger ".git" file is not captured
 _LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit is 4096)
-_RACY_NS = 100_000_000  # entries changed this close to a capture are re-read next time (a clock tick is <= 10 ms)
+# Entries changed this close to a capture are read again next time: a later change within the
+# same (coarse, <= 10 ms) timestamp tick would leave their stat unchanged. Local file systems
+# stamp with the kernel clock this is compared with.
+_RACY_NS = 50_000_000
 _CACHE_VERSION = 2
 _CAPTURE_REF = "refs/taskbox/capture"
 _NULL_SHA = "0" * 40
@@ -169,8 +172,8 @@ class Unit:
                    list(d.get("nested") or []), d.get("dotgit"), d.get("modes"))
 
 
-Meta = tuple[int, int, int]  # (uid, gid, st_mode) of an entry as the walk saw it
 StatKey = tuple[int, int, int, int, int]  # (size, mtime_ns, ctime_ns, inode, st_mode)
+Entry = tuple[str, str, "StatKey | None"]  # (git mode, blob id or :mark, stat-cache key; None: read it next time)
 
 
 @dataclass
@@ -178,12 +181,12 @@ class Scan:
     """What one walk saw of one unit; paths are relative to the unit's root."""
 
     unit: Unit
-    entries: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (git mode, blob id or :mark)
-    meta: dict[str, Meta] = field(default_factory=dict)  # files, links and a non-directory .git
-    dirs: dict[str, Meta] = field(default_factory=dict)  # directories ("" is the unit's root)
+    entries: dict[str, Entry] = field(default_factory=dict)  # files and links; the unit's tree
+    meta: dict[str, os.stat_result] = field(default_factory=dict)  # their lstat (and a non-directory .git's)
+    dirs: dict[str, os.stat_result] = field(default_factory=dict)  # directories ("" is the unit's root)
     extra: list[str] = field(default_factory=list)  # what a checkpoint cannot hold: fifos, sockets, locks
-    keys: dict[str, StatKey | None] = field(default_factory=dict)  # stat-cache keys (None: re-read next time)
-    cache: dict[str, tuple[str, str, StatKey | None]] = field(default_factory=dict)
+    fresh: list[str] = field(default_factory=list)  # entries read this time (the rest came from the cache)
+    cache: dict[str, Entry] = field(default_factory=dict)  # the last capture's entries
     base: str = EMPTY_TREE  # the tree the cache describes
 
 
@@ -231,10 +234,11 @@ def _modes(sc: Scan) -> dict[str, Any]:
     Only the 0777 bits: set-id and sticky bits are not brought back.
     """
     kinds: dict[str, dict[str, int]] = {}
-    for path, (git_mode, _ref) in sc.entries.items():
-        if git_mode != "120000":
-            kinds.setdefault("exec" if git_mode == "100755" else "file", {})[path] = sc.meta[path][2] & 0o777
-    kinds["dir"] = {d: m[2] & 0o777 for d, m in sc.dirs.items()}
+    metas = sc.meta
+    for path, e in sc.entries.items():
+        if e[0] != "120000":
+            kinds.setdefault("exec" if e[0] == "100755" else "file", {})[path] = metas[path].st_mode & 0o777
+    kinds["dir"] = {d: st.st_mode & 0o777 for d, st in sc.dirs.items()}
     out: dict[str, Any] = {"file": 0o644, "exec": 0o755, "dir": 0o755, "except": {}}
     for kind, perms in kinds.items():
         if perms:
@@ -525,7 +529,7 @@ class Store:
         except (OSError, ValueError, EOFError, TypeError, KeyError):
             sc.cache, sc.base = {}, EMPTY_TREE  # no cache: every file is read once more
 
-    def _save_cache(self, sc: Scan, entries: dict[str, tuple[str, str, StatKey | None]]) -> None:
+    def _save_cache(self, sc: Scan, entries: dict[str, Entry]) -> None:
         path = self.index_file(sc.unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -566,13 +570,13 @@ class Store:
             scans: list[Scan] = []
             root = self._unit(Unit("", "files"), scans, use_cache)
             root_st = os.fstat(rfd)
-            root.dirs[""] = (root_st.st_uid, root_st.st_gid, root_st.st_mode)
+            root.dirs[""] = root_st
             self._walk(rfd, root, "", 0, imp, scans, start, root_st.st_dev, use_cache)
             commits: dict[str, str] = {}
             for sc in scans:
-                deletes = [p for p in sc.cache if p not in sc.entries]
-                changes = [(mode, ref, p) for p, (mode, ref) in sc.entries.items()
-                           if (c := sc.cache.get(p)) is None or c[0] != mode or c[1] != ref]
+                # A cache hit has the cached mode and blob, so what changed is what was read.
+                deletes = sorted(sc.cache.keys() - sc.entries.keys())
+                changes = [(sc.entries[p][0], sc.entries[p][1], p) for p in sc.fresh]
                 if not sc.entries:
                     sc.unit.tree = EMPTY_TREE
                 elif deletes or changes or sc.base == EMPTY_TREE:
@@ -588,14 +592,14 @@ class Store:
             trees = self.git(["rev-parse", *(f"{s}^{{tree}}" for s in shas)]).stdout.split()
             by_key = dict(zip(commits, trees, strict=True))
         for sc in scans:
-            resolved: dict[str, tuple[str, str]] = {}
-            for p, (mode, ref) in sc.entries.items():
-                resolved[p] = (mode, marks[ref] if ref.startswith(":") else ref)
-            sc.entries = resolved
+            entries = sc.entries
+            for p in sc.fresh:
+                mode, ref, key = entries[p]
+                entries[p] = (mode, marks[ref], key)
             if sc.unit.key in commits:
                 sc.unit.tree = by_key[sc.unit.key]
             if sc.unit.key in commits or sc.base != sc.unit.tree:
-                self._save_cache(sc, {p: (m, s, sc.keys.get(p)) for p, (m, s) in resolved.items()})
+                self._save_cache(sc, entries)
             sc.unit.empty_dirs.sort()
             sc.unit.nested.sort()
             sc.unit.modes = _modes(sc)
@@ -621,7 +625,7 @@ class Store:
         with os.scandir(dfd) as it:
             listing = list(it)
         prefix = f"{sub}/" if sub else ""
-        entries, keys, metas, cached_entry = sc.entries, sc.keys, sc.meta, sc.cache.get
+        entries, metas, fresh, cached_entry = sc.entries, sc.meta, sc.fresh, sc.cache.get
         for entry in listing:  # the hot loop of a checkpoint: kept lean
             name = entry.name
             if entry.is_dir(follow_symlinks=False):  # from the directory entry's type: no system call
@@ -647,32 +651,26 @@ class Store:
                 continue
             key: StatKey | None = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode)
             cached = cached_entry(rel)
-            if stat.S_ISREG(mode):
-                if cached is not None and cached[2] == key:
-                    entries[rel] = (cached[0], cached[1])
-                else:
-                    got = self._read_file(dfd, name, imp, start)
-                    if got is None:
-                        sc.extra.append(rel)  # no longer a regular file: not captured
-                        continue
-                    git_mode, ref, key, st = got
-                    entries[rel] = (git_mode, ref)
+            if cached is not None and cached[2] == key:  # same type, mode and content as last time
+                entries[rel] = cached
+            elif stat.S_ISREG(mode):
+                got = self._read_file(dfd, name, imp, start)
+                if got is None:
+                    sc.extra.append(rel)  # no longer a regular file: not captured
+                    continue
+                entries[rel], st = got
+                fresh.append(rel)
             elif stat.S_ISLNK(mode):
-                if cached is not None and cached[2] == key:
-                    entries[rel] = ("120000", cached[1])
-                else:
-                    try:
-                        target = os.readlink(os.fsencode(name), dir_fd=dfd)
-                    except OSError:  # replaced meanwhile: the agent's race, not captured
-                        continue
-                    entries[rel] = ("120000", imp.blob(target))
-                    if st.st_ctime_ns >= start - _RACY_NS:
-                        key = None
+                try:
+                    target = os.readlink(os.fsencode(name), dir_fd=dfd)
+                except OSError:  # replaced meanwhile: the agent's race, not captured
+                    continue
+                entries[rel] = ("120000", imp.blob(target), None if st.st_ctime_ns >= start - _RACY_NS else key)
+                fresh.append(rel)
             else:
                 sc.extra.append(rel)  # fifos, sockets, devices: a checkpoint cannot hold them
                 continue
-            keys[rel] = key
-            metas[rel] = (st.st_uid, st.st_gid, st.st_mode)
+            metas[rel] = st
             content += 1
         for name in subdirs:
             rel = f"{sub}/{name}" if sub else name
@@ -687,7 +685,7 @@ class Store:
                 cst = os.fstat(cfd)
                 if cst.st_dev != dev:  # a mount inside (made on the host): neither captured nor removed
                     continue
-                meta = (cst.st_uid, cst.st_gid, cst.st_mode)
+                meta = cst
                 if name == ".git" and not gitdir and not sub:
                     child = self._unit(Unit(_join(sc.unit.path, ".git"), "gitdir"), scans, use_cache)
                     child.dirs[""] = meta
@@ -710,8 +708,7 @@ class Store:
             sc.unit.empty_dirs.append(sub)  # empty, or holding only what git cannot store
 
     @staticmethod
-    def _read_file(dfd: int, name: str, imp: _Importer,
-                   start: int) -> tuple[str, str, StatKey | None, os.stat_result] | None:
+    def _read_file(dfd: int, name: str, imp: _Importer, start: int) -> tuple[Entry, os.stat_result] | None:
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
         except OSError as exc:
@@ -728,7 +725,7 @@ class Store:
         key: StatKey | None = (fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_ino, fst.st_mode)
         if not whole or fst.st_ctime_ns >= start - _RACY_NS:
             key = None  # it may still change within the same timestamp: read it again next time
-        return ("100755" if fst.st_mode & stat.S_IXUSR else "100644"), ref, key, fst
+        return (("100755" if fst.st_mode & stat.S_IXUSR else "100644"), ref, key), fst
 
     @staticmethod
     def _dotgit(dfd: int, sc: Scan, st: os.stat_result) -> bool:
@@ -758,23 +755,23 @@ class Store:
             st = fst
         else:
             return False
-        sc.meta[".git"] = (st.st_uid, st.st_gid, st.st_mode)
+        sc.meta[".git"] = st
         return True
 
     # --- reading the store -----------------------------------------------------------------
 
-    def entries(self, tree: str) -> dict[str, tuple[str, str]]:
+    def entries(self, tree: str) -> dict[str, Entry]:
         """``path -> (mode, blob id)`` of every file and link in a tree."""
         if tree == EMPTY_TREE:
             return {}
-        out: dict[str, tuple[str, str]] = {}
+        out: dict[str, Entry] = {}
         for rec in self.git(["ls-tree", "-r", "-z", "--full-tree", tree]).stdout.split("\0"):
             if not rec:
                 continue
             meta, _, path = rec.partition("\t")
             mode, kind, sha = meta.split(" ")
             if kind == "blob":
-                out[path] = (mode, sha)
+                out[path] = (mode, sha, None)
         return out
 
     def count_entries(self, tree: str) -> int:
@@ -891,7 +888,7 @@ class _Plan:
 
     unit: Unit  # the checkpoint's
     current: Scan | None  # what the walk saw there now (None: no such unit now)
-    entries: dict[str, tuple[str, str]]
+    entries: dict[str, Entry]
     write: list[str]
     changed: int = 0
     added: int = 0
@@ -914,7 +911,7 @@ def _plan(store: Store, current: list[Scan], target: list[Unit]) -> list[_Plan]:
                     entries.pop(path, None)
                     plan.removed += 1
                     continue
-                entries[path] = (new_mode, sha)
+                entries[path] = (new_mode, sha, None)
                 plan.write.append(path)
                 if status == "A":
                     plan.added += 1
@@ -1040,9 +1037,10 @@ def _put_link(pfd: int, name: str, target: bytes, owner: tuple[int, int] | None)
     _rename_into(pfd, tmp, name)
 
 
-def _fix_meta(pfd: int, name: str, perm: int | None, owner: tuple[int, int] | None, seen: Meta) -> None:
+def _fix_meta(pfd: int, name: str, perm: int | None, owner: tuple[int, int] | None,
+              seen: os.stat_result) -> None:
     """Give an entry that already has the right content its exact mode and owner, on a descriptor."""
-    uid, gid, mode = seen
+    uid, gid, mode = seen.st_uid, seen.st_gid, seen.st_mode
     wrong_owner = owner is not None and (uid, gid) != owner
     wrong_mode = perm is not None and stat.S_IMODE(mode) != perm
     if not (wrong_owner or wrong_mode):
@@ -1134,7 +1132,7 @@ def _apply_unit(p: _Plan, dirs: _Dirs, blobs: _Blobs, needed: set[str], wanted: 
             dirs.remove(_join(root, ".git"))  # a gitfile or link the checkpoint does not have
     written = set(p.write)
     for path in p.write:
-        mode, sha = p.entries[path]
+        mode, sha, _key = p.entries[path]
         parent, name = posixpath.split(_join(root, path))
         pfd = dirs.get(parent)
         assert pfd is not None
@@ -1145,12 +1143,15 @@ def _apply_unit(p: _Plan, dirs: _Dirs, blobs: _Blobs, needed: set[str], wanted: 
                       lambda fd, s=sha: blobs.copy_to(s, fd))
     if sc is not None:
         # Unchanged entries get their exact mode and owner too: a replayed restore is complete.
-        for path, (mode, _sha) in p.entries.items():
-            seen = sc.meta.get(path)
-            if path in written or seen is None:
+        metas = sc.meta
+        for path, e in p.entries.items():
+            seen = metas.get(path)
+            if seen is None or path in written:
                 continue
+            mode = e[0]
             want = None if mode == "120000" or unit.modes is None else _perm(unit, path, mode)
-            if (want is not None and stat.S_IMODE(seen[2]) != want) or (owner is not None and seen[:2] != owner):
+            if (want is not None and stat.S_IMODE(seen.st_mode) != want) or (
+                    owner is not None and (seen.st_uid, seen.st_gid) != owner):
                 parent, name = posixpath.split(_join(root, path))
                 pfd = dirs.get(parent)
                 assert pfd is not None
@@ -1169,8 +1170,8 @@ def _apply_unit(p: _Plan, dirs: _Dirs, blobs: _Blobs, needed: set[str], wanted: 
             continue  # the workspace root is taskbox's, not the checkpoint's
         want = _dir_perm(unit, d)
         seen = sc.dirs.get(d) if sc is not None else None
-        if seen is not None and (want is None or stat.S_IMODE(seen[2]) == want) and (
-                owner is None or seen[:2] == owner):
+        if seen is not None and (want is None or stat.S_IMODE(seen.st_mode) == want) and (
+                owner is None or (seen.st_uid, seen.st_gid) == owner):
             continue
         fd = dirs.get(full)
         assert fd is not None
