@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from . import faults, files, git
-from .confine import lstat_at, read_fd, rooted, sandbox_owner
+from .confine import O_PATH, lstat_at, read_fd, rooted, sandbox_owner
 from .errors import (
     CheckpointCorrupted,
     GitError,
@@ -139,6 +139,7 @@ _LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit 
 # stamp with the kernel clock this is compared with.
 _RACY_NS = 50_000_000
 _CACHE_VERSION = 2
+_CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
 _CAPTURE_REF = "refs/taskbox/capture"
 _NULL_SHA = "0" * 40
 _NEEDS_QUOTE = re.compile(rb'[\x00-\x1f"\\\x7f]')
@@ -521,7 +522,10 @@ class Store:
 
     def _load_cache(self, sc: Scan) -> None:
         try:
-            data = marshal.loads(self.index_file(sc.unit).read_bytes())
+            raw = self.index_file(sc.unit).read_bytes()
+            if not raw.startswith(_CACHE_MAGIC):  # e.g. a private git index an older taskbox kept there
+                return
+            data = marshal.loads(raw[len(_CACHE_MAGIC):])
             if not isinstance(data, dict) or data.get("v") != _CACHE_VERSION:
                 return
             sc.cache, sc.base = data["entries"], data["tree"]
@@ -533,7 +537,7 @@ class Store:
         path = self.index_file(sc.unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(marshal.dumps({"v": _CACHE_VERSION, "tree": sc.unit.tree, "entries": entries}))
+        tmp.write_bytes(_CACHE_MAGIC + marshal.dumps({"v": _CACHE_VERSION, "tree": sc.unit.tree, "entries": entries}))
         os.replace(tmp, path)  # losing it costs one full read, so no fsync
 
     def drop_caches(self) -> None:
@@ -927,58 +931,76 @@ def _plan(store: Store, current: list[Scan], target: list[Unit]) -> list[_Plan]:
 class _Dirs:
     """Directory descriptors beneath the workspace root, each opened relative to its parent
     with ``O_NOFOLLOW``; a missing directory is made with ``mkdirat``, and anything else in its
-    place (a link, a file) is removed first, never followed."""
+    place (a link, a file) is removed first, never followed.
+
+    The most recently used ones stay open (a workspace may hold more directories than a
+    process may hold descriptors); one closed is opened again the same way, link by link.
+    """
+
+    KEEP = 128
 
     def __init__(self, rfd: int, owner: tuple[int, int] | None) -> None:
-        self.fds: dict[str, int] = {"": rfd}
+        self.root = rfd
+        self.fds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.owner = owner
 
     def close(self) -> None:
-        for rel, fd in self.fds.items():
-            if rel:
-                os.close(fd)
-        self.fds = {}
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
     def _open(self, pfd: int, name: str, create: bool) -> int | None:
+        made = False
         for _ in range(8):  # the sandbox may keep swapping it; it gets a few tries, not forever
             try:
-                return os.open(name, _DIR_FLAGS, dir_fd=pfd)
+                fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
             except FileNotFoundError:
                 if not create:
                     return None
                 try:
                     os.mkdir(name, 0o755, dir_fd=pfd)
+                    made = True
                 except FileExistsError:
-                    continue
-                fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-                os.fchmod(fd, 0o755)  # whatever the umask
-                if self.owner is not None:
-                    os.fchown(fd, *self.owner)
-                return fd
+                    pass
+                continue
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
                 if not create:
                     return None
                 files.remove_at(pfd, name)  # a link (or file) where a directory belongs: the link goes
+                continue
+            if made:
+                os.fchmod(fd, 0o755)  # whatever the umask
+                if self.owner is not None:
+                    os.fchown(fd, *self.owner)
+            return fd
         raise TaskboxError(f"{name!r} in the workspace kept changing while the checkpoint was restored; "
                            "restore again")
 
     def get(self, rel: str, create: bool = True) -> int | None:
-        """The descriptor of directory ``rel`` (made if ``create``), or None if it is not there."""
+        """The descriptor of directory ``rel`` (made if ``create``), or None if it is not there.
+
+        Valid until the next call (an older one may be closed then).
+        """
+        if not rel:
+            return self.root
         if rel in self.fds:
+            self.fds.move_to_end(rel)
             return self.fds[rel]
         parts = rel.split("/")
-        i = len(parts)
+        i = len(parts) - 1
         while i > 0 and "/".join(parts[:i]) not in self.fds:
             i -= 1
-        fd = self.fds["/".join(parts[:i])]
+        fd = self.fds["/".join(parts[:i])] if i else self.root
         for j in range(i, len(parts)):
             nxt = self._open(fd, parts[j], create)
             if nxt is None:
                 return None
             fd = nxt
             self.fds["/".join(parts[:j + 1])] = fd
+        while len(self.fds) > self.KEEP:  # the newest (``fd``) is never the one closed
+            os.close(self.fds.popitem(last=False)[1])
         return fd
 
     def remove(self, rel: str) -> None:
@@ -1047,17 +1069,30 @@ def _fix_meta(pfd: int, name: str, perm: int | None, owner: tuple[int, int] | No
         return
     if stat.S_ISLNK(mode):
         if wrong_owner and owner is not None:
-            os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)  # lchown: the link, not its target
+            try:
+                os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)  # lchown: the link, not its target
+            except FileNotFoundError:
+                pass
         return
     try:
         fd = os.open(name, _FILE_FLAGS, dir_fd=pfd)
+    except PermissionError:
+        # Not root and a file without read permission: an O_PATH descriptor names the inode
+        # itself (opened without following), and its /proc entry lets it be chmod-ed.
+        fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            if perm is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+                os.chmod(f"/proc/self/fd/{fd}", perm)
+        finally:
+            os.close(fd)
+        return
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR):
             return  # replaced since the walk: the agent's race; nothing followed
         raise
     try:
         fst = os.fstat(fd)
-        if stat.S_ISREG(fst.st_mode) or stat.S_ISDIR(fst.st_mode):
+        if stat.S_ISREG(fst.st_mode):  # anything else now is the agent's race: left alone
             if perm is not None and stat.S_IMODE(fst.st_mode) != perm:
                 os.fchmod(fd, perm)
             if owner is not None and (fst.st_uid, fst.st_gid) != owner:
@@ -1113,17 +1148,21 @@ def _apply_unit(p: _Plan, dirs: _Dirs, blobs: _Blobs, needed: set[str], wanted: 
     unit, sc = p.unit, p.current
     root = unit.path
     dirs.get(root)
-    gone: list[str] = []  # directories removed whole: nothing below them needs removing again
+    gone: set[str] = set()  # directories removed whole: nothing below them needs removing again
 
     def below_gone(path: str) -> bool:
-        return any(path == g or path.startswith(g + "/") for g in gone)
+        while path:
+            if path in gone:
+                return True
+            path = posixpath.dirname(path)
+        return False
 
     if sc is not None:
         for d in sorted(sc.dirs, key=lambda s: (s.count("/"), s)):
             full = _join(root, d)
             if d and full not in needed and not below_gone(full):
                 dirs.remove(full)
-                gone.append(full)
+                gone.add(full)
         for path in [*sorted(q for q in sc.entries if q not in p.entries), *sc.extra]:
             full = _join(root, path)
             if not below_gone(full):
