@@ -13,7 +13,7 @@ import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from .errors import GitError, InvalidInput
 
@@ -60,6 +60,19 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+def _command(args: Sequence[str], harden: bool, env: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    full_env = _env(env)
+    cmd = ["git"]
+    if harden:
+        full_env["GIT_CONFIG_GLOBAL"] = "/dev/null"
+        full_env["GIT_ATTR_NOSYSTEM"] = "1"
+        for key, value in _SAFE_CONFIG.items():
+            cmd += ["-c", f"{key}={value}"]
+    else:
+        cmd += ["-c", "safe.directory=*"]
+    return cmd + list(args), full_env
+
+
 def run(
     args: Sequence[str],
     cwd: Path,
@@ -81,16 +94,7 @@ def run(
     ``filter.lfs`` must not run on content that came from a workspace). ``user``/``group``
     run git as that uid/gid.
     """
-    full_env = _env(env)
-    cmd = ["git"]
-    if harden:
-        full_env["GIT_CONFIG_GLOBAL"] = "/dev/null"
-        full_env["GIT_ATTR_NOSYSTEM"] = "1"
-        for key, value in _SAFE_CONFIG.items():
-            cmd += ["-c", f"{key}={value}"]
-    else:
-        cmd += ["-c", "safe.directory=*"]
-    cmd += list(args)
+    cmd, full_env = _command(args, harden, env)
     log.debug("git %s (cwd=%s)", " ".join(args), cwd)
     try:
         proc = subprocess.run(
@@ -120,6 +124,24 @@ def run(
             stderr=proc.stderr,
         )
     return proc
+
+
+def popen(args: Sequence[str], cwd: Path, *, harden: bool = False, env: dict[str, str] | None = None,
+          stderr: IO[bytes] | int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """Start ``git ARGS`` with binary pipes on stdin, stdout and stderr, for streaming.
+
+    The same configuration and environment as :func:`run` (``harden=True`` for taskbox's
+    private stores); for commands fed or read in chunks (``fast-import``, ``cat-file
+    --batch``) so no content is ever held whole in memory. The caller waits for it; a
+    ``stderr`` file keeps a chatty command from blocking on a pipe nobody reads yet.
+    """
+    cmd, full_env = _command(args, harden, env)
+    log.debug("git %s (cwd=%s, streaming)", " ".join(args), cwd)
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=stderr)
+    except FileNotFoundError as exc:
+        raise GitError("git is not installed (install it with your package manager)") from exc
 
 
 def repo_root(path: Path) -> Path:
