@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from taskbox import TaskService  # noqa: E402
+from taskbox import TaskService, quota  # noqa: E402
 from taskbox.sandbox import LABEL_HOME  # noqa: E402
 
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
@@ -119,7 +119,7 @@ def main() -> int:
                     fh.write(f"{next(counter)}\n")
                 git(copy, "add", "--all")
                 git(copy, "commit", "-qm", "sync")
-                git(user2, "fetch", "-q", str(copy / ".git"), f"+refs/heads/{task.branch}:refs/heads/{task.branch}")
+                git(user2, "fetch", "-q", "--upload-pack=git -c safe.directory=* upload-pack", str(copy / ".git"), f"+refs/heads/{task.branch}:refs/heads/{task.branch}")
 
             rows.append({"operation": "sync / detach (commit + fetch)",
                          "taskbox_ms": timed(safe_sync, opts.runs) - timed(
@@ -152,6 +152,7 @@ def main() -> int:
         finally:
             for c in svc.sandbox.api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
                 svc.sandbox.api.remove_container(c["Id"], force=True)
+            quota.release_all(svc.paths.volumes, svc.paths.workspaces)  # unmount the workspace volumes
     for r in rows:
         r["ratio"] = round(float(r["taskbox_ms"]) / max(float(r["baseline_ms"]), 1e-6), 2)  # type: ignore[arg-type]
         r["taskbox_ms"] = round(float(r["taskbox_ms"]), 2)  # type: ignore[arg-type]
