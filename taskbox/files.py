@@ -115,6 +115,13 @@ def _tmp_name(name: str) -> str:
     return f".{name[:64]}.{os.getpid()}.{time.monotonic_ns()}.tmp"
 
 
+def _discard(tmp: str, dfd: int) -> None:
+    try:
+        os.unlink(tmp, dir_fd=dfd)
+    except OSError:
+        pass
+
+
 def _replace_at(dfd: int, name: str, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
     """Atomically replace ``name`` in the open directory ``dfd`` with ``data``."""
     tmp = _tmp_name(name)
@@ -127,19 +134,13 @@ def _replace_at(dfd: int, name: str, data: bytes, mode: int, owner: tuple[int, i
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        try:
-            os.unlink(tmp, dir_fd=dfd)
-        except OSError:
-            pass
+        _discard(tmp, dfd)
         raise
     os.close(fd)
     try:
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dfd)
-        except OSError:
-            pass
+        _discard(tmp, dfd)
         raise
     os.fsync(dfd)
 

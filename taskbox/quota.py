@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import config
 from .errors import InvalidInput, VolumeError
 
 MIN_BYTES = 64 * 1024**2
@@ -37,7 +38,6 @@ BYTES_PER_INODE = 4096  # at most one inode per 4 KiB of quota (ext4 needs room 
 MOUNT_OPTIONS = "loop,nosuid,nodev"
 DISABLE_HINT = 'set workspace_quota = "0" (TASKBOX_WORKSPACE_QUOTA=0) for plain directories without a quota'
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _FS_IOC_GETFLAGS = 0x80086601
 _FS_IOC_SETFLAGS = 0x40086602
 _FS_IMMUTABLE_FL = 0x10
@@ -45,13 +45,7 @@ _FS_IMMUTABLE_FL = 0x10
 
 def parse_size(value: str | int, what: str = "disk quota") -> int:
     """Parse ``64m``/``10g``/bytes into bytes; ``0`` means no quota, anything else is at least 64m."""
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise InvalidInput(f"{what} {value!r} is not a size like 512m or 10g")
-        size = int(float(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower()))
+    size = config.parse_size(value, what)
     if size != 0 and size < MIN_BYTES:
         raise InvalidInput(f"{what} {value!r} is below the minimum of 64m")
     return size
