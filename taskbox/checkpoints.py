@@ -287,10 +287,10 @@ class _Importer:
         code = -1
         if self.proc is not None:
             try:
+                code = self.proc.wait(timeout=10)  # it is exiting: let it say why
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
-            except OSError:
-                pass
-            code = self.proc.wait()
+                code = self.proc.wait()
         stderr = ""
         if self.errors is not None:
             self.errors.seek(0)
