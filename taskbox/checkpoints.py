@@ -134,9 +134,9 @@ _CHUNK = 1 << 20
 _MAX_DEPTH = 400  # directories deeper than this are refused with a clear error, not a crash
 _DOTGIT_FILE_LIMIT = 65536  # a gitfile is one line; a bigger ".git" file is not captured
 _LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit is 4096)
-# Entries changed this close to a capture are read again next time: a later change within the
-# same (coarse, <= 10 ms) timestamp tick would leave their stat unchanged. Local file systems
-# stamp with the kernel clock this is compared with.
+# An entry whose ctime is this close to the moment it was looked at is read again next time:
+# a later change within the same (coarse, <= 10 ms) timestamp tick would leave its stat
+# unchanged. Local file systems stamp with the kernel clock this is compared with.
 _RACY_NS = 50_000_000
 _CACHE_VERSION = 2
 _CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
@@ -287,10 +287,10 @@ class _Importer:
         code = -1
         if self.proc is not None:
             try:
+                code = self.proc.wait(timeout=10)  # it is exiting: let it say why
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
-            except OSError:
-                pass
-            code = self.proc.wait()
+                code = self.proc.wait()
         stderr = ""
         if self.errors is not None:
             self.errors.seek(0)
@@ -568,14 +568,13 @@ class Store:
             return self._scan(rfd, use_cache=False)
 
     def _scan(self, rfd: int, *, use_cache: bool) -> list[Scan]:
-        start = time.time_ns()
         imp = _Importer(self)
         try:
             scans: list[Scan] = []
             root = self._unit(Unit("", "files"), scans, use_cache)
             root_st = os.fstat(rfd)
             root.dirs[""] = root_st
-            self._walk(rfd, root, "", 0, imp, scans, start, root_st.st_dev, use_cache)
+            self._walk(rfd, root, "", 0, imp, scans, root_st.st_dev, use_cache)
             commits: dict[str, str] = {}
             for sc in scans:
                 # A cache hit has the cached mode and blob, so what changed is what was read.
@@ -618,7 +617,7 @@ class Store:
         return sc
 
     def _walk(self, dfd: int, sc: Scan, sub: str, depth: int, imp: _Importer, scans: list[Scan],
-              start: int, dev: int, use_cache: bool) -> None:
+              dev: int, use_cache: bool) -> None:
         """Capture the directory ``dfd`` (``sub`` inside ``sc``'s unit) and everything below it."""
         if depth > _MAX_DEPTH:
             raise InvalidInput(f"{_join(sc.unit.path, sub)!r} is nested more than {_MAX_DEPTH} directories deep; "
@@ -626,6 +625,7 @@ class Store:
         gitdir = sc.unit.kind == "gitdir"
         content = 0
         subdirs: list[str] = []
+        now = time.time_ns()  # before any entry here is looked at: see _RACY_NS
         with os.scandir(dfd) as it:
             listing = list(it)
         prefix = f"{sub}/" if sub else ""
@@ -658,7 +658,7 @@ class Store:
             if cached is not None and cached[2] == key:  # same type, mode and content as last time
                 entries[rel] = cached
             elif stat.S_ISREG(mode):
-                got = self._read_file(dfd, name, imp, start)
+                got = self._read_file(dfd, name, imp, now)
                 if got is None:
                     sc.extra.append(rel)  # no longer a regular file: not captured
                     continue
@@ -669,7 +669,7 @@ class Store:
                     target = os.readlink(os.fsencode(name), dir_fd=dfd)
                 except OSError:  # replaced meanwhile: the agent's race, not captured
                     continue
-                entries[rel] = ("120000", imp.blob(target), None if st.st_ctime_ns >= start - _RACY_NS else key)
+                entries[rel] = ("120000", imp.blob(target), None if st.st_ctime_ns >= now - _RACY_NS else key)
                 fresh.append(rel)
             else:
                 sc.extra.append(rel)  # fifos, sockets, devices: a checkpoint cannot hold them
@@ -693,7 +693,7 @@ class Store:
                 if name == ".git" and not gitdir and not sub:
                     child = self._unit(Unit(_join(sc.unit.path, ".git"), "gitdir"), scans, use_cache)
                     child.dirs[""] = meta
-                    self._walk(cfd, child, "", depth + 1, imp, scans, start, dev, use_cache)
+                    self._walk(cfd, child, "", depth + 1, imp, scans, dev, use_cache)
                 elif name == ".git":
                     sc.extra.append(rel)  # a .git inside a .git: not a path a tree may hold
                     continue
@@ -701,10 +701,10 @@ class Store:
                     sc.unit.nested.append(rel)  # a nested repository: a unit of its own
                     child = self._unit(Unit(_join(sc.unit.path, rel), "files"), scans, use_cache)
                     child.dirs[""] = meta
-                    self._walk(cfd, child, "", depth + 1, imp, scans, start, dev, use_cache)
+                    self._walk(cfd, child, "", depth + 1, imp, scans, dev, use_cache)
                 else:
                     sc.dirs[rel] = meta
-                    self._walk(cfd, sc, rel, depth + 1, imp, scans, start, dev, use_cache)
+                    self._walk(cfd, sc, rel, depth + 1, imp, scans, dev, use_cache)
                 content += 1
             finally:
                 os.close(cfd)
@@ -712,7 +712,7 @@ class Store:
             sc.unit.empty_dirs.append(sub)  # empty, or holding only what git cannot store
 
     @staticmethod
-    def _read_file(dfd: int, name: str, imp: _Importer, start: int) -> tuple[Entry, os.stat_result] | None:
+    def _read_file(dfd: int, name: str, imp: _Importer, now: int) -> tuple[Entry, os.stat_result] | None:
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
         except OSError as exc:
@@ -727,7 +727,7 @@ class Store:
         finally:
             os.close(fd)
         key: StatKey | None = (fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_ino, fst.st_mode)
-        if not whole or fst.st_ctime_ns >= start - _RACY_NS:
+        if not whole or fst.st_ctime_ns >= now - _RACY_NS:
             key = None  # it may still change within the same timestamp: read it again next time
         return (("100755" if fst.st_mode & stat.S_IXUSR else "100644"), ref, key), fst
 
