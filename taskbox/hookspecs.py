@@ -63,3 +63,13 @@ def tick(service: Any) -> None:
 @hookspec
 def sandbox_spec(service: Any, task: Any, spec: Any) -> None:
     """A task's container is about to be created from ``spec`` (a ContainerSpec); adjust it."""
+
+
+@hookspec
+def checkpoint_start(service: Any, task: Any, checkpoint: Any) -> None:
+    """A checkpoint (a NewCheckpoint) is about to be taken; what is written to the workspace now is part of it."""
+
+
+@hookspec
+def checkpoint_failed(service: Any, task: Any, checkpoint: Any, error: str) -> None:
+    """A checkpoint (a NewCheckpoint) could not be taken; ``error`` says why."""

@@ -310,6 +310,40 @@ class Registry:
             conn.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
         return gone
 
+    # --- checkpoints -------------------------------------------------------------------------
+
+    _CHECKPOINT_COLUMNS = ("id", "task_id", "name", "description", "trigger", "ref", "parent_id", "pinned",
+                           "size_bytes", "metadata", "created_at")
+
+    def add_checkpoint(self, row: dict[str, Any]) -> None:
+        """Record a checkpoint: the table's columns, ``metadata`` a dict (stored as JSON)."""
+        values = {**row, "pinned": int(bool(row["pinned"])), "metadata": json.dumps(row["metadata"], sort_keys=True)}
+        cols = ", ".join(self._CHECKPOINT_COLUMNS)
+        marks = ", ".join(f":{c}" for c in self._CHECKPOINT_COLUMNS)
+        with self.tx() as conn:
+            conn.execute(f"INSERT INTO checkpoints ({cols}) VALUES ({marks})",
+                         {c: values[c] for c in self._CHECKPOINT_COLUMNS})
+
+    def checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """One checkpoint's row (``metadata`` decoded), or None."""
+        row = self._conn().execute("SELECT * FROM checkpoints WHERE id = ?", (checkpoint_id,)).fetchone()
+        return _checkpoint(row) if row is not None else None
+
+    def checkpoints(self, task_id: str) -> list[dict[str, Any]]:
+        """A task's checkpoint rows, oldest first (``metadata`` decoded)."""
+        rows = self._conn().execute("SELECT * FROM checkpoints WHERE task_id = ? ORDER BY created_at, id",
+                                    (task_id,))
+        return [_checkpoint(r) for r in rows]
+
+    def delete_checkpoint(self, checkpoint_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM checkpoints WHERE id = ?", (checkpoint_id,))
+
+    def checkpoint_images(self) -> set[str]:
+        """The container images that checkpoints of every task still name."""
+        rows = self._conn().execute("SELECT metadata FROM checkpoints")
+        return {image for r in rows if (image := json.loads(r[0] or "{}").get("image"))}
+
     # --- events ------------------------------------------------------------------------------
 
     def _event(self, conn: sqlite3.Connection, type_: str, task_id: str | None, payload: dict[str, Any]) -> None:
@@ -436,6 +470,10 @@ class Registry:
         return [
             {**dict(r), "payload": json.loads(r["payload"])} for r in self._conn().execute(sql, args)
         ]
+
+
+def _checkpoint(row: sqlite3.Row) -> dict[str, Any]:
+    return {**dict(row), "metadata": json.loads(row["metadata"] or "{}")}
 
 
 def _lease(row: sqlite3.Row) -> Lease:

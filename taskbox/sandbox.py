@@ -566,6 +566,69 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, "could not list containers") from exc
 
+    # --- freezing, and container images (checkpoints) --------------------------------------
+
+    def container_state(self, cid: str) -> dict[str, Any] | None:
+        """The engine's ``State`` of a container (``Running``, ``Paused`` …); None if it is gone."""
+        try:
+            return dict(self.api.inspect_container(cid)["State"])
+        except DockerNotFound:
+            return None
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not inspect container {cid[:12]}") from exc
+
+    def pause(self, cid: str) -> None:
+        """Freeze every process of a container (the cgroup freezer)."""
+        try:
+            self.api.pause(cid)
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not pause container {cid[:12]}") from exc
+
+    def unpause(self, cid: str) -> None:
+        try:
+            self.api.unpause(cid)
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not unpause container {cid[:12]}") from exc
+
+    def commit(self, cid: str, repository: str, tag: str, message: str) -> str:
+        """Save a container's filesystem as the image ``repository:tag`` (without pausing it again)."""
+        try:
+            self.api.commit(cid, repository=repository, tag=tag, pause=False, message=message)
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not save the filesystem of container {cid[:12]}") from exc
+        return f"{repository}:{tag}"
+
+    def image_exists(self, image: str) -> bool:
+        try:
+            self.api.inspect_image(image)
+        except DockerNotFound:
+            return False
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not look up image {image}") from exc
+        return True
+
+    def remove_image(self, image: str) -> bool:
+        """Remove an image; False if it is gone already or still used by a container."""
+        try:
+            self.api.remove_image(image)
+        except DockerNotFound:
+            return False
+        except APIError as exc:
+            if exc.status_code == 409:  # in use: a later gc tries again
+                return False
+            raise docker_engine.translate(exc, f"could not remove image {image}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not remove image {image}") from exc
+        return True
+
+    def image_tags(self, repository: str) -> list[str]:
+        """Every ``repository:tag`` the engine holds of ``repository``."""
+        try:
+            images = self.api.images(name=repository)
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not list the images of {repository}") from exc
+        return [tag for img in images for tag in img.get("RepoTags") or []]
+
     def memory_usage(self, cid: str, *, engine: bool = True) -> dict[str, int] | None:
         """Current memory use and limit of a running container, and its process count.
 

@@ -60,7 +60,7 @@ from .secrets import Redactor
 from .secrets import resolve as resolve_secrets
 
 if TYPE_CHECKING:
-    from .checkpoints import Checkpoints
+    from .checkpoints import Checkpoints, NewCheckpoint
 
 T = TypeVar("T")
 DESCRIPTION_MAX = 2000
@@ -978,38 +978,122 @@ class TaskService:
         from .checkpoints import Checkpoints
 
         if self._checkpoints is None:
-            self._checkpoints = Checkpoints(self)
+            # The sandbox is passed as a getter: files-only checkpoints work with Docker down.
+            self._checkpoints = Checkpoints(self.paths, self.registry, lambda: self.sandbox, self.settings,
+                                            self.home_label)
         return self._checkpoints
 
     def create_checkpoint(self, task_id: str, name: str | None = None, description: str = "", *,
                           include_filesystem: bool = False, trigger: str = "manual", pinned: bool = False,
                           reason: str = "") -> dict[str, Any]:
-        """Checkpoint the task's whole workspace (and, if asked, its container's filesystem)."""
-        self._ensure_volume(self.get(task_id))
-        return self.checkpoints.create(task_id, name, description, include_filesystem=include_filesystem,
-                                       trigger=trigger, pinned=pinned, reason=reason)
+        """Checkpoint the task's whole workspace (and, if asked, its container's filesystem).
+
+        The checkpoint is recorded (decisions.md, the ``checkpoint_start`` hook — Plan.md's
+        iteration log —, the conversation log, state.json) before it is taken, so it holds
+        its own record; a failure is recorded in the same places.
+        """
+        task = self.get(task_id)
+        self._ensure_volume(task)
+        cps = self.checkpoints
+        with cps.locked(task.id):
+            new = cps.begin(task, name, description, include_filesystem=include_filesystem, trigger=trigger,
+                            pinned=pinned, reason=reason)
+            new.parent_id = self.state(task.id).get("current_checkpoint")
+            self.log_decision(task.id, f"Checkpoint `{new.name}` ({new.checkpoint_id}) taken",
+                              context=f"trigger: {new.trigger}", rationale=new.reason, agent="taskbox")
+            self.hook.checkpoint_start(service=self, task=task, checkpoint=new)
+            self.memory(task).log_conversation({"role": "system", "kind": "checkpoint",
+                                                "checkpoint_id": new.checkpoint_id, "name": new.name,
+                                                "trigger": new.trigger})
+
+            def mark(s: dict[str, Any]) -> None:
+                s["current_checkpoint"] = new.checkpoint_id
+                s["metrics"]["checkpoints"] = s["metrics"].get("checkpoints", 0) + 1
+
+            self.update_state(task, mark)
+            try:
+                return cps.take(task, new)
+            except BaseException as exc:
+                self._checkpoint_failed(task, new, exc)
+                raise
+
+    def _checkpoint_failed(self, task: Task, new: NewCheckpoint, exc: BaseException) -> None:
+        msg = exc.message if isinstance(exc, TaskboxError) else f"{type(exc).__name__}: {exc}"
+
+        def unmark(s: dict[str, Any]) -> None:
+            if s.get("current_checkpoint") == new.checkpoint_id:
+                s["current_checkpoint"] = new.parent_id
+                s["metrics"]["checkpoints"] = max(0, s["metrics"].get("checkpoints", 1) - 1)
+
+        try:
+            self.update_state(task, unmark)
+            self.log_decision(task.id, f"Checkpoint `{new.name}` ({new.checkpoint_id}) failed",
+                              context="checkpoint", rationale=msg[:500], agent="taskbox")
+            self.hook.checkpoint_failed(service=self, task=task, checkpoint=new, error=msg[:200])
+            self.registry.add_event("checkpoint.failed", task.id,
+                                    {"checkpoint_id": new.checkpoint_id, "error": msg[:500]})
+        except (TaskboxError, OSError):
+            pass  # the original error matters more than the record of it
 
     def restore_checkpoint(self, task_id: str, checkpoint_id: str | None = None, force: bool = False, *,
                            session_id: str | None = None) -> dict[str, Any]:
         """Make the workspace exactly the checkpoint's (the newest if none is named).
 
-        Refused while an agent other than ``session_id`` is attached, unless ``force``.
+        Refused while an agent other than ``session_id`` is attached, unless ``force``. A
+        checkpoint with the container's filesystem brings the container back from its image
+        (Docker down: :class:`DockerUnavailable`, before any file is touched).
         """
-        self._ensure_volume(self.get(task_id))
-        return self.checkpoints.restore(task_id, checkpoint_id, force=force, session_id=session_id)
+        task = self.get(task_id)
+        self._ensure_volume(task)
+        cps = self.checkpoints
+        with cps.locked(task.id):
+            done = cps.restore(task, checkpoint_id, force=force, session_id=session_id)
+            if done.image:
+                self._restore_container(task, done.image)
+        cp = done.checkpoint
+
+        def mark(s: dict[str, Any]) -> None:
+            s["current_checkpoint"] = cp["checkpoint_id"]
+
+        self.update_state(task, mark)
+        self.log_decision(task.id, f"Restored checkpoint `{cp['name']}` ({cp['checkpoint_id']})",
+                          context="restore" + (" (forced while agents were attached)" if done.forced else ""),
+                          rationale=f"{done.changed} changed, {done.added} brought back, "
+                                    f"{done.removed} removed", agent="taskbox")
+        result = {"success": True, "task_id": task.id, "checkpoint_id": cp["checkpoint_id"], "name": cp["name"],
+                  "files_changed": done.changed, "files_restored": done.added,
+                  "files_removed": done.removed, "container_restored": bool(done.image),
+                  "forced": done.forced, "duration_ms": round((time.perf_counter() - done.started) * 1000, 1)}
+        self.registry.add_event("checkpoint.restored", task.id, result)
+        return result
+
+    def _restore_container(self, task: Task, image: str) -> None:
+        """Replace the task's container with one made from a checkpoint's image (started if it ran)."""
+        was_running = self.sandbox.state(task.container_id) is ContainerState.RUNNING
+        if task.container_id:
+            self.sandbox.remove(task.container_id)
+        self._update(task.id, {"image": image, "container_id": None, "container_state": ContainerState.NONE},
+                     ("container.removed", {"reason": "checkpoint restore", "image": image}))
+        if was_running:
+            self.ensure_running(task.id)
 
     def list_checkpoints(self, task_id: str) -> list[dict[str, Any]]:
-        return self.checkpoints.rows(task_id)
+        task = self.get(task_id)
+        return self.checkpoints.rows(task.id, current=self.state(task.id).get("current_checkpoint"))
 
     def checkpoint_diff(self, task_id: str, a: str, b: str) -> dict[str, Any]:
         """Files changed between checkpoints ``a`` and ``b`` (``current`` is the workspace now)."""
-        return self.checkpoints.diff(task_id, a, b)
+        return self.checkpoints.diff(self.get(task_id), a, b)
 
     def export_checkpoint(self, task_id: str, checkpoint_id: str, path: str | Path) -> dict[str, Any]:
         return self.checkpoints.export(task_id, checkpoint_id, path)
 
     def import_checkpoint(self, task_id: str, path: str | Path) -> dict[str, Any]:
-        return self.checkpoints.import_(task_id, path)
+        task = self.get(task_id)
+        row = self.checkpoints.import_(task, path)
+        self.log_decision(task.id, f"Imported checkpoint `{row['name']}` ({row['checkpoint_id']}) from "
+                                   f"{Path(path).name}", context="import", agent="taskbox")
+        return row
 
     def prune_checkpoints(self, task_id: str) -> list[str]:
         """Apply the retention settings to one task's checkpoints; return the pruned ids."""

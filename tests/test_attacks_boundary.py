@@ -127,7 +127,7 @@ def test_git_config_attributes_hooks_never_run_on_the_host(svc: TaskService, tas
     att = svc.attach(task.id, "mallory", "m1")
     svc.detach(task.id, att.session.id)  # commits and fetches with the container stopped afterwards
     svc.diff(task.id)  # on a paused task: a throwaway sandbox reads the workspace
-    svc.checkpoints.create(task.id, "after-traps")
+    svc.create_checkpoint(task.id, "after-traps")
     svc.complete(task.id, "done")
     assert not marker.exists()
     after = repo_state(repo)

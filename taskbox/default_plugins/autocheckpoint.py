@@ -6,7 +6,7 @@
 - a final, pinned checkpoint when the task completes.
 
 Each one is recorded, with its reason, in ``decisions.md`` and Plan.md's iteration log (the
-checkpoint engine writes both before it snapshots, so the checkpoint holds its own record).
+service writes both before the engine snapshots, so the checkpoint holds its own record).
 A checkpoint that cannot be taken never blocks the agent's command: the failure is recorded
 in the same places instead.
 """

@@ -109,6 +109,17 @@ def post_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any], res
 
 
 @hookimpl
+def checkpoint_start(service: Any, task: Any, checkpoint: Any) -> None:
+    c = checkpoint
+    log_iteration(task, f"checkpoint `{c.name}` ({c.checkpoint_id}, {c.trigger}): {c.reason}")
+
+
+@hookimpl
+def checkpoint_failed(service: Any, task: Any, checkpoint: Any, error: str) -> None:
+    log_iteration(task, f"checkpoint `{checkpoint.name}` ({checkpoint.checkpoint_id}) failed: {error}")
+
+
+@hookimpl
 def task_complete(service: Any, task: Any, summary: str) -> None:
     state = service.state(task.id)
     todos = state["todos"]

@@ -1,0 +1,1209 @@
+"""The snapshot store (SPEC §5): a task's private, content-addressed store of workspace trees.
+
+Storage is git's object store, used as a plain content-addressed store. Each task has a
+private bare repository ``$TASKBOX_HOME/checkpoints/<task>.git`` (outside the workspace, so
+the agent can neither read nor tamper with it). Git only ever sees *data* from the
+workspace, never the workspace itself: it is not given as a work tree, and no
+configuration, attribute, hook or filter in it is read (the store's git runs hardened, see
+:func:`taskbox.git.run`).
+
+**Capture.** The workspace is hostile at every instant (any directory may become a link to
+a host directory between two system calls), so taskbox walks it itself, with descriptors:
+every directory is opened relative to its parent's descriptor with ``O_NOFOLLOW |
+O_DIRECTORY``, every entry ``lstat``-ed relative to it, regular files opened ``O_NOFOLLOW |
+O_NONBLOCK`` and checked with ``fstat`` before they are read, links read with
+``readlinkat`` and stored as links, fifos, sockets and devices skipped. File contents are
+streamed in chunks to ``git fast-import`` (a pack, or loose objects for small imports), and
+each unit's tree is built there from the previous one with only the changed paths. A stat
+cache per unit (size, mtime, ctime, inode, mode → blob id, and the tree it describes, kept
+under TASKBOX_HOME) means an incremental checkpoint reads only changed files; an entry
+changed within a second of the capture is not trusted next time (timestamps are coarse).
+
+Git cannot hold some things in a tree, so a snapshot is a set of *units*:
+
+- ``files`` units: the workspace (and each nested repository inside it — any directory
+  holding a ``.git`` entry, e.g. a cloned dependency);
+- ``gitdir`` units: the workspace's own ``.git`` directory (and those of nested
+  repositories), captured byte for byte as files (lock files left out), so a restore brings
+  back the task's branch, history, index and configuration too;
+- a ``manifest.json`` blob: the units, their empty directories (git drops them) and a
+  ``.git`` that is a file or a link.
+
+**Restore** works in place (the container bind-mounts the workspace directory, so it must
+not be swapped): :func:`plan_restore` then :func:`apply_restore`. The workspace is walked
+as for a capture; the target entries come from the store (``diff-tree`` against what the
+walk saw, ``ls-tree`` for a unit that is new) and their contents from ``cat-file --batch``.
+Everything is done relative to directory descriptors opened without following links: files
+are written to a temporary name and ``renameat``-ed into place, links made with
+``symlinkat``, directories with ``mkdirat``, extras removed with
+:func:`taskbox.files.remove_at`; a link standing where a directory belongs is removed as a
+link (never followed), then the directory made. Every restored entry — not only the
+changed ones — gets the sandbox user as owner and its exact mode, so finishing an
+interrupted restore leaves nothing half-owned.
+
+The checkpoint lifecycle on top of this store (the registry rows, the restore journal,
+retention) is :mod:`taskbox.checkpoints`; the portable archive format is
+:mod:`taskbox.checkpoint_archive`.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import errno
+import hashlib
+import json
+import marshal
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from . import faults, files, git
+from .confine import O_PATH, lstat_at, read_fd, rooted, sandbox_owner
+from .errors import CheckpointCorrupted, GitError, InvalidInput, TaskboxError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+
+# The store's own configuration. Git never reads the workspace itself (see the module
+# docstring); these keep what it stores and exports byte-exact all the same.
+_STORE_CONFIG = """\
+[core]
+\tautocrlf = false
+\tsafecrlf = false
+\tsymlinks = true
+\tfilemode = true
+\tignorecase = false
+\tprecomposeunicode = false
+\tprotectNTFS = false
+\tprotectHFS = false
+\tquotePath = false
+\ttrustctime = false
+\tlooseCompression = 1
+\tbigFileThreshold = 64m
+[gc]
+\tauto = 0
+[advice]
+\taddEmbeddedRepo = false
+\tdetachedHead = false
+[tar]
+\tumask = 022
+"""
+_STORE_ATTRIBUTES = "* -text -eol -filter -ident -working-tree-encoding -export-ignore -export-subst\n"
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a fifo swapped in after the lstat must not hang the host; fstat rejects it.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CHUNK = 1 << 20
+_MAX_DEPTH = 400  # directories deeper than this are refused with a clear error, not a crash
+_DOTGIT_FILE_LIMIT = 65536  # a gitfile is one line; a bigger ".git" file is not captured
+_LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit is 4096)
+# An entry whose ctime is this close to the moment it was looked at is read again next time:
+# a later change within the same (coarse, <= 10 ms) timestamp tick would leave its stat
+# unchanged. Local file systems stamp with the kernel clock this is compared with.
+_RACY_NS = 50_000_000
+_CACHE_VERSION = 2
+_CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
+_CAPTURE_REF = "refs/taskbox/capture"
+_NULL_SHA = "0" * 40
+_NEEDS_QUOTE = re.compile(rb'[\x00-\x1f"\\\x7f]')
+
+
+@dataclass
+class Unit:
+    """One directory tree of a checkpoint (see the module docstring)."""
+
+    path: str  # posix path of the unit's root inside the workspace; "" is the workspace itself
+    kind: str  # "files" or "gitdir"
+    tree: str = EMPTY_TREE
+    empty_dirs: list[str] = field(default_factory=list)
+    nested: list[str] = field(default_factory=list)  # nested repositories (files units only)
+    dotgit: dict[str, Any] | None = None  # a .git that is a file or a link, not a directory
+    # Permission bits: the most common ones per kind ("file", "exec", "dir") and the paths that
+    # differ ("except"). None in checkpoints that predate it: see _perm.
+    modes: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.path}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "tree": self.tree, "empty_dirs": self.empty_dirs,
+                "nested": self.nested, "dotgit": self.dotgit, "modes": self.modes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Unit:
+        return cls(str(d["path"]), str(d["kind"]), str(d["tree"]), list(d.get("empty_dirs") or []),
+                   list(d.get("nested") or []), d.get("dotgit"), d.get("modes"))
+
+
+StatKey = tuple[int, int, int, int, int]  # (size, mtime_ns, ctime_ns, inode, st_mode)
+Entry = tuple[str, str, "StatKey | None"]  # (git mode, blob id or :mark, stat-cache key; None: read it next time)
+
+
+@dataclass
+class Scan:
+    """What one walk saw of one unit; paths are relative to the unit's root."""
+
+    unit: Unit
+    entries: dict[str, Entry] = field(default_factory=dict)  # files and links; the unit's tree
+    meta: dict[str, os.stat_result] = field(default_factory=dict)  # their lstat (and a non-directory .git's)
+    dirs: dict[str, os.stat_result] = field(default_factory=dict)  # directories ("" is the unit's root)
+    extra: list[str] = field(default_factory=list)  # what a checkpoint cannot hold: fifos, sockets, locks
+    fresh: list[str] = field(default_factory=list)  # entries read this time (the rest came from the cache)
+    cache: dict[str, Entry] = field(default_factory=dict)  # the last capture's entries
+    base: str = EMPTY_TREE  # the tree the cache describes
+
+
+def join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+
+def _quote(path: str) -> bytes:
+    """A path for fast-import: C-style quoted, any bytes (the name need not be UTF-8)."""
+    raw = os.fsencode(path)
+    if _NEEDS_QUOTE.search(raw):
+        raw = _NEEDS_QUOTE.sub(lambda m: b"\\%03o" % m.group()[0], raw)
+    return b'"' + raw + b'"'
+
+
+def _perm(unit: Unit, path: str, git_mode: str) -> int:
+    """The permission bits a restored file gets: as captured; in an older checkpoint (or an
+    imported one) only the exec bit is known, and git's own object files are read-only."""
+    if unit.modes is not None:
+        perm = unit.modes["except"].get(path)
+        return int(perm if perm is not None else unit.modes["exec" if git_mode == "100755" else "file"])
+    perm = 0o755 if git_mode == "100755" else 0o644
+    if unit.kind == "gitdir" and path.startswith("objects/"):
+        perm &= 0o555
+    return perm
+
+
+def _dir_perm(unit: Unit, path: str) -> int | None:
+    if unit.modes is None:
+        return None  # not recorded: made 0755, an existing directory left as it is
+    perm = unit.modes["except"].get(path)
+    return int(perm if perm is not None else unit.modes["dir"])
+
+
+def _modes(sc: Scan) -> dict[str, Any]:
+    """The unit's permission bits, compactly: a default per kind, and the exceptions.
+
+    Only the 0777 bits: set-id and sticky bits are not brought back.
+    """
+    kinds: dict[str, dict[str, int]] = {}
+    metas = sc.meta
+    for path, e in sc.entries.items():
+        if e[0] != "120000":
+            kinds.setdefault("exec" if e[0] == "100755" else "file", {})[path] = metas[path].st_mode & 0o777
+    kinds["dir"] = {d: st.st_mode & 0o777 for d, st in sc.dirs.items()}
+    out: dict[str, Any] = {"file": 0o644, "exec": 0o755, "dir": 0o755, "except": {}}
+    for kind, perms in kinds.items():
+        if perms:
+            counts = collections.Counter(perms.values())
+            out[kind] = max(counts, key=lambda m: (counts[m], m == out[kind]))
+            out["except"].update({p: m for p, m in perms.items() if m != out[kind]})
+    return out
+
+
+class _Importer:
+    """A ``git fast-import`` into the store, started at the first object: content in, ids out.
+
+    Contents are streamed in chunks; nothing is held whole in memory. Objects go to a pack
+    (or, for a small import, loose objects); trees are built by fast-import from the
+    previous tree of each unit with only the changed paths.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.out: IO[bytes] | None = None
+        self.errors: IO[bytes] | None = None
+        self.marks_file = store.meta / f"marks.{os.getpid()}.{secrets.token_hex(4)}"
+        self.count = 0
+        self.packs_before: set[str] = set()
+
+    def _pipe(self) -> IO[bytes]:
+        if self.out is None:
+            self.packs_before = self.store.packs()
+            self.errors = tempfile.TemporaryFile()  # not in the store: it may be the full disk
+            self.proc = self.store.popen(
+                ["-c", "pack.compression=1", "fast-import", "--quiet", "--done", "--force", "--depth=0",
+                 f"--export-marks={self.marks_file}"], stderr=self.errors)
+            assert self.proc.stdin is not None
+            self.out = self.proc.stdin
+        return self.out
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._pipe().write(data)
+        except (BrokenPipeError, ValueError) as exc:  # fast-import died (e.g. the disk is full)
+            raise self._failure() from exc
+
+    def _failure(self) -> GitError:
+        code = -1
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=10)  # it is exiting: let it say why
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+        stderr = ""
+        if self.errors is not None:
+            self.errors.seek(0)
+            stderr = self.errors.read(65536).decode(errors="replace")
+        return _store_error("could not copy the workspace into the checkpoint store", stderr or "fatal: "
+                            "git fast-import stopped", code)
+
+    def _mark(self) -> str:
+        self.count += 1
+        return f":{self.count}"
+
+    def blob_from_fd(self, fd: int, size: int) -> tuple[str, bool]:
+        """Stream ``size`` bytes of an open file as a blob; False if the file shrank meanwhile."""
+        mark = self._mark()
+        self._write(b"blob\nmark %s\ndata %d\n" % (mark.encode(), size))
+        left, whole = size, True
+        while left > 0:
+            chunk = os.read(fd, min(left, _CHUNK))
+            if not chunk:  # truncated while read: the declared size is sent all the same
+                whole = False
+                chunk = bytes(min(left, _CHUNK))
+            self._write(chunk)
+            left -= len(chunk)
+        self._write(b"\n")
+        return mark, whole
+
+    def blob(self, data: bytes) -> str:
+        mark = self._mark()
+        self._write(b"blob\nmark %s\ndata %d\n%s\n" % (mark.encode(), len(data), data))
+        return mark
+
+    def tree(self, base: str, deletes: Iterable[str], changes: Iterable[tuple[str, str, str]]) -> str:
+        """A (parentless) commit whose tree is ``base`` with ``deletes`` and ``changes`` applied."""
+        mark = self._mark()
+        out = [b"reset %s\ncommit %s\nmark %s\ncommitter taskbox <taskbox@localhost> 0 +0000\ndata 0\n"
+               % (_CAPTURE_REF.encode(), _CAPTURE_REF.encode(), mark.encode())]
+        if base != EMPTY_TREE:
+            out.append(b'M 040000 %s ""\n' % base.encode())
+        out += [b"D %s\n" % _quote(p) for p in deletes]  # before the changes: a file may become a directory
+        out += [b"M %s %s %s\n" % (mode.encode(), ref.encode(), _quote(p)) for mode, ref, p in changes]
+        out.append(b"\n")
+        self._write(b"".join(out))
+        return mark
+
+    def finish(self) -> tuple[dict[str, str], int]:
+        """Close the stream; the marks' object ids and the bytes the store grew by."""
+        if self.out is None:
+            return {}, 0
+        # The scratch ref goes again: only checkpoints keep objects alive.
+        self._write(b"reset %s\nfrom %s\n\ndone\n" % (_CAPTURE_REF.encode(), _NULL_SHA.encode()))
+        try:
+            self.out.close()
+        except BrokenPipeError as exc:
+            raise self._failure() from exc
+        assert self.proc is not None
+        if self.proc.wait() != 0:
+            raise self._failure()
+        marks: dict[str, str] = {}
+        try:
+            with open(self.marks_file) as fh:
+                for line in fh:
+                    mark, _, sha = line.strip().partition(" ")
+                    marks[mark] = sha
+        finally:
+            self.marks_file.unlink(missing_ok=True)
+        grown = sum(self.store.pack_size(p) for p in self.store.packs() - self.packs_before)
+        grown += sum(self.store.loose_size(sha) for sha in marks.values())
+        return marks, grown
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.errors is not None:
+            self.errors.close()
+        self.marks_file.unlink(missing_ok=True)
+
+
+class _Blobs:
+    """Blob contents read from the store in one ``cat-file --batch``, in the order asked for.
+
+    A thread writes the requests while the caller reads the answers, so neither side
+    waits on a full pipe; each content is copied in chunks.
+    """
+
+    def __init__(self, store: Store, shas: list[str]) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.thread: threading.Thread | None = None
+        self.errors: IO[bytes] | None = None
+        if not shas:
+            return
+        self.errors = tempfile.TemporaryFile()
+        self.proc = store.popen(["cat-file", "--batch"], stderr=self.errors)
+        requests = ("\n".join(shas) + "\n").encode()
+        stdin = self.proc.stdin
+        assert stdin is not None
+
+        def feed() -> None:
+            try:
+                stdin.write(requests)
+                stdin.close()
+            except (BrokenPipeError, ValueError, OSError):
+                pass
+
+        self.thread = threading.Thread(target=feed, daemon=True)
+        self.thread.start()
+
+    def _header(self, sha: str) -> int:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode(errors="replace").split()
+        if len(line) != 3 or line[0] != sha:
+            raise CheckpointCorrupted(f"object {sha[:12]} cannot be read from the checkpoint store "
+                                      f"({' '.join(line) or 'no answer'})")
+        return int(line[2])
+
+    def _read(self, n: int) -> bytes:
+        assert self.proc is not None and self.proc.stdout is not None
+        data = self.proc.stdout.read(n)
+        if len(data) != n:
+            raise CheckpointCorrupted("the checkpoint store stopped answering in the middle of an object")
+        return data
+
+    def copy_to(self, sha: str, fd: int) -> None:
+        left = self._header(sha)
+        while left > 0:
+            chunk = self._read(min(left, _CHUNK))
+            files._write_all(fd, chunk)
+            left -= len(chunk)
+        self._read(1)
+
+    def read(self, sha: str, limit: int) -> bytes:
+        size = self._header(sha)
+        if size > limit:
+            raise CheckpointCorrupted(f"link {sha[:12]} in the checkpoint store is {size} bytes long")
+        data = self._read(size)
+        self._read(1)
+        return data
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+        if self.thread is not None:
+            self.thread.join()
+        if self.errors is not None:
+            self.errors.close()
+
+
+class Store:
+    """One task's private content-addressed store: a bare git repository under TASKBOX_HOME."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta = path / "taskbox"  # our own files: stat caches, journal, scratch
+        self.last_capture_bytes = 0  # what the last capture added to the store
+        self._cached = False  # whether the capture under way started from stat caches
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return (self.path / "HEAD").is_file()
+
+    def ensure(self) -> None:
+        if self.exists():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        git.run(["init", "--quiet", "--bare", str(tmp)], cwd=self.path.parent, harden=True)
+        with open(tmp / "config", "a") as fh:
+            fh.write(_STORE_CONFIG)
+        (tmp / "info").mkdir(exist_ok=True)
+        (tmp / "info" / "attributes").write_text(_STORE_ATTRIBUTES)
+        (tmp / "taskbox" / "index").mkdir(parents=True)
+        try:
+            os.rename(tmp, self.path)  # a racing creator may have won: use theirs
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not self.exists():
+                raise CheckpointCorrupted(f"the checkpoint store {self.path} is damaged (not a git repository: "
+                                          f"{exc.strerror}); move it away to start a new one") from exc
+
+    def git(self, args: list[str], *, index: Path | None = None, input: bytes | None = None,
+            check: bool = True) -> Any:
+        """Git on the store alone (hardened); never with a work tree."""
+        env = {"GIT_DIR": str(self.path)}
+        if index is not None:
+            env["GIT_INDEX_FILE"] = str(index)
+        return git.run(args, cwd=self.path, harden=True, env=env, input=input, check=check, timeout=3600)
+
+    def popen(self, args: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+        return git.popen(args, cwd=self.path, harden=True, env={"GIT_DIR": str(self.path)}, stderr=stderr)
+
+    def index_file(self, unit: Unit) -> Path:
+        """The unit's stat cache (the name is kept from the private indexes it replaces)."""
+        return self.meta / "index" / hashlib.sha1(unit.key.encode()).hexdigest()[:20]
+
+    def size(self) -> int:
+        total = 0
+        for dirpath, _dirs, names in os.walk(self.path):
+            for n in names:
+                try:
+                    total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def packs(self) -> set[str]:
+        try:
+            return {n for n in os.listdir(self.path / "objects" / "pack") if n.endswith(".pack")}
+        except FileNotFoundError:
+            return set()
+
+    def pack_size(self, name: str) -> int:
+        try:
+            return os.stat(self.path / "objects" / "pack" / name).st_size
+        except FileNotFoundError:
+            return 0
+
+    def loose_size(self, sha: str) -> int:
+        try:
+            return os.stat(self.path / "objects" / sha[:2] / sha[2:]).st_size
+        except FileNotFoundError:
+            return 0  # packed, or stored before
+
+    # --- the stat caches -------------------------------------------------------------------
+
+    def _load_cache(self, sc: Scan) -> None:
+        try:
+            raw = self.index_file(sc.unit).read_bytes()
+            if not raw.startswith(_CACHE_MAGIC):  # e.g. a private git index an older taskbox kept there
+                return
+            data = marshal.loads(raw[len(_CACHE_MAGIC):])
+            if not isinstance(data, dict) or data.get("v") != _CACHE_VERSION:
+                return
+            sc.cache, sc.base = data["entries"], data["tree"]
+            self._cached = True
+        except (OSError, ValueError, EOFError, TypeError, KeyError):
+            sc.cache, sc.base = {}, EMPTY_TREE  # no cache: every file is read once more
+
+    def _save_cache(self, sc: Scan, entries: dict[str, Entry]) -> None:
+        path = self.index_file(sc.unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(_CACHE_MAGIC + marshal.dumps({"v": _CACHE_VERSION, "tree": sc.unit.tree, "entries": entries}))
+        os.replace(tmp, path)  # losing it costs one full read, so no fsync
+
+    def drop_caches(self) -> None:
+        shutil.rmtree(self.meta / "index", ignore_errors=True)
+        (self.meta / "index").mkdir(parents=True, exist_ok=True)
+
+    # --- capture ---------------------------------------------------------------------------
+
+    def capture(self, ws: Path) -> list[Unit]:
+        """Store what the workspace holds now; return its units (see the module docstring)."""
+        with rooted(ws) as rfd:
+            return [s.unit for s in self.scan(rfd)]
+
+    def scan(self, rfd: int) -> list[Scan]:
+        """Walk the workspace under the descriptor ``rfd``; store changed contents; the units seen.
+
+        Writes the blobs and trees of what changed since the last capture; nothing else.
+        """
+        self._cached = False
+        try:
+            return self._scan(rfd, use_cache=True)
+        except GitError as exc:
+            if not self._cached or "no space left" in exc.message:
+                raise
+            # A cache naming objects the store lost (a crash before they reached the disk):
+            # once more without caches.
+            self.drop_temporaries()
+            return self._scan(rfd, use_cache=False)
+
+    def _scan(self, rfd: int, *, use_cache: bool) -> list[Scan]:
+        imp = _Importer(self)
+        try:
+            scans: list[Scan] = []
+            root = self._unit(Unit("", "files"), scans, use_cache)
+            root_st = os.fstat(rfd)
+            root.dirs[""] = root_st
+            self._walk(rfd, root, "", 0, imp, scans, root_st.st_dev, use_cache)
+            commits: dict[str, str] = {}
+            for sc in scans:
+                # A cache hit has the cached mode and blob, so what changed is what was read.
+                deletes = sorted(sc.cache.keys() - sc.entries.keys())
+                changes = [(sc.entries[p][0], sc.entries[p][1], p) for p in sc.fresh]
+                if not sc.entries:
+                    sc.unit.tree = EMPTY_TREE
+                elif deletes or changes or sc.base == EMPTY_TREE:
+                    commits[sc.unit.key] = imp.tree(sc.base, deletes, changes)
+                else:
+                    sc.unit.tree = sc.base
+            marks, self.last_capture_bytes = imp.finish()
+        finally:
+            imp.close()
+        by_key: dict[str, str] = {}
+        if commits:
+            shas = [marks[m] for m in commits.values()]
+            trees = self.git(["rev-parse", *(f"{s}^{{tree}}" for s in shas)]).stdout.split()
+            by_key = dict(zip(commits, trees, strict=True))
+        for sc in scans:
+            entries = sc.entries
+            for p in sc.fresh:
+                mode, ref, key = entries[p]
+                entries[p] = (mode, marks[ref], key)
+            if sc.unit.key in commits:
+                sc.unit.tree = by_key[sc.unit.key]
+            if sc.unit.key in commits or sc.base != sc.unit.tree:
+                self._save_cache(sc, entries)
+            sc.unit.empty_dirs.sort()
+            sc.unit.nested.sort()
+            sc.unit.modes = _modes(sc)
+        scans.sort(key=lambda s: (s.unit.path.count("/"), s.unit.path, s.unit.kind))
+        return scans
+
+    def _unit(self, unit: Unit, scans: list[Scan], use_cache: bool) -> Scan:
+        sc = Scan(unit)
+        if use_cache:
+            self._load_cache(sc)
+        scans.append(sc)
+        return sc
+
+    def _walk(self, dfd: int, sc: Scan, sub: str, depth: int, imp: _Importer, scans: list[Scan],
+              dev: int, use_cache: bool) -> None:
+        """Capture the directory ``dfd`` (``sub`` inside ``sc``'s unit) and everything below it."""
+        if depth > _MAX_DEPTH:
+            raise InvalidInput(f"{join(sc.unit.path, sub)!r} is nested more than {_MAX_DEPTH} directories deep; "
+                               "a checkpoint cannot hold it")
+        gitdir = sc.unit.kind == "gitdir"
+        content = 0
+        subdirs: list[str] = []
+        now = time.time_ns()  # before any entry here is looked at: see _RACY_NS
+        with os.scandir(dfd) as it:
+            listing = list(it)
+        prefix = f"{sub}/" if sub else ""
+        entries, metas, fresh, cached_entry = sc.entries, sc.meta, sc.fresh, sc.cache.get
+        for entry in listing:  # the hot loop of a checkpoint: kept lean
+            name = entry.name
+            if entry.is_dir(follow_symlinks=False):  # from the directory entry's type: no system call
+                subdirs.append(name)
+                continue
+            rel = prefix + name
+            try:
+                st = entry.stat(follow_symlinks=False)  # fstatat relative to dfd, no link followed
+            except FileNotFoundError:
+                continue
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):  # became one since it was listed
+                subdirs.append(name)
+                continue
+            if name == ".git":
+                if not gitdir and not sub and self._dotgit(dfd, sc, st):
+                    content += 1
+                else:
+                    sc.extra.append(rel)
+                continue
+            if gitdir and name.endswith(".lock"):  # a restored stale lock would block git
+                sc.extra.append(rel)
+                continue
+            key: StatKey | None = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode)
+            cached = cached_entry(rel)
+            if cached is not None and cached[2] == key:  # same type, mode and content as last time
+                entries[rel] = cached
+            elif stat.S_ISREG(mode):
+                got = self._read_file(dfd, name, imp, now)
+                if got is None:
+                    sc.extra.append(rel)  # no longer a regular file: not captured
+                    continue
+                entries[rel], st = got
+                fresh.append(rel)
+            elif stat.S_ISLNK(mode):
+                try:
+                    target = os.readlink(os.fsencode(name), dir_fd=dfd)
+                except OSError:  # replaced meanwhile: the agent's race, not captured
+                    continue
+                entries[rel] = ("120000", imp.blob(target), None if st.st_ctime_ns >= now - _RACY_NS else key)
+                fresh.append(rel)
+            else:
+                sc.extra.append(rel)  # fifos, sockets, devices: a checkpoint cannot hold them
+                continue
+            metas[rel] = st
+            content += 1
+        for name in subdirs:
+            rel = f"{sub}/{name}" if sub else name
+            try:
+                cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    continue  # replaced meanwhile (by a link, say): the agent's race, nothing followed
+                raise TaskboxError(f"cannot read {join(sc.unit.path, rel)!r} in the workspace: "
+                                   f"{exc.strerror}") from exc
+            try:
+                cst = os.fstat(cfd)
+                if cst.st_dev != dev:  # a mount inside (made on the host): neither captured nor removed
+                    continue
+                meta = cst
+                if name == ".git" and not gitdir and not sub:
+                    child = self._unit(Unit(join(sc.unit.path, ".git"), "gitdir"), scans, use_cache)
+                    child.dirs[""] = meta
+                    self._walk(cfd, child, "", depth + 1, imp, scans, dev, use_cache)
+                elif name == ".git":
+                    sc.extra.append(rel)  # a .git inside a .git: not a path a tree may hold
+                    continue
+                elif not gitdir and lstat_at(cfd, ".git") is not None:
+                    sc.unit.nested.append(rel)  # a nested repository: a unit of its own
+                    child = self._unit(Unit(join(sc.unit.path, rel), "files"), scans, use_cache)
+                    child.dirs[""] = meta
+                    self._walk(cfd, child, "", depth + 1, imp, scans, dev, use_cache)
+                else:
+                    sc.dirs[rel] = meta
+                    self._walk(cfd, sc, rel, depth + 1, imp, scans, dev, use_cache)
+                content += 1
+            finally:
+                os.close(cfd)
+        if not content and sub:
+            sc.unit.empty_dirs.append(sub)  # empty, or holding only what git cannot store
+
+    @staticmethod
+    def _read_file(dfd: int, name: str, imp: _Importer, now: int) -> tuple[Entry, os.stat_result] | None:
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                return None  # replaced meanwhile
+            raise TaskboxError(f"cannot read {name!r} in the workspace: {exc.strerror}") from exc
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode):
+                return None
+            ref, whole = imp.blob_from_fd(fd, fst.st_size)
+        finally:
+            os.close(fd)
+        key: StatKey | None = (fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_ino, fst.st_mode)
+        if not whole or fst.st_ctime_ns >= now - _RACY_NS:
+            key = None  # it may still change within the same timestamp: read it again next time
+        return (("100755" if fst.st_mode & stat.S_IXUSR else "100644"), ref, key), fst
+
+    @staticmethod
+    def _dotgit(dfd: int, sc: Scan, st: os.stat_result) -> bool:
+        """Record a ``.git`` that is a link or a small file (a gitfile) at a unit's root."""
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(".git", dir_fd=dfd)
+            except OSError:
+                return False
+            sc.unit.dotgit = {"type": "link", "target": target}
+        elif stat.S_ISREG(st.st_mode) and st.st_size <= _DOTGIT_FILE_LIMIT:
+            try:
+                fd = os.open(".git", _FILE_FLAGS, dir_fd=dfd)
+            except OSError:
+                return False
+            try:
+                fst = os.fstat(fd)
+                if not stat.S_ISREG(fst.st_mode):
+                    return False
+                data = read_fd(fd, _DOTGIT_FILE_LIMIT + 1)
+            finally:
+                os.close(fd)
+            if len(data) > _DOTGIT_FILE_LIMIT:
+                return False
+            sc.unit.dotgit = {"type": "file", "data": base64.b64encode(data).decode(),
+                              "mode": fst.st_mode & 0o777}
+            st = fst
+        else:
+            return False
+        sc.meta[".git"] = st
+        return True
+
+    # --- reading the store -----------------------------------------------------------------
+
+    def entries(self, tree: str) -> dict[str, Entry]:
+        """``path -> (mode, blob id)`` of every file and link in a tree."""
+        if tree == EMPTY_TREE:
+            return {}
+        out: dict[str, Entry] = {}
+        for rec in self.git(["ls-tree", "-r", "-z", "--full-tree", tree]).stdout.split("\0"):
+            if not rec:
+                continue
+            meta, _, path = rec.partition("\t")
+            mode, kind, sha = meta.split(" ")
+            if kind == "blob":
+                out[path] = (mode, sha, None)
+        return out
+
+    def count_entries(self, tree: str) -> int:
+        if tree == EMPTY_TREE:
+            return 0
+        out = self.git(["ls-tree", "-r", "-z", "--name-only", tree]).stdout
+        return out.count("\0")
+
+    def diff(self, old: str, new: str) -> list[tuple[str, str, str, str, str]]:
+        """``(old_mode, new_mode, new_sha, status, path)`` of every entry that differs."""
+        if old == new:
+            return []
+        out = self.git(["diff-tree", "-r", "-z", "--no-renames", old, new]).stdout
+        parts = out.split("\0")
+        result = []
+        i = 0
+        while i + 1 < len(parts):
+            meta, path = parts[i], parts[i + 1]
+            i += 2
+            if not meta.startswith(":"):
+                continue
+            old_mode, new_mode, _old_sha, new_sha, status = meta[1:].split(" ")
+            result.append((old_mode, new_mode, new_sha, status, path))
+        return result
+
+    def commit(self, units: list[Unit], manifest: dict[str, Any], message: str) -> str:
+        manifest = {**manifest, "format": FORMAT, "units": [u.to_dict() for u in units]}
+        blob = self.git(["hash-object", "-w", "--stdin"],
+                        input=json.dumps(manifest, sort_keys=True).encode()).stdout.strip()
+        lines = [f"100644 blob {blob}\t{MANIFEST}"]
+        lines += [f"040000 tree {u.tree}\tu{i}" for i, u in enumerate(units)]
+        root = self.git(["mktree"], input=("\n".join(lines) + "\n").encode()).stdout.strip()
+        return self.git(["commit-tree", root, "-m", message]).stdout.strip()
+
+    def manifest(self, commit: str) -> dict[str, Any]:
+        try:
+            raw = self.git(["cat-file", "blob", f"{commit}:{MANIFEST}"]).stdout
+            data = json.loads(raw)
+            data["units"] = [Unit.from_dict(u) for u in data["units"]]
+        except GitError as exc:
+            raise corrupted(f"checkpoint {commit[:12]} cannot be read from the store", exc) from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointCorrupted(f"checkpoint {commit[:12]} has a damaged manifest: {exc}") from exc
+        return data
+
+    def set_ref(self, name: str, commit: str) -> None:
+        self.git(["update-ref", f"refs/checkpoints/{name}", commit])
+
+    def delete_ref(self, name: str) -> None:
+        self.git(["update-ref", "-d", f"refs/checkpoints/{name}"], check=False)
+        (self.meta / "needs-gc").touch()  # its objects may now be unreachable
+
+    def resolve(self, name: str) -> str | None:
+        proc = self.git(["rev-parse", "--verify", "--quiet", f"refs/checkpoints/{name}^{{commit}}"], check=False)
+        return proc.stdout.strip() or None
+
+    def verify_blobs(self, shas: list[str]) -> None:
+        """Read every listed object in full, so damage is found before the workspace is touched."""
+        if not shas:
+            return
+        index = self.meta / f"verify.{os.getpid()}.index"
+        try:
+            info = "".join(f"100644 {sha}\t{i}\n" for i, sha in enumerate(sorted(set(shas))))
+            self.git(["update-index", "--add", "--index-info"], index=index, input=info.encode(errors="surrogateescape"))
+            tree = self.git(["write-tree", "--missing-ok"], index=index).stdout.strip()
+            # git archive inflates every blob; a damaged object fails here, with its name.
+            self.git(["archive", "--format=tar", "-o", os.devnull, tree])
+        finally:
+            index.unlink(missing_ok=True)
+
+    def drop_temporaries(self) -> None:
+        """Delete what a failed git write leaves (e.g. on a full disk): half-written objects, crash reports."""
+        for tmp in [*self.path.glob("objects/??/tmp_obj_*"), *self.path.glob("objects/pack/tmp_*"),
+                    *self.path.glob("fast_import_crash_*"), *self.meta.glob("marks.*")]:
+            tmp.unlink(missing_ok=True)
+
+    def gc(self) -> None:
+        """Pack and drop unreachable objects (the stat caches are dropped too).
+
+        Only after a checkpoint was deleted: that is when objects become unreachable, and
+        dropping the caches makes the next checkpoint re-read the whole workspace.
+        """
+        marker = self.meta / "needs-gc"
+        if not marker.exists():
+            return
+        # The caches are not gc roots: objects only they name are pruned, so they must go.
+        self.drop_caches()
+        self.git(["gc", "--quiet", "--prune=now"])
+        marker.unlink(missing_ok=True)
+
+
+def corrupted(message: str, exc: GitError, after: str = "") -> CheckpointCorrupted:
+    lines = (exc.details.get("stderr") or exc.message).strip().splitlines()
+    detail = next((s for s in lines if "corrupt" in s), None) or next(
+        (s for s in lines if s.startswith(("error", "fatal"))), lines[0] if lines else "unreadable")
+    detail = re.sub(r"^(error|fatal): ", "", detail)
+    return CheckpointCorrupted(f"{message}: the checkpoint store is damaged ({detail}){after}",
+                               stderr=exc.details.get("stderr"))
+
+
+def _store_error(message: str, stderr: str, code: int) -> GitError:
+    first = next((s for s in stderr.splitlines() if s.startswith(("error", "fatal"))), stderr.strip()[:300])
+    if "No space left" in stderr or "Out of diskspace" in stderr:  # the latter: fast-import's words
+        first = "no space left on device"
+    return GitError(f"{message}: {first}", returncode=code, stderr=stderr)
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+
+@dataclass
+class UnitPlan:
+    """What restoring one unit means: its target entries, and which of them to write."""
+
+    unit: Unit  # the checkpoint's
+    current: Scan | None  # what the walk saw there now (None: no such unit now)
+    entries: dict[str, Entry]
+    write: list[str]
+    changed: int = 0
+    added: int = 0
+    removed: int = 0
+
+
+def plan_restore(store: Store, current: list[Scan], target: list[Unit]) -> list[UnitPlan]:
+    cur = {s.unit.key: s for s in current}
+    plans = []
+    for unit in sorted(target, key=lambda u: (u.path.count("/"), u.path, u.kind)):
+        sc = cur.get(unit.key)
+        if sc is None:
+            entries = store.entries(unit.tree)
+            plan = UnitPlan(unit, None, entries, sorted(entries), added=len(entries))
+        else:
+            entries = dict(sc.entries)
+            plan = UnitPlan(unit, sc, entries, [])
+            for _om, new_mode, sha, status, path in store.diff(sc.unit.tree, unit.tree):
+                if status == "D":
+                    entries.pop(path, None)
+                    plan.removed += 1
+                    continue
+                entries[path] = (new_mode, sha, None)
+                plan.write.append(path)
+                if status == "A":
+                    plan.added += 1
+                else:
+                    plan.changed += 1
+            plan.write.sort()
+        # A gitlink (a submodule commit id from an imported archive) names no content here.
+        plan.write = [p for p in plan.write if entries[p][0] != "160000"]
+        plans.append(plan)
+    return plans
+
+
+class _Dirs:
+    """Directory descriptors beneath the workspace root, each opened relative to its parent
+    with ``O_NOFOLLOW``; a missing directory is made with ``mkdirat``, and anything else in its
+    place (a link, a file) is removed first, never followed.
+
+    The most recently used ones stay open (a workspace may hold more directories than a
+    process may hold descriptors); one closed is opened again the same way, link by link.
+    """
+
+    KEEP = 128
+
+    def __init__(self, rfd: int, owner: tuple[int, int] | None) -> None:
+        self.root = rfd
+        self.fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.owner = owner
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _open(self, pfd: int, name: str, create: bool) -> int | None:
+        made = False
+        for _ in range(8):  # the sandbox may keep swapping it; it gets a few tries, not forever
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                try:
+                    os.mkdir(name, 0o755, dir_fd=pfd)
+                    made = True
+                except FileExistsError:
+                    pass
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                if not create:
+                    return None
+                files.remove_at(pfd, name)  # a link (or file) where a directory belongs: the link goes
+                continue
+            if made:
+                os.fchmod(fd, 0o755)  # whatever the umask
+                if self.owner is not None:
+                    os.fchown(fd, *self.owner)
+            return fd
+        raise TaskboxError(f"{name!r} in the workspace kept changing while the checkpoint was restored; "
+                           "restore again")
+
+    def get(self, rel: str, create: bool = True) -> int | None:
+        """The descriptor of directory ``rel`` (made if ``create``), or None if it is not there.
+
+        Valid until the next call (an older one may be closed then).
+        """
+        if not rel:
+            return self.root
+        if rel in self.fds:
+            self.fds.move_to_end(rel)
+            return self.fds[rel]
+        parts = rel.split("/")
+        i = len(parts) - 1
+        while i > 0 and "/".join(parts[:i]) not in self.fds:
+            i -= 1
+        fd = self.fds["/".join(parts[:i])] if i else self.root
+        for j in range(i, len(parts)):
+            nxt = self._open(fd, parts[j], create)
+            if nxt is None:
+                return None
+            fd = nxt
+            self.fds["/".join(parts[:j + 1])] = fd
+        while len(self.fds) > self.KEEP:  # the newest (``fd``) is never the one closed
+            os.close(self.fds.popitem(last=False)[1])
+        return fd
+
+    def remove(self, rel: str) -> None:
+        """Remove ``rel`` (a file, a link or a whole tree) if its parent is still there."""
+        parent, name = posixpath.split(rel)
+        pfd = self.get(parent, create=False)
+        if pfd is None:
+            return
+        for known in [k for k in self.fds if k == rel or k.startswith(rel + "/")]:
+            os.close(self.fds.pop(known))
+        files.remove_at(pfd, name)
+
+
+def _rename_into(pfd: int, tmp: str, name: str) -> None:
+    try:
+        try:
+            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        except OSError as exc:
+            if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            files.remove_at(pfd, name)  # a directory in the way: it goes, links inside it unfollowed
+            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=pfd)
+        except OSError:
+            pass
+        raise
+
+
+def _put_file(pfd: int, name: str, perm: int, owner: tuple[int, int] | None, fill: Any) -> None:
+    """Write a file in the open directory ``pfd``: temp file, exact mode and owner, ``renameat``."""
+    tmp = files._tmp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+    try:
+        fill(fd)
+        os.fchmod(fd, perm)
+        if owner is not None:
+            os.fchown(fd, *owner)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp, dir_fd=pfd)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    _rename_into(pfd, tmp, name)
+
+
+def _put_link(pfd: int, name: str, target: bytes, owner: tuple[int, int] | None) -> None:
+    tmp = files._tmp_name(name)
+    os.symlink(target, os.fsencode(tmp), dir_fd=pfd)  # made, never followed
+    if owner is not None:
+        os.chown(tmp, *owner, dir_fd=pfd, follow_symlinks=False)
+    _rename_into(pfd, tmp, name)
+
+
+def _fix_meta(pfd: int, name: str, perm: int | None, owner: tuple[int, int] | None,
+              seen: os.stat_result) -> None:
+    """Give an entry that already has the right content its exact mode and owner, on a descriptor."""
+    uid, gid, mode = seen.st_uid, seen.st_gid, seen.st_mode
+    wrong_owner = owner is not None and (uid, gid) != owner
+    wrong_mode = perm is not None and stat.S_IMODE(mode) != perm
+    if not (wrong_owner or wrong_mode):
+        return
+    if stat.S_ISLNK(mode):
+        if wrong_owner and owner is not None:
+            try:
+                os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)  # lchown: the link, not its target
+            except FileNotFoundError:
+                pass
+        return
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=pfd)
+    except PermissionError:
+        # Not root and a file without read permission: an O_PATH descriptor names the inode
+        # itself (opened without following), and its /proc entry lets it be chmod-ed.
+        fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            if perm is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+                os.chmod(f"/proc/self/fd/{fd}", perm)
+        finally:
+            os.close(fd)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return  # replaced since the walk: the agent's race; nothing followed
+        raise
+    try:
+        fst = os.fstat(fd)
+        if stat.S_ISREG(fst.st_mode):  # anything else now is the agent's race: left alone
+            if perm is not None and stat.S_IMODE(fst.st_mode) != perm:
+                os.fchmod(fd, perm)
+            if owner is not None and (fst.st_uid, fst.st_gid) != owner:
+                os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+
+
+def apply_restore(store: Store, rfd: int, current: list[Scan], plans: list[UnitPlan]) -> dict[str, int]:
+    """Make the workspace under ``rfd`` equal to the plans (``current`` is what the walk saw)."""
+    owner = sandbox_owner() if os.geteuid() == 0 else None
+    stats = {"changed": 0, "added": 0, "removed": 0}
+    wanted = {p.unit.key for p in plans}
+    # Every directory the checkpoint has: the rest of what the walk saw goes.
+    needed: set[str] = set()
+
+    def need(path: str) -> None:
+        while path and path not in needed:
+            needed.add(path)
+            path = posixpath.dirname(path)
+
+    for p in plans:
+        need(p.unit.path)
+        for parent in {path.rpartition("/")[0] for path in p.entries}:
+            need(join(p.unit.path, parent))
+        for d in p.unit.empty_dirs:
+            need(join(p.unit.path, d))
+    dirs = _Dirs(rfd, owner)
+    order = [sha for p in plans for path in p.write for sha in [p.entries[path][1]]]
+    blobs = _Blobs(store, order)
+    try:
+        # Units that exist now but not in the checkpoint go first, deepest first, so the
+        # parent can put plain files where a nested repository was.
+        for sc in sorted(current, key=lambda s: -len(s.unit.path)):
+            if sc.unit.key not in wanted and sc.unit.path:
+                dirs.remove(sc.unit.path)
+                store.index_file(sc.unit).unlink(missing_ok=True)
+        for i, p in enumerate(plans):
+            _apply_unit(p, dirs, blobs, needed, wanted, owner)
+            if p.unit.kind == "files":
+                for k in stats:
+                    stats[k] += getattr(p, k)
+            if i == 0:
+                faults.point("restore.midway")  # the workspace files are back; .git and the rest not yet
+    finally:
+        blobs.close()
+        dirs.close()
+    return stats
+
+
+def _apply_unit(p: UnitPlan, dirs: _Dirs, blobs: _Blobs, needed: set[str], wanted: set[str],
+                owner: tuple[int, int] | None) -> None:
+    unit, sc = p.unit, p.current
+    root = unit.path
+    dirs.get(root)
+    gone: set[str] = set()  # directories removed whole: nothing below them needs removing again
+
+    def below_gone(path: str) -> bool:
+        while path:
+            if path in gone:
+                return True
+            path = posixpath.dirname(path)
+        return False
+
+    if sc is not None:
+        for d in sorted(sc.dirs, key=lambda s: (s.count("/"), s)):
+            full = join(root, d)
+            if d and full not in needed and not below_gone(full):
+                dirs.remove(full)
+                gone.add(full)
+        for path in [*sorted(q for q in sc.entries if q not in p.entries), *sc.extra]:
+            full = join(root, path)
+            if not below_gone(full):
+                dirs.remove(full)
+        if sc.unit.dotgit is not None and unit.dotgit is None and f"gitdir:{join(root, '.git')}" not in wanted:
+            dirs.remove(join(root, ".git"))  # a gitfile or link the checkpoint does not have
+    written = set(p.write)
+    for path in p.write:
+        mode, sha, _key = p.entries[path]
+        parent, name = posixpath.split(join(root, path))
+        pfd = dirs.get(parent)
+        assert pfd is not None
+        if mode == "120000":
+            _put_link(pfd, name, blobs.read(sha, _LINK_LIMIT), owner)
+        else:
+            _put_file(pfd, name, _perm(unit, path, mode), owner,
+                      lambda fd, s=sha: blobs.copy_to(s, fd))
+    if sc is not None:
+        # Unchanged entries get their exact mode and owner too: a replayed restore is complete.
+        metas = sc.meta
+        for path, e in p.entries.items():
+            seen = metas.get(path)
+            if seen is None or path in written:
+                continue
+            mode = e[0]
+            want = None if mode == "120000" or unit.modes is None else _perm(unit, path, mode)
+            if (want is not None and stat.S_IMODE(seen.st_mode) != want) or (
+                    owner is not None and (seen.st_uid, seen.st_gid) != owner):
+                parent, name = posixpath.split(join(root, path))
+                pfd = dirs.get(parent)
+                assert pfd is not None
+                _fix_meta(pfd, name, want, owner, seen)
+    if unit.dotgit is not None:
+        _put_dotgit(dirs, root, unit.dotgit, sc, owner)
+    # Directories last (a read-only one could not be written into): made, given their mode and owner.
+    tree_dirs = {""}
+    for parent in {path.rpartition("/")[0] for path in p.entries} | set(unit.empty_dirs):
+        while parent and parent not in tree_dirs:
+            tree_dirs.add(parent)
+            parent = posixpath.dirname(parent)
+    for d in sorted(tree_dirs, key=lambda s: -s.count("/")):
+        full = join(root, d)
+        if not full:
+            continue  # the workspace root is taskbox's, not the checkpoint's
+        want = _dir_perm(unit, d)
+        seen = sc.dirs.get(d) if sc is not None else None
+        if seen is not None and (want is None or stat.S_IMODE(seen.st_mode) == want) and (
+                owner is None or (seen.st_uid, seen.st_gid) == owner):
+            continue
+        fd = dirs.get(full)
+        assert fd is not None
+        fst = os.fstat(fd)
+        if want is not None and stat.S_IMODE(fst.st_mode) != want:
+            os.fchmod(fd, want)
+        if owner is not None and (fst.st_uid, fst.st_gid) != owner:
+            os.fchown(fd, *owner)
+
+
+def _put_dotgit(dirs: _Dirs, root: str, want: dict[str, Any], sc: Scan | None,
+                owner: tuple[int, int] | None) -> None:
+    """A ``.git`` that is a link or a gitfile, as the checkpoint has it."""
+    ufd = dirs.get(root)
+    assert ufd is not None
+    seen = sc.meta.get(".git") if sc is not None else None
+    if sc is not None and sc.unit.dotgit == want and seen is not None:
+        perm = None if want["type"] == "link" else int(want.get("mode", 0o644))
+        _fix_meta(ufd, ".git", perm, owner, seen)
+        return
+    if want["type"] == "link":
+        _put_link(ufd, ".git", os.fsencode(want["target"]), owner)
+    else:
+        data = base64.b64decode(want["data"])
+        _put_file(ufd, ".git", int(want.get("mode", 0o644)) & 0o7777, owner,
+                  lambda fd: files._write_all(fd, data))
