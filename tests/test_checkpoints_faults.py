@@ -1,4 +1,4 @@
-"""Checkpoint faults: a restore killed half-way (real SIGKILL) and hostile archives."""
+"""Checkpoint faults: a restore killed half-way (real SIGKILL), hostile archives, Docker down."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import InvalidInput, TaskboxError, TaskService
+from taskbox import DockerUnavailable, InvalidInput, TaskboxError, TaskService, engine
 from taskbox.workspace import hand_over
 
 from .conftest import run_cli
@@ -149,3 +149,40 @@ def test_a_disk_that_fills_mid_checkpoint(svc: TaskService, repo: Path) -> None:
         assert (ws / "small.txt").read_text() == "fits\n"
     finally:
         subprocess.run(["umount", "-l", str(full)], check=False)
+
+
+def test_docker_down_restoring_a_container_checkpoint_is_docker_unavailable(
+        svc: TaskService, repo: Path, docker_engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine gone (a socket nobody listens on): exit 5 and nothing touched, not "checkpoint corrupted"."""
+    task = svc.create_task(repo, "docker down restore")
+    ws = Path(task.workspace_path)
+    svc.exec(task.id, "echo installed > /home/agent/.marker && echo one > f.txt")
+    cp = svc.create_checkpoint(task.id, "with-fs", include_filesystem=True)
+    try:
+        svc.exec(task.id, "echo two > f.txt && echo extra > g.txt")
+        before = manifest(ws)
+        dead = "unix:///nonexistent/docker.sock"
+        r = run_cli("restore-checkpoint", task.id, "-c", cp["checkpoint_id"], env={"DOCKER_HOST": dead})
+        assert r.returncode == 5, (r.stdout, r.stderr)
+        assert "Docker engine" in r.stderr and "corrupt" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        monkeypatch.setenv("DOCKER_HOST", dead)
+        engine.reset()  # the next connection goes to the dead socket
+        try:
+            with pytest.raises(DockerUnavailable):
+                TaskService(svc.paths.home).restore_checkpoint(task.id, cp["checkpoint_id"])
+        finally:
+            monkeypatch.undo()
+            engine.reset()
+        assert manifest(ws) == before  # all of the restore or none
+        events = [e["type"] for e in svc.registry.events(task.id)]
+        assert "checkpoint.restored" not in events
+        # The engine back, the same checkpoint restores: it was never damaged.
+        res = svc.restore_checkpoint(task.id, cp["checkpoint_id"])
+        assert res["container_restored"]
+        assert svc.exec(task.id, "cat /home/agent/.marker f.txt; ls g.txt 2>&1 || true").stdout.startswith(
+            "installed\none\n")
+    finally:
+        for c in docker_engine.api.containers(all=True, filters={"ancestor": cp["image"]}):
+            docker_engine.api.remove_container(c["Id"], force=True)
+        svc.delete_checkpoint(task.id, cp["checkpoint_id"])
