@@ -39,7 +39,6 @@ from taskbox import (  # noqa: E402
     archive,
     engine,
     images,
-    policy,
     quota,
 )
 from taskbox.sandbox import LABEL_HOME  # noqa: E402
@@ -140,7 +139,7 @@ def main() -> int:
 
         def logged() -> str:
             svc.exec(net_task.id, "true")
-            denied = [e for e in policy.audit_log(svc, net_task.id, decision="deny") if e["kind"] == "egress"]
+            denied = [e for e in svc.audit.read(net_task.id, decision="deny") if e["kind"] == "egress"]
             return f"{len(denied)} denials in audit log (rules: {', '.join(sorted({e['rule'] for e in denied}))})"
 
         def file_tools() -> str:

@@ -103,25 +103,16 @@ def create_task(description: str, repo: str, agent: str, model: str, title: str 
                 allow_domains: tuple[str, ...], image: str | None, base: str | None, lazy: bool, no_attach: bool,
                 session: str | None) -> Any:
     """Create a task: a workspace on a new branch, a sandbox container and memory."""
-    from .default_plugins.safety import warnings as safety_warnings
-
-    svc = _service()
-    task = svc.create_task(repo, description, agent=agent, model=model, title=title, task_id=task_id,
-                           lock_mode=lock_mode, memory=memory, cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes,
-                           network=network,
-                           allow_domains=list(allow_domains) or None,
-                           image=image, base_ref=base, lazy=lazy, progress=progress)
-    weaker = safety_warnings(svc, task)
-    for line in weaker:
+    data = _service().start_task(repo, description, attach=not no_attach, session_id=session, agent=agent,
+                                 model=model, title=title, task_id=task_id, lock_mode=lock_mode, memory=memory,
+                                 cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes, network=network,
+                                 allow_domains=list(allow_domains) or None, image=image, base_ref=base,
+                                 lazy=lazy, progress=progress)
+    for line in data["warnings"]:
         click.echo(f"warning: {line}", err=True)
-    session_id = None
-    if not (no_attach or lazy):
-        session_id = svc.attach(task.id, agent, model, session).session.id
-        task = svc.get(task.id)
-    data = {**task.to_dict(), "session_id": session_id, "warnings": weaker}
-    human = pairs([("task", task.id), ("status", str(task.status)), ("branch", task.branch),
-                   ("workspace", task.workspace_path), ("container", (task.container_id or "-")[:12]),
-                   ("session", session_id or "-")])
+    human = pairs([("task", data["task_id"]), ("status", data["status"]), ("branch", data["branch"]),
+                   ("workspace", data["workspace_path"]), ("container", (data["container_id"] or "-")[:12]),
+                   ("session", data["session_id"] or "-")])
     return data, human
 
 
@@ -195,9 +186,10 @@ def find_task(query: str, statuses: tuple[str, ...]) -> Any:
 def show(task_id: str) -> Any:
     """Show a task's record and its state."""
     svc = _service()
+    status = svc.status(task_id)  # the `status` operation, with its hooks (as over MCP)
     task = svc.get(task_id)
     state = svc.state(task_id)
-    usage = svc.workspace_usage(task)
+    usage = status["workspace_usage"]
     data = {**_task_row(svc, task), "state": state, "workspace_usage": usage}
     human = pairs([("task", task.id), ("title", task.title), ("status", str(task.status)),
                    ("branch", task.branch), ("repo", task.repo_path), ("workspace", task.workspace_path),

@@ -41,13 +41,13 @@ def session_end(service: Any, task: Any, session: Any) -> None:
 
 
 @hookspec
-def pre_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any]) -> None:
-    """A tool is about to run in a task; raise a TaskboxError to refuse it (``args["log"] is False``: record nothing of it)."""
+def pre_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any]) -> Any:
+    """An operation (``tool``, a name of models.OPERATIONS) is about to run on a task; raise a TaskboxError to refuse it, or return a models.CheckpointRequest to have one checkpoint taken first (``args["log"] is False``: record nothing of it)."""
 
 
 @hookspec
 def post_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any], result: Any) -> None:
-    """A tool ran in a task; ``result`` is what it returned."""
+    """An operation ran on a task; ``result`` is what it returned."""
 
 
 @hookspec

@@ -7,8 +7,8 @@ serving other calls meanwhile), and returns the result as structured JSON. Every
 :class:`~taskbox.errors.TaskboxError` becomes an MCP tool error (``isError``) carrying its
 message and code; anything else becomes a tool error too, so bad input never stops the server.
 
-Tool calls on a task go through :meth:`TaskService.run_tool`, which runs the
-``pre_tool_call``/``post_tool_call`` hooks and logs the call in the task's memory.
+Tool calls on a task go through :meth:`TaskService.run_tool`, which logs the call in the
+task's memory; the service operation it runs fires the hooks (as for every other adapter).
 """
 
 from __future__ import annotations
@@ -159,16 +159,13 @@ class _Adapter:
             return render_error(exc)
 
     async def task_tool(self, ctx: Context | None, task_id: str, tool: str, args: dict[str, Any],
-                        fn: Callable[[str | None], dict[str, Any]], *, hooks: bool = True,
-                        log: bool = True) -> CallToolResult:
-        """A tool call on one task: hooks and a memory record around ``fn(session_id)``
-        (see TaskService.run_tool)."""
+                        fn: Callable[[str | None], dict[str, Any]], *, log: bool = True) -> CallToolResult:
+        """A tool call on one task: ``fn(session_id)`` with a memory record (see TaskService.run_tool)."""
         connection = self.connection(ctx)
 
         def call() -> dict[str, Any]:
             session = self.session(connection, task_id)
-            return self.service.run_tool(task_id, tool, args, lambda: fn(session), session_id=session,
-                                         hooks=hooks, log=log)
+            return self.service.run_tool(task_id, tool, args, lambda: fn(session), session_id=session, log=log)
 
         return await self.run(call)
 
@@ -376,7 +373,7 @@ def create_server(service: TaskService | None = None) -> MCPServer:
                            log=log_execution, output_limit=OUTPUT_LIMIT, secrets=secrets)
             return res.to_dict()
 
-        return await ad.task_tool(ctx, task_id, "execute_in_task", args, call, hooks=False, log=log_execution)
+        return await ad.task_tool(ctx, task_id, "execute_in_task", args, call, log=log_execution)
 
     # --- files -------------------------------------------------------------------------------
 
@@ -393,8 +390,7 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         a file. Returns content, start_line, end_line, total_lines and truncated."""
         args = {"path": path, "start_line": start_line, "max_lines": max_lines}
         return await ad.task_tool(ctx, task_id, "read_task_file", args,
-                                  lambda _s: ad.service.read_text(task_id, path, start_line, max_lines),
-                                  hooks=False)
+                                  lambda _s: ad.service.read_text(task_id, path, start_line, max_lines))
 
     @tool(WRITES)
     async def write_task_file(
@@ -408,8 +404,7 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         data = content.encode()
         args = {"path": path, "content": content}
         return await ad.task_tool(ctx, task_id, "write_task_file", args,
-                                  lambda _s: {"path": ad.service.write_file(task_id, path, data), "size": len(data)},
-                                  hooks=False)
+                                  lambda _s: {"path": ad.service.write_file(task_id, path, data), "size": len(data)})
 
     @tool(WRITES)
     async def edit_task_file(
@@ -425,8 +420,7 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         first and copy old_text exactly; include enough lines to make it unique."""
         args = {"path": path, "old_text": old_text, "new_text": new_text, "replace_all": replace_all}
         return await ad.task_tool(ctx, task_id, "edit_task_file", args,
-                                  lambda _s: ad.service.edit_file(task_id, path, old_text, new_text, replace_all=replace_all),
-                                  hooks=False)
+                                  lambda _s: ad.service.edit_file(task_id, path, old_text, new_text, replace_all=replace_all))
 
     @tool(READ_ONLY)
     async def list_task_files(
@@ -439,15 +433,14 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         Use it to explore the project layout."""
         args = {"path": path, "recursive": recursive}
         return await ad.task_tool(ctx, task_id, "list_task_files", args,
-                                  lambda _s: ad.service.list_files(task_id, path, recursive=recursive),
-                                  hooks=False)
+                                  lambda _s: ad.service.list_files(task_id, path, recursive=recursive))
 
     @tool(DESTRUCTIVE)
     async def delete_task_file(task_id: TaskId, path: WorkspacePath, ctx: Context) -> Result:
         """Delete a file, link or directory (recursively) in the task workspace. .git and
         .task-memory cannot be deleted."""
         return await ad.task_tool(ctx, task_id, "delete_task_file", {"path": path},
-                                  lambda _s: ad.service.delete_file(task_id, path), hooks=False)
+                                  lambda _s: ad.service.delete_file(task_id, path))
 
     @tool(READ_ONLY)
     async def task_diff(
@@ -479,8 +472,7 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         changes = [dict(t) for t in todos]
         return await ad.task_tool(ctx, task_id, "update_task_todos", {"todos": changes},
                                   lambda session: {"todos": ad.service.update_todos(task_id, changes,
-                                                                                    session_id=session)},
-                                  hooks=False)
+                                                                                    session_id=session)})
 
     @tool(WRITES)
     async def log_task_decision(
@@ -543,15 +535,10 @@ def create_server(service: TaskService | None = None) -> MCPServer:
 
 
 def _serve(service: TaskService | None, run: Callable[[MCPServer], None]) -> None:
-    """Run the server; a resource-pressure monitor samples task memory while it serves."""
-    from .pressure import Monitor
-
+    """Run the server; the service's housekeeping (pressure sampling, idle pause …) runs while it serves."""
     svc = service or TaskService()
-    monitor = Monitor(svc).start()
-    try:
+    with svc.housekeeping():
         run(create_server(svc))
-    finally:
-        monitor.stop()
 
 
 def serve_stdio(service: TaskService | None = None) -> None:

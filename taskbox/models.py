@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -147,3 +149,73 @@ class Lease:
         data = asdict(self)
         data["mode"] = str(self.mode)
         return data
+
+
+# --- operations: the one vocabulary hooks, policy rules and records use ---------------------------
+
+#: Every operation on a task, as the core names it in ``pre_tool_call``/``post_tool_call``, with
+#: the names the adapters give it (an MCP tool, a CLI command). A policy rule's ``tools`` may
+#: use any of these names; the core always passes the operation's own.
+OPERATIONS: dict[str, tuple[str, ...]] = {
+    "attach": ("attach_agent_to_task", "resume-task"),
+    "detach": ("detach_agent_from_task",),
+    "complete": ("complete_task", "complete-task"),
+    "abort": (),
+    "exec": ("execute_in_task",),
+    "read_file": ("read_task_file",),
+    "write_file": ("write_task_file",),
+    "edit_file": ("edit_task_file",),
+    "list_files": ("list_task_files",),
+    "delete_file": ("delete_task_file",),
+    "diff": ("task_diff",),
+    "log": (),
+    "sync": (),
+    "status": ("get_task_status", "show"),
+    "update_todos": ("update_task_todos", "todo"),
+    "decision": ("log_task_decision", "task-decisions"),
+    "checkpoint": ("create_task_checkpoint", "checkpoint create"),
+    "restore": ("restore_task_checkpoint", "restore-checkpoint"),
+}
+_OPERATION_ALIASES = {alias: op for op, names in OPERATIONS.items() for alias in (op, *names)}
+
+
+def operation(name: str) -> str:
+    """The core's name of an operation given any of its names (unknown names stay as they are)."""
+    return _OPERATION_ALIASES.get(name, name)
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """A plugin's answer to ``pre_tool_call``: take a checkpoint before this operation runs.
+
+    However many plugins ask, the core takes one checkpoint. ``required`` (a policy rule)
+    refuses the operation if that checkpoint fails; otherwise the failure is recorded.
+    """
+
+    trigger: str
+    reason: str
+    required: bool = False
+    rule: str = ""
+
+
+# --- names ------------------------------------------------------------------------------------
+
+SLUG_MAX = 50
+
+
+def clean_name(text: str, allowed: str) -> str:
+    # Fold accents (é -> e) so non-English descriptions keep readable slugs.
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(f"[^{allowed}]+", "-", text.lower())
+    text = re.sub(r"-{2,}", "-", text)
+    text = re.sub(r"\.{2,}", ".", text)
+    return text.strip("-.")
+
+
+def slugify(text: str, limit: int = SLUG_MAX) -> str:
+    """Lowercase ``a-z0-9-`` slug of at most ``limit`` characters, cut at a word boundary."""
+    slug = clean_name(text, "a-z0-9")
+    if len(slug) > limit:
+        cut = slug[:limit]
+        slug = cut.rsplit("-", 1)[0] if "-" in cut[limit // 2 :] else cut
+    return slug.strip("-") or "task"

@@ -28,16 +28,17 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
+    from .audit import AuditLog
     from .models import Task
-    from .service import TaskService
 
 MODES = ("none", "allowlist", "open")
 PROXY_PORT = 3128
@@ -342,63 +343,63 @@ class EgressConfig:
                 "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
 
 
-def task_rules(service: TaskService, task: Task) -> EgressRules:
-    """The effective rules of a task: the project policy's network section plus the task's own."""
-    from . import policy
+@dataclass
+class NetworkPolicy:
+    """A project policy's ``[network]`` section (:mod:`taskbox.policy`)."""
 
-    pol = policy.for_task(service, task)
+    mode: str | None = None
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+    allow_private: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=lambda: [80, 443])
+
+
+def task_rules(section: NetworkPolicy, task: Task) -> EgressRules:
+    """The effective rules of a task: its project policy's network section plus the task's own."""
     own = (task.metadata.get("sandbox") or {}) if isinstance(task.metadata, dict) else {}
     return EgressRules.build(
-        allow=[*pol.network.allow, *own.get("allow_domains", [])],
-        deny=[*pol.network.deny, *own.get("deny_domains", [])],
-        allow_private=[*pol.network.allow_private, *own.get("allow_private", [])],
-        ports=own.get("ports") or pol.network.ports,
+        allow=[*section.allow, *own.get("allow_domains", [])],
+        deny=[*section.deny, *own.get("deny_domains", [])],
+        allow_private=[*section.allow_private, *own.get("allow_private", [])],
+        ports=own.get("ports") or section.ports,
     )
 
 
-def sync_log(service: TaskService, task: Task) -> list[dict[str, Any]]:
+def sync_log(egress_log: Callable[..., list[tuple[str, str]]], audit: AuditLog, task: Task) -> list[dict[str, Any]]:
     """Copy new proxy decisions of ``task`` into its audit log; report denials as events.
 
+    ``egress_log`` reads the proxy's log lines (``Sandbox.egress_log``).
     Returns the new decisions. Safe to call often: a cursor file remembers what was read.
     One call reads at most :data:`LOG_BATCH` lines (the rest wait for the next call), and
     the audit log and events take them through the per-task rate limit, so a command that
     makes thousands of denied requests leaves a burst of entries and one aggregated record.
     """
-    from . import policy
-
     if task.network != "allowlist" or not task.container_id:
         return []
-    lines = service.sandbox.egress_log(task.container_id, since=_read_cursor(service, task.id),
-                                       max_lines=LOG_BATCH)
+    cursor = audit.directory / f"{task.id}.egress-cursor"
+    lines = egress_log(task.container_id, since=_read_cursor(cursor), max_lines=LOG_BATCH)
     if not lines:
         return []
     decisions = [r for r in (parse_log_line(text) for _stamp, text in lines) if r is not None]
-    policy.audit_batch(service, task.id, [
+    audit.batch(task.id, [
         {"kind": "egress", "decision": r["decision"], "rule": r["rule"] or "-", "subject": r["url"],
          "host": r["host"], "method": r["method"], "code": r["code"]} for r in decisions], sample="host")
     denied = [r for r in decisions if r["decision"] == "deny"]
-    service.registry.add_events("egress.denied", task.id,
-                                [{k: r[k] for k in ("host", "port", "method", "url", "rule")} for r in denied],
-                                [r["host"] for r in denied])
-    _write_cursor(service, task.id, lines[-1][0])
+    audit.registry.add_events("egress.denied", task.id,
+                              [{k: r[k] for k in ("host", "port", "method", "url", "rule")} for r in denied],
+                              [r["host"] for r in denied])
+    _write_cursor(cursor, lines[-1][0])
     return decisions
 
 
-def _cursor_path(service: TaskService, task_id: str) -> Any:
-    from . import policy
-
-    return policy.audit_dir(service) / f"{task_id}.egress-cursor"
-
-
-def _read_cursor(service: TaskService, task_id: str) -> str | None:
+def _read_cursor(path: Path) -> str | None:
     try:
-        return _cursor_path(service, task_id).read_text().strip() or None
+        return path.read_text().strip() or None
     except FileNotFoundError:
         return None
 
 
-def _write_cursor(service: TaskService, task_id: str, stamp: str) -> None:
-    path = _cursor_path(service, task_id)
+def _write_cursor(path: Path, stamp: str) -> None:
     tmp = path.with_suffix(f".{time.monotonic_ns()}.tmp")
     tmp.write_text(stamp)
     tmp.replace(path)

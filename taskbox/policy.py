@@ -51,37 +51,24 @@ checkpoint or deny, with the rule that made it — is appended to the task's aud
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 import re
-import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import files
 from .config import load_project_file
 from .errors import InvalidInput, PolicyDenied
+from .models import operation
+from .network import NetworkPolicy
 
 if TYPE_CHECKING:
     from .models import Task
-    from .service import TaskService
 
 POLICY_FILE = Path(".taskbox") / "policy.toml"
 ACTIONS = ("allow", "checkpoint", "deny")  # in increasing strictness
 RISK_LEVELS = ("low", "medium", "high")
 FILE_TOOLS = ("write_file", "edit_file", "delete_file", "read_file", "list_files")
-NOT_LOGGED = "[not logged]"  # what is recorded instead of a command run with log=False
-
-
-@dataclass
-class NetworkPolicy:
-    mode: str | None = None
-    allow: list[str] = field(default_factory=list)
-    deny: list[str] = field(default_factory=list)
-    allow_private: list[str] = field(default_factory=list)
-    ports: list[int] = field(default_factory=lambda: [80, 443])
 
 
 @dataclass
@@ -111,7 +98,8 @@ class Rule:
     reason: str = ""
 
     def matches(self, tool: str, text: str, risk_level: str | None) -> bool:
-        if "*" not in self.tools and tool not in self.tools:
+        # A rule may name an operation by any of its names (an MCP tool, a CLI command).
+        if "*" not in self.tools and operation(tool) not in {operation(t) for t in self.tools}:
             return False
         if self.pattern is not None and not re.search(self.pattern, text):
             return False
@@ -296,172 +284,10 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Policy:
     return Policy(net, limits, rules, mounts, default, path, path is not None)
 
 
-def for_task(service: TaskService, task: Task) -> Policy:
+def for_task(task: Task) -> Policy:
     """The policy of a task's project; a broken policy file refuses everything (fail closed)."""
     try:
         return load(Path(task.repo_path))
     except InvalidInput as exc:
-        service.registry.add_event("policy.invalid", task.id, {"error": exc.message[:500]})
         raise PolicyDenied(f"the project policy is invalid, so nothing runs until it is fixed: {exc.message}",
-                           rule="policy-invalid") from exc
-
-
-# --- the check and the audit log ---------------------------------------------------------------
-
-
-def check(service: TaskService, task: Task, tool: str, args: dict[str, Any]) -> PolicyDecision:
-    """Evaluate a tool call against the task's project policy, audit it, and enforce it.
-
-    ``deny`` raises :class:`PolicyDenied` (after a ``policy.denied`` event); ``checkpoint``
-    takes a checkpoint first (a failed checkpoint refuses the call, since the rule asked
-    for a safety net).
-    """
-    pol = for_task(service, task)
-    decision = pol.evaluate(tool, args, Path(task.repo_path))
-    # A call made with log=False is decided on its text but recorded without it.
-    subject = decision.subject if args.get("log", True) else NOT_LOGGED
-    audit(service, task.id, kind="tool", decision=decision.action, rule=decision.rule, subject=subject,
-          tool=tool, reason=decision.reason, risk=decision.risk)
-    if decision.action == "deny":
-        service.registry.add_event("policy.denied", task.id, {"tool": tool, "rule": decision.rule,
-                                                              "subject": subject[:300],
-                                                              "reason": decision.reason}, sample=decision.rule)
-        raise PolicyDenied(f"refused by the project policy ({decision.rule}): {decision.reason}",
-                           rule=decision.rule, tool=tool)
-    if decision.action == "checkpoint":
-        from .errors import TaskboxError
-
-        short = subject if len(subject) <= 100 else subject[:97] + "..."
-        reason = service.redactor.text(f"policy rule {decision.rule} before `{short}`")
-        try:
-            service.create_checkpoint(task.id, None, trigger="policy", reason=reason)
-        except TaskboxError as exc:
-            service.registry.add_event("policy.checkpoint_failed", task.id,
-                                       {"rule": decision.rule, "error": exc.message[:300]})
-            raise PolicyDenied(f"the policy asks for a checkpoint before this call ({decision.rule}), and "
-                               f"it failed: {exc.message}", rule=decision.rule, tool=tool) from exc
-    return decision
-
-
-def audit_dir(service: TaskService) -> Path:
-    path = service.paths.home / "audit"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def audit(service: TaskService, task_id: str, *, kind: str, decision: str, rule: str, subject: str,
-          **extra: Any) -> None:
-    """Append one decision to the task's audit log (rate-limited per kind and decision, see :func:`audit_batch`)."""
-    audit_batch(service, task_id, [{"kind": kind, "decision": decision, "rule": rule, "subject": subject, **extra}])
-
-
-def audit_batch(service: TaskService, task_id: str, entries: list[dict[str, Any]],
-                sample: str = "subject") -> int:
-    """Append decisions (dicts with kind, decision, rule, subject …) to the task's audit log.
-
-    Per task, kind and decision, a burst of ``record_burst`` entries per ``record_window``
-    seconds is written one by one; the rest are counted by the registry's limiter and
-    written as one ``aggregated`` entry with their ``count`` (``entry[sample]`` of a few
-    kept as examples). Returns how many entries were written one by one.
-    """
-    now = time.time()
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(entries):
-        groups.setdefault(f"{e['kind']}:{e['decision']}", []).append(i)
-    keep: set[int] = set()
-    lines: list[bytes] = []
-    for key, idx in groups.items():
-        take, closed = service.registry.admit("audit", task_id, key, len(idx),
-                                              [str(entries[i].get(sample) or "") for i in idx])
-        keep.update(idx[:take])
-        if closed:
-            lines.append(_aggregate_line(service, task_id, key, closed))
-    for i, e in enumerate(entries):
-        if i in keep:
-            entry = {"time": now, "task_id": task_id, **{k: v for k, v in e.items() if v is not None}}
-            entry["subject"] = str(entry.get("subject", ""))[:1000]
-            lines.append(_line(service, entry))
-    _append(service, task_id, b"".join(lines))
-    return len(keep)
-
-
-def flush_records(service: TaskService, task_id: str | None = None, force: bool = False) -> None:
-    """Write the aggregated audit entries and events of closed rate-limit windows (all, with ``force``)."""
-    found = service.registry.flush_windows("audit", task_id, force)
-    for tid, key, aggregate in found:
-        if tid:
-            _append(service, tid, _aggregate_line(service, tid, key, aggregate))
-    service.registry.flush_events(task_id, force)
-
-
-def _aggregate_line(service: TaskService, task_id: str, key: str, aggregate: dict[str, Any]) -> bytes:
-    kind, _, decision = key.partition(":")
-    entry = {"time": time.time(), "task_id": task_id, "kind": kind, "decision": decision, "rule": "aggregated",
-             "subject": f"{aggregate['count']} more {kind} {decision} decisions", **aggregate}
-    return _line(service, entry)
-
-
-def _line(service: TaskService, entry: dict[str, Any]) -> bytes:
-    return (json.dumps(service.registry.redact(entry), sort_keys=True, default=str) + "\n").encode()
-
-
-def _append(service: TaskService, task_id: str, data: bytes) -> None:
-    """Append to the task's audit log with one ``write`` (safe across processes); rotate it past its size.
-
-    Past ``audit_max_bytes`` the log becomes ``<task>.jsonl.1`` (replacing an older one)
-    and a new one starts, so a task's audit log never takes more than twice that.
-    """
-    if not data:
-        return
-    path = audit_dir(service) / f"{task_id}.jsonl"
-    limit = int(service.settings.audit_max_bytes)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o600)
-    try:
-        if os.fstat(fd).st_size + len(data) > limit:
-            with files.locked(service.paths.locks / f"{task_id}.audit.lock"):
-                try:
-                    current = os.stat(path, follow_symlinks=False)
-                except FileNotFoundError:
-                    current = None
-                # Another process may have rotated it while we waited for the lock.
-                if current is not None and current.st_ino == os.fstat(fd).st_ino \
-                        and current.st_size + len(data) > limit:
-                    os.replace(path, path.with_name(path.name + ".1"))
-                os.close(fd)
-                fd = os.open(path, flags, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _tail(path: Path, limit: int) -> bytes:
-    """The last ``limit`` bytes of ``path``, from a line start (the log is bounded, the read is too)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return b""
-    with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fd).st_size
-        if size <= limit:
-            return fh.read(limit)
-        fh.seek(size - limit)
-        data = fh.read(limit)
-        return data[data.find(b"\n") + 1:]
-
-
-def audit_log(service: TaskService, task_id: str, limit: int | None = None,
-              decision: str | None = None) -> list[dict[str, Any]]:
-    """The task's audit entries, oldest first (the last ``limit``; only ``decision`` if given)."""
-    path = audit_dir(service) / f"{task_id}.jsonl"
-    most = int(service.settings.audit_max_bytes)
-    data = _tail(path.with_name(path.name + ".1"), most) + _tail(path, most)
-    out = []
-    for line in data.splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and (decision is None or entry.get("decision") == decision):
-            out.append(entry)
-    return out[-limit:] if limit else out
+                           rule="policy-invalid", invalid=exc.message[:500]) from exc

@@ -15,22 +15,22 @@ emergency     95 %        a ``resource.emergency`` event, an emergency checkpoin
 
 The thresholds are the ``pressure_*`` settings. Sampling happens on every ``tick`` (doctor,
 long-running servers), after every command, and in a :class:`Monitor` thread a server may
-run. OOM kills themselves are detected per command by :meth:`taskbox.sandbox.Sandbox.exec`.
+run. This module measures and decides (:func:`transition`); the service acts
+(:meth:`taskbox.service.TaskService.check_pressure`). OOM kills themselves are detected per command by :meth:`taskbox.sandbox.Sandbox.exec`.
 """
 
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import TaskboxError
-from .models import ContainerState, Status
 
 if TYPE_CHECKING:
     from .models import Task
-    from .service import TaskService
+    from .sandbox import Sandbox
 
 LEVELS = ("ok", "warning", "critical", "emergency")
 
@@ -48,9 +48,24 @@ class Sample:
         return asdict(self)
 
 
-def thresholds(service: TaskService) -> tuple[float, float, float]:
-    s = service.settings
-    return (float(s.pressure_warning), float(s.pressure_critical), float(s.pressure_emergency))
+@dataclass
+class Transition:
+    """A task's pressure level changed: from ``previous`` to ``level``, and what to do about it.
+
+    ``action`` is ``recovered`` (back below a level), ``event`` (warning), ``checkpoint``
+    (critical) or ``pause`` (emergency: checkpoint, then stop the container).
+    ``remember`` is the level to keep in the task's metadata.
+    """
+
+    previous: str
+    level: str
+    action: str
+    remember: str
+    sample: Sample | None
+
+
+def thresholds(settings: Any) -> tuple[float, float, float]:
+    return (float(settings.pressure_warning), float(settings.pressure_critical), float(settings.pressure_emergency))
 
 
 def level_for(percent: float, limits: tuple[float, float, float]) -> str:
@@ -65,7 +80,8 @@ def level_for(percent: float, limits: tuple[float, float, float]) -> str:
     return "ok"
 
 
-def sample(service: TaskService, task: Task, *, engine: bool = True) -> Sample | None:
+def sample(sandbox: Sandbox, task: Task, limits: tuple[float, float, float], *,
+           engine: bool = True) -> Sample | None:
     """The task's memory use now, or None when its container does not run.
 
     ``engine=False`` reads only the cgroup files on this host (fast), never the stats API.
@@ -73,85 +89,40 @@ def sample(service: TaskService, task: Task, *, engine: bool = True) -> Sample |
     if not task.container_id:
         return None
     try:
-        usage = service.sandbox.memory_usage(task.container_id, engine=engine)
+        usage = sandbox.memory_usage(task.container_id, engine=engine)
     except TaskboxError:
         return None
     if not usage or not usage["limit"]:
         return None
     pct = round(100.0 * usage["usage"] / usage["limit"], 2)
-    return Sample(task.id, usage["usage"], usage["limit"], pct, usage["pids"], level_for(pct, thresholds(service)))
+    return Sample(task.id, usage["usage"], usage["limit"], pct, usage["pids"], level_for(pct, limits))
 
 
-def check_task(service: TaskService, task: Task, current: Sample | None = None, *,
-               engine: bool = True) -> Sample | None:
-    """Sample one task and act on a level it newly reached (see the module docstring)."""
-    current = current or sample(service, task, engine=engine)
-    if current is None and not engine:
-        return None  # no fast reading here: leave the level to the next full sample
+def transition(task: Task, current: Sample | None) -> Transition | None:
+    """What a new sample means for the task: None when its level did not change."""
     previous = str((task.metadata.get("pressure") or {}).get("level", "ok"))
     level = current.level if current else "ok"
     if level == previous:
-        return current
-    _remember(service, task.id, level, current)
+        return None
     if current is None or LEVELS.index(level) < LEVELS.index(previous):
-        if current is not None:
-            service.registry.add_event("resource.recovered", task.id, {"from": previous, **current.to_dict()})
-        return current
-    detail = {"from": previous, **current.to_dict()}
-    service.registry.add_event(f"resource.{level}", task.id, detail)
-    if level == "critical":
-        _checkpoint(service, task, "resource-pressure", f"memory at {current.percent}% of the limit")
-    elif level == "emergency":
-        _checkpoint(service, task, "emergency", f"memory at {current.percent}% of the limit: emergency")
-        try:
-            if service.get(task.id).status is Status.ACTIVE:
-                service.pause(task.id)
-                service.registry.add_event("resource.paused", task.id, detail)
-        except TaskboxError as exc:
-            service.registry.add_event("resource.pause_failed", task.id, {"error": exc.message[:300]})
-        _remember(service, task.id, "ok", None)  # the container is stopped: start afresh next time
-    return current
-
-
-def check_all(service: TaskService) -> list[Sample]:
-    """Sample every running task of this home and act on new levels."""
-    out = []
-    for task in service.registry.list_tasks([str(Status.ACTIVE)]):
-        if task.container_state is not ContainerState.RUNNING:
-            continue
-        s = check_task(service, task)
-        if s is not None:
-            out.append(s)
-    return out
-
-
-def _remember(service: TaskService, task_id: str, level: str, current: Sample | None) -> None:
-    def apply(meta: dict[str, Any]) -> None:
-        meta["pressure"] = {"level": level, "at": time.time(),
-                            "percent": current.percent if current else None}
-
-    try:
-        service.update_metadata(task_id, apply)
-    except TaskboxError:
-        pass
-
-
-def _checkpoint(service: TaskService, task: Task, trigger: str, reason: str) -> None:
-    try:
-        service.create_checkpoint(task.id, None, trigger=trigger, reason=reason)
-    except TaskboxError as exc:
-        service.registry.add_event("resource.checkpoint_failed", task.id,
-                                   {"trigger": trigger, "error": exc.message[:300]})
+        return Transition(previous, level, "recovered", level, current)
+    action = {"warning": "event", "critical": "checkpoint", "emergency": "pause"}[level]
+    # After an emergency the container is stopped: start afresh next time.
+    return Transition(previous, level, action, "ok" if action == "pause" else level, current)
 
 
 class Monitor:
-    """A daemon thread that runs the service's ``tick`` (pressure sampling, idle pause, …) every ``interval`` seconds."""
+    """A daemon thread that calls ``tick`` (pressure sampling, idle pause, …) every ``interval`` seconds.
 
-    def __init__(self, service: TaskService, interval: float | None = None) -> None:
-        self.service = service
-        self.interval = float(interval if interval is not None else service.settings.pressure_interval)
+    A failed round is passed to ``on_error`` (one line) and the thread keeps going.
+    """
+
+    def __init__(self, tick: Callable[[], None], interval: float, on_error: Callable[[str], None]) -> None:
+        self.tick = tick
+        self.on_error = on_error
+        self.interval = float(interval)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="taskbox-pressure", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="taskbox-housekeeping", daemon=True)
 
     def start(self) -> Monitor:
         self._thread.start()
@@ -164,7 +135,6 @@ class Monitor:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.service.tick()  # pressure sampling is the safety plugin's tick
+                self.tick()
             except Exception as exc:  # the monitor thread must outlive any one failed round
-                message = exc.message if isinstance(exc, TaskboxError) else f"{type(exc).__name__}: {exc}"
-                self.service.registry.add_event("resource.monitor_error", None, {"error": message[:300]})
+                self.on_error(exc.message if isinstance(exc, TaskboxError) else f"{type(exc).__name__}: {exc}")

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from . import engine, faults, files, git, network, policy, quota, workspace
+from . import engine, faults, files, git, network, policy, pressure, quota, workspace
+from .audit import AuditLog
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
-from .default_plugins.branch import slugify
 from .errors import (
     ConcurrentModification,
     Conflict,
@@ -34,6 +34,7 @@ from .errors import (
     InvalidTransition,
     NotFound,
     PathOutsideWorkspace,
+    PolicyDenied,
     SandboxError,
     TaskboxError,
     TaskLocked,
@@ -41,7 +42,17 @@ from .errors import (
     WorkspaceFull,
 )
 from .memory import TODO_STATUSES, Recovery, TaskMemory
-from .models import FINISHED, ContainerState, LockMode, Session, Status, Task, check_transition
+from .models import (
+    FINISHED,
+    CheckpointRequest,
+    ContainerState,
+    LockMode,
+    Session,
+    Status,
+    Task,
+    check_transition,
+    slugify,
+)
 from .network import MODES as NETWORK_MODES
 from .network import EgressRules
 from .plugins import make_manager
@@ -55,6 +66,7 @@ from .sandbox import (
     check_limits,
     host_capacity,
     sandbox_owner,
+    weakened,
 )
 from .secrets import Redactor
 from .secrets import resolve as resolve_secrets
@@ -137,6 +149,7 @@ class TaskService:
         self.redactor = Redactor(self.paths.home)
         self.registry = Registry(self.paths.db, burst=self.settings.record_burst,
                                  window=self.settings.record_window, redact=self.redactor)
+        self.audit = AuditLog(self.paths.home / "audit", self.paths.locks, self.registry, self.settings)
         self.pm = plugin_manager or make_manager()
         self.hook = self.pm.hook
         self._sandbox: Sandbox | None = None
@@ -296,6 +309,38 @@ class TaskService:
             return self.registry.update_task(task_id, task.version, {"metadata": meta})
 
         return self.retry(attempt)
+
+    # --- hooks: every operation fires them here, under one vocabulary (models.OPERATIONS) -----
+
+    def _before(self, task: Task, op: str, args: dict[str, Any]) -> None:
+        """Every plugin's ``pre_tool_call`` for ``op``: a plugin refuses by raising, or asks for
+        a checkpoint first (:class:`~taskbox.models.CheckpointRequest`).
+
+        However many plugins ask (a policy rule and the risk score, say), one checkpoint is
+        taken. If it fails, a ``required`` request (a policy rule) refuses the operation; the
+        others record the failure and let it run.
+        """
+        answers = self.hook.pre_tool_call(service=self, task=task, tool=op, args=args)
+        asks = [a for a in answers if isinstance(a, CheckpointRequest)]
+        if not asks or op == "checkpoint":
+            return
+        reason = "; ".join(dict.fromkeys(a.reason for a in asks))
+        try:
+            self.create_checkpoint(task.id, None, trigger=asks[0].trigger, reason=reason)
+        except TaskboxError as exc:
+            required = next((a for a in asks if a.required), None)
+            if required is None:
+                self.registry.add_event("checkpoint.auto_failed", task.id, {
+                    "trigger": asks[0].trigger, "reason": reason[:500], "error": exc.message[:500]})
+                return
+            self.registry.add_event("policy.checkpoint_failed", task.id,
+                                    {"rule": required.rule, "error": exc.message[:300]})
+            raise PolicyDenied(f"the policy asks for a checkpoint before this call ({required.rule}), and "
+                               f"it failed: {exc.message}", rule=required.rule, tool=op) from exc
+
+    def _after(self, task: Task, op: str, args: dict[str, Any], result: Any) -> None:
+        """Every plugin's ``post_tool_call`` for ``op``."""
+        self.hook.post_tool_call(service=self, task=task, tool=op, args=args, result=result)
 
     # --- create ------------------------------------------------------------------------------
 
@@ -457,6 +502,21 @@ class TaskService:
             raise
         return task
 
+    def start_task(self, repo: str | Path, description: str, *, attach: bool = True,
+                   session_id: str | None = None, **options: Any) -> dict[str, Any]:
+        """Create a task and attach its creator (unless ``attach`` is false or the task is lazy).
+
+        Returns the task's record with ``session_id`` and ``warnings`` (how its sandbox is
+        weaker than the default profile). ``options`` are :meth:`create_task`'s.
+        """
+        task = self.create_task(repo, description, **options)
+        sid = None
+        if attach and not options.get("lazy"):
+            sid = self.attach(task.id, options.get("agent", "agent"), options.get("model", "unknown"),
+                              session_id).session.id
+            task = self.get(task.id)
+        return {**task.to_dict(), "session_id": sid, "warnings": self.sandbox_warnings(task)}
+
     def _undo_create(self, task: Task) -> None:
         """Remove a half-made task: container, workspace volume and directory, then its registry row."""
         try:
@@ -559,7 +619,7 @@ class TaskService:
         check_transition(task.id, task.status, Status.PAUSED)
         if task.container_id:
             self.sandbox.stop(task.container_id)
-        policy.flush_records(self, task.id, force=True)
+        self.audit.flush(task.id, force=True)
         return self._transition(task.id, Status.PAUSED, {"container_state": ContainerState.STOPPED})
 
     # --- sessions ----------------------------------------------------------------------------
@@ -593,6 +653,8 @@ class TaskService:
         existing = self.registry.get_session(sid)
         if existing and existing.task_id != task.id:
             raise InvalidInput(f"session {sid} belongs to task {existing.task_id}")
+        args = {"agent": agent, "model": model, "session_id": sid}
+        self._before(task, "attach", args)
         deadline = time.monotonic() + wait
         queued = False
         try:
@@ -652,7 +714,9 @@ class TaskService:
         self.hook.session_start(service=self, task=task, session=session)
         if recovery:
             self._report_recovery(task, recovery)
-        return AttachResult(session, task, restored, recovery, [e.to_dict() for e in expired], restore_ms)
+        result = AttachResult(session, task, restored, recovery, [e.to_dict() for e in expired], restore_ms)
+        self._after(task, "attach", args, result)
+        return result
 
     def renew(self, task_id: str, session_id: str) -> bool:
         return self.registry.renew_lease(task_id, session_id, self.settings.lease_seconds)
@@ -676,6 +740,8 @@ class TaskService:
             if not found:
                 raise NotFound(f"session {session_id} is not attached to task {task.id}", session_id=session_id)
             session = found[0]
+        args = {"session_id": session.id, "save_checkpoint": save_checkpoint, "checkpoint_name": checkpoint_name}
+        self._before(task, "detach", args)
         self.registry.release_lease(task.id, session.id)
         self.registry.end_session(session.id, time.time())
         mem = self.memory(task)
@@ -698,9 +764,11 @@ class TaskService:
         if not remaining and self.get(task.id).status is Status.ACTIVE:
             self.pause(task.id)
             paused = True
-        return {"task_id": task.id, "session_id": session.id, "paused": paused, "commit": fetched,
-                "branch": task.branch, "remaining_sessions": [s.id for s in remaining],
-                "checkpoint_id": checkpoint["checkpoint_id"] if checkpoint else None}
+        result = {"task_id": task.id, "session_id": session.id, "paused": paused, "commit": fetched,
+                  "branch": task.branch, "remaining_sessions": [s.id for s in remaining],
+                  "checkpoint_id": checkpoint["checkpoint_id"] if checkpoint else None}
+        self._after(task, "detach", args, result)
+        return result
 
     # --- exec --------------------------------------------------------------------------------
 
@@ -743,7 +811,7 @@ class TaskService:
             args["secrets"] = sorted(values)
         if not log:
             args["log"] = False
-        self.hook.pre_tool_call(service=self, task=task, tool="exec", args=args)
+        self._before(task, "exec", args)
         session = self.registry.get_session(session_id) if session_id else None
         try:
             result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
@@ -758,7 +826,7 @@ class TaskService:
             raise
         result = self._redact_result(result)
         self._log_exec(task, session, command, wd, result, log)
-        self.hook.post_tool_call(service=self, task=task, tool="exec", args=args, result=result)
+        self._after(task, "exec", args, result)
         return result
 
     def _redact_result(self, result: ExecResult) -> ExecResult:
@@ -835,7 +903,7 @@ class TaskService:
             if "text" in todo:
                 todo["text"] = _validate_text("todo text", str(todo["text"]), 500)
             clean.append(todo)
-        self.hook.pre_tool_call(service=self, task=task, tool="update_todos", args={"todos": clean})
+        self._before(task, "update_todos", {"todos": clean})
 
         def apply(s: dict[str, Any]) -> None:
             by_id = {t["id"]: t for t in s["todos"]}
@@ -866,8 +934,7 @@ class TaskService:
             mem.log_conversation({"session": session_id, "agent": agent, "role": "system", "kind": "todo",
                                   "todo": next((t for t in state["todos"] if t["id"] == todo["id"]),
                                                {"id": todo["id"], "deleted": True})})
-        self.hook.post_tool_call(service=self, task=task, tool="update_todos", args={"todos": clean},
-                                 result={"todos": state["todos"]})
+        self._after(task, "update_todos", {"todos": clean}, {"todos": state["todos"]})
         for todo in completed:
             self.registry.add_event("todo.completed", task.id, {"todo": todo})
             self.hook.todo_complete(service=self, task=task, todo=todo)
@@ -876,9 +943,12 @@ class TaskService:
     def log_decision(self, task_id: str, decision: str, *, context: str = "", rationale: str = "",
                      alternatives: str = "", agent: str = "user") -> dict[str, Any]:
         task = self.get(task_id)
-        entry = self.memory(task).add_decision(agent, context or "-", _validate_text("decision", decision, 4000),
-                                               rationale, alternatives)
+        decision = _validate_text("decision", decision, 4000)
+        args = {"decision": decision, "context": context, "rationale": rationale, "alternatives": alternatives}
+        self._before(task, "decision", args)
+        entry = self.memory(task).add_decision(agent, context or "-", decision, rationale, alternatives)
         self.registry.add_event("decision.logged", task.id, entry)
+        self._after(task, "decision", args, entry)
         return entry
 
     # --- complete / abort / cleanup ----------------------------------------------------------
@@ -893,8 +963,10 @@ class TaskService:
         ``final_checkpoint`` is false.
         """
         task = self.get(task_id)
+        args = {"summary": summary, "cleanup": cleanup, "final_checkpoint": final_checkpoint}
         if task.pending_op != "complete":
             check_transition(task.id, task.status, Status.COMPLETED)
+            self._before(task, "complete", args)
             task = self._update(task.id, {"pending_op": "complete", "op_pid": os.getpid()})
         self.hook.task_complete(service=self, task=task, summary=summary, final_checkpoint=final_checkpoint)
         self.update_state(task, lambda s: s.update(status=str(Status.COMPLETED), current_agent=None))
@@ -903,7 +975,7 @@ class TaskService:
         self._end_sessions(task.id)
         if task.container_id:
             self.sandbox.stop(task.container_id)
-        policy.flush_records(self, task.id, force=True)
+        self.audit.flush(task.id, force=True)
         task = self.retry(lambda: self.registry.update_task(
             task.id, self.get(task.id).version,
             {"status": Status.COMPLETED, "pending_op": None, "op_pid": None, "completed_at": time.time(),
@@ -914,20 +986,25 @@ class TaskService:
             self.cleanup(task.id)
             removed = True
         finals = [c for c in self.list_checkpoints(task.id) if c["trigger"] == "final"]
-        return {"success": True, "task_id": task.id, "branch": task.branch, "commit": head,
-                "new_commit": commit, "container_removed": removed,
-                "final_checkpoint_id": finals[-1]["checkpoint_id"] if finals and final_checkpoint else None,
-                "status": str(self.get(task.id).status)}
+        result = {"success": True, "task_id": task.id, "branch": task.branch, "commit": head,
+                  "new_commit": commit, "container_removed": removed,
+                  "final_checkpoint_id": finals[-1]["checkpoint_id"] if finals and final_checkpoint else None,
+                  "status": str(self.get(task.id).status)}
+        self._after(task, "complete", args, result)
+        return result
 
     def abort(self, task_id: str, reason: str = "") -> Task:
         task = self.get(task_id)
         check_transition(task.id, task.status, Status.ABORTED)
+        self._before(task, "abort", {"reason": reason})
         self._end_sessions(task.id)
         if task.container_id:
             self.sandbox.stop(task.container_id)
-        policy.flush_records(self, task.id, force=True)
-        return self._transition(task.id, Status.ABORTED, {"container_state": ContainerState.STOPPED
+        self.audit.flush(task.id, force=True)
+        task = self._transition(task.id, Status.ABORTED, {"container_state": ContainerState.STOPPED
                                 if task.container_id else ContainerState.NONE}, reason=reason)
+        self._after(task, "abort", {"reason": reason}, task)
+        return task
 
     def _end_sessions(self, task_id: str) -> None:
         """Release every lease and end every open session of a finishing task."""
@@ -983,24 +1060,34 @@ class TaskService:
                                             self.home_label)
         return self._checkpoints
 
+    def _note_decision(self, task: Task, decision: str, *, context: str = "", rationale: str = "") -> None:
+        """A decision taskbox itself records (a checkpoint taken, restored …): not an operation, so no hooks."""
+        entry = self.memory(task).add_decision("taskbox", context or "-", decision, rationale, "")
+        self.registry.add_event("decision.logged", task.id, entry)
+
     def create_checkpoint(self, task_id: str, name: str | None = None, description: str = "", *,
                           include_filesystem: bool = False, trigger: str = "manual", pinned: bool = False,
                           reason: str = "") -> dict[str, Any]:
         """Checkpoint the task's whole workspace (and, if asked, its container's filesystem).
 
-        The checkpoint is recorded (decisions.md, the ``checkpoint_start`` hook — Plan.md's
+        A ``manual`` checkpoint is an operation (``checkpoint``) with its hooks; automatic
+        ones (``trigger`` anything else) are taken on behalf of another operation. The
+        checkpoint is recorded (decisions.md, the ``checkpoint_start`` hook — Plan.md's
         iteration log —, the conversation log, state.json) before it is taken, so it holds
         its own record; a failure is recorded in the same places.
         """
         task = self.get(task_id)
+        args = {"name": name, "description": description, "include_filesystem": include_filesystem}
+        if trigger == "manual":
+            self._before(task, "checkpoint", args)
         self._ensure_volume(task)
         cps = self.checkpoints
         with cps.locked(task.id):
             new = cps.begin(task, name, description, include_filesystem=include_filesystem, trigger=trigger,
                             pinned=pinned, reason=reason)
             new.parent_id = self.state(task.id).get("current_checkpoint")
-            self.log_decision(task.id, f"Checkpoint `{new.name}` ({new.checkpoint_id}) taken",
-                              context=f"trigger: {new.trigger}", rationale=new.reason, agent="taskbox")
+            self._note_decision(task, f"Checkpoint `{new.name}` ({new.checkpoint_id}) taken",
+                              context=f"trigger: {new.trigger}", rationale=new.reason)
             self.hook.checkpoint_start(service=self, task=task, checkpoint=new)
             self.memory(task).log_conversation({"role": "system", "kind": "checkpoint",
                                                 "checkpoint_id": new.checkpoint_id, "name": new.name,
@@ -1012,10 +1099,13 @@ class TaskService:
 
             self.update_state(task, mark)
             try:
-                return cps.take(task, new)
+                result = cps.take(task, new)
             except BaseException as exc:
                 self._checkpoint_failed(task, new, exc)
                 raise
+        if trigger == "manual":
+            self._after(task, "checkpoint", args, result)
+        return result
 
     def _checkpoint_failed(self, task: Task, new: NewCheckpoint, exc: BaseException) -> None:
         msg = exc.message if isinstance(exc, TaskboxError) else f"{type(exc).__name__}: {exc}"
@@ -1027,8 +1117,8 @@ class TaskService:
 
         try:
             self.update_state(task, unmark)
-            self.log_decision(task.id, f"Checkpoint `{new.name}` ({new.checkpoint_id}) failed",
-                              context="checkpoint", rationale=msg[:500], agent="taskbox")
+            self._note_decision(task, f"Checkpoint `{new.name}` ({new.checkpoint_id}) failed",
+                              context="checkpoint", rationale=msg[:500])
             self.hook.checkpoint_failed(service=self, task=task, checkpoint=new, error=msg[:200])
             self.registry.add_event("checkpoint.failed", task.id,
                                     {"checkpoint_id": new.checkpoint_id, "error": msg[:500]})
@@ -1044,6 +1134,8 @@ class TaskService:
         (Docker down: :class:`DockerUnavailable`, before any file is touched).
         """
         task = self.get(task_id)
+        args = {"checkpoint_id": checkpoint_id, "force": force}
+        self._before(task, "restore", args)
         self._ensure_volume(task)
         cps = self.checkpoints
         with cps.locked(task.id):
@@ -1056,15 +1148,16 @@ class TaskService:
             s["current_checkpoint"] = cp["checkpoint_id"]
 
         self.update_state(task, mark)
-        self.log_decision(task.id, f"Restored checkpoint `{cp['name']}` ({cp['checkpoint_id']})",
+        self._note_decision(task, f"Restored checkpoint `{cp['name']}` ({cp['checkpoint_id']})",
                           context="restore" + (" (forced while agents were attached)" if done.forced else ""),
                           rationale=f"{done.changed} changed, {done.added} brought back, "
-                                    f"{done.removed} removed", agent="taskbox")
+                                    f"{done.removed} removed")
         result = {"success": True, "task_id": task.id, "checkpoint_id": cp["checkpoint_id"], "name": cp["name"],
                   "files_changed": done.changed, "files_restored": done.added,
                   "files_removed": done.removed, "container_restored": bool(done.image),
                   "forced": done.forced, "duration_ms": round((time.perf_counter() - done.started) * 1000, 1)}
         self.registry.add_event("checkpoint.restored", task.id, result)
+        self._after(task, "restore", args, result)
         return result
 
     def _restore_container(self, task: Task, image: str) -> None:
@@ -1091,8 +1184,8 @@ class TaskService:
     def import_checkpoint(self, task_id: str, path: str | Path) -> dict[str, Any]:
         task = self.get(task_id)
         row = self.checkpoints.import_(task, path)
-        self.log_decision(task.id, f"Imported checkpoint `{row['name']}` ({row['checkpoint_id']}) from "
-                                   f"{Path(path).name}", context="import", agent="taskbox")
+        self._note_decision(task, f"Imported checkpoint `{row['name']}` ({row['checkpoint_id']}) from "
+                                   f"{Path(path).name}", context="import")
         return row
 
     def prune_checkpoints(self, task_id: str) -> list[str]:
@@ -1150,9 +1243,9 @@ class TaskService:
         """A task's audit log (policy, egress and sandbox decisions), with the latest proxy decisions
         and the aggregated records of rate-limited ones written first."""
         task = self.get(task_id)
-        network.sync_log(self, task)
-        policy.flush_records(self, task.id, force=True)
-        return policy.audit_log(self, task.id, limit, decision)
+        self.sync_egress_log(task)
+        self.audit.flush(task.id, force=True)
+        return self.audit.read(task.id, limit, decision)
 
     def executions(self, task_id: str, limit: int = 50) -> list[dict[str, Any]]:
         task = self.get(task_id)
@@ -1208,21 +1301,32 @@ class TaskService:
         return commit, head
 
     def diff(self, task_id: str, stat: bool = False) -> str:
+        """The task's changes against the commit it started from (committed or not)."""
         task = self.get(task_id)
+        self._before(task, "diff", {"stat": stat})
         with self.in_sandbox(task) as run:
-            return workspace.diff(run, task.base_ref or None, stat=stat)
+            text = workspace.diff(run, task.base_ref or None, stat=stat)
+        self._after(task, "diff", {"stat": stat}, text)
+        return text
 
     def git_log(self, task_id: str, limit: int = 50) -> list[dict[str, str]]:
+        """The commits of the task branch since it started."""
         task = self.get(task_id)
+        self._before(task, "log", {"limit": limit})
         with self.in_sandbox(task) as run:
-            return workspace.log(run, task.base_ref or None, limit)
+            rows = workspace.log(run, task.base_ref or None, limit)
+        self._after(task, "log", {"limit": limit}, rows)
+        return rows
 
     def sync(self, task_id: str, message: str = "taskbox: sync") -> dict[str, Any]:
         """Commit the workspace and fetch the task branch into the user's repository now."""
         task = self.get(task_id)
+        self._before(task, "sync", {"message": message})
         commit, head = self._publish(task, message)
         self.registry.add_event("task.synced", task.id, {"commit": head})
-        return {"task_id": task.id, "branch": task.branch, "commit": head, "new_commit": commit}
+        result = {"task_id": task.id, "branch": task.branch, "commit": head, "new_commit": commit}
+        self._after(task, "sync", {"message": message}, result)
+        return result
 
     # --- workspace files (confined) ----------------------------------------------------------
 
@@ -1230,19 +1334,17 @@ class TaskService:
         """The first ``limit`` bytes of a workspace file (sized first; never more is read)."""
         task = self.get(task_id)
         args = {"path": path}
-        self.hook.pre_tool_call(service=self, task=task, tool="read_file", args=args)
+        self._before(task, "read_file", args)
         data, size = files.read_head(self._ws(task), path, limit)
-        self.hook.post_tool_call(service=self, task=task, tool="read_file", args=args,
-                                 result={"path": path, "size": size})
+        self._after(task, "read_file", args, {"path": path, "size": size})
         return data
 
     def write_file(self, task_id: str, path: str, data: bytes) -> str:
         task = self.get(task_id)
-        self.hook.pre_tool_call(service=self, task=task, tool="write_file", args={"path": path})
+        self._before(task, "write_file", {"path": path})
         with self._file_lock(task):
             rel = files.atomic_write(self._ws(task), path, data)
-        self.hook.post_tool_call(service=self, task=task, tool="write_file", args={"path": path},
-                                 result={"path": rel, "size": len(data)})
+        self._after(task, "write_file", {"path": path}, {"path": rel, "size": len(data)})
         return rel
 
     def read_text(self, task_id: str, path: str, start_line: int = 1, max_lines: int | None = None,
@@ -1255,7 +1357,7 @@ class TaskService:
         task = self.get(task_id)
         args = {"path": path}
         # The same tool names as the project policy's file rules (taskbox.policy.FILE_TOOLS).
-        self.hook.pre_tool_call(service=self, task=task, tool="read_file", args=args)
+        self._before(task, "read_file", args)
         # Sized before reading, and never more than the window asked for is read: a sparse
         # 1 GiB file costs the server ``max_bytes`` of memory, not a gigabyte.
         window = max_bytes + 1 if start_line == 1 else max(max_bytes * 4, files.READ_LIMIT)
@@ -1275,7 +1377,7 @@ class TaskService:
         result = {"path": path, "content": content, "start_line": start_line, "end_line": end,
                   "total_lines": None if partial else len(lines), "size": size,
                   "truncated": end < len(lines) or partial}
-        self.hook.post_tool_call(service=self, task=task, tool="read_file", args=args, result=result)
+        self._after(task, "read_file", args, result)
         return result
 
     def edit_file(self, task_id: str, path: str, old: str, new: str, *, replace_all: bool = False) -> dict[str, Any]:
@@ -1291,7 +1393,7 @@ class TaskService:
         task = self.get(task_id)
         root = self._ws(task)
         args = {"path": path, "old": old, "new": new, "replace_all": replace_all}
-        self.hook.pre_tool_call(service=self, task=task, tool="edit_file", args=args)
+        self._before(task, "edit_file", args)
         with self._file_lock(task):
             raw = files.read_bytes(root, path)
             try:
@@ -1309,7 +1411,7 @@ class TaskService:
             rel = files.atomic_write(root, path, data)
         result = {"path": rel,
                   "replacements": count if replace_all else 1, "size": len(data)}
-        self.hook.post_tool_call(service=self, task=task, tool="edit_file", args=args, result=result)
+        self._after(task, "edit_file", args, result)
         return result
 
     def list_files(self, task_id: str, path: str = ".", *, recursive: bool = False,
@@ -1319,10 +1421,10 @@ class TaskService:
             raise InvalidInput("limit must be at least 1")
         task = self.get(task_id)
         args = {"path": path, "recursive": recursive}
-        self.hook.pre_tool_call(service=self, task=task, tool="list_files", args=args)
+        self._before(task, "list_files", args)
         entries = files.listing(self._ws(task), path, recursive, limit + 1)
         result = {"path": path, "entries": entries[:limit], "truncated": len(entries) > limit}
-        self.hook.post_tool_call(service=self, task=task, tool="list_files", args=args, result=result)
+        self._after(task, "list_files", args, result)
         return result
 
     def delete_file(self, task_id: str, path: str) -> dict[str, Any]:
@@ -1333,11 +1435,11 @@ class TaskService:
         if rel.split("/")[0] in (".git", ".task-memory"):
             raise InvalidInput(f"{rel.split('/')[0]} belongs to taskbox and cannot be deleted", path=path)
         args = {"path": path}
-        self.hook.pre_tool_call(service=self, task=task, tool="delete_file", args=args)
+        self._before(task, "delete_file", args)
         with self._file_lock(task):
             files.delete(root, path)
         result = {"path": rel, "deleted": True}
-        self.hook.post_tool_call(service=self, task=task, tool="delete_file", args=args, result=result)
+        self._after(task, "delete_file", args, result)
         return result
 
     def _file_lock(self, task: Task) -> AbstractContextManager[None]:
@@ -1385,30 +1487,28 @@ class TaskService:
     def status(self, task_id: str, recent: int = 5) -> dict[str, Any]:
         """A task's record with its live state: agents, todos, metrics, recent commands."""
         task = self.get(task_id)
+        self._before(task, "status", {"recent": recent})
         state = self.state(task.id)
-        return {**task.to_dict(), "current_agents": self.current_agents(task.id),
-                "current_agent": state.get("current_agent"), "todos": state["todos"],
-                "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
-                "recent_executions": self.memory(task).executions(recent),
-                "workspace_usage": self.workspace_usage(task)}
+        result = {**task.to_dict(), "current_agents": self.current_agents(task.id),
+                  "current_agent": state.get("current_agent"), "todos": state["todos"],
+                  "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
+                  "recent_executions": self.memory(task).executions(recent),
+                  "workspace_usage": self.workspace_usage(task)}
+        self._after(task, "status", {"recent": recent}, result)
+        return result
 
     def run_tool(self, task_id: str, tool: str, args: dict[str, Any], fn: Callable[[], T], *,
-                 session_id: str | None = None, hooks: bool = True, log: bool = True) -> T:
-        """Run one agent tool call on a task: hooks around ``fn``, then a record in its memory.
+                 session_id: str | None = None, log: bool = True) -> T:
+        """Run one agent tool call on a task (``fn``, a service operation, fires the hooks),
+        then record it in the task's memory.
 
-        ``hooks=False`` is for operations that run the pre/post tool-call hooks themselves
-        (exec, write/edit/delete file). A call by an attached session renews its lease.
-        ``log=False`` records only that the tool was called: no arguments, no error text.
+        A call by an attached session renews its lease. ``log=False`` records only that the
+        tool was called: no arguments, no error text.
         """
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
-            if hooks:
-                self.hook.pre_tool_call(service=self, task=self.get(task_id), tool=tool, args=args)
-            result = fn()
-            if hooks:
-                self.hook.post_tool_call(service=self, task=self.get(task_id), tool=tool, args=args, result=result)
-            return result
+            return fn()
         except BaseException as exc:
             failure = exc
             raise
@@ -1480,6 +1580,117 @@ class TaskService:
     def tick(self) -> None:
         """Periodic housekeeping: every plugin's ``tick`` (pressure sampling, idle pause, …)."""
         self.hook.tick(service=self)
+
+    @contextmanager
+    def housekeeping(self, interval: float | None = None) -> Iterator[None]:
+        """Run :meth:`tick` every ``interval`` seconds (``pressure_interval``) in a thread while
+        the block runs; long-running adapters (the MCP server, the web server) use this."""
+        seconds = float(interval if interval is not None else self.settings.pressure_interval)
+        def report(error: str) -> None:
+            self.registry.add_event("resource.monitor_error", None, {"error": error[:300]})
+
+        monitor = pressure.Monitor(self.tick, seconds, report).start()
+        try:
+            yield
+        finally:
+            monitor.stop()
+
+    # --- resource pressure (the measurements and decisions are taskbox.pressure) ---------------
+
+    def sample_pressure(self, task: Task, *, engine: bool = True) -> pressure.Sample | None:
+        """The task's memory use now (None when its container does not run)."""
+        return pressure.sample(self.sandbox, task, pressure.thresholds(self.settings), engine=engine)
+
+    def check_pressure(self, task: Task, current: pressure.Sample | None = None, *,
+                       engine: bool = True) -> pressure.Sample | None:
+        """Sample one task and act on a level it newly reached: an event; at critical a
+        checkpoint; at emergency a checkpoint and the task paused (see :mod:`taskbox.pressure`)."""
+        current = current or self.sample_pressure(task, engine=engine)
+        if current is None and not engine:
+            return None  # no fast reading here: leave the level to the next full sample
+        change = pressure.transition(task, current)
+        if change is None:
+            return current
+        self._remember_pressure(task.id, change.remember, current)
+        if change.action == "recovered":
+            if current is not None:
+                self.registry.add_event("resource.recovered", task.id, {"from": change.previous, **current.to_dict()})
+            return current
+        assert current is not None
+        detail = {"from": change.previous, **current.to_dict()}
+        self.registry.add_event(f"resource.{change.level}", task.id, detail)
+        if change.action in ("checkpoint", "pause"):
+            trigger, note = (("resource-pressure", "") if change.action == "checkpoint" else ("emergency", ": emergency"))
+            try:
+                self.create_checkpoint(task.id, None, trigger=trigger,
+                                       reason=f"memory at {current.percent}% of the limit{note}")
+            except TaskboxError as exc:
+                self.registry.add_event("resource.checkpoint_failed", task.id,
+                                        {"trigger": trigger, "error": exc.message[:300]})
+        if change.action == "pause":
+            try:
+                if self.get(task.id).status is Status.ACTIVE:
+                    self.pause(task.id)
+                    self.registry.add_event("resource.paused", task.id, detail)
+            except TaskboxError as exc:
+                self.registry.add_event("resource.pause_failed", task.id, {"error": exc.message[:300]})
+        return current
+
+    def check_pressure_all(self) -> list[pressure.Sample]:
+        """Sample every running task of this home and act on new levels."""
+        out = []
+        for task in self.registry.list_tasks([str(Status.ACTIVE)]):
+            if task.container_state is not ContainerState.RUNNING:
+                continue
+            found = self.check_pressure(task)
+            if found is not None:
+                out.append(found)
+        return out
+
+    def _remember_pressure(self, task_id: str, level: str, current: pressure.Sample | None) -> None:
+        def apply(meta: dict[str, Any]) -> None:
+            meta["pressure"] = {"level": level, "at": time.time(), "percent": current.percent if current else None}
+
+        try:
+            self.update_metadata(task_id, apply)
+        except TaskboxError:
+            pass
+
+    # --- the sandbox profile and egress -------------------------------------------------------
+
+    def policy_for(self, task: Task) -> policy.Policy:
+        """The task's project policy; an invalid one refuses everything (and is reported once per call)."""
+        try:
+            return policy.for_task(task)
+        except PolicyDenied as exc:
+            self.registry.add_event("policy.invalid", task.id, {"error": str(exc.details.get("invalid", ""))})
+            raise
+
+    def egress_rules(self, task: Task) -> EgressRules:
+        """The task's effective egress rules: its project policy plus its own domains."""
+        return network.task_rules(self.policy_for(task).network, task)
+
+    def sync_egress_log(self, task: Task) -> list[dict[str, Any]]:
+        """Copy the task's new egress-proxy decisions into its audit log (denials also as events)."""
+        return network.sync_log(self.sandbox.egress_log, self.audit, task)
+
+    def sandbox_warnings(self, task: Task) -> list[str]:
+        """How the task's sandbox is weaker than the default profile, one sentence each."""
+        meta = task.metadata if isinstance(task.metadata, dict) else {}
+        own: dict[str, Any] = meta["sandbox"] if isinstance(meta.get("sandbox"), dict) else {}
+        spec = ContainerSpec(name=task.id, image=task.image, workspace=Path(task.workspace_path), labels={},
+                             memory=task.memory_limit, cpus=task.cpu_limit, pids_limit=task.pids_limit,
+                             network=task.network, runtime=own.get("runtime") or self.settings.runtime,
+                             cap_add=list(own.get("cap_add") or []), seccomp=own.get("seccomp", "default"))
+        out = weakened(spec, default_pids=max(self.settings.pids_limit, 512), default_memory=self.settings.memory)
+        if not meta.get("quota"):
+            out.append("the workspace has no disk or inode quota (workspace_quota = 0): "
+                       "the task can fill the host disk")
+        if task.network == "allowlist":
+            rules = self.egress_rules(task)
+            if any(r.kind == "address" for r in rules.allow) or rules.allow_private:
+                out.append("the allowlist lets the task reach IP addresses or private networks directly")
+        return out
 
     def doctor(self, fix: bool = False) -> list[dict[str, Any]]:
         """Find (and with ``fix``, repair) what crashes and manual changes left inconsistent."""

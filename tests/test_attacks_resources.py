@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import CommandTimeout, ContainerState, Status, TaskService, pressure
+from taskbox import CommandTimeout, ContainerState, Status, TaskService
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_memory_pressure_levels_act_once_each(svc: TaskService, repo: Path) -> N
                       ">/dev/null 2>&1 &")
     deadline = time.monotonic() + 20
     while True:
-        s = pressure.sample(svc, svc.get(task.id))
+        s = svc.sample_pressure(svc.get(task.id))
         if s and s.percent > 45 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -124,7 +124,7 @@ def test_memory_pressure_levels_act_once_each(svc: TaskService, repo: Path) -> N
 
     def check(levels: tuple[float, float, float]) -> str:
         svc.settings.pressure_warning, svc.settings.pressure_critical, svc.settings.pressure_emergency = levels
-        got = pressure.check_task(svc, svc.get(task.id))
+        got = svc.check_pressure(svc.get(task.id))
         return got.level if got else "none"
 
     assert check((40, 80, 90)) == "warning"

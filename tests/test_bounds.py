@@ -18,7 +18,7 @@ from typing import IO
 
 import pytest
 
-from taskbox import InvalidInput, TaskService, UnsafeArchive, archive, policy
+from taskbox import InvalidInput, TaskService, UnsafeArchive, archive
 from taskbox.registry import Registry
 from taskbox.sandbox import LABEL_HOME
 
@@ -246,21 +246,21 @@ def test_audit_entries_are_rate_limited_and_the_log_rotates(tmp_path: Path) -> N
     svc = TaskService(tmp_path / "home")
     entries = [{"kind": "egress", "decision": "deny", "rule": "not-listed", "subject": f"http://h{i}.test/",
                 "host": f"h{i % 3}.test"} for i in range(2000)]
-    assert policy.audit_batch(svc, "t1", entries, sample="host") == 20
-    policy.audit(svc, "t1", kind="tool", decision="allow", rule="default", subject="ls")
-    assert len(policy.audit_log(svc, "t1")) == 21
-    policy.flush_records(svc, "t1", force=True)
-    log = policy.audit_log(svc, "t1", decision="deny")
+    assert svc.audit.batch("t1", entries, sample="host") == 20
+    svc.audit.record("t1", kind="tool", decision="allow", rule="default", subject="ls")
+    assert len(svc.audit.read("t1")) == 21
+    svc.audit.flush("t1", force=True)
+    log = svc.audit.read("t1", decision="deny")
     assert len(log) == 21 and log[-1]["aggregated"] and log[-1]["count"] == 1980
     assert sorted(log[-1]["samples"]) == ["h0.test", "h1.test", "h2.test"]
     # the file itself is bounded: past audit_max_bytes it rotates, keeping one generation
     svc.settings.audit_max_bytes = 4096
     svc.registry.burst = 10**6
     for i in range(300):
-        policy.audit(svc, "t2", kind="tool", decision="allow", rule="default", subject=f"command {i}")
-    path = policy.audit_dir(svc) / "t2.jsonl"
+        svc.audit.record("t2", kind="tool", decision="allow", rule="default", subject=f"command {i}")
+    path = svc.audit.directory / "t2.jsonl"
     assert path.stat().st_size <= 4096 and Path(f"{path}.1").stat().st_size <= 4096
-    recent = policy.audit_log(svc, "t2")
+    recent = svc.audit.read("t2")
     assert recent[-1]["subject"] == "command 299" and 10 < len(recent) < 300
 
 
@@ -289,6 +289,6 @@ def test_a_flood_of_denied_requests_leaves_a_bounded_audit_and_one_aggregate(
     assert len(aggregated) <= 3 and aggregated[0]["samples"] == ["other.test"]
     assert sum(e.get("count", 1) for e in events) == n and len(events) <= 23
     assert len([e for e in events if e.get("aggregated")]) >= 1
-    lines = (policy.audit_dir(nsvc) / f"{task.id}.jsonl").read_text().splitlines()
+    lines = (nsvc.audit.directory / f"{task.id}.jsonl").read_text().splitlines()
     assert len(lines) < 60  # not 300
     assert os.path.getsize(nsvc.paths.db) < 8 * MiB

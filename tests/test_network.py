@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import InvalidInput, TaskService, images, network, policy
+from taskbox import InvalidInput, TaskService, images, network
 from taskbox.network import EgressRules, canonical_host, parse_rule, squid_config
 from taskbox.sandbox import LABEL_HOME
 
@@ -148,11 +148,11 @@ def test_listed_domain_works_unlisted_is_refused_and_logged(nsvc: TaskService, r
         code, _ = curl(nsvc, task, f"http://{host}:8000/refused-{token}")
         assert code == "403"
         assert not lab.seen(f"/refused-{token}")
-        denied = [e for e in policy.audit_log(nsvc, task.id, decision="deny") if e["kind"] == "egress"]
+        denied = [e for e in nsvc.audit.read(task.id, decision="deny") if e["kind"] == "egress"]
         assert any(e["host"] == host and e["rule"] == rule for e in denied), denied
     events = [e for e in nsvc.registry.events(task.id) if e["type"] == "egress.denied"]
     assert {e["payload"]["host"] for e in events} >= {"other.test", "evil.allowed.test"}
-    allowed = [e for e in policy.audit_log(nsvc, task.id, decision="allow") if e["kind"] == "egress"]
+    allowed = [e for e in nsvc.audit.read(task.id, decision="allow") if e["kind"] == "egress"]
     assert any(e["host"] == "allowed.test" and e["rule"] == "allow-name" for e in allowed)
     # the CLI shows the same audit log
     res = run_cli("policy", "audit", task.id, "--denied", env={"TASKBOX_HOME": str(nsvc.paths.home)})
@@ -187,7 +187,7 @@ def test_proxy_bypass_attempts_fail(nsvc: TaskService, repo: Path, lab: Lab) -> 
     logs = lab.client.api.logs(lab.standin).decode(errors="replace")  # type: ignore[attr-defined]
     assert token not in logs  # not one of them reached the stand-in
     # the proxy refused the ones that reached it, naming the rule
-    denied = {e["host"]: e["rule"] for e in policy.audit_log(nsvc, task.id, decision="deny")
+    denied = {e["host"]: e["rule"] for e in nsvc.audit.read(task.id, decision="deny")
               if e["kind"] == "egress"}
     assert denied.get("169.254.169.254") == "ip-literal" and denied.get(lab.ip) == "ip-literal"
     assert denied.get("allowed.test") == "port"  # the CONNECT to port 22
@@ -207,7 +207,7 @@ def test_private_addresses_are_refused_unless_listed(nsvc: TaskService, repo: Pa
     token = secrets.token_hex(4)
     code, _ = curl(nsvc, task, f"http://allowed.test:8000/private-{token}")
     assert code == "403" and not lab.seen(token)
-    denied = [e for e in policy.audit_log(nsvc, task.id, decision="deny") if e["kind"] == "egress"]
+    denied = [e for e in nsvc.audit.read(task.id, decision="deny") if e["kind"] == "egress"]
     assert denied[-1]["rule"] == "private-address"
 
 

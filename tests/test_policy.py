@@ -132,7 +132,7 @@ def test_denied_command_never_runs_and_is_audited(svc: TaskService, task) -> Non
     assert info.value.exit_code == 9 and info.value.details["rule"] == "no-push"
     assert not (Path(task.workspace_path) / "ran").exists()
     assert svc.exec(task.id, "echo fine").stdout.strip() == "fine"
-    log = policy.audit_log(svc, task.id)
+    log = svc.audit.read(task.id)
     tools = [e for e in log if e["kind"] == "tool"]
     assert tools[-2]["decision"] == "deny" and tools[-2]["rule"] == "no-push"
     assert tools[-1]["decision"] == "allow" and tools[-1]["rule"] == "default"
@@ -152,7 +152,7 @@ def test_checkpoint_rule_snapshots_before_the_command(svc: TaskService, task) ->
     # the checkpoint was taken first: restoring it removes what the command made
     svc.restore_checkpoint(task.id, cps[-1]["checkpoint_id"])
     assert not (Path(task.workspace_path) / "migrated.txt").exists()
-    entry = [e for e in policy.audit_log(svc, task.id) if e["kind"] == "tool"][-1]
+    entry = [e for e in svc.audit.read(task.id) if e["kind"] == "tool" and e["tool"] == "exec"][-1]
     assert (entry["decision"], entry["rule"]) == ("checkpoint", "snapshot-before-migrate")
 
 

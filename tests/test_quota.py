@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from taskbox import InvalidInput, PolicyDenied, Status, TaskService, WorkspaceFull, hookimpl, quota
-from taskbox.default_plugins.safety import warnings as safety_warnings
 from taskbox.plugins import make_manager
 
 from .conftest import run_cli
@@ -301,7 +300,7 @@ def test_quota_off_by_setting_gives_a_plain_directory(home: Path, repo: Path, do
     ws = Path(task.workspace_path)
     assert "quota" not in task.metadata and not os.path.ismount(ws) and not svc.paths.volume(task.id).exists()
     assert (ws / "README.md").exists() and svc.workspace_usage(task) is None
-    assert any("no disk or inode quota" in w for w in safety_warnings(svc, task))
+    assert any("no disk or inode quota" in w for w in svc.sandbox_warnings(task))
     assert "no quota" in run_cli("show", task.id).stdout
     (repo / ".taskbox").mkdir()
     (repo / ".taskbox" / "policy.toml").write_text('[limits]\nmax_disk = "1g"\n')

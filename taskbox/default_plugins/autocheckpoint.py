@@ -2,7 +2,8 @@
 
 - when a todo marked *major* is completed;
 - before a risky ``exec`` (or any tool a project pattern names), scored by
-  :mod:`taskbox.risk` against the project's ``.taskbox/risk.json``;
+  :mod:`taskbox.risk` against the project's ``.taskbox/risk.json`` (the plugin asks; the core
+  takes one checkpoint however many plugins ask);
 - a final, pinned checkpoint when the task completes.
 
 Each one is recorded, with its reason, in ``decisions.md`` and Plan.md's iteration log (the
@@ -19,6 +20,7 @@ from typing import Any
 from .. import risk
 from ..errors import TaskboxError
 from ..hookspecs import hookimpl
+from ..models import CheckpointRequest
 
 
 def _take(service: Any, task: Any, trigger: str, reason: str, name: str | None = None,
@@ -38,7 +40,7 @@ def todo_complete(service: Any, task: Any, todo: dict[str, Any]) -> None:
 
 
 @hookimpl
-def pre_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any]) -> None:
+def pre_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any]) -> CheckpointRequest | None:
     try:
         cfg = risk.load(Path(task.repo_path))
     except TaskboxError as exc:  # a broken project file must not stop the agent; it is reported
@@ -47,12 +49,12 @@ def pre_tool_call(service: Any, task: Any, tool: str, args: dict[str, Any]) -> N
     text = risk.command_text(args)
     assessment = cfg.assess(tool, text)
     if not assessment.checkpoint:
-        return
+        return None
+    # The core takes the checkpoint (one, however many plugins ask for one).
     if args.get("log", True) is False:  # the command must not be recorded, not even as a reason
-        _take(service, task, "risky-command", f"before a command run without logging — {assessment.reason}")
-        return
+        return CheckpointRequest("risky-command", f"before a command run without logging — {assessment.reason}")
     short = text if len(text) <= 120 else text[:117] + "..."
-    _take(service, task, "risky-command", service.redactor.text(f"before `{short}` — {assessment.reason}"))
+    return CheckpointRequest("risky-command", service.redactor.text(f"before `{short}` — {assessment.reason}"))
 
 
 @hookimpl(trylast=True)
