@@ -1389,8 +1389,8 @@ class Checkpoints:
                              "final": "task completed"}.get(trigger, trigger)
             previous = self.svc.state(task.id).get("current_checkpoint")
             # Recorded first, so the checkpoint holds its own entry in Plan.md and state.json.
-            self.svc.log_decision(task.id, f"Checkpoint `{name}` ({cp_id}) taken",
-                                  context=f"trigger: {trigger}", rationale=why, agent="taskbox")
+            self.svc.record_decision(task, f"Checkpoint `{name}` ({cp_id}) taken",
+                                    context=f"trigger: {trigger}", rationale=why, agent="taskbox")
             plan.log_iteration(task, f"checkpoint `{name}` ({cp_id}, {trigger}): {why}")
             self.svc.memory(task).log_conversation({"role": "system", "kind": "checkpoint", "checkpoint_id": cp_id,
                                                     "name": name, "trigger": trigger})
@@ -1451,7 +1451,7 @@ class Checkpoints:
 
         try:
             self.svc.update_state(task, unmark)
-            self.svc.log_decision(task.id, f"Checkpoint `{name}` ({cp_id}) failed", context="checkpoint",
+            self.svc.record_decision(task, f"Checkpoint `{name}` ({cp_id}) failed", context="checkpoint",
                                   rationale=msg[:500], agent="taskbox")
             plan.log_iteration(task, f"checkpoint `{name}` ({cp_id}) failed: {msg[:200]}")
             self.svc.registry.add_event("checkpoint.failed", task.id, {"checkpoint_id": cp_id, "error": msg[:500]})
@@ -1541,7 +1541,7 @@ class Checkpoints:
             s["current_checkpoint"] = cp["checkpoint_id"]
 
         self.svc.update_state(task, mark)
-        self.svc.log_decision(task.id, f"Restored checkpoint `{cp['name']}` ({cp['checkpoint_id']})",
+        self.svc.record_decision(task, f"Restored checkpoint `{cp['name']}` ({cp['checkpoint_id']})",
                               context="restore" + (" (forced while agents were attached)" if others else ""),
                               rationale=f"{stats['changed']} changed, {stats['added']} brought back, "
                                         f"{stats['removed']} removed", agent="taskbox")
@@ -1892,7 +1892,7 @@ class Checkpoints:
                     " size_bytes, metadata, created_at) VALUES (?, ?, ?, ?, 'import', ?, NULL, 0, ?, ?, ?)",
                     (cp_id, task.id, name, description, f"refs/checkpoints/{cp_id}", src.stat().st_size,
                      json.dumps(meta, sort_keys=True), time.time()))
-        self.svc.log_decision(task.id, f"Imported checkpoint `{name}` ({cp_id}) from {src.name}",
+        self.svc.record_decision(task, f"Imported checkpoint `{name}` ({cp_id}) from {src.name}",
                               context="import", agent="taskbox")
         self.svc.registry.add_event("checkpoint.imported", task.id, {"checkpoint_id": cp_id, "path": str(src)})
         return self.get(task.id, cp_id)

@@ -942,13 +942,21 @@ class TaskService:
 
     def log_decision(self, task_id: str, decision: str, *, context: str = "", rationale: str = "",
                      alternatives: str = "", agent: str = "user") -> dict[str, Any]:
+        """Record a design decision (the ``decision`` operation, with its hooks)."""
         task = self.get(task_id)
         decision = _validate_text("decision", decision, 4000)
         args = {"decision": decision, "context": context, "rationale": rationale, "alternatives": alternatives}
         self._before(task, "decision", args)
+        entry = self.record_decision(task, decision, context=context, rationale=rationale,
+                                     alternatives=alternatives, agent=agent)
+        self._after(task, "decision", args, entry)
+        return entry
+
+    def record_decision(self, task: Task, decision: str, *, context: str = "", rationale: str = "",
+                        alternatives: str = "", agent: str = "taskbox") -> dict[str, Any]:
+        """Write a decision taskbox made itself (a checkpoint's reason, say): no operation, no hooks."""
         entry = self.memory(task).add_decision(agent, context or "-", decision, rationale, alternatives)
         self.registry.add_event("decision.logged", task.id, entry)
-        self._after(task, "decision", args, entry)
         return entry
 
     # --- complete / abort / cleanup ----------------------------------------------------------
