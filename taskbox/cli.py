@@ -359,7 +359,7 @@ def task_decisions(task_id: str, decision: str | None, context: str, rationale: 
 def todo(task_id: str, add: tuple[str, ...], major: bool, done: tuple[str, ...], start: tuple[str, ...]) -> Any:
     """Show or change a task's todos."""
     svc = _service()
-    changes: list[dict[str, Any]] = [{"text": t, "major": major} for t in add]
+    changes: list[dict[str, Any]] = [{"text": t, **({"major": True} if major else {})} for t in add]
     changes += [{"id": i, "status": "in_progress"} for i in start]
     changes += [{"id": i, "status": "completed"} for i in done]
     todos = svc.update_todos(task_id, changes) if changes else svc.state(task_id)["todos"]

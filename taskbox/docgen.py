@@ -1,6 +1,7 @@
 """Generate the reference docs from the code: `python -m taskbox.docgen [--check]`.
 
-Writes docs/cli.md (every command's --help), docs/settings.md (the Settings table) and,
+Writes docs/cli.md (every command's --help), docs/settings.md (the Settings table),
+docs/events.md (the event catalogue) and,
 when the MCP server is available, docs/mcp-tools.md (tool names, descriptions, arguments).
 ``--check`` fails if a checked-in file differs, so the docs cannot drift from the code.
 """
@@ -49,6 +50,14 @@ def settings_reference() -> str:
             "(`name = value` lines), then `TASKBOX_<NAME>` environment variables.\n\n" + "\n".join(rows) + "\n")
 
 
+def events_reference() -> str:
+    from .events import __doc__ as intro
+    from .events import reference
+
+    lead = (intro or "").split("\n\n", 1)[1].split("\n\nWith ``TASKBOX_STRICT")[0].replace("``", "`")
+    return HEADER + "# Events\n\n" + lead + "\n\n" + reference()
+
+
 def mcp_reference() -> str | None:
     try:
         from .mcp_server import tool_reference
@@ -60,6 +69,7 @@ def mcp_reference() -> str | None:
 GENERATORS: dict[str, Callable[[], str | None]] = {
     "cli.md": cli_reference,
     "settings.md": settings_reference,
+    "events.md": events_reference,
     "mcp-tools.md": mcp_reference,
 }
 

@@ -41,6 +41,14 @@ defaults apply (no network, settings' limits, every command allowed). Example::
     tools = ["write_file", "edit_file", "delete_file"]
     glob = ".env*"                      # shell pattern matched against the whole path
 
+    [[rules]]
+    action = "deny"
+    tools = ["restore"]                 # every call of these operations (no condition needed)
+
+Rules name operations by the core's names (``exec``, ``write_file``, ``restore``, … see
+``taskbox.models.OPERATIONS``) or by any adapter's name for them (``restore_task_checkpoint``,
+``restore-checkpoint``); a rule holds the same over the CLI, MCP and the web API.
+
 Evaluation: every rule whose conditions all hold matches; the strictest matching action
 wins (``deny`` > ``checkpoint`` > ``allow``), so rule order never matters; with no match the
 ``default`` action (top-level key, ``allow`` unless set) applies. Every decision — allow,
@@ -266,12 +274,14 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Policy:
     for cores in (limits.cpus, limits.max_cpus):
         if cores is not None:
             check_cpus(float(cores))
+    named_tools = [isinstance(r, dict) and "tools" in r for r in data.get("rules", [])]
     for i, rule in enumerate(rules):
         name = rule.id or f"rules[{i}]"
         if rule.action not in ACTIONS:
             raise InvalidInput(f"{where}: {name}: action {rule.action!r} is not one of {', '.join(ACTIONS)}")
-        if rule.pattern is None and rule.glob is None and rule.risk is None:
-            raise InvalidInput(f"{where}: {name}: give a pattern, a glob or a risk level")
+        # A rule on commands needs a condition; one naming its operations may hold for all of their calls.
+        if rule.pattern is None and rule.glob is None and rule.risk is None and not named_tools[i]:
+            raise InvalidInput(f"{where}: {name}: give a pattern, a glob, a risk level or the tools it is for")
         if rule.pattern is not None:
             try:
                 re.compile(rule.pattern)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import migrations
+from . import events, migrations
 from .errors import ConcurrentModification, Conflict, TaskLocked, TaskNotFound
 from .models import Lease, LockMode, Session, Task
 
@@ -347,6 +347,8 @@ class Registry:
     # --- events ------------------------------------------------------------------------------
 
     def _event(self, conn: sqlite3.Connection, type_: str, task_id: str | None, payload: dict[str, Any]) -> None:
+        if events.strict():
+            events.check(type_, payload)  # the catalogue (taskbox.events) names every type and field
         conn.execute(
             "INSERT INTO events (type, task_id, ts, payload) VALUES (?, ?, ?, ?)",
             (type_, task_id, time.time(), json.dumps(self.redact(payload), sort_keys=True, default=str)),

@@ -942,13 +942,21 @@ class TaskService:
 
     def log_decision(self, task_id: str, decision: str, *, context: str = "", rationale: str = "",
                      alternatives: str = "", agent: str = "user") -> dict[str, Any]:
+        """Record a design decision (the ``decision`` operation, with its hooks)."""
         task = self.get(task_id)
         decision = _validate_text("decision", decision, 4000)
         args = {"decision": decision, "context": context, "rationale": rationale, "alternatives": alternatives}
         self._before(task, "decision", args)
+        entry = self.record_decision(task, decision, context=context, rationale=rationale,
+                                     alternatives=alternatives, agent=agent)
+        self._after(task, "decision", args, entry)
+        return entry
+
+    def record_decision(self, task: Task, decision: str, *, context: str = "", rationale: str = "",
+                        alternatives: str = "", agent: str = "taskbox") -> dict[str, Any]:
+        """Write a decision taskbox made itself (a checkpoint's reason, say): no operation, no hooks."""
         entry = self.memory(task).add_decision(agent, context or "-", decision, rationale, alternatives)
         self.registry.add_event("decision.logged", task.id, entry)
-        self._after(task, "decision", args, entry)
         return entry
 
     # --- complete / abort / cleanup ----------------------------------------------------------
@@ -1060,11 +1068,6 @@ class TaskService:
                                             self.home_label)
         return self._checkpoints
 
-    def _note_decision(self, task: Task, decision: str, *, context: str = "", rationale: str = "") -> None:
-        """A decision taskbox itself records (a checkpoint taken, restored …): not an operation, so no hooks."""
-        entry = self.memory(task).add_decision("taskbox", context or "-", decision, rationale, "")
-        self.registry.add_event("decision.logged", task.id, entry)
-
     def create_checkpoint(self, task_id: str, name: str | None = None, description: str = "", *,
                           include_filesystem: bool = False, trigger: str = "manual", pinned: bool = False,
                           reason: str = "") -> dict[str, Any]:
@@ -1086,7 +1089,7 @@ class TaskService:
             new = cps.begin(task, name, description, include_filesystem=include_filesystem, trigger=trigger,
                             pinned=pinned, reason=reason)
             new.parent_id = self.state(task.id).get("current_checkpoint")
-            self._note_decision(task, f"Checkpoint `{new.name}` ({new.checkpoint_id}) taken",
+            self.record_decision(task, f"Checkpoint `{new.name}` ({new.checkpoint_id}) taken",
                               context=f"trigger: {new.trigger}", rationale=new.reason)
             self.hook.checkpoint_start(service=self, task=task, checkpoint=new)
             self.memory(task).log_conversation({"role": "system", "kind": "checkpoint",
@@ -1117,7 +1120,7 @@ class TaskService:
 
         try:
             self.update_state(task, unmark)
-            self._note_decision(task, f"Checkpoint `{new.name}` ({new.checkpoint_id}) failed",
+            self.record_decision(task, f"Checkpoint `{new.name}` ({new.checkpoint_id}) failed",
                               context="checkpoint", rationale=msg[:500])
             self.hook.checkpoint_failed(service=self, task=task, checkpoint=new, error=msg[:200])
             self.registry.add_event("checkpoint.failed", task.id,
@@ -1148,7 +1151,7 @@ class TaskService:
             s["current_checkpoint"] = cp["checkpoint_id"]
 
         self.update_state(task, mark)
-        self._note_decision(task, f"Restored checkpoint `{cp['name']}` ({cp['checkpoint_id']})",
+        self.record_decision(task, f"Restored checkpoint `{cp['name']}` ({cp['checkpoint_id']})",
                           context="restore" + (" (forced while agents were attached)" if done.forced else ""),
                           rationale=f"{done.changed} changed, {done.added} brought back, "
                                     f"{done.removed} removed")
@@ -1184,7 +1187,7 @@ class TaskService:
     def import_checkpoint(self, task_id: str, path: str | Path) -> dict[str, Any]:
         task = self.get(task_id)
         row = self.checkpoints.import_(task, path)
-        self._note_decision(task, f"Imported checkpoint `{row['name']}` ({row['checkpoint_id']}) from "
+        self.record_decision(task, f"Imported checkpoint `{row['name']}` ({row['checkpoint_id']}) from "
                                    f"{Path(path).name}", context="import")
         return row
 

@@ -20,6 +20,9 @@ from taskbox.config import Paths
 from taskbox.sandbox import LABEL_HOME
 
 IMAGE = os.environ.get("TASKBOX_TEST_IMAGE", "taskbox-sandbox:latest")
+# Every event recorded in a test must be in the catalogue (taskbox.events), fields included;
+# subprocesses (the CLI, MCP servers) inherit it.
+os.environ["TASKBOX_STRICT_EVENTS"] = "1"
 
 
 def git(repo: Path, *args: str) -> str:

@@ -503,18 +503,18 @@ def test_every_task_tool_runs_the_tool_call_hooks(home: Path, repo: Path, docker
             await call(client, "create_task_sandbox", task_id="hooked", task_description="Hooks",
                        workspace_path=str(repo))
             steps = [
-                ("attach_agent_to_task", {"agent_name": "a", "agent_model": "m", "session_id": "s"},
-                 "attach_agent_to_task"),
+                ("attach_agent_to_task", {"agent_name": "a", "agent_model": "m", "session_id": "s"}, "attach"),
                 ("execute_in_task", {"command": "true"}, "exec"),
                 ("write_task_file", {"path": "a.txt", "content": "x"}, "write_file"),
                 ("edit_task_file", {"path": "a.txt", "old_text": "x", "new_text": "y"}, "edit_file"),
                 ("read_task_file", {"path": "a.txt"}, "read_file"),
                 ("list_task_files", {}, "list_files"),
                 ("delete_task_file", {"path": "a.txt"}, "delete_file"),
-                ("task_diff", {}, "task_diff"),
+                ("task_diff", {}, "diff"),
                 ("update_task_todos", {"todos": [{"text": "t"}]}, "update_todos"),
-                ("log_task_decision", {"decision": "d"}, "log_task_decision"),
-                ("get_task_status", {}, "get_task_status"),
+                ("log_task_decision", {"decision": "d"}, "decision"),
+                ("get_task_status", {}, "status"),
+                ("create_task_checkpoint", {"checkpoint_name": "c"}, "checkpoint"),
             ]
             for tool, args, hook_name in steps:
                 recorder.calls.clear()

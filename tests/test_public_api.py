@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,16 +21,34 @@ def test_all_is_exactly_the_public_names() -> None:
         assert hasattr(taskbox, name)
 
 
-def test_every_error_is_a_taskbox_error_with_an_exit_code() -> None:
-    errors = [getattr(taskbox, n) for n in taskbox.__all__ if n.endswith(("Error", "Unavailable", "Missing",
-                                                                           "Transition", "Workspace", "Locked",
-                                                                           "Modification", "Found", "Input",
-                                                                           "Conflict", "Timeout", "Corrupted"))]
-    assert len(errors) >= 12
-    for err in errors:
-        assert issubclass(err, taskbox.TaskboxError)
-        assert err.exit_code >= 1 and err.http_status >= 400
-        assert err.__name__ in (taskbox.errors.__doc__ or "")  # the documented tree lists it
+def documented_tree() -> dict[str, tuple[str | None, int]]:
+    """The tree in taskbox.errors' docstring: each class's documented parent and exit code."""
+    out: dict[str, tuple[str | None, int]] = {}
+    parents: list[str] = []
+    for line in (taskbox.errors.__doc__ or "").splitlines():
+        m = re.match(r"^    ((?:[│ ]   )*)(?:[├└]── )?(\w+)\s+exit (\d+)", line)
+        if not m:
+            continue
+        depth = len(m.group(1)) // 4 + (1 if ("├" in line or "└" in line) else 0)
+        parents[depth:] = [m.group(2)]
+        out[m.group(2)] = (parents[depth - 1] if depth else None, int(m.group(3)))
+    return out
+
+
+def test_the_error_tree_is_exported_documented_and_true() -> None:
+    # Every exception class in taskbox.errors, found by class, not by name.
+    classes = {n: c for n, c in inspect.getmembers(taskbox.errors, inspect.isclass)
+               if issubclass(c, taskbox.TaskboxError) and c.__module__ == "taskbox.errors"}
+    assert {"PolicyDenied", "UnsafeArchive", "TaskNotFound", "WorkspaceFull"} <= set(classes)
+    tree = documented_tree()
+    assert set(tree) == set(classes), "documented tree and classes differ"
+    for name, cls in classes.items():
+        assert name in taskbox.__all__, f"{name} is not exported from the package root"
+        parent, code = tree[name]
+        assert cls.exit_code == code, f"{name}: exit {cls.exit_code}, documented {code}"
+        assert cls.http_status >= 400
+        if parent is not None:
+            assert cls.__mro__[1].__name__ == parent, f"{name} derives from {cls.__mro__[1].__name__}, not {parent}"
 
 
 def test_every_hook_has_a_docstring_and_docs() -> None:

@@ -1,0 +1,145 @@
+"""The event catalogue: every event taskbox records, its payload fields and what it means.
+
+Events are the durable log of what happened to tasks: the registry's ``events`` table, one
+row per event with a monotonic id (``INTEGER PRIMARY KEY AUTOINCREMENT``), so a reader that
+saw event N asks for the ones after N and misses nothing — whichever process (CLI, MCP
+server, web server) wrote them. ``docs/events.md`` is generated from this catalogue.
+
+Every payload may also be an *aggregate* (fields `aggregated`, `count`, `first`, `last`,
+`samples`, `window_seconds`, `note`): past a burst of one type
+per task and window, further events are counted and recorded as one event with their count
+(see `taskbox.registry`). Payload values pass the secret redactor before they are stored.
+
+With ``TASKBOX_STRICT_EVENTS=1`` (the test suite sets it) recording an event type that is not
+here, or a payload field its entry does not name, raises — so the catalogue cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .models import Status
+
+
+@dataclass(frozen=True)
+class EventType:
+    """One kind of event: its name, the fields its payload may carry, a one-line doc."""
+
+    name: str
+    fields: tuple[str, ...]
+    doc: str
+    open: bool = False  # the payload is a record of its own (e.g. a decision) whose fields may grow
+
+
+AGGREGATE_FIELDS = ("aggregated", "count", "first", "last", "samples", "window_seconds", "note")
+
+_STATUS_FIELDS = ("from", "reason")
+_SAMPLE = ("task_id", "usage", "limit", "percent", "pids", "level", "from")
+
+CATALOGUE: tuple[EventType, ...] = (
+    # --- tasks -----------------------------------------------------------------------------------
+    EventType("task.registering", ("branch",), "A new task's row is written; its workspace is being made."),
+    EventType("task.created", ("branch", "lazy", "repo"), "A task's workspace, branch and (unless lazy) container exist."),
+    EventType("task.undo_failed", ("error",), "A failed create could not be undone; `doctor --fix` retries."),
+    EventType("task.resumed", ("container_kept",), "create-or-resume found the task and resumed it."),
+    *(EventType(f"task.{s}", _STATUS_FIELDS, f"The task's status became {s}.")
+      for s in Status if s is not Status.COMPLETED),
+    EventType("task.completed", ("branch", "commit", "summary", "from", "reason"),
+              "The task completed: its branch was fetched into the user's repository."),
+    EventType("task.deleted", (), "The task's row was deleted from the registry."),
+    EventType("task.exec", ("command", "exit_code", "duration_ms", "timed_out", "oom_killed", "logged"),
+              "A command ran in the task's sandbox (``logged: false``: nothing of it is recorded)."),
+    EventType("task.synced", ("commit",), "The workspace was committed and the branch fetched now."),
+    EventType("task.oom_killed", ("command", "exit_code", "memory_limit"), "A command was killed for memory."),
+    EventType("task.idle_paused", ("idle_minutes",), "An idle task was paused (container stopped)."),
+    EventType("task.idle_pause_failed", ("error",), "Pausing an idle task failed."),
+    # --- sessions, todos, decisions, tool calls ---------------------------------------------------
+    EventType("session.attached", ("session_id", "agent", "model", "took_over"), "An agent session attached."),
+    EventType("session.detached", ("session_id", "agent", "commit"), "An agent session detached."),
+    EventType("todo.completed", ("todo",), "A todo was marked completed."),
+    EventType("decision.logged", ("time", "agent", "context", "decision", "rationale", "alternatives"),
+              "A design decision was recorded in decisions.md.", open=True),
+    EventType("tool_call.unlogged", ("tool", "reason"), "A tool call could not be written to the task's memory."),
+    # --- containers and workspaces ----------------------------------------------------------------
+    EventType("container.created", ("container_id",), "The task's container was (re)created."),
+    EventType("container.started", ("container_id",), "The task's stopped container was started."),
+    EventType("container.state", ("state",), "doctor found the container in another state than recorded."),
+    EventType("container.lost", ("container_id",), "The task's container is gone."),
+    EventType("container.oom_killed", (), "doctor found the container killed for memory."),
+    EventType("container.removed", ("image", "reason"), "A checkpoint's container image was removed."),
+    EventType("workspace.mounted", ("image",), "The workspace's quota volume was mounted."),
+    EventType("workspace.removed", ("volume",), "The task's workspace (and volume) were removed."),
+    EventType("memory.recovered", ("reason", "corrupted_copy", "rebuilt_from"),
+              "A damaged state.json was rebuilt from the logs."),
+    EventType("memory.refused", ("error", "command", "status"),
+              "The task's memory folder could not be written (the agent broke or filled it)."),
+    # --- checkpoints ------------------------------------------------------------------------------
+    EventType("checkpoint.created", ("checkpoint_id", "name", "trigger", "files", "bytes_added", "duration_ms"),
+              "A checkpoint was taken."),
+    EventType("checkpoint.failed", ("checkpoint_id", "error"), "Taking a checkpoint failed; nothing was kept."),
+    EventType("checkpoint.auto_failed", ("trigger", "reason", "error"),
+              "An automatic checkpoint could not be taken; the operation ran anyway."),
+    EventType("checkpoint.restored", ("success", "task_id", "checkpoint_id", "name", "files_changed",
+                                      "files_restored", "files_removed", "container_restored", "forced",
+                                      "duration_ms"), "The workspace was restored to a checkpoint.", open=True),
+    EventType("checkpoint.restore_finished", ("checkpoint_id",), "An interrupted restore was finished."),
+    EventType("checkpoint.journal_unreadable", ("kept_as",), "A restore journal could not be read; kept aside."),
+    EventType("checkpoint.deleted", ("checkpoint_id",), "A checkpoint was deleted."),
+    EventType("checkpoint.pruned", ("checkpoints",), "Checkpoints were pruned by the retention settings."),
+    EventType("checkpoint.exported", ("checkpoint_id", "path"), "A checkpoint was exported to an archive."),
+    EventType("checkpoint.imported", ("checkpoint_id", "path"), "A checkpoint archive was imported."),
+    EventType("checkpoint.gc", ("pruned", "stores_removed", "bytes_before", "bytes_after"),
+              "Checkpoint retention ran for every task.", open=True),
+    EventType("checkpoint.unpaused", ("reason",), "A container frozen for a checkpoint was unfrozen."),
+    EventType("checkpoint.unpause_failed", ("reason",), "A container frozen for a checkpoint could not be unfrozen."),
+    # --- policy, egress, sandbox -----------------------------------------------------------------
+    EventType("policy.denied", ("tool", "rule", "subject", "reason"), "The project policy refused an operation."),
+    EventType("policy.invalid", ("error",), "The project policy file is invalid: everything is refused."),
+    EventType("policy.checkpoint_failed", ("rule", "error"),
+              "A policy rule asked for a checkpoint first and it failed: the operation was refused."),
+    EventType("egress.denied", ("host", "port", "method", "url", "rule"), "The egress proxy refused a request."),
+    EventType("sandbox.weakened", ("warnings",), "The task's sandbox is weaker than the default profile."),
+    EventType("safety.bookkeeping_failed", ("error",), "Post-command safety bookkeeping failed."),
+    EventType("risk.config_invalid", ("error",), "The project's risk.json is invalid; defaults apply."),
+    # --- resources ---------------------------------------------------------------------------------
+    EventType("resource.warning", _SAMPLE, "Memory use crossed the warning level."),
+    EventType("resource.critical", _SAMPLE, "Memory use crossed the critical level (a checkpoint is taken)."),
+    EventType("resource.emergency", _SAMPLE, "Memory use crossed the emergency level (checkpoint, then pause)."),
+    EventType("resource.recovered", _SAMPLE, "Memory use fell back below a level."),
+    EventType("resource.paused", _SAMPLE, "The task was paused for memory pressure."),
+    EventType("resource.pause_failed", ("error",), "Pausing for memory pressure failed."),
+    EventType("resource.checkpoint_failed", ("trigger", "error"), "A pressure checkpoint failed."),
+    EventType("resource.monitor_error", ("error",), "A housekeeping round failed (the loop keeps going)."),
+    # --- doctor -------------------------------------------------------------------------------------
+    EventType("doctor.run", ("fix", "findings"), "doctor ran (with ``fix``: repairs were made)."),
+)
+
+EVENTS: dict[str, EventType] = {e.name: e for e in CATALOGUE}
+
+
+def strict() -> bool:
+    return os.environ.get("TASKBOX_STRICT_EVENTS") == "1"
+
+
+def check(name: str, payload: dict[str, Any]) -> None:
+    """Raise ValueError for an event type not in the catalogue, or a payload field its entry does not name."""
+    kind = EVENTS.get(name)
+    if kind is None:
+        raise ValueError(f"event type {name!r} is not in taskbox.events.CATALOGUE")
+    if kind.open:
+        return
+    extra = set(payload) - set(kind.fields) - set(AGGREGATE_FIELDS)
+    if extra:
+        raise ValueError(f"event {name!r} carries fields {sorted(extra)} its catalogue entry does not name")
+
+
+def reference() -> str:
+    """The Markdown event reference in docs/events.md."""
+    out = ["| event | payload fields | meaning |", "|---|---|---|"]
+    for e in CATALOGUE:
+        fields = ", ".join(f"`{f}`" for f in e.fields) or "—"
+        doc = e.doc.replace("``", "`")
+        out.append(f"| `{e.name}` | {fields}{' …' if e.open else ''} | {doc} |")
+    return "\n".join(out) + "\n"
