@@ -168,6 +168,7 @@ class Scan:
 
 
 def join(*parts: str) -> str:
+    """Posix path parts joined, empty ones (a unit at the workspace root) left out."""
     return "/".join(p for p in parts if p)
 
 
@@ -838,6 +839,7 @@ class Store:
 
 
 def corrupted(message: str, exc: GitError, after: str = "") -> CheckpointCorrupted:
+    """The :class:`CheckpointCorrupted` for a git error of the store, naming the damage git reported."""
     lines = (exc.details.get("stderr") or exc.message).strip().splitlines()
     detail = next((s for s in lines if "corrupt" in s), None) or next(
         (s for s in lines if s.startswith(("error", "fatal"))), lines[0] if lines else "unreadable")
@@ -870,6 +872,7 @@ class UnitPlan:
 
 
 def plan_restore(store: Store, current: list[Scan], target: list[Unit]) -> list[UnitPlan]:
+    """What to write, per unit, to turn what the walk saw (``current``) into ``target``; nothing is touched."""
     cur = {s.unit.key: s for s in current}
     plans = []
     for unit in sorted(target, key=lambda u: (u.path.count("/"), u.path, u.kind)):
