@@ -87,7 +87,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .doctor import Findings
+    from .models import Findings
     from .models import Task
     from .service import TaskService
 

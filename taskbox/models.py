@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .errors import InvalidTransition
+from .errors import InvalidTransition, TaskboxError
 
 
 class Status(StrEnum):
@@ -147,3 +148,44 @@ class Lease:
         data = asdict(self)
         data["mode"] = str(self.mode)
         return data
+
+
+# A repair, as a reconciler describes it: a callable of the engine that found the problem,
+# or the name of a repair the service performs (with the finding's ``params``).
+Repair = Callable[[], Any] | str
+ResolveRepair = Callable[[str, dict[str, Any]], Callable[[], Any]]
+
+
+class Findings(list[dict[str, Any]]):
+    """What a reconciler (`taskbox doctor`) found: JSON-ready entries, each with its repair kept aside.
+
+    ``found(kind, task_id, detail, repair, **params)`` records a finding; nothing is repaired
+    while detecting. :meth:`repair` runs the repairs afterwards, in the order found, turning
+    repair names into callables with ``resolve`` (the service's own repairs).
+    """
+
+    def __init__(self, fix: bool = False) -> None:
+        super().__init__()
+        self.fix = fix
+        self.pending: list[tuple[dict[str, Any], Repair, dict[str, Any]]] = []
+
+    def __call__(self, kind: str, task_id: str | None, detail: str, action: Repair | None = None, /,
+                 **params: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {"kind": kind, "task_id": task_id, "detail": detail, "fixed": False,
+                                 "fixable": action is not None}
+        if isinstance(action, str):
+            entry["repair"] = action
+        self.append(entry)
+        if action is not None:
+            self.pending.append((entry, action, params))
+        return entry
+
+    def repair(self, resolve: ResolveRepair) -> None:
+        """Run every finding's repair; a :class:`TaskboxError` is recorded on its finding, not raised."""
+        for entry, action, params in self.pending:
+            try:
+                fn = resolve(action, params) if isinstance(action, str) else action
+                entry["action"] = fn()
+                entry["fixed"] = True
+            except TaskboxError as exc:
+                entry["error"] = exc.message
