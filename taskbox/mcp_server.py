@@ -546,7 +546,16 @@ def _serve(service: TaskService | None, run: Callable[[MCPServer], None]) -> Non
     """Run the server; a resource-pressure monitor samples task memory while it serves."""
     from .pressure import Monitor
 
-    svc = service or TaskService()
+    svc = service
+    if svc is None:
+        try:
+            svc = TaskService()
+        except TaskboxError as exc:
+            # e.g. a damaged registry: serve anyway, so every tool call says what is wrong and
+            # how to recover (the service is opened again on each call until it opens).
+            log.error("taskbox service unavailable: %s", exc.message)
+            run(create_server(None))
+            return
     monitor = Monitor(svc).start()
     try:
         run(create_server(svc))

@@ -630,6 +630,14 @@ class Registry:
         except OSError:
             pass  # e.g. a full disk: the rebuild then falls back to the workspace's memory
 
+    def overwrite_task(self, task: Task) -> None:
+        """Replace a row with a newer copy of it (its record, after restoring an older backup)."""
+        row = task.to_row()
+        sets = ", ".join(f"{c} = :{c}" for c in _TASK_COLUMNS if c != "id")
+        with self.tx() as conn:
+            conn.execute(f"UPDATE tasks SET {sets} WHERE id = :id", row)
+            self._event(conn, "task.refreshed", task.id, {"version": task.version})
+
     def tombstones(self) -> dict[str, dict[str, Any]]:
         """Tasks the registry removed, by id: their leftovers are known orphans."""
         return {r["task_id"]: dict(r) for r in self._conn().execute("SELECT * FROM tombstones")}

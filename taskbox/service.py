@@ -1520,9 +1520,14 @@ class TaskService:
             except TaskboxError:
                 pass
         tasks, notes = doctor.discover(self.paths, self.settings, containers)
-        adopted = []
+        adopted, refreshed = [], []
         for task in sorted(tasks.values(), key=lambda t: (t.created_at, t.id)):
             if self.registry.task_exists(task.id):
+                # a restored backup is older than the records the registry kept writing since
+                if task.metadata.get("rebuilt_from") == "record" and task.version > self.get(task.id).version:
+                    task.metadata = {k: v for k, v in task.metadata.items() if k != "rebuilt_from"}
+                    self.registry.overwrite_task(task)
+                    refreshed.append(task.id)
                 continue
             if task.parent_id and task.parent_id not in tasks and not self.registry.task_exists(task.parent_id):
                 task.parent_id = None
@@ -1534,7 +1539,7 @@ class TaskService:
             adopted.append(task.id)
         if containers is None:
             notes.append("Docker is unavailable: container labels were not read")
-        return {"adopted": adopted, "notes": notes}
+        return {"adopted": adopted, "refreshed": refreshed, "notes": notes}
 
     @classmethod
     def restore_registry(cls, home: Path | str | None = None, backup: str | None = None) -> dict[str, Any]:
