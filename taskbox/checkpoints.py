@@ -87,8 +87,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .models import Findings
-    from .models import Task
+    from .models import Findings, Task
     from .service import TaskService
 
 FORMAT = 1
