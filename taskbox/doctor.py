@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from . import files, git, memory, quota
 from .config import Paths, Settings
 from .errors import InvalidInput, NotFound, TaskboxError
-from .models import FINISHED, ContainerState, Findings, LockMode, Status, Task
+from .models import FINISHED, ContainerState, Findings, LockMode, ResolveRepair, Status, Task
 from .registry import Registry, list_backups
 from .sandbox import LABEL_HOME, LABEL_TASK, Sandbox
 
@@ -88,9 +88,12 @@ def disk_evidence(paths: Paths) -> list[str]:
 # --- detection ------------------------------------------------------------------------------
 
 
-def detect(ctx: Context) -> Findings:
-    """Everything inconsistent between the registry, Docker and the disk, with each repair as data."""
-    found = Findings()
+def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
+    """Everything inconsistent between the registry, Docker and the disk, with each repair as data.
+
+    With ``resolve`` (the service's repairs, by name) each repair is run as it is found.
+    """
+    found = Findings(fix=resolve is not None, resolve=resolve)
     reg = ctx.registry
     problems = reg.check(quick=True)
     healthy = not problems
@@ -156,6 +159,7 @@ def detect(ctx: Context) -> Findings:
         found("docker-unavailable", None, exc.message)
         containers = None
 
+    tasks = reg.list_tasks()  # repairs so far may have removed some
     if containers is not None:
         in_trash = {e.get("container_id") for e in trashed}
         by_id = {c["Id"]: c for c in containers}
@@ -186,17 +190,18 @@ def detect(ctx: Context) -> Findings:
                 found("running-finished", task.id, f"task is {task.status} but its container runs",
                       "stop-container", container_id=task.container_id)
 
+    # Listed before any is repaired: trashing a volume takes its workspace along.
+    orphans = []
     if ctx.paths.volumes.is_dir():
-        for img in sorted(ctx.paths.volumes.iterdir()):
-            tid = img.name.removesuffix(".img")
-            if img.name.endswith(".img") and tid not in known:
-                _orphan(found, "orphan-volume", tid, f"workspace volume {img}", tid in tombs)
+        orphans += [("orphan-volume", img.name.removesuffix(".img"), f"workspace volume {img}")
+                    for img in sorted(ctx.paths.volumes.iterdir()) if img.name.endswith(".img")]
     if ctx.paths.workspaces.is_dir():
-        for d in sorted(ctx.paths.workspaces.iterdir()):
-            if d.name not in known:
-                _orphan(found, "orphan-workspace", d.name, f"workspace {d}", d.name in tombs)
+        orphans += [("orphan-workspace", d.name, f"workspace {d}") for d in sorted(ctx.paths.workspaces.iterdir())]
+    for kind, tid, what in orphans:
+        if tid not in known:
+            _orphan(found, kind, tid, what, tid in tombs)
 
-    for task in tasks:
+    for task in reg.list_tasks():
         if (task.status is Status.ARCHIVED or not Path(task.workspace_path).is_dir() or task.pending_op
                 or task.id in unmounted):
             continue

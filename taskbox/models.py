@@ -157,17 +157,20 @@ ResolveRepair = Callable[[str, dict[str, Any]], Callable[[], Any]]
 
 
 class Findings(list[dict[str, Any]]):
-    """What a reconciler (`taskbox doctor`) found: JSON-ready entries, each with its repair kept aside.
+    """What a reconciler (`taskbox doctor`) found: JSON-ready entries, each with its repair.
 
-    ``found(kind, task_id, detail, repair, **params)`` records a finding; nothing is repaired
-    while detecting. :meth:`repair` runs the repairs afterwards, in the order found, turning
-    repair names into callables with ``resolve`` (the service's own repairs).
+    ``found(kind, task_id, detail, repair, **params)`` records a finding. A repair is a
+    callable of the engine that found it, or the name of a repair the service performs;
+    ``resolve`` (the service's) turns a name and its ``params`` into a callable. With a
+    ``resolve``, each repair runs as its finding is added — what is detected next sees the
+    repaired state, as a person fixing things one by one would — so the detecting engine
+    never runs the core's use cases itself; without one, nothing is repaired.
     """
 
-    def __init__(self, fix: bool = False) -> None:
+    def __init__(self, fix: bool = False, resolve: ResolveRepair | None = None) -> None:
         super().__init__()
         self.fix = fix
-        self.pending: list[tuple[dict[str, Any], Repair, dict[str, Any]]] = []
+        self.resolve = resolve
 
     def __call__(self, kind: str, task_id: str | None, detail: str, action: Repair | None = None, /,
                  **params: Any) -> dict[str, Any]:
@@ -176,16 +179,18 @@ class Findings(list[dict[str, Any]]):
         if isinstance(action, str):
             entry["repair"] = action
         self.append(entry)
-        if action is not None:
-            self.pending.append((entry, action, params))
+        if self.fix and action is not None:
+            self._run(entry, action, params)
         return entry
 
-    def repair(self, resolve: ResolveRepair) -> None:
-        """Run every finding's repair; a :class:`TaskboxError` is recorded on its finding, not raised."""
-        for entry, action, params in self.pending:
-            try:
-                fn = resolve(action, params) if isinstance(action, str) else action
-                entry["action"] = fn()
-                entry["fixed"] = True
-            except TaskboxError as exc:
-                entry["error"] = exc.message
+    def _run(self, entry: dict[str, Any], action: Repair, params: dict[str, Any]) -> None:
+        """Run one repair; a :class:`TaskboxError` is recorded on its finding, not raised."""
+        try:
+            if isinstance(action, str):
+                if self.resolve is None:
+                    raise TaskboxError(f"no one to perform the repair {action!r}")
+                action = self.resolve(action, params)
+            entry["action"] = action()
+            entry["fixed"] = True
+        except TaskboxError as exc:
+            entry["error"] = exc.message

@@ -1412,9 +1412,7 @@ class TaskService:
         are this service's (:meth:`_repair`).
         """
         self.tick()
-        found = doctor.detect(self)
-        if fix:
-            found.repair(self._repair)
+        found = doctor.detect(self, self._repair if fix else None)
         self.registry.add_event("doctor.run", None, {"fix": fix, "findings": len(found)})
         return list(found)
 
