@@ -3,7 +3,8 @@
 Human-readable output by default, ``--json`` on every command. Exit codes: 0 success,
 1 other error, 2 invalid input or transition, 3 not found, 4 locked or conflict,
 5 Docker unavailable or image missing, 6 sandbox error, 7 git error, 8 memory error,
-9 refused by the project policy.
+9 refused by the project policy, 10 registry unusable (missing, damaged, locked, disk full,
+permission denied: the message says how to recover).
 ``exec`` exits with the command's own exit code.
 """
 
@@ -227,9 +228,9 @@ def _usage_line(usage: dict[str, Any] | None) -> str:
 def exec_(task_id: str, cmd: tuple[str, ...], workdir: str | None, timeout: float | None,
           session: str | None, secret_names: tuple[str, ...], no_log: bool, as_json: bool) -> None:
     """Run a command in a task's sandbox: taskbox exec TASK -- CMD... (exits with its code)."""
-    svc = _service()
     command_ = cmd[0] if len(cmd) == 1 else list(cmd)
     try:
+        svc = _service()
         res = svc.exec(task_id, command_, workdir=workdir, timeout=timeout, session_id=session,
                        secrets=list(secret_names), log=not no_log)
     except TaskboxError as exc:
@@ -258,8 +259,8 @@ def shell(task_id: str, workdir: str | None) -> None:
     """Open an interactive shell in a task's sandbox."""
     from .confine import container_workdir, sandbox_owner
 
-    svc = _service()
     try:
+        svc = _service()
         task = svc.ensure_running(task_id)
         wd = container_workdir(workdir, Path(task.workspace_path))
     except TaskboxError as exc:
@@ -584,14 +585,46 @@ def configure_risky_operations(repo: str, list_: bool, add: str | None, category
 
 
 @command(cli, "doctor")
-@click.option("--fix", is_flag=True, help="Repair what is found.")
-def doctor(fix: bool) -> Any:
-    """Find (and repair with --fix) inconsistencies between registry, Docker and disk."""
-    findings = _service().doctor(fix)
+@click.option("--fix", is_flag=True, help="Repair what is found (orphans the registry removed go to the trash).")
+@click.option("--adopt", "adopt", metavar="TASK", help="Take an orphan workspace or container back into the registry.")
+@click.option("--restore-registry", "restore", is_flag=False, flag_value="", default=None, metavar="[BACKUP]",
+              help="Restore the registry from the newest backup (or the one named), keeping the damaged file "
+                   "aside; with no backup, rebuild it from disk.")
+@click.option("--rebuild-registry", "rebuild", is_flag=True,
+              help="Make a new registry from what is on disk (task records, workspaces' memory, container labels, "
+                   "checkpoint stores); the old file is kept aside.")
+@click.option("--backup", "backup", is_flag=True, help="Take an online backup of the registry now.")
+@click.option("--list-backups", "list_backups", is_flag=True, help="List the registry backups, newest first.")
+def doctor(fix: bool, adopt: str | None, restore: str | None, rebuild: bool, backup: bool,
+           list_backups: bool) -> Any:
+    """Find (and repair with --fix) inconsistencies between registry, Docker and disk; recover the registry."""
+    home = os.environ.get("TASKBOX_HOME")
+    if restore is not None or rebuild:
+        res = (TaskService.rebuild_registry(home) if rebuild else TaskService.restore_registry(home, restore or None))
+        lines = [f"restored the registry from {res['restored_from']}" if res.get("restored_from")
+                 else "rebuilt the registry from disk"]
+        if res.get("damaged_copy"):
+            lines.append(f"the previous file is kept as {res['damaged_copy']}")
+        lines.append(f"adopted from disk: {', '.join(res['adopted']) or 'nothing'}")
+        lines += [f"note: {n}" for n in res["notes"]]
+        return res, "\n".join(lines)
+    svc = _service()
+    if list_backups:
+        rows = svc.list_registry_backups()
+        return rows, table([(r["name"], f"{r['size_bytes']:,}", ago(r["created_at"])) for r in rows],
+                           ["backup", "bytes", "taken"]) if rows else "no backups yet"
+    if backup:
+        res = svc.backup_registry()
+        return res, f"backed up to {res['backup']}"
+    if adopt:
+        task = svc.adopt(adopt)
+        return task.to_dict(), pairs([("adopted", task.id), ("status", str(task.status)), ("branch", task.branch),
+                                      ("from", task.metadata.get("rebuilt_from", "-"))])
+    findings = svc.doctor(fix)
     if not findings:
         return findings, "all good"
     human = table([(f["kind"], f["task_id"], f["detail"], f.get("action") or f.get("error") or
-                    ("fixed" if f["fixed"] else "run with --fix")) for f in findings],
+                    ("fixed" if f["fixed"] else "run with --fix" if f.get("fixable") else "-")) for f in findings],
                   ["finding", "task", "detail", "action"])
     return findings, human
 
@@ -796,4 +829,15 @@ def guard(agent: str, directory: str | None, tool: str | None) -> None:
 
 
 def main() -> None:
-    cli(prog_name="taskbox")
+    """The ``taskbox`` entry point: whatever fails, one line on stderr and an exit code, never a traceback."""
+    try:
+        cli(prog_name="taskbox")
+    except TaskboxError as exc:  # raised outside a command's own handler (e.g. opening the registry)
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - a bug or an untranslated fault: still one line
+        if os.environ.get("TASKBOX_DEBUG"):
+            raise
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+        click.echo(f"error: internal error ({text}); run with TASKBOX_DEBUG=1 for the traceback", err=True)
+        sys.exit(1)

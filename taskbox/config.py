@@ -128,6 +128,15 @@ class Settings:
         10 * 1024**3, "Most bytes an imported archive (e.g. `checkpoint import`) may expand to; counted "
         "while it is read, so a decompression bomb is refused early."
     )
+    backup_interval_minutes: int = _setting(
+        60, "Most minutes between two online backups of the registry (taken when a command writes to it; "
+        "0: only before migrations and on `taskbox doctor --backup`)."
+    )
+    backup_keep: int = _setting(10, "Registry backups kept under `TASKBOX_HOME/backups` (the oldest go first).")
+    trash_days: int = _setting(
+        7, "Days an orphan workspace or container `doctor --fix` moved to the trash is kept before "
+        "`doctor --fix` purges it (0: purged by the next `doctor --fix`)."
+    )
     archive_max_members: int = _setting(1_000_000, "Most members (files, directories, links) an imported archive may have.")
     archive_max_ratio: float = _setting(
         100.0, "Most an imported archive may expand relative to its compressed size (applies past 16 MiB; "
@@ -214,6 +223,30 @@ class Paths:
     def volumes(self) -> Path:
         """Filesystem images of workspaces with a quota (outside every workspace: no sandbox reaches them)."""
         return self.home / "volumes"
+
+    @property
+    def backups(self) -> Path:
+        """Rotated online backups of the registry (``registry-<UTC time>.db``)."""
+        return self.home / "backups"
+
+    @property
+    def trash(self) -> Path:
+        """Orphan workspaces, volumes and containers `doctor --fix` set aside, kept ``trash_days``."""
+        return self.home / "trash"
+
+    @property
+    def identity(self) -> Path:
+        """This home's identity: written once the registry exists, so a vanished registry is noticed."""
+        return self.home / "home.json"
+
+    @property
+    def records(self) -> Path:
+        """One JSON record per task, mirrored by the registry: the trusted source of a rebuild."""
+        return self.home / "records"
+
+    @property
+    def checkpoint_stores(self) -> Path:
+        return self.home / "checkpoints"
 
     def workspace(self, task_id: str) -> Path:
         return self.workspaces / task_id

@@ -23,7 +23,16 @@ returns a tool error, the web API a JSON body with :attr:`TaskboxError.http_stat
     ├── GitError                    exit 7   a git command failed (command, code, stderr)
     ├── MemoryCorrupted             exit 8   task memory could not be read or rebuilt
     ├── CheckpointCorrupted         exit 8   a checkpoint's stored data is damaged or missing
-    └── PolicyDenied                exit 9   the project policy refuses a command, file or limit
+    ├── PolicyDenied                exit 9   the project policy refuses a command, file or limit
+    └── RegistryError               exit 10  the registry database cannot be used (each says how to recover)
+        ├── RegistryMissing         exit 10  registry.db is gone or empty while the home holds tasks
+        ├── RegistryDamaged         exit 10  registry.db is not a sound database: restore or rebuild it
+        ├── RegistryLocked          exit 10  another process held the database's lock too long: retry
+        ├── RegistryFull            exit 10  the disk holding TASKBOX_HOME is full or failing (I/O error)
+        └── RegistryPermission      exit 10  the database or its directory cannot be read or written
+
+SQLite errors never reach an adapter: the registry translates each one at its boundary
+(:func:`taskbox.registry.translate`) into a :class:`RegistryError` with ``raise … from exc``.
 """
 
 from __future__ import annotations
@@ -150,3 +159,44 @@ class PolicyDenied(TaskboxError):
     exit_code = 9
     http_status = 403
     code = "policy_denied"
+
+
+class RegistryError(TaskboxError):
+    """The registry database cannot be used; the message says how to recover."""
+
+    exit_code = 10
+    http_status = 503
+    code = "registry_error"
+
+
+class RegistryMissing(RegistryError):
+    """``registry.db`` is missing or empty although this home held a registry (or still holds tasks).
+
+    It is never silently re-created empty: that would make every workspace look like an orphan.
+    """
+
+    code = "registry_missing"
+
+
+class RegistryDamaged(RegistryError):
+    """``registry.db`` is not a sound SQLite database (e.g. its first bytes were overwritten)."""
+
+    code = "registry_damaged"
+
+
+class RegistryLocked(RegistryError):
+    """Another process held the registry's write lock past the busy timeout."""
+
+    code = "registry_locked"
+
+
+class RegistryFull(RegistryError):
+    """A registry write failed for lack of disk space, or with a disk I/O error."""
+
+    code = "registry_full"
+
+
+class RegistryPermission(RegistryError):
+    """The registry database or its directory cannot be opened or written (permissions, read-only)."""
+
+    code = "registry_permission"

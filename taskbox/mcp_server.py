@@ -536,7 +536,16 @@ def create_server(service: TaskService | None = None) -> MCPServer:
 
 def _serve(service: TaskService | None, run: Callable[[MCPServer], None]) -> None:
     """Run the server; the service's housekeeping (pressure sampling, idle pause …) runs while it serves."""
-    svc = service or TaskService()
+    svc = service
+    if svc is None:
+        try:
+            svc = TaskService()
+        except TaskboxError as exc:
+            # e.g. a damaged registry: serve anyway, so every tool call says what is wrong and
+            # how to recover (the service is opened again on each call until it opens).
+            log.error("taskbox service unavailable: %s", exc.message)
+            run(create_server(None))
+            return
     with svc.housekeeping():
         run(create_server(svc))
 

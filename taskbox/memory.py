@@ -76,6 +76,28 @@ def validate(state: Any) -> str | None:
     return None
 
 
+def read_state(workspace: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Read and validate a workspace's ``state.json`` without writing anything: ``(state, None)`` or ``(None, why)``.
+
+    Bounded and by descriptor (:mod:`taskbox.files`): the workspace is hostile. A valid
+    document is only *well-formed*; its values are the agent's and checked by the caller.
+    """
+    try:
+        raw = files.read_optional(workspace, f"{DIRNAME}/{STATE}", STATE_LIMIT)
+    except InvalidInput as exc:
+        return None, f"state.json cannot be read: {exc.message}"
+    except OSError as exc:
+        return None, f"state.json cannot be read: {exc}"
+    if raw is None:
+        return None, "state.json is missing"
+    try:
+        state = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"state.json is not valid JSON ({exc})"[:300]
+    why = validate(state)
+    return (state, None) if why is None else (None, why)
+
+
 @dataclass
 class Recovery:
     """What happened when a damaged ``state.json`` was rebuilt."""

@@ -18,6 +18,13 @@ def migration(fn: Migration) -> Migration:
     return fn
 
 
+def pending(conn: sqlite3.Connection) -> tuple[list[str], bool]:
+    """The migrations not yet applied, and whether the database already holds a schema."""
+    has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'").fetchone()
+    applied = {r[0] for r in conn.execute("SELECT name FROM _migrations")} if has else set()
+    return [name for name, _ in MIGRATIONS if name not in applied], bool(applied)
+
+
 def apply(conn: sqlite3.Connection) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction; return their names."""
     conn.execute(
@@ -182,6 +189,25 @@ def m003_rate_windows(conn: sqlite3.Connection) -> None:
             last_at REAL,
             samples TEXT NOT NULL DEFAULT '[]',
             PRIMARY KEY (task_id, stream, key)
+        )
+        """
+    )
+
+
+@migration
+def m004_tombstones(conn: sqlite3.Connection) -> None:
+    # What the registry knew about a task it removed: a workspace or container left behind
+    # with a tombstone is a known orphan (`doctor --fix` may trash it); one without is not
+    # (it may be a task the registry lost, and is only reported).
+    conn.execute(
+        """
+        CREATE TABLE tombstones (
+            task_id TEXT PRIMARY KEY,
+            branch TEXT NOT NULL DEFAULT '',
+            workspace_path TEXT NOT NULL DEFAULT '',
+            container_id TEXT,
+            reason TEXT NOT NULL DEFAULT '',
+            removed_at REAL NOT NULL
         )
         """
     )

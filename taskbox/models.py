@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .errors import InvalidTransition
+from .errors import InvalidTransition, TaskboxError
 
 
 class Status(StrEnum):
@@ -219,3 +220,47 @@ def slugify(text: str, limit: int = SLUG_MAX) -> str:
         cut = slug[:limit]
         slug = cut.rsplit("-", 1)[0] if "-" in cut[limit // 2 :] else cut
     return slug.strip("-") or "task"
+# A repair, as a reconciler describes it: a callable of the engine that found the problem,
+# or the name of a repair the service performs (with the finding's ``params``).
+Repair = Callable[[], Any] | str
+ResolveRepair = Callable[[str, dict[str, Any]], Callable[[], Any]]
+
+
+class Findings(list[dict[str, Any]]):
+    """What a reconciler (`taskbox doctor`) found: JSON-ready entries, each with its repair.
+
+    ``found(kind, task_id, detail, repair, **params)`` records a finding. A repair is a
+    callable of the engine that found it, or the name of a repair the service performs;
+    ``resolve`` (the service's) turns a name and its ``params`` into a callable. With a
+    ``resolve``, each repair runs as its finding is added — what is detected next sees the
+    repaired state, as a person fixing things one by one would — so the detecting engine
+    never runs the core's use cases itself; without one, nothing is repaired.
+    """
+
+    def __init__(self, fix: bool = False, resolve: ResolveRepair | None = None) -> None:
+        super().__init__()
+        self.fix = fix
+        self.resolve = resolve
+
+    def __call__(self, kind: str, task_id: str | None, detail: str, action: Repair | None = None, /,
+                 **params: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {"kind": kind, "task_id": task_id, "detail": detail, "fixed": False,
+                                 "fixable": action is not None}
+        if isinstance(action, str):
+            entry["repair"] = action
+        self.append(entry)
+        if self.fix and action is not None:
+            self._run(entry, action, params)
+        return entry
+
+    def _run(self, entry: dict[str, Any], action: Repair, params: dict[str, Any]) -> None:
+        """Run one repair; a :class:`TaskboxError` is recorded on its finding, not raised."""
+        try:
+            if isinstance(action, str):
+                if self.resolve is None:
+                    raise TaskboxError(f"no one to perform the repair {action!r}")
+                action = self.resolve(action, params)
+            entry["action"] = action()
+            entry["fixed"] = True
+        except TaskboxError as exc:
+            entry["error"] = exc.message

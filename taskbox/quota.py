@@ -258,6 +258,21 @@ def ensure_mounted(image: Path, mountpoint: Path) -> bool:
         return True
 
 
+def unmount(image: Path, mountpoint: Path) -> bool:
+    """Unmount ``image`` from ``mountpoint`` and keep the image (e.g. to move it to the trash)."""
+    did = False
+    real = os.path.realpath(image)
+    with _locked(image, missing_ok=True):
+        while (m := mount_at(mountpoint)) is not None:
+            if m.backing_file != real:
+                raise VolumeError(f"{mountpoint} has another filesystem mounted on it ({m.source}); "
+                                  "taskbox leaves it alone")
+            _run(["umount", str(mountpoint)], f"could not unmount the workspace volume at {mountpoint}")
+            did = True
+    _set_immutable(mountpoint, False)
+    return did
+
+
 def release(image: Path, mountpoint: Path) -> bool:
     """Unmount the volume at ``mountpoint`` and delete ``image``; True if anything was there.
 

@@ -6,50 +6,192 @@ which become one aggregated record (``"aggregated": true`` with a ``count``) whe
 closes or is flushed. The window state is a row of ``rate_windows``, so short-lived
 processes (every CLI call) share it. The same limiter bounds the audit log
 (:func:`taskbox.policy.audit`). Every event payload passes through ``redact`` (secrets).
+
+**Safety.** Every SQLite error is translated here, at the boundary, into a
+:class:`~taskbox.errors.RegistryError` that says what to do (:func:`translate`): a locked,
+damaged, full or unwritable database is one line and exit code 10, never a traceback. A
+registry that vanished (deleted, or truncated to 0 bytes) is never silently re-created empty
+while the home's identity file says one existed, or while workspaces and checkpoint stores
+are there (:class:`~taskbox.errors.RegistryMissing`): an empty registry would make every
+task look like an orphan. Online backups (SQLite's backup API) are taken before migrations
+and at most every ``backup_every`` seconds when a command writes, kept rotated; a damaged
+registry is restored from one (:func:`restore_backup`) or rebuilt from what is on disk
+(``taskbox doctor --rebuild-registry``). Each task row is mirrored as a JSON record under
+``TASKBOX_HOME/records`` (outside every workspace, so trusted) for that rebuild. A removed
+task leaves a tombstone: only what the registry knows it removed is ever an orphan to trash.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from . import events, migrations
-from .errors import ConcurrentModification, Conflict, TaskLocked, TaskNotFound
+from . import events, files, migrations
+from .errors import (
+    ConcurrentModification,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    RegistryDamaged,
+    RegistryError,
+    RegistryFull,
+    RegistryLocked,
+    RegistryMissing,
+    RegistryPermission,
+    TaskLocked,
+    TaskNotFound,
+)
 from .models import Lease, LockMode, Session, Task
 
 _TASK_COLUMNS = tuple(Task.__dataclass_fields__)
 WAITER_STALE_SECONDS = 5.0  # a waiter polls every 0.2 s; silence this long means it is gone
 MAX_SAMPLES = 5  # distinct examples an aggregated record keeps of what it counts
+BACKUP_CHECK_SECONDS = 30.0  # how often one process looks at the age of the newest backup
+SQLITE_HEADER = b"SQLite format 3\x00"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _restore_hint(path: Path, backups: Path | None) -> str:
+    newest = list_backups(backups)[:1] if backups else []
+    if newest:
+        return (f"restore it with `taskbox doctor --restore-registry` (newest backup {newest[0].name}; "
+                "name another to pick it)")
+    return "no backup exists: rebuild it from the workspaces, checkpoints and containers with " \
+           "`taskbox doctor --rebuild-registry`"
+
+
+def translate(exc: sqlite3.Error, path: Path, backups: Path | None = None) -> RegistryError:
+    """The :class:`RegistryError` for an SQLite error on the registry at ``path``: one line, with what to do."""
+    msg = str(exc).strip() or type(exc).__name__
+    low = msg.lower()
+    if "locked" in low or "busy" in low:
+        return RegistryLocked(f"the registry {path} is locked by another process ({msg}); retry in a moment",
+                              path=str(path))
+    if "full" in low or "disk i/o" in low or "no space" in low:
+        return RegistryFull(f"the registry {path} could not be written ({msg}): is the disk holding "
+                            f"{path.parent} full or failing? Free space and retry", path=str(path))
+    if "readonly" in low or "read-only" in low or "unable to open" in low or "permission" in low \
+            or "authoriz" in low:
+        return RegistryPermission(f"the registry {path} cannot be opened or written ({msg}): check that it "
+                                  f"and {path.parent} are readable and writable by this user", path=str(path))
+    if "not a database" in low or "malformed" in low or "corrupt" in low or "integrity" in low:
+        return RegistryDamaged(f"the registry {path} is damaged ({msg}); {_restore_hint(path, backups)}",
+                               path=str(path))
+    return RegistryError(f"the registry {path} failed: {msg}", path=str(path))
+
+
+def _guarded(fn: F) -> F:
+    """Translate SQLite errors raised by a :class:`Registry` method at the boundary."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Registry, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path, self.backups) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def file_state(path: Path) -> str:
+    """``absent``, ``empty`` (0 bytes), ``damaged`` (not an SQLite header) or ``present``."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return "absent"
+    except OSError:
+        return "present"  # unreadable: opening it reports the permission problem
+    if not head:
+        return "empty"
+    return "present" if head == SQLITE_HEADER else "damaged"
 
 
 class Registry:
-    """Access to the registry database. Safe to share between threads (one connection each)."""
+    """Access to the registry database. Safe to share between threads (one connection each).
+
+    ``identity`` (the home's identity file), ``evidence`` (what on disk says tasks exist),
+    ``records`` (the per-task JSON mirror) and ``backups`` (with ``backup_every`` seconds
+    between scheduled backups and ``backup_keep`` kept) are how a :class:`TaskService` opens
+    it; a bare ``Registry(path)`` has none of them. ``create`` opens a missing registry
+    anyway (a rebuild).
+    """
 
     def __init__(self, path: Path, *, burst: int = 20, window: float = 60.0,
-                 redact: Callable[[Any], Any] | None = None) -> None:
+                 redact: Callable[[Any], Any] | None = None, identity: Path | None = None,
+                 evidence: Callable[[], list[str]] | None = None, records: Path | None = None,
+                 backups: Path | None = None, backup_every: float = 0.0, backup_keep: int = 10,
+                 create: bool = False) -> None:
         self.path = path
         self.burst = burst
         self.window = window
         self.redact = redact or (lambda value: value)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.records = records
+        self.backups = backups
+        self.backup_every = backup_every
+        self.backup_keep = backup_keep
+        self._next_backup_check = 0.0
         self._local = threading.local()
-        migrations.apply(self._conn())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryPermission(f"cannot create {path.parent}: {exc.strerror}", path=str(path)) from exc
+        state = file_state(path)
+        if state in ("absent", "empty") and not create:
+            why = []
+            if identity is not None and identity.exists():
+                why.append(f"{identity.name} records that this home had a registry")
+            why += evidence() if evidence else []
+            if why:
+                word = "missing" if state == "absent" else "empty (0 bytes)"
+                raise RegistryMissing(
+                    f"the registry {path} is {word} but {'; '.join(why)}: it was not re-created empty and "
+                    f"nothing was changed; {_restore_hint(path, backups)}"
+                    + (", or rebuild it from disk with `taskbox doctor --rebuild-registry`"
+                       if list_backups(backups) else ""),
+                    path=str(path))
+        if state == "damaged":
+            raise RegistryDamaged(f"the registry {path} is damaged (its header is not SQLite's); "
+                                  f"{_restore_hint(path, backups)}", path=str(path))
+        try:
+            conn = self._conn()
+            todo, has_schema = migrations.pending(conn)
+            if todo and has_schema and backups is not None:
+                self.backup(reason="before-migration")  # a migration that goes wrong can be undone
+            migrations.apply(conn)
+        except sqlite3.Error as exc:
+            self.close()
+            raise translate(exc, path, backups) from exc
+        if identity is not None and not identity.exists():
+            try:
+                files.write_durably(identity, json.dumps(
+                    {"home_id": uuid.uuid4().hex, "registry": path.name, "created_at": time.time()},
+                    indent=2).encode() + b"\n", 0o600)
+            except OSError:
+                pass  # written by the next command that can
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
+            try:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.Error as exc:
+                raise translate(exc, self.path, self.backups) from exc
             self._local.conn = conn
         return conn
 
@@ -61,15 +203,34 @@ class Registry:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: taken with the write lock up front, rolled back on any error."""
+        """A write transaction: taken with the write lock up front, rolled back on any error.
+
+        SQLite errors (from this or from the caller's statements) leave as :class:`RegistryError`.
+        """
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path, self.backups) from exc
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the failed statement may have ended the transaction already
+            if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                raise translate(exc, self.path, self.backups) from exc
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise translate(exc, self.path, self.backups) from exc
+        self._scheduled_backup()
 
     # --- tasks -----------------------------------------------------------------------------
 
@@ -80,6 +241,7 @@ class Registry:
         try:
             with self.tx() as conn:
                 conn.execute(f"INSERT INTO tasks ({cols}) VALUES ({marks})", row)
+                conn.execute("DELETE FROM tombstones WHERE task_id = ?", (task.id,))
                 if event:
                     self._event(conn, event[0], task.id, event[1])
         except sqlite3.IntegrityError as exc:
@@ -88,6 +250,7 @@ class Registry:
             raise Conflict(
                 f"branch {task.branch!r} is already used by another task", branch=task.branch
             ) from exc
+        self._record(task)
 
     def get_task(self, task_id: str) -> Task:
         row = self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
@@ -153,13 +316,27 @@ class Registry:
             if event:
                 self._event(conn, event[0], task_id, event[1])
             row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return Task.from_row(row)
+        task = Task.from_row(row)
+        self._record(task)
+        return task
 
-    def delete_task(self, task_id: str) -> None:
+    def delete_task(self, task_id: str, reason: str = "removed") -> None:
+        """Delete a task's row, leaving a tombstone: what it leaves behind is a known orphan."""
         with self.tx() as conn:
+            row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO tombstones (task_id, branch, workspace_path, container_id, reason,"
+                    " removed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (task_id, row["branch"], row["workspace_path"], row["container_id"], reason, time.time()))
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
             conn.execute("DELETE FROM rate_windows WHERE task_id = ?", (task_id,))
-            self._event(conn, "task.deleted", task_id, {})
+            self._event(conn, "task.deleted", task_id, {"reason": reason})
+        if self.records is not None:
+            try:
+                (self.records / f"{task_id}.json").unlink(missing_ok=True)
+            except OSError:
+                pass
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -472,6 +649,199 @@ class Registry:
         return [
             {**dict(r), "payload": json.loads(r["payload"])} for r in self._conn().execute(sql, args)
         ]
+
+
+    # --- records, tombstones and checkpoint rows (what a rebuild and doctor rely on) ------------
+
+    def _record(self, task: Task) -> None:
+        """Mirror a task row to ``records/<id>.json`` (best effort: the row is what counts)."""
+        if self.records is None:
+            return
+        try:
+            self.records.mkdir(mode=0o700, parents=True, exist_ok=True)
+            data = json.dumps(task.to_row(), sort_keys=True).encode()
+            tmp = self.records / f".{task.id}.json.{os.getpid()}.{threading.get_ident()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, self.records / f"{task.id}.json")
+        except OSError:
+            pass  # e.g. a full disk: the rebuild then falls back to the workspace's memory
+
+    def overwrite_task(self, task: Task) -> None:
+        """Replace a row with a newer copy of it (its record, after restoring an older backup)."""
+        row = task.to_row()
+        sets = ", ".join(f"{c} = :{c}" for c in _TASK_COLUMNS if c != "id")
+        with self.tx() as conn:
+            conn.execute(f"UPDATE tasks SET {sets} WHERE id = :id", row)
+            self._event(conn, "task.refreshed", task.id, {"version": task.version})
+
+    def tombstones(self) -> dict[str, dict[str, Any]]:
+        """Tasks the registry removed, by id: their leftovers are known orphans."""
+        return {r["task_id"]: dict(r) for r in self._conn().execute("SELECT * FROM tombstones")}
+
+    def forget_tombstone(self, task_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM tombstones WHERE task_id = ?", (task_id,))
+
+    def checkpoint_ids(self, task_id: str) -> set[str]:
+        return {r[0] for r in self._conn().execute("SELECT id FROM checkpoints WHERE task_id = ?", (task_id,))}
+
+    def insert_checkpoint_row(self, row: dict[str, Any]) -> bool:
+        """Insert a checkpoint's row as found in its store (a rebuild); False if it was there already."""
+        with self.tx() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO checkpoints (id, task_id, name, description, trigger, ref, parent_id, pinned,"
+                " size_bytes, metadata, created_at) VALUES (:id, :task_id, :name, :description, :trigger, :ref,"
+                " :parent_id, :pinned, :size_bytes, :metadata, :created_at)", row)
+        return cur.rowcount == 1
+
+    # --- backups and integrity -------------------------------------------------------------------
+
+    def backup(self, reason: str = "manual") -> Path:
+        """An online backup (SQLite's backup API) into ``backups``, written atomically, then rotated."""
+        if self.backups is None:
+            raise InvalidInput("this registry has no backup directory")
+        try:
+            self.backups.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryPermission(f"cannot create {self.backups}: {exc.strerror}") from exc
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
+        final = self.backups / f"registry-{stamp}.db"
+        n = 1
+        while final.exists():
+            n += 1
+            final = self.backups / f"registry-{stamp}-{n}.db"
+        tmp = self.backups / f".{final.name}.{os.getpid()}.tmp"
+        try:
+            dst = sqlite3.connect(tmp)
+            try:
+                self._conn().backup(dst)
+                dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            finally:
+                dst.close()
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            dfd = os.open(self.backups, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except (sqlite3.Error, OSError) as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc, self.path, self.backups) from exc
+            raise RegistryFull(f"could not write a backup of the registry to {self.backups}: {exc}") from exc
+        for old in list_backups(self.backups)[max(self.backup_keep, 1):]:
+            old.unlink(missing_ok=True)
+        return final
+
+    def _scheduled_backup(self) -> None:
+        """After a write: a backup if the newest one is older than ``backup_every`` (checked now and then)."""
+        if self.backups is None or self.backup_every <= 0:
+            return
+        now = time.time()
+        if now < self._next_backup_check:
+            return
+        self._next_backup_check = now + min(BACKUP_CHECK_SECONDS, self.backup_every)
+        newest = list_backups(self.backups)[:1]
+        try:
+            if not newest or now - newest[0].stat().st_mtime >= self.backup_every:
+                self.backup(reason="scheduled")
+        except (RegistryError, OSError):
+            pass  # never fail the write that triggered it; `doctor` reports the age of the newest backup
+
+    def check(self, quick: bool = True) -> list[str]:
+        """``PRAGMA quick_check`` (or the full ``integrity_check``): the problems found, empty if sound."""
+        pragma = "quick_check" if quick else "integrity_check"
+        rows = [r[0] for r in self._conn().execute(f"PRAGMA {pragma}")]
+        return [] if rows == ["ok"] else rows
+
+
+def list_backups(backups: Path | None) -> list[Path]:
+    """The registry backups in ``backups``, newest first."""
+    if backups is None or not backups.is_dir():
+        return []
+    return sorted((p for p in backups.glob("registry-*.db") if p.is_file()), key=lambda p: p.name, reverse=True)
+
+
+def verify_backup(path: Path) -> int:
+    """Open ``path`` read-only and check it completely; return how many tasks it holds."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            if rows != ["ok"]:
+                raise RegistryDamaged(f"backup {path.name} is damaged too ({rows[0]})", path=str(path))
+            return int(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise RegistryDamaged(f"backup {path} cannot be used: {exc}", path=str(path)) from exc
+
+
+def set_aside(db: Path) -> str | None:
+    """Move a damaged (non-empty) registry and its WAL files aside as ``<name>.damaged.<time>``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = None
+    for suffix in ("", "-wal", "-shm"):
+        src = db.with_name(db.name + suffix)
+        try:
+            if suffix == "" and src.stat().st_size == 0:
+                src.unlink()
+                continue
+            dst = db.with_name(f"{db.name}.damaged.{stamp}{suffix}")
+            os.replace(src, dst)
+            if suffix == "":
+                kept = str(dst)
+        except FileNotFoundError:
+            continue
+    return kept
+
+
+def restore_backup(db: Path, backups: Path, name: str | None = None) -> dict[str, Any]:
+    """Put the newest (or the named) verified backup in place of ``db``, keeping the damaged file aside."""
+    candidates = list_backups(backups)
+    if name:
+        given = Path(name).expanduser()
+        chosen = given if given.is_file() else backups / name
+        if not chosen.is_file():
+            raise NotFound(f"no backup {name!r} in {backups} (see `taskbox doctor --list-backups`)")
+    elif candidates:
+        chosen = candidates[0]
+    else:
+        raise NotFound(f"there is no backup in {backups}; rebuild the registry from disk with "
+                       "`taskbox doctor --rebuild-registry`")
+    tasks = verify_backup(chosen)
+    kept = set_aside(db)
+    tmp = db.with_name(f".{db.name}.restore.{os.getpid()}.tmp")
+    try:
+        src = sqlite3.connect(f"file:{chosen}?mode=ro", uri=True)
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, db)
+    except (sqlite3.Error, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise RegistryError(f"could not restore {chosen.name} to {db}: {exc}") from exc
+    return {"restored_from": str(chosen), "damaged_copy": kept, "tasks": tasks}
+
+
+# Every public method translates SQLite errors at the boundary (see `translate`).
+for _name, _fn in list(vars(Registry).items()):
+    if callable(_fn) and not _name.startswith("_") and _name not in ("tx", "close"):
+        setattr(Registry, _name, _guarded(_fn))
 
 
 def _checkpoint(row: sqlite3.Row) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from . import engine, faults, files, git, network, policy, pressure, quota, workspace
+from . import doctor, engine, faults, files, git, network, policy, pressure, quota, workspace
 from .audit import AuditLog
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
@@ -56,7 +56,7 @@ from .models import (
 from .network import MODES as NETWORK_MODES
 from .network import EgressRules
 from .plugins import make_manager
-from .registry import Registry
+from .registry import Registry, list_backups, restore_backup, set_aside
 from .sandbox import (
     LABEL_HOME,
     LABEL_TASK,
@@ -141,14 +141,22 @@ class TaskService:
         home: Path | str | None = None,
         settings: Settings | None = None,
         plugin_manager: pluggy.PluginManager | None = None,
+        *,
+        create_registry: bool = False,
     ) -> None:
         self.paths = Paths(Path(home).resolve() if home else default_home())
         self.paths.ensure()
         self.settings = settings or Settings.load(self.paths.home)
         # Secret values never reach a record: every event, memory and audit write passes this.
         self.redactor = Redactor(self.paths.home)
+        # A vanished registry is refused, not re-created empty (see taskbox.registry);
+        # ``create_registry`` is for a rebuild.
         self.registry = Registry(self.paths.db, burst=self.settings.record_burst,
-                                 window=self.settings.record_window, redact=self.redactor)
+                                 window=self.settings.record_window, redact=self.redactor,
+                                 identity=self.paths.identity, evidence=lambda: doctor.disk_evidence(self.paths),
+                                 records=self.paths.records, backups=self.paths.backups,
+                                 backup_every=self.settings.backup_interval_minutes * 60,
+                                 backup_keep=self.settings.backup_keep, create=create_registry)
         self.audit = AuditLog(self.paths.home / "audit", self.paths.locks, self.registry, self.settings)
         self.pm = plugin_manager or make_manager()
         self.hook = self.pm.hook
@@ -531,7 +539,7 @@ class TaskService:
         else:
             self._remove_labelled_container(task.id)
         self._remove_workspace(current)
-        self.registry.delete_task(task.id)
+        self.registry.delete_task(task.id, reason="interrupted create undone")
 
     def _remove_labelled_container(self, task_id: str) -> None:
         try:
@@ -1696,9 +1704,154 @@ class TaskService:
         return out
 
     def doctor(self, fix: bool = False) -> list[dict[str, Any]]:
-        """Find (and with ``fix``, repair) what crashes and manual changes left inconsistent."""
-        from .doctor import reconcile
+        """Find (and with ``fix``, repair) what crashes and manual changes left inconsistent.
 
+        Detection is the doctor engine's (:func:`taskbox.doctor.detect`); the repairs it names
+        are this service's (:meth:`_repair`).
+        """
         self.tick()
-        return reconcile(self, fix)
+        found = doctor.detect(self, self._repair if fix else None)
+        self.registry.add_event("doctor.run", None, {"fix": fix, "findings": len(found)})
+        return list(found)
 
+    def _repair(self, name: str, p: dict[str, Any]) -> Callable[[], Any]:
+        """The action behind a repair the doctor engine named."""
+        reg = self.registry
+
+        def forget_container() -> str:
+            task = self.get(p["task_id"])
+            self._update(task.id, {"container_id": None, "container_state": ContainerState.LOST},
+                         ("container.lost", {"container_id": task.container_id}))
+            if task.status is Status.ACTIVE:
+                self._transition(task.id, Status.PAUSED)
+                return "forgotten; task paused (a new container is made on next use)"
+            return "forgotten (a new container is made on next use)"
+
+        def sync_state() -> str:
+            actual = p["state"]
+            task = self._update(p["task_id"], {"container_state": actual}, ("container.state", {"state": str(actual)}))
+            if actual is not ContainerState.RUNNING and task.status is Status.ACTIVE:
+                if actual is ContainerState.OOM_KILLED:
+                    reg.add_event("container.oom_killed", task.id, {})
+                self._transition(task.id, Status.PAUSED)
+                return f"recorded {actual}; task paused"
+            return f"recorded {actual}"
+
+        def rebuild_memory() -> str:
+            task = self.get(p["task_id"])
+            _state, recovery = self.memory(task).load(self._defaults(task))
+            if recovery:
+                self._report_recovery(task, recovery)
+                return f"rebuilt from logs, damaged copy kept as {recovery.corrupted_copy}"
+            return "already sound"
+
+        def then(message: str, *steps: Callable[[], Any]) -> Callable[[], str]:
+            def run() -> str:
+                for step in steps:
+                    step()
+                return message
+            return run
+
+        actions: dict[str, Callable[[], Any]] = {
+            "undo-create": then("removed", lambda: self._undo_create(self.get(p["task_id"]))),
+            "finish-complete": then("completed", lambda: self.complete(p["task_id"])),
+            "mount-volume": then("mounted", lambda: self._ensure_volume(self.get(p["task_id"]))),
+            "mark-failed": then("marked failed", lambda: self.fail(p["task_id"], p.get("reason", ""))),
+            "release-lease": then("released", lambda: reg.release_lease(p["task_id"], p["session_id"]),
+                                  lambda: reg.end_session(p["session_id"], time.time())),
+            "end-session": then("ended", lambda: reg.end_session(p["session_id"], time.time())),
+            "forget-container": forget_container,
+            "sync-state": sync_state,
+            "stop-container": then("stopped", lambda: self.sandbox.stop(p["container_id"])),
+            "trash-container": lambda: doctor.trash_container(self.paths, self.sandbox, p["task_id"],
+                                                              p["container_id"]),
+            "trash-workspace": lambda: doctor.trash(self.paths, p["name"]),
+            "purge-trash": lambda: doctor.purge(self.paths, p["path"], lambda: self.sandbox),
+            "rebuild-memory": rebuild_memory,
+            "backup-registry": lambda: f"backed up to {reg.backup().name}",
+        }
+        return actions[name]
+
+    # --- registry recovery ---------------------------------------------------------------------
+
+    def backup_registry(self) -> dict[str, Any]:
+        """Take an online backup of the registry now."""
+        path = self.registry.backup()
+        return {"backup": str(path), "size_bytes": path.stat().st_size}
+
+    def list_registry_backups(self) -> list[dict[str, Any]]:
+        return [{"name": b.name, "path": str(b), "size_bytes": b.stat().st_size, "created_at": b.stat().st_mtime}
+                for b in list_backups(self.paths.backups)]
+
+    def _containers_or_none(self) -> list[dict[str, Any]] | None:
+        try:
+            return self.sandbox.task_containers(self.home_label)
+        except TaskboxError:
+            return None
+
+    def adopt(self, name: str) -> Task:
+        """Take an orphan workspace or container (``name``: its task id) back into the registry."""
+        if self.registry.task_exists(name):
+            raise Conflict(f"task {name!r} is already in the registry", task_id=name)
+        task = doctor.adoptable(self.paths, self.settings, self._containers_or_none(), name)
+        self._adopt(task)
+        return self.get(task.id)
+
+    def _adopt(self, task: Task) -> None:
+        try:
+            if task.metadata.get("quota"):
+                self._ensure_volume(task)
+        except TaskboxError:
+            pass  # reported by `doctor` (unmounted or missing volume)
+        self.registry.insert_task(task, ("task.adopted", {"from": task.metadata.get("rebuilt_from")}))
+        for row in doctor.checkpoint_rows(self.paths, task.id):
+            self.registry.insert_checkpoint_row(row)
+
+    def adopt_all(self) -> dict[str, Any]:
+        """Adopt every task on disk the registry does not know (after a restore or for a rebuild)."""
+        containers = self._containers_or_none()
+        for img in sorted(self.paths.volumes.glob("*.img")) if self.paths.volumes.is_dir() else []:
+            try:  # a volume holds its workspace's memory: mount it to read it
+                quota.ensure_mounted(img, self.paths.workspace(img.name.removesuffix(".img")))
+            except TaskboxError:
+                pass
+        tasks, notes = doctor.discover(self.paths, self.settings, containers)
+        adopted, refreshed = [], []
+        for task in sorted(tasks.values(), key=lambda t: (t.created_at, t.id)):
+            if self.registry.task_exists(task.id):
+                # a restored backup is older than the records the registry kept writing since
+                if task.metadata.get("rebuilt_from") == "record" and task.version > self.get(task.id).version:
+                    task.metadata = {k: v for k, v in task.metadata.items() if k != "rebuilt_from"}
+                    self.registry.overwrite_task(task)
+                    refreshed.append(task.id)
+                continue
+            if task.parent_id and task.parent_id not in tasks and not self.registry.task_exists(task.parent_id):
+                task.parent_id = None
+            try:
+                self._adopt(task)
+            except Conflict as exc:
+                notes.append(exc.message)
+                continue
+            adopted.append(task.id)
+        if containers is None:
+            notes.append("Docker is unavailable: container labels were not read")
+        return {"adopted": adopted, "refreshed": refreshed, "notes": notes}
+
+    @classmethod
+    def restore_registry(cls, home: Path | str | None = None, backup: str | None = None) -> dict[str, Any]:
+        """Restore the registry from the newest (or the named) backup, then adopt what is on disk
+        but not in that backup; with no backup at all, rebuild it from disk."""
+        paths = Paths(Path(home).resolve() if home else default_home())
+        if not backup and not list_backups(paths.backups):
+            return {**cls.rebuild_registry(home), "restored_from": None}
+        info = restore_backup(paths.db, paths.backups, backup)
+        svc = cls(home)
+        return {**info, **svc.adopt_all()}
+
+    @classmethod
+    def rebuild_registry(cls, home: Path | str | None = None) -> dict[str, Any]:
+        """Make a new registry from what lives on disk; the old file (if any) is kept aside."""
+        paths = Paths(Path(home).resolve() if home else default_home())
+        kept = set_aside(paths.db)
+        svc = cls(home, create_registry=True)
+        return {"damaged_copy": kept, **svc.adopt_all()}

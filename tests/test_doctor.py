@@ -52,6 +52,13 @@ def test_lost_and_orphan_containers(svc: TaskService, repo: Path, docker_engine)
     assert {"lost-container", "orphan-container", "orphan-workspace"} <= kinds
     assert svc.get(task.id).status is Status.PAUSED and svc.get(task.id).container_id is None
     assert svc.exec(task.id, "echo back").stdout == "back\n"  # a new container on next use
+    # the registry removed that task (a tombstone): its container is stopped and put in the trash
+    [left] = docker_engine.api.containers(all=True, filters={"id": orphan.container_id})
+    assert left["State"] != "running"
+    assert svc.doctor() == []  # the trash is not an orphan
+    svc.settings.trash_days = 0
+    purged = [f for f in svc.doctor(fix=True) if f["kind"] == "trash-expired"]
+    assert len(purged) == 2 and all(f["fixed"] for f in purged)  # the workspace and the container
     assert not docker_engine.api.containers(all=True, filters={"id": orphan.container_id})
     assert svc.doctor() == []
 
