@@ -679,6 +679,20 @@ def exhaustion_rows(svc: TaskService, host: Host, tmp: Path, net_task: Task) -> 
         return f"{verdict}: read {got / MiB:.1f} MiB of 1024 (file tool {len(data)} B, text {text}); " \
                f"peak RSS +{grown:.0f} MiB"
 
+    def sparse_checkpoint() -> str:
+        r = svc.exec(tid, "mkdir sp && for i in $(seq 100); do truncate -s 8G sp/f$i; done && du -sk sp | cut -f1")
+        if r.exit_code:
+            return f"staging failed: {r.stderr.strip()[:80]}"
+        read0, t0 = rchar(), time.monotonic()
+        try:
+            svc.create_checkpoint(tid, "sparse")
+            outcome = "TAKEN"
+        except InvalidInput:
+            outcome = "refused before reading"
+        got, secs = rchar() - read0, time.monotonic() - t0
+        svc.exec(tid, "rm -rf sp")
+        return f"{outcome}; read {got / MiB:.1f} MiB in {secs:.1f}s (800 GiB apparent, {r.stdout.strip()} KiB used)"
+
     def bomb() -> str:
         path = one_huge_member(tmp / "bomb.tar.gz")
         before = len(svc.list_checkpoints(tid))
@@ -736,6 +750,7 @@ def exhaustion_rows(svc: TaskService, host: Host, tmp: Path, net_task: Task) -> 
         ("quota: 100 MiB into a 64 MiB workspace", "ENOSPC inside; host image within quota", disk),
         ("quota: 3000 files into 2000 inodes", "ENOSPC inside", inodes),
         ("read_task_file of a sparse 1 GiB file", "bounded", sparse),
+        ("checkpoint of 100 sparse 8 GiB files", "refused before reading", sparse_checkpoint),
         ("checkpoint import: 1 MB -> 1 GiB archive", "refused", bomb),
         ("resource_limits.memory=256g (MCP)", "refused", memory),
         ("2000 denied proxy requests", "bounded", flood),
