@@ -115,7 +115,17 @@ class Checkpoints:
     # --- helpers ---------------------------------------------------------------------------
 
     def store(self, task_id: str) -> Store:
-        return Store(self.root / f"{task_id}.git")
+        return Store(self.root / f"{task_id}.git", read_limit=self._read_limit(task_id))
+
+    def _read_limit(self, task_id: str) -> int:
+        """What a capture may read: the workspace's disk quota (more could never be restored into
+        it), else the bound of an imported archive."""
+        try:
+            quota = (self.registry.get_task(task_id).metadata or {}).get("quota") or {}
+        except NotFound:
+            quota = {}
+        disk = quota.get("disk") if isinstance(quota, dict) else None
+        return int(disk) if isinstance(disk, int) and disk > 0 else int(self.settings.archive_max_bytes)
 
     @contextmanager
     def locked(self, task_id: str) -> Iterator[None]:

@@ -117,8 +117,9 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise GitError(f"git {' '.join(args)} timed out after {timeout}s") from exc
     if check and proc.returncode != 0:
+        detail = " | ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())  # one line
         raise GitError(
-            f"git {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()}",
+            f"git {' '.join(args)} failed (exit {proc.returncode}): {detail}",
             command=["git", *args],
             returncode=proc.returncode,
             stderr=proc.stderr,

@@ -236,6 +236,15 @@ class _Importer:
         self.marks_file = store.meta / f"marks.{os.getpid()}.{secrets.token_hex(4)}"
         self.count = 0
         self.packs_before: set[str] = set()
+        self.read_total = 0
+
+    def charge(self, size: int, name: str) -> None:
+        """Count ``size`` bytes about to be read; refuse past the store's read limit, before reading."""
+        self.read_total += size
+        limit = self.store.read_limit
+        if limit is not None and self.read_total > limit:
+            raise InvalidInput(f"the workspace holds more than {limit} bytes of file contents to read (sparse "
+                               f"files count whole; {name!r} is {size} bytes); delete large files and try again")
 
     def _pipe(self) -> IO[bytes]:
         if self.out is None:
@@ -416,9 +425,12 @@ class _Blobs:
 class Store:
     """One task's private content-addressed store: a bare git repository under TASKBOX_HOME."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_limit: int | None = None) -> None:
         self.path = path
         self.meta = path / "taskbox"  # our own files: stat caches, journal, scratch
+        # Most bytes of file contents one capture reads. A sparse file costs the agent no
+        # quota but the host a full read: refused from its size, before a byte is read.
+        self.read_limit = read_limit
         self.last_capture_bytes = 0  # what the last capture added to the store
         self._cached = False  # whether the capture under way started from stat caches
 
@@ -694,6 +706,7 @@ class Store:
             fst = os.fstat(fd)
             if not stat.S_ISREG(fst.st_mode):
                 return None
+            imp.charge(fst.st_size, os.fsdecode(name))
             ref, whole = imp.blob_from_fd(fd, fst.st_size)
         finally:
             os.close(fd)

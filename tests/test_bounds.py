@@ -169,6 +169,32 @@ def test_oversized_metadata_headers_are_refused_before_they_are_read(tmp_path: P
         archive.check(io.BytesIO(gzip.compress(os.urandom(5000))[:200]))  # truncated gzip
 
 
+# --- checkpoint capture ---------------------------------------------------------------------------
+
+
+def test_a_sparse_file_past_the_quota_is_refused_before_a_checkpoint_reads_it(svc: TaskService, repo: Path) -> None:
+    """A sparse file costs the agent no quota; a capture would read all of it on the host."""
+    task = svc.create_task(repo, "sparse capture", disk="64m")
+    # the container's file size limit is 8 GiB; a thousand such files would be 8 TiB
+    r = svc.exec(task.id, "echo small > a.txt && truncate -s 4G huge.bin")
+    assert r.exit_code == 0, r.stderr
+    kept = svc.list_checkpoints(task.id)
+    read_before = _rchar()
+    with pytest.raises(InvalidInput, match=r"more than 67108864 bytes .*'huge.bin' is 4294967296 bytes"):
+        svc.create_checkpoint(task.id, "sparse")
+    assert _rchar() - read_before < 8 * MiB  # refused from the size, not after reading
+    assert svc.list_checkpoints(task.id) == kept
+    r = run_cli("checkpoint", "create", task.id)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "sparse" in r.stderr
+    svc.delete_file(task.id, "huge.bin")
+    assert svc.create_checkpoint(task.id, "after")["checkpoint_id"]
+
+
+def _rchar() -> int:
+    return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("rchar:")))
+
+
 # --- resource limits -----------------------------------------------------------------------------
 
 
