@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from .errors import (
     CheckpointCorrupted,
+    CommandCancelled,
     CommandTimeout,
     ConcurrentModification,
     Conflict,
@@ -21,6 +22,7 @@ from .errors import (
     PolicyDenied,
     SandboxError,
     TaskboxError,
+    TaskBusy,
     TaskLocked,
     TaskNotFound,
     UnsafeArchive,
@@ -35,6 +37,7 @@ from .service import AttachResult, TaskService
 __all__ = [
     "AttachResult",
     "CheckpointCorrupted",
+    "CommandCancelled",
     "CommandTimeout",
     "ConcurrentModification",
     "Conflict",
@@ -54,6 +57,7 @@ __all__ = [
     "Session",
     "Status",
     "Task",
+    "TaskBusy",
     "TaskLocked",
     "TaskNotFound",
     "TaskService",

@@ -105,7 +105,7 @@ def check_task(service: TaskService, task: Task, current: Sample | None = None, 
         _checkpoint(service, task, "emergency", f"memory at {current.percent}% of the limit: emergency")
         try:
             if service.get(task.id).status is Status.ACTIVE:
-                service.pause(task.id)
+                service.pause(task.id, kill_running=True)  # the running work is what overflows
                 service.registry.add_event("resource.paused", task.id, detail)
         except TaskboxError as exc:
             service.registry.add_event("resource.pause_failed", task.id, {"error": exc.message[:300]})
