@@ -814,50 +814,70 @@ def mcp(http: bool, host: str, port: int) -> None:
 
 @cli.group("integrate")
 def integrate_group() -> None:
-    """Configure an agent (OpenCode, Claude Code) to use the taskbox MCP server."""
+    """Configure an agent (OpenCode, Claude Code, Codex) to use the taskbox MCP server."""
 
 
-def _integrate(agent: str, directory: str, name: str, guard: bool) -> Any:
+def _integrate(agent: str, directory: str, name: str, guard: bool, http: str | None = None,
+               dry_run: bool = False) -> Any:
     from .integrate import install_guard, integrate
 
-    done = [integrate(agent, directory, name=name)]
+    done = [integrate(agent, directory, name=name, url=http, dry_run=dry_run)]
     if guard:
-        done.append(install_guard(agent, directory))
+        done.append(install_guard(agent, directory, server=name, dry_run=dry_run))
     data = done[0].to_dict() if not guard else [d.to_dict() for d in done]
     return data, "\n".join(d.describe() for d in done)
 
 
-_GUARD_HELP = "Also install the agent-side hook that refuses host-side shell and file tools while a task is attached."
+_GUARD_HELP = ("Also install the agent-side hook that, while a task is attached, lets only read-only host tools "
+               "and taskbox's own tools run.")
+_HTTP_HELP = "Point the agent at a running `taskbox mcp --http` server at this URL instead of starting one."
+_DRY_HELP = "Show what would change without writing anything."
 
 
 @command(integrate_group, "opencode")
 @click.option("--dir", "directory", default=".", show_default=True, help="The project directory.")
 @click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
 @click.option("--guard", is_flag=True, help=_GUARD_HELP)
-def integrate_opencode(directory: str, name: str, guard: bool) -> Any:
+@click.option("--http", metavar="URL", help=_HTTP_HELP)
+@click.option("--dry-run", is_flag=True, help=_DRY_HELP)
+def integrate_opencode(directory: str, name: str, guard: bool, http: str | None, dry_run: bool) -> Any:
     """Add the taskbox MCP server to opencode.json (merged with what is there)."""
-    return _integrate("opencode", directory, name, guard)
+    return _integrate("opencode", directory, name, guard, http, dry_run)
 
 
 @command(integrate_group, "claude-code")
 @click.option("--dir", "directory", default=".", show_default=True, help="The project directory.")
 @click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
 @click.option("--guard", is_flag=True, help=_GUARD_HELP)
-def integrate_claude_code(directory: str, name: str, guard: bool) -> Any:
+@click.option("--http", metavar="URL", help=_HTTP_HELP)
+@click.option("--dry-run", is_flag=True, help=_DRY_HELP)
+def integrate_claude_code(directory: str, name: str, guard: bool, http: str | None, dry_run: bool) -> Any:
     """Add the taskbox MCP server to .mcp.json (merged with what is there)."""
-    return _integrate("claude-code", directory, name, guard)
+    return _integrate("claude-code", directory, name, guard, http, dry_run)
+
+
+@command(integrate_group, "codex")
+@click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
+@click.option("--http", metavar="URL", help=_HTTP_HELP)
+@click.option("--dry-run", is_flag=True, help=_DRY_HELP)
+def integrate_codex(name: str, http: str | None, dry_run: bool) -> Any:
+    """Add the taskbox MCP server to Codex's config.toml ($CODEX_HOME, default ~/.codex), merged."""
+    return _integrate("codex", ".", name, False, http, dry_run)
 
 
 @cli.command("guard")
 @click.option("--agent", type=click.Choice(["claude-code", "opencode"]), required=True)
 @click.option("--dir", "directory", help="Project directory (default: from the hook payload, or here).")
 @click.option("--tool", help="The agent's tool name (default: from the hook payload on stdin).")
-def guard(agent: str, directory: str | None, tool: str | None) -> None:
-    """Hook for agents: exit 2 (refuse) for host-side shell/file tools while a task is attached.
+@click.option("--server", default="taskbox", show_default=True, help="Name of taskbox's MCP server entry.")
+def guard(agent: str, directory: str | None, tool: str | None, server: str) -> None:
+    """Hook for agents: exit 2 (refuse) for every host-side tool but reads while a task is attached.
 
     Claude Code passes its PreToolUse payload (tool_name, cwd) on stdin; OpenCode's plugin
     passes --dir and --tool. Installed by `taskbox integrate ... --guard`.
     """
+    from .guard import allowed_while_attached
+
     if tool is None:
         try:
             payload = json.loads(sys.stdin.read() or "{}")
@@ -866,8 +886,10 @@ def guard(agent: str, directory: str | None, tool: str | None) -> None:
             sys.exit(1)  # for Claude Code, a non-blocking error shown to the user
         tool = str(payload.get("tool_name") or "")
         directory = directory or payload.get("cwd") or os.environ.get("CLAUDE_PROJECT_DIR")
+    if allowed_while_attached(tool, server):
+        return  # reads and taskbox's own tools: no need to open the registry
     try:
-        decision = _service().guard(directory or ".", tool)
+        decision = _service().guard(directory or ".", tool, server)
     except TaskboxError as exc:
         click.echo(f"taskbox guard: {exc.message}; not blocking", err=True)
         sys.exit(1)

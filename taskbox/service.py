@@ -1520,30 +1520,33 @@ class TaskService:
 
     # --- agent-side guard ---------------------------------------------------------------------
 
-    # Host-side agent tools that act outside the sandbox; reads stay allowed.
-    GUARDED_TOOLS = frozenset({"bash", "shell", "write", "edit", "multiedit", "notebookedit", "patch"})
-
-    def guard(self, directory: str | Path, tool: str) -> dict[str, Any]:
+    def guard(self, directory: str | Path, tool: str, server: str = "taskbox") -> dict[str, Any]:
         """Should an agent's *host-side* ``tool`` run in ``directory``?
 
-        While a task of that repository has an attached agent, shell and file-writing tools
-        on the host are refused, so the work happens in the sandbox (SPEC §8). Agents' own
-        hook mechanisms ask this through `taskbox guard` (see `taskbox integrate --guard`).
+        While a task of that repository has an attached agent, only read-only host tools and
+        the tools of taskbox's own MCP server ``server`` run (an allow-list, :mod:`taskbox.guard`);
+        everything else is refused — unknown tools too — so the work happens in the sandbox
+        (SPEC §8). Agents' own hook mechanisms ask this through `taskbox guard` (see
+        `taskbox integrate --guard`).
         """
+        from .guard import allowed_while_attached
+
+        if allowed_while_attached(tool, server):
+            return {"allowed": True, "reason": "read-only or taskbox tool", "tasks": []}
         try:
             root = git.repo_root(Path(directory).expanduser().resolve())
         except InvalidInput:
             return {"allowed": True, "reason": "not inside a git repository", "tasks": []}
         attached = [t for t in self.registry.list_tasks([str(Status.ACTIVE)])
                     if t.repo_path == str(root) and self.registry.leases(t.id)]
-        if not attached or tool.lower() not in self.GUARDED_TOOLS:
-            return {"allowed": True, "reason": "no task attached" if not attached else "tool not guarded",
-                    "tasks": [t.id for t in attached]}
+        if not attached:
+            return {"allowed": True, "reason": "no task attached", "tasks": []}
         ids = ", ".join(t.id for t in attached)
         return {"allowed": False, "tasks": [t.id for t in attached],
-                "reason": f"taskbox task {ids} is attached in this repository: run commands and edit files "
-                          f"in its sandbox with the taskbox MCP tools (execute_in_task, write_task_file, "
-                          f"edit_task_file) instead of the host-side {tool} tool"}
+                "reason": f"taskbox task {ids} is attached in this repository: while it is, only read-only host "
+                          f"tools run here. Run commands and change files in its sandbox with the taskbox MCP "
+                          f"tools (execute_in_task, write_task_file, edit_task_file) instead of the host-side "
+                          f"{tool} tool"}
 
     # --- housekeeping --------------------------------------------------------------------------
 
