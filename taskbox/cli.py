@@ -17,17 +17,21 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
 from .errors import InvalidInput, TaskboxError
 from .output import ago, pairs, progress, table, to_json
-from .service import TaskService
+
+if TYPE_CHECKING:
+    from .service import TaskService
 
 
 def _service() -> TaskService:
+    from .service import TaskService  # not at import: `--help` and `mcp` start without it
+
     ctx = click.get_current_context()
     obj = ctx.find_root().obj
     if obj is None:
@@ -797,14 +801,15 @@ def policy_audit(task_id: str, limit: int, denied: bool) -> Any:
               help="Port to listen on (with --http).")
 def mcp(http: bool, host: str, port: int) -> None:
     """Serve the taskbox MCP tools to agents: stdio by default, or HTTP at http://HOST:PORT/mcp."""
-    from .mcp_server import serve_http, serve_stdio
+    from .mcp_server import serve_http
+    from .mcp_stdio import serve
 
     try:
         if http:
             click.echo(f"taskbox MCP server on http://{host}:{port}/mcp", err=True)
             serve_http(host, port)
         else:
-            serve_stdio()
+            serve()
     except TaskboxError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
@@ -899,4 +904,7 @@ def guard(agent: str, directory: str | None, tool: str | None, server: str) -> N
 
 
 def main() -> None:
-    cli(prog_name="taskbox")
+    from .mcp_stdio import fast_path
+
+    if not fast_path(sys.argv[1:]):
+        cli(prog_name="taskbox")

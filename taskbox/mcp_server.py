@@ -16,10 +16,11 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -30,8 +31,11 @@ from typing_extensions import TypedDict
 
 from . import __version__
 from .errors import CommandTimeout, InvalidInput, TaskboxError
+from .mcp_stdio import INSTRUCTIONS
 from .sandbox import ExecControl
-from .service import TaskService
+
+if TYPE_CHECKING:
+    from .service import TaskService
 
 log = logging.getLogger("taskbox.mcp")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,14 +45,6 @@ PROGRESS_INTERVAL = 2.0  # seconds between progress notifications of a running c
 CANCEL_GRACE = 30.0  # seconds a cancelled command is given to be killed and logged
 DIFF_LIMIT = 200_000  # characters of task_diff output
 WORKER_THREADS = 32  # service calls running at once; further calls queue
-
-INSTRUCTIONS = """\
-taskbox gives each coding task its own persistent Docker sandbox, git branch and memory.
-Typical flow: create_task_sandbox (or resume one) -> attach_agent_to_task (restores todos and
-history) -> work with execute_in_task and the *_task_file tools -> keep update_task_todos and
-log_task_decision current -> create_task_checkpoint before risky steps -> detach_agent_from_task
-to stop for now, or complete_task when done. Run project commands in the sandbox with
-execute_in_task, never on the host; paths are relative to the task workspace (/workspace)."""
 
 # Every tool returns a CallToolResult whose structured content is a JSON object; the
 # annotation publishes that as the tool's output schema.
@@ -97,8 +93,29 @@ def tool_error(message: str, details: dict[str, Any]) -> CallToolResult:
                           is_error=True)
 
 
+# CLI hints in error messages, as the model over MCP should read them: it has tools, not a
+# shell (and the guard refuses its host shell while a task is attached).
+_TOOL_HINTS = {"list-tasks": "the list_active_tasks tool", "checkpoint list": "get_task_status"}
+_CLI_HINT = re.compile(r"(see|run) `taskbox ([a-z-]+(?: [a-z-]+)?)([^`]*)`")
+
+
+def mcp_message(message: str) -> str:
+    """``message`` with its CLI hints rewritten for an MCP client: the tool to call, or what to
+    ask the user to run (maintenance such as `taskbox doctor --fix` is the user's)."""
+
+    def rewrite(m: re.Match[str]) -> str:
+        for command, tool in _TOOL_HINTS.items():
+            if m.group(2) == command or m.group(2).startswith(command + " "):
+                return f"{m.group(1)} {tool}"
+        return f"ask the user to run `taskbox {m.group(2)}{m.group(3)}`"
+
+    return _CLI_HINT.sub(rewrite, message)
+
+
 def render_error(exc: BaseException) -> CallToolResult:
     """An exception as an MCP tool error: its message for the model, its details as data."""
+    if isinstance(exc, TaskboxError):
+        exc.message = mcp_message(exc.message)
     if isinstance(exc, CommandTimeout):
         partial = exc.details.get("result") or {}
         text = exc.message
@@ -116,8 +133,9 @@ def render_error(exc: BaseException) -> CallToolResult:
 class _Adapter:
     """State the tools share: the service, the sessions attached through this server, a thread pool."""
 
-    def __init__(self, service: TaskService | None) -> None:
+    def __init__(self, service: TaskService | None, on_open: Callable[[TaskService], None] | None = None) -> None:
         self._service = service
+        self._on_open = on_open
         self._service_lock = threading.Lock()
         self.limiter = anyio.CapacityLimiter(WORKER_THREADS)
         # (connection, task) -> session attached through this server, so later calls are
@@ -126,10 +144,15 @@ class _Adapter:
 
     @property
     def service(self) -> TaskService:
-        """The service, opened on first use so a bad TASKBOX_HOME is reported as a tool error."""
+        """The service, opened on first use: start-up stays fast, and a bad TASKBOX_HOME is
+        reported as a tool error."""
         with self._service_lock:
             if self._service is None:
+                from .service import TaskService
+
                 self._service = TaskService()
+                if self._on_open is not None:
+                    self._on_open(self._service)
             return self._service
 
     @staticmethod
@@ -227,9 +250,11 @@ def _cut(text: str, limit: int) -> tuple[str, bool]:
     return (text, False) if len(text) <= limit else (text[:limit], True)
 
 
-def create_server(service: TaskService | None = None) -> MCPServer:
-    """The taskbox MCP server with every tool registered, over ``service`` (default: TASKBOX_HOME)."""
-    ad = _Adapter(service)
+def create_server(service: TaskService | None = None,
+                  on_open: Callable[[TaskService], None] | None = None) -> MCPServer:
+    """The taskbox MCP server with every tool registered, over ``service`` (default: TASKBOX_HOME,
+    opened on the first tool call, when ``on_open`` is called with it)."""
+    ad = _Adapter(service, on_open)
     server: MCPServer = MCPServer("taskbox", title="taskbox", instructions=INSTRUCTIONS, version=__version__)
 
     def tool(annotations: ToolAnnotations) -> Callable[[F], F]:
@@ -659,15 +684,22 @@ def create_server(service: TaskService | None = None) -> MCPServer:
 
 
 def _serve(service: TaskService | None, run: Callable[[MCPServer], None]) -> None:
-    """Run the server; a resource-pressure monitor samples task memory while it serves."""
-    from .pressure import Monitor
+    """Run the server; a resource-pressure monitor samples task memory while it serves, from
+    the moment the service is opened (the first tool call, unless ``service`` is given)."""
+    monitors: list[Any] = []
 
-    svc = service or TaskService()
-    monitor = Monitor(svc).start()
+    def opened(svc: TaskService) -> None:
+        from .pressure import Monitor
+
+        monitors.append(Monitor(svc).start())
+
+    if service is not None:
+        opened(service)
     try:
-        run(create_server(svc))
+        run(create_server(service, on_open=opened))
     finally:
-        monitor.stop()
+        for monitor in monitors:
+            monitor.stop()
 
 
 def serve_stdio(service: TaskService | None = None) -> None:

@@ -70,6 +70,10 @@ DESCRIPTION_MAX = 2000
 NAME_MAX = 64
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _TASK_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Tool calls whose operation counts itself in the ``tool_calls`` metric (a command is counted
+# with its execution record, also when it comes from the CLI); every other call is counted
+# when it is recorded. memory.rebuild counts the same way.
+SELF_COUNTING_TOOLS = frozenset({"execute_in_task"})
 
 
 @dataclass
@@ -1517,6 +1521,8 @@ class TaskService:
             entry["error"] = ({"code": "internal_error", "message": f"{type(error).__name__}: {error}"[:500]} if log
                               else {"code": "internal_error"})
         self.memory(task).log_conversation(entry)
+        if tool not in SELF_COUNTING_TOOLS:  # every call counts once in the metrics
+            self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
 
     # --- agent-side guard ---------------------------------------------------------------------
 

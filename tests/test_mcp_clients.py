@@ -216,3 +216,49 @@ def test_a_running_command_blocks_pause_and_restore(svc: TaskService, repo: Path
     r = subprocess.run([sys.executable, "-m", "taskbox", "show", task.id, "--json"], capture_output=True, text=True,
                        env=dict(os.environ), timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def raw_initialize(version: str, env: dict[str, str]) -> dict[str, Any]:
+    """`taskbox mcp`'s reply to an ``initialize`` with ``version``, read off its stdout."""
+    proc = subprocess.Popen([sys.executable, "-m", "taskbox", "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    assert proc.stdin and proc.stdout
+    proc.stdin.write((json.dumps({"jsonrpc": "2.0", "id": 7, "method": "initialize", "params": {
+        "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}) + "\n").encode())
+    proc.stdin.flush()
+    reply = json.loads(proc.stdout.readline())
+    proc.stdin.close()
+    assert proc.wait(60) == 0
+    return dict(reply)
+
+
+def test_fast_initialize_answers_exactly_as_the_sdk_does(home: Path) -> None:
+    """`taskbox mcp` answers initialize before the SDK has loaded; the answer must be the SDK's own."""
+    from taskbox.mcp_stdio import DIRECT_ENV, FAST_VERSIONS
+
+    for version in (*FAST_VERSIONS, "2026-07-28", "1999-01-01"):
+        fast = raw_initialize(version, {})
+        direct = raw_initialize(version, {DIRECT_ENV: "1"})
+        assert fast == direct, version
+        assert fast["id"] == 7 and fast["result"]["serverInfo"]["name"] == "taskbox"
+
+
+def test_errors_name_mcp_tools_and_every_call_is_counted(svc: TaskService, repo: Path) -> None:
+    async def main() -> None:
+        async with stdio()() as client:
+            text = await call_error(client, "get_task_status", task_id="no-such-task")
+            assert "list_active_tasks" in text and "taskbox list-tasks" not in text
+            await make_task(client, repo, "counted")  # create and attach: 2 calls
+            before = svc.state("counted")["metrics"]["tool_calls"]
+            await call(client, "get_task_status", task_id="counted")
+            await call(client, "write_task_file", task_id="counted", path="a.txt", content="a")
+            await call(client, "read_task_file", task_id="counted", path="a.txt")
+            await call(client, "execute_in_task", task_id="counted", command="true")
+            await call_error(client, "read_task_file", task_id="counted", path="missing.txt")
+            assert svc.state("counted")["metrics"]["tool_calls"] == before + 5
+
+    anyio.run(main)
+    r = subprocess.run([sys.executable, "-m", "taskbox", "list-tasks", "--status", "all", "--json"],
+                       capture_output=True, text=True, env=dict(os.environ), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [t["task_id"] for t in json.loads(r.stdout)] == ["counted"]
