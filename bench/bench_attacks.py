@@ -717,7 +717,7 @@ def exhaustion_rows(svc: TaskService, host: Host, tmp: Path, net_task: Task) -> 
         return f"refused: {text.splitlines()[0][:70]}"
 
     def flood(n: int = 2000) -> str:
-        audit_file = policy.audit_dir(svc) / f"{net_task.id}.jsonl"
+        audit_file = svc.audit.directory / f"{net_task.id}.jsonl"
 
         def denied() -> tuple[int, int, int]:
             audit = [e for e in svc.audit_log(net_task.id, decision="deny") if e["kind"] == "egress"]

@@ -5,8 +5,12 @@ The names below are the public API that plugins and scripts may rely on.
 
 __version__ = "0.1.0"
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CheckpointCorrupted,
+    CommandCancelled,
     CommandTimeout,
     ConcurrentModification,
     Conflict,
@@ -27,20 +31,41 @@ from .errors import (
     RegistryPermission,
     SandboxError,
     TaskboxError,
+    TaskBusy,
     TaskLocked,
     TaskNotFound,
     UnsafeArchive,
     VolumeError,
     WorkspaceFull,
 )
-from .hookspecs import hookimpl
 from .models import ContainerState, LockMode, Session, Status, Task
-from .sandbox import ExecResult
-from .service import AttachResult, TaskService
+
+if TYPE_CHECKING:
+    from .hookspecs import hookimpl
+    from .sandbox import ExecResult
+    from .service import AttachResult, TaskService
+
+# Loaded on first use: `taskbox mcp` and `taskbox --help` must not pay for Docker's client,
+# pluggy and the service before they answer.
+_LAZY = {"hookimpl": "hookspecs", "ExecResult": "sandbox", "AttachResult": "service", "TaskService": "service"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'taskbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("_")})
 
 __all__ = [
     "AttachResult",
     "CheckpointCorrupted",
+    "CommandCancelled",
     "CommandTimeout",
     "ConcurrentModification",
     "Conflict",
@@ -66,6 +91,7 @@ __all__ = [
     "Session",
     "Status",
     "Task",
+    "TaskBusy",
     "TaskLocked",
     "TaskNotFound",
     "TaskService",

@@ -13,21 +13,26 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
-from .errors import TaskboxError
+from .errors import InvalidInput, TaskboxError
 from .output import ago, pairs, progress, table, to_json
-from .service import TaskService
+
+if TYPE_CHECKING:
+    from .service import TaskService
 
 
 def _service() -> TaskService:
+    from .service import TaskService  # not at import: `--help` and `mcp` start without it
+
     ctx = click.get_current_context()
     obj = ctx.find_root().obj
     if obj is None:
@@ -149,20 +154,24 @@ def resume_task(task_id: str, agent: str, model: str, session: str | None, lock_
 @click.option("--session", help="Which session (needed when several are attached).")
 @click.option("--checkpoint", "save_checkpoint", is_flag=True, help="Also take a checkpoint.")
 @click.option("--checkpoint-name", help="Name of that checkpoint.")
-def detach(task_id: str, session: str | None, save_checkpoint: bool, checkpoint_name: str | None) -> Any:
+@click.option("--kill-running", is_flag=True, help="Kill commands and background jobs still running in the task "
+                                                   "instead of refusing.")
+def detach(task_id: str, session: str | None, save_checkpoint: bool, checkpoint_name: str | None,
+           kill_running: bool) -> Any:
     """Detach an agent session; the work is committed and the branch fetched into your repo."""
     res = _service().detach(task_id, session, save_checkpoint=save_checkpoint or bool(checkpoint_name),
-                            checkpoint_name=checkpoint_name)
+                            checkpoint_name=checkpoint_name, kill_running=kill_running)
     extra = "; task paused (container stopped)" if res["paused"] else ""
     return res, f"detached session {res['session_id']} from {task_id}{extra}; branch {res['branch']} at {res['commit'][:10]}"
 
 
 @command(cli, "list-tasks")
-@click.option("--status", "statuses", multiple=True, help="Only tasks with this status (repeatable).")
+@click.option("--status", "statuses", multiple=True,
+              help="Only tasks with this status (repeatable); `all` for every task (the default).")
 def list_tasks(statuses: tuple[str, ...]) -> Any:
     """List tasks."""
     svc = _service()
-    tasks = svc.list_tasks(list(statuses) or None)
+    tasks = svc.list_tasks(None if "all" in statuses else list(statuses) or None)
     rows = [_task_row(svc, t) for t in tasks]
     human = table([(r["task_id"], r["status"], r["branch"], ",".join(r["current_agents"]),
                     (r["container_id"] or "")[:12], ago(r["last_active"])) for r in rows],
@@ -191,7 +200,8 @@ def show(task_id: str) -> Any:
     task = svc.get(task_id)
     state = svc.state(task_id)
     usage = status["workspace_usage"]
-    data = {**_task_row(svc, task), "state": state, "workspace_usage": usage}
+    jobs = svc.jobs(task.id)
+    data = {**_task_row(svc, task), "state": state, "workspace_usage": usage, "jobs": jobs}
     human = pairs([("task", task.id), ("title", task.title), ("status", str(task.status)),
                    ("branch", task.branch), ("repo", task.repo_path), ("workspace", task.workspace_path),
                    ("container", f"{(task.container_id or '-')[:12]} ({task.container_state})"),
@@ -200,6 +210,7 @@ def show(task_id: str) -> Any:
                    ("disk", _usage_line(usage)),
                    ("lock", f"{task.lock_mode}; agents: {', '.join(data['current_agents']) or 'none'}"),
                    ("todos", f"{sum(t['status'] == 'completed' for t in state['todos'])}/{len(state['todos'])} done"),
+                   ("jobs", ", ".join(f"{j['job_id']} ({j['status']})" for j in jobs) or "none"),
                    ("created", ago(task.created_at)), ("active", ago(task.last_active)), ("version", task.version)])
     return data, human
 
@@ -224,11 +235,23 @@ def _usage_line(usage: dict[str, Any] | None) -> str:
               help="Put secret NAME (TASKBOX_SECRET_NAME or secrets.toml) into the command's environment; "
                    "its value is redacted from output and logs. Repeatable.")
 @click.option("--no-log", is_flag=True, help="Record nothing of the command or its output.")
+@click.option("--background", "-b", is_flag=True, help="Start it as a background job and print its id (see `job`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def exec_(task_id: str, cmd: tuple[str, ...], workdir: str | None, timeout: float | None,
-          session: str | None, secret_names: tuple[str, ...], no_log: bool, as_json: bool) -> None:
+          session: str | None, secret_names: tuple[str, ...], no_log: bool, background: bool, as_json: bool) -> None:
     """Run a command in a task's sandbox: taskbox exec TASK -- CMD... (exits with its code)."""
     command_ = cmd[0] if len(cmd) == 1 else list(cmd)
+    if background:
+        try:
+            if secret_names:
+                raise InvalidInput("secrets cannot be given to a background job")
+            job = _service().start_job(task_id, command_ if isinstance(command_, str) else shlex.join(command_),
+                                          workdir=workdir, timeout=timeout, session_id=session, log=not no_log)
+        except TaskboxError as exc:
+            click.echo(to_json(exc.to_dict()) if as_json else f"error: {exc.message}", err=not as_json)
+            sys.exit(exc.exit_code)
+        click.echo(to_json(job) if as_json else job["job_id"])
+        return
     try:
         svc = _service()
         res = svc.exec(task_id, command_, workdir=workdir, timeout=timeout, session_id=session,
@@ -275,13 +298,65 @@ def shell(task_id: str, workdir: str | None) -> None:
     os.execv(docker, ["docker", "exec", *tty, "-u", f"{uid}:{gid}", "-w", wd, task.container_id or "", "bash"])
 
 
+@cli.group("job")
+def job_group() -> None:
+    """Background jobs of a task (started with `exec --background`): list, output, wait, kill."""
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    code = "" if j["exit_code"] is None else f" exit {j['exit_code']}"
+    return f"{j['job_id']} {j['status']}{code}: {j['command']}"
+
+
+@command(job_group, "list")
+@click.argument("task_id")
+def job_list(task_id: str) -> Any:
+    """A task's background jobs, newest first."""
+    jobs = _service().jobs(task_id)
+    return jobs, table([(j["job_id"], j["status"], "" if j["exit_code"] is None else j["exit_code"],
+                         j["output_bytes"], j["command"][:60]) for j in jobs],
+                       ["job", "status", "exit", "output", "command"]) if jobs else "no jobs"
+
+
+@command(job_group, "output")
+@click.argument("task_id")
+@click.argument("job_id")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(0), help="Byte offset to read from.")
+@click.option("--limit", default=65536, show_default=True, type=click.IntRange(1, 1048576), help="Most bytes.")
+def job_output(task_id: str, job_id: str, offset: int, limit: int) -> Any:
+    """A job's output (stdout and stderr merged) from a byte offset."""
+    res = _service().job_output(task_id, job_id, offset, limit)
+    return res, res["output"].rstrip("\n")
+
+
+@command(job_group, "wait")
+@click.argument("task_id")
+@click.argument("job_id")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0, 600), help="Most seconds.")
+def job_wait(task_id: str, job_id: str, timeout: float) -> Any:
+    """Wait for a job to end (up to --timeout); print its state and newest output."""
+    res = _service().wait_job(task_id, job_id, timeout)
+    return res, _job_line(res) + ("\n" + res["output_tail"].rstrip("\n") if res["output_tail"] else "")
+
+
+@command(job_group, "kill")
+@click.argument("task_id")
+@click.argument("job_id")
+def job_kill(task_id: str, job_id: str) -> Any:
+    """Kill a job and every process it started."""
+    res = _service().kill_job(task_id, job_id)
+    return res, _job_line(res)
+
+
 @command(cli, "complete-task")
 @click.argument("task_id")
 @click.option("--summary", "-s", default="", help="Final summary for Plan.md.")
 @click.option("--cleanup", is_flag=True, help="Remove the container now instead of after the retention period.")
-def complete_task(task_id: str, summary: str, cleanup: bool) -> Any:
+@click.option("--kill-running", is_flag=True, help="Kill commands and background jobs still running in the task "
+                                                   "instead of refusing.")
+def complete_task(task_id: str, summary: str, cleanup: bool, kill_running: bool) -> Any:
     """Complete a task: commit, fetch its branch into your repository, stop its container."""
-    res = _service().complete(task_id, summary, cleanup=cleanup)
+    res = _service().complete(task_id, summary, cleanup=cleanup, kill_running=kill_running)
     return res, f"completed {task_id}; branch {res['branch']} at {res['commit'][:10]} is in your repository"
 
 
@@ -531,14 +606,16 @@ def checkpoint_prune(task_id: str) -> Any:
 @click.option("--list", "list_only", is_flag=True, help="Only list the task's checkpoints.")
 @click.option("--force", is_flag=True, help="Restore even while another agent is attached.")
 @click.option("--session", help="The attached session asking (it does not count as another agent).")
+@click.option("--kill-running", is_flag=True, help="Kill commands and background jobs still running in the task "
+                                                   "instead of refusing.")
 def restore_checkpoint(task_id: str, checkpoint_id: str | None, list_only: bool, force: bool,
-                       session: str | None) -> Any:
+                       session: str | None, kill_running: bool) -> Any:
     """Make a task's workspace exactly a checkpoint's: changed files reverted, new ones removed."""
     svc = _service()
     if list_only:
         rows = svc.list_checkpoints(task_id)
         return rows, _checkpoint_rows(rows)
-    res = svc.restore_checkpoint(task_id, checkpoint_id, force, session_id=session)
+    res = svc.restore_checkpoint(task_id, checkpoint_id, force, session_id=session, kill_running=kill_running)
     return res, (f"restored {task_id} to {res['checkpoint_id']} ({res['name']}): {res['files_changed']} changed, "
                  f"{res['files_restored']} brought back, {res['files_removed']} removed in {res['duration_ms']:.0f} ms"
                  + ("; container recreated from its filesystem" if res["container_restored"] else ""))
@@ -749,14 +826,15 @@ def policy_audit(task_id: str, limit: int, denied: bool) -> Any:
               help="Port to listen on (with --http).")
 def mcp(http: bool, host: str, port: int) -> None:
     """Serve the taskbox MCP tools to agents: stdio by default, or HTTP at http://HOST:PORT/mcp."""
-    from .mcp_server import serve_http, serve_stdio
+    from .mcp_server import serve_http
+    from .mcp_stdio import serve
 
     try:
         if http:
             click.echo(f"taskbox MCP server on http://{host}:{port}/mcp", err=True)
             serve_http(host, port)
         else:
-            serve_stdio()
+            serve()
     except TaskboxError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
@@ -766,50 +844,70 @@ def mcp(http: bool, host: str, port: int) -> None:
 
 @cli.group("integrate")
 def integrate_group() -> None:
-    """Configure an agent (OpenCode, Claude Code) to use the taskbox MCP server."""
+    """Configure an agent (OpenCode, Claude Code, Codex) to use the taskbox MCP server."""
 
 
-def _integrate(agent: str, directory: str, name: str, guard: bool) -> Any:
+def _integrate(agent: str, directory: str, name: str, guard: bool, http: str | None = None,
+               dry_run: bool = False) -> Any:
     from .integrate import install_guard, integrate
 
-    done = [integrate(agent, directory, name=name)]
+    done = [integrate(agent, directory, name=name, url=http, dry_run=dry_run)]
     if guard:
-        done.append(install_guard(agent, directory))
+        done.append(install_guard(agent, directory, server=name, dry_run=dry_run))
     data = done[0].to_dict() if not guard else [d.to_dict() for d in done]
     return data, "\n".join(d.describe() for d in done)
 
 
-_GUARD_HELP = "Also install the agent-side hook that refuses host-side shell and file tools while a task is attached."
+_GUARD_HELP = ("Also install the agent-side hook that, while a task is attached, lets only read-only host tools "
+               "and taskbox's own tools run.")
+_HTTP_HELP = "Point the agent at a running `taskbox mcp --http` server at this URL instead of starting one."
+_DRY_HELP = "Show what would change without writing anything."
 
 
 @command(integrate_group, "opencode")
 @click.option("--dir", "directory", default=".", show_default=True, help="The project directory.")
 @click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
 @click.option("--guard", is_flag=True, help=_GUARD_HELP)
-def integrate_opencode(directory: str, name: str, guard: bool) -> Any:
+@click.option("--http", metavar="URL", help=_HTTP_HELP)
+@click.option("--dry-run", is_flag=True, help=_DRY_HELP)
+def integrate_opencode(directory: str, name: str, guard: bool, http: str | None, dry_run: bool) -> Any:
     """Add the taskbox MCP server to opencode.json (merged with what is there)."""
-    return _integrate("opencode", directory, name, guard)
+    return _integrate("opencode", directory, name, guard, http, dry_run)
 
 
 @command(integrate_group, "claude-code")
 @click.option("--dir", "directory", default=".", show_default=True, help="The project directory.")
 @click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
 @click.option("--guard", is_flag=True, help=_GUARD_HELP)
-def integrate_claude_code(directory: str, name: str, guard: bool) -> Any:
+@click.option("--http", metavar="URL", help=_HTTP_HELP)
+@click.option("--dry-run", is_flag=True, help=_DRY_HELP)
+def integrate_claude_code(directory: str, name: str, guard: bool, http: str | None, dry_run: bool) -> Any:
     """Add the taskbox MCP server to .mcp.json (merged with what is there)."""
-    return _integrate("claude-code", directory, name, guard)
+    return _integrate("claude-code", directory, name, guard, http, dry_run)
+
+
+@command(integrate_group, "codex")
+@click.option("--name", default="taskbox", show_default=True, help="Name of the server entry.")
+@click.option("--http", metavar="URL", help=_HTTP_HELP)
+@click.option("--dry-run", is_flag=True, help=_DRY_HELP)
+def integrate_codex(name: str, http: str | None, dry_run: bool) -> Any:
+    """Add the taskbox MCP server to Codex's config.toml ($CODEX_HOME, default ~/.codex), merged."""
+    return _integrate("codex", ".", name, False, http, dry_run)
 
 
 @cli.command("guard")
 @click.option("--agent", type=click.Choice(["claude-code", "opencode"]), required=True)
 @click.option("--dir", "directory", help="Project directory (default: from the hook payload, or here).")
 @click.option("--tool", help="The agent's tool name (default: from the hook payload on stdin).")
-def guard(agent: str, directory: str | None, tool: str | None) -> None:
-    """Hook for agents: exit 2 (refuse) for host-side shell/file tools while a task is attached.
+@click.option("--server", default="taskbox", show_default=True, help="Name of taskbox's MCP server entry.")
+def guard(agent: str, directory: str | None, tool: str | None, server: str) -> None:
+    """Hook for agents: exit 2 (refuse) for every host-side tool but reads while a task is attached.
 
     Claude Code passes its PreToolUse payload (tool_name, cwd) on stdin; OpenCode's plugin
     passes --dir and --tool. Installed by `taskbox integrate ... --guard`.
     """
+    from .guard import allowed_while_attached
+
     if tool is None:
         try:
             payload = json.loads(sys.stdin.read() or "{}")
@@ -818,8 +916,10 @@ def guard(agent: str, directory: str | None, tool: str | None) -> None:
             sys.exit(1)  # for Claude Code, a non-blocking error shown to the user
         tool = str(payload.get("tool_name") or "")
         directory = directory or payload.get("cwd") or os.environ.get("CLAUDE_PROJECT_DIR")
+    if allowed_while_attached(tool, server):
+        return  # reads and taskbox's own tools: no need to open the registry
     try:
-        decision = _service().guard(directory or ".", tool)
+        decision = _service().guard(directory or ".", tool, server)
     except TaskboxError as exc:
         click.echo(f"taskbox guard: {exc.message}; not blocking", err=True)
         sys.exit(1)
@@ -830,8 +930,11 @@ def guard(agent: str, directory: str | None, tool: str | None) -> None:
 
 def main() -> None:
     """The ``taskbox`` entry point: whatever fails, one line on stderr and an exit code, never a traceback."""
+    from .mcp_stdio import fast_path
+
     try:
-        cli(prog_name="taskbox")
+        if not fast_path(sys.argv[1:]):
+            cli(prog_name="taskbox")
     except TaskboxError as exc:  # raised outside a command's own handler (e.g. opening the registry)
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)

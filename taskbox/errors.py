@@ -13,11 +13,13 @@ returns a tool error, the web API a JSON body with :attr:`TaskboxError.http_stat
     │   └── TaskNotFound            exit 3
     ├── Conflict                    exit 4
     │   ├── TaskLocked              exit 4   another agent holds the task's lease
+    │   ├── TaskBusy                exit 4   a command or job runs in the task: the container cannot stop now
     │   └── ConcurrentModification  exit 4   a lost optimistic-locking race: retry
     ├── DockerUnavailable           exit 5   the engine cannot be reached (says how to start it)
     ├── ImageMissing                exit 5   the sandbox image is not built
     ├── SandboxError                exit 6   a container operation failed
     │   ├── CommandTimeout          exit 6
+    │   ├── CommandCancelled        exit 6   the caller cancelled a command; it was killed
     │   ├── VolumeError             exit 6   a workspace volume (disk quota) could not be made or mounted
     │   └── WorkspaceFull           exit 6   a host-side write found the workspace's disk or inode quota used up
     ├── GitError                    exit 7   a git command failed (command, code, stderr)
@@ -97,6 +99,16 @@ class TaskLocked(Conflict):
     code = "task_locked"
 
 
+class TaskBusy(Conflict):
+    """A command or background job runs in the task, so its container must not be stopped now.
+
+    ``details["running"]`` lists them; the caller may wait, kill them, or retry with the
+    operation's ``kill_running`` option.
+    """
+
+    code = "task_busy"
+
+
 class ConcurrentModification(Conflict):
     code = "concurrent_modification"
 
@@ -121,6 +133,12 @@ class SandboxError(TaskboxError):
 
 class CommandTimeout(SandboxError):
     code = "command_timeout"
+
+
+class CommandCancelled(SandboxError):
+    """The caller cancelled a running command (or its connection dropped); its processes were killed."""
+
+    code = "command_cancelled"
 
 
 class VolumeError(SandboxError):

@@ -43,7 +43,11 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("task.registering", ("branch",), "A new task's row is written; its workspace is being made."),
     EventType("task.created", ("branch", "lazy", "repo"), "A task's workspace, branch and (unless lazy) container exist."),
     EventType("task.undo_failed", ("error",), "A failed create could not be undone; `doctor --fix` retries."),
-    EventType("task.resumed", ("container_kept",), "create-or-resume found the task and resumed it."),
+    EventType("task.resumed", ("container_kept",), "A create-or-resume call found the task and resumed it."),
+    EventType("task.adopted", ("from",), "The doctor took an orphan workspace or container back into the registry."),
+    EventType("task.refreshed", ("version",), "A restored registry row was brought up to date from its record."),
+    EventType("task.killed_running", ("action", "running"),
+              "Running commands or jobs were killed so the task could be stopped (``kill_running``)."),
     *(EventType(f"task.{s}", _STATUS_FIELDS, f"The task's status became {s}.")
       for s in Status if s is not Status.COMPLETED),
     EventType("task.completed", ("branch", "commit", "summary", "from", "reason"),
@@ -51,6 +55,10 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("task.deleted", (), "The task's row was deleted from the registry."),
     EventType("task.exec", ("command", "exit_code", "duration_ms", "timed_out", "oom_killed", "logged"),
               "A command ran in the task's sandbox (``logged: false``: nothing of it is recorded)."),
+    EventType("exec.cancelled", ("command", "duration_ms"),
+              "A command was cancelled by its client (or its connection dropped) and killed."),
+    EventType("job.started", ("job_id", "command"), "A background job started in the task's sandbox."),
+    EventType("job.killed", ("job_id", "processes"), "A background job was killed."),
     EventType("task.synced", ("commit",), "The workspace was committed and the branch fetched now."),
     EventType("task.oom_killed", ("command", "exit_code", "memory_limit"), "A command was killed for memory."),
     EventType("task.idle_paused", ("idle_minutes",), "An idle task was paused (container stopped)."),
@@ -65,15 +73,15 @@ CATALOGUE: tuple[EventType, ...] = (
     # --- containers and workspaces ----------------------------------------------------------------
     EventType("container.created", ("container_id",), "The task's container was (re)created."),
     EventType("container.started", ("container_id",), "The task's stopped container was started."),
-    EventType("container.state", ("state",), "doctor found the container in another state than recorded."),
+    EventType("container.state", ("state",), "The doctor found the container in another state than recorded."),
     EventType("container.lost", ("container_id",), "The task's container is gone."),
-    EventType("container.oom_killed", (), "doctor found the container killed for memory."),
+    EventType("container.oom_killed", (), "The doctor found the container killed for memory."),
     EventType("container.removed", ("image", "reason"), "A checkpoint's container image was removed."),
     EventType("workspace.mounted", ("image",), "The workspace's quota volume was mounted."),
     EventType("workspace.removed", ("volume",), "The task's workspace (and volume) were removed."),
     EventType("memory.recovered", ("reason", "corrupted_copy", "rebuilt_from"),
               "A damaged state.json was rebuilt from the logs."),
-    EventType("memory.refused", ("error", "command", "status"),
+    EventType("memory.refused", ("error", "command", "status", "job_id"),
               "The task's memory folder could not be written (the agent broke or filled it)."),
     # --- checkpoints ------------------------------------------------------------------------------
     EventType("checkpoint.created", ("checkpoint_id", "name", "trigger", "files", "bytes_added", "duration_ms"),
@@ -113,7 +121,7 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("resource.checkpoint_failed", ("trigger", "error"), "A pressure checkpoint failed."),
     EventType("resource.monitor_error", ("error",), "A housekeeping round failed (the loop keeps going)."),
     # --- doctor -------------------------------------------------------------------------------------
-    EventType("doctor.run", ("fix", "findings"), "doctor ran (with ``fix``: repairs were made)."),
+    EventType("doctor.run", ("fix", "findings"), "The doctor ran (with ``fix``: repairs were made)."),
 )
 
 EVENTS: dict[str, EventType] = {e.name: e for e in CATALOGUE}

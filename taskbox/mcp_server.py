@@ -13,12 +13,15 @@ task's memory; the service operation it runs fires the hooks (as for every other
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -29,22 +32,20 @@ from typing_extensions import TypedDict
 
 from . import __version__
 from .errors import CommandTimeout, InvalidInput, TaskboxError
-from .service import TaskService
+from .mcp_instructions import INSTRUCTIONS
+from .sandbox import ExecControl
+
+if TYPE_CHECKING:
+    from .service import TaskService
 
 log = logging.getLogger("taskbox.mcp")
 F = TypeVar("F", bound=Callable[..., Any])
 
 OUTPUT_LIMIT = 100_000  # bytes of stdout and of stderr execute_in_task returns; more is cut
+PROGRESS_INTERVAL = 2.0  # seconds between progress notifications of a running command
+CANCEL_GRACE = 30.0  # seconds a cancelled command is given to be killed and logged
 DIFF_LIMIT = 200_000  # characters of task_diff output
 WORKER_THREADS = 32  # service calls running at once; further calls queue
-
-INSTRUCTIONS = """\
-taskbox gives each coding task its own persistent Docker sandbox, git branch and memory.
-Typical flow: create_task_sandbox (or resume one) -> attach_agent_to_task (restores todos and
-history) -> work with execute_in_task and the *_task_file tools -> keep update_task_todos and
-log_task_decision current -> create_task_checkpoint before risky steps -> detach_agent_from_task
-to stop for now, or complete_task when done. Run project commands in the sandbox with
-execute_in_task, never on the host; paths are relative to the task workspace (/workspace)."""
 
 # Every tool returns a CallToolResult whose structured content is a JSON object; the
 # annotation publishes that as the tool's output schema.
@@ -93,8 +94,29 @@ def tool_error(message: str, details: dict[str, Any]) -> CallToolResult:
                           is_error=True)
 
 
+# CLI hints in error messages, as the model over MCP should read them: it has tools, not a
+# shell (and the guard refuses its host shell while a task is attached).
+_TOOL_HINTS = {"list-tasks": "the list_active_tasks tool", "checkpoint list": "get_task_status"}
+_CLI_HINT = re.compile(r"(see|run) `taskbox ([a-z-]+(?: [a-z-]+)?)([^`]*)`")
+
+
+def mcp_message(message: str) -> str:
+    """``message`` with its CLI hints rewritten for an MCP client: the tool to call, or what to
+    ask the user to run (maintenance such as `taskbox doctor --fix` is the user's)."""
+
+    def rewrite(m: re.Match[str]) -> str:
+        for command, tool in _TOOL_HINTS.items():
+            if m.group(2) == command or m.group(2).startswith(command + " "):
+                return f"{m.group(1)} {tool}"
+        return f"ask the user to run `taskbox {m.group(2)}{m.group(3)}`"
+
+    return _CLI_HINT.sub(rewrite, message)
+
+
 def render_error(exc: BaseException) -> CallToolResult:
     """An exception as an MCP tool error: its message for the model, its details as data."""
+    if isinstance(exc, TaskboxError):
+        exc.message = mcp_message(exc.message)
     if isinstance(exc, CommandTimeout):
         partial = exc.details.get("result") or {}
         text = exc.message
@@ -112,8 +134,9 @@ def render_error(exc: BaseException) -> CallToolResult:
 class _Adapter:
     """State the tools share: the service, the sessions attached through this server, a thread pool."""
 
-    def __init__(self, service: TaskService | None) -> None:
+    def __init__(self, service: TaskService | None, on_open: Callable[[TaskService], None] | None = None) -> None:
         self._service = service
+        self._on_open = on_open
         self._service_lock = threading.Lock()
         self.limiter = anyio.CapacityLimiter(WORKER_THREADS)
         # (connection, task) -> session attached through this server, so later calls are
@@ -122,10 +145,15 @@ class _Adapter:
 
     @property
     def service(self) -> TaskService:
-        """The service, opened on first use so a bad TASKBOX_HOME is reported as a tool error."""
+        """The service, opened on first use: start-up stays fast, and a bad TASKBOX_HOME is
+        reported as a tool error."""
         with self._service_lock:
             if self._service is None:
+                from .service import TaskService
+
                 self._service = TaskService()
+                if self._on_open is not None:
+                    self._on_open(self._service)
             return self._service
 
     @staticmethod
@@ -158,6 +186,52 @@ class _Adapter:
         except Exception as exc:  # every failure is the model's to read, never the server's end
             return render_error(exc)
 
+    async def command(self, ctx: Context, task_id: str, tool: str, args: dict[str, Any],
+                      fn: Callable[[str | None, ExecControl], dict[str, Any]], *, log: bool) -> CallToolResult:
+        """A command on a task (``fn(session, control)``) that reports progress and can be cancelled.
+
+        While it runs, a progress notification carrying its newest output lines goes out
+        every PROGRESS_INTERVAL seconds (when the client sent a progress token). When the
+        client cancels the call, or its connection drops, the command's processes are killed
+        in the container and the command is logged as cancelled before the handler ends.
+        """
+        control = ExecControl()
+        connection = self.connection(ctx)
+
+        def call() -> dict[str, Any]:
+            try:
+                session = self.session(connection, task_id)
+                return self.service.run_tool(task_id, tool, args, lambda: fn(session, control),
+                                             session_id=session, log=log)
+            finally:
+                control.done.set()
+
+        async def report() -> None:
+            while True:
+                await anyio.sleep(PROGRESS_INTERVAL)
+                elapsed = time.monotonic() - control.started
+                tail = await anyio.to_thread.run_sync(control.tail)
+                message = f"running for {elapsed:.0f}s, {control.output_bytes} bytes of output"
+                try:
+                    await ctx.report_progress(round(elapsed, 1), None, f"{message}\n{tail}" if tail else message)
+                except Exception:  # noqa: BLE001 - a client that cannot take progress still gets the result
+                    return
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(report)
+                try:
+                    result = ok(await anyio.to_thread.run_sync(call, limiter=self.limiter, abandon_on_cancel=True))
+                except Exception as exc:  # every failure is the model's to read
+                    result = render_error(exc)
+                tg.cancel_scope.cancel()
+            return result
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(control.cancel)
+                await anyio.to_thread.run_sync(control.done.wait, CANCEL_GRACE)
+            raise
+
     async def task_tool(self, ctx: Context | None, task_id: str, tool: str, args: dict[str, Any],
                         fn: Callable[[str | None], dict[str, Any]], *, log: bool = True) -> CallToolResult:
         """A tool call on one task: ``fn(session_id)`` with a memory record (see TaskService.run_tool)."""
@@ -174,9 +248,11 @@ def _cut(text: str, limit: int) -> tuple[str, bool]:
     return (text, False) if len(text) <= limit else (text[:limit], True)
 
 
-def create_server(service: TaskService | None = None) -> MCPServer:
-    """The taskbox MCP server with every tool registered, over ``service`` (default: TASKBOX_HOME)."""
-    ad = _Adapter(service)
+def create_server(service: TaskService | None = None,
+                  on_open: Callable[[TaskService], None] | None = None) -> MCPServer:
+    """The taskbox MCP server with every tool registered, over ``service`` (default: TASKBOX_HOME,
+    opened on the first tool call, when ``on_open`` is called with it)."""
+    ad = _Adapter(service, on_open)
     server: MCPServer = MCPServer("taskbox", title="taskbox", instructions=INSTRUCTIONS, version=__version__)
 
     def tool(annotations: ToolAnnotations) -> Callable[[F], F]:
@@ -264,6 +340,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         ctx: Context,
         save_checkpoint: Annotated[bool, Field(description="Take a checkpoint before detaching.")] = False,
         checkpoint_name: Annotated[str | None, Field(description="Name of that checkpoint.")] = None,
+        kill_running: Annotated[bool, Field(description="Kill commands and background jobs still running "
+                                                        "in the task instead of refusing to detach.")] = False,
     ) -> Result:
         """Stop working on a task for now: your work is committed to the task branch and fetched
         into the user's repository; the sandbox is stopped (files kept) when nobody else is attached.
@@ -274,7 +352,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
 
         def call(_session: str | None) -> dict[str, Any]:
             return {"success": True, **ad.service.detach(task_id, session_id, save_checkpoint=save_checkpoint,
-                                                         checkpoint_name=checkpoint_name)}
+                                                         checkpoint_name=checkpoint_name,
+                                                         kill_running=kill_running)}
 
         result = await ad.task_tool(ctx, task_id, "detach_agent_from_task", args, call)
         if not result.is_error:
@@ -290,6 +369,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         create_final_checkpoint: Annotated[bool, Field(description="Take a final (pinned) checkpoint of the "
                                                                    "finished work; false skips it.")] = True,
         summary: Annotated[str, Field(description="Final summary written to Plan.md.")] = "",
+        kill_running: Annotated[bool, Field(description="Kill commands and background jobs still running "
+                                                        "in the task instead of refusing to complete.")] = False,
     ) -> Result:
         """Finish a task: final checkpoint, final commit, branch fetched into the user's repository,
         sandbox stopped. Use only when the work is done and verified; the task cannot be resumed.
@@ -300,7 +381,7 @@ def create_server(service: TaskService | None = None) -> MCPServer:
 
         def call(_session: str | None) -> dict[str, Any]:
             return ad.service.complete(task_id, summary, cleanup=cleanup_after,
-                                       final_checkpoint=create_final_checkpoint)
+                                       final_checkpoint=create_final_checkpoint, kill_running=kill_running)
 
         result = await ad.task_tool(ctx, task_id, "complete_task", args, call)
         if not result.is_error:
@@ -335,8 +416,8 @@ def create_server(service: TaskService | None = None) -> MCPServer:
     @tool(READ_ONLY)
     async def get_task_status(task_id: TaskId, ctx: Context) -> Result:
         """A task's record and live state: status, branch, container, attached agents, todos,
-        metrics, current checkpoint, the last commands run and the workspace's disk and inode use
-        against its quota (workspace_usage). Use it to orient yourself."""
+        metrics, current checkpoint, the last commands run, background jobs (jobs) and the
+        workspace's disk and inode use against its quota (workspace_usage). Use it to orient yourself."""
         return await ad.task_tool(ctx, task_id, "get_task_status", {}, lambda _s: ad.service.status(task_id))
 
     # --- running commands --------------------------------------------------------------------
@@ -357,23 +438,81 @@ def create_server(service: TaskService | None = None) -> MCPServer:
                                                               "put into this command's environment under "
                                                               "the same names; their values never appear "
                                                               "in output or logs.")] = None,
+        background: Annotated[bool, Field(description="Start the command as a background job and return its "
+                                                      "job_id at once (dev servers, long test runs); read it "
+                                                      "with read_task_job_output, wait_for_task_job and "
+                                                      "kill_task_job. No timeout unless one is given.")] = False,
     ) -> Result:
         """Run a shell command in the task's sandbox (builds, tests, git, package installs, scripts).
 
         Use this instead of any host shell: the sandbox has the task's checkout at /workspace and no
         network unless the task allows it. Returns stdout, stderr, exit_code, duration_ms and
         truncated (true when output was cut at 100 kB per stream). A command that runs past its
-        timeout is killed and reported as an error with its partial output. Refer to a secret
-        as $NAME in the command; its value shows as [REDACTED:NAME] in the output.
+        timeout is killed and reported as an error with its partial output; while it runs, progress
+        notifications carry its newest output, and cancelling the call kills it. Refer to a secret
+        as $NAME in the command; its value shows as [REDACTED:NAME] in the output. With
+        background=true it returns job_id at once and keeps running in the sandbox.
         """
         args = {"command": command, "workdir": workdir, "timeout": timeout, "log_execution": log_execution,
-                "secrets": secrets}
-        def call(session: str | None) -> dict[str, Any]:
+                "secrets": secrets, "background": background}
+        if background:
+            if secrets:
+                return render_error(InvalidInput("secrets cannot be given to a background job; run the command "
+                                                 "in the foreground"))
+            return await ad.task_tool(ctx, task_id, "execute_in_task", args,
+                                      lambda session: ad.service.start_job(task_id, command, workdir=workdir,
+                                                                           timeout=timeout, session_id=session,
+                                                                           log=log_execution),
+                                      log=log_execution)
+
+        def call(session: str | None, control: ExecControl) -> dict[str, Any]:
             res = ad.service.exec(task_id, command, workdir=workdir, timeout=timeout, session_id=session,
-                           log=log_execution, output_limit=OUTPUT_LIMIT, secrets=secrets)
+                                  log=log_execution, output_limit=OUTPUT_LIMIT, secrets=secrets, control=control)
             return res.to_dict()
 
-        return await ad.task_tool(ctx, task_id, "execute_in_task", args, call, log=log_execution)
+        return await ad.command(ctx, task_id, "execute_in_task", args, call, log=log_execution)
+
+    @tool(READ_ONLY)
+    async def read_task_job_output(
+        task_id: TaskId,
+        job_id: Annotated[str, Field(description="The job_id execute_in_task(background=true) returned.")],
+        ctx: Context,
+        offset: Annotated[int, Field(description="Byte offset to read from: 0, or the next_offset of the "
+                                                 "previous read.", ge=0)] = 0,
+        max_bytes: Annotated[int, Field(description="Most bytes to return.", ge=1, le=1_048_576)] = 65_536,
+    ) -> Result:
+        """Read a background job's output (stdout and stderr merged) from a byte offset, with its
+        status (running, exited, killed) and exit_code. Pass next_offset back to read on; more
+        says output beyond this read exists already."""
+        return await ad.task_tool(ctx, task_id, "read_task_job_output",
+                                  {"job_id": job_id, "offset": offset, "max_bytes": max_bytes},
+                                  lambda _s: ad.service.job_output(task_id, job_id, offset, max_bytes))
+
+    @tool(READ_ONLY)
+    async def wait_for_task_job(
+        task_id: TaskId,
+        job_id: Annotated[str, Field(description="The job's id.")],
+        ctx: Context,
+        timeout: Annotated[float, Field(description="Most seconds to wait (up to 600).", ge=0, le=600)] = 30,
+    ) -> Result:
+        """Wait until a background job ends, or the timeout passes. Returns its status, exit_code,
+        finished (false when still running) and the last 4 kB of its output."""
+        stop = threading.Event()
+        try:
+            return await ad.task_tool(ctx, task_id, "wait_for_task_job", {"job_id": job_id, "timeout": timeout},
+                                      lambda _s: ad.service.wait_job(task_id, job_id, timeout, stop))
+        finally:
+            stop.set()
+
+    @tool(DESTRUCTIVE)
+    async def kill_task_job(
+        task_id: TaskId,
+        job_id: Annotated[str, Field(description="The job's id.")],
+        ctx: Context,
+    ) -> Result:
+        """Kill a background job and every process it started. Returns its final status."""
+        return await ad.task_tool(ctx, task_id, "kill_task_job", {"job_id": job_id},
+                                  lambda _s: ad.service.kill_job(task_id, job_id))
 
     # --- files -------------------------------------------------------------------------------
 
@@ -520,13 +659,16 @@ def create_server(service: TaskService | None = None) -> MCPServer:
         task_id: TaskId,
         checkpoint_id: Annotated[str, Field(description="Id returned by create_task_checkpoint.")],
         ctx: Context,
+        kill_running: Annotated[bool, Field(description="Kill commands and background jobs still running "
+                                                        "in the task instead of refusing to restore.")] = False,
     ) -> Result:
         """Roll the task workspace back to a checkpoint exactly: changed files are restored and files
         created since are removed. Use it to undo a failed approach. Refused while another agent is
         attached to the task."""
         return await ad.task_tool(ctx, task_id, "restore_task_checkpoint", {"checkpoint_id": checkpoint_id},
                                   lambda session: ad.service.restore_checkpoint(task_id, checkpoint_id,
-                                                                                session_id=session))
+                                                                                session_id=session,
+                                                                                kill_running=kill_running))
 
     return server
 
@@ -535,19 +677,16 @@ def create_server(service: TaskService | None = None) -> MCPServer:
 
 
 def _serve(service: TaskService | None, run: Callable[[MCPServer], None]) -> None:
-    """Run the server; the service's housekeeping (pressure sampling, idle pause …) runs while it serves."""
-    svc = service
-    if svc is None:
-        try:
-            svc = TaskService()
-        except TaskboxError as exc:
-            # e.g. a damaged registry: serve anyway, so every tool call says what is wrong and
-            # how to recover (the service is opened again on each call until it opens).
-            log.error("taskbox service unavailable: %s", exc.message)
-            run(create_server(None))
-            return
-    with svc.housekeeping():
-        run(create_server(svc))
+    """Run the server; the service's housekeeping (pressure sampling, idle pause …) runs while it
+    serves, from the moment the service is opened (the first tool call, unless ``service`` is given)."""
+    with contextlib.ExitStack() as stack:
+
+        def opened(svc: TaskService) -> None:
+            stack.enter_context(svc.housekeeping())
+
+        if service is not None:
+            opened(service)
+        run(create_server(service, on_open=opened))
 
 
 def serve_stdio(service: TaskService | None = None) -> None:

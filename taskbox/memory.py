@@ -257,6 +257,8 @@ class TaskMemory:
             elif kind == "detach":
                 metrics["iterations"] += 1
                 state["current_agent"] = None
+            elif kind == "tool_call" and entry.get("tool") != "execute_in_task":  # as service.record_tool_call
+                metrics["tool_calls"] += 1
             elif kind == "checkpoint":
                 metrics["checkpoints"] += 1
                 state["current_checkpoint"] = entry.get("checkpoint_id")

@@ -27,7 +27,7 @@ import secrets
 import shlex
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +42,14 @@ from . import engine as docker_engine
 from .config import parse_size
 from .confine import sandbox_owner
 from .engine import DOCKER_ERRORS
-from .errors import CommandTimeout, ImageMissing, InvalidInput, SandboxError
+from .errors import (
+    CommandCancelled,
+    CommandTimeout,
+    ImageMissing,
+    InvalidInput,
+    NotFound,
+    SandboxError,
+)
 from .models import ContainerState
 from .network import MODES as NETWORK_MODES
 from .network import PROXY_ALIAS, PROXY_UID, EgressConfig, squid_config
@@ -61,6 +68,14 @@ MAX_LOG_LINE = 64 * 1024  # a proxy log line longer than this is dropped, not bu
 DEFAULT_NOFILE = 4096
 DEFAULT_FSIZE = 8 * 1024**3  # one file may not grow past this (SIGXFSZ / EFBIG)
 KILL_MARK = "TASKBOX_EXEC"  # every exec carries a unique value, so its processes can be found
+# Marks of the agent's own commands and background jobs start with these; taskbox's own
+# commands (git for the host) carry a bare hex mark, so they never count as "running work".
+CMD_MARK = "cmd-"
+JOB_MARK = "job-"
+JOBS_DIR = "/tmp/.taskbox-jobs"  # one directory per background job, in the container
+JOB_ID = re.compile(r"^j-[0-9a-f]{8}$")
+JOB_OUTPUT_LIMIT = 64 * 1024**2  # a job's output file stops growing here; the job keeps running
+_PROC_READ = 256 * 1024  # most bytes of a process's environ or cmdline read on the host
 # Capabilities a task may ask to add back. Everything that reaches the host (SYS_ADMIN,
 # SYS_PTRACE, NET_ADMIN, SYS_MODULE, DAC_READ_SEARCH …) is refused outright.
 ADDABLE_CAPS = frozenset({"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
@@ -181,9 +196,57 @@ class ExecResult:
     truncated: bool = False
     timed_out: bool = False
     oom_killed: bool = False
+    cancelled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class ExecControl:
+    """A handle on one running command, shared with other threads.
+
+    The command's newest output is kept in a small rolling buffer (for progress reports),
+    and :meth:`cancel` kills the command's processes in the container from any thread.
+    """
+
+    def __init__(self, tail_bytes: int = 8192) -> None:
+        self._lock = threading.Lock()
+        self._tail = bytearray()
+        self._tail_bytes = tail_bytes
+        self._kill: Callable[[], object] | None = None
+        self.output_bytes = 0
+        self.started = time.monotonic()
+        self.cancelled = threading.Event()
+        self.done = threading.Event()  # set by whoever runs the command, when it is over and logged
+        self.redact: Callable[[str], str] = lambda text: text
+
+    def feed(self, chunk: bytes) -> None:
+        with self._lock:
+            self.output_bytes += len(chunk)
+            self._tail += chunk
+            del self._tail[:-self._tail_bytes]
+
+    def tail(self, lines: int = 10, chars: int = 2000) -> str:
+        """The newest ``lines`` complete-or-partial lines of output, at most ``chars`` characters."""
+        with self._lock:
+            raw = bytes(self._tail)
+        text = self.redact(raw.decode(errors="replace"))
+        return "\n".join(text.splitlines()[-lines:])[-chars:]
+
+    def attach(self, kill: Callable[[], object]) -> None:
+        """Called by the sandbox once the command runs; a cancel that came first kills it now."""
+        with self._lock:
+            self._kill = kill
+        if self.cancelled.is_set():
+            kill()
+
+    def cancel(self) -> None:
+        """Kill the command (its whole process tree in the container); safe from any thread."""
+        self.cancelled.set()
+        with self._lock:
+            kill = self._kill
+        if kill is not None:
+            kill()
 
 
 def weakened(spec: ContainerSpec, *, default_pids: int = 512, default_memory: str = "2g") -> list[str]:
@@ -742,6 +805,7 @@ class Sandbox:
         timeout: float = 600,
         output_limit: int = 1_000_000,
         env: dict[str, str] | None = None,
+        control: ExecControl | None = None,
     ) -> ExecResult:
         """Run ``command`` (a shell string or argv) in the container, bounded in time and output.
 
@@ -749,6 +813,8 @@ class Sandbox:
         the whole group — background children included — is killed; processes that left the
         group (``setsid``) are found by the exec's ``TASKBOX_EXEC`` mark and killed too. An
         OOM kill during the command sets ``oom_killed`` and says so on stderr.
+        ``control`` streams the output to another thread and lets it cancel the command
+        (:class:`CommandCancelled`, with the partial output).
         """
         argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
         if not argv:
@@ -756,7 +822,7 @@ class Sandbox:
         secs = max(1, int(timeout + 0.999))
         wrapped = ["timeout", "-k", "2", str(secs), *argv]
         uid, gid = sandbox_owner()
-        mark = secrets.token_hex(8)
+        mark = CMD_MARK + secrets.token_hex(8)
         oom_before = self.oom_kills(cid)
         host_oom = oom_before is not None
         if not host_oom:
@@ -768,12 +834,16 @@ class Sandbox:
                 environment={**(env or {}), KILL_MARK: mark}
             )["Id"]
             stream = self.api.exec_start(exec_id, stream=True, demux=True)
+            if control is not None:
+                control.attach(lambda: self.kill_marked(cid, mark))
             out, err = bytearray(), bytearray()
             truncated = False
             for chunk_out, chunk_err in stream:
                 for buf, chunk in ((out, chunk_out), (err, chunk_err)):
                     if not chunk:
                         continue
+                    if control is not None:
+                        control.feed(chunk)
                     room = output_limit - len(buf)
                     if room > 0:
                         buf += chunk[:room]
@@ -787,7 +857,8 @@ class Sandbox:
         duration = (time.monotonic() - start) * 1000
         code = info.get("ExitCode")
         code = -1 if code is None else int(code)
-        timed_out = code == 124 or (code == 137 and duration >= secs * 1000)
+        cancelled = control is not None and control.cancelled.is_set()
+        timed_out = not cancelled and (code == 124 or (code == 137 and duration >= secs * 1000))
         oom_after = self.oom_kills(cid) if host_oom else self._oom_kills_inside(cid)
         oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
         if not oom_killed and code == 137 and not timed_out and oom_before is None:
@@ -806,7 +877,12 @@ class Sandbox:
             truncated=truncated,
             timed_out=timed_out,
             oom_killed=oom_killed,
+            cancelled=cancelled,
         )
+        if cancelled:
+            self.kill_marked(cid, mark)  # anything forked while the first sweep ran
+            raise CommandCancelled(f"command cancelled after {duration / 1000:.1f}s and killed: {_short(argv)}",
+                                   result=result.to_dict())
         if timed_out:
             self.kill_marked(cid, mark)
             raise CommandTimeout(
@@ -933,11 +1009,185 @@ class Sandbox:
             pass  # the container may be gone; nothing left to kill then
         return 0
 
+    # --- running work: agent commands and background jobs -------------------------------------
+
+    def running(self, cid: str) -> list[dict[str, Any]]:
+        """The agent's commands and background jobs running in the container now.
+
+        Found by their ``TASKBOX_EXEC`` marks (``cmd-…`` for commands, ``job-…`` for jobs),
+        from the host through the container's cgroup when possible, else by a script run
+        inside. Each entry: ``kind`` (command or job), ``id``, ``pids`` and ``command``
+        (from the process's own command line: agent-controlled text, bounded).
+        """
+        procs = self._cgroup(cid).get("pids") or self._cgroup(cid).get("memory")
+        found: dict[str, tuple[int, list[str], int]] = {}  # mark -> (lowest pid, its argv, process count)
+        if procs is not None and (procs / "cgroup.procs").exists():
+            try:
+                pids = [int(p) for p in (procs / "cgroup.procs").read_text().split()]
+            except OSError:
+                pids = []
+            for pid in pids:
+                mark = _mark_of(_read_proc(pid, "environ"))
+                if mark is None:
+                    continue
+                first, argv, count = found.get(mark, (pid, [], 0))
+                if pid <= first or not argv:
+                    first, argv = pid, [a.decode(errors="replace") for a in _read_proc(pid, "cmdline").split(b"\0")[:8]]
+                found[mark] = (first, argv, count + 1)
+        else:
+            script = (f'for p in /proc/[0-9]*; do m=$(tr "\\0" "\\n" < "$p/environ" 2>/dev/null '
+                      f'| grep -m1 "^{KILL_MARK}=\\({CMD_MARK}\\|{JOB_MARK}\\)"); [ -n "$m" ] || continue; '
+                      f'printf "%s %s " "${{p#/proc/}}" "${{m#{KILL_MARK}=}}"; head -c 4000 "$p/cmdline" '
+                      f'| tr "\\0\\n" "\\001 "; echo; done 2>/dev/null; true')
+            try:
+                res = self.capture(cid, ["sh", "-c", script], limit=256 * 1024, timeout=30)
+            except SandboxError:
+                return []
+            for line in res.stdout.decode(errors="replace").splitlines():
+                pid_s, _, rest = line.partition(" ")
+                mark, _, cmdline = rest.partition(" ")
+                if not pid_s.isdigit() or not mark.startswith((CMD_MARK, JOB_MARK)):
+                    continue
+                first, argv, count = found.get(mark, (int(pid_s), [], 0))
+                if int(pid_s) <= first or not argv:
+                    first, argv = int(pid_s), cmdline.split("\x01")[:8]
+                found[mark] = (first, argv, count + 1)
+        out = []
+        for mark, (_pid, argv, count) in sorted(found.items()):
+            kind = "job" if mark.startswith(JOB_MARK) else "command"
+            out.append({"kind": kind, "id": mark.removeprefix(JOB_MARK) if kind == "job" else mark,
+                        "mark": mark, "pids": count, "command": _display_command(argv)})
+        return out
+
+    def start_job(self, cid: str, job_id: str, command: str, *, workdir: str = CONTAINER_WORKSPACE,
+                  env: dict[str, str] | None = None, timeout: float | None = None) -> None:
+        """Start ``command`` as a background job in the container and return at once.
+
+        The job lives in the container, not in this process: its merged stdout and stderr go
+        to ``JOBS_DIR/<id>/output`` (cut at JOB_OUTPUT_LIMIT while the job keeps running),
+        its exit code to ``exit`` when it ends. It carries the mark ``job-<id>``. ``dd`` copies
+        each pipe read as it comes (``head`` would hold output back in its buffer) and stops
+        after JOB_OUTPUT_LIMIT bytes at most; ``cat`` then drains the rest so the job never blocks.
+        """
+        if not JOB_ID.match(job_id):
+            raise InvalidInput(f"bad job id {job_id!r}")
+        limit = f"timeout -k 2 {max(1, int(timeout + 0.999))} " if timeout else ""
+        wrapper = (f'd={JOBS_DIR}/"$1"; mkdir -p "$d" && printf %s "$2" > "$d/command" && '
+                   f'date +%s > "$d/started" || exit 1; '
+                   f'{{ {limit}sh -c "$2" < /dev/null 2>&1; echo $? > "$d/exit.tmp"; }} '
+                   f'| {{ dd bs=65536 count={JOB_OUTPUT_LIMIT // 65536} status=none > "$d/output"; cat > /dev/null; }}; '
+                   f'mv "$d/exit.tmp" "$d/exit"')
+        uid, gid = sandbox_owner()
+        try:
+            exec_id = self.api.exec_create(cid, ["sh", "-c", wrapper, "taskbox-job", job_id, command],
+                                           workdir=workdir, user=f"{uid}:{gid}",
+                                           environment={**(env or {}), KILL_MARK: JOB_MARK + job_id})["Id"]
+            self.api.exec_start(exec_id, detach=True)
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not start a job in {cid[:12]}") from exc
+
+    def jobs(self, cid: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The background jobs recorded in the container (newest first), with their state.
+
+        The job directory is writable by the agent: every field is read bounded and checked.
+        """
+        script = (f'cd {JOBS_DIR} 2>/dev/null || exit 0; for d in $(ls -t | head -n {int(limit)}); do '
+                  f'case "$d" in j-*) ;; *) continue;; esac; '
+                  f'printf "%s\\t%s\\t%s\\t%s\\t" "$d" "$(head -c 20 "$d/started" 2>/dev/null)" '
+                  f'"$(head -c 20 "$d/exit" 2>/dev/null)" "$(stat -c %s "$d/output" 2>/dev/null)"; '
+                  f'head -c 300 "$d/command" 2>/dev/null | tr "\\n\\t\\r" "   "; echo; done')
+        res = self.capture(cid, ["sh", "-c", script], limit=limit * 512, timeout=30)
+        alive = {r["id"] for r in self.running(cid) if r["kind"] == "job"}
+        out = []
+        for line in res.stdout.decode(errors="replace").splitlines():
+            parts = line.split("\t", 4)
+            if len(parts) != 5 or not JOB_ID.match(parts[0]):
+                continue
+            out.append(_job_row(parts[0], parts[1], parts[2], parts[3], parts[4], parts[0] in alive))
+        return out
+
+    def job(self, cid: str, job_id: str) -> dict[str, Any]:
+        """One job's state (see :meth:`jobs`); :class:`NotFound` if the container has no such job."""
+        if not JOB_ID.match(job_id):
+            raise InvalidInput(f"job id {job_id!r} is not of the form j-<8 hex digits>")
+        script = (f'd={JOBS_DIR}/{job_id}; [ -d "$d" ] || exit 3; '
+                  f'printf "%s\\t%s\\t%s\\t" "$(head -c 20 "$d/started" 2>/dev/null)" '
+                  f'"$(head -c 20 "$d/exit" 2>/dev/null)" "$(stat -c %s "$d/output" 2>/dev/null)"; '
+                  f'head -c 2000 "$d/command" 2>/dev/null')
+        res = self.capture(cid, ["sh", "-c", script], limit=4096, timeout=30)
+        if res.exit_code == 3:
+            raise NotFound(f"no job {job_id} in this task (see the task's status for its jobs)", job_id=job_id)
+        parts = res.stdout.decode(errors="replace").split("\t", 3)
+        parts += [""] * (4 - len(parts))
+        alive = any(r["kind"] == "job" and r["id"] == job_id for r in self.running(cid))
+        return _job_row(job_id, parts[0], parts[1], parts[2], parts[3], alive)
+
+    def job_output(self, cid: str, job_id: str, offset: int = 0, limit: int = 64 * 1024) -> tuple[bytes, int]:
+        """Up to ``limit`` bytes of a job's output from byte ``offset``, and the output's size now."""
+        if not JOB_ID.match(job_id):
+            raise InvalidInput(f"job id {job_id!r} is not of the form j-<8 hex digits>")
+        script = (f'f={JOBS_DIR}/{job_id}/output; [ -d {JOBS_DIR}/{job_id} ] || exit 3; '
+                  f's=$(stat -c %s "$f" 2>/dev/null || echo 0); echo "$s"; '
+                  f'tail -c +$(({int(offset)} + 1)) "$f" 2>/dev/null | head -c {int(limit)}')
+        res = self.capture(cid, ["sh", "-c", script], limit=int(limit) + 32, timeout=60)
+        if res.exit_code == 3:
+            raise NotFound(f"no job {job_id} in this task (see the task's status for its jobs)", job_id=job_id)
+        head, _, data = res.stdout.partition(b"\n")
+        size = int(head) if head.strip().isdigit() else 0
+        return data[:limit], size
+
+    def kill_job(self, cid: str, job_id: str) -> int:
+        """Kill a background job's whole process tree; returns how many processes were killed."""
+        if not JOB_ID.match(job_id):
+            raise InvalidInput(f"job id {job_id!r} is not of the form j-<8 hex digits>")
+        return self.kill_marked(cid, JOB_MARK + job_id)
+
     def _container_oom_flag(self, cid: str) -> bool:
         try:
             return bool(self.api.inspect_container(cid)["State"].get("OOMKilled"))
         except DOCKER_ERRORS:
             return False
+
+
+def _read_proc(pid: int, name: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as fh:
+            return fh.read(_PROC_READ)
+    except OSError:
+        return b""
+
+
+def _mark_of(environ: bytes) -> str | None:
+    """The command or job mark in a process's environment, if it has one."""
+    prefix = f"{KILL_MARK}=".encode()
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            mark = item[len(prefix):].decode(errors="replace")
+            return mark if mark.startswith((CMD_MARK, JOB_MARK)) and len(mark) <= 64 else None
+    return None
+
+
+def _display_command(argv: list[str]) -> str:
+    """The agent's command from a marked process's argv (``timeout …`` and ``sh -c`` peeled off)."""
+    if argv and argv[0].endswith("timeout") and len(argv) > 4:
+        argv = argv[4:]
+    if len(argv) >= 6 and argv[:2] == ["sh", "-c"] and argv[3] == "taskbox-job":
+        text = argv[5]
+    elif len(argv) >= 3 and argv[:2] == ["sh", "-c"]:
+        text = argv[2]
+    else:
+        text = shlex.join(a for a in argv if a)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _job_row(job_id: str, started: str, exit_code: str, size: str, command: str, alive: bool) -> dict[str, Any]:
+    code = int(exit_code.strip()) if exit_code.strip().lstrip("-").isdigit() else None
+    state = "exited" if code is not None else "running" if alive else "killed"
+    return {"job_id": job_id, "command": command[:2000], "status": state, "exit_code": code,
+            "started_at": int(started.strip()) if started.strip().isdigit() else None,
+            "output_bytes": int(size.strip()) if size.strip().isdigit() else 0}
 
 
 def _cgroup_memory(mem: Path, pids: Path | None) -> dict[str, int]:

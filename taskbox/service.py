@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import secrets
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from .errors import (
     PolicyDenied,
     SandboxError,
     TaskboxError,
+    TaskBusy,
     TaskLocked,
     VolumeError,
     WorkspaceFull,
@@ -61,6 +63,7 @@ from .sandbox import (
     LABEL_HOME,
     LABEL_TASK,
     ContainerSpec,
+    ExecControl,
     ExecResult,
     Sandbox,
     check_limits,
@@ -79,6 +82,10 @@ DESCRIPTION_MAX = 2000
 NAME_MAX = 64
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _TASK_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Tool calls whose operation counts itself in the ``tool_calls`` metric (a command is counted
+# with its execution record, also when it comes from the CLI); every other call is counted
+# when it is recorded. memory.rebuild counts the same way.
+SELF_COUNTING_TOOLS = frozenset({"execute_in_task"})
 
 
 @dataclass
@@ -621,14 +628,40 @@ class TaskService:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
         return task
 
-    def pause(self, task_id: str) -> Task:
-        """Stop the task's container (its filesystem is kept) and mark the task paused."""
+    def pause(self, task_id: str, *, kill_running: bool = False) -> Task:
+        """Stop the task's container (its filesystem is kept) and mark the task paused.
+
+        Refused with :class:`TaskBusy` while a command or job runs in it, unless ``kill_running``.
+        """
         task = self.get(task_id)
         check_transition(task.id, task.status, Status.PAUSED)
+        self._ensure_idle(task, "pause", kill_running)
         if task.container_id:
             self.sandbox.stop(task.container_id)
         self.audit.flush(task.id, force=True)
         return self._transition(task.id, Status.PAUSED, {"container_state": ContainerState.STOPPED})
+
+    def running_work(self, task: Task) -> list[dict[str, Any]]:
+        """The agent's commands and background jobs running in the task's container now."""
+        if not task.container_id or self.sandbox.state(task.container_id) is not ContainerState.RUNNING:
+            return []
+        return self.sandbox.running(task.container_id)
+
+    def _ensure_idle(self, task: Task, action: str, kill_running: bool) -> None:
+        """Never stop or rewind a container under running work: refuse (:class:`TaskBusy`) or kill it first."""
+        busy = self.running_work(task)
+        if not busy:
+            return
+        shown = [{k: r[k] for k in ("kind", "id", "command")} for r in busy[:10]]
+        if not kill_running:
+            names = "; ".join(f"job {r['id']}: {r['command']}" if r["kind"] == "job" else f"command: {r['command']}"
+                              for r in shown[:3])
+            raise TaskBusy(f"cannot {action} task {task.id}: {len(busy)} command(s) or job(s) still run in it "
+                           f"({names}); wait for them to finish, kill them, or {action} with the kill_running "
+                           "option", task_id=task.id, running=shown)
+        for r in busy:
+            self.sandbox.kill_marked(task.container_id or "", r["mark"])
+        self.registry.add_event("task.killed_running", task.id, {"action": action, "running": shown})
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -730,10 +763,12 @@ class TaskService:
         return self.registry.renew_lease(task_id, session_id, self.settings.lease_seconds)
 
     def detach(self, task_id: str, session_id: str | None = None, *, save_checkpoint: bool = False,
-               checkpoint_name: str | None = None) -> dict[str, Any]:
+               checkpoint_name: str | None = None, kill_running: bool = False) -> dict[str, Any]:
         """End an agent session; commit the work, fetch the branch, pause if nobody is left.
 
         ``save_checkpoint`` takes a checkpoint (named ``checkpoint_name``) after the commit.
+        The last session's detach (which pauses) is refused with :class:`TaskBusy` while a
+        command or job runs, unless ``kill_running``.
         """
         task = self.get(task_id)
         open_sessions = self.registry.sessions(task.id, open_only=True)
@@ -750,6 +785,8 @@ class TaskService:
             session = found[0]
         args = {"session_id": session.id, "save_checkpoint": save_checkpoint, "checkpoint_name": checkpoint_name}
         self._before(task, "detach", args)
+        if len(open_sessions) == 1 and task.status is Status.ACTIVE:
+            self._ensure_idle(task, "detach from (and pause)", kill_running)
         self.registry.release_lease(task.id, session.id)
         self.registry.end_session(session.id, time.time())
         mem = self.memory(task)
@@ -770,7 +807,7 @@ class TaskService:
                                                                "commit": commit})
         paused = False
         if not remaining and self.get(task.id).status is Status.ACTIVE:
-            self.pause(task.id)
+            self.pause(task.id, kill_running=kill_running)
             paused = True
         result = {"task_id": task.id, "session_id": session.id, "paused": paused, "commit": fetched,
                   "branch": task.branch, "remaining_sessions": [s.id for s in remaining],
@@ -792,8 +829,12 @@ class TaskService:
         env: dict[str, str] | None = None,
         output_limit: int | None = None,
         secrets: list[str] | None = None,
+        control: ExecControl | None = None,
     ) -> ExecResult:
         """Run a command in the task's sandbox; bounded in time and output, logged in memory.
+
+        ``control`` streams the newest output (redacted) to another thread and lets it cancel
+        the command: its processes are killed and it is logged as ``cancelled``.
 
         ``output_limit`` lowers the bytes of stdout and of stderr returned (an MCP client
         wants far less than a terminal); it never raises the configured limit.
@@ -821,11 +862,13 @@ class TaskService:
             args["log"] = False
         self._before(task, "exec", args)
         session = self.registry.get_session(session_id) if session_id else None
+        if control is not None:
+            control.redact = self.redactor.output
         try:
             result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
                                        output_limit=min(output_limit or self.settings.exec_output_limit,
                                                         self.settings.exec_output_limit),
-                                       env={**(env or {}), **values})
+                                       env={**(env or {}), **values}, control=control)
         except TaskboxError as exc:
             self._redact_error(exc)  # in place: it reaches the caller
             partial = exc.details.get("result")
@@ -857,6 +900,10 @@ class TaskService:
 
     def _log_exec(self, task: Task, session: Session | None, command: str | list[str], wd: str,
                   result: ExecResult, log: bool = True) -> None:
+        if result.cancelled:
+            self.registry.add_event("exec.cancelled", task.id, {
+                "command": (command if isinstance(command, str) else " ".join(command))[:200] if log else None,
+                "duration_ms": result.duration_ms})
         if not log:  # nothing of the command: only that one ran
             self._update(task.id, {"last_active": time.time()}, ("task.exec", {"logged": False}))
             self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
@@ -890,8 +937,122 @@ class TaskService:
             "truncated": result.truncated or len(result.stdout) > limit or len(result.stderr) > limit,
             "timed_out": result.timed_out,
             "oom_killed": result.oom_killed,
+            "status": ("cancelled" if result.cancelled else "timed_out" if result.timed_out
+                       else "oom_killed" if result.oom_killed else "exited"),
         })
         self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
+
+    # --- background jobs (they live in the container; see Sandbox.start_job) ------------------
+
+    def start_job(self, task_id: str, command: str, *, workdir: str | None = None, timeout: float | None = None,
+                  session_id: str | None = None, log: bool = True) -> dict[str, Any]:
+        """Start ``command`` in the task's sandbox in the background; return its job id at once.
+
+        The job runs in the container until it ends, is killed, or the container stops; it
+        outlives this process. Its output is read with :meth:`job_output`.
+        """
+        task = self.get(task_id)
+        if not command.strip():
+            raise InvalidInput("empty command")
+        wd = container_workdir(workdir, Path(task.workspace_path))
+        if timeout is not None and not 0 < timeout <= 24 * 3600:
+            raise InvalidInput(f"timeout {timeout} must be between 0 and 86400 seconds")
+        if task.status is not Status.ACTIVE or task.container_state is not ContainerState.RUNNING:
+            task = self.ensure_running(task.id)
+        args: dict[str, Any] = {"command": command, "workdir": wd, "timeout": timeout, "background": True}
+        if not log:
+            args["log"] = False
+        self._before(task, "exec", args)  # the policy sees it like any command
+        job_id = f"j-{secrets.token_hex(4)}"
+        self.sandbox.start_job(task.container_id or "", job_id, command, workdir=wd, timeout=timeout)
+        session = self.registry.get_session(session_id) if session_id else None
+        if log:
+            try:
+                self.memory(task).log_execution({
+                    "session": session.id if session else None, "agent": session.agent if session else None,
+                    "tool": "exec", "command": command, "workdir": wd, "job_id": job_id, "background": True,
+                    "status": "started", "exit_code": None, "duration_ms": 0, "stdout": "", "stderr": ""})
+            except (PathOutsideWorkspace, WorkspaceFull, OSError) as exc:
+                self.registry.add_event("memory.refused", task.id, {"error": str(exc), "job_id": job_id})
+        self._update(task.id, {"last_active": time.time()},
+                     ("job.started", {"job_id": job_id, "command": command[:200] if log else None}))
+        self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
+        result = {"task_id": task.id, "job_id": job_id, "status": "running", "background": True,
+                  "command": command if log else None}
+        self._after(task, "exec", args, result)
+        return result
+
+    def _job_container(self, task_id: str) -> tuple[Task, str]:
+        task = self.get(task_id)
+        if not task.container_id or self.sandbox.state(task.container_id) is not ContainerState.RUNNING:
+            raise NotFound(f"task {task.id}'s sandbox is not running, so it has no running jobs and their "
+                           "output cannot be read", task_id=task.id)
+        return task, task.container_id
+
+    def jobs(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's background jobs (newest first); empty when its sandbox is not running."""
+        task = self.get(task_id)
+        if not task.container_id or self.sandbox.state(task.container_id) is not ContainerState.RUNNING:
+            return []
+        return [self._redact_job(j) for j in self.sandbox.jobs(task.container_id)]
+
+    def job(self, task_id: str, job_id: str) -> dict[str, Any]:
+        _task, cid = self._job_container(task_id)
+        return self._redact_job(self.sandbox.job(cid, job_id))
+
+    def _redact_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        return {**job, "command": self.redactor.text(job["command"])} if self.redactor.active else job
+
+    def job_output(self, task_id: str, job_id: str, offset: int = 0, limit: int = 64 * 1024) -> dict[str, Any]:
+        """Up to ``limit`` bytes of a job's output from byte ``offset`` (bounded: the file is the agent's)."""
+        if offset < 0:
+            raise InvalidInput("offset must be 0 or more")
+        if not 1 <= limit <= 1024 * 1024:
+            raise InvalidInput("limit must be between 1 and 1048576 bytes")
+        task, cid = self._job_container(task_id)
+        args = {"job_id": job_id, "offset": offset, "limit": limit}
+        self._before(task, "job_output", args)
+        job = self.sandbox.job(cid, job_id)
+        data, size = self.sandbox.job_output(cid, job_id, offset, limit)
+        text = self.redactor.output(data.decode(errors="replace"))
+        result = {"task_id": task_id, **self._redact_job(job), "offset": offset, "next_offset": offset + len(data),
+                  "output": text, "output_bytes": size, "more": offset + len(data) < size}
+        self._after(task, "job_output", args, result)
+        return result
+
+    def wait_job(self, task_id: str, job_id: str, timeout: float = 30, stop: threading.Event | None = None,
+                 tail: int = 4096) -> dict[str, Any]:
+        """Wait up to ``timeout`` seconds (at most 600) for a job to end; its state and newest output."""
+        if not 0 <= timeout <= 600:
+            raise InvalidInput("timeout must be between 0 and 600 seconds")
+        task, cid = self._job_container(task_id)
+        self._before(task, "job_wait", {"job_id": job_id, "timeout": timeout})
+        deadline = time.monotonic() + timeout
+        job = self.sandbox.job(cid, job_id)
+        while job["status"] == "running" and time.monotonic() < deadline and not (stop and stop.is_set()):
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            job = self.sandbox.job(cid, job_id)
+        start = max(0, job["output_bytes"] - tail)
+        data, size = self.sandbox.job_output(cid, job_id, start, tail)
+        return {"task_id": task_id, **self._redact_job(job), "finished": job["status"] != "running",
+                "output_tail": self.redactor.output(data.decode(errors="replace")), "output_bytes": size}
+
+    def kill_job(self, task_id: str, job_id: str) -> dict[str, Any]:
+        """Kill a background job's whole process tree in the container; logged as cancelled."""
+        task, cid = self._job_container(task_id)
+        self._before(task, "job_kill", {"job_id": job_id})
+        job = self.sandbox.job(cid, job_id)
+        killed = self.sandbox.kill_job(cid, job_id) if job["status"] == "running" else 0
+        if job["status"] == "running":
+            try:
+                self.memory(task).log_execution({"tool": "exec", "command": self.redactor.text(job["command"]),
+                                                 "job_id": job_id, "background": True, "status": "cancelled",
+                                                 "exit_code": None, "stdout": "", "stderr": ""})
+            except (PathOutsideWorkspace, WorkspaceFull, OSError) as exc:
+                self.registry.add_event("memory.refused", task.id, {"error": str(exc), "job_id": job_id})
+            self.registry.add_event("job.killed", task.id, {"job_id": job_id, "processes": killed})
+        return {"task_id": task.id, **self._redact_job(self.sandbox.job(cid, job_id)), "killed": killed > 0 or
+                job["status"] == "running"}
 
     # --- todos and decisions -----------------------------------------------------------------
 
@@ -970,19 +1131,21 @@ class TaskService:
     # --- complete / abort / cleanup ----------------------------------------------------------
 
     def complete(self, task_id: str, summary: str = "", *, cleanup: bool = False,
-                 final_checkpoint: bool = True) -> dict[str, Any]:
+                 final_checkpoint: bool = True, kill_running: bool = False) -> dict[str, Any]:
         """Finish a task: final Plan.md summary and checkpoint, commit, fetch the branch, stop the container.
 
         Marked ``pending_op='complete'`` while it runs, so a crash part-way is finished by
         `doctor --fix`. The container is kept for the retention period unless ``cleanup``.
         The final checkpoint is taken by the built-in auto-checkpoint plugin unless
-        ``final_checkpoint`` is false.
+        ``final_checkpoint`` is false. Refused with :class:`TaskBusy` while a command or job
+        runs in the task, unless ``kill_running``.
         """
         task = self.get(task_id)
         args = {"summary": summary, "cleanup": cleanup, "final_checkpoint": final_checkpoint}
         if task.pending_op != "complete":
             check_transition(task.id, task.status, Status.COMPLETED)
             self._before(task, "complete", args)
+            self._ensure_idle(task, "complete", kill_running)
             task = self._update(task.id, {"pending_op": "complete", "op_pid": os.getpid()})
         self.hook.task_complete(service=self, task=task, summary=summary, final_checkpoint=final_checkpoint)
         self.update_state(task, lambda s: s.update(status=str(Status.COMPLETED), current_agent=None))
@@ -1137,10 +1300,11 @@ class TaskService:
             pass  # the original error matters more than the record of it
 
     def restore_checkpoint(self, task_id: str, checkpoint_id: str | None = None, force: bool = False, *,
-                           session_id: str | None = None) -> dict[str, Any]:
+                           session_id: str | None = None, kill_running: bool = False) -> dict[str, Any]:
         """Make the workspace exactly the checkpoint's (the newest if none is named).
 
-        Refused while an agent other than ``session_id`` is attached, unless ``force``. A
+        Refused while an agent other than ``session_id`` is attached, unless ``force``; and
+        while a command or job runs in the task (:class:`TaskBusy`), unless ``kill_running``. A
         checkpoint with the container's filesystem brings the container back from its image
         (Docker down: :class:`DockerUnavailable`, before any file is touched).
         """
@@ -1148,6 +1312,7 @@ class TaskService:
         args = {"checkpoint_id": checkpoint_id, "force": force}
         self._before(task, "restore", args)
         self._ensure_volume(task)
+        self._ensure_idle(task, "restore a checkpoint of", kill_running)
         cps = self.checkpoints
         with cps.locked(task.id):
             done = cps.restore(task, checkpoint_id, force=force, session_id=session_id)
@@ -1504,7 +1669,7 @@ class TaskService:
                   "current_agent": state.get("current_agent"), "todos": state["todos"],
                   "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
                   "recent_executions": self.memory(task).executions(recent),
-                  "workspace_usage": self.workspace_usage(task)}
+                  "workspace_usage": self.workspace_usage(task), "jobs": self.jobs(task.id)}
         self._after(task, "status", {"recent": recent}, result)
         return result
 
@@ -1558,33 +1723,38 @@ class TaskService:
             entry["error"] = ({"code": "internal_error", "message": f"{type(error).__name__}: {error}"[:500]} if log
                               else {"code": "internal_error"})
         self.memory(task).log_conversation(entry)
+        if tool not in SELF_COUNTING_TOOLS:  # every call counts once in the metrics
+            self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
 
     # --- agent-side guard ---------------------------------------------------------------------
 
-    # Host-side agent tools that act outside the sandbox; reads stay allowed.
-    GUARDED_TOOLS = frozenset({"bash", "shell", "write", "edit", "multiedit", "notebookedit", "patch"})
-
-    def guard(self, directory: str | Path, tool: str) -> dict[str, Any]:
+    def guard(self, directory: str | Path, tool: str, server: str = "taskbox") -> dict[str, Any]:
         """Should an agent's *host-side* ``tool`` run in ``directory``?
 
-        While a task of that repository has an attached agent, shell and file-writing tools
-        on the host are refused, so the work happens in the sandbox (SPEC §8). Agents' own
-        hook mechanisms ask this through `taskbox guard` (see `taskbox integrate --guard`).
+        While a task of that repository has an attached agent, only read-only host tools and
+        the tools of taskbox's own MCP server ``server`` run (an allow-list, :mod:`taskbox.guard`);
+        everything else is refused — unknown tools too — so the work happens in the sandbox
+        (SPEC §8). Agents' own hook mechanisms ask this through `taskbox guard` (see
+        `taskbox integrate --guard`).
         """
+        from .guard import allowed_while_attached
+
+        if allowed_while_attached(tool, server):
+            return {"allowed": True, "reason": "read-only or taskbox tool", "tasks": []}
         try:
             root = git.repo_root(Path(directory).expanduser().resolve())
         except InvalidInput:
             return {"allowed": True, "reason": "not inside a git repository", "tasks": []}
         attached = [t for t in self.registry.list_tasks([str(Status.ACTIVE)])
                     if t.repo_path == str(root) and self.registry.leases(t.id)]
-        if not attached or tool.lower() not in self.GUARDED_TOOLS:
-            return {"allowed": True, "reason": "no task attached" if not attached else "tool not guarded",
-                    "tasks": [t.id for t in attached]}
+        if not attached:
+            return {"allowed": True, "reason": "no task attached", "tasks": []}
         ids = ", ".join(t.id for t in attached)
         return {"allowed": False, "tasks": [t.id for t in attached],
-                "reason": f"taskbox task {ids} is attached in this repository: run commands and edit files "
-                          f"in its sandbox with the taskbox MCP tools (execute_in_task, write_task_file, "
-                          f"edit_task_file) instead of the host-side {tool} tool"}
+                "reason": f"taskbox task {ids} is attached in this repository: while it is, only read-only host "
+                          f"tools run here. Run commands and change files in its sandbox with the taskbox MCP "
+                          f"tools (execute_in_task, write_task_file, edit_task_file) instead of the host-side "
+                          f"{tool} tool"}
 
     # --- housekeeping --------------------------------------------------------------------------
 
@@ -1641,7 +1811,7 @@ class TaskService:
         if change.action == "pause":
             try:
                 if self.get(task.id).status is Status.ACTIVE:
-                    self.pause(task.id)
+                    self.pause(task.id, kill_running=True)  # the running work is what overflows
                     self.registry.add_event("resource.paused", task.id, detail)
             except TaskboxError as exc:
                 self.registry.add_event("resource.pause_failed", task.id, {"error": exc.message[:300]})

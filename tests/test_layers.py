@@ -18,10 +18,10 @@ FOUNDATION = {"errors", "models", "events", "config", "git", "files", "confine",
               "output", "migrations"}
 ENGINES = {"registry", "sandbox", "engine", "images", "workspace", "memory", "snapshots", "checkpoints",
            "checkpoint_archive", "archive", "policy", "audit", "risk", "network", "pressure", "doctor", "quota",
-           "secrets", "plugins", "ultrawork", "agents", "merge", "jobs", "trash", "backup"}
+           "secrets", "plugins", "guard", "ultrawork", "agents", "merge", "jobs", "trash", "backup"}
 CORE = {"service"}
 PLUGINS = {"default_plugins"}
-ADAPTERS = {"cli", "mcp_server", "web", "integrate", "docgen", "__main__", "__init__"}
+ADAPTERS = {"cli", "mcp_server", "mcp_stdio", "mcp_instructions", "web", "integrate", "docgen", "__main__", "__init__"}
 RANK = {**{m: 0 for m in FOUNDATION}, **{m: 1 for m in ENGINES}, **{m: 2 for m in CORE},
         **{m: 3 for m in PLUGINS}, **{m: 4 for m in ADAPTERS}}
 NAMES = {0: "foundation", 1: "engine", 2: "core", 3: "plugin", 4: "adapter"}

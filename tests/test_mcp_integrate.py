@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from .conftest import run_cli
 
 
 def integrate(agent: str, directory: Path, *extra: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    r = run_cli("integrate", agent, "--dir", str(directory), "--json", *extra, env=env)
+    where = [] if agent == "codex" else ["--dir", str(directory)]  # Codex's config is per user
+    r = run_cli("integrate", agent, *where, "--json", *extra, env=env)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -38,8 +41,10 @@ def test_opencode_merges_into_an_existing_config(home: Path, tmp_path: Path) -> 
     written = json.loads(config.read_text())
     entry = written["mcp"]["taskbox"]
     assert entry["type"] == "local" and entry["enabled"] is True
-    assert Path(entry["command"][0]).name == "taskbox" and entry["command"][1:] == ["mcp"]
-    assert entry["environment"] == {"TASKBOX_HOME": str(home.resolve())}
+    # the taskbox that ran `integrate`, by absolute path (tests run it as `python -m taskbox`)
+    assert entry["command"] == [sys.executable, "-m", "taskbox", "mcp"]
+    assert entry["environment"]["TASKBOX_HOME"] == str(home.resolve())
+    assert entry["timeout"] == (600 + 60) * 1000  # exec_timeout and a margin, in milliseconds
     # everything that was there is kept
     assert written["model"] == original["model"] and written["mcp"]["other"] == original["mcp"]["other"]
     assert config.stat().st_mode & 0o777 == 0o640
@@ -62,8 +67,9 @@ def test_claude_code_creates_then_merges_and_prints_what_changed(home: Path, tmp
     assert f"created {project / '.mcp.json'} with MCP server 'taskbox'" in r.stdout
     data = json.loads((project / ".mcp.json").read_text())
     entry = data["mcpServers"]["taskbox"]
-    assert entry["type"] == "stdio" and entry["args"] == ["mcp"] and Path(entry["command"]).name == "taskbox"
-    assert entry["env"] == {"TASKBOX_HOME": str(home.resolve())}
+    assert entry["type"] == "stdio" and entry["command"] == sys.executable
+    assert entry["args"] == ["-m", "taskbox", "mcp"]
+    assert entry["env"]["TASKBOX_HOME"] == str(home.resolve())
 
     data["mcpServers"]["github"] = {"command": "gh-mcp"}
     data["mcpServers"]["taskbox"]["args"] = ["old"]
@@ -72,7 +78,7 @@ def test_claude_code_creates_then_merges_and_prints_what_changed(home: Path, tmp
     assert r.returncode == 0 and "updated MCP server 'taskbox'" in r.stdout and '"old"' in r.stdout
     merged = json.loads((project / ".mcp.json").read_text())
     assert merged["mcpServers"]["github"] == {"command": "gh-mcp"}
-    assert merged["mcpServers"]["taskbox"]["args"] == ["mcp"]
+    assert merged["mcpServers"]["taskbox"]["args"] == ["-m", "taskbox", "mcp"]
 
     r = run_cli("integrate", "claude-code", "--dir", str(project), "--name", "tb")
     assert r.returncode == 0 and set(json.loads((project / ".mcp.json").read_text())["mcpServers"]) == {
@@ -136,3 +142,57 @@ def test_integrate_leaves_the_users_files_theirs(tmp_path: Path) -> None:
     install_guard("opencode", tmp_path)
     for rel in (".mcp.json", ".claude", ".claude/settings.json", ".opencode/plugins/taskbox-guard.js"):
         assert (tmp_path / rel).stat().st_uid == os.geteuid(), rel
+
+
+def test_codex_config_is_merged_into_its_toml(home: Path, tmp_path: Path) -> None:
+    codex = tmp_path / "codex-home"
+    codex.mkdir()
+    original = ('model = "gpt-5"\n\n[mcp_servers.docs]\ncommand = "docs-mcp"\nargs = ["--x"]\n\n'
+                '[mcp_servers.taskbox]\ncommand = "taskbox"\nargs = ["mcp"]\n\n[mcp_servers.taskbox.env]\n'
+                'OLD = "1"\n\n[profiles.fast]\nmodel = "gpt-5-mini"\n')
+    (codex / "config.toml").write_text(original)
+    env = {"CODEX_HOME": str(codex)}
+
+    dry = integrate("codex", tmp_path, "--dry-run", env=env)
+    assert dry["action"] == "updated" and dry["dry_run"] is True
+    assert (codex / "config.toml").read_text() == original  # a dry run writes nothing
+    shown = run_cli("integrate", "codex", "--dry-run", env=env)
+    assert shown.returncode == 0 and "would update MCP server 'taskbox'" in shown.stdout
+
+    res = integrate("codex", tmp_path, env=env)
+    assert res["action"] == "updated" and res["previous"]["command"] == "taskbox"
+    config = tomllib.loads((codex / "config.toml").read_text())
+    entry = config["mcp_servers"]["taskbox"]
+    assert entry["command"] == sys.executable and entry["args"] == ["-m", "taskbox", "mcp"]
+    assert entry["env"]["TASKBOX_HOME"] == str(home.resolve()) and "OLD" not in entry["env"]
+    assert entry["tool_timeout_sec"] == 660
+    # everything else is kept
+    assert config["model"] == "gpt-5" and config["profiles"] == {"fast": {"model": "gpt-5-mini"}}
+    assert config["mcp_servers"]["docs"] == {"command": "docs-mcp", "args": ["--x"]}
+    assert integrate("codex", tmp_path, env=env)["action"] == "unchanged"
+
+    res = integrate("codex", tmp_path, "--http", "http://127.0.0.1:8765/mcp", "--name", "tbhttp", env=env)
+    assert res["action"] == "added"
+    config = tomllib.loads((codex / "config.toml").read_text())
+    assert config["mcp_servers"]["tbhttp"]["url"] == "http://127.0.0.1:8765/mcp"
+    assert set(config["mcp_servers"]) == {"docs", "taskbox", "tbhttp"}
+
+    (codex / "config.toml").write_text("[mcp_servers\n")
+    bad = run_cli("integrate", "codex", env=env)
+    assert bad.returncode == 2 and "not valid TOML" in bad.stderr
+    assert (codex / "config.toml").read_text() == "[mcp_servers\n"
+
+
+def test_http_entries_and_dry_runs(home: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    url = "http://127.0.0.1:8765/mcp"
+    dry = integrate("opencode", project, "--http", url, "--dry-run")
+    assert dry["action"] == "created" and not (project / "opencode.json").exists()
+    integrate("opencode", project, "--http", url)
+    oc = json.loads((project / "opencode.json").read_text())["mcp"]["taskbox"]
+    assert oc["type"] == "remote" and oc["url"] == url and "command" not in oc
+    integrate("claude-code", project, "--http", url)
+    assert json.loads((project / ".mcp.json").read_text())["mcpServers"]["taskbox"] == {"type": "http", "url": url}
+    bad = run_cli("integrate", "claude-code", "--dir", str(project), "--http", "ftp://x")
+    assert bad.returncode == 2 and "not an http(s) URL" in bad.stderr
