@@ -93,7 +93,7 @@ def test_default_deny_makes_allow_rules_an_allowlist(repo: Path) -> None:
 
 @pytest.mark.parametrize("text, match", [
     ("[[rules]]\naction = 'maybe'\npattern = 'x'\n", "action"),
-    ("[[rules]]\naction = 'deny'\n", "pattern, a glob or a risk"),
+    ("[[rules]]\naction = 'deny'\n", "a pattern, a glob, a risk level or the tools"),
     ("[[rules]]\naction = 'deny'\npattern = '('\n", "bad pattern"),
     ("[[rules]]\naction = 'deny'\nrisk = 'extreme'\n", "risk"),
     ("[network]\nallow = ['*.10.0.0.1']\n", "wildcard"),
