@@ -675,6 +675,8 @@ def configure_risky_operations(repo: str, list_: bool, add: str | None, category
 def doctor(fix: bool, adopt: str | None, restore: str | None, rebuild: bool, backup: bool,
            list_backups: bool) -> Any:
     """Find (and repair with --fix) inconsistencies between registry, Docker and disk; recover the registry."""
+    from .service import TaskService
+
     home = os.environ.get("TASKBOX_HOME")
     if restore is not None or rebuild:
         res = (TaskService.rebuild_registry(home) if rebuild else TaskService.restore_registry(home, restore or None))
