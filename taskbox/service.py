@@ -2181,7 +2181,7 @@ class TaskService:
 
     def _create_child(self, parent: Task, row: dict[str, Any], base: str) -> Task:
         """The sub-task's child task: the parent's image, limits and network, forked at ``base``."""
-        description = f"{row['title']}\n\nSub-task {row['id']} of {parent.id}."
+        description = f"{parent.id} {row['id']}: {row['title']}\n\nSub-task {row['id']} of {parent.id}."
         if row["command"]:
             description += f"\n\nCommand: {row['command'][:1000]}"
         stem = f"{parent.id[:50]}-{row['id']}"[:60].strip("-")
