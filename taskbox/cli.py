@@ -510,8 +510,8 @@ def _subtask_table(data: dict[str, Any]) -> str:
     return head + "\n" + table(rows, ["id", "title", "status", "branch", "task", "took", "merge commit / files"])
 
 
-def _render_exit(data: Any, human: str, as_json: bool, code: int) -> None:
-    click.echo(to_json(data) if as_json else human)
+def _render_exit(data: Any, human: str, as_json: bool, code: int, *, error: bool = False) -> None:
+    click.echo(to_json(data) if as_json else human, err=error and not as_json)
     sys.exit(code)
 
 
@@ -543,7 +543,7 @@ def ultrawork_(parent: str, plan_file: str | None, parallel: int | None, no_merg
         data = svc.run_subtasks(parent, parallel=parallel, merge=not no_merge, resume=resume,
                                 progress=None if as_json else progress)
     except TaskboxError as exc:
-        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code)
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
         return
     good = {"succeeded", "merged"} if no_merge else {"merged"}
     ok = all(s["status"] in good for s in data["subtasks"])
@@ -573,7 +573,7 @@ def subtask_status(parent: str, watch: bool, interval: float, as_json: bool) -> 
                 return
             time.sleep(max(0.1, interval))
     except TaskboxError as exc:
-        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code)
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
     except KeyboardInterrupt:
         return
 
@@ -592,7 +592,7 @@ def merge(task_id: str, into: str | None, squash: bool, as_json: bool) -> None:
     try:
         res = _service().merge_task(task_id, into, squash=squash)
     except TaskboxError as exc:
-        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code)
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
         return
     if res["status"] == "conflict":
         human = f"conflict merging {task_id} into {res['into']}; nothing was changed. Conflicting files:\n" + \

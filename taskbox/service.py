@@ -2242,7 +2242,9 @@ class TaskService:
         sid = row["id"]
         try:
             child = self.get(row["task_id"])
+            faults.point("ultrawork.merging")
             out = self._merge_into_task(parent, child, row["tip"], f"taskbox: merge sub-task {sid}: {row['title']}")
+            faults.point("ultrawork.merged")  # the parent's branch moved; the registry does not know yet
         except TaskboxError as exc:
             self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "error": f"merge failed: {exc.message}"[:500]},
                               expect=[ultrawork.SUCCEEDED],
