@@ -77,6 +77,7 @@ from .plugins import make_manager
 from .registry import Registry, list_backups, restore_backup, set_aside
 from .sandbox import (
     LABEL_HOME,
+    LABEL_SCRATCH,
     LABEL_TASK,
     ContainerSpec,
     ExecControl,
@@ -1958,6 +1959,7 @@ class TaskService:
             "purge-trash": lambda: doctor.purge(self.paths, p["path"], lambda: self.sandbox),
             "rebuild-memory": rebuild_memory,
             "backup-registry": lambda: f"backed up to {reg.backup().name}",
+            "recover-ultrawork": lambda: self._recover_run(p["task_id"]),
         }
         return actions[name]
 
@@ -2071,6 +2073,10 @@ class TaskService:
         wake = threading.Event()
         workers: dict[str, threading.Thread] = {}
         closers: list[threading.Thread] = []
+        for r in self.registry.subtasks(parent.id):  # merged before a crash, child not completed yet
+            if (r["status"] == ultrawork.MERGED and r["task_id"] and self.registry.task_exists(r["task_id"])
+                    and self.get(r["task_id"]).status not in FINISHED):
+                closers += self._close_child(r, ultrawork.MERGED)
         interrupted = False
         try:
             while True:
@@ -2370,6 +2376,15 @@ class TaskService:
         self._after(task, "merge", args, result)
         return result
 
+    def _recover_run(self, parent_id: str) -> str:
+        """The doctor's repair of an interrupted run: reconcile it and mark it interrupted (resume continues it)."""
+        done = self.recover_subtasks(parent_id)
+        self.registry.set_run(parent_id, status="interrupted", pid=None, finished_at=time.time())
+        self.registry.add_event("ultrawork.finished", parent_id, {"counts": self.subtask_status(parent_id)["counts"],
+                                                                   "interrupted": True})
+        return (f"reconciled ({len(done)} sub-task(s) reset or kept); continue with "
+                f"`taskbox ultrawork {parent_id} --resume`")
+
     def recover_subtasks(self, parent_id: str) -> list[dict[str, Any]]:
         """Reconcile a parent's sub-tasks after an interrupted run; return what was done.
 
@@ -2424,6 +2439,12 @@ class TaskService:
                                     else ContainerState.NONE})
             self._end_sessions(child.id)
             self._transition(child.id, Status.ABORTED, reason="interrupted ultrawork run; the sub-task runs again")
+        # throwaway containers a killed run left behind (their `with` never ended): no orphan stays
+        family = {parent.id, *(t.id for t in self.registry.list_tasks(parent_id=parent.id))}
+        for c in self.sandbox.task_containers(self.home_label):
+            labels = c.get("Labels") or {}
+            if labels.get(LABEL_SCRATCH) and labels.get(LABEL_TASK) in family:
+                self.sandbox.remove(c["Id"])
         if done:
             self._subtasks_changed(parent)
         return done

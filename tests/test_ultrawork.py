@@ -321,6 +321,15 @@ def test_resume_after_sigkill_mid_run(svc: TaskService, repo: Path, tmp_path: Pa
     assert svc.subtask_status(parent.id)["run"]["status"] == "interrupted"
     r = run_cli("ultrawork", parent.id, "--plan", str(tmp_path / "plan.toml"))
     assert r.returncode == 4 and "already has sub-tasks" in r.stderr
+    r = run_cli("ultrawork", parent.id)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    # the doctor reports the interrupted run and, with --fix, leaves no sub-task container running
+    assert _running_children(svc, parent.id)  # the killed run's sub-task container still runs
+    found = [f for f in svc.doctor() if f["kind"] == "ultrawork-interrupted"]
+    assert found and found[0]["task_id"] == parent.id and "--resume" in found[0]["detail"]
+    fixed = [f for f in svc.doctor(fix=True) if f["kind"] == "ultrawork-interrupted"]
+    assert fixed and fixed[0]["fixed"], fixed
+    assert _running_children(svc, parent.id) == []
     r = run_cli("ultrawork", parent.id, "--resume", "--json", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {s["id"]: s for s in json.loads(r.stdout)["subtasks"]}
@@ -335,8 +344,9 @@ def test_resume_after_sigkill_mid_run(svc: TaskService, repo: Path, tmp_path: Pa
     recovered = [e["payload"] for e in svc.registry.events(parent.id) if e["type"] == "ultrawork.recovered"]
     assert recovered and recovered[0]["subtask"] == "long"
     assert _running_children(svc, parent.id) == []
-    aborted = [t for t in svc.list_tasks() if t.parent_id == parent.id and str(t.status) == "aborted"]
-    assert [t.id for t in aborted] == [recovered[0]["task_id"]]
+    children = {t.id: str(t.status) for t in svc.list_tasks() if t.parent_id == parent.id}
+    assert [k for k, v in children.items() if v == "aborted"] == [recovered[0]["task_id"]]
+    assert sorted(v for v in children.values()) == ["aborted", "completed", "completed", "completed"]
 
 
 def test_resume_after_sigkill_mid_merge(svc: TaskService, repo: Path, tmp_path: Path) -> None:
