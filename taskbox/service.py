@@ -2078,6 +2078,8 @@ class TaskService:
                     and self.get(r["task_id"]).status not in FINISHED):
                 closers += self._close_child(r, ultrawork.MERGED)
         interrupted = False
+        base: str | None = None  # the parent's commit new sub-tasks fork from
+        in_base: set[str] = set()  # the sub-tasks whose merge that commit holds
         try:
             while True:
                 rows = self.registry.subtasks(parent.id)
@@ -2088,20 +2090,18 @@ class TaskService:
                                          event=("subtask.blocked", {"subtask": sid, "by": by})):
                         say(f"{sid}: blocked by {by}")
                 by_id = {r["id"]: r for r in rows}
-                for sid in d.merge:
-                    if sid in workers and workers[sid].is_alive():
-                        continue  # its worker is still finishing it
-                    out = self._merge_subtask(parent, by_id[sid])
-                    say(f"{sid}: {out}")
-                    closers += self._close_child(by_id[sid], out)
-                if d.block or d.merge:
-                    continue  # statuses changed: decide again before starting anything
-                if d.start:
+                if d.start:  # first fill the free slots: merges need no slot
                     if stop is not None and stop.is_set():
                         interrupted = True
                         break
-                    _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
-                                                          + ", ".join(d.start))
+                    # A sub-task forks from the parent's branch as last committed and published, if
+                    # that holds the merges of all its dependencies; else the parent is committed and
+                    # published again first (independent sub-tasks need no new fork point).
+                    needs = {dep for sid in d.start for dep in by_id[sid]["depends_on"]}
+                    if base is None or not needs <= in_base:
+                        _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
+                                                              + ", ".join(d.start))
+                        in_base = {r["id"] for r in rows if r["status"] == ultrawork.MERGED}
                     for sid in d.start:
                         row = self._set_subtask(parent, sid, {"status": ultrawork.RUNNING, "started_at": time.time(),
                                                               "finished_at": None, "error": "", "exit_code": None},
@@ -2113,6 +2113,14 @@ class TaskService:
                                              name=f"subtask-{sid}", daemon=True)
                         workers[sid] = t
                         t.start()
+                # then one merge (deciding again after it lets a dependent start as soon as it can)
+                ready = [sid for sid in d.merge if not (sid in workers and workers[sid].is_alive())]
+                if ready:
+                    sid = ready[0]
+                    out = self._merge_subtask(parent, by_id[sid])
+                    say(f"{sid}: {out}")
+                    closers += self._close_child(by_id[sid], out)
+                if d.block or ready or d.start:
                     continue
                 workers = {k: t for k, t in workers.items() if t.is_alive()}
                 if d.done and not workers:
@@ -2124,6 +2132,12 @@ class TaskService:
                 t.join()
             for t in closers:
                 t.join()
+            for r in self.registry.subtasks(parent.id):  # not merged (--no-merge, stopped): container stopped
+                if r["status"] == ultrawork.SUCCEEDED and r["task_id"] and self.registry.task_exists(r["task_id"]):
+                    try:
+                        self._park_child(r["task_id"])
+                    except TaskboxError as exc:
+                        self.registry.add_event("task.undo_failed", r["task_id"], {"error": exc.message[:300]})
             status = self.subtask_status(parent.id)
             self.registry.set_run(parent.id, status="interrupted" if interrupted else "finished",
                                   finished_at=time.time(), pid=None)
@@ -2208,34 +2222,44 @@ class TaskService:
         raise Conflict(f"no free task id for sub-task {row['id']} of {parent.id}")
 
     def _end_child(self, child: Task, failed: str | None = None) -> str | None:
-        """Finish a child's run: commit and fetch its branch, stop its container (paused, so it can be
-        fixed and merged later), or mark it failed. Returns the branch's commit."""
-        tip = None
+        """Finish a child's run. Success: commit and fetch its branch; its container keeps running
+        until the merge (completing it then is quick). Failure: stop its container and mark it
+        failed (it can be repaired and merged later). Returns the branch's commit."""
         child = self.get(child.id)
         if failed is None:
             _commit, tip = self._publish(child, f"taskbox: sub-task {child.metadata.get('subtask', child.id)} done")
+            return tip
         if child.container_id:
             self.sandbox.stop(child.container_id)
-        state = ContainerState.STOPPED if child.container_id else ContainerState.NONE
-        if failed is None:
-            if child.status is Status.ACTIVE:
-                self._end_sessions(child.id)
-                self._transition(child.id, Status.PAUSED, {"container_state": state})
-        elif child.status not in FINISHED:
-            self._update(child.id, {"container_state": state})
+        if child.status not in FINISHED:
+            self._update(child.id, {"container_state": ContainerState.STOPPED if child.container_id
+                                    else ContainerState.NONE})
+            self._end_sessions(child.id)
             self._transition(child.id, Status.FAILED, reason=failed[:300])
-        return tip
+        return None
+
+    def _park_child(self, task_id: str) -> None:
+        """Stop a child task's container, keeping the task (paused) so it can be fixed and merged later."""
+        child = self.get(task_id)
+        if child.status is Status.ACTIVE:
+            self._end_sessions(child.id)
+            self.pause(child.id, kill_running=True)
 
     def _close_child(self, row: dict[str, Any], outcome: str) -> list[threading.Thread]:
-        """A merged sub-task's child task is completed (in the background: it needs a sandbox)."""
-        if outcome != ultrawork.MERGED or not row.get("task_id"):
+        """After a merge attempt, in the background: a merged child task is completed; one that
+        conflicted or could not be merged is paused (container stopped) for repair."""
+        if not row.get("task_id"):
             return []
 
         def close() -> None:
             try:
                 child = self.get(row["task_id"])
-                if child.status not in FINISHED:
+                if child.status in FINISHED:
+                    return
+                if outcome == ultrawork.MERGED:
                     self.complete(child.id, f"merged into {child.parent_id}", final_checkpoint=False)
+                else:
+                    self._park_child(child.id)
             except TaskboxError as exc:
                 self.registry.add_event("task.undo_failed", row["task_id"], {"error": exc.message[:300]})
 
@@ -2388,8 +2412,8 @@ class TaskService:
     def recover_subtasks(self, parent_id: str) -> list[dict[str, Any]]:
         """Reconcile a parent's sub-tasks after an interrupted run; return what was done.
 
-        A sub-task left ``running`` whose child finished its work (its branch was fetched
-        and its container stopped) is recorded as succeeded; any other is reset to pending,
+        A sub-task left ``running`` whose child finished its work (its branch was fetched) is
+        recorded as succeeded; any other is reset to pending,
         its child task aborted and its container stopped (it runs again from a fresh fork).
         Blocked sub-tasks go back to pending (they are blocked again if still blocked), and
         no child task of the parent keeps a running container.
@@ -2407,7 +2431,8 @@ class TaskService:
                 continue
             action = "reset"
             child = self.get(r["task_id"]) if r["task_id"] and self.registry.task_exists(r["task_id"]) else None
-            if child is not None and child.status is Status.PAUSED and not child.pending_op:
+            # its branch reaches the user's repository only after its command exited 0
+            if child is not None and child.status in (Status.ACTIVE, Status.PAUSED) and not child.pending_op:
                 tip = git.run(["rev-parse", "--verify", "--quiet", f"refs/heads/{child.branch}^{{commit}}"],
                               cwd=Path(child.repo_path), check=False).stdout.strip()
                 if tip:
@@ -2425,7 +2450,10 @@ class TaskService:
                                                                        "action": action})
             done.append({"subtask": r["id"], "task_id": r["task_id"], "action": action})
         for child in self.registry.list_tasks(parent_id=parent.id):
-            if child.id in live or child.status in FINISHED:
+            if child.status in FINISHED:
+                continue
+            if child.id in live:
+                self._park_child(child.id)
                 continue
             if child.pending_op == "create":
                 try:
