@@ -141,7 +141,7 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("subtask.conflict", ("subtask", "task_id", "files"),
               "A sub-task's merge conflicts; the parent is unchanged and its dependents are blocked."),
     EventType("task.merged", ("into", "commit", "status", "files", "squash", "tip"),
-              "`merge`: the task's branch was merged into another task or a branch (or conflicted)."),
+              "A task's branch was merged (`merge`) into another task or a branch, or conflicted."),
     # --- doctor -------------------------------------------------------------------------------------
     EventType("doctor.run", ("fix", "findings"), "The doctor ran (with ``fix``: repairs were made)."),
 )
