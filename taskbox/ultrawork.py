@@ -41,7 +41,7 @@ PLAN_LIMIT = 1 << 20  # bytes of a plan file read
 MAX_SUBTASKS = 200
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_PLAN_KEYS = {"parallel", "agent", "timeout", "subtask", "network", "memory", "cpus", "image"}
+_PLAN_KEYS = {"parallel", "agent", "timeout", "subtask"}  # per-plan sandbox overrides: not yet
 _SUBTASK_KEYS = {"id", "title", "command", "prompt", "depends_on", "agent", "timeout", "description"}
 
 
