@@ -492,6 +492,116 @@ def sync(task_id: str) -> Any:
     return res, f"branch {res['branch']} at {res['commit'][:10]}"
 
 
+# --- ultrawork and merge ---------------------------------------------------------------------
+
+
+def _subtask_table(data: dict[str, Any]) -> str:
+    rows = []
+    for s in data["subtasks"]:
+        if s["status"] == "conflict":
+            result = "conflict: " + ", ".join(s["conflict_files"])
+        else:
+            result = (s["merge_commit"] or "")[:12] or s["error"]
+        rows.append((s["id"], s["title"], s["status"], s["branch"], s["task_id"],
+                     f"{s['duration_s']:.1f}s" if s["duration_s"] is not None else "", result))
+    run = data.get("run") or {}
+    head = (f"{data['parent']}: {data['finished']}/{data['total']} finished, {data['merged']} merged"
+            + (f" (run {run['status']})" if run else ""))
+    return head + "\n" + table(rows, ["id", "title", "status", "branch", "task", "took", "merge commit / files"])
+
+
+def _render_exit(data: Any, human: str, as_json: bool, code: int, *, error: bool = False) -> None:
+    click.echo(to_json(data) if as_json else human, err=error and not as_json)
+    sys.exit(code)
+
+
+@cli.command("ultrawork")
+@click.argument("parent")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="The plan (TOML): [[subtask]] entries with "
+              "id, title, command, depends_on. Needed unless resuming.")
+@click.option("--parallel", type=click.IntRange(1, 64), help="Sub-tasks running at once (default: the plan's, then "
+              "the ultrawork_parallel setting).")
+@click.option("--no-merge", is_flag=True, help="Run the sub-tasks but do not merge them (dependents wait).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (nothing finished is redone or re-merged).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def ultrawork_(parent: str, plan_file: str | None, parallel: int | None, no_merge: bool, resume: bool,
+               as_json: bool) -> None:
+    """Split a task into parallel sub-tasks, each in its own sandbox, merged back in dependency order.
+
+    Exits 0 when every sub-task was merged (with --no-merge: succeeded), 1 when some failed,
+    timed out, conflicted or were blocked (the table says which), or the error's code.
+    """
+    from .ultrawork import load_plan
+
+    try:
+        svc = _service()
+        existing = svc.registry.subtasks(svc.get(parent).id)
+        if plan_file and not (resume and existing):
+            svc.create_subtasks(parent, load_plan(plan_file))
+        elif not existing:
+            raise InvalidInput(f"task {parent} has no sub-tasks yet; give a plan with --plan FILE")
+        data = svc.run_subtasks(parent, parallel=parallel, merge=not no_merge, resume=resume,
+                                progress=None if as_json else progress)
+    except TaskboxError as exc:
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
+        return
+    good = {"succeeded", "merged"} if no_merge else {"merged"}
+    ok = all(s["status"] in good for s in data["subtasks"])
+    _render_exit(data, _subtask_table(data) + f"\ntook {data['duration_s']:.1f}s", as_json, 0 if ok else 1)
+
+
+@cli.command("subtask-status")
+@click.argument("parent")
+@click.option("--watch", is_flag=True, help="Refresh every second until the run ends (Ctrl-C stops watching).")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes with --watch.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (one object per refresh).")
+def subtask_status(parent: str, watch: bool, interval: float, as_json: bool) -> None:
+    """Show a parent task's sub-tasks: status, branch, duration, merge commit or conflicting files."""
+    import time
+
+    try:
+        svc = _service()
+        while True:
+            data = svc.subtask_status(parent)
+            if as_json:
+                click.echo(to_json(data) if not watch else json.dumps(data, sort_keys=True, default=str))
+            else:
+                if watch and sys.stdout.isatty():
+                    click.clear()
+                click.echo(_subtask_table(data))
+            if not watch or (data.get("run") or {}).get("status") != "running":
+                return
+            time.sleep(max(0.1, interval))
+    except TaskboxError as exc:
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command("merge")
+@click.argument("task_id")
+@click.option("--into", "into", metavar="BRANCH_OR_TASK", help="Where to merge: a task id, or a branch of your "
+              "repository (never the checked-out one). Default: the task's parent.")
+@click.option("--squash", is_flag=True, help="One squashed commit instead of a --no-ff merge commit.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def merge(task_id: str, into: str | None, squash: bool, as_json: bool) -> None:
+    """Merge a finished task's branch into its parent, another task or a branch; nothing is half-merged.
+
+    A conflict changes nothing, lists the conflicting files and exits 4.
+    """
+    try:
+        res = _service().merge_task(task_id, into, squash=squash)
+    except TaskboxError as exc:
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
+        return
+    if res["status"] == "conflict":
+        human = f"conflict merging {task_id} into {res['into']}; nothing was changed. Conflicting files:\n" + \
+            "\n".join(f"  {f}" for f in res["conflict_files"])
+        _render_exit(res, human, as_json, 4)
+    word = "already contained" if res["status"] == "already" else "merged as"
+    _render_exit(res, f"{task_id} {word} {res['commit'][:12]} in {res['into']}", as_json, 0)
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 

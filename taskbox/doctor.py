@@ -5,7 +5,7 @@ its repair described as data (a repair name and parameters the service acts on, 
 ``TaskService.doctor``) — it never runs the core's use cases itself and imports nothing
 above the engines. Findings: interrupted creates and completions, lost containers,
 unmounted or missing workspace volumes, stale leases and sessions, container states,
-orphans, damaged task memory, a damaged registry, stale backups, expired trash, and (from
+orphans, damaged task memory, interrupted ultrawork runs, a damaged registry, stale backups, expired trash, and (from
 the checkpoint engine) interrupted restores.
 
 **Orphans are never destroyed on a guess.** A workspace, volume or container the registry
@@ -136,6 +136,12 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
             found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone",
                   "mark-failed" if task.status in (Status.ACTIVE, Status.PAUSED) else None,
                   task_id=task.id, reason="workspace missing")
+
+    for run in reg.runs("running"):
+        if not _alive(run["pid"]):  # the orchestrator was killed: reconcile, then resume
+            found("ultrawork-interrupted", run["parent_id"], f"the ultrawork run (pid {run['pid']}) was interrupted; "
+                  "sub-tasks left running will be reset and their containers stopped; continue with "
+                  f"`taskbox ultrawork {run['parent_id']} --resume`", "recover-ultrawork", task_id=run["parent_id"])
 
     leases = reg.leases(live_only=False)
     now = time.time()

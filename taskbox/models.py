@@ -179,6 +179,10 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "decision": ("log_task_decision", "task-decisions"),
     "checkpoint": ("create_task_checkpoint", "checkpoint create"),
     "restore": ("restore_task_checkpoint", "restore-checkpoint"),
+    "create_subtasks": (),
+    "run_subtasks": ("ultrawork",),
+    "subtask_status": ("subtask-status",),
+    "merge": ("merge_task",),
 }
 _OPERATION_ALIASES = {alias: op for op, names in OPERATIONS.items() for alias in (op, *names)}
 

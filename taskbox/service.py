@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 import unicodedata
@@ -24,13 +25,28 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from . import doctor, engine, faults, files, git, network, policy, pressure, quota, workspace
+from . import (
+    doctor,
+    engine,
+    faults,
+    files,
+    git,
+    network,
+    policy,
+    pressure,
+    quota,
+    ultrawork,
+    workspace,
+)
+from . import merge as merge_engine
 from .audit import AuditLog
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
 from .errors import (
+    CommandTimeout,
     ConcurrentModification,
     Conflict,
+    GitError,
     InvalidInput,
     InvalidTransition,
     NotFound,
@@ -61,6 +77,7 @@ from .plugins import make_manager
 from .registry import Registry, list_backups, restore_backup, set_aside
 from .sandbox import (
     LABEL_HOME,
+    LABEL_SCRATCH,
     LABEL_TASK,
     ContainerSpec,
     ExecControl,
@@ -86,6 +103,9 @@ _TASK_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # with its execution record, also when it comes from the CLI); every other call is counted
 # when it is recorded. memory.rebuild counts the same way.
 SELF_COUNTING_TOOLS = frozenset({"execute_in_task"})
+# One lock per (home, parent task): Plan.md's sub-task table and merges into a task are serialised.
+_ULTRA_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_ULTRA_LOCKS_GUARD = threading.Lock()
 
 
 @dataclass
@@ -1939,8 +1959,523 @@ class TaskService:
             "purge-trash": lambda: doctor.purge(self.paths, p["path"], lambda: self.sandbox),
             "rebuild-memory": rebuild_memory,
             "backup-registry": lambda: f"backed up to {reg.backup().name}",
+            "recover-ultrawork": lambda: self._recover_run(p["task_id"]),
         }
         return actions[name]
+
+    # --- ultrawork: sub-tasks merged back in dependency order (SPEC §7) -------------------------
+    # The plan and the scheduler's decisions are taskbox.ultrawork's; the merge is taskbox.merge's.
+
+    def _subtasks_changed(self, parent: Task) -> list[dict[str, Any]]:
+        """Tell the plugins (Plan.md's live table) the parent's sub-tasks changed; return the rows."""
+        rows = self.registry.subtasks(parent.id)
+        with self._ultra_lock(parent.id):
+            try:
+                self.hook.subtasks_changed(service=self, task=parent, subtasks=rows)
+            except (TaskboxError, OSError) as exc:  # Plan.md is a view: the run goes on
+                self.registry.add_event("memory.refused", parent.id, {"error": str(exc)[:300]})
+        return rows
+
+    def _ultra_lock(self, parent_id: str) -> threading.Lock:
+        with _ULTRA_LOCKS_GUARD:
+            return _ULTRA_LOCKS.setdefault((str(self.paths.home), parent_id), threading.Lock())
+
+    def _set_subtask(self, parent: Task, sid: str, changes: dict[str, Any], *, expect: list[str] | None = None,
+                     event: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        row = self.registry.update_subtask(parent.id, sid, changes, expect=expect, event=event)
+        if row is not None:
+            self._subtasks_changed(parent)
+        return row
+
+    def create_subtasks(self, parent_id: str, plan: ultrawork.Plan | dict[str, Any]) -> dict[str, Any]:
+        """Record a parent's sub-tasks from a plan, validated whole first (nothing is made on an error)."""
+        parent = self.get(parent_id)
+        if parent.status in FINISHED:
+            raise InvalidTransition(f"task {parent.id} is {parent.status}; sub-tasks need a live parent",
+                                    task_id=parent.id, status=str(parent.status))
+        if parent.task_type == "subtask":
+            raise InvalidInput(f"task {parent.id} is itself a sub-task; split its parent instead")
+        if isinstance(plan, dict):
+            plan = ultrawork.parse_plan(plan)
+        for s in plan.subtasks:
+            if s.agent != "shell":
+                raise InvalidInput(f"sub-task {s.id!r} asks for agent {s.agent}, which runs through `taskbox run` "
+                                   "(issue 13), not built yet; use agent = \"shell\" with a command")
+        args = {"subtasks": [s.id for s in plan.subtasks], "parallel": plan.parallel}
+        self._before(parent, "create_subtasks", args)
+        parallel = plan.parallel or self.settings.ultrawork_parallel
+        self.registry.insert_subtasks(parent.id, [s.to_dict() for s in plan.subtasks],
+                                      ("subtasks.created", {"subtasks": [s.id for s in plan.subtasks],
+                                                            "parallel": parallel}))
+        self.registry.set_run(parent.id, status="created", parallel=parallel, merge=1, pid=None,
+                              started_at=time.time(), finished_at=None)
+        self._subtasks_changed(parent)
+        result = self.subtask_status(parent.id)
+        self._after(parent, "create_subtasks", args, result)
+        return result
+
+    def subtask_status(self, parent_id: str) -> dict[str, Any]:
+        """The parent's sub-tasks (status, branch, times, merge commit or conflicting files) and progress."""
+        parent = self.get(parent_id)
+        rows = self.registry.subtasks(parent.id)
+        run = self.registry.run(parent.id)
+        now = time.time()
+        for r in rows:
+            end = r["finished_at"] or (now if r["status"] == ultrawork.RUNNING else None)
+            r["duration_s"] = round(end - r["started_at"], 2) if r["started_at"] and end else None
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        if run is not None and run["status"] == "running" and not ultrawork.pid_alive(run["pid"]):
+            run = {**run, "status": "interrupted"}
+        final = sum(counts.get(s, 0) for s in ultrawork.FINAL)
+        return {"parent": parent.id, "branch": parent.branch, "run": run, "subtasks": rows, "counts": counts,
+                "total": len(rows), "finished": final, "merged": counts.get(ultrawork.MERGED, 0),
+                "progress": round(final / len(rows), 3) if rows else 1.0}
+
+    def run_subtasks(self, parent_id: str, *, parallel: int | None = None, merge: bool = True,
+                     resume: bool = False, progress: Callable[[str], None] | None = None,
+                     stop: threading.Event | None = None) -> dict[str, Any]:
+        """Run a parent's sub-tasks to the end: start each once its dependencies are merged (at
+        most ``parallel`` at once), merge each into the parent as it succeeds, block the
+        dependents of what fails, times out or conflicts.
+
+        Durable: every step is recorded in the registry first, so a run killed at any moment
+        continues with ``resume`` — nothing finished is redone, nothing merged twice, and
+        sub-tasks left running are reset (their child task aborted, its container stopped).
+        """
+        say = progress or (lambda _msg: None)
+        parent = self.get(parent_id)
+        rows = self.registry.subtasks(parent.id)
+        if not rows:
+            raise NotFound(f"task {parent.id} has no sub-tasks; give a plan (`taskbox ultrawork {parent.id} --plan "
+                           "FILE`)", task_id=parent.id)
+        run = self.registry.run(parent.id) or {}
+        if run.get("status") == "running":
+            if ultrawork.pid_alive(run.get("pid")) and run.get("pid") != os.getpid():
+                raise TaskBusy(f"an ultrawork run of {parent.id} is going on (pid {run['pid']}); watch it with "
+                               f"`taskbox subtask-status {parent.id} --watch`", task_id=parent.id)
+            if not resume:
+                raise InvalidInput(f"the last ultrawork run of {parent.id} was interrupted; continue it with "
+                                   f"`taskbox ultrawork {parent.id} --resume`")
+        if parallel is not None and not 1 <= parallel <= 64:
+            raise InvalidInput(f"parallel {parallel} must be from 1 to 64")
+        par = int(parallel or run.get("parallel") or self.settings.ultrawork_parallel)
+        args = {"parallel": par, "merge": merge, "resume": resume}
+        self._before(parent, "run_subtasks", args)
+        began = time.time()
+        self.registry.set_run(parent.id, status="running", parallel=par, merge=int(merge), pid=os.getpid(),
+                              started_at=began, finished_at=None)
+        self.registry.add_event("ultrawork.started", parent.id, {"parallel": par, "merge": merge, "resume": resume,
+                                                                 "pid": os.getpid()})
+        self.recover_subtasks(parent.id)
+        parent = self.ensure_running(parent.id)
+        wake = threading.Event()
+        workers: dict[str, threading.Thread] = {}
+        closers: list[threading.Thread] = []
+        for r in self.registry.subtasks(parent.id):  # merged before a crash, child not completed yet
+            if (r["status"] == ultrawork.MERGED and r["task_id"] and self.registry.task_exists(r["task_id"])
+                    and self.get(r["task_id"]).status not in FINISHED):
+                closers += self._close_child(r, ultrawork.MERGED)
+        interrupted = False
+        base: str | None = None  # the parent's commit new sub-tasks fork from
+        in_base: set[str] = set()  # the sub-tasks whose merge that commit holds
+        try:
+            while True:
+                rows = self.registry.subtasks(parent.id)
+                d = ultrawork.decide(rows, par, merge)
+                for sid, by in d.block.items():
+                    if self._set_subtask(parent, sid, {"status": ultrawork.BLOCKED, "error": f"blocked by {by}"},
+                                         expect=[ultrawork.PENDING],
+                                         event=("subtask.blocked", {"subtask": sid, "by": by})):
+                        say(f"{sid}: blocked by {by}")
+                by_id = {r["id"]: r for r in rows}
+                if d.start:  # first fill the free slots: merges need no slot
+                    if stop is not None and stop.is_set():
+                        interrupted = True
+                        break
+                    # A sub-task forks from the parent's branch as last committed and published, if
+                    # that holds the merges of all its dependencies; else the parent is committed and
+                    # published again first (independent sub-tasks need no new fork point).
+                    needs = {dep for sid in d.start for dep in by_id[sid]["depends_on"]}
+                    if base is None or not needs <= in_base:
+                        _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
+                                                              + ", ".join(d.start))
+                        in_base = {r["id"] for r in rows if r["status"] == ultrawork.MERGED}
+                    for sid in d.start:
+                        row = self._set_subtask(parent, sid, {"status": ultrawork.RUNNING, "started_at": time.time(),
+                                                              "finished_at": None, "error": "", "exit_code": None},
+                                                expect=[ultrawork.PENDING])
+                        if row is None:
+                            continue
+                        say(f"{sid}: starting")
+                        t = threading.Thread(target=self._run_subtask, args=(parent, row, base, wake),
+                                             name=f"subtask-{sid}", daemon=True)
+                        workers[sid] = t
+                        t.start()
+                # then one merge (deciding again after it lets a dependent start as soon as it can)
+                ready = [sid for sid in d.merge if not (sid in workers and workers[sid].is_alive())]
+                if ready:
+                    sid = ready[0]
+                    out = self._merge_subtask(parent, by_id[sid])
+                    say(f"{sid}: {out}")
+                    closers += self._close_child(by_id[sid], out)
+                if d.block or ready or d.start:
+                    continue
+                workers = {k: t for k, t in workers.items() if t.is_alive()}
+                if d.done and not workers:
+                    break
+                wake.wait(0.5)
+                wake.clear()
+        finally:
+            for t in workers.values():
+                t.join()
+            for t in closers:
+                t.join()
+            for r in self.registry.subtasks(parent.id):  # not merged (--no-merge, stopped): container stopped
+                if r["status"] == ultrawork.SUCCEEDED and r["task_id"] and self.registry.task_exists(r["task_id"]):
+                    try:
+                        self._park_child(r["task_id"])
+                    except TaskboxError as exc:
+                        self.registry.add_event("task.undo_failed", r["task_id"], {"error": exc.message[:300]})
+            status = self.subtask_status(parent.id)
+            self.registry.set_run(parent.id, status="interrupted" if interrupted else "finished",
+                                  finished_at=time.time(), pid=None)
+            self.registry.add_event("ultrawork.finished", parent.id, {
+                "counts": status["counts"], "duration_s": round(time.time() - began, 2),
+                "interrupted": interrupted})
+        if merge and not interrupted:
+            self._publish(parent, "taskbox: sub-tasks merged")  # the parent's branch reaches the user's repository
+        result = self.subtask_status(parent.id)
+        result["duration_s"] = round(time.time() - began, 2)
+        self._after(parent, "run_subtasks", args, result)
+        return result
+
+    def _run_subtask(self, parent: Task, row: dict[str, Any], base: str, wake: threading.Event) -> None:
+        """A worker thread: make the sub-task's child task on a branch forked at ``base``, run its command."""
+        sid = row["id"]
+        child: Task | None = None
+        started = time.monotonic()
+        try:
+            child = self._create_child(parent, row, base)
+            self._set_subtask(parent, sid, {"task_id": child.id, "branch": child.branch},
+                              event=("subtask.started", {"subtask": sid, "task_id": child.id, "branch": child.branch,
+                                                         "base": base}))
+            timeout = row["timeout"] or self.settings.exec_timeout
+            try:
+                result = self.exec(child.id, row["command"], timeout=timeout)
+            except CommandTimeout:
+                self._end_child(child, failed=f"timed out after {timeout:g}s")
+                self._set_subtask(parent, sid, {"status": ultrawork.TIMED_OUT, "finished_at": time.time(),
+                                                "error": f"timed out after {timeout:g}s"},
+                                  event=("subtask.timed_out", {"subtask": sid, "task_id": child.id, "timeout": timeout,
+                                                               "duration_ms": round((time.monotonic() - started) * 1000)}))
+                return
+            if result.exit_code != 0:
+                reason = f"exit code {result.exit_code}" + (" (out of memory)" if result.oom_killed else "")
+                self._end_child(child, failed=reason)
+                self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "finished_at": time.time(),
+                                                "exit_code": result.exit_code, "error": reason},
+                                  event=("subtask.failed", {"subtask": sid, "task_id": child.id,
+                                                            "exit_code": result.exit_code,
+                                                            "duration_ms": result.duration_ms, "error": reason}))
+                return
+            tip = self._end_child(child)
+            self._set_subtask(parent, sid, {"status": ultrawork.SUCCEEDED, "finished_at": time.time(), "exit_code": 0,
+                                            "tip": tip},
+                              event=("subtask.succeeded", {"subtask": sid, "task_id": child.id, "exit_code": 0,
+                                                           "duration_ms": result.duration_ms, "tip": tip}))
+        except TaskboxError as exc:
+            if child is not None:
+                try:
+                    self._end_child(child, failed=exc.message)
+                except TaskboxError:
+                    pass
+            self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "finished_at": time.time(),
+                                            "error": exc.message[:500]},
+                              event=("subtask.failed", {"subtask": sid, "task_id": child.id if child else None,
+                                                        "exit_code": None, "error": exc.message[:300],
+                                                        "duration_ms": round((time.monotonic() - started) * 1000)}))
+        finally:
+            wake.set()
+
+    def _create_child(self, parent: Task, row: dict[str, Any], base: str) -> Task:
+        """The sub-task's child task: the parent's image, limits and network, forked at ``base``."""
+        description = f"{parent.id} {row['id']}: {row['title']}\n\nSub-task {row['id']} of {parent.id}."
+        if row["command"]:
+            description += f"\n\nCommand: {row['command'][:1000]}"
+        stem = f"{parent.id[:50]}-{row['id']}"[:60].strip("-")
+        for attempt in range(20):
+            tid = stem if attempt == 0 else f"{stem[:57]}-{attempt + 1}"
+            if self.registry.task_exists(tid):
+                continue
+            try:
+                return self.create_task(parent.repo_path, description[:DESCRIPTION_MAX], agent=parent.agent,
+                                        model=parent.model, title=row["title"], task_id=tid, base_ref=base,
+                                        memory=parent.memory_limit, cpus=parent.cpu_limit,
+                                        pids_limit=parent.pids_limit, network=parent.network, image=parent.image,
+                                        parent_id=parent.id, metadata={"subtask": row["id"]},
+                                        allow_domains=(parent.metadata.get("sandbox") or {}).get("allow_domains"))
+            except Conflict:
+                if not self.registry.task_exists(tid):
+                    raise
+        raise Conflict(f"no free task id for sub-task {row['id']} of {parent.id}")
+
+    def _end_child(self, child: Task, failed: str | None = None) -> str | None:
+        """Finish a child's run. Success: commit and fetch its branch; its container keeps running
+        until the merge (completing it then is quick). Failure: stop its container and mark it
+        failed (it can be repaired and merged later). Returns the branch's commit."""
+        child = self.get(child.id)
+        if failed is None:
+            _commit, tip = self._publish(child, f"taskbox: sub-task {child.metadata.get('subtask', child.id)} done")
+            return tip
+        if child.container_id:
+            self.sandbox.stop(child.container_id)
+        if child.status not in FINISHED:
+            self._update(child.id, {"container_state": ContainerState.STOPPED if child.container_id
+                                    else ContainerState.NONE})
+            self._end_sessions(child.id)
+            self._transition(child.id, Status.FAILED, reason=failed[:300])
+        return None
+
+    def _park_child(self, task_id: str) -> None:
+        """Stop a child task's container, keeping the task (paused) so it can be fixed and merged later."""
+        child = self.get(task_id)
+        if child.status is Status.ACTIVE:
+            self._end_sessions(child.id)
+            self.pause(child.id, kill_running=True)
+
+    def _close_child(self, row: dict[str, Any], outcome: str) -> list[threading.Thread]:
+        """After a merge attempt, in the background: a merged child task is completed; one that
+        conflicted or could not be merged is paused (container stopped) for repair."""
+        if not row.get("task_id"):
+            return []
+
+        def close() -> None:
+            try:
+                child = self.get(row["task_id"])
+                if child.status in FINISHED:
+                    return
+                if outcome == ultrawork.MERGED:
+                    self.complete(child.id, f"merged into {child.parent_id}", final_checkpoint=False)
+                else:
+                    self._park_child(child.id)
+            except TaskboxError as exc:
+                self.registry.add_event("task.undo_failed", row["task_id"], {"error": exc.message[:300]})
+
+        t = threading.Thread(target=close, name=f"close-{row['id']}", daemon=True)
+        t.start()
+        return [t]
+
+    def _merge_subtask(self, parent: Task, row: dict[str, Any]) -> str:
+        """Merge a succeeded sub-task into the parent; record merged, conflict (with files) or a failed merge."""
+        sid = row["id"]
+        try:
+            child = self.get(row["task_id"])
+            faults.point("ultrawork.merging")
+            out = self._merge_into_task(parent, child, row["tip"], f"taskbox: merge sub-task {sid}: {row['title']}")
+            faults.point("ultrawork.merged")  # the parent's branch moved; the registry does not know yet
+        except TaskboxError as exc:
+            self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "error": f"merge failed: {exc.message}"[:500]},
+                              expect=[ultrawork.SUCCEEDED],
+                              event=("subtask.failed", {"subtask": sid, "task_id": row["task_id"],
+                                                        "error": f"merge failed: {exc.message}"[:300]}))
+            return ultrawork.FAILED
+        return self._record_merge(parent, row, out)
+
+    def _record_merge(self, parent: Task, row: dict[str, Any], out: merge_engine.Outcome) -> str:
+        sid = row["id"]
+        if out.status == "conflict":
+            self._set_subtask(parent, sid, {"status": ultrawork.CONFLICT, "conflict_files": out.files,
+                                            "error": "merge conflict"},
+                              event=("subtask.conflict", {"subtask": sid, "task_id": row["task_id"], "files": out.files}))
+            return ultrawork.CONFLICT
+        self._set_subtask(parent, sid, {"status": ultrawork.MERGED, "merge_commit": out.commit, "merged_at": time.time(),
+                                        "conflict_files": [], "error": ""},
+                          event=("subtask.merged", {"subtask": sid, "task_id": row["task_id"], "commit": out.commit,
+                                                    "already": out.status == "already"}))
+        return ultrawork.MERGED
+
+    def _merge_into_task(self, target: Task, source: Task, tip: str, message: str,
+                         squash: bool = False) -> merge_engine.Outcome:
+        """Merge commit ``tip`` of ``source``'s branch (already fetched into the user's repository) into
+        ``target``'s branch, inside ``target``'s sandbox. One merge into a task at a time."""
+        if Path(source.repo_path) != Path(target.repo_path):
+            raise InvalidInput(f"tasks {source.id} and {target.id} work on different repositories")
+        repo = Path(source.repo_path)
+        scratch = self.paths.home / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        limit = parse_size(self.settings.fetch_limit, "fetch_limit")
+        with self._ultra_lock(f"merge:{target.id}"):
+            fd, name = tempfile.mkstemp(prefix="merge-", suffix=".bundle", dir=scratch)
+            os.close(fd)
+            bundle = Path(name)
+            try:
+                merge_engine.bundle_from(repo, bundle, tip, [source.base_ref])
+                if bundle.stat().st_size > limit:
+                    raise GitError(f"the branch of {source.id} bundles to more than {limit} bytes; refusing to merge "
+                                   "it (raise the fetch_limit setting if this is expected)")
+                files.atomic_write(self._ws(target), merge_engine.INCOMING, bundle.read_bytes())
+            finally:
+                bundle.unlink(missing_ok=True)
+            with self.in_sandbox(target) as run:
+                return merge_engine.in_workspace(run, target.branch, tip, message, squash=squash)
+
+    def _merge_into_branch(self, source: Task, branch: str, tip: str, message: str,
+                           squash: bool = False) -> merge_engine.Outcome:
+        """Merge ``tip`` into ``branch`` of the user's repository: computed in a throwaway sandbox on a
+        bare copy, brought back as a checked bundle, the ref moved by compare-and-swap only."""
+        repo = Path(source.repo_path)
+        if not git.check_ref_format(branch):
+            raise InvalidInput(f"{branch!r} is not a valid branch name")
+        ref = f"refs/heads/{branch}"
+        proc = git.run(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo, check=False)
+        old = proc.stdout.strip()
+        if proc.returncode != 0 or not old:
+            raise NotFound(f"branch {branch} does not exist in {repo} (and no task has that id)")
+        if git.run(["symbolic-ref", "--quiet", "HEAD"], cwd=repo, check=False).stdout.strip() == ref:
+            raise GitError(f"branch {branch} is checked out in {repo}; taskbox never touches your work tree: switch "
+                           "to another branch there, or merge into another branch", branch=branch)
+        scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=self.paths.home / "tmp"))
+        try:
+            merge_engine.bare_copy(repo, scratch / "repo.git", [old, tip])
+            workspace.hand_over(scratch)
+            labels = {LABEL_TASK: source.id, LABEL_HOME: self.home_label}
+            with self.sandbox.scratch(source.image, scratch, labels) as cid:
+                run = functools.partial(self.sandbox.capture, cid, timeout=self.settings.sandbox_git_timeout)
+                out = merge_engine.in_bare(run, old, tip, message, squash=squash)
+                if out.status != "merged":
+                    return out
+                new = workspace.import_bundle(run, merge_engine.result_bundle(old, tip), repo, merge_engine.RESULT_REF,
+                                              scratch=self.paths.home / "tmp",
+                                              limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
+                                              what=f"the merge of {source.id} into {branch}")
+            parents = git.run(["rev-list", "--parents", "-n", "1", new], cwd=repo).stdout.split()[1:]
+            if parents != ([old] if squash else [old, tip]) or new != out.commit:
+                raise GitError(f"the merge of {source.id} into {branch} came back with unexpected parents; "
+                               "the branch was not moved")
+            git.run(["update-ref", "-m", f"taskbox: merge {source.id}", ref, new, old], cwd=repo)
+            out.old = old
+            return out
+        finally:
+            files.remove_tree(scratch)
+
+    def merge_task(self, task_id: str, into: str | None = None, *, squash: bool = False) -> dict[str, Any]:
+        """Merge a task's branch into its parent (default), another task (``into`` a task id) or a branch
+        of the user's repository (``into`` a branch name). A conflict changes nothing and names the files."""
+        task = self.get(task_id)
+        args = {"into": into, "squash": squash}
+        self._before(task, "merge", args)
+        target: Task | None = None
+        if into is None:
+            if not task.parent_id:
+                raise InvalidInput(f"task {task.id} has no parent; say where to merge it with --into BRANCH_OR_TASK")
+            target = self.get(task.parent_id)
+        elif self.registry.task_exists(into):
+            target = self.get(into)
+        if target is not None and target.id == task.id:
+            raise InvalidInput("a task cannot be merged into itself")
+        if target is not None and target.status in FINISHED:
+            raise InvalidTransition(f"task {target.id} is {target.status}; it can no longer take a merge",
+                                    task_id=target.id, status=str(target.status))
+        _commit, tip = self._publish(task, f"taskbox: merge {task.id}")
+        message = f"taskbox: merge {task.id}: {task.title}"
+        row = self.registry.subtask_of(task.id)
+        if target is not None:
+            out = self._merge_into_task(target, task, tip, message, squash)
+            if row is not None and row["parent_id"] == target.id:
+                self.registry.update_subtask(target.id, row["id"], {"tip": tip})
+                self._record_merge(target, {**row, "tip": tip}, out)
+                if out.status != "conflict":
+                    for t in self._close_child(row, ultrawork.MERGED):
+                        t.join()
+        else:
+            assert into is not None
+            out = self._merge_into_branch(task, into, tip, message, squash)
+        where = target.id if target is not None else into
+        self.registry.add_event("task.merged", task.id, {"into": where, "commit": out.commit, "status": out.status,
+                                                          "files": out.files, "squash": squash, "tip": tip})
+        result = {"task_id": task.id, "into": where, "into_type": "task" if target is not None else "branch",
+                  "tip": tip, "squash": squash, **out.to_dict()}
+        self._after(task, "merge", args, result)
+        return result
+
+    def _recover_run(self, parent_id: str) -> str:
+        """The doctor's repair of an interrupted run: reconcile it and mark it interrupted (resume continues it)."""
+        done = self.recover_subtasks(parent_id)
+        self.registry.set_run(parent_id, status="interrupted", pid=None, finished_at=time.time())
+        self.registry.add_event("ultrawork.finished", parent_id, {"counts": self.subtask_status(parent_id)["counts"],
+                                                                   "interrupted": True})
+        return (f"reconciled ({len(done)} sub-task(s) reset or kept); continue with "
+                f"`taskbox ultrawork {parent_id} --resume`")
+
+    def recover_subtasks(self, parent_id: str) -> list[dict[str, Any]]:
+        """Reconcile a parent's sub-tasks after an interrupted run; return what was done.
+
+        A sub-task left ``running`` whose child finished its work (its branch was fetched) is
+        recorded as succeeded; any other is reset to pending,
+        its child task aborted and its container stopped (it runs again from a fresh fork).
+        Blocked sub-tasks go back to pending (they are blocked again if still blocked), and
+        no child task of the parent keeps a running container.
+        """
+        parent = self.get(parent_id)
+        done: list[dict[str, Any]] = []
+        rows = self.registry.subtasks(parent.id)
+        live = {r["task_id"] for r in rows if r["task_id"] and r["status"] in (ultrawork.SUCCEEDED, ultrawork.CONFLICT,
+                                                                                 ultrawork.MERGED)}
+        for r in rows:
+            if r["status"] == ultrawork.BLOCKED:
+                self.registry.update_subtask(parent.id, r["id"], {"status": ultrawork.PENDING, "error": ""},
+                                             expect=[ultrawork.BLOCKED])
+            if r["status"] != ultrawork.RUNNING:
+                continue
+            action = "reset"
+            child = self.get(r["task_id"]) if r["task_id"] and self.registry.task_exists(r["task_id"]) else None
+            # its branch reaches the user's repository only after its command exited 0
+            if child is not None and child.status in (Status.ACTIVE, Status.PAUSED) and not child.pending_op:
+                tip = git.run(["rev-parse", "--verify", "--quiet", f"refs/heads/{child.branch}^{{commit}}"],
+                              cwd=Path(child.repo_path), check=False).stdout.strip()
+                if tip:
+                    self.registry.update_subtask(parent.id, r["id"], {"status": ultrawork.SUCCEEDED, "tip": tip,
+                                                                      "finished_at": time.time(), "exit_code": 0},
+                                                 expect=[ultrawork.RUNNING])
+                    live.add(child.id)
+                    action = "kept (its work was done)"
+            if action == "reset":
+                self.registry.update_subtask(parent.id, r["id"], {"status": ultrawork.PENDING, "task_id": None,
+                                                                  "branch": None, "started_at": None,
+                                                                  "error": "reset after an interrupted run"},
+                                             expect=[ultrawork.RUNNING])
+            self.registry.add_event("ultrawork.recovered", parent.id, {"subtask": r["id"], "task_id": r["task_id"],
+                                                                       "action": action})
+            done.append({"subtask": r["id"], "task_id": r["task_id"], "action": action})
+        for child in self.registry.list_tasks(parent_id=parent.id):
+            if child.status in FINISHED:
+                continue
+            if child.id in live:
+                self._park_child(child.id)
+                continue
+            if child.pending_op == "create":
+                try:
+                    self._undo_create(child)
+                except TaskboxError:
+                    pass
+                continue
+            if child.container_id:
+                self.sandbox.stop(child.container_id)
+            self._update(child.id, {"container_state": ContainerState.STOPPED if child.container_id
+                                    else ContainerState.NONE})
+            self._end_sessions(child.id)
+            self._transition(child.id, Status.ABORTED, reason="interrupted ultrawork run; the sub-task runs again")
+        # throwaway containers a killed run left behind (their `with` never ended): no orphan stays
+        family = {parent.id, *(t.id for t in self.registry.list_tasks(parent_id=parent.id))}
+        for c in self.sandbox.task_containers(self.home_label):
+            labels = c.get("Labels") or {}
+            if labels.get(LABEL_SCRATCH) and labels.get(LABEL_TASK) in family:
+                self.sandbox.remove(c["Id"])
+        if done:
+            self._subtasks_changed(parent)
+        return done
 
     # --- registry recovery ---------------------------------------------------------------------
 
