@@ -677,13 +677,18 @@ class Web:
                                       "bytes": control.output_bytes, "done": False})
 
         result: dict[str, Any] = {}
+        failure: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(report)
                 try:
                     result = await anyio.to_thread.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
+                except Exception as exc:  # raised below, outside the task group (not as a group)
+                    failure = exc
                 finally:
                     tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):  # the client went away: kill the command
                 await anyio.to_thread.run_sync(control.cancel)
