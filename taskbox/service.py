@@ -1691,11 +1691,15 @@ class TaskService:
         task = self.get(task_id)
         self._before(task, "status", {"recent": recent})
         state = self.state(task.id)
+        try:
+            jobs: list[dict[str, Any]] | None = self.jobs(task.id)
+        except SandboxError:  # the container is frozen for a checkpoint this instant: jobs unknown
+            jobs = None
         result = {**task.to_dict(), "current_agents": self.current_agents(task.id),
                   "current_agent": state.get("current_agent"), "todos": state["todos"],
                   "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
                   "recent_executions": self.memory(task).executions(recent),
-                  "workspace_usage": self.workspace_usage(task), "jobs": self.jobs(task.id)}
+                  "workspace_usage": self.workspace_usage(task), "jobs": jobs}
         self._after(task, "status", {"recent": recent}, result)
         return result
 

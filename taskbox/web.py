@@ -34,6 +34,7 @@ import functools
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
 import threading
 import time
@@ -63,6 +64,7 @@ from .sandbox import ExecControl
 if TYPE_CHECKING:
     from .service import TaskService
 
+log = logging.getLogger("taskbox.web")
 STATIC = Path(__file__).with_name("web_static")
 TOKEN_FILE = "serve-token"
 BODY_LIMIT = 1024 * 1024  # bytes of a request body
@@ -919,10 +921,13 @@ def _endpoint(web: Web, handler: Handler) -> Callable[[Request], Awaitable[Respo
         try:
             data = await handler(web, request)
         except TaskboxError as exc:
+            if exc.http_status >= 500:
+                log.warning("%s %s failed: %s", request.method, request.url.path, web.service.redactor.text(exc.message))
             return JSON(web.service.redactor(exc.to_dict()), status_code=exc.http_status)
         except (ValueError, TypeError) as exc:
             return error_response(400, "invalid_input", str(exc).splitlines()[0][:300] if str(exc) else "invalid input")
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback, and the server keeps serving
+            log.warning("internal error in %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
             return error_response(500, "internal_error", f"internal error in taskbox ({type(exc).__name__}: "
                                                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
         return JSON(web.service.redactor(data) if web.service.redactor.active else data)

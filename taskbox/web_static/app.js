@@ -371,20 +371,24 @@ function taskView(main, taskId) {
           el("td", {}, c.trigger),
           el("td", { class: "num" }, ago(c.created_at)),
           el("td", {},
-            el("button", { type: "button", class: "danger", "data-restore": id, "aria-label": "Restore checkpoint " + c.name, on: { click: (e) => restore(id, c.name, e.currentTarget) } }, "Restore"), " ",
+            el("button", { type: "button", class: "danger", "data-restore": id, "aria-label": "Restore checkpoint " + c.name, on: { click: (e) => restore(id, c.name, e.currentTarget) } },
+              armed.id === id && Date.now() <= armed.until ? "Confirm restore" : "Restore"), " ",
             el("button", { type: "button", "data-diff": id, "aria-label": "Diff checkpoint " + c.name + " against now", on: { click: () => cpDiff(id) } }, "Diff"))));
       }
     } catch (e) { clear(cps).appendChild(el("tr", {}, el("td", { class: "error" }, e.message))); }
   }
 
+  let armed = { id: null, until: 0 };
   async function restore(id, name, button) {
-    // Two presses (no modal dialog): the first arms the button, the second restores.
-    if (button.dataset.armed !== "1") {
-      button.dataset.armed = "1";
+    // Two presses (no modal dialog): the first arms the button, the second restores. The
+    // arming outlives a redraw of the table (a new event may redraw it in between).
+    if (armed.id !== id || Date.now() > armed.until) {
+      armed = { id, until: Date.now() + 8000 };
       button.textContent = "Confirm restore";
-      setTimeout(() => { button.dataset.armed = ""; button.textContent = "Restore"; }, 6000);
+      setTimeout(() => { if (armed.id === id && Date.now() > armed.until) loadCheckpoints(); }, 8100);
       return;
     }
+    armed = { id: null, until: 0 };
     clear(cpResult).appendChild(el("p", { class: "muted" }, "Restoring…"));
     try {
       const r = await api("POST", "/api/tasks/" + enc(taskId) + "/checkpoints/" + enc(id) + "/restore", {});
