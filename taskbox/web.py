@@ -307,6 +307,7 @@ class EventHub:
         self.subscribers.discard(sub)
 
     def publish(self, message: dict[str, Any]) -> None:
+        message = {**message, "_text": _dumps(message).decode()}  # encoded once for every client
         for sub in list(self.subscribers):
             if sub.lagged or not sub.wants(message):
                 continue
@@ -383,8 +384,9 @@ class EventHub:
 
     @staticmethod
     async def _send(ws: WebSocket, message: dict[str, Any]) -> None:
+        text = message.get("_text") or _dumps(message).decode()
         with anyio.fail_after(SEND_TIMEOUT):
-            await ws.send_text(_dumps(message).decode())
+            await ws.send_text(text)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -998,14 +1000,14 @@ def create_app(service: TaskService, *, host: str = "127.0.0.1", port: int = 876
 
 
 def make_server(service: TaskService, host: str = "127.0.0.1", port: int = 8765, *, token: str | None = None,
-                allow_origins: Iterable[str] = (), housekeeping: bool = True) -> Any:
+                allow_origins: Iterable[str] = (), housekeeping: bool = True, mcp: bool = True) -> Any:
     """A uvicorn server for :func:`create_app` (call ``.run()``, or ``.serve()`` in a loop)."""
     import uvicorn
 
     if not 0 <= port <= 65535:
         raise InvalidInput(f"port {port} is not between 0 and 65535")
     app = create_app(service, host=host, port=port, token=token, allow_origins=allow_origins,
-                     housekeeping=housekeeping)
+                     housekeeping=housekeeping, mcp=mcp)
     # No access log: a dashboard login URL carries the token in its query.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             ws_max_size=64 * 1024, ws="websockets-sansio", lifespan="on")
