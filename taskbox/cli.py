@@ -954,6 +954,90 @@ def mcp(http: bool, host: str, port: int) -> None:
         pass
 
 
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Any address but loopback needs the access token (made under "
+                   "TASKBOX_HOME on first use).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="Another origin (scheme://host:port) whose pages may call the API (repeatable).")
+def serve(host: str, port: int, allow_origins: tuple[str, ...]) -> None:
+    """Serve the HTTP API, live events, MCP (/mcp), metrics (/metrics) and the web dashboard."""
+    from . import web
+
+    def ready(url: str, token_file: str | None) -> None:
+        click.echo(f"taskbox dashboard on {url} (API {url}api/, events {url}api/events, MCP {url}mcp, "
+                   f"metrics {url}metrics)", err=True)
+        if token_file:
+            click.echo(f"access token in {token_file} (owner-only): send it as `Authorization: Bearer`, or open "
+                       f"{url}?token=<token> once in the browser", err=True)
+
+    try:
+        web.serve(_service(), host, port, allow_origins=allow_origins, ready=ready)
+    except TaskboxError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        pass
+
+
+def _watch_table(svc: TaskService, statuses: list[str] | None, cpu: dict[str, tuple[float, float]]) -> str:
+    import time
+
+    rows = []
+    for t in svc.list_tasks(statuses):
+        usage = svc.resource_usage(t.id) if str(t.status) == "active" else None
+        cpu_text, mem_text = "-", "-"
+        if usage:
+            mem_text = f"{_size(usage['memory_bytes'])} ({usage['memory_percent']}%)"
+            now, seconds = time.monotonic(), usage.get("cpu_seconds")
+            before = cpu.get(t.id)
+            if seconds is not None:
+                if before is not None and now > before[1]:
+                    cpu_text = f"{max(0.0, 100 * (seconds - before[0]) / (now - before[1])):.0f}%"
+                cpu[t.id] = (seconds, now)
+        rows.append([t.id, str(t.status), ", ".join(svc.current_agents(t.id)) or t.agent, t.branch, cpu_text,
+                     mem_text, ago(t.last_active)])
+    return table(rows, ["task", "status", "agent", "branch", "cpu", "memory", "last activity"]) if rows \
+        else "no tasks"
+
+
+@cli.command("watch")
+@click.option("--status", "statuses", multiple=True, help="Only tasks in this status (repeatable).")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.2, 3600),
+              help="Seconds between redraws when nothing happens (any event redraws at once).")
+@click.option("--once", is_flag=True, help="Print the table once and exit.")
+def watch(statuses: tuple[str, ...], interval: float, once: bool) -> None:
+    """The live task table in the terminal: status, agent, branch, CPU, memory, last activity."""
+    import time
+
+    svc = _service()
+    cpu: dict[str, tuple[float, float]] = {}
+    try:
+        last = svc.last_event_id()
+        while True:
+            text = _watch_table(svc, list(statuses) or None, cpu)
+            if once:
+                click.echo(text)
+                return
+            newest = svc.events(after_id=max(0, last - 1), limit=1)
+            note = f"last event: {newest[-1]['type']} {newest[-1]['task_id'] or ''}" if newest else ""
+            click.echo(("\x1b[H\x1b[2J" if sys.stdout.isatty() else "") + text + f"\n\n{note}".rstrip()
+                       + f"\n(updated {time.strftime('%H:%M:%S')}; Ctrl-C to stop)\n")
+            deadline = time.monotonic() + interval
+            while time.monotonic() < deadline:
+                fresh = svc.events(after_id=last, limit=1000)
+                if fresh:
+                    last = fresh[-1]["id"]
+                    break
+                time.sleep(0.25)
+    except TaskboxError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        pass
+
+
 @cli.group("integrate")
 def integrate_group() -> None:
     """Configure an agent (OpenCode, Claude Code, Codex) to use the taskbox MCP server."""

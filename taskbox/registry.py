@@ -738,6 +738,11 @@ class Registry:
         ]
 
 
+    def last_event_id(self) -> int:
+        """The id of the newest event (0 when there is none): where a live reader starts."""
+        row = self._conn().execute("SELECT MAX(id) FROM events").fetchone()
+        return int(row[0] or 0)
+
     # --- records, tombstones and checkpoint rows (what a rebuild and doctor rely on) ------------
 
     def _record(self, task: Task) -> None:

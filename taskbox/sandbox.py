@@ -722,6 +722,24 @@ class Sandbox:
         return {"usage": max(0, int(data["usage"]) - int(cache)), "limit": int(data.get("limit") or 0),
                 "pids": int((stats.get("pids_stats") or {}).get("current") or 0)}
 
+    def cpu_seconds(self, cid: str) -> float | None:
+        """CPU time the container's processes used so far, in seconds, read from its cgroup on
+        this host (cgroup v2 ``cpu.stat``, v1 ``cpuacct.usage``); None where it is not readable."""
+        d = self._cgroup(cid).get("cpu")
+        if d is None:
+            return None
+        try:
+            if (d / "cpu.stat").exists() and not (d / "cpuacct.usage").exists():
+                for line in (d / "cpu.stat").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "usage_usec":
+                        return int(value) / 1e6
+                return None
+            return int((d / "cpuacct.usage").read_text()) / 1e9
+        except (OSError, ValueError):
+            self._cgroups.pop(cid, None)
+            return None
+
     # --- OOM detection -----------------------------------------------------------------------
 
     def oom_kills(self, cid: str) -> int | None:
@@ -768,12 +786,13 @@ class Sandbox:
                     if (d / "memory.current").exists():
                         found.setdefault("memory", d)
                         found.setdefault("pids", d)
+                        found.setdefault("cpu", d)
                     continue
-                for ctl in ("memory", "pids"):
+                for ctl in ("memory", "pids", "cpuacct"):
                     if ctl in controllers.split(","):
                         d = Path("/sys/fs/cgroup") / ctl / rel.lstrip("/")
                         if d.is_dir():
-                            found[ctl] = d
+                            found["cpu" if ctl == "cpuacct" else ctl] = d
         except (OSError, ValueError):
             found = {}
         if pid:

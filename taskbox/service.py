@@ -1435,6 +1435,32 @@ class TaskService:
                 "conversations": self.memory(task).conversations(limit),
                 "events": self.registry.events(task.id, limit=limit)}
 
+    def events(self, task_id: str | None = None, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events after ``after_id`` from the durable event log, oldest first (every process's)."""
+        if after_id < 0 or not 1 <= limit <= 10_000:
+            raise InvalidInput("after_id must be 0 or more and limit between 1 and 10000")
+        if task_id:
+            self.get(task_id)
+        return self.registry.events(task_id, after_id=after_id, limit=limit)
+
+    def last_event_id(self) -> int:
+        """The newest event's id (0 when there is none)."""
+        return self.registry.last_event_id()
+
+    def resource_usage(self, task_id: str) -> dict[str, Any] | None:
+        """A running task's memory use, processes and CPU time so far (None when its container
+        does not run); read from the container's cgroup, never the engine's slow stats call."""
+        task = self.get(task_id)
+        if not task.container_id or task.container_state is not ContainerState.RUNNING:
+            return None
+        mem = self.sandbox.memory_usage(task.container_id, engine=False)
+        if mem is None:
+            return None
+        return {"task_id": task.id, "memory_bytes": mem["usage"], "memory_limit": mem["limit"],
+                "memory_percent": round(100.0 * mem["usage"] / mem["limit"], 2) if mem["limit"] else None,
+                "pids": mem["pids"], "cpu_seconds": self.sandbox.cpu_seconds(task.container_id),
+                "pressure": (task.metadata.get("pressure") or {}).get("level", "ok")}
+
     def audit_log(self, task_id: str, limit: int | None = None, decision: str | None = None) -> list[dict[str, Any]]:
         """A task's audit log (policy, egress and sandbox decisions), with the latest proxy decisions
         and the aggregated records of rate-limited ones written first."""
@@ -1685,11 +1711,15 @@ class TaskService:
         task = self.get(task_id)
         self._before(task, "status", {"recent": recent})
         state = self.state(task.id)
+        try:
+            jobs: list[dict[str, Any]] | None = self.jobs(task.id)
+        except SandboxError:  # the container is frozen for a checkpoint this instant: jobs unknown
+            jobs = None
         result = {**task.to_dict(), "current_agents": self.current_agents(task.id),
                   "current_agent": state.get("current_agent"), "todos": state["todos"],
                   "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
                   "recent_executions": self.memory(task).executions(recent),
-                  "workspace_usage": self.workspace_usage(task), "jobs": self.jobs(task.id)}
+                  "workspace_usage": self.workspace_usage(task), "jobs": jobs}
         self._after(task, "status", {"recent": recent}, result)
         return result
 
