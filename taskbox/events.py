@@ -53,8 +53,12 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("task.completed", ("branch", "commit", "summary", "from", "reason"),
               "The task completed: its branch was fetched into the user's repository."),
     EventType("task.deleted", (), "The task's row was deleted from the registry."),
-    EventType("task.exec", ("command", "exit_code", "duration_ms", "timed_out", "oom_killed", "logged"),
-              "A command ran in the task's sandbox (``logged: false``: nothing of it is recorded)."),
+    EventType("task.exec", ("command", "exit_code", "duration_ms", "timed_out", "oom_killed", "logged",
+                            "output_incomplete"),
+              "A command ran in the task's sandbox (``logged: false``: nothing of it is recorded; "
+              "``output_incomplete``: its output stream ended before it did, so output and exit code are unsure)."),
+    EventType("exec.orphaned", ("session_id", "command"),
+              "A command left running by a server that died was killed when another session took the task over."),
     EventType("exec.cancelled", ("command", "duration_ms"),
               "A command was cancelled by its client (or its connection dropped) and killed."),
     EventType("job.started", ("job_id", "command"), "A background job started in the task's sandbox."),
@@ -73,6 +77,13 @@ CATALOGUE: tuple[EventType, ...] = (
     # --- containers and workspaces ----------------------------------------------------------------
     EventType("container.created", ("container_id",), "The task's container was (re)created."),
     EventType("container.started", ("container_id",), "The task's stopped container was started."),
+    EventType("container.healed", ("container_id", "was", "by"),
+              "A command found the task's container stopped or gone behind taskbox's back (``was``); it was "
+              "started or recreated (``by`` the operation) and the command ran."),
+    EventType("workspace.restored", ("checkpoint_id", "by", "volume"),
+              "A lost workspace was brought back from the task's newest checkpoint (branch and memory with it)."),
+    EventType("workspace.reowned", ("files",),
+              "Files of the workspace not owned by the sandbox user were given back to it (``doctor --fix``)."),
     EventType("container.state", ("state",), "The doctor found the container in another state than recorded."),
     EventType("container.lost", ("container_id",), "The task's container is gone."),
     EventType("container.oom_killed", (), "The doctor found the container killed for memory."),

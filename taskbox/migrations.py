@@ -211,3 +211,11 @@ def m004_tombstones(conn: sqlite3.Connection) -> None:
         )
         """
     )
+
+
+@migration
+def m005_lease_holders(conn: sqlite3.Connection) -> None:
+    # The process holding a lease, when it is a long-lived one (the MCP server):
+    # "host|boot id|pid|start time" (taskbox.liveness). A lease whose holder is dead is taken
+    # over at once, not after it expires.
+    conn.execute("ALTER TABLE leases ADD COLUMN holder TEXT")

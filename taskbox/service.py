@@ -24,7 +24,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from . import doctor, engine, faults, files, git, network, policy, pressure, quota, workspace
+from . import (
+    doctor,
+    engine,
+    faults,
+    files,
+    git,
+    liveness,
+    network,
+    policy,
+    pressure,
+    quota,
+    workspace,
+)
 from .audit import AuditLog
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
@@ -48,6 +60,7 @@ from .models import (
     FINISHED,
     CheckpointRequest,
     ContainerState,
+    Lease,
     LockMode,
     Session,
     Status,
@@ -60,6 +73,7 @@ from .network import EgressRules
 from .plugins import make_manager
 from .registry import Registry, list_backups, restore_backup, set_aside
 from .sandbox import (
+    CMD_MARK,
     LABEL_HOME,
     LABEL_TASK,
     ContainerSpec,
@@ -171,6 +185,17 @@ class TaskService:
         self._checkpoints: Checkpoints | None = None
         # Containers of different TASKBOX_HOMEs on one engine are told apart by this label.
         self.home_label = hashlib.sha256(str(self.paths.home).encode()).hexdigest()[:16]
+        # Set by a long-lived server (bind_leases_to_process): its leases die with it.
+        self.lease_holder: str | None = None
+
+    def bind_leases_to_process(self) -> None:
+        """Tie the leases this service takes, and the commands it starts, to this process:
+        when it dies, another agent takes the task over at once and its commands are killed."""
+        self.lease_holder = liveness.identity()
+
+    @property
+    def lease_holder_token(self) -> str | None:
+        return liveness.token(self.lease_holder) if self.lease_holder else None
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -628,6 +653,40 @@ class TaskService:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
         return task
 
+    def kill_orphans(self, task: Task, lease: Lease) -> list[dict[str, Any]]:
+        """Kill the commands a dead lease holder (a server that died) left running in the task's
+        container, and record each as ``orphaned`` in the execution log. Nothing for a lease
+        without a recorded holder, or one whose holder still lives."""
+        if not lease.holder or liveness.alive(lease.holder) is not False or not task.container_id:
+            return []
+        prefix = f"{CMD_MARK}{liveness.token(lease.holder)}-"
+        try:
+            left = [r for r in self.running_work(task) if r["mark"].startswith(prefix)]
+        except TaskboxError:
+            return []  # no container to look into: nothing runs there
+        for r in left:
+            self.sandbox.kill_marked(task.container_id, r["mark"])
+            try:
+                self.memory(task).log_execution({
+                    "session": lease.session_id, "agent": lease.agent, "tool": "exec", "command": r["command"],
+                    "exit_code": None, "status": "orphaned",
+                    "stderr": "[taskbox] the server that ran this command died; the command was killed when "
+                              "another session took the task over"})
+            except (TaskboxError, OSError) as exc:
+                self.registry.add_event("memory.refused", task.id, {"error": str(exc)[:300],
+                                                                    "command": r["command"][:200]})
+            self.registry.add_event("exec.orphaned", task.id, {"session_id": lease.session_id,
+                                                               "command": r["command"][:200]})
+        return left
+
+    def heal(self, task_id: str, by: str, was: str) -> Task:
+        """Bring back a container found stopped or gone while the registry said it runs (as
+        ``resume-task`` would), and record it; the task stays as it was otherwise."""
+        before = self.get(task_id)
+        self.registry.add_event("container.healed", task_id, {"container_id": before.container_id, "was": was,
+                                                              "by": by})
+        return self.ensure_running(task_id)  # it asks Docker, not the registry
+
     def pause(self, task_id: str, *, kill_running: bool = False) -> Task:
         """Stop the task's container (its filesystem is kept) and mark the task paused.
 
@@ -703,7 +762,7 @@ class TaskService:
                 try:
                     _lease, expired = self.registry.acquire_lease(
                         task.id, sid, agent, mode, self.settings.lease_seconds,
-                        self.settings.collaborative_max_agents, queued=queued)
+                        self.settings.collaborative_max_agents, queued=queued, holder=self.lease_holder)
                     break
                 except TaskLocked:
                     if time.monotonic() >= deadline:
@@ -723,6 +782,8 @@ class TaskService:
             # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
             state, recovery = mem.load(self._defaults(task))
             task = self.ensure_running(task.id)
+            for old in expired:
+                self.kill_orphans(task, old)
         except BaseException:
             self.registry.release_lease(task.id, sid)
             raise
@@ -864,11 +925,23 @@ class TaskService:
         session = self.registry.get_session(session_id) if session_id else None
         if control is not None:
             control.redact = self.redactor.output
+        def run(cid: str) -> ExecResult:
+            return self.sandbox.exec(cid, command, workdir=wd, timeout=secs,
+                                     output_limit=min(output_limit or self.settings.exec_output_limit,
+                                                      self.settings.exec_output_limit),
+                                     env={**(env or {}), **values}, control=control,
+                                     owner=self.lease_holder_token)
+
         try:
-            result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
-                                       output_limit=min(output_limit or self.settings.exec_output_limit,
-                                                        self.settings.exec_output_limit),
-                                       env={**(env or {}), **values}, control=control)
+            try:
+                result = run(task.container_id or "")
+            except SandboxError as exc:
+                if not exc.details.get("container_down"):
+                    raise
+                # Stopped or removed behind taskbox's back (docker stop, rm -f, an engine
+                # restart): nothing ran, so it is started or recreated and the command runs.
+                task = self.heal(task.id, "exec", exc.details["container_down"])
+                result = run(task.container_id or "")
         except TaskboxError as exc:
             self._redact_error(exc)  # in place: it reaches the caller
             partial = exc.details.get("result")
@@ -920,7 +993,8 @@ class TaskService:
         self._update(task.id, {"last_active": time.time()},
                      ("task.exec", {"command": cmd_text[:200], "exit_code": result.exit_code,
                                     "duration_ms": result.duration_ms, "timed_out": result.timed_out,
-                                    "oom_killed": result.oom_killed}))
+                                    "oom_killed": result.oom_killed,
+                                    **({"output_incomplete": True} if result.output_incomplete else {})}))
 
     def _write_exec_log(self, task: Task, session: Session | None, cmd_text: str, wd: str,
                         result: ExecResult, limit: int) -> None:
@@ -937,8 +1011,10 @@ class TaskService:
             "truncated": result.truncated or len(result.stdout) > limit or len(result.stderr) > limit,
             "timed_out": result.timed_out,
             "oom_killed": result.oom_killed,
+            "output_incomplete": result.output_incomplete,
             "status": ("cancelled" if result.cancelled else "timed_out" if result.timed_out
-                       else "oom_killed" if result.oom_killed else "exited"),
+                       else "oom_killed" if result.oom_killed
+                       else "output_incomplete" if result.output_incomplete else "exited"),
         })
         self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
 

