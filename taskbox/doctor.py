@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import files, git, memory, quota
+from . import files, git, liveness, memory, quota
 from .config import Paths, Settings
 from .errors import InvalidInput, NotFound, TaskboxError
 from .models import FINISHED, ContainerState, Findings, LockMode, ResolveRepair, Status, Task
@@ -139,12 +139,20 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
 
     leases = reg.leases(live_only=False)
     now = time.time()
+    dead = set()
     for lease in leases:
         if lease.expires_at <= now:
             found("stale-lease", lease.task_id,
                   f"lease of {lease.agent} (session {lease.session_id}) expired {now - lease.expires_at:.0f}s ago",
                   "release-lease", task_id=lease.task_id, session_id=lease.session_id)
-    live = {(le.task_id, le.session_id) for le in leases if le.expires_at > now}
+        elif liveness.alive(lease.holder) is False:
+            dead.add((lease.task_id, lease.session_id))
+            found("stale-lease", lease.task_id,
+                  f"lease of {lease.agent} (session {lease.session_id}) is held by a process that died; its "
+                  "commands still running will be killed", "release-lease", task_id=lease.task_id,
+                  session_id=lease.session_id)
+    live = {(le.task_id, le.session_id) for le in leases
+            if le.expires_at > now and (le.task_id, le.session_id) not in dead}
     for task in tasks:
         for s in reg.sessions(task.id, open_only=True):
             if (task.id, s.id) not in live and not any(le.session_id == s.id for le in leases):

@@ -679,6 +679,11 @@ class TaskService:
                                                                "command": r["command"][:200]})
         return left
 
+    def _kill_orphans_of(self, task_id: str, session_id: str) -> None:
+        for lease in self.registry.leases(task_id, live_only=False):
+            if lease.session_id == session_id:
+                self.kill_orphans(self.get(task_id), lease)
+
     def heal(self, task_id: str, by: str, was: str) -> Task:
         """Bring back a container found stopped or gone while the registry said it runs (as
         ``resume-task`` would), and record it; the task stays as it was otherwise."""
@@ -2003,7 +2008,8 @@ class TaskService:
             "finish-complete": then("completed", lambda: self.complete(p["task_id"])),
             "mount-volume": then("mounted", lambda: self._ensure_volume(self.get(p["task_id"]))),
             "mark-failed": then("marked failed", lambda: self.fail(p["task_id"], p.get("reason", ""))),
-            "release-lease": then("released", lambda: reg.release_lease(p["task_id"], p["session_id"]),
+            "release-lease": then("released", lambda: self._kill_orphans_of(p["task_id"], p["session_id"]),
+                                  lambda: reg.release_lease(p["task_id"], p["session_id"]),
                                   lambda: reg.end_session(p["session_id"], time.time())),
             "end-session": then("ended", lambda: reg.end_session(p["session_id"], time.time())),
             "forget-container": forget_container,

@@ -7,9 +7,7 @@ Everything here runs on the real Docker engine, real git and real processes (SIG
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -63,7 +61,7 @@ def test_end_marker_is_found_only_at_the_very_end() -> None:
     assert end_marker(f"\n{n} 127\n".encode(), n) == (len(n) + 6, 127)
     assert end_marker(f"\n{n} 0\nmore".encode(), n) is None
     assert end_marker(b"", n) is None
-    assert end_marker(f"\n__taskbox_end_ffffffffffffffff__ 0\n".encode(), n) is None  # another exec's nonce
+    assert end_marker(b"\n__taskbox_end_ffffffffffffffff__ 0\n", n) is None  # another exec's nonce
 
 
 def test_exec_output_is_exact_and_marker_free(svc: TaskService, repo: Path) -> None:
@@ -95,3 +93,78 @@ def test_a_stream_that_ends_before_the_command_is_flagged_not_logged_clean(svc: 
     clean = svc.exec(task.id, "true")
     assert not clean.output_incomplete
     assert svc.memory(svc.get(task.id)).executions(1)[-1]["status"] == "exited"
+
+
+# --- sessions of dead servers end fast ---------------------------------------------------------
+
+
+def test_a_killed_mcp_servers_lease_and_command_end_at_once(svc: TaskService, repo: Path) -> None:
+    import signal
+
+    import anyio
+
+    from .test_mcp import call, stdio
+    from .test_mcp_clients import make_task
+
+    def running() -> list[dict]:
+        return svc.running_work(svc.get("dead"))
+
+    killed_at: list[float] = []
+
+    async def first() -> None:
+        async with anyio.create_task_group() as tg:
+            async def serve() -> None:
+                try:
+                    async with stdio()() as client:
+                        await make_task(client, repo, "dead")
+                        await client.call_tool("execute_in_task", {"task_id": "dead", "command": "sleep 300"})
+                except Exception:  # noqa: BLE001 - the server is killed under the call
+                    pass
+
+            tg.start_soon(serve)
+            with anyio.fail_after(60):
+                while not (svc.registry.leases("dead") and running()):
+                    await anyio.sleep(0.1)
+            holder = svc.registry.leases("dead")[0].holder
+            assert holder, "the MCP server did not tie its lease to its process"
+            os.kill(int(holder.split("|")[2]), signal.SIGKILL)
+            killed_at.append(time.monotonic())
+            await anyio.sleep(0.5)
+            tg.cancel_scope.cancel()
+
+    anyio.run(first)
+    assert running(), "the command should still run in the container until someone takes over"
+
+    async def second() -> dict:
+        async with stdio()() as client:
+            return await call(client, "attach_agent_to_task", task_id="dead", agent_name="claude",
+                              agent_model="m", session_id="s-second")
+
+    attached = anyio.run(second)
+    assert time.monotonic() - killed_at[0] < 30  # a server start and an attach, not the 300 s lease
+    assert attached["took_over"] and attached["took_over"][0]["session_id"] == "s-dead"
+    assert not running(), "the dead server's command still runs"
+    orphaned = [e for e in svc.executions("dead", 100) if e.get("status") == "orphaned"]
+    assert orphaned and "sleep 300" in orphaned[0]["command"] and orphaned[0]["session"] == "s-dead"
+    assert _events(svc, "dead", "exec.orphaned")
+    sessions = {s.id: s for s in svc.registry.sessions("dead")}
+    assert sessions["s-dead"].detached_at is not None
+
+
+def test_a_live_holder_keeps_its_lease_and_a_cli_lease_has_no_holder(svc: TaskService, repo: Path) -> None:
+    from taskbox import liveness
+    from taskbox.errors import TaskLocked
+
+    task = svc.create_task(repo, "live holder")
+    svc.bind_leases_to_process()
+    svc.attach(task.id, "a", session_id="s-live")
+    assert svc.registry.leases(task.id)[0].holder == liveness.identity()
+    other = TaskService(svc.paths.home)  # another process's view: the holder (this one) lives
+    with pytest.raises(TaskLocked):
+        other.attach(task.id, "b", session_id="s-other")
+    # A holder whose process is gone (a pid that is not running, or another start time) is dead.
+    host, boot, pid, start = liveness.identity().split("|")
+    assert liveness.alive(f"{host}|{boot}|{pid}|{int(start) + 1}") is False
+    assert liveness.alive(f"{host}|another-boot|{pid}|{start}") is False
+    assert liveness.alive(f"elsewhere|{boot}|{pid}|{start}") is None  # not ours to judge
+    assert liveness.alive(None) is None
