@@ -125,17 +125,27 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
                     found("unmounted-workspace", task.id,
                           f"workspace volume {image} is not mounted at {task.workspace_path} (e.g. after a reboot)",
                           "mount-volume", task_id=task.id)
-                continue
-            if task.status is not Status.ARCHIVED:
+                    continue
+            elif task.status is not Status.ARCHIVED:
+                if reg.checkpoints(task.id):
+                    found("missing-volume", task.id, f"workspace volume {image} is gone: it will be made again "
+                          "and the workspace restored from the newest checkpoint", "restore-workspace",
+                          task_id=task.id)
+                    continue
                 unmounted.add(task.id)
                 found("missing-volume", task.id, f"workspace volume {image} is gone",
                       "mark-failed" if task.status in (Status.ACTIVE, Status.PAUSED) else None,
                       task_id=task.id, reason="workspace volume missing")
                 continue
-        if not Path(task.workspace_path).is_dir() and task.status is not Status.ARCHIVED:
-            found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone",
-                  "mark-failed" if task.status in (Status.ACTIVE, Status.PAUSED) else None,
-                  task_id=task.id, reason="workspace missing")
+        if task.status is not Status.ARCHIVED and _lost(Path(task.workspace_path)):
+            unmounted.add(task.id)  # no memory to judge either
+            if reg.checkpoints(task.id):
+                found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone: it will be restored "
+                      "from the newest checkpoint (files, branch and memory)", "restore-workspace", task_id=task.id)
+            else:
+                found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone and has no checkpoint",
+                      "mark-failed" if task.status in (Status.ACTIVE, Status.PAUSED) else None,
+                      task_id=task.id, reason="workspace missing")
 
     leases = reg.leases(live_only=False)
     now = time.time()
@@ -225,6 +235,19 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
                   "it will be deleted", "purge-trash", path=entry["path"])
     ctx.checkpoints.reconcile(found)  # interrupted restores, frozen containers, lost checkpoints
     return found
+
+
+def _lost(ws: Path) -> bool:
+    """A workspace that is gone or emptied (a live one holds at least its ``.git``)."""
+    try:
+        with os.scandir(ws) as it:
+            return next(it, None) is None
+    except NotADirectoryError:
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _orphan(found: Findings, kind: str, tid: str, what: str, tombstoned: bool) -> None:

@@ -213,9 +213,72 @@ class TaskService:
         return TaskMemory(self._ws(task), self.paths.locks / f"{task.id}.memory.lock", self.redactor)
 
     def _ws(self, task: Task) -> Path:
-        """The task's workspace for host-side reads and writes, its volume mounted if it has one."""
+        """The task's workspace for host-side reads and writes, its volume mounted if it has one.
+
+        A workspace that is gone is a one-line error saying how to bring it back.
+        """
+        ws = Path(task.workspace_path)
+        if task.status is not Status.ARCHIVED and self.workspace_lost(task):  # mounts the volume
+            how = ("`taskbox restore-checkpoint {id}` (or `taskbox doctor --fix`) brings it back from its newest "
+                   "checkpoint" if self.registry.checkpoints(task.id) else "it has no checkpoint to come back from")
+            raise NotFound(f"the workspace of task {task.id} ({ws}) is gone; " + how.format(id=task.id),
+                           task_id=task.id)
         self._ensure_volume(task)
-        return Path(task.workspace_path)
+        return ws
+
+    def workspace_lost(self, task: Task) -> bool:
+        """Whether the task's workspace (or its quota volume) is gone."""
+        if task.metadata.get("quota") and not self.paths.volume(task.id).exists():
+            return True
+        ws = Path(task.workspace_path)
+        if not ws.is_dir():
+            return True
+        try:
+            self._ensure_volume(task)
+            with os.scandir(ws) as it:
+                return next(it, None) is None  # emptied: a live workspace has at least its .git
+        except (OSError, TaskboxError):
+            return False  # unreadable: not taken for lost
+
+    def restore_workspace(self, task_id: str, by: str, checkpoint_id: str | None = None) -> dict[str, Any]:
+        """Bring a lost workspace back from a checkpoint (the newest by default): its quota volume
+        made again first, then every file, the branch (its ``.git``) and the memory; the
+        container, which bound the old directory, is made again on the next start."""
+        task = self.get(task_id)
+        if not self.registry.checkpoints(task.id):
+            raise NotFound(f"the workspace of task {task.id} is gone and it has no checkpoint to come back from",
+                           task_id=task.id)
+        ws = Path(task.workspace_path)
+        vol = task.metadata.get("quota")
+        image = self.paths.volume(task.id)
+        made_volume = False
+        if vol and not image.exists():  # the volume first, its mount point the workspace
+            quota.release(image, ws)  # a stale mount of the lost image, if any
+            quota.create_volume(image, ws, vol["disk"], vol["inodes"], sandbox_owner())
+            made_volume = True
+        elif vol:
+            self._ensure_volume(task)
+        remade = made_volume
+        if not ws.is_dir():
+            ws.mkdir(mode=0o755, parents=True)
+            if os.geteuid() == 0:
+                os.chown(ws, *sandbox_owner())
+            remade = True
+        cps = self.checkpoints
+        with cps.locked(task.id):
+            done = cps.restore(task, checkpoint_id, force=True)
+        if remade and task.container_id:  # its bind mount names the directory that was lost
+            self.sandbox.remove(task.container_id)
+            task = self._update(task.id, {"container_id": None, "container_state": ContainerState.NONE},
+                                ("container.lost", {"container_id": task.container_id}))
+        cp = done.checkpoint
+        self.update_state(task, lambda s: s.__setitem__("current_checkpoint", cp["checkpoint_id"]))
+        self.registry.add_event("workspace.restored", task.id, {"checkpoint_id": cp["checkpoint_id"], "by": by,
+                                                               "volume": made_volume})
+        return {"task_id": task.id, "checkpoint_id": cp["checkpoint_id"], "name": cp["name"],
+                "files_changed": done.changed, "files_restored": done.added, "files_removed": done.removed,
+                "container_restored": False, "forced": done.forced,
+                "duration_ms": round((time.perf_counter() - done.started) * 1000, 1), "volume_made": made_volume}
 
     def _ensure_volume(self, task: Task) -> None:
         """Mount the task's workspace volume (its disk and inode quota) unless it is mounted.
@@ -783,6 +846,9 @@ class TaskService:
             self.registry.end_session(old.session_id, time.time())
         t0 = time.perf_counter()
         try:
+            if self.workspace_lost(task) and self.registry.checkpoints(task.id):
+                self.restore_workspace(task.id, "attach")
+                task = self.get(task.id)
             mem = self.memory(task)  # mounts the workspace volume if it is not (after a reboot)
             # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
             state, recovery = mem.load(self._defaults(task))
@@ -1392,6 +1458,12 @@ class TaskService:
         task = self.get(task_id)
         args = {"checkpoint_id": checkpoint_id, "force": force}
         self._before(task, "restore", args)
+        if self.workspace_lost(task):  # nothing to lose: it comes back whole
+            result = {"success": True, **self.restore_workspace(task.id, "restore", checkpoint_id),
+                      "workspace_restored": True}
+            self.registry.add_event("checkpoint.restored", task.id, result)
+            self._after(task, "restore", args, result)
+            return result
         self._ensure_volume(task)
         self._ensure_idle(task, "restore a checkpoint of", kill_running)
         cps = self.checkpoints
@@ -2012,6 +2084,8 @@ class TaskService:
                                   lambda: reg.release_lease(p["task_id"], p["session_id"]),
                                   lambda: reg.end_session(p["session_id"], time.time())),
             "end-session": then("ended", lambda: reg.end_session(p["session_id"], time.time())),
+            "restore-workspace": lambda: "restored from checkpoint {checkpoint_id}".format(
+                **self.restore_workspace(p["task_id"], "doctor")),
             "forget-container": forget_container,
             "sync-state": sync_state,
             "stop-container": then("stopped", lambda: self.sandbox.stop(p["container_id"])),

@@ -7,7 +7,9 @@ Everything here runs on the real Docker engine, real git and real processes (SIG
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import pytest
 from taskbox import TaskService
 from taskbox.models import ContainerState
 from taskbox.sandbox import end_marker
+
+from .conftest import run_cli
 
 
 def _events(svc: TaskService, task_id: str, kind: str) -> list[dict]:
@@ -168,3 +172,67 @@ def test_a_live_holder_keeps_its_lease_and_a_cli_lease_has_no_holder(svc: TaskSe
     assert liveness.alive(f"{host}|another-boot|{pid}|{start}") is False
     assert liveness.alive(f"elsewhere|{boot}|{pid}|{start}") is None  # not ours to judge
     assert liveness.alive(None) is None
+
+
+# --- a lost workspace comes back ---------------------------------------------------------------
+
+
+def _lose(svc: TaskService, task_id: str, *, volume: bool) -> None:
+    task = svc.get(task_id)
+    ws = Path(task.workspace_path)
+    if volume:  # the image is gone (unmounted, deleted), as after a host disk was wiped
+        from taskbox import quota
+
+        quota.release(svc.paths.volume(task.id), ws)
+        shutil.rmtree(ws)
+    else:  # everything in it deleted (the volume's mount point itself stays)
+        for child in ws.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    assert not ws.exists() or not any(ws.iterdir())
+
+
+def _check_back(svc: TaskService, task_id: str, content: str) -> None:
+    task = svc.get(task_id)
+    ws = Path(task.workspace_path)
+    assert (ws / "work.txt").read_text() == content
+    res = svc.exec(task_id, "cat work.txt; git rev-parse --abbrev-ref HEAD; cat .task-memory/state.json")
+    assert res.exit_code == 0, res.stderr
+    out = res.stdout.splitlines()
+    assert out[0] == content.strip() and out[1] == task.branch
+    assert json.loads("\n".join(out[2:]))["todos"][0]["text"] == "keep me"
+    assert _events(svc, task_id, "workspace.restored")
+    res = svc.exec(task_id, "echo y > work.txt && cat work.txt")  # the agent can write it
+    assert res.stdout == "y\n"
+
+
+@pytest.mark.parametrize("how", ["restore-checkpoint", "doctor", "resume-task"])
+def test_a_deleted_workspace_comes_back_from_the_newest_checkpoint(svc: TaskService, repo: Path, how: str) -> None:
+    task = svc.create_task(repo, f"lost workspace {how}", disk="64m" if how == "doctor" else None)
+    svc.update_todos(task.id, [{"text": "keep me"}])
+    svc.write_file(task.id, "work.txt", b"precious\n")
+    svc.create_checkpoint(task.id, "cp1")
+    _lose(svc, task.id, volume=how == "doctor")
+    shown = run_cli("show", task.id)
+    assert shown.returncode == 3 and "Traceback" not in shown.stderr
+    assert len(shown.stderr.strip().splitlines()) == 1 and "is gone" in shown.stderr
+    assert "restore-checkpoint" in shown.stderr
+    detected = json.loads(run_cli("doctor", "--json").stdout)
+    assert any(f["kind"] in ("missing-workspace", "missing-volume") and f.get("repair") == "restore-workspace"
+               for f in detected if f["task_id"] == task.id), detected
+    if how == "restore-checkpoint":
+        r = run_cli("restore-checkpoint", task.id)
+    elif how == "doctor":
+        r = run_cli("doctor", "--fix")
+    else:
+        r = run_cli("resume-task", task.id, "--agent", "claude")
+    assert r.returncode == 0, r.stderr
+    _check_back(svc, task.id, "precious\n")
+    assert run_cli("show", task.id).returncode == 0
+
+
+def test_a_lost_workspace_without_a_checkpoint_is_one_line(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "lost, no checkpoint")
+    _lose(svc, task.id, volume=False)
+    for args in (("show", task.id), ("resume-task", task.id), ("restore-checkpoint", task.id)):
+        r = run_cli(*args)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
