@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from . import files, git, liveness, memory, quota
 from .config import Paths, Settings
+from .confine import sandbox_owner
 from .errors import InvalidInput, NotFound, TaskboxError
 from .models import FINISHED, ContainerState, Findings, LockMode, ResolveRepair, Status, Task
 from .registry import Registry, list_backups
@@ -234,7 +235,29 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
             found("trash-expired", entry.get("task_id"), f"{entry['path']} has been in the trash over {days} day(s): "
                   "it will be deleted", "purge-trash", path=entry["path"])
     ctx.checkpoints.reconcile(found)  # interrupted restores, frozen containers, lost checkpoints
+    if os.geteuid() == 0:  # as another user taskbox could not have made a file foreign, nor fix it
+        _ownership(ctx, found, unmounted)
     return found
+
+
+def _ownership(ctx: Context, found: Findings, skip: set[str]) -> None:
+    """Workspace entries the sandbox user does not own (e.g. left by a restore killed part-way):
+    the agent could not write them."""
+    owner = sandbox_owner()
+    for task in ctx.registry.list_tasks():
+        ws = Path(task.workspace_path)
+        if (task.status is Status.ARCHIVED or task.pending_op or task.id in skip or _lost(ws)
+                or ctx.checkpoints.busy(task.id)):
+            continue
+        try:
+            shown, count = files.foreign_owned(ws, owner)
+        except (OSError, TaskboxError):
+            continue  # unreadable now (e.g. unmounted meanwhile): another finding says why
+        if count:
+            found("workspace-ownership", task.id,
+                  f"{count} entr{'y' if count == 1 else 'ies'} of the workspace not owned by the sandbox user "
+                  f"({', '.join(shown[:3])}{' …' if count > 3 else ''}): the agent cannot write them; they will "
+                  "be given back to it", "fix-ownership", task_id=task.id)
 
 
 def _lost(ws: Path) -> bool:

@@ -240,6 +240,13 @@ class TaskService:
         except (OSError, TaskboxError):
             return False  # unreadable: not taken for lost
 
+    def fix_ownership(self, task_id: str) -> str:
+        """Give every entry of the workspace that the sandbox user does not own back to it."""
+        task = self.get(task_id)
+        _shown, count = files.foreign_owned(self._ws(task), sandbox_owner(), fix=True)
+        self.registry.add_event("workspace.reowned", task.id, {"files": count})
+        return f"{count} entr{'y' if count == 1 else 'ies'} given back to the sandbox user"
+
     def restore_workspace(self, task_id: str, by: str, checkpoint_id: str | None = None) -> dict[str, Any]:
         """Bring a lost workspace back from a checkpoint (the newest by default): its quota volume
         made again first, then every file, the branch (its ``.git``) and the memory; the
@@ -2084,6 +2091,7 @@ class TaskService:
                                   lambda: reg.release_lease(p["task_id"], p["session_id"]),
                                   lambda: reg.end_session(p["session_id"], time.time())),
             "end-session": then("ended", lambda: reg.end_session(p["session_id"], time.time())),
+            "fix-ownership": lambda: self.fix_ownership(p["task_id"]),
             "restore-workspace": lambda: "restored from checkpoint {checkpoint_id}".format(
                 **self.restore_workspace(p["task_id"], "doctor")),
             "forget-container": forget_container,

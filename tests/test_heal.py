@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -236,3 +237,113 @@ def test_a_lost_workspace_without_a_checkpoint_is_one_line(svc: TaskService, rep
     for args in (("show", task.id), ("resume-task", task.id), ("restore-checkpoint", task.id)):
         r = run_cli(*args)
         assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# --- restores are idempotent and complete; doctor checks ownership -----------------------------
+
+
+def _tree(ws: Path) -> dict[str, tuple[str, bytes]]:
+    """Every entry under the workspace but the task's memory: kind and content."""
+    out: dict[str, tuple[str, bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(ws):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(ws))
+            if rel.startswith(".task-memory/"):
+                continue  # the history and state.json move on with each restore
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p).encode())
+            elif p.is_dir():
+                out[rel] = ("dir", b"")
+            else:
+                out[rel] = ("file", p.read_bytes())
+    return out
+
+
+def _foreign(ws: Path) -> list[str]:
+    from taskbox.confine import sandbox_owner
+
+    owner = sandbox_owner()
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(ws):
+        for name in dirnames + filenames:
+            st = os.lstat(Path(dirpath) / name)
+            if (st.st_uid, st.st_gid) != owner:
+                bad.append(str(Path(dirpath, name).relative_to(ws)))
+    return bad
+
+
+def test_doctor_finds_and_fixes_files_the_agent_does_not_own(svc: TaskService, repo: Path, tmp_path: Path) -> None:
+    task = svc.create_task(repo, "foreign owned")
+    assert svc.exec(task.id, "mkdir -p d/e && echo x > d/e/f && echo y > top && ln -s /etc/passwd link").exit_code == 0
+    ws = Path(svc.get(task.id).workspace_path)
+    outside = tmp_path / "outside"
+    outside.write_text("host\n")
+    os.symlink(outside, ws / "out-link")
+    os.lchown(ws / "out-link", 0, 0)
+    for rel in ("d", "d/e/f", "top", "link"):
+        os.lchown(ws / rel, 0, 0)
+    assert svc.exec(task.id, "echo z > top").exit_code != 0  # Permission denied, as in the issue
+    found = [f for f in svc.doctor() if f["kind"] == "workspace-ownership" and f["task_id"] == task.id]
+    assert found and "5 entries" in found[0]["detail"]
+    fixed = [f for f in svc.doctor(fix=True) if f["kind"] == "workspace-ownership"]
+    assert fixed and fixed[0]["fixed"]
+    assert _foreign(ws) == []
+    assert os.stat(outside).st_uid == 0 and os.stat("/etc/passwd").st_uid == 0  # links were not followed
+    assert svc.exec(task.id, "echo z > top && echo w > d/e/f && cat top").stdout == "z\n"
+    assert not [f for f in svc.doctor() if f["kind"] == "workspace-ownership"]
+    assert _events(svc, task.id, "workspace.reowned")[-1]["payload"]["files"] == 5
+
+
+@pytest.mark.parametrize("seed", [11, 29])
+def test_restores_killed_at_random_moments_then_doctor_leave_the_checkpoint_exactly(
+        svc: TaskService, repo: Path, seed: int) -> None:
+    import random
+    import signal
+    import sys
+
+    rnd = random.Random(seed)
+    task = svc.create_task(repo, f"kill restores {seed}")
+    make = ("for d in $(seq 1 40); do mkdir -p src/d$d; for f in $(seq 1 100); do echo \"a $d $f\" > src/d$d/f$f; "
+            "done; done; chmod 600 src/d1/f1; chmod 755 src/d2/f2; ln -s ../d1/f1 src/d3/link")
+    assert svc.exec(task.id, make, timeout=300).exit_code == 0
+    svc.create_checkpoint(task.id, "a")
+    ws = Path(svc.get(task.id).workspace_path)
+    want = _tree(ws)
+    change = ("for d in $(seq 1 40); do for f in $(seq 1 100); do echo \"b $d $f\" > src/d$d/f$f; done; done; "
+              "rm -rf src/d5 src/d6; mkdir -p new/x; echo n > new/x/y; chmod 644 src/d1/f1")
+    assert svc.exec(task.id, change, timeout=300).exit_code == 0
+    svc.create_checkpoint(task.id, "b")
+    env = {**os.environ, "TASKBOX_HOME": str(svc.paths.home)}
+
+    def restore(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "taskbox", "restore-checkpoint", task.id, "-c", name, "--force"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    killed = 0
+    for _round in range(5):
+        t0 = time.monotonic()
+        full = restore("b")  # a whole restore to b (finishing anything interrupted first), timed
+        assert full.wait(300) == 0, full.stderr.read() if full.stderr else ""
+        took = time.monotonic() - t0
+        proc = restore("a")
+        time.sleep(rnd.uniform(0.2, 1.0) * took)  # somewhere in start-up, the walk or the writes
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+        proc.wait(60)
+        if rnd.random() < 0.5:  # root-owned leftovers, as an interrupted restore can leave them
+            for p in list(ws.rglob("f1*"))[:50]:
+                os.lchown(p, 0, 0)
+    assert killed, "no restore was killed: the delays are too long for this machine"
+    # Whatever state that left, finish the restore to a and make it whole.
+    r = run_cli("doctor", "--fix")
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
+    last = restore("a")
+    assert last.wait(300) == 0, last.stderr.read() if last.stderr else ""
+    r = run_cli("doctor", "--fix", "--json")
+    assert not [f for f in json.loads(r.stdout) if f["task_id"] == task.id and not f.get("fixed")
+                and f["kind"] in ("workspace-ownership", "interrupted-restore", "paused-container")], r.stdout
+    assert _foreign(ws) == []
+    assert _tree(ws) == want
+    assert svc.exec(task.id, "echo y > src/d1/f1 && echo y > src/d40/f100 && cat src/d1/f1").stdout == "y\n"
