@@ -219,10 +219,13 @@ class TaskService:
         """
         ws = Path(task.workspace_path)
         if task.status is not Status.ARCHIVED and self.workspace_lost(task):  # mounts the volume
-            how = ("`taskbox restore-checkpoint {id}` (or `taskbox doctor --fix`) brings it back from its newest "
-                   "checkpoint" if self.registry.checkpoints(task.id) else "it has no checkpoint to come back from")
-            raise NotFound(f"the workspace of task {task.id} ({ws}) is gone; " + how.format(id=task.id),
-                           task_id=task.id)
+            how = (f"`taskbox restore-checkpoint {task.id}` (or `taskbox doctor --fix`) brings it back from its "
+                   "newest checkpoint" if self.registry.checkpoints(task.id) else "it has no checkpoint to come "
+                   "back from")
+            image = self.paths.volume(task.id)
+            if task.metadata.get("quota") and not image.exists():
+                raise VolumeError(f"the workspace volume {image} of task {task.id} is gone; {how}", task_id=task.id)
+            raise NotFound(f"the workspace of task {task.id} ({ws}) is gone; {how}", task_id=task.id)
         self._ensure_volume(task)
         return ws
 
@@ -402,10 +405,10 @@ class TaskService:
         task = self.retry(attempt)
         try:
             self.update_state(task, lambda s: s.__setitem__("status", str(target)))
-        except (WorkspaceFull, VolumeError) as exc:
+        except (WorkspaceFull, VolumeError, NotFound) as exc:
             # The registry holds the status; state.json only mirrors it. A workspace the agent
-            # filled (e.g. its inodes), or whose volume is gone, must not stop a pause or a
-            # failure from taking effect.
+            # filled (e.g. its inodes), or that is gone (its volume too), must not stop a pause
+            # or a failure from taking effect.
             self.registry.add_event("memory.refused", task.id, {"error": exc.message, "status": str(target)})
         return task
 
