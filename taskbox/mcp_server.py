@@ -755,6 +755,7 @@ def _serve(service: TaskService | None, run: Callable[[MCPServer], None]) -> Non
     with contextlib.ExitStack() as stack:
 
         def opened(svc: TaskService) -> None:
+            svc.bind_leases_to_process()  # a server that dies frees its tasks at once
             stack.enter_context(svc.housekeeping())
 
         if service is not None:

@@ -258,3 +258,11 @@ def m005_subtasks(conn: sqlite3.Connection) -> None:
         )
         """
     )
+
+
+@migration
+def m006_lease_holders(conn: sqlite3.Connection) -> None:
+    # The process holding a lease, when it is a long-lived one (the MCP server):
+    # "host|boot id|pid|start time" (taskbox.liveness). A lease whose holder is dead is taken
+    # over at once, not after it expires.
+    conn.execute("ALTER TABLE leases ADD COLUMN holder TEXT")

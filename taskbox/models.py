@@ -145,6 +145,7 @@ class Lease:
     mode: LockMode
     acquired_at: float
     expires_at: float
+    holder: str | None = None  # the process it dies with (taskbox.liveness), if any
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

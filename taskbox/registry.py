@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import events, files, migrations
+from . import events, files, liveness, migrations
 from .errors import (
     ConcurrentModification,
     Conflict,
@@ -378,8 +378,12 @@ class Registry:
         max_holders: int,
         now: float | None = None,
         queued: bool = False,
+        holder: str | None = None,
     ) -> tuple[Lease, list[Lease]]:
         """Take a lease on a task in one transaction; return it and the expired leases it replaced.
+
+        A lease whose ``holder`` process is dead (see :mod:`taskbox.liveness`) counts as
+        expired. ``holder`` ties the new lease to a process in the same way.
 
         Exclusive: refused while any other live lease exists. Collaborative: refused while an
         exclusive lease is live or ``max_holders`` collaborative leases are. Agents queued with
@@ -405,19 +409,14 @@ class Registry:
                         task_id=task_id,
                         waiting=ahead,
                     )
-            expired = [
-                _lease(r)
-                for r in conn.execute(
-                    "SELECT * FROM leases WHERE task_id = ? AND expires_at <= ?", (task_id, now)
-                )
-            ]
-            conn.execute("DELETE FROM leases WHERE task_id = ? AND expires_at <= ?", (task_id, now))
-            live = [
-                _lease(r)
-                for r in conn.execute(
-                    "SELECT * FROM leases WHERE task_id = ? AND session_id != ?", (task_id, session_id)
-                )
-            ]
+            expired, live = [], []
+            for r in conn.execute("SELECT * FROM leases WHERE task_id = ?", (task_id,)).fetchall():
+                le = _lease(r)
+                if le.expires_at <= now or (le.session_id != session_id and liveness.alive(le.holder) is False):
+                    expired.append(le)
+                    conn.execute("DELETE FROM leases WHERE task_id = ? AND session_id = ?", (task_id, le.session_id))
+                elif le.session_id != session_id:
+                    live.append(le)
             if live:
                 holders = ", ".join(f"{lease.agent} (session {lease.session_id})" for lease in live)
                 if mode is LockMode.EXCLUSIVE or any(le.mode is LockMode.EXCLUSIVE for le in live):
@@ -434,12 +433,12 @@ class Registry:
                         task_id=task_id,
                         holders=[le.to_dict() for le in live],
                     )
-            lease = Lease(task_id, session_id, agent, mode, now, now + ttl)
+            lease = Lease(task_id, session_id, agent, mode, now, now + ttl, holder)
             conn.execute("DELETE FROM lease_waiters WHERE task_id = ? AND session_id = ?", (task_id, session_id))
             conn.execute(
-                "INSERT OR REPLACE INTO leases (task_id, session_id, agent, mode, acquired_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (task_id, session_id, agent, str(mode), now, now + ttl),
+                "INSERT OR REPLACE INTO leases (task_id, session_id, agent, mode, acquired_at, expires_at, holder)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (task_id, session_id, agent, str(mode), now, now + ttl, holder),
             )
         return lease, expired
 
@@ -478,7 +477,9 @@ class Registry:
         if live_only:
             sql += " AND expires_at > ?"
             args.append(time.time())
-        return [_lease(r) for r in self._conn().execute(sql, args)]
+        found = [_lease(r) for r in self._conn().execute(sql, args)]
+        # Live only: a lease whose holder process died is not (it is taken over on the next attach).
+        return [le for le in found if not live_only or liveness.alive(le.holder) is not False]
 
     def purge_expired_leases(self) -> list[Lease]:
         now = time.time()

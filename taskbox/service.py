@@ -31,6 +31,7 @@ from . import (
     faults,
     files,
     git,
+    liveness,
     network,
     policy,
     pressure,
@@ -64,6 +65,7 @@ from .models import (
     FINISHED,
     CheckpointRequest,
     ContainerState,
+    Lease,
     LockMode,
     Session,
     Status,
@@ -76,6 +78,7 @@ from .network import EgressRules
 from .plugins import make_manager
 from .registry import Registry, list_backups, restore_backup, set_aside
 from .sandbox import (
+    CMD_MARK,
     LABEL_HOME,
     LABEL_SCRATCH,
     LABEL_TASK,
@@ -191,6 +194,17 @@ class TaskService:
         self._checkpoints: Checkpoints | None = None
         # Containers of different TASKBOX_HOMEs on one engine are told apart by this label.
         self.home_label = hashlib.sha256(str(self.paths.home).encode()).hexdigest()[:16]
+        # Set by a long-lived server (bind_leases_to_process): its leases die with it.
+        self.lease_holder: str | None = None
+
+    def bind_leases_to_process(self) -> None:
+        """Tie the leases this service takes, and the commands it starts, to this process:
+        when it dies, another agent takes the task over at once and its commands are killed."""
+        self.lease_holder = liveness.identity()
+
+    @property
+    def lease_holder_token(self) -> str | None:
+        return liveness.token(self.lease_holder) if self.lease_holder else None
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -208,9 +222,82 @@ class TaskService:
         return TaskMemory(self._ws(task), self.paths.locks / f"{task.id}.memory.lock", self.redactor)
 
     def _ws(self, task: Task) -> Path:
-        """The task's workspace for host-side reads and writes, its volume mounted if it has one."""
+        """The task's workspace for host-side reads and writes, its volume mounted if it has one.
+
+        A workspace that is gone is a one-line error saying how to bring it back.
+        """
+        ws = Path(task.workspace_path)
+        if task.status is not Status.ARCHIVED and self.workspace_lost(task):  # mounts the volume
+            how = (f"`taskbox restore-checkpoint {task.id}` (or `taskbox doctor --fix`) brings it back from its "
+                   "newest checkpoint" if self.registry.checkpoints(task.id) else "it has no checkpoint to come "
+                   "back from")
+            image = self.paths.volume(task.id)
+            if task.metadata.get("quota") and not image.exists():
+                raise VolumeError(f"the workspace volume {image} of task {task.id} is gone; {how}", task_id=task.id)
+            raise NotFound(f"the workspace of task {task.id} ({ws}) is gone; {how}", task_id=task.id)
         self._ensure_volume(task)
-        return Path(task.workspace_path)
+        return ws
+
+    def workspace_lost(self, task: Task) -> bool:
+        """Whether the task's workspace (or its quota volume) is gone."""
+        if task.metadata.get("quota") and not self.paths.volume(task.id).exists():
+            return True
+        ws = Path(task.workspace_path)
+        if not ws.is_dir():
+            return True
+        try:
+            self._ensure_volume(task)
+            with os.scandir(ws) as it:
+                return next(it, None) is None  # emptied: a live workspace has at least its .git
+        except (OSError, TaskboxError):
+            return False  # unreadable: not taken for lost
+
+    def fix_ownership(self, task_id: str) -> str:
+        """Give every entry of the workspace that the sandbox user does not own back to it."""
+        task = self.get(task_id)
+        _shown, count = files.foreign_owned(self._ws(task), sandbox_owner(), fix=True)
+        self.registry.add_event("workspace.reowned", task.id, {"files": count})
+        return f"{count} entr{'y' if count == 1 else 'ies'} given back to the sandbox user"
+
+    def restore_workspace(self, task_id: str, by: str, checkpoint_id: str | None = None) -> dict[str, Any]:
+        """Bring a lost workspace back from a checkpoint (the newest by default): its quota volume
+        made again first, then every file, the branch (its ``.git``) and the memory; the
+        container, which bound the old directory, is made again on the next start."""
+        task = self.get(task_id)
+        if not self.registry.checkpoints(task.id):
+            raise NotFound(f"the workspace of task {task.id} is gone and it has no checkpoint to come back from",
+                           task_id=task.id)
+        ws = Path(task.workspace_path)
+        vol = task.metadata.get("quota")
+        image = self.paths.volume(task.id)
+        made_volume = False
+        if vol and not image.exists():  # the volume first, its mount point the workspace
+            quota.release(image, ws)  # a stale mount of the lost image, if any
+            quota.create_volume(image, ws, vol["disk"], vol["inodes"], sandbox_owner())
+            made_volume = True
+        elif vol:
+            self._ensure_volume(task)
+        remade = made_volume
+        if not ws.is_dir():
+            ws.mkdir(mode=0o755, parents=True)
+            if os.geteuid() == 0:
+                os.chown(ws, *sandbox_owner())
+            remade = True
+        cps = self.checkpoints
+        with cps.locked(task.id):
+            done = cps.restore(task, checkpoint_id, force=True)
+        if remade and task.container_id:  # its bind mount names the directory that was lost
+            self.sandbox.remove(task.container_id)
+            task = self._update(task.id, {"container_id": None, "container_state": ContainerState.NONE},
+                                ("container.lost", {"container_id": task.container_id}))
+        cp = done.checkpoint
+        self.update_state(task, lambda s: s.__setitem__("current_checkpoint", cp["checkpoint_id"]))
+        self.registry.add_event("workspace.restored", task.id, {"checkpoint_id": cp["checkpoint_id"], "by": by,
+                                                               "volume": made_volume})
+        return {"task_id": task.id, "checkpoint_id": cp["checkpoint_id"], "name": cp["name"],
+                "files_changed": done.changed, "files_restored": done.added, "files_removed": done.removed,
+                "container_restored": False, "forced": done.forced,
+                "duration_ms": round((time.perf_counter() - done.started) * 1000, 1), "volume_made": made_volume}
 
     def _ensure_volume(self, task: Task) -> None:
         """Mount the task's workspace volume (its disk and inode quota) unless it is mounted.
@@ -327,10 +414,10 @@ class TaskService:
         task = self.retry(attempt)
         try:
             self.update_state(task, lambda s: s.__setitem__("status", str(target)))
-        except (WorkspaceFull, VolumeError) as exc:
+        except (WorkspaceFull, VolumeError, NotFound) as exc:
             # The registry holds the status; state.json only mirrors it. A workspace the agent
-            # filled (e.g. its inodes), or whose volume is gone, must not stop a pause or a
-            # failure from taking effect.
+            # filled (e.g. its inodes), or that is gone (its volume too), must not stop a pause
+            # or a failure from taking effect.
             self.registry.add_event("memory.refused", task.id, {"error": exc.message, "status": str(target)})
         return task
 
@@ -648,6 +735,45 @@ class TaskService:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
         return task
 
+    def kill_orphans(self, task: Task, lease: Lease) -> list[dict[str, Any]]:
+        """Kill the commands a dead lease holder (a server that died) left running in the task's
+        container, and record each as ``orphaned`` in the execution log. Nothing for a lease
+        without a recorded holder, or one whose holder still lives."""
+        if not lease.holder or liveness.alive(lease.holder) is not False or not task.container_id:
+            return []
+        prefix = f"{CMD_MARK}{liveness.token(lease.holder)}-"
+        try:
+            left = [r for r in self.running_work(task) if r["mark"].startswith(prefix)]
+        except TaskboxError:
+            return []  # no container to look into: nothing runs there
+        for r in left:
+            self.sandbox.kill_marked(task.container_id, r["mark"])
+            try:
+                self.memory(task).log_execution({
+                    "session": lease.session_id, "agent": lease.agent, "tool": "exec", "command": r["command"],
+                    "exit_code": None, "status": "orphaned",
+                    "stderr": "[taskbox] the server that ran this command died; the command was killed when "
+                              "another session took the task over"})
+            except (TaskboxError, OSError) as exc:
+                self.registry.add_event("memory.refused", task.id, {"error": str(exc)[:300],
+                                                                    "command": r["command"][:200]})
+            self.registry.add_event("exec.orphaned", task.id, {"session_id": lease.session_id,
+                                                               "command": r["command"][:200]})
+        return left
+
+    def _kill_orphans_of(self, task_id: str, session_id: str) -> None:
+        for lease in self.registry.leases(task_id, live_only=False):
+            if lease.session_id == session_id:
+                self.kill_orphans(self.get(task_id), lease)
+
+    def heal(self, task_id: str, by: str, was: str) -> Task:
+        """Bring back a container found stopped or gone while the registry said it runs (as
+        ``resume-task`` would), and record it; the task stays as it was otherwise."""
+        before = self.get(task_id)
+        self.registry.add_event("container.healed", task_id, {"container_id": before.container_id, "was": was,
+                                                              "by": by})
+        return self.ensure_running(task_id)  # it asks Docker, not the registry
+
     def pause(self, task_id: str, *, kill_running: bool = False) -> Task:
         """Stop the task's container (its filesystem is kept) and mark the task paused.
 
@@ -723,7 +849,7 @@ class TaskService:
                 try:
                     _lease, expired = self.registry.acquire_lease(
                         task.id, sid, agent, mode, self.settings.lease_seconds,
-                        self.settings.collaborative_max_agents, queued=queued)
+                        self.settings.collaborative_max_agents, queued=queued, holder=self.lease_holder)
                     break
                 except TaskLocked:
                     if time.monotonic() >= deadline:
@@ -739,10 +865,15 @@ class TaskService:
             self.registry.end_session(old.session_id, time.time())
         t0 = time.perf_counter()
         try:
+            if self.workspace_lost(task) and self.registry.checkpoints(task.id):
+                self.restore_workspace(task.id, "attach")
+                task = self.get(task.id)
             mem = self.memory(task)  # mounts the workspace volume if it is not (after a reboot)
             # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
             state, recovery = mem.load(self._defaults(task))
             task = self.ensure_running(task.id)
+            for old in expired:
+                self.kill_orphans(task, old)
         except BaseException:
             self.registry.release_lease(task.id, sid)
             raise
@@ -884,11 +1015,23 @@ class TaskService:
         session = self.registry.get_session(session_id) if session_id else None
         if control is not None:
             control.redact = self.redactor.output
+        def run(cid: str) -> ExecResult:
+            return self.sandbox.exec(cid, command, workdir=wd, timeout=secs,
+                                     output_limit=min(output_limit or self.settings.exec_output_limit,
+                                                      self.settings.exec_output_limit),
+                                     env={**(env or {}), **values}, control=control,
+                                     owner=self.lease_holder_token)
+
         try:
-            result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
-                                       output_limit=min(output_limit or self.settings.exec_output_limit,
-                                                        self.settings.exec_output_limit),
-                                       env={**(env or {}), **values}, control=control)
+            try:
+                result = run(task.container_id or "")
+            except SandboxError as exc:
+                if not exc.details.get("container_down"):
+                    raise
+                # Stopped or removed behind taskbox's back (docker stop, rm -f, an engine
+                # restart): nothing ran, so it is started or recreated and the command runs.
+                task = self.heal(task.id, "exec", exc.details["container_down"])
+                result = run(task.container_id or "")
         except TaskboxError as exc:
             self._redact_error(exc)  # in place: it reaches the caller
             partial = exc.details.get("result")
@@ -940,7 +1083,8 @@ class TaskService:
         self._update(task.id, {"last_active": time.time()},
                      ("task.exec", {"command": cmd_text[:200], "exit_code": result.exit_code,
                                     "duration_ms": result.duration_ms, "timed_out": result.timed_out,
-                                    "oom_killed": result.oom_killed}))
+                                    "oom_killed": result.oom_killed,
+                                    **({"output_incomplete": True} if result.output_incomplete else {})}))
 
     def _write_exec_log(self, task: Task, session: Session | None, cmd_text: str, wd: str,
                         result: ExecResult, limit: int) -> None:
@@ -957,8 +1101,10 @@ class TaskService:
             "truncated": result.truncated or len(result.stdout) > limit or len(result.stderr) > limit,
             "timed_out": result.timed_out,
             "oom_killed": result.oom_killed,
+            "output_incomplete": result.output_incomplete,
             "status": ("cancelled" if result.cancelled else "timed_out" if result.timed_out
-                       else "oom_killed" if result.oom_killed else "exited"),
+                       else "oom_killed" if result.oom_killed
+                       else "output_incomplete" if result.output_incomplete else "exited"),
         })
         self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
 
@@ -1331,6 +1477,12 @@ class TaskService:
         task = self.get(task_id)
         args = {"checkpoint_id": checkpoint_id, "force": force}
         self._before(task, "restore", args)
+        if self.workspace_lost(task):  # nothing to lose: it comes back whole
+            result = {"success": True, **self.restore_workspace(task.id, "restore", checkpoint_id),
+                      "workspace_restored": True}
+            self.registry.add_event("checkpoint.restored", task.id, result)
+            self._after(task, "restore", args, result)
+            return result
         self._ensure_volume(task)
         self._ensure_idle(task, "restore a checkpoint of", kill_running)
         cps = self.checkpoints
@@ -1977,9 +2129,13 @@ class TaskService:
             "finish-complete": then("completed", lambda: self.complete(p["task_id"])),
             "mount-volume": then("mounted", lambda: self._ensure_volume(self.get(p["task_id"]))),
             "mark-failed": then("marked failed", lambda: self.fail(p["task_id"], p.get("reason", ""))),
-            "release-lease": then("released", lambda: reg.release_lease(p["task_id"], p["session_id"]),
+            "release-lease": then("released", lambda: self._kill_orphans_of(p["task_id"], p["session_id"]),
+                                  lambda: reg.release_lease(p["task_id"], p["session_id"]),
                                   lambda: reg.end_session(p["session_id"], time.time())),
             "end-session": then("ended", lambda: reg.end_session(p["session_id"], time.time())),
+            "fix-ownership": lambda: self.fix_ownership(p["task_id"]),
+            "restore-workspace": lambda: "restored from checkpoint {checkpoint_id}".format(
+                **self.restore_workspace(p["task_id"], "doctor")),
             "forget-container": forget_container,
             "sync-state": sync_state,
             "stop-container": then("stopped", lambda: self.sandbox.stop(p["container_id"])),
