@@ -44,6 +44,8 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("task.created", ("branch", "lazy", "repo"), "A task's workspace, branch and (unless lazy) container exist."),
     EventType("task.undo_failed", ("error",), "A failed create could not be undone; `doctor --fix` retries."),
     EventType("task.resumed", ("container_kept",), "A create-or-resume call found the task and resumed it."),
+    EventType("memory.restored", ("ref",), "The workspace had lost its memory; the files were brought back "
+              "from the companion ref beside the task branch."),
     EventType("task.adopted", ("from",), "The doctor took an orphan workspace or container back into the registry."),
     EventType("task.refreshed", ("version",), "A restored registry row was brought up to date from its record."),
     EventType("task.killed_running", ("action", "running"),
@@ -52,7 +54,7 @@ CATALOGUE: tuple[EventType, ...] = (
       for s in Status if s is not Status.COMPLETED),
     EventType("task.completed", ("branch", "commit", "summary", "from", "reason"),
               "The task completed: its branch was fetched into the user's repository."),
-    EventType("task.deleted", (), "The task's row was deleted from the registry."),
+    EventType("task.deleted", ("reason",), "The task's row was deleted from the registry."),
     EventType("task.exec", ("command", "exit_code", "duration_ms", "timed_out", "oom_killed", "logged"),
               "A command ran in the task's sandbox (``logged: false``: nothing of it is recorded)."),
     EventType("exec.cancelled", ("command", "duration_ms"),
