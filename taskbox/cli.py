@@ -103,17 +103,20 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
 @click.option("--lazy", is_flag=True, help="Create the container on first use instead of now.")
 @click.option("--no-attach", is_flag=True, help="Do not attach an agent session.")
 @click.option("--session", help="Session id to attach with (default: a new one).")
+@click.option("--memory-on-branch/--memory-off-branch", default=None,
+              help="Commit .task-memory/ and Plan.md on the task branch, or (the default, see the "
+                   "memory_on_branch setting) on the companion ref refs/taskbox/<branch>/memory beside it.")
 def create_task(description: str, repo: str, agent: str, model: str, title: str | None, task_id: str | None,
                 lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
                 inodes: int | None, network: str | None,
                 allow_domains: tuple[str, ...], image: str | None, base: str | None, lazy: bool, no_attach: bool,
-                session: str | None) -> Any:
+                session: str | None, memory_on_branch: bool | None) -> Any:
     """Create a task: a workspace on a new branch, a sandbox container and memory."""
     data = _service().start_task(repo, description, attach=not no_attach, session_id=session, agent=agent,
                                  model=model, title=title, task_id=task_id, lock_mode=lock_mode, memory=memory,
                                  cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes, network=network,
                                  allow_domains=list(allow_domains) or None, image=image, base_ref=base,
-                                 lazy=lazy, progress=progress)
+                                 lazy=lazy, progress=progress, memory_on_branch=memory_on_branch)
     for line in data["warnings"]:
         click.echo(f"warning: {line}", err=True)
     human = pairs([("task", data["task_id"]), ("status", data["status"]), ("branch", data["branch"]),

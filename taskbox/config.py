@@ -108,6 +108,10 @@ class Settings:
         4, "Default number of sub-tasks an ultrawork run keeps running at once (a plan's `parallel` "
         "or `--parallel` wins)."
     )
+    memory_on_branch: bool = _setting(
+        False, "Commit a task's `.task-memory/` and `Plan.md` on its branch (the old behaviour) instead of "
+        "on the companion ref `refs/taskbox/<branch>/memory` beside it; per task: `create-task --memory-on-branch`."
+    )
     log_output_limit: int = _setting(
         4_000, "Most characters of a command's output kept in executions.jsonl."
     )
@@ -167,6 +171,12 @@ class Settings:
         kwargs: dict[str, Any] = {}
         for name, value in values.items():
             typ: Any = type(fields[name].default)
+            if typ is bool and isinstance(value, str):  # from the environment: bool("0") would be True
+                flag = {"1": True, "true": True, "yes": True, "on": True,
+                        "0": False, "false": False, "no": False, "off": False}.get(value.strip().lower())
+                if flag is None:
+                    raise InvalidInput(f"setting {name}: expected true or false, got {value!r}")
+                value = flag
             try:
                 kwargs[name] = typ(value)
             except (TypeError, ValueError) as exc:

@@ -44,6 +44,8 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("task.created", ("branch", "lazy", "repo"), "A task's workspace, branch and (unless lazy) container exist."),
     EventType("task.undo_failed", ("error",), "A failed create could not be undone; `doctor --fix` retries."),
     EventType("task.resumed", ("container_kept",), "A create-or-resume call found the task and resumed it."),
+    EventType("memory.restored", ("ref",), "The workspace had lost its memory; the files were brought back "
+              "from the companion ref beside the task branch."),
     EventType("task.adopted", ("from",), "The doctor took an orphan workspace or container back into the registry."),
     EventType("task.refreshed", ("version",), "A restored registry row was brought up to date from its record."),
     EventType("task.killed_running", ("action", "running"),

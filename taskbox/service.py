@@ -489,10 +489,13 @@ class TaskService:
         metadata: dict[str, Any] | None = None,
         parent_id: str | None = None,
         progress: Callable[[str], None] | None = None,
+        memory_on_branch: bool | None = None,
     ) -> Task:
         """Register a task, check out its workspace on a new branch and (unless lazy) start its container.
 
-        ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`). Input is
+        ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`).
+        ``memory_on_branch`` (default: the setting) commits ``.task-memory/`` and ``Plan.md`` on
+        the branch instead of its companion ref (:func:`taskbox.workspace.memory_ref`). Input is
         validated and Docker checked before anything changes; a failure part-way undoes what
         was done. A process killed part-way leaves ``pending_op='create'``,
         which `doctor` reports and repairs.
@@ -522,7 +525,9 @@ class TaskService:
         if disk_bytes:  # not root, no mkfs, a quota larger than the free disk: say so now
             quota.check_supported()
             quota.check_room(self.paths.volumes, disk_bytes)
-        metadata = {k: v for k, v in (metadata or {}).items() if k != "quota"}
+        metadata = {k: v for k, v in (metadata or {}).items() if k not in ("quota", "memory_on_branch")}
+        if self.settings.memory_on_branch if memory_on_branch is None else memory_on_branch:
+            metadata["memory_on_branch"] = True
         if disk_bytes:
             metadata["quota"] = {"disk": disk_bytes, "inodes": inode_count}
         net = network or ("allowlist" if allow_domains else None) or project.network.mode or self.settings.network
@@ -601,10 +606,11 @@ class TaskService:
                 say(f"making the workspace volume ({quota.human(vol['disk'])}, {vol['inodes'] or 'default'} inodes)")
                 quota.create_volume(self.paths.volume(task.id), ws, vol["disk"], vol["inodes"], sandbox_owner())
             say(f"checking out {repo_path} on branch {task.branch}")
-            workspace.create(repo_path, ws, task.branch, base_commit)
+            workspace.create(repo_path, ws, task.branch, base_commit, clean=self._clean_branch(task))
             self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
             self.hook.task_start(service=self, task=task)
-            workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}")
+            workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}",
+                                   clean=self._clean_branch(task), branch=task.branch)
             faults.point("create.workspace")
             changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
             if not lazy:
@@ -733,6 +739,7 @@ class TaskService:
                                 ("container.started", {"container_id": task.container_id}))
         if task.status is not Status.ACTIVE:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
+        self._recover_memory(task)
         return task
 
     def kill_orphans(self, task: Task, lease: Lease) -> list[dict[str, Any]]:
@@ -773,6 +780,19 @@ class TaskService:
         self.registry.add_event("container.healed", task_id, {"container_id": before.container_id, "was": was,
                                                               "by": by})
         return self.ensure_running(task_id)  # it asks Docker, not the registry
+
+    @staticmethod
+    def _clean_branch(task: Task) -> bool:
+        """True when the task keeps its memory on the companion ref, off its branch."""
+        return not task.metadata.get("memory_on_branch")
+
+    def _recover_memory(self, task: Task) -> None:
+        """Bring the memory back from the companion ref when the workspace lost it (e.g. `git clean -x`)."""
+        if not self._clean_branch(task) or self.memory(task).exists("state.json"):
+            return
+        with self.in_sandbox(task) as run:
+            if workspace.restore_memory(run, task.branch):
+                self.registry.add_event("memory.restored", task.id, {"ref": workspace.memory_ref(task.branch)})
 
     def pause(self, task_id: str, *, kill_running: bool = False) -> Task:
         """Stop the task's container (its filesystem is kept) and mark the task paused.
@@ -869,6 +889,7 @@ class TaskService:
                 self.restore_workspace(task.id, "attach")
                 task = self.get(task.id)
             mem = self.memory(task)  # mounts the workspace volume if it is not (after a reboot)
+            self._recover_memory(task)  # lost from the workspace: back from the companion ref first
             # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
             state, recovery = mem.load(self._defaults(task))
             task = self.ensure_running(task.id)
@@ -1490,6 +1511,7 @@ class TaskService:
             done = cps.restore(task, checkpoint_id, force=force, session_id=session_id)
             if done.image:
                 self._restore_container(task, done.image)
+        self._recover_memory(task)
         cp = done.checkpoint
 
         def mark(s: dict[str, Any]) -> None:
@@ -1668,10 +1690,14 @@ class TaskService:
 
     def _publish(self, task: Task, message: str) -> tuple[str | None, str]:
         """Commit the workspace (in the sandbox) and fetch the branch into the user's repository."""
+        clean = self._clean_branch(task)
         with self.in_sandbox(task) as run:
-            commit = workspace.commit_all(run, message)
+            commit = workspace.commit_all(run, message, clean=clean, base=task.base_ref or None)
+            if clean:
+                workspace.save_memory(run, task.branch)
             head = workspace.fetch_into(run, Path(task.repo_path), task.branch, scratch=self.paths.home / "tmp",
-                                        limit=parse_size(self.settings.fetch_limit, "fetch_limit"))
+                                        limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
+                                        with_memory=clean)
         return commit, head
 
     def diff(self, task_id: str, stat: bool = False) -> str:
@@ -2535,7 +2561,7 @@ class TaskService:
                 new = workspace.import_bundle(run, merge_engine.result_bundle(old, tip), repo, merge_engine.RESULT_REF,
                                               scratch=self.paths.home / "tmp",
                                               limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
-                                              what=f"the merge of {source.id} into {branch}")
+                                              what=f"the merge of {source.id} into {branch}")[merge_engine.RESULT_REF]
             parents = git.run(["rev-list", "--parents", "-n", "1", new], cwd=repo).stdout.split()[1:]
             if parents != ([old] if squash else [old, tip]) or new != out.commit:
                 raise GitError(f"the merge of {source.id} into {branch} came back with unexpected parents; "
