@@ -93,6 +93,10 @@ class Settings:
     )
     lease_seconds: int = _setting(300, "How long an agent's lease on a task lasts unless renewed.")
     collaborative_max_agents: int = _setting(4, "Most agents attached to a collaborative task.")
+    exec_agent: bool = _setting(
+        True, "Run commands through a small exec agent inside each new container (a unix socket, no "
+        "`docker exec` per command; see docs/speed.md). Off: every command is a `docker exec`."
+    )
     exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")
     exec_output_limit: int = _setting(
         1_000_000, "Most bytes of stdout and of stderr a command returns; the rest is cut."
@@ -178,7 +182,13 @@ class Settings:
                     raise InvalidInput(f"setting {name}: expected true or false, got {value!r}")
                 value = flag
             try:
-                kwargs[name] = typ(value)
+                if typ is bool and isinstance(value, str):  # bool("0") is True
+                    flag = value.strip().lower()
+                    if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                        raise ValueError(value)
+                    kwargs[name] = flag in ("1", "true", "yes", "on")
+                else:
+                    kwargs[name] = typ(value)
             except (TypeError, ValueError) as exc:
                 raise InvalidInput(f"setting {name}: expected {typ.__name__}, got {value!r}") from exc
         return cls(**kwargs)

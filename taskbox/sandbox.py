@@ -36,9 +36,10 @@ from typing import Any, BinaryIO
 import docker
 from docker.errors import APIError, ImageNotFound
 from docker.errors import NotFound as DockerNotFound
-from docker.types import LogConfig, Ulimit
+from docker.types import DriverConfig, LogConfig, Mount, Ulimit
 
 from . import engine as docker_engine
+from . import execagent
 from .config import parse_size
 from .confine import sandbox_owner
 from .engine import DOCKER_ERRORS
@@ -290,6 +291,12 @@ class Sandbox:
         self._runtimes: set[str] | None = None
         self._capacity: Capacity | None = None
         self._cgroups: dict[str, tuple[int, dict[str, Path]]] = {}
+        # The in-sandbox exec agent (taskbox.execagent): set by the service to the data
+        # directory; None runs every command with `docker exec`, as does a container made
+        # before agents existed or from an image without python3.
+        self.agent_home: Path | None = None
+        self._agent_keys: execagent.KeyStore | None = None
+        self.agent_wait = 5.0  # seconds a start waits for the agent's key in the container's log
 
     # --- engine facts ------------------------------------------------------------------------
 
@@ -360,8 +367,19 @@ class Sandbox:
         security_opt = ["no-new-privileges:true"]
         if spec.seccomp == "unconfined":
             security_opt.append("seccomp=unconfined")
+        binds = {str(spec.workspace): {"bind": CONTAINER_WORKSPACE, "mode": "rw"}}
+        command = ["sleep", "infinity"]
+        if self.agent_home is not None:
+            # The exec agent: its script read-only from the host, its socket in a small tmpfs
+            # volume of its own (the engine removes it with the container).
+            binds[str(execagent.install(self.agent_home))] = {"bind": execagent.MOUNT_AGENT, "mode": "ro"}
+            extra["mounts"] = [Mount(target=execagent.MOUNT_RUN, source=None, type="volume",
+                                     driver_config=DriverConfig("local", {
+                                         "type": "tmpfs", "device": "tmpfs",
+                                         "o": f"{execagent.RUN_TMPFS},uid={uid}"}))]
+            command = execagent.launch_command()
         host_config = self.api.create_host_config(
-            binds={str(spec.workspace): {"bind": CONTAINER_WORKSPACE, "mode": "rw"}},
+            binds=binds,
             network_mode=network_mode,
             cap_drop=["ALL"],
             cap_add=sorted({c.upper().removeprefix("CAP_") for c in spec.cap_add}) or None,
@@ -385,7 +403,7 @@ class Sandbox:
         try:
             created = self.api.create_container(
                 spec.image,
-                command=["sleep", "infinity"],
+                command=command,
                 name=spec.name,
                 user=f"{uid}:{gid}",
                 working_dir=CONTAINER_WORKSPACE,
@@ -404,6 +422,7 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             self._remove_egress(spec.name)
             raise docker_engine.translate(exc, f"could not create container {spec.name}") from exc
+        self.learn_agent(cid)
         return cid
 
     def _create_egress(self, spec: ContainerSpec) -> str:
@@ -574,6 +593,48 @@ class Sandbox:
                 self._wait_proxy(p["Id"])
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not start container {cid[:12]}") from exc
+        self.learn_agent(cid)
+
+    # --- the exec agent (taskbox.execagent) ----------------------------------------------------
+
+    @property
+    def agent_keys(self) -> execagent.KeyStore | None:
+        if self.agent_home is None:
+            return None
+        if self._agent_keys is None:
+            self._agent_keys = execagent.KeyStore(self.agent_home / "exec-agent" / "keys")
+        return self._agent_keys
+
+    def learn_agent(self, cid: str) -> bool:
+        """Read the key of a container's exec agent from the first line of its log since it
+        started; called right after taskbox starts a container, before any of the sandbox's
+        commands can run (so that line can only be the agent's). False when it has no agent."""
+        keys = self.agent_keys
+        if keys is None:
+            return False
+        keys.drop(cid)
+        try:
+            info = self.api.inspect_container(cid)
+        except DOCKER_ERRORS:
+            return False
+        run_dir = next((m.get("Source") for m in info.get("Mounts") or []
+                        if m.get("Destination") == execagent.MOUNT_RUN), None)
+        started = (info.get("State") or {}).get("StartedAt") or ""
+        if not run_dir or not started:
+            return False
+        deadline = time.monotonic() + self.agent_wait
+        while True:
+            try:
+                log = self.api.logs(cid, stdout=True, stderr=False, since=_docker_time(started))
+            except DOCKER_ERRORS:
+                return False
+            found = execagent.read_key(log[:4096])
+            if isinstance(found, bytes):
+                keys.save(cid, run_dir, found)
+                return True
+            if found is False or time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
 
     def _recreate_egress(self, name: str, info: dict[str, Any]) -> None:
         labels = info["Config"].get("Labels") or {}
@@ -614,6 +675,8 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not remove container {cid[:12]}") from exc
         self._cgroups.pop(cid, None)
+        if self.agent_keys is not None:
+            self.agent_keys.drop(cid)
         if LABEL_EGRESS in labels or labels.get(LABEL_ROLE) == "egress-proxy":
             self._remove_egress(owner)
 
@@ -857,69 +920,68 @@ class Sandbox:
         # without another round trip to the engine.
         nonce = f"__taskbox_end_{secrets.token_hex(8)}__"
         wrapped = ["sh", "-c", _END_WRAPPER, _WRAPPER_NAME, nonce, str(secs), *argv]
-        uid, gid = sandbox_owner()
         mark = CMD_MARK + (f"{owner}-" if owner else "") + secrets.token_hex(8)
         oom_before = self.oom_kills(cid)
         host_oom = oom_before is not None
         if not host_oom:
             oom_before = self._oom_kills_inside(cid)
         start = time.monotonic()
-        try:
-            exec_id = self.api.exec_create(
-                cid, wrapped, workdir=workdir, user=f"{uid}:{gid}",
-                environment={**(env or {}), KILL_MARK: mark}
-            )["Id"]
-        except DockerNotFound as exc:
-            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`",
-                               container_down="gone") from exc
-        except APIError as exc:
-            if exc.status_code == 409:  # "is not running" / "is paused" / "is restarting": nothing ran
-                raise SandboxError(f"exec failed in {cid[:12]}: {exc.explanation or exc}",
-                                   container_down="stopped") from exc
-            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
-        except DOCKER_ERRORS as exc:
-            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
-        try:
-            stream = self.api.exec_start(exec_id, stream=True, demux=True)
+        out, err = bytearray(), bytearray()
+        end = bytearray()  # the last bytes of stdout, where the end marker is
+        counts = {"out": 0, "err_truncated": 0}
+
+        def consume(chunk_out: bytes | None, chunk_err: bytes | None) -> None:
+            if chunk_out:
+                counts["out"] += len(chunk_out)
+                end.extend(chunk_out)
+                del end[:-_END_TAIL]
+            for buf, chunk in ((out, chunk_out), (err, chunk_err)):
+                if not chunk:
+                    continue
+                if control is not None:
+                    control.feed(chunk)
+                room = output_limit - len(buf)
+                if room > 0:
+                    buf += chunk[:room]
+                if buf is err and len(chunk) > max(room, 0):
+                    counts["err_truncated"] = 1  # keep draining so the command can finish
+
+        code: int | None = None
+        broken = ""
+        agent = self.agent_keys.load(cid) if self.agent_keys is not None else None
+        if agent is not None:
+            # The agent's answers are checked, bounded and timed by the host (taskbox.execagent);
+            # the host's deadline is past the wrapper's own timeout and its kill grace.
             if control is not None:
                 control.attach(lambda: self.kill_marked(cid, mark))
-            out, err = bytearray(), bytearray()
-            end = bytearray()  # the last bytes of stdout, where the end marker is
-            out_total = 0
-            err_truncated = False
-            for chunk_out, chunk_err in stream:
-                if chunk_out:
-                    out_total += len(chunk_out)
-                    end += chunk_out
-                    del end[:-_END_TAIL]
-                for buf, chunk in ((out, chunk_out), (err, chunk_err)):
-                    if not chunk:
-                        continue
-                    if control is not None:
-                        control.feed(chunk)
-                    room = output_limit - len(buf)
-                    if room > 0:
-                        buf += chunk[:room]
-                    if buf is err and len(chunk) > max(room, 0):
-                        err_truncated = True  # keep draining so the command can finish
-            info = self.api.exec_inspect(exec_id)
-        except DockerNotFound as exc:
-            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
-        except DOCKER_ERRORS as exc:
-            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+            try:
+                code = execagent.run(agent[0], agent[1], wrapped, cwd=workdir,
+                                     env={**(env or {}), KILL_MARK: mark}, deadline=start + secs + 10,
+                                     on_output=lambda kind, data: consume(data, None) if kind == b"O"
+                                     else consume(None, data))
+            except execagent.AgentUnavailable:
+                agent = None  # nothing ran: docker exec runs it
+            except execagent.AgentBroken as exc:
+                broken = str(exc)
+                self.kill_marked(cid, mark)  # whatever the command left running
+        if agent is None:
+            code = self._docker_exec(cid, wrapped, workdir, {**(env or {}), KILL_MARK: mark}, consume,
+                                     control, mark)
         duration = (time.monotonic() - start) * 1000
-        code = info.get("ExitCode")
         code = -1 if code is None else int(code)
+        own_total = counts["out"]
+        err_truncated = bool(counts["err_truncated"])
         marker = end_marker(bytes(end), nonce)
         incomplete = marker is None
-        own = out_total  # bytes of stdout that are the command's own
+        own = own_total  # bytes of stdout that are the command's own
         if marker is not None:
             size, code = marker
             own -= size
             del out[own:]
         truncated = own > output_limit or err_truncated
         cancelled = control is not None and control.cancelled.is_set()
-        timed_out = not cancelled and (code == 124 or (code == 137 and duration >= secs * 1000))
+        timed_out = not cancelled and (code == 124 or (code == 137 and duration >= secs * 1000)
+                                       or (bool(broken) and duration >= (secs + 10) * 1000))
         oom_after = self.oom_kills(cid) if host_oom else self._oom_kills_inside(cid)
         oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
         if not oom_killed and code == 137 and not timed_out and oom_before is None:
@@ -933,7 +995,10 @@ class Sandbox:
         # Killed on purpose (cancelled, timed out, out of memory), the wrapper may die before
         # its marker: that is said already. Otherwise a missing marker is a cut stream.
         incomplete = incomplete and not (cancelled or timed_out or oom_killed)
-        if incomplete:
+        if incomplete and broken:
+            stderr += (f"\n[taskbox] {broken}: the command's output may be incomplete and its exit code "
+                       "unknown; its processes were killed\n")
+        elif incomplete:
             stderr += ("\n[taskbox] the command's output stream ended before the command did (the engine "
                        "cut it short, or the command killed taskbox's wrapper): its output may be incomplete "
                        "and its exit code unknown\n")
@@ -959,6 +1024,38 @@ class Sandbox:
                 result=result.to_dict(),
             )
         return result
+
+    def _docker_exec(self, cid: str, wrapped: list[str], workdir: str, env: dict[str, str],
+                     consume: Callable[[bytes | None, bytes | None], None], control: ExecControl | None,
+                     mark: str) -> int | None:
+        """Run the wrapped command with ``docker exec``; its output goes to ``consume``."""
+        uid, gid = sandbox_owner()
+        try:
+            exec_id = self.api.exec_create(cid, wrapped, workdir=workdir, user=f"{uid}:{gid}",
+                                           environment=env)["Id"]
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`",
+                               container_down="gone") from exc
+        except APIError as exc:
+            if exc.status_code == 409:  # "is not running" / "is paused" / "is restarting": nothing ran
+                raise SandboxError(f"exec failed in {cid[:12]}: {exc.explanation or exc}",
+                                   container_down="stopped") from exc
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        try:
+            stream = self.api.exec_start(exec_id, stream=True, demux=True)
+            if control is not None:
+                control.attach(lambda: self.kill_marked(cid, mark))
+            for chunk_out, chunk_err in stream:
+                consume(chunk_out, chunk_err)
+            info = self.api.exec_inspect(exec_id)
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        code = info.get("ExitCode")
+        return None if code is None else int(code)
 
     def capture(self, cid: str, argv: list[str], *, sink: BinaryIO | None = None, limit: int = 4 << 20,
                 env: dict[str, str] | None = None, timeout: float = 300) -> Captured:

@@ -213,6 +213,8 @@ class TaskService:
         """The container layer; connecting raises DockerUnavailable with how to start Docker."""
         if self._sandbox is None:
             self._sandbox = Sandbox(engine.connect())
+            if self.settings.exec_agent:
+                self._sandbox.agent_home = self.paths.home
         return self._sandbox
 
     def get(self, task_id: str) -> Task:
