@@ -94,6 +94,17 @@ class Settings:
     lease_seconds: int = _setting(300, "How long an agent's lease on a task lasts unless renewed.")
     collaborative_max_agents: int = _setting(4, "Most agents attached to a collaborative task.")
     exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")
+    run_timeout: int = _setting(
+        3600, "Seconds a non-interactive `taskbox run` (an agent given a prompt) may take before it is killed."
+    )
+    run_checkpoint: int = _setting(0, "1: take a checkpoint when an agent run (`taskbox run`) ends.")
+    agents_image: str = _setting(
+        "taskbox-sandbox-agents:latest", "Sandbox image with the agent CLIs (`taskbox image build --agents`); "
+        "`create-task --run AGENT` uses it unless --image is given."
+    )
+    setup_timeout: int = _setting(
+        900, "Seconds each setup command of a project (`.taskbox/config.toml`) may take after create."
+    )
     exec_output_limit: int = _setting(
         1_000_000, "Most bytes of stdout and of stderr a command returns; the rest is cut."
     )

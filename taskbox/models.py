@@ -179,6 +179,8 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "decision": ("log_task_decision", "task-decisions"),
     "checkpoint": ("create_task_checkpoint", "checkpoint create"),
     "restore": ("restore_task_checkpoint", "restore-checkpoint"),
+    "run": ("run_agent_in_task",),
+    "agent_attach": (),
 }
 _OPERATION_ALIASES = {alias: op for op, names in OPERATIONS.items() for alias in (op, *names)}
 

@@ -219,12 +219,15 @@ class ExecControl:
         self.cancelled = threading.Event()
         self.done = threading.Event()  # set by whoever runs the command, when it is over and logged
         self.redact: Callable[[str], str] = lambda text: text
+        self.echo: Callable[[bytes], object] | None = None  # e.g. `taskbox run` showing output as it comes
 
     def feed(self, chunk: bytes) -> None:
         with self._lock:
             self.output_bytes += len(chunk)
             self._tail += chunk
             del self._tail[:-self._tail_bytes]
+        if self.echo is not None:
+            self.echo(chunk)
 
     def tail(self, lines: int = 10, chars: int = 2000) -> str:
         """The newest ``lines`` complete-or-partial lines of output, at most ``chars`` characters."""
@@ -247,6 +250,77 @@ class ExecControl:
             kill = self._kill
         if kill is not None:
             kill()
+
+
+class TtySession:
+    """One ``docker exec`` with a terminal: bytes both ways on one socket, a resizable window."""
+
+    def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
+        self.api = api
+        self.exec_id = exec_id
+        self._io = sock
+        self.sock = getattr(sock, "_sock", sock)  # the raw socket under docker-py's wrapper
+
+    def resize(self, rows: int, cols: int) -> None:
+        try:
+            self.api.exec_resize(self.exec_id, height=rows, width=cols)
+        except DOCKER_ERRORS:
+            pass  # the exec ended meanwhile
+
+    def relay(self, stdin_fd: int, stdout_fd: int, *, size: Callable[[], tuple[int, int] | None] | None = None,
+              poll: float = 0.25) -> int:
+        """Copy ``stdin_fd`` to the exec and its output to ``stdout_fd`` until it ends; its exit code.
+
+        ``size`` (rows, columns) is polled and every change is sent as a window resize. A closed
+        terminal (EOF or an error on ``stdin_fd``) ends the relay without ending the exec.
+        """
+        import select
+
+        last: tuple[int, int] | None = None
+        stdin_open = True
+        while True:
+            if size is not None:
+                now = size()
+                if now and now != last:
+                    last = now
+                    self.resize(*now)
+            readers = [self.sock] + ([stdin_fd] if stdin_open else [])
+            ready, _, _ = select.select(readers, [], [], poll)
+            if self.sock in ready:
+                try:
+                    data = self.sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                try:
+                    os.write(stdout_fd, data)
+                except OSError:
+                    break  # the terminal went away: the agent keeps running
+            if stdin_open and stdin_fd in ready:
+                try:
+                    data = os.read(stdin_fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    stdin_open = False
+                    break
+                try:
+                    self.sock.sendall(data)
+                except OSError:
+                    break
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        try:
+            self._io.close()
+        except OSError:
+            pass
+        try:
+            code = self.api.exec_inspect(self.exec_id).get("ExitCode")
+        except DOCKER_ERRORS:
+            return -1
+        return -1 if code is None else int(code)
 
 
 def weakened(spec: ContainerSpec, *, default_pids: int = 512, default_memory: str = "2g") -> list[str]:
@@ -890,6 +964,64 @@ class Sandbox:
                 result=result.to_dict(),
             )
         return result
+
+    def exec_tty(self, cid: str, argv: list[str], *, workdir: str = CONTAINER_WORKSPACE,
+                 env: dict[str, str] | None = None, mark: str | None = None,
+                 size: tuple[int, int] | None = None) -> TtySession:
+        """Start ``argv`` in the container with a terminal attached; the caller relays the bytes.
+
+        ``mark`` is the ``TASKBOX_EXEC`` value its processes carry (so pause finds it running).
+        """
+        uid, gid = sandbox_owner()
+        environment = {"TERM": os.environ.get("TERM") or "xterm-256color", **(env or {})}
+        if mark:
+            environment[KILL_MARK] = mark
+        try:
+            exec_id = self.api.exec_create(cid, argv, workdir=workdir, user=f"{uid}:{gid}", environment=environment,
+                                           tty=True, stdin=True)["Id"]
+            sock = self.api.exec_start(exec_id, tty=True, socket=True)
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not start a terminal in {cid[:12]}") from exc
+        session = TtySession(self.api, exec_id, sock)
+        if size:
+            session.resize(*size)
+        return session
+
+    def set_egress(self, cid: str, egress: EgressConfig) -> bool:
+        """Give a running task's proxy new rules (a new proxy container on the same network).
+
+        Returns False when the container has no egress proxy. The task container keeps its
+        label with the rules it was created with; the service passes the current ones on start.
+        """
+        name, proxies = self._egress_of(cid)
+        if not name or not proxies:
+            return False
+        net_name = f"{name}-net"
+        try:
+            old = self.api.inspect_container(proxies[0]["Id"])
+            labels = {k: v for k, v in (old["Config"].get("Labels") or {}).items()}
+            host_config = old["HostConfig"]
+            for p in proxies:
+                self.api.remove_container(p["Id"], force=True, v=True)
+            proxy = self.api.create_container(
+                egress.image, name=f"{name}-egress", user=PROXY_UID,
+                environment={"TASKBOX_SQUID_CONF": squid_config(egress.rules)}, labels=labels,
+                host_config=self.api.create_host_config(
+                    network_mode=egress.outside_network, cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+                    read_only=True, tmpfs={"/tmp": "size=16m,mode=1777"}, pids_limit=64,
+                    mem_limit=host_config.get("Memory") or 128 * 1024**2,
+                    memswap_limit=host_config.get("MemorySwap") or 128 * 1024**2,
+                    nano_cpus=host_config.get("NanoCpus") or int(0.5e9), init=True, ipc_mode="private",
+                    log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"})),
+            )["Id"]
+            self.api.connect_container_to_network(proxy, net_name, aliases=[PROXY_ALIAS])
+            self.api.start(proxy)
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not update the egress proxy of {name}") from exc
+        self._wait_proxy(proxy)
+        return True
 
     def capture(self, cid: str, argv: list[str], *, sink: BinaryIO | None = None, limit: int = 4 << 20,
                 env: dict[str, str] | None = None, timeout: float = 300) -> Captured:
