@@ -52,7 +52,7 @@ CATALOGUE: tuple[EventType, ...] = (
       for s in Status if s is not Status.COMPLETED),
     EventType("task.completed", ("branch", "commit", "summary", "from", "reason"),
               "The task completed: its branch was fetched into the user's repository."),
-    EventType("task.deleted", (), "The task's row was deleted from the registry."),
+    EventType("task.deleted", ("reason",), "The task's row was deleted from the registry."),
     EventType("task.exec", ("command", "exit_code", "duration_ms", "timed_out", "oom_killed", "logged"),
               "A command ran in the task's sandbox (``logged: false``: nothing of it is recorded)."),
     EventType("exec.cancelled", ("command", "duration_ms"),

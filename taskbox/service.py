@@ -559,6 +559,8 @@ class TaskService:
         out["image"] = out.get("image") or self.settings.agents_image
         if not out.get("network") and p.hosts:
             out["network"] = "allowlist"
+        if out.get("network") == "allowlist" and p.hosts:
+            out["allow_domains"] = list(dict.fromkeys([*(out.get("allow_domains") or []), *p.hosts]))
         out["metadata"] = {**(out.get("metadata") or {}), "run_agent": p.name}
         if out.get("agent") in (None, "agent"):
             out["agent"] = p.name

@@ -50,8 +50,13 @@ def _calls_so_far(messages: list[dict[str, Any]]) -> int:
     return n
 
 
-def decide(script: dict[str, Any], tools: list[str], messages: list[dict[str, Any]]) -> tuple[str, dict[str, Any]] | str:
-    """The next action: ``(tool name, args)`` or the final text."""
+def decide(script: dict[str, Any], tools: dict[str, dict[str, Any]],
+           messages: list[dict[str, Any]]) -> tuple[str, dict[str, Any]] | str:
+    """The next action: ``(tool name, args)`` or the final text.
+
+    ``tools`` maps each offered tool to its JSON schema; a step's ``args`` may name the
+    arguments of several CLIs' tools at once, only those the chosen tool's schema has are sent.
+    """
     if not tools or script.get("marker", "") not in _first_user(messages):
         return "ok"
     step = _calls_so_far(messages)
@@ -63,7 +68,9 @@ def decide(script: dict[str, Any], tools: list[str], messages: list[dict[str, An
     name = next((n for n in names if n in tools), None)
     if name is None:
         return f"no tool among {names} is offered (offered: {sorted(tools)})"
-    return name, wanted.get("args", {})
+    props = (tools[name] or {}).get("properties")
+    args = wanted.get("args", {})
+    return name, {k: v for k, v in args.items() if props is None or k in props}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -82,11 +89,12 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
         self._record(body)
-        if self.path.endswith("/count_tokens"):
+        path = self.path.split("?", 1)[0]
+        if path.endswith("/count_tokens"):
             self._json({"input_tokens": 100})
-        elif self.path.endswith("/chat/completions"):
+        elif path.endswith("/chat/completions"):
             self._openai(body)
-        elif self.path.endswith("/messages"):
+        elif path.endswith("/messages"):
             self._anthropic(body)
         else:
             self.send_error(404)
@@ -123,7 +131,8 @@ class Handler(BaseHTTPRequestHandler):
             return Handler.counter
 
     def _openai(self, body: dict[str, Any]) -> None:
-        tools = [(t.get("function") or {}).get("name") for t in body.get("tools") or []]
+        tools = {(t.get("function") or {}).get("name"): (t.get("function") or {}).get("parameters") or {}
+                 for t in body.get("tools") or []}
         action = decide(self.script, tools, body.get("messages") or [])
         n = self._next()
         base = {"id": f"chatcmpl-{n}", "object": "chat.completion.chunk", "created": int(time.time()),
@@ -146,7 +155,7 @@ class Handler(BaseHTTPRequestHandler):
         self._sse([f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"])
 
     def _anthropic(self, body: dict[str, Any]) -> None:
-        tools = [t.get("name") for t in body.get("tools") or []]
+        tools = {t.get("name"): t.get("input_schema") or {} for t in body.get("tools") or []}
         action = decide(self.script, tools, body.get("messages") or [])
         n = self._next()
         usage = {"input_tokens": 10, "output_tokens": 5}
