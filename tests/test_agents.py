@@ -246,7 +246,7 @@ def test_interactive_run_detach_and_attach(svc: TaskService, repo: Path, home: P
 
         screen_until("agent@")  # the shell's prompt, inside the sandbox
         keys("echo $((6*7)) > answer.txt; stty size", "Enter")
-        screen_until("30 120")  # the window's size reached the terminal in the container
+        screen_until("29 120")  # the window's size reached the container (less the tmux status line)
         keys("C-b", "d")  # detach: the shell keeps running in the container
         screen_until("RUN-EXIT=0")
         assert "keeps running" in _tmux("-L", server, "capture-pane", "-p", "-t", pane)
@@ -257,6 +257,7 @@ def test_interactive_run_detach_and_attach(svc: TaskService, repo: Path, home: P
         _tmux("-L", server, "kill-session", "-t", "t")
         cmd = f"env {env} {sys.executable} -m taskbox attach {task.id}; echo ATTACH-EXIT=$?; sleep 60"
         _tmux("-L", server, "new-session", "-d", "-s", "t", "-x", "100", "-y", "25", cmd)
+        screen_until("29 120")  # the same shell, its screen redrawn
         keys("echo back-$((1+1))", "Enter")
         screen_until("back-2")
         keys("exit", "Enter")  # the agent ends: the session detaches, the branch is fetched
