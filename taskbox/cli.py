@@ -107,19 +107,20 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
               help="Then run this agent in it (opencode, claude-code, codex, shell), as `taskbox run` does; "
                    "with --prompt non-interactively. Uses the agents image and the allowlist network unless told.")
 @click.option("--prompt", help="With --run: the prompt for a non-interactive run.")
+@click.option("--template", help="Apply a template (`taskbox template list`) under the project's own setup.")
 @click.option("--secret", "secret_names", multiple=True, metavar="NAME", help="With --run: a secret for the agent.")
 def create_task(description: str, repo: str, agent: str, model: str, title: str | None, task_id: str | None,
                 lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
                 inodes: int | None, network: str | None,
                 allow_domains: tuple[str, ...], image: str | None, base: str | None, lazy: bool, no_attach: bool,
-                session: str | None, run_agent: str | None, prompt: str | None,
+                session: str | None, run_agent: str | None, prompt: str | None, template: str | None,
                 secret_names: tuple[str, ...]) -> Any:
     """Create a task: a workspace on a new branch, a sandbox container and memory."""
     svc = _service()
     options: dict[str, Any] = dict(agent=agent, model=model, title=title, task_id=task_id, lock_mode=lock_mode,
                                    memory=memory, cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes,
                                    network=network, allow_domains=list(allow_domains) or None, image=image,
-                                   base_ref=base, lazy=lazy, progress=progress)
+                                   base_ref=base, lazy=lazy, progress=progress, template=template)
     if run_agent:
         options = svc.agent_task_options(run_agent, options)
     elif prompt or secret_names:
@@ -878,6 +879,39 @@ def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str
         data["agents"] = ares.__dict__
         human += f"\n{'cached' if ares.cached else 'built'} {ares.tag} ({images.AGENTS_IMAGE}) in {ares.seconds:.1f}s"
     return data, human
+
+
+# --- project setup templates -------------------------------------------------------------------
+
+
+@cli.group("template")
+def template_group() -> None:
+    """Templates: named project setups (copied files, setup commands, image, default agent)."""
+
+
+@command(template_group, "list")
+def template_list() -> Any:
+    """The templates saved under TASKBOX_HOME/templates."""
+    rows = _service().templates()
+    return rows, table([[r["name"], r["path"]] for r in rows], ["NAME", "PATH"]) if rows else "no templates"
+
+
+@command(template_group, "show")
+@click.argument("name", required=False)
+@click.option("--repo", default=".", show_default=True, help="Without NAME: the setup of this repository.")
+def template_show(name: str | None, repo: str) -> Any:
+    """A template's settings (or, without NAME, the project's own setup)."""
+    setup = _service().show_setup(name, repo)
+    return setup, "\n".join(f"{k}: {v}" for k, v in setup.items())
+
+
+@command(template_group, "save")
+@click.argument("name")
+@click.option("--repo", default=".", show_default=True, help="Save this repository's setup as the template.")
+def template_save(name: str, repo: str) -> Any:
+    """Save the project's setup (.taskbox/config.toml, devcontainer.json) as template NAME."""
+    data = _service().save_template(name, repo)
+    return data, f"saved template {name} at {data['path']}"
 
 
 # --- safety: project policy --------------------------------------------------------------------

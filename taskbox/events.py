@@ -66,6 +66,10 @@ CATALOGUE: tuple[EventType, ...] = (
     # --- sessions, todos, decisions, tool calls ---------------------------------------------------
     EventType("session.attached", ("session_id", "agent", "model", "took_over"), "An agent session attached."),
     EventType("session.detached", ("session_id", "agent", "commit"), "An agent session detached."),
+    # --- project setup (.taskbox/config.toml) -------------------------------------------------------
+    EventType("setup.copied", ("files",), "The project's ignored files were copied into the new workspace."),
+    EventType("setup.command", ("index", "command", "exit_code"),
+              "A project setup command ran once after create (its output is in the execution log)."),
     # --- agents inside the sandbox (`taskbox run`) ---------------------------------------------
     EventType("agent.started", ("session_id", "agent", "mode", "detachable"),
               "An agent CLI started in the task's sandbox (`mode`: prompt or interactive)."),

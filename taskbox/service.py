@@ -34,6 +34,7 @@ from . import (
     network,
     policy,
     pressure,
+    projects,
     quota,
     workspace,
 )
@@ -397,6 +398,7 @@ class TaskService:
         metadata: dict[str, Any] | None = None,
         parent_id: str | None = None,
         progress: Callable[[str], None] | None = None,
+        template: str | None = None,
     ) -> Task:
         """Register a task, check out its workspace on a new branch and (unless lazy) start its container.
 
@@ -416,6 +418,8 @@ class TaskService:
             raise InvalidInput("the repository must not be inside TASKBOX_HOME")
         # The project policy (.taskbox/policy.toml) gives defaults and ceilings (taskbox.policy).
         project = policy.load(repo_path)
+        setup = self.project_setup(repo_path, template)  # .taskbox/config.toml, devcontainer.json, template
+        copies = projects.read_copies(repo_path, setup.copy)  # a missing file: refused before any change
         mem = memory or project.limits.memory or self.settings.memory
         cpu = float(cpus if cpus is not None else project.limits.cpus or self.settings.cpus)
         pids = int(pids_limit if pids_limit is not None else project.limits.pids or self.settings.pids_limit)
@@ -453,7 +457,7 @@ class TaskService:
             if proc.returncode != 0:
                 raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
             base_commit = proc.stdout.strip()
-        image_name = image or self.settings.image
+        image_name = image or setup.image or self.settings.image
         if not lazy:  # Docker down or an image missing: say so before anything changes
             self.sandbox.ensure_image(image_name)
             if net == "allowlist":
@@ -484,6 +488,7 @@ class TaskService:
                 lock_mode=mode,
                 parent_id=parent_id,
                 task_type="subtask" if parent_id else "main",
+                template=template,
                 metadata=metadata or {},
                 pending_op="create",
                 op_pid=os.getpid(),
@@ -513,6 +518,8 @@ class TaskService:
             self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
             self.hook.task_start(service=self, task=task)
             workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}")
+            for rel, data, fmode in copies:  # after the first commit: ignored or not, they are the user's local files
+                files.atomic_write(ws, rel, data, fmode | 0o600)
             faults.point("create.workspace")
             changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
             if not lazy:
@@ -524,13 +531,56 @@ class TaskService:
                 "branch": task.branch, "lazy": lazy, "repo": str(repo_path)}))
             if not lazy:
                 self.update_state(task, lambda s: s.__setitem__("status", str(Status.ACTIVE)))
+            if copies:
+                self.registry.add_event("setup.copied", task.id, {"files": [c[0] for c in copies][:50]})
         except BaseException:
             try:
                 self._undo_create(task)
             except TaskboxError as exc:  # the row stays (pending_op='create'): `doctor --fix` retries
                 self.registry.add_event("task.undo_failed", task.id, {"error": exc.message[:300]})
             raise
+        if setup.commands and not lazy:
+            say(f"running {len(setup.commands)} setup command(s)")
+            task = self._run_setup(task, setup)
         return task
+
+    def project_setup(self, repo: str | Path, template: str | None = None) -> projects.ProjectSetup:
+        """A project's setup (``.taskbox/config.toml``, ``devcontainer.json``), under ``template`` if named."""
+        own = projects.load(Path(repo))
+        return projects.template(self.paths.home, template).over(own) if template else own
+
+    def templates(self) -> list[dict[str, Any]]:
+        return projects.templates(self.paths.home)
+
+    def show_setup(self, template: str | None = None, repo: str | Path = ".") -> dict[str, Any]:
+        """A template's settings, or (no name) the project's own setup at ``repo``."""
+        if template:
+            return projects.template(self.paths.home, template).to_dict()
+        return projects.load(git.repo_root(Path(repo).expanduser().resolve())).to_dict()
+
+    def save_template(self, name: str, repo: str | Path = ".") -> dict[str, Any]:
+        """Save the project's setup at ``repo`` as template ``name`` under TASKBOX_HOME."""
+        setup = projects.load(git.repo_root(Path(repo).expanduser().resolve()))
+        path = projects.save_template(self.paths.home, name, setup)
+        return {"name": name, "path": str(path), **setup.to_dict()}
+
+    def _run_setup(self, task: Task, setup: projects.ProjectSetup) -> Task:
+        """Run the project's setup commands once, in order; the first failure fails the task (log kept)."""
+        timeout = float(setup.timeout or self.settings.setup_timeout)
+        for i, command in enumerate(setup.commands, 1):
+            try:
+                r = self.exec(task.id, command, timeout=timeout)
+                code, why = r.exit_code, f"exited with code {r.exit_code}"
+            except (CommandTimeout, CommandCancelled) as exc:
+                code, why = -1, exc.message
+            self.registry.add_event("setup.command", task.id, {"index": i, "command": command[:200],
+                                                               "exit_code": code})
+            if code != 0:
+                reason = f"setup command {i} `{command[:100]}` {why}"
+                self.fail(task.id, reason)
+                raise SandboxError(f"task {task.id} failed: {reason}; its output is in `taskbox task-executions "
+                                   f"{task.id}`", task_id=task.id, command=command)
+        return self.get(task.id)
 
     def start_task(self, repo: str | Path, description: str, *, attach: bool = True,
                    session_id: str | None = None, **options: Any) -> dict[str, Any]:
@@ -1108,8 +1158,9 @@ class TaskService:
         committed, the branch fetched and (``checkpoint``, or the ``run_checkpoint`` setting) a
         checkpoint taken.
         """
-        if agent is None:  # the task's own agent when it names a preset, else a shell
-            agent = self.get(task_id).agent
+        if agent is None:  # the project's default, else the task's own agent if it names a preset, else a shell
+            current = self.get(task_id)
+            agent = self.project_setup(current.repo_path, current.template).agent or current.agent
             agent = agent if agent in agents.PRESETS else "shell"
         p = agents.preset(agent)
         if prompt is not None:
