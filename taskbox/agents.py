@@ -15,6 +15,7 @@ import json
 import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import InvalidInput
@@ -177,3 +178,20 @@ def detachable(session_id: str, argv: list[str]) -> list[str]:
     """``argv`` under its own tmux server, recording its exit code when it ends (see :func:`exit_file`)."""
     inner = f"{shlex.join(argv)}; echo $? > {exit_file(session_id)}"
     return ["sh", "-c", f"mkdir -p /tmp/.taskbox-runs && exec {shlex.join(tmux_new(session_id, ['sh', '-c', inner]))}"]
+
+
+def parse_publish(spec: str) -> dict[str, Any]:
+    """``[HOST_ADDRESS:][HOST_PORT:]PORT`` as ``{"port", "host_ip", "host_port"}`` (loopback by default)."""
+    import ipaddress
+
+    parts = str(spec).strip().rsplit(":", 2)
+    try:
+        port = int(parts[-1])
+        host_port = int(parts[-2]) if len(parts) >= 2 and parts[-2] else port
+        host_ip = parts[0].strip("[]") if len(parts) == 3 else "127.0.0.1"
+        ipaddress.ip_address(host_ip)
+    except ValueError:
+        raise InvalidInput(f"port {spec!r} must be [HOST_ADDRESS:][HOST_PORT:]PORT, e.g. 8080:3000") from None
+    if not (0 < port < 65536 and 0 < host_port < 65536):
+        raise InvalidInput(f"port {spec!r}: ports are 1-65535")
+    return {"port": port, "host_ip": host_ip, "host_port": host_port}

@@ -108,19 +108,22 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
                    "with --prompt non-interactively. Uses the agents image and the allowlist network unless told.")
 @click.option("--prompt", help="With --run: the prompt for a non-interactive run.")
 @click.option("--template", help="Apply a template (`taskbox template list`) under the project's own setup.")
+@click.option("--publish", "publish", multiple=True, metavar="[HOST_PORT:]PORT",
+              help="Publish the task's PORT on host loopback (HOST_ADDRESS:HOST_PORT:PORT for another address). Repeatable.")
 @click.option("--secret", "secret_names", multiple=True, metavar="NAME", help="With --run: a secret for the agent.")
 def create_task(description: str, repo: str, agent: str, model: str, title: str | None, task_id: str | None,
                 lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
                 inodes: int | None, network: str | None,
                 allow_domains: tuple[str, ...], image: str | None, base: str | None, lazy: bool, no_attach: bool,
                 session: str | None, run_agent: str | None, prompt: str | None, template: str | None,
-                secret_names: tuple[str, ...]) -> Any:
+                publish: tuple[str, ...], secret_names: tuple[str, ...]) -> Any:
     """Create a task: a workspace on a new branch, a sandbox container and memory."""
     svc = _service()
     options: dict[str, Any] = dict(agent=agent, model=model, title=title, task_id=task_id, lock_mode=lock_mode,
                                    memory=memory, cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes,
                                    network=network, allow_domains=list(allow_domains) or None, image=image,
-                                   base_ref=base, lazy=lazy, progress=progress, template=template)
+                                   base_ref=base, lazy=lazy, progress=progress, template=template,
+                                   publish=list(publish) or None)
     if run_agent:
         options = svc.agent_task_options(run_agent, options)
     elif prompt or secret_names:
@@ -219,7 +222,7 @@ def show(task_id: str) -> Any:
     state = svc.state(task_id)
     usage = status["workspace_usage"]
     jobs = svc.jobs(task.id)
-    data = {**_task_row(svc, task), "state": state, "workspace_usage": usage, "jobs": jobs}
+    data = {**_task_row(svc, task), "state": state, "workspace_usage": usage, "jobs": jobs, "ports": status["ports"]}
     human = pairs([("task", task.id), ("title", task.title), ("status", str(task.status)),
                    ("branch", task.branch), ("repo", task.repo_path), ("workspace", task.workspace_path),
                    ("container", f"{(task.container_id or '-')[:12]} ({task.container_state})"),
@@ -229,6 +232,8 @@ def show(task_id: str) -> Any:
                    ("lock", f"{task.lock_mode}; agents: {', '.join(data['current_agents']) or 'none'}"),
                    ("todos", f"{sum(t['status'] == 'completed' for t in state['todos'])}/{len(state['todos'])} done"),
                    ("jobs", ", ".join(f"{j['job_id']} ({j['status']})" for j in jobs) or "none"),
+                   ("ports", ", ".join(f"{p['host_ip']}:{p['host_port']} -> {p['port']}" for p in status["ports"])
+                    or "none"),
                    ("created", ago(task.created_at)), ("active", ago(task.last_active)), ("version", task.version)])
     return data, human
 
@@ -879,6 +884,19 @@ def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str
         data["agents"] = ares.__dict__
         human += f"\n{'cached' if ares.cached else 'built'} {ares.tag} ({images.AGENTS_IMAGE}) in {ares.seconds:.1f}s"
     return data, human
+
+
+@command(cli, "ports")
+@click.argument("task_id")
+@click.argument("action", type=click.Choice(["ls", "add", "rm"]), default="ls")
+@click.argument("spec", required=False, metavar="[[HOST_ADDRESS:]HOST_PORT:]PORT")
+def ports(task_id: str, action: str, spec: str | None) -> Any:
+    """List, add or remove a task's published ports (host loopback unless an address is named)."""
+    data = _service().ports(task_id, action, spec)
+    for w in data.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    rows = [[f"{p['host_ip']}:{p['host_port']}", p["port"], "yes" if p["running"] else "no"] for p in data["ports"]]
+    return data, table(rows, ["HOST", "PORT", "RUNNING"]) if rows else "no published ports"
 
 
 # --- project setup templates -------------------------------------------------------------------

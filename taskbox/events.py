@@ -66,6 +66,9 @@ CATALOGUE: tuple[EventType, ...] = (
     # --- sessions, todos, decisions, tool calls ---------------------------------------------------
     EventType("session.attached", ("session_id", "agent", "model", "took_over"), "An agent session attached."),
     EventType("session.detached", ("session_id", "agent", "commit"), "An agent session detached."),
+    EventType("port.published", ("port", "host_ip", "host_port", "warnings"),
+              "A task's port was published on the host (loopback unless an address was named)."),
+    EventType("port.unpublished", ("port",), "A task's published port was removed."),
     # --- project setup (.taskbox/config.toml) -------------------------------------------------------
     EventType("setup.copied", ("files",), "The project's ignored files were copied into the new workspace."),
     EventType("setup.command", ("index", "command", "exit_code"),

@@ -181,6 +181,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "restore": ("restore_task_checkpoint", "restore-checkpoint"),
     "run": ("run_agent_in_task",),
     "agent_attach": (),
+    "ports": (),
 }
 _OPERATION_ALIASES = {alias: op for op, names in OPERATIONS.items() for alias in (op, *names)}
 

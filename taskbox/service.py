@@ -399,6 +399,7 @@ class TaskService:
         parent_id: str | None = None,
         progress: Callable[[str], None] | None = None,
         template: str | None = None,
+        publish: list[str] | None = None,
     ) -> Task:
         """Register a task, check out its workspace on a new branch and (unless lazy) start its container.
 
@@ -434,7 +435,9 @@ class TaskService:
         if disk_bytes:  # not root, no mkfs, a quota larger than the free disk: say so now
             quota.check_supported()
             quota.check_room(self.paths.volumes, disk_bytes)
-        metadata = {k: v for k, v in (metadata or {}).items() if k != "quota"}
+        metadata = {k: v for k, v in (metadata or {}).items() if k not in ("quota", "ports")}
+        if publish:  # published by _create_container, so a port already taken undoes the create
+            metadata["ports"] = [agents.parse_publish(p) for p in publish]
         if disk_bytes:
             metadata["quota"] = {"disk": disk_bytes, "inodes": inode_count}
         net = network or ("allowlist" if allow_domains else None) or project.network.mode or self.settings.network
@@ -680,12 +683,16 @@ class TaskService:
         if not fresh:
             self._remove_labelled_container(task.id)  # e.g. left behind by a crash
         try:
-            return self.sandbox.create(spec)
+            cid = self.sandbox.create(spec)
         except SandboxError as exc:
             if "already in use" not in exc.message:
                 raise
             self._remove_labelled_container(task.id)  # a leftover holds the name: replace it
-            return self.sandbox.create(spec)
+            cid = self.sandbox.create(spec)
+        for p in task.metadata.get("ports") or []:  # a new container: its published ports again
+            self.sandbox.publish(cid, p["port"], p["host_ip"], p["host_port"], task.image,
+                                 {LABEL_TASK: task.id, LABEL_HOME: self.home_label})
+        return cid
 
     # --- container state ---------------------------------------------------------------------
 
@@ -1283,6 +1290,47 @@ class TaskService:
                                time.monotonic() - started, checkpoint)
         self._after(task, "agent_attach", args, out)
         return out
+
+    def ports(self, task_id: str, action: str = "ls", spec: str | None = None) -> dict[str, Any]:
+        """Publish (``add``), unpublish (``rm``) or list (``ls``) a task's ports on the host.
+
+        ``spec`` is ``[HOST_ADDRESS:][HOST_PORT:]PORT``; the address is host loopback unless one
+        is named (a warning says the port is then reachable from elsewhere). Ports are served by
+        two small forwarder containers (:meth:`Sandbox.publish`): added and removed while the
+        task runs, in every network mode, kept across pause and resume.
+        """
+        task = self.get(task_id)
+        warnings: list[str] = []
+        if action == "ls":
+            live = {p["port"]: p for p in self.sandbox.forwarders(task.container_id)} if task.container_id else {}
+            rows = [{**p, "running": bool(live.get(p["port"], {}).get("running"))}
+                    for p in task.metadata.get("ports") or []]
+            return {"task_id": task.id, "ports": rows}
+        if action not in ("add", "rm") or not spec:
+            raise InvalidInput("ports: say `add [HOST_ADDRESS:][HOST_PORT:]PORT`, `rm PORT` or `ls`")
+        wanted = agents.parse_publish(spec)
+        self._before(task, "ports", {"action": action, **wanted})
+        if action == "add":
+            if wanted["host_ip"] not in ("127.0.0.1", "::1"):
+                warnings.append(f"port {wanted['port']} is published on {wanted['host_ip']}: reachable from other "
+                                "machines, not only this one")
+            task = self.ensure_running(task.id)
+            self.sandbox.publish(task.container_id or "", wanted["port"], wanted["host_ip"], wanted["host_port"],
+                                 task.image, {LABEL_TASK: task.id, LABEL_HOME: self.home_label})
+            self.update_metadata(task.id, lambda m: m.__setitem__("ports", [
+                *[p for p in m.get("ports") or [] if p["port"] != wanted["port"]], wanted]))
+            self.registry.add_event("port.published", task.id, {**wanted, "warnings": warnings})
+        else:
+            if not any(p["port"] == wanted["port"] for p in task.metadata.get("ports") or []):
+                raise NotFound(f"port {wanted['port']} of task {task.id} is not published", port=wanted["port"])
+            if task.container_id:
+                self.sandbox.unpublish(task.container_id, wanted["port"])
+            self.update_metadata(task.id, lambda m: m.__setitem__("ports", [
+                p for p in m.get("ports") or [] if p["port"] != wanted["port"]]))
+            self.registry.add_event("port.unpublished", task.id, {"port": wanted["port"]})
+        result = {**self.ports(task.id), "warnings": warnings}
+        self._after(self.get(task.id), "ports", {"action": action, **wanted}, result)
+        return result
 
     def _finish_run(self, task_id: str, agent: str, sid: str, mode: str, code: int, seconds: float,
                     checkpoint: bool | None) -> dict[str, Any]:
@@ -1974,7 +2022,8 @@ class TaskService:
                   "current_agent": state.get("current_agent"), "todos": state["todos"],
                   "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
                   "recent_executions": self.memory(task).executions(recent),
-                  "workspace_usage": self.workspace_usage(task), "jobs": self.jobs(task.id)}
+                  "workspace_usage": self.workspace_usage(task), "jobs": self.jobs(task.id),
+                  "ports": task.metadata.get("ports") or []}
         self._after(task, "status", {"recent": recent}, result)
         return result
 
