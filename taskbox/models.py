@@ -179,7 +179,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "decision": ("log_task_decision", "task-decisions"),
     "checkpoint": ("create_task_checkpoint", "checkpoint create"),
     "restore": ("restore_task_checkpoint", "restore-checkpoint"),
-    "run": ("run_agent_in_task",),
+    "run": (),
     "agent_attach": (),
     "ports": (),
 }

@@ -1207,7 +1207,7 @@ class TaskService:
             self.detach(task.id, sid)
             raise
         self.registry.add_event("agent.started", task.id, {"session_id": sid, "agent": p.name, "mode": mode,
-                                                           "detachable": has_tmux or prompt is not None})
+                                                           "detachable": has_tmux and prompt is None})
         if prompt is not None:
             self.memory(task).log_conversation({"session": sid, "agent": p.name, "role": "user", "kind": "prompt",
                                                 "message": prompt})
@@ -1223,7 +1223,7 @@ class TaskService:
                                        timeout=timeout or self.settings.run_timeout, control=control)
                     code = result.exit_code
                     tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or [""]
-                except (CommandTimeout, CommandCancelled):
+                except TaskboxError:  # timed out, cancelled, the container gone: the session still ends
                     self._finish_run(task.id, p.name, sid, mode, -1, time.monotonic() - started, checkpoint)
                     raise
                 detached = False
@@ -1232,8 +1232,12 @@ class TaskService:
                 self.update_metadata(task.id, lambda m: m.setdefault("runs", {}).__setitem__(sid, {
                     "agent": p.name, "started": time.time(), "detachable": has_tmux}))
                 wrapped = agents.detachable(sid, argv) if has_tmux else argv
-                tty = self.sandbox.exec_tty(task.container_id or "", wrapped, env={**env, **values},
-                                            mark=f"cmd-agent-{os.urandom(4).hex()}", size=terminal.size())
+                try:
+                    tty = self.sandbox.exec_tty(task.container_id or "", wrapped, env={**env, **values},
+                                                mark=f"cmd-agent-{os.urandom(4).hex()}", size=terminal.size())
+                except TaskboxError:
+                    self._finish_run(task.id, p.name, sid, mode, -1, time.monotonic() - started, checkpoint)
+                    raise
                 code = tty.relay(terminal.stdin_fd, terminal.stdout_fd, size=terminal.size)
                 detached = has_tmux and self._agent_alive(task, sid)
                 if has_tmux and not detached:
