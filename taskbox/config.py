@@ -98,6 +98,17 @@ class Settings:
         "`docker exec` per command; see docs/speed.md). Off: every command is a `docker exec`."
     )
     exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")
+    run_timeout: int = _setting(
+        3600, "Seconds a non-interactive `taskbox run` (an agent given a prompt) may take before it is killed."
+    )
+    run_checkpoint: int = _setting(0, "1: take a checkpoint when an agent run (`taskbox run`) ends.")
+    agents_image: str = _setting(
+        "taskbox-sandbox-agents:latest", "Sandbox image with the agent CLIs (`taskbox image build --agents`); "
+        "`create-task --run AGENT` uses it unless --image is given."
+    )
+    setup_timeout: int = _setting(
+        900, "Seconds each setup command of a project (`.taskbox/config.toml`) may take after create."
+    )
     exec_output_limit: int = _setting(
         1_000_000, "Most bytes of stdout and of stderr a command returns; the rest is cut."
     )
@@ -182,13 +193,7 @@ class Settings:
                     raise InvalidInput(f"setting {name}: expected true or false, got {value!r}")
                 value = flag
             try:
-                if typ is bool and isinstance(value, str):  # bool("0") is True
-                    flag = value.strip().lower()
-                    if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                        raise ValueError(value)
-                    kwargs[name] = flag in ("1", "true", "yes", "on")
-                else:
-                    kwargs[name] = typ(value)
+                kwargs[name] = typ(value)
             except (TypeError, ValueError) as exc:
                 raise InvalidInput(f"setting {name}: expected {typ.__name__}, got {value!r}") from exc
         return cls(**kwargs)

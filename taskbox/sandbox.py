@@ -60,6 +60,8 @@ LABEL_HOME = "taskbox.home"
 LABEL_ROLE = "taskbox.role"  # "egress-proxy" on proxy containers, absent on task containers
 LABEL_EGRESS_FOR = "taskbox.egress-for"  # on a proxy and a task network: the task container's name
 LABEL_EGRESS = "taskbox.egress"  # on a task container: base64 JSON of its egress configuration
+LABEL_PORT_FOR = "taskbox.port-for"  # on a port forwarder: the task container's name
+LABEL_PORT = "taskbox.port"  # on a port forwarder: "PORT HOST_IP HOST_PORT"
 LABEL_SCRATCH = "taskbox.scratch"  # on a throwaway container that reads a workspace for the host
 CONTAINER_WORKSPACE = "/workspace"
 MIN_MEMORY = 64 * 1024**2
@@ -229,12 +231,15 @@ class ExecControl:
         self.cancelled = threading.Event()
         self.done = threading.Event()  # set by whoever runs the command, when it is over and logged
         self.redact: Callable[[str], str] = lambda text: text
+        self.echo: Callable[[bytes], object] | None = None  # e.g. `taskbox run` showing output as it comes
 
     def feed(self, chunk: bytes) -> None:
         with self._lock:
             self.output_bytes += len(chunk)
             self._tail += chunk
             del self._tail[:-self._tail_bytes]
+        if self.echo is not None:
+            self.echo(chunk)
 
     def tail(self, lines: int = 10, chars: int = 2000) -> str:
         """The newest ``lines`` complete-or-partial lines of output, at most ``chars`` characters."""
@@ -257,6 +262,123 @@ class ExecControl:
             kill = self._kill
         if kill is not None:
             kill()
+
+
+# A published port is two small forwarders, so it can be added and removed while the task runs
+# and works in every network mode (Docker cannot add a port to a running container, nor
+# publish one from an internal network): the *inner* one shares the task container's network
+# namespace and connects a Unix socket to 127.0.0.1:PORT there; the *outer* one, on the
+# default bridge, publishes HOST_IP:HOST_PORT and relays each connection to that socket (a
+# volume both mount). Neither gives the task a way out: they only accept inbound connections.
+_FORWARD = r"""
+import os, socket, sys, threading
+mode, port = sys.argv[1], int(sys.argv[2])
+path = "/run/fwd/sock"
+def pump(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            try: s.shutdown(socket.SHUT_RDWR)
+            except OSError: pass
+def serve(listener, connect):
+    while True:
+        conn, _ = listener.accept()
+        try:
+            other = connect()
+        except OSError:
+            conn.close(); continue
+        threading.Thread(target=pump, args=(conn, other), daemon=True).start()
+        threading.Thread(target=pump, args=(other, conn), daemon=True).start()
+if mode == "inner":
+    try: os.unlink(path)
+    except FileNotFoundError: pass
+    lst = socket.socket(socket.AF_UNIX); lst.bind(path); lst.listen(64)
+    serve(lst, lambda: socket.create_connection(("127.0.0.1", port)))
+else:
+    lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("0.0.0.0", 8080)); lst.listen(64)
+    def unix():
+        s = socket.socket(socket.AF_UNIX); s.connect(path); return s
+    serve(lst, unix)
+"""
+
+
+class TtySession:
+    """One ``docker exec`` with a terminal: bytes both ways on one socket, a resizable window."""
+
+    def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
+        self.api = api
+        self.exec_id = exec_id
+        self._io = sock
+        self.sock = getattr(sock, "_sock", sock)  # the raw socket under docker-py's wrapper
+
+    def resize(self, rows: int, cols: int) -> None:
+        try:
+            self.api.exec_resize(self.exec_id, height=rows, width=cols)
+        except DOCKER_ERRORS:
+            pass  # the exec ended meanwhile
+
+    def relay(self, stdin_fd: int, stdout_fd: int, *, size: Callable[[], tuple[int, int] | None] | None = None,
+              poll: float = 0.25) -> int:
+        """Copy ``stdin_fd`` to the exec and its output to ``stdout_fd`` until it ends; its exit code.
+
+        ``size`` (rows, columns) is polled and every change is sent as a window resize. A closed
+        terminal (EOF or an error on ``stdin_fd``) ends the relay without ending the exec.
+        """
+        import select
+
+        last: tuple[int, int] | None = None
+        stdin_open = True
+        while True:
+            if size is not None:
+                now = size()
+                if now and now != last:
+                    last = now
+                    self.resize(*now)
+            readers = [self.sock] + ([stdin_fd] if stdin_open else [])
+            ready, _, _ = select.select(readers, [], [], poll)
+            if self.sock in ready:
+                try:
+                    data = self.sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                try:
+                    os.write(stdout_fd, data)
+                except OSError:
+                    break  # the terminal went away: the agent keeps running
+            if stdin_open and stdin_fd in ready:
+                try:
+                    data = os.read(stdin_fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    stdin_open = False
+                    break
+                try:
+                    self.sock.sendall(data)
+                except OSError:
+                    break
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        try:
+            self._io.close()
+        except OSError:
+            pass
+        try:
+            code = self.api.exec_inspect(self.exec_id).get("ExitCode")
+        except DOCKER_ERRORS:
+            return -1
+        return -1 if code is None else int(code)
 
 
 def weakened(spec: ContainerSpec, *, default_pids: int = 512, default_memory: str = "2g") -> list[str]:
@@ -591,6 +713,8 @@ class Sandbox:
             self.api.start(cid)
             for p in proxies:
                 self._wait_proxy(p["Id"])
+            if name:
+                self._restart_forwarders(name)
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not start container {cid[:12]}") from exc
         self.learn_agent(cid)
@@ -650,10 +774,12 @@ class Sandbox:
 
     def stop(self, cid: str, timeout: int = 2) -> None:
         try:
-            _name, proxies = self._egress_of(cid)
+            name, proxies = self._egress_of(cid)
             self.api.stop(cid, timeout=timeout)
             for p in proxies:
                 self.api.stop(p["Id"], timeout=1)
+            for f in self.api.containers(filters={"label": f"{LABEL_PORT_FOR}={name}"}) if name else []:
+                self.api.stop(f["Id"], timeout=1)
         except DockerNotFound:
             pass
         except DOCKER_ERRORS as exc:
@@ -679,6 +805,8 @@ class Sandbox:
             self.agent_keys.drop(cid)
         if LABEL_EGRESS in labels or labels.get(LABEL_ROLE) == "egress-proxy":
             self._remove_egress(owner)
+        if not labels.get(LABEL_ROLE):
+            self._remove_forwarders(owner)
 
     def state(self, cid: str | None) -> ContainerState:
         if not cid:
@@ -1056,6 +1184,157 @@ class Sandbox:
             raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
         code = info.get("ExitCode")
         return None if code is None else int(code)
+
+    def exec_tty(self, cid: str, argv: list[str], *, workdir: str = CONTAINER_WORKSPACE,
+                 env: dict[str, str] | None = None, mark: str | None = None,
+                 size: tuple[int, int] | None = None) -> TtySession:
+        """Start ``argv`` in the container with a terminal attached; the caller relays the bytes.
+
+        ``mark`` is the ``TASKBOX_EXEC`` value its processes carry (so pause finds it running).
+        """
+        uid, gid = sandbox_owner()
+        environment = {"TERM": os.environ.get("TERM") or "xterm-256color", **(env or {})}
+        if mark:
+            environment[KILL_MARK] = mark
+        try:
+            exec_id = self.api.exec_create(cid, argv, workdir=workdir, user=f"{uid}:{gid}", environment=environment,
+                                           tty=True, stdin=True)["Id"]
+            sock = self.api.exec_start(exec_id, tty=True, socket=True)
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not start a terminal in {cid[:12]}") from exc
+        session = TtySession(self.api, exec_id, sock)
+        if size:
+            session.resize(*size)
+        return session
+
+    def forwarders(self, cid: str) -> list[dict[str, Any]]:
+        """The ports published for a task container: ``port``, ``host_ip``, ``host_port``, ``running``."""
+        name = self._name(cid)
+        if name is None:
+            return []
+        out: dict[int, dict[str, Any]] = {}
+        try:
+            found = self.api.containers(all=True, filters={"label": f"{LABEL_PORT_FOR}={name}"})
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, "could not list the published ports") from exc
+        for c in found:
+            port, host_ip, host_port = (c["Labels"].get(LABEL_PORT) or "0 - 0").split()
+            row = out.setdefault(int(port), {"port": int(port), "host_ip": host_ip, "host_port": int(host_port),
+                                             "running": True})
+            row["running"] = row["running"] and c.get("State") == "running"
+        return [out[k] for k in sorted(out)]
+
+    def publish(self, cid: str, port: int, host_ip: str, host_port: int, image: str, labels: dict[str, str]) -> None:
+        """Publish the task's ``port`` on ``host_ip:host_port`` through the two forwarders."""
+        name = self._name(cid)
+        if name is None:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`")
+        base = f"{name}-port-{port}"
+        tags = {**labels, LABEL_ROLE: "port-forward", LABEL_PORT_FOR: name, LABEL_PORT: f"{port} {host_ip} {host_port}"}
+        hardening: dict[str, Any] = dict(cap_drop=["ALL"], security_opt=["no-new-privileges:true"], read_only=True,
+                                         pids_limit=64, mem_limit=64 * 1024**2, memswap_limit=64 * 1024**2,
+                                         nano_cpus=int(0.25e9), init=True, ipc_mode="private",
+                                         log_config=LogConfig(type="json-file", config={"max-size": "1m"}))
+        self.unpublish(cid, port)
+        try:
+            self.api.create_volume(base, labels={**labels, LABEL_PORT_FOR: name})
+            mount = {base: {"bind": "/run/fwd", "mode": "rw"}}
+            inner = self.api.create_container(
+                image, ["python3", "-c", _FORWARD, "inner", str(port)], name=f"{base}-in", user="0:0",
+                labels=tags, host_config=self.api.create_host_config(
+                    network_mode=f"container:{cid}", binds=mount,
+                    **{**hardening, "cap_drop": ["ALL"]}))["Id"]
+            # Both run as root without any capability: the volume is root's, and the outer one
+            # listens on 8080 inside (no CAP_NET_BIND_SERVICE needed), published as HOST_PORT.
+            outer = self.api.create_container(
+                image, ["python3", "-c", _FORWARD, "outer", str(port)], name=f"{base}-out", user="0:0",
+                labels=tags, ports=[8080], host_config=self.api.create_host_config(
+                    network_mode="bridge", binds=mount, port_bindings={8080: (host_ip, host_port)},
+                    **hardening))["Id"]
+            self.api.start(inner)
+            self.api.start(outer)
+        except DOCKER_ERRORS as exc:
+            self.unpublish(cid, port)
+            text = str(exc)
+            if "already allocated" in text or "address already in use" in text:
+                raise InvalidInput(f"host port {host_ip}:{host_port} is already in use; choose another with "
+                                   f"HOST_PORT:{port}", port=port, host_port=host_port) from exc
+            raise docker_engine.translate(exc, f"could not publish port {port} of {name}") from exc
+
+    def unpublish(self, cid: str, port: int | None = None) -> int:
+        """Remove the forwarders of ``port`` (every port if None); how many ports were removed."""
+        name = self._name(cid)
+        if name is None:
+            return 0
+        return self._remove_forwarders(name, port)
+
+    def _remove_forwarders(self, name: str, port: int | None = None) -> int:
+        removed: set[str] = set()
+        try:
+            for c in self.api.containers(all=True, filters={"label": f"{LABEL_PORT_FOR}={name}"}):
+                if port is None or (c["Labels"].get(LABEL_PORT) or "").split()[:1] == [str(port)]:
+                    self.api.remove_container(c["Id"], force=True)
+                    removed.add((c["Labels"].get(LABEL_PORT) or "").split()[0])
+            for v in (self.api.volumes(filters={"label": f"{LABEL_PORT_FOR}={name}"}).get("Volumes") or []):
+                if port is None or v["Name"] == f"{name}-port-{port}":
+                    try:
+                        self.api.remove_volume(v["Name"], force=True)
+                    except APIError:
+                        pass
+        except DockerNotFound:
+            pass
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not remove the port forwarders of {name}") from exc
+        return len(removed)
+
+    def _restart_forwarders(self, name: str) -> None:
+        """After the task container (re)starts: the inner forwarders join its new network namespace."""
+        for c in self.api.containers(all=True, filters={"label": f"{LABEL_PORT_FOR}={name}"}):
+            self.api.restart(c["Id"], timeout=1)
+
+    def _name(self, cid: str) -> str | None:
+        try:
+            return str(self.api.inspect_container(cid)["Name"]).lstrip("/")
+        except DockerNotFound:
+            return None
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not inspect container {cid[:12]}") from exc
+
+    def set_egress(self, cid: str, egress: EgressConfig) -> bool:
+        """Give a running task's proxy new rules (a new proxy container on the same network).
+
+        Returns False when the container has no egress proxy. The task container keeps its
+        label with the rules it was created with; the service passes the current ones on start.
+        """
+        name, proxies = self._egress_of(cid)
+        if not name or not proxies:
+            return False
+        net_name = f"{name}-net"
+        try:
+            old = self.api.inspect_container(proxies[0]["Id"])
+            labels = {k: v for k, v in (old["Config"].get("Labels") or {}).items()}
+            host_config = old["HostConfig"]
+            for p in proxies:
+                self.api.remove_container(p["Id"], force=True, v=True)
+            proxy = self.api.create_container(
+                egress.image, name=f"{name}-egress", user=PROXY_UID,
+                environment={"TASKBOX_SQUID_CONF": squid_config(egress.rules)}, labels=labels,
+                host_config=self.api.create_host_config(
+                    network_mode=egress.outside_network, cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+                    read_only=True, tmpfs={"/tmp": "size=16m,mode=1777"}, pids_limit=64,
+                    mem_limit=host_config.get("Memory") or 128 * 1024**2,
+                    memswap_limit=host_config.get("MemorySwap") or 128 * 1024**2,
+                    nano_cpus=host_config.get("NanoCpus") or int(0.5e9), init=True, ipc_mode="private",
+                    log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"})),
+            )["Id"]
+            self.api.connect_container_to_network(proxy, net_name, aliases=[PROXY_ALIAS])
+            self.api.start(proxy)
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not update the egress proxy of {name}") from exc
+        self._wait_proxy(proxy)
+        return True
 
     def capture(self, cid: str, argv: list[str], *, sink: BinaryIO | None = None, limit: int = 4 << 20,
                 env: dict[str, str] | None = None, timeout: float = 300) -> Captured:
