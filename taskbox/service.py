@@ -2586,7 +2586,7 @@ class TaskService:
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
-        if run is not None and run["status"] == "running" and not ultrawork.pid_alive(run["pid"]):
+        if run is not None and run["status"] == "running" and not liveness.pid_alive(run["pid"]):
             run = {**run, "status": "interrupted"}
         final = sum(counts.get(s, 0) for s in ultrawork.FINAL)
         return {"parent": parent.id, "branch": parent.branch, "run": run, "subtasks": rows, "counts": counts,
@@ -2612,7 +2612,7 @@ class TaskService:
                            "FILE`)", task_id=parent.id)
         run = self.registry.run(parent.id) or {}
         if run.get("status") == "running":
-            if ultrawork.pid_alive(run.get("pid")) and run.get("pid") != os.getpid():
+            if liveness.pid_alive(run.get("pid")) and run.get("pid") != os.getpid():
                 raise TaskBusy(f"an ultrawork run of {parent.id} is going on (pid {run['pid']}); watch it with "
                                f"`taskbox subtask-status {parent.id} --watch`", task_id=parent.id)
             if not resume:
