@@ -33,6 +33,7 @@ from typing_extensions import TypedDict
 from . import __version__
 from .errors import CommandTimeout, InvalidInput, TaskboxError
 from .mcp_instructions import INSTRUCTIONS
+from .results import plain
 from .sandbox import ExecControl
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_
 
 def _json(data: Any) -> Any:
     """``data`` as plain JSON values (paths, enums and the like become strings)."""
-    return json.loads(json.dumps(data, default=str))
+    return json.loads(json.dumps(data, default=plain))
 
 
 def ok(data: dict[str, Any]) -> CallToolResult:
@@ -368,7 +369,7 @@ def create_server(service: TaskService | None = None,
         def call(_session: str | None) -> dict[str, Any]:
             return {"success": True, **ad.service.detach(task_id, session_id, save_checkpoint=save_checkpoint,
                                                          checkpoint_name=checkpoint_name,
-                                                         kill_running=kill_running)}
+                                                         kill_running=kill_running).to_dict()}
 
         result = await ad.task_tool(ctx, task_id, "detach_agent_from_task", args, call)
         if not result.is_error:
@@ -395,8 +396,9 @@ def create_server(service: TaskService | None = None,
                 "summary": summary}
 
         def call(_session: str | None) -> dict[str, Any]:
-            return ad.service.complete(task_id, summary, cleanup=cleanup_after,
-                                       final_checkpoint=create_final_checkpoint, kill_running=kill_running)
+            return {"success": True, **ad.service.complete(task_id, summary, cleanup=cleanup_after,
+                                                           final_checkpoint=create_final_checkpoint,
+                                                           kill_running=kill_running).to_dict()}
 
         result = await ad.task_tool(ctx, task_id, "complete_task", args, call)
         if not result.is_error:

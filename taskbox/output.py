@@ -8,9 +8,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .results import plain
+
 
 def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    return json.dumps(data, indent=2, sort_keys=True, default=plain, ensure_ascii=False)
 
 
 def ago(ts: float | None) -> str:

@@ -81,6 +81,7 @@ from .network import MODES as NETWORK_MODES
 from .network import EgressRules
 from .plugins import make_manager
 from .registry import Registry, list_backups, restore_backup, set_aside
+from .results import Completed, Detached, Synced
 from .sandbox import (
     CMD_MARK,
     LABEL_HOME,
@@ -1016,7 +1017,7 @@ class TaskService:
         return self.registry.renew_lease(task_id, session_id, self.settings.lease_seconds)
 
     def detach(self, task_id: str, session_id: str | None = None, *, save_checkpoint: bool = False,
-               checkpoint_name: str | None = None, kill_running: bool = False) -> dict[str, Any]:
+               checkpoint_name: str | None = None, kill_running: bool = False) -> Detached:
         """End an agent session; commit the work, fetch the branch, pause if nobody is left.
 
         ``save_checkpoint`` takes a checkpoint (named ``checkpoint_name``) after the commit.
@@ -1062,9 +1063,8 @@ class TaskService:
         if not remaining and self.get(task.id).status is Status.ACTIVE:
             self.pause(task.id, kill_running=kill_running)
             paused = True
-        result = {"task_id": task.id, "session_id": session.id, "paused": paused, "commit": fetched,
-                  "branch": task.branch, "remaining_sessions": [s.id for s in remaining],
-                  "checkpoint_id": checkpoint["checkpoint_id"] if checkpoint else None}
+        result = Detached(task.id, session.id, paused, fetched, task.branch, [s.id for s in remaining],
+                          checkpoint["checkpoint_id"] if checkpoint else None)
         self._after(task, "detach", args, result)
         return result
 
@@ -1665,7 +1665,7 @@ class TaskService:
     # --- complete / abort / cleanup ----------------------------------------------------------
 
     def complete(self, task_id: str, summary: str = "", *, cleanup: bool = False,
-                 final_checkpoint: bool = True, kill_running: bool = False) -> dict[str, Any]:
+                 final_checkpoint: bool = True, kill_running: bool = False) -> Completed:
         """Finish a task: final Plan.md summary and checkpoint, commit, fetch the branch, stop the container.
 
         Marked ``pending_op='complete'`` while it runs, so a crash part-way is finished by
@@ -1699,10 +1699,9 @@ class TaskService:
             self.cleanup(task.id)
             removed = True
         finals = [c for c in self.list_checkpoints(task.id) if c["trigger"] == "final"]
-        result = {"success": True, "task_id": task.id, "branch": task.branch, "commit": head,
-                  "new_commit": commit, "container_removed": removed,
-                  "final_checkpoint_id": finals[-1]["checkpoint_id"] if finals and final_checkpoint else None,
-                  "status": str(self.get(task.id).status)}
+        result = Completed(task.id, task.branch, head, commit, removed,
+                           finals[-1]["checkpoint_id"] if finals and final_checkpoint else None,
+                           str(self.get(task.id).status))
         self._after(task, "complete", args, result)
         return result
 
@@ -2065,13 +2064,13 @@ class TaskService:
         self._after(task, "log", {"limit": limit}, rows)
         return rows
 
-    def sync(self, task_id: str, message: str = "taskbox: sync") -> dict[str, Any]:
+    def sync(self, task_id: str, message: str = "taskbox: sync") -> Synced:
         """Commit the workspace and fetch the task branch into the user's repository now."""
         task = self.get(task_id)
         self._before(task, "sync", {"message": message})
         commit, head = self._publish(task, message)
         self.registry.add_event("task.synced", task.id, {"commit": head})
-        result = {"task_id": task.id, "branch": task.branch, "commit": head, "new_commit": commit}
+        result = Synced(task.id, task.branch, head, commit)
         self._after(task, "sync", {"message": message}, result)
         return result
 

@@ -59,6 +59,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from . import __version__, files
 from .errors import InvalidInput, TaskboxError
 from .models import ContainerState, Status
+from .results import plain
 from .sandbox import ExecControl
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ class Guard:
 
 
 def _dumps(data: Any) -> bytes:
-    return json.dumps(data, default=str, ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(data, default=plain, ensure_ascii=False, allow_nan=False).encode()
 
 
 class JSON(JSONResponse):

@@ -51,7 +51,7 @@ def test_full_lifecycle(svc: TaskService, repo: Path, docker_engine) -> None:
     assert svc.exec(task.id, "cat notes.txt").stdout == "hi\n"  # same filesystem after restart
 
     done = svc.complete(task.id, "login works")
-    assert done["success"] and svc.get(task.id).status is Status.COMPLETED
+    assert done.status == "completed" and done["branch"] == task.branch and svc.get(task.id).status is Status.COMPLETED
     # the branch holds the work only; memory and Plan.md travel on the companion ref beside it
     assert git(repo, "ls-tree", "-r", "--name-only", task.branch).split() == ["README.md", "app.py", "notes.txt"]
     memory = f"refs/taskbox/{task.branch}/memory"
