@@ -317,8 +317,8 @@ def create_server(service: TaskService | None = None,
                                             inodes=limits.get("inodes"), memory_on_branch=memory_on_branch)
             ad.service.record_tool_call(res["task_id"], "create_task_sandbox",
                                  {"task_description": task_description, "workspace_path": workspace_path,
-                                  "resume_if_exists": resume_if_exists, "outcome": res["status"]})
-            return res
+                                  "resume_if_exists": resume_if_exists, "outcome": res.status})
+            return res.to_dict()
 
         return await ad.run(call)
 
@@ -745,9 +745,9 @@ def create_server(service: TaskService | None = None,
         created since are removed. Use it to undo a failed approach. Refused while another agent is
         attached to the task."""
         return await ad.task_tool(ctx, task_id, "restore_task_checkpoint", {"checkpoint_id": checkpoint_id},
-                                  lambda session: ad.service.restore_checkpoint(task_id, checkpoint_id,
-                                                                                session_id=session,
-                                                                                kill_running=kill_running))
+                                  lambda session: {"success": True, **ad.service.restore_checkpoint(
+                                      task_id, checkpoint_id, session_id=session,
+                                      kill_running=kill_running).to_dict()})
 
     return server
 

@@ -76,3 +76,34 @@ def plain(value: Any) -> Any:
     anything else (paths, enums) as text."""
     to_dict = getattr(value, "to_dict", None)
     return to_dict() if callable(to_dict) else str(value)
+
+
+@dataclass
+class CheckpointRestored(Result):
+    """A workspace made exactly a checkpoint's (or, when it was lost, brought back from one)."""
+
+    task_id: str
+    checkpoint_id: str
+    name: str
+    files_changed: int
+    files_restored: int
+    files_removed: int
+    container_restored: bool
+    forced: bool
+    duration_ms: float
+    workspace_restored: bool = False  # the workspace was lost and came back whole
+    volume_made: bool = False  # its quota volume had to be made again
+
+
+@dataclass
+class TaskOpened(Result):
+    """A task created, or an unfinished one resumed (create-or-resume)."""
+
+    task_id: str
+    status: str  # "created" or "resumed"
+    task_status: str
+    container_id: str | None
+    existing_container: bool
+    branch: str
+    workspace_path: str
+    repo_path: str

@@ -81,7 +81,7 @@ from .network import MODES as NETWORK_MODES
 from .network import EgressRules
 from .plugins import make_manager
 from .registry import Registry, list_backups, restore_backup, set_aside
-from .results import Completed, Detached, Synced
+from .results import CheckpointRestored, Completed, Detached, Synced, TaskOpened
 from .sandbox import (
     CMD_MARK,
     LABEL_HOME,
@@ -266,7 +266,7 @@ class TaskService:
         self.registry.add_event("workspace.reowned", task.id, {"files": count})
         return f"{count} entr{'y' if count == 1 else 'ies'} given back to the sandbox user"
 
-    def restore_workspace(self, task_id: str, by: str, checkpoint_id: str | None = None) -> dict[str, Any]:
+    def restore_workspace(self, task_id: str, by: str, checkpoint_id: str | None = None) -> CheckpointRestored:
         """Bring a lost workspace back from a checkpoint (the newest by default): its quota volume
         made again first, then every file, the branch (its ``.git``) and the memory; the
         container, which bound the old directory, is made again on the next start."""
@@ -301,10 +301,9 @@ class TaskService:
         self.update_state(task, lambda s: s.__setitem__("current_checkpoint", cp["checkpoint_id"]))
         self.registry.add_event("workspace.restored", task.id, {"checkpoint_id": cp["checkpoint_id"], "by": by,
                                                                "volume": made_volume})
-        return {"task_id": task.id, "checkpoint_id": cp["checkpoint_id"], "name": cp["name"],
-                "files_changed": done.changed, "files_restored": done.added, "files_removed": done.removed,
-                "container_restored": False, "forced": done.forced,
-                "duration_ms": round((time.perf_counter() - done.started) * 1000, 1), "volume_made": made_volume}
+        return CheckpointRestored(task.id, cp["checkpoint_id"], cp["name"], done.changed, done.added, done.removed,
+                                  False, done.forced, round((time.perf_counter() - done.started) * 1000, 1),
+                                  workspace_restored=True, volume_made=made_volume)
 
     def _ensure_volume(self, task: Task) -> None:
         """Mount the task's workspace volume (its disk and inode quota) unless it is mounted.
@@ -1833,7 +1832,7 @@ class TaskService:
             pass  # the original error matters more than the record of it
 
     def restore_checkpoint(self, task_id: str, checkpoint_id: str | None = None, force: bool = False, *,
-                           session_id: str | None = None, kill_running: bool = False) -> dict[str, Any]:
+                           session_id: str | None = None, kill_running: bool = False) -> CheckpointRestored:
         """Make the workspace exactly the checkpoint's (the newest if none is named).
 
         Refused while an agent other than ``session_id`` is attached, unless ``force``; and
@@ -1845,9 +1844,8 @@ class TaskService:
         args = {"checkpoint_id": checkpoint_id, "force": force}
         self._before(task, "restore", args)
         if self.workspace_lost(task):  # nothing to lose: it comes back whole
-            result = {"success": True, **self.restore_workspace(task.id, "restore", checkpoint_id),
-                      "workspace_restored": True}
-            self.registry.add_event("checkpoint.restored", task.id, result)
+            result = self.restore_workspace(task.id, "restore", checkpoint_id)
+            self.registry.add_event("checkpoint.restored", task.id, result.to_dict())
             self._after(task, "restore", args, result)
             return result
         self._ensure_volume(task)
@@ -1868,11 +1866,10 @@ class TaskService:
                           context="restore" + (" (forced while agents were attached)" if done.forced else ""),
                           rationale=f"{done.changed} changed, {done.added} brought back, "
                                     f"{done.removed} removed")
-        result = {"success": True, "task_id": task.id, "checkpoint_id": cp["checkpoint_id"], "name": cp["name"],
-                  "files_changed": done.changed, "files_restored": done.added,
-                  "files_removed": done.removed, "container_restored": bool(done.image),
-                  "forced": done.forced, "duration_ms": round((time.perf_counter() - done.started) * 1000, 1)}
-        self.registry.add_event("checkpoint.restored", task.id, result)
+        result = CheckpointRestored(task.id, cp["checkpoint_id"], cp["name"], done.changed, done.added, done.removed,
+                                    bool(done.image), done.forced,
+                                    round((time.perf_counter() - done.started) * 1000, 1))
+        self.registry.add_event("checkpoint.restored", task.id, result.to_dict())
         self._after(task, "restore", args, result)
         return result
 
@@ -2195,7 +2192,7 @@ class TaskService:
     # --- agent tool calls (MCP) --------------------------------------------------------------
 
     def create_or_resume_task(self, repo: str | Path, description: str, *, task_id: str | None = None,
-                              resume_if_exists: bool = False, **options: Any) -> dict[str, Any]:
+                              resume_if_exists: bool = False, **options: Any) -> TaskOpened:
         """Create a task, or with ``resume_if_exists`` pick up the matching one and start its sandbox.
 
         The match is the task with ``task_id`` if given, else the most recently active
@@ -2226,9 +2223,8 @@ class TaskService:
             task = self.ensure_running(existing.id)
             self.registry.add_event("task.resumed", task.id, {"container_kept": had_container})
             outcome = "resumed"
-        return {"task_id": task.id, "status": outcome, "task_status": str(task.status),
-                "container_id": task.container_id, "existing_container": had_container,
-                "branch": task.branch, "workspace_path": task.workspace_path, "repo_path": task.repo_path}
+        return TaskOpened(task.id, outcome, str(task.status), task.container_id, had_container, task.branch,
+                          task.workspace_path, task.repo_path)
 
     def status(self, task_id: str, recent: int = 5) -> dict[str, Any]:
         """A task's record with its live state: agents, todos, metrics, recent commands."""

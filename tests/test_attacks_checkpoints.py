@@ -69,7 +69,7 @@ def test_restore_through_a_swapped_link_leaves_the_host_untouched(svc: TaskServi
 
     res = svc.restore_checkpoint(task.id, cp["checkpoint_id"])
 
-    assert res["success"]
+    assert res.checkpoint_id and res["files_restored"] >= 0
     assert manifest(repo) == user  # the user's .git, byte for byte, every file
     assert manifest(host) == canary_before
     assert differences(want, manifest(ws)) == []  # the real nested repository is back
