@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from . import archive, checkpoint_archive, files
 from .confine import rooted
 from .errors import CheckpointCorrupted, GitError, InvalidInput, NotFound, TaskboxError, TaskLocked
-from .snapshots import EMPTY_TREE, Store, Unit, apply_restore, corrupted, join, plan_restore
+from .snapshots import EMPTY_TREE, Store, Unit, apply_restore, corrupted, join, plan_restore, restore_blobs
 
 if TYPE_CHECKING:
     from .config import Paths, Settings
@@ -378,7 +378,7 @@ class Checkpoints:
             # a damaged store is reported while the workspace is still untouched.
             try:
                 plans = plan_restore(store, current, target)
-                store.verify_blobs([p.entries[path][1] for p in plans for path in p.write])
+                store.verify_blobs(restore_blobs(plans))  # chunk lists were read whole by the plan
             except GitError as exc:
                 raise corrupted(f"checkpoint {cp_id} cannot be restored", exc,
                                 "; the workspace was not changed") from exc

@@ -51,6 +51,7 @@ from __future__ import annotations
 import base64
 import collections
 import errno
+import functools
 import hashlib
 import json
 import marshal
@@ -64,7 +65,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -114,11 +116,186 @@ _LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit 
 # a later change within the same (coarse, <= 10 ms) timestamp tick would leave its stat
 # unchanged. Local file systems stamp with the kernel clock this is compared with.
 _RACY_NS = 50_000_000
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3  # 3: chunked files
 _CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
 _CAPTURE_REF = "refs/taskbox/capture"
 _NULL_SHA = "0" * 40
 _NEEDS_QUOTE = re.compile(rb'[\x00-\x1f"\\\x7f]')
+
+# --- content-defined chunking of large files ---------------------------------------------------
+#
+# A file of _CHUNK_THRESHOLD bytes or more is stored as chunks (git blobs) cut where the
+# content says, as restic, borg and kopia do: appending to it, or changing a few bytes in the
+# middle, stores the chunks that changed, not the file again. Its entry in the unit's tree is
+# a small chunk list (see _chunk_list), and the unit's manifest names the paths that are
+# chunked (Unit.chunked), so a whole file whose bytes happen to look like a chunk list is
+# never taken for one. Where the cuts fall only affects how well content is shared; a file
+# is always rebuilt from the chunks its list names, so the cut rule may change without
+# harm to what is stored.
+#
+# The cut rule (restic's sizes: at least 512 KiB, at most 8 MiB, about 1 MiB on average):
+# a chunk ends after byte c when the 4 bytes before c, each mapped to one of 16 symbols by a
+# fixed random table, spell _CDC_PATTERN (one position in 2^16), and the CRC-32 of the 64
+# bytes before c has its low 3 bits clear (one in 8). The first test runs at C speed
+# (``bytes.translate`` and ``bytes.find``), the second only where the first matched; both
+# depend on the 64-byte window before c alone, so cuts move with the content when bytes
+# are inserted or removed before them. Runs of one byte, or of a period below 4, never
+# match (the pattern has four different symbols): zeros are cut every 8 MiB, into chunks
+# that are all the same one.
+_CHUNK_THRESHOLD = 2 << 20
+_CDC_MIN = 512 << 10
+_CDC_MAX = 8 << 20
+_CDC_WINDOW = 64
+_CDC_STEP = 1 << 20  # bytes mapped to symbols at a time, while looking for a cut
+_CDC_SYMBOLS = bytes(0x41 + ((b * 3 + (b >> 3)) & 7) for b in range(256))
+_CDC_PATTERN = bytes(0x41 + s for s in (5, 1, 1, 7, 2, 6))
+_CDC_CRC_MASK = 1
+_READ_BLOCK = 16 << 20
+_CHUNK_LIST_MAGIC = b"taskbox-chunks 1\n"
+_CHUNK_LIST_LIMIT = 64 << 20  # the longest chunk list read back (a 10 TB file of 8 MiB chunks)
+_CHUNK_LINE = re.compile(rb"([0-9a-f]{40}) ([1-9][0-9]{0,8})\n")
+Chunks = list[tuple[str, int]]  # (blob id, length) in file order
+
+
+def _next_cut(buf: bytearray, start: int, end: int, eof: bool) -> int:
+    """Where the chunk that starts at ``buf[start]`` ends; ``buf[start:end]`` holds at least
+    _CDC_MAX bytes, or all the file has left (``eof``)."""
+    hi = min(end, start + _CDC_MAX)
+    a = start + _CDC_MIN
+    plen = len(_CDC_PATTERN)
+    while a <= hi:  # candidate ends a..b
+        b = min(a + _CDC_STEP, hi)
+        syms = buf[a - plen:b].translate(_CDC_SYMBOLS)
+        i = syms.find(_CDC_PATTERN)
+        while i >= 0:
+            c = a + i
+            if not zlib.crc32(buf[c - _CDC_WINDOW:c]) & _CDC_CRC_MASK:
+                return c
+            i = syms.find(_CDC_PATTERN, i + 1)
+        a = b + 1
+    return hi
+
+
+def _blob_id(data: bytes | memoryview) -> str:
+    h = hashlib.sha1(b"blob %d\0" % len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+class _FileReader:
+    """Reads an open file forward into one reused buffer, never past ``size`` (what was charged)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.buf = bytearray(_READ_BLOCK + _CDC_MAX)
+        self.view = memoryview(self.buf)
+        self.pos = self.end = 0  # the unread bytes are buf[pos:end]
+        self.base = 0  # the file offset of buf[0]
+        self.eof = size <= 0
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    def fill(self, need: int) -> None:
+        """Hold at least ``need`` (<= _CDC_MAX) bytes from the current offset, or all that is left."""
+        have = self.end - self.pos
+        if have >= need or self.eof:
+            return
+        if self.pos:
+            self.buf[:have] = self.view[self.pos:self.end]
+            self.base += self.pos
+            self.pos, self.end = 0, have
+        at = self.base + self.end
+        want = min(len(self.buf) - self.end, self.size - at)
+        while want > 0:
+            got = os.preadv(self.fd, [self.view[self.end:self.end + want]], at)
+            if not got:  # shorter than it was: what is there is what is stored
+                self.size = at
+                break
+            self.end += got
+            at += got
+            want -= got
+        if at >= self.size:
+            self.eof = True
+
+
+def _chunk_file(fd: int, size: int, old: Chunks | None,
+                put: Callable[[str, memoryview], None]) -> tuple[Chunks, bool]:
+    """The chunks of the open file ``fd`` (``size`` bytes), handing new ones to ``put``.
+
+    ``old`` is the file's chunk list from the last capture: where the file still holds an old
+    chunk at a cut (checked by its blob id: a SHA-1 of the bytes, no cheaper test), the
+    chunk is kept without looking for cuts inside it. After a change, cuts are looked for
+    afresh until one falls where an old one did (shifted by the change in size); from there
+    the old chunks are checked again. An append re-chunks the old last chunk and what
+    follows; a change in the middle, the chunks around it. Returns the chunks and whether
+    the file was read whole (False: it shrank while it was read).
+    """
+    old = old or []
+    starts: dict[int, int] = {}  # where old chunk k starts now, if the bytes before it only moved
+    delta = size - sum(n for _sha, n in old)
+    at = 0
+    for k, (_sha, n) in enumerate(old):
+        starts.setdefault(at + delta, k)
+        at += n
+    r = _FileReader(fd, size)
+    out: Chunks = []
+    j: int | None = 0 if old else None
+    while True:
+        r.fill(1)
+        if r.pos >= r.end:
+            break
+        if j is not None and j < len(old):
+            sha, n = old[j]
+            r.fill(n)
+            view = r.view[r.pos:r.pos + n]
+            # The old last chunk ended at the end of the file, not at a cut: it is still one
+            # only if it still ends there.
+            if len(view) == n and (j + 1 < len(old) or r.offset + n == r.size) and _blob_id(view) == sha:
+                r.pos += n
+                out.append((sha, n))
+                j += 1
+                continue
+            j = None
+        r.fill(_CDC_MAX)
+        c = _next_cut(r.buf, r.pos, r.end, r.eof)
+        view = r.view[r.pos:c]
+        r.pos = c
+        sha = _blob_id(view)
+        put(sha, view)
+        out.append((sha, len(view)))
+        j = starts.get(r.offset)
+    return out, r.size == size
+
+
+def _chunk_list(chunks: Chunks) -> bytes:
+    """The blob that stands for a chunked file in its unit's tree."""
+    return _CHUNK_LIST_MAGIC + b"".join(b"%s %d\n" % (sha.encode(), n) for sha, n in chunks)
+
+
+def parse_chunk_list(data: bytes, what: str) -> Chunks:
+    """A chunk list read back from the store; anything else is a damaged store."""
+    if not data.startswith(_CHUNK_LIST_MAGIC):
+        raise CheckpointCorrupted(f"the chunk list of {what} in the checkpoint store is damaged")
+    body = data[len(_CHUNK_LIST_MAGIC):]
+    out: Chunks = []
+    pos = 0
+    match = _CHUNK_LINE.match
+    while pos < len(body):
+        m = match(body, pos)
+        if m is None or int(m.group(2)) > _CDC_MAX:
+            raise CheckpointCorrupted(f"the chunk list of {what} in the checkpoint store is damaged")
+        out.append((m.group(1).decode(), int(m.group(2))))
+        pos = m.end()
+    return out
+
+
+def _compressible(data: memoryview) -> bool:
+    """Whether zlib is worth its time on a chunk, judged from a sample from its middle."""
+    mid = len(data) // 2
+    sample = data[mid:mid + 16384]
+    return len(zlib.compress(sample, 1)) < len(sample) * 0.9
 
 
 @dataclass
@@ -134,6 +311,11 @@ class Unit:
     # Permission bits: the most common ones per kind ("file", "exec", "dir") and the paths that
     # differ ("except"). None in checkpoints that predate it: see _perm.
     modes: dict[str, Any] | None = None
+    # Files stored as chunks: their tree entry is a chunk list (see _chunk_list), not the content.
+    chunked: list[str] = field(default_factory=list)
+    # The chunks those lists name (not in the manifest: the checkpoint's tree holds them, so
+    # git keeps them and gc does not drop them).
+    chunk_ids: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -141,12 +323,13 @@ class Unit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "tree": self.tree, "empty_dirs": self.empty_dirs,
-                "nested": self.nested, "dotgit": self.dotgit, "modes": self.modes}
+                "nested": self.nested, "dotgit": self.dotgit, "modes": self.modes, "chunked": self.chunked}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Unit:
         return cls(str(d["path"]), str(d["kind"]), str(d["tree"]), list(d.get("empty_dirs") or []),
-                   list(d.get("nested") or []), d.get("dotgit"), d.get("modes"))
+                   list(d.get("nested") or []), d.get("dotgit"), d.get("modes"),
+                   [str(p) for p in d.get("chunked") or []])
 
 
 StatKey = tuple[int, int, int, int, int]  # (size, mtime_ns, ctime_ns, inode, st_mode)
@@ -165,6 +348,8 @@ class Scan:
     fresh: list[str] = field(default_factory=list)  # entries read this time (the rest came from the cache)
     cache: dict[str, Entry] = field(default_factory=dict)  # the last capture's entries
     base: str = EMPTY_TREE  # the tree the cache describes
+    chunks: dict[str, Chunks] = field(default_factory=dict)  # the chunked files seen, with their chunks
+    cache_chunks: dict[str, Chunks] = field(default_factory=dict)  # the last capture's
 
 
 def join(*parts: str) -> str:
@@ -228,14 +413,15 @@ class _Importer:
     previous tree of each unit with only the changed paths.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, level: int = 1) -> None:
         self.store = store
+        # 1: small files and trees (zlib pays); 0: chunks that do not compress, stored as they are.
+        self.level = level
         self.proc: subprocess.Popen[bytes] | None = None
         self.out: IO[bytes] | None = None
         self.errors: IO[bytes] | None = None
         self.marks_file = store.meta / f"marks.{os.getpid()}.{secrets.token_hex(4)}"
         self.count = 0
-        self.packs_before: set[str] = set()
         self.read_total = 0
 
     def charge(self, size: int, name: str) -> None:
@@ -248,16 +434,19 @@ class _Importer:
 
     def _pipe(self) -> IO[bytes]:
         if self.out is None:
-            self.packs_before = self.store.packs()
             self.errors = tempfile.TemporaryFile()  # not in the store: it may be the full disk
+            # Below fastimport.unpackLimit objects an import becomes loose objects (zlib level
+            # core.looseCompression); chunks always go to a pack, stored at pack.compression.
+            unpack = 100 if self.level else 0
             self.proc = self.store.popen(
-                ["-c", "pack.compression=1", "fast-import", "--quiet", "--done", "--force", "--depth=0",
+                ["-c", f"pack.compression={self.level}", "-c", f"fastimport.unpackLimit={unpack}",
+                 "fast-import", "--quiet", "--done", "--force", "--depth=0",
                  f"--export-marks={self.marks_file}"], stderr=self.errors)
             assert self.proc.stdin is not None
             self.out = self.proc.stdin
         return self.out
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         try:
             self._pipe().write(data)
         except (BrokenPipeError, ValueError) as exc:  # fast-import died (e.g. the disk is full)
@@ -297,9 +486,11 @@ class _Importer:
         self._write(b"\n")
         return mark, whole
 
-    def blob(self, data: bytes) -> str:
+    def blob(self, data: bytes | memoryview) -> str:
         mark = self._mark()
-        self._write(b"blob\nmark %s\ndata %d\n%s\n" % (mark.encode(), len(data), data))
+        self._write(b"blob\nmark %s\ndata %d\n" % (mark.encode(), len(data)))
+        self._write(data)
+        self._write(b"\n")
         return mark
 
     def tree(self, base: str, deletes: Iterable[str], changes: Iterable[tuple[str, str, str]]) -> str:
@@ -315,10 +506,10 @@ class _Importer:
         self._write(b"".join(out))
         return mark
 
-    def finish(self) -> tuple[dict[str, str], int]:
-        """Close the stream; the marks' object ids and the bytes the store grew by."""
+    def finish(self) -> dict[str, str]:
+        """Close the stream; the marks' object ids."""
         if self.out is None:
-            return {}, 0
+            return {}
         # The scratch ref goes again: only checkpoints keep objects alive.
         self._write(b"reset %s\nfrom %s\n\ndone\n" % (_CAPTURE_REF.encode(), _NULL_SHA.encode()))
         try:
@@ -336,9 +527,7 @@ class _Importer:
                     marks[mark] = sha
         finally:
             self.marks_file.unlink(missing_ok=True)
-        grown = sum(self.store.pack_size(p) for p in self.store.packs() - self.packs_before)
-        grown += sum(self.store.loose_size(sha) for sha in marks.values())
-        return marks, grown
+        return marks
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -349,6 +538,48 @@ class _Importer:
         self.marks_file.unlink(missing_ok=True)
 
 
+class _Sink:
+    """Where one capture's contents go: small files, links, chunk lists and trees to one
+    ``fast-import`` (zlib level 1), chunks of large files that do not compress to a second
+    one that stores them as they are (level 0: deflating random bytes costs time and saves
+    nothing). A chunk the store already has (named by the stat caches) is not sent again."""
+
+    def __init__(self, store: Store) -> None:
+        self.imp = _Importer(store)
+        self.raw = _Importer(store, level=0)
+        self.known: set[str] = set()  # chunks the stat caches say the store has
+        self.sent: dict[str, tuple[_Importer, str]] = {}  # chunks sent now: their importer and mark
+
+    def charge(self, size: int, name: str) -> None:
+        self.imp.charge(size, name)
+
+    def blob(self, data: bytes) -> str:
+        return self.imp.blob(data)
+
+    def blob_from_fd(self, fd: int, size: int) -> tuple[str, bool]:
+        return self.imp.blob_from_fd(fd, size)
+
+    def chunk(self, sha: str, data: memoryview) -> None:
+        if sha in self.sent or sha in self.known:
+            return
+        to = self.imp if _compressible(data) else self.raw
+        self.sent[sha] = (to, to.blob(data))
+
+    def finish(self) -> dict[str, str]:
+        """The marks of the small-file import, once both imports are complete; chunk ids checked."""
+        raw = self.raw.finish()
+        marks = self.imp.finish()
+        for sha, (to, mark) in self.sent.items():
+            got = (raw if to is self.raw else marks).get(mark)
+            if got != sha:
+                raise TaskboxError(f"the checkpoint store stored chunk {sha[:12]} as {str(got)[:12]}")
+        return marks
+
+    def close(self) -> None:
+        self.raw.close()
+        self.imp.close()
+
+
 class _Blobs:
     """Blob contents read from the store in one ``cat-file --batch``, in the order asked for.
 
@@ -357,6 +588,7 @@ class _Blobs:
     """
 
     def __init__(self, store: Store, shas: list[str]) -> None:
+        self.store = store
         self.proc: subprocess.Popen[bytes] | None = None
         self.thread: threading.Thread | None = None
         self.errors: IO[bytes] | None = None
@@ -401,10 +633,10 @@ class _Blobs:
             left -= len(chunk)
         self._read(1)
 
-    def read(self, sha: str, limit: int) -> bytes:
+    def read(self, sha: str, limit: int, what: str = "link") -> bytes:
         size = self._header(sha)
         if size > limit:
-            raise CheckpointCorrupted(f"link {sha[:12]} in the checkpoint store is {size} bytes long")
+            raise CheckpointCorrupted(f"{what} {sha[:12]} in the checkpoint store is {size} bytes long")
         data = self._read(size)
         self._read(1)
         return data
@@ -511,16 +743,17 @@ class Store:
             data = marshal.loads(raw[len(_CACHE_MAGIC):])
             if not isinstance(data, dict) or data.get("v") != _CACHE_VERSION:
                 return
-            sc.cache, sc.base = data["entries"], data["tree"]
+            sc.cache, sc.base, sc.cache_chunks = data["entries"], data["tree"], data["chunks"]
             self._cached = True
         except (OSError, ValueError, EOFError, TypeError, KeyError):
-            sc.cache, sc.base = {}, EMPTY_TREE  # no cache: every file is read once more
+            sc.cache, sc.base, sc.cache_chunks = {}, EMPTY_TREE, {}  # no cache: every file is read once more
 
     def _save_cache(self, sc: Scan, entries: dict[str, Entry]) -> None:
         path = self.index_file(sc.unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(_CACHE_MAGIC + marshal.dumps({"v": _CACHE_VERSION, "tree": sc.unit.tree, "entries": entries}))
+        tmp.write_bytes(_CACHE_MAGIC + marshal.dumps({"v": _CACHE_VERSION, "tree": sc.unit.tree, "entries": entries,
+                                                       "chunks": sc.chunks}))
         os.replace(tmp, path)  # losing it costs one full read, so no fsync
 
     def drop_caches(self) -> None:
@@ -551,10 +784,11 @@ class Store:
             return self._scan(rfd, use_cache=False)
 
     def _scan(self, rfd: int, *, use_cache: bool) -> list[Scan]:
-        imp = _Importer(self)
+        packs_before = self.packs()
+        imp = _Sink(self)
         try:
             scans: list[Scan] = []
-            root = self._unit(Unit("", "files"), scans, use_cache)
+            root = self._unit(Unit("", "files"), scans, use_cache, imp)
             root_st = os.fstat(rfd)
             root.dirs[""] = root_st
             self._walk(rfd, root, "", 0, imp, scans, root_st.st_dev, use_cache)
@@ -566,12 +800,16 @@ class Store:
                 if not sc.entries:
                     sc.unit.tree = EMPTY_TREE
                 elif deletes or changes or sc.base == EMPTY_TREE:
-                    commits[sc.unit.key] = imp.tree(sc.base, deletes, changes)
+                    commits[sc.unit.key] = imp.imp.tree(sc.base, deletes, changes)
                 else:
                     sc.unit.tree = sc.base
-            marks, self.last_capture_bytes = imp.finish()
+            marks = imp.finish()
         finally:
             imp.close()
+        grown = sum(self.pack_size(p) for p in self.packs() - packs_before)
+        if len(marks) < 100:  # fewer objects than fastimport.unpackLimit: loose ones
+            grown += sum(self.loose_size(sha) for sha in marks.values())
+        self.last_capture_bytes = grown
         by_key: dict[str, str] = {}
         if commits:
             shas = [marks[m] for m in commits.values()]
@@ -589,17 +827,21 @@ class Store:
             sc.unit.empty_dirs.sort()
             sc.unit.nested.sort()
             sc.unit.modes = _modes(sc)
+            sc.unit.chunked = sorted(sc.chunks)
+            sc.unit.chunk_ids = {sha for ch in sc.chunks.values() for sha, _n in ch}
         scans.sort(key=lambda s: (s.unit.path.count("/"), s.unit.path, s.unit.kind))
         return scans
 
-    def _unit(self, unit: Unit, scans: list[Scan], use_cache: bool) -> Scan:
+    def _unit(self, unit: Unit, scans: list[Scan], use_cache: bool, sink: _Sink) -> Scan:
         sc = Scan(unit)
         if use_cache:
             self._load_cache(sc)
+            for ch in sc.cache_chunks.values():
+                sink.known.update(sha for sha, _n in ch)
         scans.append(sc)
         return sc
 
-    def _walk(self, dfd: int, sc: Scan, sub: str, depth: int, imp: _Importer, scans: list[Scan],
+    def _walk(self, dfd: int, sc: Scan, sub: str, depth: int, imp: _Sink, scans: list[Scan],
               dev: int, use_cache: bool) -> None:
         """Capture the directory ``dfd`` (``sub`` inside ``sc``'s unit) and everything below it."""
         if depth > _MAX_DEPTH:
@@ -613,6 +855,7 @@ class Store:
             listing = list(it)
         prefix = f"{sub}/" if sub else ""
         entries, metas, fresh, cached_entry = sc.entries, sc.meta, sc.fresh, sc.cache.get
+        chunks, cache_chunks = sc.chunks, sc.cache_chunks
         for entry in listing:  # the hot loop of a checkpoint: kept lean
             name = entry.name
             if entry.is_dir(follow_symlinks=False):  # from the directory entry's type: no system call
@@ -640,12 +883,16 @@ class Store:
             cached = cached_entry(rel)
             if cached is not None and cached[2] == key:  # same type, mode and content as last time
                 entries[rel] = cached
+                if st.st_size >= _CHUNK_THRESHOLD and rel in cache_chunks:
+                    chunks[rel] = cache_chunks[rel]
             elif stat.S_ISREG(mode):
-                got = self._read_file(dfd, name, imp, now)
+                got = self._read_file(dfd, name, imp, now, cache_chunks.get(rel))
                 if got is None:
                     sc.extra.append(rel)  # no longer a regular file: not captured
                     continue
-                entries[rel], st = got
+                entries[rel], st, chunked = got
+                if chunked is not None:
+                    chunks[rel] = chunked
                 fresh.append(rel)
             elif stat.S_ISLNK(mode):
                 try:
@@ -674,7 +921,7 @@ class Store:
                     continue
                 meta = cst
                 if name == ".git" and not gitdir and not sub:
-                    child = self._unit(Unit(join(sc.unit.path, ".git"), "gitdir"), scans, use_cache)
+                    child = self._unit(Unit(join(sc.unit.path, ".git"), "gitdir"), scans, use_cache, imp)
                     child.dirs[""] = meta
                     self._walk(cfd, child, "", depth + 1, imp, scans, dev, use_cache)
                 elif name == ".git":
@@ -682,7 +929,7 @@ class Store:
                     continue
                 elif not gitdir and lstat_at(cfd, ".git") is not None:
                     sc.unit.nested.append(rel)  # a nested repository: a unit of its own
-                    child = self._unit(Unit(join(sc.unit.path, rel), "files"), scans, use_cache)
+                    child = self._unit(Unit(join(sc.unit.path, rel), "files"), scans, use_cache, imp)
                     child.dirs[""] = meta
                     self._walk(cfd, child, "", depth + 1, imp, scans, dev, use_cache)
                 else:
@@ -695,7 +942,9 @@ class Store:
             sc.unit.empty_dirs.append(sub)  # empty, or holding only what git cannot store
 
     @staticmethod
-    def _read_file(dfd: int, name: str, imp: _Importer, now: int) -> tuple[Entry, os.stat_result] | None:
+    def _read_file(dfd: int, name: str, imp: _Sink, now: int,
+                   old: Chunks | None) -> tuple[Entry, os.stat_result, Chunks | None] | None:
+        """Store one regular file: whole if small, as chunks if large (``old``: its last chunks)."""
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
         except OSError as exc:
@@ -707,13 +956,18 @@ class Store:
             if not stat.S_ISREG(fst.st_mode):
                 return None
             imp.charge(fst.st_size, os.fsdecode(name))
-            ref, whole = imp.blob_from_fd(fd, fst.st_size)
+            chunks: Chunks | None = None
+            if fst.st_size >= _CHUNK_THRESHOLD:
+                chunks, whole = _chunk_file(fd, fst.st_size, old, imp.chunk)
+                ref = imp.blob(_chunk_list(chunks))
+            else:
+                ref, whole = imp.blob_from_fd(fd, fst.st_size)
         finally:
             os.close(fd)
         key: StatKey | None = (fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_ino, fst.st_mode)
         if not whole or fst.st_ctime_ns >= now - _RACY_NS:
             key = None  # it may still change within the same timestamp: read it again next time
-        return (("100755" if fst.st_mode & stat.S_IXUSR else "100644"), ref, key), fst
+        return (("100755" if fst.st_mode & stat.S_IXUSR else "100644"), ref, key), fst, chunks
 
     @staticmethod
     def _dotgit(dfd: int, sc: Scan, st: os.stat_result) -> bool:
@@ -791,6 +1045,17 @@ class Store:
                         input=json.dumps(manifest, sort_keys=True).encode()).stdout.strip()
         lines = [f"100644 blob {blob}\t{MANIFEST}"]
         lines += [f"040000 tree {u.tree}\tu{i}" for i, u in enumerate(units)]
+        chunk_ids = sorted(set().union(*(u.chunk_ids for u in units)))
+        if chunk_ids:
+            # The chunks of large files are named only inside their chunk lists: a tree of them
+            # keeps them reachable (for gc, fsck and export). mktree checks that each exists.
+            listing = "".join(f"100644 blob {sha}\t{sha}\n" for sha in chunk_ids)
+            try:
+                chunks = self.git(["mktree"], input=listing.encode()).stdout.strip()
+            except GitError:
+                self.drop_caches()  # they named chunks the store lost (a crash): read everything again
+                raise
+            lines.append(f"040000 tree {chunks}\tchunks")
         root = self.git(["mktree"], input=("\n".join(lines) + "\n").encode()).stdout.strip()
         return self.git(["commit-tree", root, "-m", message]).stdout.strip()
 
@@ -882,6 +1147,58 @@ class UnitPlan:
     changed: int = 0
     added: int = 0
     removed: int = 0
+    # How each chunked file in ``write`` is put together (see _recipe).
+    recipes: dict[str, list[Step]] = field(default_factory=dict)
+
+
+# One piece of a chunked file being restored: (offset, length, source, chunk id, offset in the
+# source). Sources: "store" (read from the store), "cur" (copied from the file the walk saw at
+# that path, which holds that chunk), "self" (copied from earlier in the file being written),
+# "zero" (a chunk of zeros, left a hole).
+Step = tuple[int, int, str, str, int]
+
+
+@functools.cache
+def _zero_chunk() -> str:
+    return _blob_id(bytes(_CDC_MAX))
+
+
+def _recipe(chunks: Chunks, current: Chunks | None) -> list[Step]:
+    """How to write a file made of ``chunks``, given what the file there now holds (``current``)."""
+    have: dict[str, int] = {}
+    at = 0
+    for sha, n in current or ():
+        have.setdefault(sha, at)
+        at += n
+    first: dict[str, int] = {}
+    steps: list[Step] = []
+    off = 0
+    for sha, n in chunks:
+        if n == _CDC_MAX and sha == _zero_chunk():
+            steps.append((off, n, "zero", sha, 0))
+        elif sha in first:
+            steps.append((off, n, "self", sha, first[sha]))
+        elif sha in have:
+            steps.append((off, n, "cur", sha, have[sha]))
+            first[sha] = off
+        else:
+            steps.append((off, n, "store", sha, 0))
+            first[sha] = off
+        off += n
+    return steps
+
+
+def restore_blobs(plans: list[UnitPlan]) -> list[str]:
+    """Every object a restore will read from the store, in the order it reads them."""
+    out: list[str] = []
+    for p in plans:
+        for path in p.write:
+            steps = p.recipes.get(path)
+            if steps is None:
+                out.append(p.entries[path][1])
+            else:
+                out += [st[3] for st in steps if st[2] == "store"]
+    return out
 
 
 def plan_restore(store: Store, current: list[Scan], target: list[Unit]) -> list[UnitPlan]:
@@ -910,8 +1227,30 @@ def plan_restore(store: Store, current: list[Scan], target: list[Unit]) -> list[
             plan.write.sort()
         # A gitlink (a submodule commit id from an imported archive) names no content here.
         plan.write = [p for p in plan.write if entries[p][0] != "160000"]
+        # A whole file and a chunked one may have the same blob (a file whose bytes are a chunk
+        # list): where one is chunked and the other not, the file is written all the same.
+        now_chunked = sc.chunks if sc is not None else {}
+        switched = (set(unit.chunked) ^ now_chunked.keys()) & entries.keys() - set(plan.write)
+        if switched:
+            plan.write = sorted([*plan.write, *(q for q in switched if entries[q][0] != "120000")])
         plans.append(plan)
+    _plan_chunked(store, plans)
     return plans
+
+
+def _plan_chunked(store: Store, plans: list[UnitPlan]) -> None:
+    """Read the chunk lists of the chunked files a restore writes; work out each one's recipe."""
+    todo = [(p, path) for p in plans if p.unit.chunked for path in p.write if path in set(p.unit.chunked)]
+    if not todo:
+        return
+    blobs = _Blobs(store, [p.entries[path][1] for p, path in todo])
+    try:
+        for p, path in todo:
+            chunks = parse_chunk_list(blobs.read(p.entries[path][1], _CHUNK_LIST_LIMIT, "chunk list"), path)
+            now = p.current.chunks.get(path) if p.current is not None else None
+            p.recipes[path] = _recipe(chunks, now)
+    finally:
+        blobs.close()
 
 
 class _Dirs:
@@ -1037,6 +1376,77 @@ def _put_file(pfd: int, name: str, perm: int, owner: tuple[int, int] | None, fil
     _rename_into(pfd, tmp, name)
 
 
+def _open_seen(pfd: int, name: str, seen: os.stat_result | None) -> int | None:
+    """The file ``name`` in ``pfd`` opened for reading, if it is still the one the walk saw."""
+    if seen is None:
+        return None
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=pfd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+            seen.st_ino, seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns):
+        os.close(fd)
+        return None  # changed since the walk (the agent's race): its chunks come from the store
+    return fd
+
+
+def _copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int) -> bool:
+    """Copy ``n`` bytes between descriptors, in the kernel where it can; False if ``src`` ran out."""
+    done = 0
+    try:
+        while done < n:
+            got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
+            if not got:
+                return False
+            done += got
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    while done < n:  # a file system that cannot: through user space
+        data = os.pread(src, min(n - done, _CHUNK), src_off + done)
+        if not data:
+            return False
+        os.pwrite(dst, data, dst_off + done)
+        done += len(data)
+    return True
+
+
+def _fill_chunked(out: int, pfd: int, name: str, steps: list[Step], seen: os.stat_result | None,
+                  blobs: _Blobs) -> None:
+    """Write a chunked file into the new file ``out`` from its recipe.
+
+    Chunks the file at ``name`` already holds are copied from it (``copy_file_range``: in
+    the kernel, shared blocks where the file system can) if it is still the file the walk
+    saw; the rest come from the store, in the order :func:`restore_blobs` asked for them.
+    """
+    src = _open_seen(pfd, name, seen) if any(st[2] == "cur" for st in steps) else None
+    try:
+        total = 0
+        for off, n, kind, sha, from_off in steps:
+            total = off + n
+            if kind == "store":
+                os.lseek(out, off, os.SEEK_SET)
+                blobs.copy_to(sha, out)
+            elif kind == "self":
+                if not _copy_range(out, out, n, from_off, off):
+                    raise TaskboxError(f"{name!r} could not be restored: the file being written shrank")
+            elif kind == "cur" and not (src is not None and _copy_range(src, out, n, from_off, off)):
+                # Not there after all (the file changed since the walk): this chunk from the store.
+                extra = _Blobs(blobs.store, [sha])
+                try:
+                    os.lseek(out, off, os.SEEK_SET)
+                    extra.copy_to(sha, out)
+                finally:
+                    extra.close()
+        os.ftruncate(out, total)  # holes where chunks of zeros were
+    finally:
+        if src is not None:
+            os.close(src)
+
+
 def _put_link(pfd: int, name: str, target: bytes, owner: tuple[int, int] | None) -> None:
     tmp = files._tmp_name(name)
     os.symlink(target, os.fsencode(tmp), dir_fd=pfd)  # made, never followed
@@ -1107,8 +1517,7 @@ def apply_restore(store: Store, rfd: int, current: list[Scan], plans: list[UnitP
         for d in p.unit.empty_dirs:
             need(join(p.unit.path, d))
     dirs = _Dirs(rfd, owner)
-    order = [sha for p in plans for path in p.write for sha in [p.entries[path][1]]]
-    blobs = _Blobs(store, order)
+    blobs = _Blobs(store, restore_blobs(plans))
     try:
         # Units that exist now but not in the checkpoint go first, deepest first, so the
         # parent can put plain files where a nested repository was.
@@ -1161,8 +1570,13 @@ def _apply_unit(p: UnitPlan, dirs: _Dirs, blobs: _Blobs, needed: set[str], wante
         parent, name = posixpath.split(join(root, path))
         pfd = dirs.get(parent)
         assert pfd is not None
+        steps = p.recipes.get(path)
         if mode == "120000":
             _put_link(pfd, name, blobs.read(sha, _LINK_LIMIT), owner)
+        elif steps is not None:
+            seen = sc.meta.get(path) if sc is not None and path in sc.chunks else None
+            _put_file(pfd, name, _perm(unit, path, mode), owner,
+                      lambda fd, st=steps, sn=seen, d=pfd, n=name: _fill_chunked(fd, d, n, st, sn, blobs))
         else:
             _put_file(pfd, name, _perm(unit, path, mode), owner,
                       lambda fd, s=sha: blobs.copy_to(s, fd))
