@@ -39,7 +39,16 @@ from typing import TYPE_CHECKING, Any
 from . import archive, checkpoint_archive, files
 from .confine import rooted
 from .errors import CheckpointCorrupted, GitError, InvalidInput, NotFound, TaskboxError, TaskLocked
-from .snapshots import EMPTY_TREE, Store, Unit, apply_restore, corrupted, join, plan_restore, restore_blobs
+from .snapshots import (
+    EMPTY_TREE,
+    Store,
+    Unit,
+    apply_restore,
+    corrupted,
+    join,
+    plan_restore,
+    restore_blobs,
+)
 
 if TYPE_CHECKING:
     from .config import Paths, Settings

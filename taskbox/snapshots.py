@@ -53,6 +53,7 @@ import collections
 import errno
 import functools
 import hashlib
+import io
 import json
 import marshal
 import os
@@ -152,7 +153,7 @@ _CDC_PATTERN = bytes(0x41 + s for s in (5, 1, 1, 7, 2, 6))
 _CDC_CRC_MASK = 1
 _READ_BLOCK = 16 << 20
 _CHUNK_LIST_MAGIC = b"taskbox-chunks 1\n"
-_CHUNK_LIST_LIMIT = 64 << 20  # the longest chunk list read back (a 10 TB file of 8 MiB chunks)
+CHUNK_LIST_LIMIT = 64 << 20  # the longest chunk list read back (a 10 TB file of 8 MiB chunks)
 _CHUNK_LINE = re.compile(rb"([0-9a-f]{40}) ([1-9][0-9]{0,8})\n")
 Chunks = list[tuple[str, int]]  # (blob id, length) in file order
 
@@ -654,6 +655,66 @@ class _Blobs:
             self.errors.close()
 
 
+class ChunkReader(io.RawIOBase):
+    """A chunked file's content as a stream, read from the store (an export writes it so)."""
+
+    def __init__(self, store: Store, chunks: Chunks) -> None:
+        super().__init__()
+        self.pending = collections.deque(chunks)
+        self.blobs = _Blobs(store, [sha for sha, _n in chunks])
+        self.left = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        done = 0  # as much as asked for (tarfile takes a short read for the end)
+        while done < len(b):
+            if not self.left:
+                if not self.pending:
+                    break
+                sha, n = self.pending.popleft()
+                if self.blobs._header(sha) != n:
+                    raise CheckpointCorrupted(f"chunk {sha[:12]} in the checkpoint store is not the length "
+                                              "its list says")
+                self.left = n
+            k = min(len(b) - done, self.left)
+            b[done:done + k] = self.blobs._read(k)
+            done += k
+            self.left -= k
+            if not self.left:
+                self.blobs._read(1)
+        return done
+
+    def close(self) -> None:
+        self.blobs.close()
+        super().close()
+
+
+def store_files(store: Store, paths: list[Path]) -> list[tuple[str, Chunks | None]]:
+    """Store files of taskbox's own (an imported archive's scratch copies): small ones as
+    blobs, large ones as chunks. Returns each one's blob (a chunk list for a chunked one)
+    and its chunks."""
+    sink = _Sink(store)
+    refs: list[tuple[str, Chunks | None]] = []
+    try:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                if size >= _CHUNK_THRESHOLD:
+                    chunks, _whole = _chunk_file(fd, size, None, sink.chunk)
+                    refs.append((sink.blob(_chunk_list(chunks)), chunks))
+                else:
+                    refs.append((sink.blob_from_fd(fd, size)[0], None))
+            finally:
+                os.close(fd)
+        marks = sink.finish()
+    finally:
+        sink.close()
+    return [(marks[ref], chunks) for ref, chunks in refs]
+
+
 class Store:
     """One task's private content-addressed store: a bare git repository under TASKBOX_HOME."""
 
@@ -803,6 +864,7 @@ class Store:
                     commits[sc.unit.key] = imp.imp.tree(sc.base, deletes, changes)
                 else:
                     sc.unit.tree = sc.base
+            faults.point("capture.midway")  # contents sent to git, the imports not finished
             marks = imp.finish()
         finally:
             imp.close()
@@ -1246,7 +1308,7 @@ def _plan_chunked(store: Store, plans: list[UnitPlan]) -> None:
     blobs = _Blobs(store, [p.entries[path][1] for p, path in todo])
     try:
         for p, path in todo:
-            chunks = parse_chunk_list(blobs.read(p.entries[path][1], _CHUNK_LIST_LIMIT, "chunk list"), path)
+            chunks = parse_chunk_list(blobs.read(p.entries[path][1], CHUNK_LIST_LIMIT, "chunk list"), path)
             now = p.current.chunks.get(path) if p.current is not None else None
             p.recipes[path] = _recipe(chunks, now)
     finally:

@@ -1,0 +1,220 @@
+"""Large files in checkpoints: stored as content-defined chunks, restored byte for byte.
+
+A file of 2 MiB or more is stored as chunks (git blobs) listed in a chunk list that stands
+for the file in its unit's tree. These tests change such files every way a program does —
+append, insert and truncate in the middle, holes, growing past the threshold and shrinking
+below it — and check every restore against a full manifest of the workspace; they also
+check what the store grew by, the export/import archive (and its bounds), a store killed
+in the middle of a capture, and gc keeping the chunks live checkpoints use.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from taskbox import CheckpointCorrupted, InvalidInput, TaskService
+from taskbox.snapshots import _CDC_MAX, _CHUNK_THRESHOLD, _chunk_list
+from taskbox.workspace import hand_over
+
+from .conftest import run_cli
+from .test_checkpoints import differences, manifest
+
+MB = 2**20
+
+
+def _random(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _task(svc: TaskService, repo: Path, name: str) -> tuple[str, Path]:
+    task = svc.create_task(repo, name, lazy=True)
+    return task.id, Path(task.workspace_path)
+
+
+def _chunked_paths(svc: TaskService, task_id: str, cp: dict) -> list[str]:
+    store = svc.checkpoints.store(task_id)
+    units = store.manifest(store.resolve(cp["checkpoint_id"]) or "")["units"]
+    return [p for u in units for p in u.chunked]
+
+
+def test_changed_large_files_restore_exactly_and_store_only_what_changed(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "chunked edits")
+    data = _random(24 * MB, 1)
+    (ws / "big.bin").write_bytes(data)
+    (ws / "small.txt").write_text("small stays a blob\n")
+    states: list[tuple[dict, dict]] = []
+
+    def take() -> dict:
+        hand_over(ws)  # the sandbox user's files, as a restore leaves them
+        cp = svc.create_checkpoint(tid)
+        states.append((cp, manifest(ws)))
+        return cp
+
+    first = take()
+    assert _chunked_paths(svc, tid, first) == ["big.bin"]
+    with open(ws / "big.bin", "ab") as fh:  # append 4 bytes
+        fh.write(b"tail")
+    appended = take()
+    assert appended["bytes_added"] < 1 * MB + _CDC_MAX // 8  # the last chunk again, not the file
+    mid = len(data) // 2
+    (ws / "big.bin").write_bytes(data[:mid] + b"inserted in the middle" + data[mid:])
+    inserted = take()
+    assert inserted["bytes_added"] < 3 * _CDC_MAX // 2  # the chunks around the insertion
+    (ws / "big.bin").write_bytes(data[:mid] + data[mid + 1_000_000:])  # a megabyte cut out of the middle
+    take()
+    (ws / "big.bin").write_bytes(data[: 9 * MB])  # truncated
+    take()
+    with open(ws / "big.bin", "r+b") as fh:  # bytes overwritten in place
+        fh.seek(5 * MB)
+        fh.write(b"\xff" * 4096)
+    take()
+    (ws / "big.bin").write_bytes(b"now small")  # shrinks below the threshold: a whole blob again
+    small = take()
+    assert _chunked_paths(svc, tid, small) == []
+    (ws / "big.bin").write_bytes(_random(_CHUNK_THRESHOLD + 1, 2))  # grows past it
+    take()
+    (ws / "big.bin").unlink()
+    (ws / "other.bin").write_bytes(data)  # the same content under another name: no new chunks
+    moved = take()
+    assert moved["bytes_added"] < 64 * 1024
+
+    for cp, want in [states[i] for i in (0, 3, 6, 1, 7, 2, 4, 8, 5)]:  # back and forth, every kind of change
+        svc.restore_checkpoint(tid, cp["checkpoint_id"])
+        assert differences(manifest(ws), want) == [], cp["name"]
+    store = svc.checkpoints.store(tid)
+    store.git(["fsck", "--strict", "--no-dangling"])
+
+
+def test_sparse_files_and_zeros(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "sparse")
+    with open(ws / "sparse.img", "wb") as fh:
+        fh.truncate(64 * MB)
+        fh.seek(20 * MB)
+        fh.write(b"data in the middle of a hole")
+    hand_over(ws)
+    a = svc.create_checkpoint(tid)
+    want = manifest(ws)
+    assert a["bytes_added"] < 4 * MB  # eight chunks of zeros are one chunk
+    (ws / "sparse.img").write_bytes(b"replaced")
+    svc.restore_checkpoint(tid, a["checkpoint_id"])
+    assert differences(manifest(ws), want) == []
+    # the runs of zeros came back as holes, not as 64 MB of written blocks
+    assert os.stat(ws / "sparse.img").st_blocks * 512 < 16 * MB
+
+
+def test_a_whole_file_that_looks_like_a_chunk_list_is_not_taken_for_one(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "lookalike")
+    (ws / "big.bin").write_bytes(_random(5 * MB, 3))
+    hand_over(ws)
+    a = svc.create_checkpoint(tid)
+    want_a = manifest(ws)
+    store = svc.checkpoints.store(tid)
+    commit = store.resolve(a["checkpoint_id"]) or ""
+    listing = store.git(["cat-file", "blob", f"{commit}:u0/big.bin"]).stdout.encode()
+    assert listing.startswith(b"taskbox-chunks")
+    (ws / "big.bin").write_bytes(listing)  # the same blob as the chunk list: a small file now
+    hand_over(ws)
+    b = svc.create_checkpoint(tid)
+    want_b = manifest(ws)
+    svc.restore_checkpoint(tid, a["checkpoint_id"])
+    assert differences(manifest(ws), want_a) == []
+    svc.restore_checkpoint(tid, b["checkpoint_id"])
+    assert differences(manifest(ws), want_b) == []
+    assert (ws / "big.bin").read_bytes() == listing
+    assert _chunk_list([]) == b"taskbox-chunks 1\n"
+
+
+def test_export_and_import_of_chunked_files_within_the_archive_bounds(svc: TaskService, repo: Path,
+                                                                     tmp_path: Path) -> None:
+    tid, ws = _task(svc, repo, "export chunked")
+    (ws / "data").mkdir()
+    (ws / "data" / "big.bin").write_bytes(_random(12 * MB, 4))
+    (ws / "data" / "small.txt").write_text("whole\n")
+    with open(ws / "data" / "sparse.img", "wb") as fh:
+        fh.truncate(40 * MB)
+        fh.write(b"head")
+    hand_over(ws)
+    cp = svc.create_checkpoint(tid, "with-chunks")
+    want = manifest(ws)
+    out = svc.export_checkpoint(tid, cp["checkpoint_id"], tmp_path)
+    dst, dws = _task(svc, repo, "import chunked")
+    # the archive is bounded by what it expands to, holes and all (52 MB here)
+    svc.settings.archive_max_ratio = 2  # 12 MB of random bytes and 40 MB of compressed zeros
+    with pytest.raises(InvalidInput, match="archive_max_ratio"):
+        svc.import_checkpoint(dst, out["path"])
+    svc.settings.archive_max_ratio = 0
+    svc.settings.archive_max_bytes = 30 * MB
+    with pytest.raises(InvalidInput, match="archive_max_bytes"):
+        svc.import_checkpoint(dst, out["path"])
+    svc.settings.archive_max_bytes = 64 * MB
+    imported = svc.import_checkpoint(dst, out["path"])
+    assert sorted(_chunked_paths(svc, dst, imported)) == ["data/big.bin", "data/sparse.img"]
+    svc.restore_checkpoint(dst, imported["checkpoint_id"])
+    assert differences(manifest(dws), want) == []
+    again = svc.export_checkpoint(dst, imported["checkpoint_id"], tmp_path / "again.tar.gz")
+    assert Path(again["path"]).stat().st_size < 14 * MB
+
+
+def test_a_capture_killed_midway_leaves_a_sound_store(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "killed capture")
+    (ws / "big.bin").write_bytes(_random(10 * MB, 5))
+    hand_over(ws)
+    a = svc.create_checkpoint(tid)
+    want = manifest(ws)
+    with open(ws / "big.bin", "ab") as fh:
+        fh.write(_random(3 * MB, 6))
+    r = run_cli("checkpoint", tid, "killed", env={"TASKBOX_CRASH_AT": "capture.midway"})
+    assert r.returncode == -9, r.stderr  # really killed, with chunks sent to git
+    store = svc.checkpoints.store(tid)
+    store.git(["fsck", "--strict", "--no-dangling"])
+    assert [c["checkpoint_id"] for c in svc.list_checkpoints(tid)] == [a["checkpoint_id"]]
+    hand_over(ws)
+    b = svc.create_checkpoint(tid)
+    want_b = manifest(ws)
+    svc.restore_checkpoint(tid, a["checkpoint_id"])
+    assert differences(manifest(ws), want) == []
+    svc.restore_checkpoint(tid, b["checkpoint_id"])
+    assert differences(manifest(ws), want_b) == []
+    store.git(["fsck", "--strict", "--no-dangling"])
+
+
+def test_gc_keeps_the_chunks_live_checkpoints_use(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "gc chunks")
+    (ws / "big.bin").write_bytes(_random(12 * MB, 7))
+    a = svc.create_checkpoint(tid)
+    with open(ws / "big.bin", "ab") as fh:
+        fh.write(b"more")
+    hand_over(ws)
+    b = svc.create_checkpoint(tid)
+    want_b = manifest(ws)
+    svc.delete_checkpoint(tid, a["checkpoint_id"])
+    svc.gc()
+    svc.checkpoints.store(tid).git(["fsck", "--strict", "--no-dangling"])
+    (ws / "big.bin").write_bytes(b"gone")
+    svc.restore_checkpoint(tid, b["checkpoint_id"])
+    assert differences(manifest(ws), want_b) == []
+
+
+def test_a_damaged_chunk_is_reported_before_the_workspace_changes(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "damaged chunk")
+    (ws / "big.bin").write_bytes(_random(6 * MB, 8))
+    store = svc.checkpoints.store(tid)
+    a = svc.create_checkpoint(tid)
+    pack = max((store.path / "objects" / "pack").glob("*.pack"), key=lambda p: p.stat().st_size)
+    (ws / "big.bin").write_bytes(_random(6 * MB, 9))  # nothing of the old chunks left in the file
+    (ws / "extra.txt").write_text("stays until a good restore")
+    hand_over(ws)
+    pack.chmod(0o644)
+    with open(pack, "r+b") as fh:
+        fh.seek(pack.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    before = manifest(ws)
+    with pytest.raises(CheckpointCorrupted, match="workspace was not changed"):
+        svc.restore_checkpoint(tid, a["checkpoint_id"])
+    assert differences(before, manifest(ws)) == []
