@@ -69,6 +69,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -697,6 +698,8 @@ class _Sink:
         self.pack = _PackWriter(store)
         self.known: set[str] = set()  # chunks the stat caches say the store has
         self.sent: set[str] = set()  # chunks written now
+        self.pool: ThreadPoolExecutor | None = None
+        self.deferred: dict[str, tuple[Future[tuple[Chunks, bool]], int]] = {}
 
     def charge(self, size: int, name: str) -> None:
         self.imp.charge(size, name)
@@ -713,12 +716,60 @@ class _Sink:
         self.pack.add(sha, data)
         self.sent.add(sha)
 
+    def defer(self, fd: int, size: int, old: Chunks | None) -> str:
+        """Chunk the open file ``fd`` (now the sink's to close) in the chunking thread; a placeholder.
+
+        One thread: the pack and the sets above are only ever touched by it while the walk runs.
+        """
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskbox-chunks")
+
+        def work() -> tuple[Chunks, bool]:
+            try:
+                return _chunk_file(fd, size, old, self.chunk)
+            finally:
+                os.close(fd)
+
+        token = f"?{len(self.deferred)}"
+        self.deferred[token] = (self.pool.submit(work), fd)
+        return token
+
+    def resolve(self, scans: list[Scan]) -> None:
+        """Put the chunk lists of the files chunked in the thread in place of their placeholders."""
+        if not self.deferred:
+            return
+        for sc in scans:
+            entries = sc.entries
+            for rel in sc.fresh:
+                mode, ref, key = entries[rel]
+                if ref.startswith("?"):
+                    chunks, whole = self.deferred[ref][0].result()
+                    entries[rel] = (mode, self.imp.blob(_chunk_list(chunks)), key if whole else None)
+                    sc.chunks[rel] = chunks
+
     def finish(self) -> dict[str, str]:
         """The marks of the fast-import, once the chunks' pack is in place too."""
+        self._stop()
         self.pack.finish()
         return self.imp.finish()
 
+    def _stop(self) -> None:
+        if self.pool is None:
+            return
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
+        for future, fd in self.deferred.values():
+            if future.cancelled():  # never started: its descriptor is still open
+                os.close(fd)
+        for future, _fd in self.deferred.values():
+            if not future.cancelled() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
     def close(self) -> None:
+        try:
+            self._stop()
+        except Exception:  # noqa: BLE001 - already failing: the first error is the one reported
+            pass
         self.pack.close()
         self.imp.close()
 
@@ -995,6 +1046,7 @@ class Store:
             root_st = os.fstat(rfd)
             root.dirs[""] = root_st
             self._walk(rfd, root, "", 0, imp, scans, root_st.st_dev, use_cache)
+            imp.resolve(scans)
             commits: dict[str, str] = {}
             for sc in scans:
                 # A cache hit has the cached mode and blob, so what changed is what was read.
@@ -1162,12 +1214,15 @@ class Store:
             imp.charge(fst.st_size, os.fsdecode(name))
             chunks: Chunks | None = None
             if fst.st_size >= _CHUNK_THRESHOLD:
-                chunks, whole = _chunk_file(fd, fst.st_size, old, imp.chunk)
-                ref = imp.blob(_chunk_list(chunks))
+                # Hashed and chunked in a thread while the walk goes on: the placeholder is
+                # replaced by its chunk list when the walk is done (Sink.resolve).
+                ref, whole = imp.defer(fd, fst.st_size, old), True
+                fd = -1
             else:
                 ref, whole = imp.blob_from_fd(fd, fst.st_size)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         key: StatKey | None = (fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_ino, fst.st_mode)
         if not whole or fst.st_ctime_ns >= now - _RACY_NS:
             key = None  # it may still change within the same timestamp: read it again next time
