@@ -13,11 +13,14 @@ every directory is opened relative to its parent's descriptor with ``O_NOFOLLOW 
 O_DIRECTORY``, every entry ``lstat``-ed relative to it, regular files opened ``O_NOFOLLOW |
 O_NONBLOCK`` and checked with ``fstat`` before they are read, links read with
 ``readlinkat`` and stored as links, fifos, sockets and devices skipped. File contents are
-streamed in chunks to ``git fast-import`` (a pack, or loose objects for small imports), and
-each unit's tree is built there from the previous one with only the changed paths. A stat
-cache per unit (size, mtime, ctime, inode, mode → blob id, and the tree it describes, kept
-under TASKBOX_HOME) means an incremental checkpoint reads only changed files; an entry
-changed within a second of the capture is not trusted next time (timestamps are coarse).
+streamed to ``git fast-import`` (a pack, or loose objects for small imports), and each
+unit's tree is built there from the previous one with only the changed paths. Files of
+2 MiB or more are cut into content-defined chunks (see _next_cut), written to a pack of our
+own, and stand in the tree as a chunk list, so a small change to a large file stores the
+chunks it touched. A stat cache per unit (size, mtime, ctime, inode, mode → blob id, the
+chunk lists, and the tree it describes, kept under TASKBOX_HOME) means an incremental
+checkpoint reads only changed files; an entry changed within 50 ms of the capture is not
+trusted next time (timestamps are coarse).
 
 Git cannot hold some things in a tree, so a snapshot is a set of *units*:
 
@@ -34,7 +37,8 @@ not be swapped): :func:`plan_restore` then :func:`apply_restore`. The workspace 
 as for a capture; the target entries come from the store (``diff-tree`` against what the
 walk saw, ``ls-tree`` for a unit that is new) and their contents from ``cat-file --batch``.
 Everything is done relative to directory descriptors opened without following links: files
-are written to a temporary name and ``renameat``-ed into place, links made with
+are written to a temporary name (a chunked file from the chunks the file there already
+holds, copied in the kernel, and the rest from the store) and ``renameat``-ed into place, links made with
 ``symlinkat``, directories with ``mkdirat``, extras removed with
 :func:`taskbox.files.remove_at`; a link standing where a directory belongs is removed as a
 link (never followed), then the directory made. Every restored entry — not only the
