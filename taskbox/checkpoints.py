@@ -396,6 +396,11 @@ class Checkpoints:
                 keep = self._preserve(ws, store)
             _write_json(journal, {"checkpoint_id": cp_id, "commit": commit, "keep": keep,
                                   "started_at": time.time(), "pid": os.getpid()})
+            # The history kept as it is now is not written with the checkpoint's older copy
+            # only to be put back after: it is left alone.
+            for p in plans:
+                if p.unit.key == "files:":
+                    p.write = [path for path in p.write if not keep.get(path)]
             try:
                 stats = apply_restore(store, rfd, current, plans)
             except GitError as exc:
@@ -432,6 +437,8 @@ class Checkpoints:
                 continue
             data = (store.meta / "keep" / name).read_bytes()
             try:
+                if files.read_optional(ws, rel) == data:
+                    continue  # left alone by the restore (or already put back by an earlier run)
                 files.atomic_write(ws, rel, data)
             except TaskboxError:
                 continue
