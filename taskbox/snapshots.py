@@ -1476,15 +1476,20 @@ def _zero_chunk() -> str:
 def _recipe(chunks: Chunks, current: Chunks | None) -> list[Step]:
     """How to write a file made of ``chunks``, given what the file there now holds (``current``)."""
     have: dict[str, int] = {}
+    here: dict[int, str] = {}  # what the file holds at each chunk's offset
     at = 0
     for sha, n in current or ():
         have.setdefault(sha, at)
+        here[at] = sha
         at += n
     first: dict[str, int] = {}
     steps: list[Step] = []
     off = 0
     for sha, n in chunks:
-        if n == _CDC_MAX and sha == _zero_chunk():
+        if here.get(off) == sha:  # already in place
+            steps.append((off, n, "cur", sha, off))
+            first.setdefault(sha, off)
+        elif n == _CDC_MAX and sha == _zero_chunk():
             steps.append((off, n, "zero", sha, 0))
         elif sha in first:
             steps.append((off, n, "self", sha, first[sha]))
@@ -1757,6 +1762,49 @@ def _fill_chunked(out: int, pfd: int, name: str, steps: list[Step], seen: os.sta
             os.close(src)
 
 
+def _patch_in_place(pfd: int, name: str, steps: list[Step], seen: os.stat_result | None, blobs: _Blobs,
+                    perm: int, owner: tuple[int, int] | None) -> bool:
+    """Make the chunked file ``name`` what ``steps`` say by writing only the chunks that differ.
+
+    Only where the chunks it keeps are where they belong (an append, bytes overwritten, a
+    truncation), the file is still the one the walk saw, and it has no other link (another
+    path would change with it). Returns False, having written nothing, otherwise. A crash
+    part-way leaves a file whose ctime changed: the replayed restore reads it again and
+    finishes it, as it does any file.
+    """
+    if seen is None or seen.st_nlink != 1 or any(k == "cur" and fo != off for off, _n, k, _s, fo in steps):
+        return False
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or (
+                st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+                seen.st_ino, seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns):
+            return False
+        total = 0
+        for off, n, kind, sha, from_off in steps:
+            total = off + n
+            if kind == "store":
+                os.lseek(fd, off, os.SEEK_SET)
+                blobs.copy_to(sha, fd)
+            elif kind == "zero":
+                for at in range(off, off + n, _CHUNK):
+                    os.pwrite(fd, bytes(min(_CHUNK, off + n - at)), at)
+            elif kind == "self" and not _copy_range(fd, fd, n, from_off, off):
+                raise TaskboxError(f"{name!r} could not be restored: the file being written shrank")
+        os.ftruncate(fd, total)
+        if stat.S_IMODE(st.st_mode) != perm:
+            os.fchmod(fd, perm)
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
+        return True
+    finally:
+        os.close(fd)
+
+
 def _put_link(pfd: int, name: str, target: bytes, owner: tuple[int, int] | None) -> None:
     tmp = files._tmp_name(name)
     os.symlink(target, os.fsencode(tmp), dir_fd=pfd)  # made, never followed
@@ -1885,8 +1933,9 @@ def _apply_unit(p: UnitPlan, dirs: _Dirs, blobs: _Blobs, needed: set[str], wante
             _put_link(pfd, name, blobs.read(sha, _LINK_LIMIT), owner)
         elif steps is not None:
             seen = sc.meta.get(path) if sc is not None and path in sc.chunks else None
-            _put_file(pfd, name, _perm(unit, path, mode), owner,
-                      lambda fd, st=steps, sn=seen, d=pfd, n=name: _fill_chunked(fd, d, n, st, sn, blobs))
+            if not _patch_in_place(pfd, name, steps, seen, blobs, _perm(unit, path, mode), owner):
+                _put_file(pfd, name, _perm(unit, path, mode), owner,
+                          lambda fd, st=steps, sn=seen, d=pfd, n=name: _fill_chunked(fd, d, n, st, sn, blobs))
         else:
             _put_file(pfd, name, _perm(unit, path, mode), owner,
                       lambda fd, s=sha: blobs.copy_to(s, fd))

@@ -218,3 +218,37 @@ def test_a_damaged_chunk_is_reported_before_the_workspace_changes(svc: TaskServi
     with pytest.raises(CheckpointCorrupted, match="workspace was not changed"):
         svc.restore_checkpoint(tid, a["checkpoint_id"])
     assert differences(before, manifest(ws)) == []
+
+
+def test_a_large_file_with_another_link_is_not_patched_in_place(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "hard link")
+    data = _random(6 * MB, 10)
+    (ws / "big.bin").write_bytes(data)
+    (ws / "other.bin").write_bytes(data + b"tail")
+    hand_over(ws)
+    a = svc.create_checkpoint(tid)
+    want = manifest(ws)
+    (ws / "big.bin").unlink()
+    os.link(ws / "other.bin", ws / "big.bin")  # one file, two names; other.bin as it was
+    svc.create_checkpoint(tid)
+    svc.restore_checkpoint(tid, a["checkpoint_id"])  # big.bin loses its tail; other.bin must not
+    assert differences(manifest(ws), want) == []
+    assert (ws / "other.bin").read_bytes() == data + b"tail"
+
+
+def test_an_append_is_undone_in_place_and_a_shift_through_a_new_file(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "in place")
+    data = _random(20 * MB, 11)
+    (ws / "big.bin").write_bytes(data)
+    hand_over(ws)
+    a = svc.create_checkpoint(tid)
+    want = manifest(ws)
+    inode = os.stat(ws / "big.bin").st_ino
+    with open(ws / "big.bin", "ab") as fh:
+        fh.write(_random(3 * MB, 12))
+    svc.restore_checkpoint(tid, a["checkpoint_id"])
+    assert differences(manifest(ws), want) == []
+    assert os.stat(ws / "big.bin").st_ino == inode  # only the tail was undone, in the same file
+    (ws / "big.bin").write_bytes(b"head" + data)  # everything shifted: rebuilt in a new file
+    svc.restore_checkpoint(tid, a["checkpoint_id"])
+    assert differences(manifest(ws), want) == []
