@@ -172,6 +172,7 @@ def test_a_capture_killed_midway_leaves_a_sound_store(svc: TaskService, repo: Pa
     store = svc.checkpoints.store(tid)
     store.git(["fsck", "--strict", "--no-dangling"])
     assert [c["checkpoint_id"] for c in svc.list_checkpoints(tid)] == [a["checkpoint_id"]]
+    assert [f for f in svc.doctor() if f["task_id"] == tid] == []  # nothing half-done to report
     hand_over(ws)
     b = svc.create_checkpoint(tid)
     want_b = manifest(ws)
