@@ -492,6 +492,116 @@ def sync(task_id: str) -> Any:
     return res, f"branch {res['branch']} at {res['commit'][:10]}"
 
 
+# --- ultrawork and merge ---------------------------------------------------------------------
+
+
+def _subtask_table(data: dict[str, Any]) -> str:
+    rows = []
+    for s in data["subtasks"]:
+        if s["status"] == "conflict":
+            result = "conflict: " + ", ".join(s["conflict_files"])
+        else:
+            result = (s["merge_commit"] or "")[:12] or s["error"]
+        rows.append((s["id"], s["title"], s["status"], s["branch"], s["task_id"],
+                     f"{s['duration_s']:.1f}s" if s["duration_s"] is not None else "", result))
+    run = data.get("run") or {}
+    head = (f"{data['parent']}: {data['finished']}/{data['total']} finished, {data['merged']} merged"
+            + (f" (run {run['status']})" if run else ""))
+    return head + "\n" + table(rows, ["id", "title", "status", "branch", "task", "took", "merge commit / files"])
+
+
+def _render_exit(data: Any, human: str, as_json: bool, code: int, *, error: bool = False) -> None:
+    click.echo(to_json(data) if as_json else human, err=error and not as_json)
+    sys.exit(code)
+
+
+@cli.command("ultrawork")
+@click.argument("parent")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="The plan (TOML): [[subtask]] entries with "
+              "id, title, command, depends_on. Needed unless resuming.")
+@click.option("--parallel", type=click.IntRange(1, 64), help="Sub-tasks running at once (default: the plan's, then "
+              "the ultrawork_parallel setting).")
+@click.option("--no-merge", is_flag=True, help="Run the sub-tasks but do not merge them (dependents wait).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (nothing finished is redone or re-merged).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def ultrawork_(parent: str, plan_file: str | None, parallel: int | None, no_merge: bool, resume: bool,
+               as_json: bool) -> None:
+    """Split a task into parallel sub-tasks, each in its own sandbox, merged back in dependency order.
+
+    Exits 0 when every sub-task was merged (with --no-merge: succeeded), 1 when some failed,
+    timed out, conflicted or were blocked (the table says which), or the error's code.
+    """
+    from .ultrawork import load_plan
+
+    try:
+        svc = _service()
+        existing = svc.registry.subtasks(svc.get(parent).id)
+        if plan_file and not (resume and existing):
+            svc.create_subtasks(parent, load_plan(plan_file))
+        elif not existing:
+            raise InvalidInput(f"task {parent} has no sub-tasks yet; give a plan with --plan FILE")
+        data = svc.run_subtasks(parent, parallel=parallel, merge=not no_merge, resume=resume,
+                                progress=None if as_json else progress)
+    except TaskboxError as exc:
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
+        return
+    good = {"succeeded", "merged"} if no_merge else {"merged"}
+    ok = all(s["status"] in good for s in data["subtasks"])
+    _render_exit(data, _subtask_table(data) + f"\ntook {data['duration_s']:.1f}s", as_json, 0 if ok else 1)
+
+
+@cli.command("subtask-status")
+@click.argument("parent")
+@click.option("--watch", is_flag=True, help="Refresh every second until the run ends (Ctrl-C stops watching).")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes with --watch.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (one object per refresh).")
+def subtask_status(parent: str, watch: bool, interval: float, as_json: bool) -> None:
+    """Show a parent task's sub-tasks: status, branch, duration, merge commit or conflicting files."""
+    import time
+
+    try:
+        svc = _service()
+        while True:
+            data = svc.subtask_status(parent)
+            if as_json:
+                click.echo(to_json(data) if not watch else json.dumps(data, sort_keys=True, default=str))
+            else:
+                if watch and sys.stdout.isatty():
+                    click.clear()
+                click.echo(_subtask_table(data))
+            if not watch or (data.get("run") or {}).get("status") != "running":
+                return
+            time.sleep(max(0.1, interval))
+    except TaskboxError as exc:
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command("merge")
+@click.argument("task_id")
+@click.option("--into", "into", metavar="BRANCH_OR_TASK", help="Where to merge: a task id, or a branch of your "
+              "repository (never the checked-out one). Default: the task's parent.")
+@click.option("--squash", is_flag=True, help="One squashed commit instead of a --no-ff merge commit.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def merge(task_id: str, into: str | None, squash: bool, as_json: bool) -> None:
+    """Merge a finished task's branch into its parent, another task or a branch; nothing is half-merged.
+
+    A conflict changes nothing, lists the conflicting files and exits 4.
+    """
+    try:
+        res = _service().merge_task(task_id, into, squash=squash)
+    except TaskboxError as exc:
+        _render_exit(exc.to_dict(), f"error: {exc.message}", as_json, exc.exit_code, error=True)
+        return
+    if res["status"] == "conflict":
+        human = f"conflict merging {task_id} into {res['into']}; nothing was changed. Conflicting files:\n" + \
+            "\n".join(f"  {f}" for f in res["conflict_files"])
+        _render_exit(res, human, as_json, 4)
+    word = "already contained" if res["status"] == "already" else "merged as"
+    _render_exit(res, f"{task_id} {word} {res['commit'][:12]} in {res['into']}", as_json, 0)
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 
@@ -675,6 +785,8 @@ def configure_risky_operations(repo: str, list_: bool, add: str | None, category
 def doctor(fix: bool, adopt: str | None, restore: str | None, rebuild: bool, backup: bool,
            list_backups: bool) -> Any:
     """Find (and repair with --fix) inconsistencies between registry, Docker and disk; recover the registry."""
+    from .service import TaskService
+
     home = os.environ.get("TASKBOX_HOME")
     if restore is not None or rebuild:
         res = (TaskService.rebuild_registry(home) if rebuild else TaskService.restore_registry(home, restore or None))
@@ -835,6 +947,90 @@ def mcp(http: bool, host: str, port: int) -> None:
             serve_http(host, port)
         else:
             serve()
+    except TaskboxError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Any address but loopback needs the access token (made under "
+                   "TASKBOX_HOME on first use).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="Another origin (scheme://host:port) whose pages may call the API (repeatable).")
+def serve(host: str, port: int, allow_origins: tuple[str, ...]) -> None:
+    """Serve the HTTP API, live events, MCP (/mcp), metrics (/metrics) and the web dashboard."""
+    from . import web
+
+    def ready(url: str, token_file: str | None) -> None:
+        click.echo(f"taskbox dashboard on {url} (API {url}api/, events {url}api/events, MCP {url}mcp, "
+                   f"metrics {url}metrics)", err=True)
+        if token_file:
+            click.echo(f"access token in {token_file} (owner-only): send it as `Authorization: Bearer`, or open "
+                       f"{url}?token=<token> once in the browser", err=True)
+
+    try:
+        web.serve(_service(), host, port, allow_origins=allow_origins, ready=ready)
+    except TaskboxError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        pass
+
+
+def _watch_table(svc: TaskService, statuses: list[str] | None, cpu: dict[str, tuple[float, float]]) -> str:
+    import time
+
+    rows = []
+    for t in svc.list_tasks(statuses):
+        usage = svc.resource_usage(t.id) if str(t.status) == "active" else None
+        cpu_text, mem_text = "-", "-"
+        if usage:
+            mem_text = f"{_size(usage['memory_bytes'])} ({usage['memory_percent']}%)"
+            now, seconds = time.monotonic(), usage.get("cpu_seconds")
+            before = cpu.get(t.id)
+            if seconds is not None:
+                if before is not None and now > before[1]:
+                    cpu_text = f"{max(0.0, 100 * (seconds - before[0]) / (now - before[1])):.0f}%"
+                cpu[t.id] = (seconds, now)
+        rows.append([t.id, str(t.status), ", ".join(svc.current_agents(t.id)) or t.agent, t.branch, cpu_text,
+                     mem_text, ago(t.last_active)])
+    return table(rows, ["task", "status", "agent", "branch", "cpu", "memory", "last activity"]) if rows \
+        else "no tasks"
+
+
+@cli.command("watch")
+@click.option("--status", "statuses", multiple=True, help="Only tasks in this status (repeatable).")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.2, 3600),
+              help="Seconds between redraws when nothing happens (any event redraws at once).")
+@click.option("--once", is_flag=True, help="Print the table once and exit.")
+def watch(statuses: tuple[str, ...], interval: float, once: bool) -> None:
+    """The live task table in the terminal: status, agent, branch, CPU, memory, last activity."""
+    import time
+
+    svc = _service()
+    cpu: dict[str, tuple[float, float]] = {}
+    try:
+        last = svc.last_event_id()
+        while True:
+            text = _watch_table(svc, list(statuses) or None, cpu)
+            if once:
+                click.echo(text)
+                return
+            newest = svc.events(after_id=max(0, last - 1), limit=1)
+            note = f"last event: {newest[-1]['type']} {newest[-1]['task_id'] or ''}" if newest else ""
+            click.echo(("\x1b[H\x1b[2J" if sys.stdout.isatty() else "") + text + f"\n\n{note}".rstrip()
+                       + f"\n(updated {time.strftime('%H:%M:%S')}; Ctrl-C to stop)\n")
+            deadline = time.monotonic() + interval
+            while time.monotonic() < deadline:
+                fresh = svc.events(after_id=last, limit=1000)
+                if fresh:
+                    last = fresh[-1]["id"]
+                    break
+                time.sleep(0.25)
     except TaskboxError as exc:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)

@@ -104,6 +104,10 @@ class Settings:
     fetch_limit: str = _setting(
         "2g", "Most bytes a task branch may pack to when it is fetched into the user's repository."
     )
+    ultrawork_parallel: int = _setting(
+        4, "Default number of sub-tasks an ultrawork run keeps running at once (a plan's `parallel` "
+        "or `--parallel` wins)."
+    )
     log_output_limit: int = _setting(
         4_000, "Most characters of a command's output kept in executions.jsonl."
     )

@@ -5,7 +5,7 @@ its repair described as data (a repair name and parameters the service acts on, 
 ``TaskService.doctor``) — it never runs the core's use cases itself and imports nothing
 above the engines. Findings: interrupted creates and completions, lost containers,
 unmounted or missing workspace volumes, stale leases and sessions, container states,
-orphans, damaged task memory, a damaged registry, stale backups, expired trash, and (from
+orphans, damaged task memory, interrupted ultrawork runs, a damaged registry, stale backups, expired trash, and (from
 the checkpoint engine) interrupted restores.
 
 **Orphans are never destroyed on a guess.** A workspace, volume or container the registry
@@ -28,8 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import files, git, memory, quota
+from . import files, git, liveness, memory, quota
 from .config import Paths, Settings
+from .confine import sandbox_owner
 from .errors import InvalidInput, NotFound, TaskboxError
 from .models import FINISHED, ContainerState, Findings, LockMode, ResolveRepair, Status, Task
 from .registry import Registry, list_backups
@@ -125,26 +126,50 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
                     found("unmounted-workspace", task.id,
                           f"workspace volume {image} is not mounted at {task.workspace_path} (e.g. after a reboot)",
                           "mount-volume", task_id=task.id)
-                continue
-            if task.status is not Status.ARCHIVED:
+                    continue
+            elif task.status is not Status.ARCHIVED:
+                if reg.checkpoints(task.id):
+                    found("missing-volume", task.id, f"workspace volume {image} is gone: it will be made again "
+                          "and the workspace restored from the newest checkpoint", "restore-workspace",
+                          task_id=task.id)
+                    continue
                 unmounted.add(task.id)
                 found("missing-volume", task.id, f"workspace volume {image} is gone",
                       "mark-failed" if task.status in (Status.ACTIVE, Status.PAUSED) else None,
                       task_id=task.id, reason="workspace volume missing")
                 continue
-        if not Path(task.workspace_path).is_dir() and task.status is not Status.ARCHIVED:
-            found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone",
-                  "mark-failed" if task.status in (Status.ACTIVE, Status.PAUSED) else None,
-                  task_id=task.id, reason="workspace missing")
+        if task.status is not Status.ARCHIVED and _lost(Path(task.workspace_path)):
+            unmounted.add(task.id)  # no memory to judge either
+            if reg.checkpoints(task.id):
+                found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone: it will be restored "
+                      "from the newest checkpoint (files, branch and memory)", "restore-workspace", task_id=task.id)
+            else:
+                found("missing-workspace", task.id, f"workspace {task.workspace_path} is gone and has no checkpoint",
+                      "mark-failed" if task.status in (Status.ACTIVE, Status.PAUSED) else None,
+                      task_id=task.id, reason="workspace missing")
+
+    for run in reg.runs("running"):
+        if not _alive(run["pid"]):  # the orchestrator was killed: reconcile, then resume
+            found("ultrawork-interrupted", run["parent_id"], f"the ultrawork run (pid {run['pid']}) was interrupted; "
+                  "sub-tasks left running will be reset and their containers stopped; continue with "
+                  f"`taskbox ultrawork {run['parent_id']} --resume`", "recover-ultrawork", task_id=run["parent_id"])
 
     leases = reg.leases(live_only=False)
     now = time.time()
+    dead = set()
     for lease in leases:
         if lease.expires_at <= now:
             found("stale-lease", lease.task_id,
                   f"lease of {lease.agent} (session {lease.session_id}) expired {now - lease.expires_at:.0f}s ago",
                   "release-lease", task_id=lease.task_id, session_id=lease.session_id)
-    live = {(le.task_id, le.session_id) for le in leases if le.expires_at > now}
+        elif liveness.alive(lease.holder) is False:
+            dead.add((lease.task_id, lease.session_id))
+            found("stale-lease", lease.task_id,
+                  f"lease of {lease.agent} (session {lease.session_id}) is held by a process that died; its "
+                  "commands still running will be killed", "release-lease", task_id=lease.task_id,
+                  session_id=lease.session_id)
+    live = {(le.task_id, le.session_id) for le in leases
+            if le.expires_at > now and (le.task_id, le.session_id) not in dead}
     for task in tasks:
         for s in reg.sessions(task.id, open_only=True):
             if (task.id, s.id) not in live and not any(le.session_id == s.id for le in leases):
@@ -216,7 +241,42 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
             found("trash-expired", entry.get("task_id"), f"{entry['path']} has been in the trash over {days} day(s): "
                   "it will be deleted", "purge-trash", path=entry["path"])
     ctx.checkpoints.reconcile(found)  # interrupted restores, frozen containers, lost checkpoints
+    if os.geteuid() == 0:  # as another user taskbox could not have made a file foreign, nor fix it
+        _ownership(ctx, found, unmounted)
     return found
+
+
+def _ownership(ctx: Context, found: Findings, skip: set[str]) -> None:
+    """Workspace entries the sandbox user does not own (e.g. left by a restore killed part-way):
+    the agent could not write them."""
+    owner = sandbox_owner()
+    for task in ctx.registry.list_tasks():
+        ws = Path(task.workspace_path)
+        if (task.status is Status.ARCHIVED or task.pending_op or task.id in skip or _lost(ws)
+                or ctx.checkpoints.busy(task.id)):
+            continue
+        try:
+            shown, count = files.foreign_owned(ws, owner)
+        except (OSError, TaskboxError):
+            continue  # unreadable now (e.g. unmounted meanwhile): another finding says why
+        if count:
+            found("workspace-ownership", task.id,
+                  f"{count} entr{'y' if count == 1 else 'ies'} of the workspace not owned by the sandbox user "
+                  f"({', '.join(shown[:3])}{' …' if count > 3 else ''}): the agent cannot write them; they will "
+                  "be given back to it", "fix-ownership", task_id=task.id)
+
+
+def _lost(ws: Path) -> bool:
+    """A workspace that is gone or emptied (a live one holds at least its ``.git``)."""
+    try:
+        with os.scandir(ws) as it:
+            return next(it, None) is None
+    except NotADirectoryError:
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _orphan(found: Findings, kind: str, tid: str, what: str, tombstoned: bool) -> None:

@@ -483,3 +483,67 @@ def delete(root: Path, rel: str) -> str:
         finally:
             os.close(dfd)
     return rel
+
+
+# --- ownership ------------------------------------------------------------------------------
+
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+OWNERSHIP_WALK_LIMIT = 200_000  # entries looked at per workspace; a bigger one is checked that far
+
+
+def foreign_owned(root: Path, owner: tuple[int, int], *, fix: bool = False,
+                  limit: int = OWNERSHIP_WALK_LIMIT) -> tuple[list[str], int]:
+    """Entries under ``root`` not owned by ``owner`` (uid, gid): up to 20 of their paths, and
+    how many there are; with ``fix`` each is given to ``owner`` (``fchownat`` with
+    ``AT_SYMLINK_NOFOLLOW``: a link itself, never its target).
+
+    A bounded walk on descriptors (directories opened relative to their parent, ``O_NOFOLLOW``),
+    at most ``limit`` entries; mounts inside (another device) are not entered.
+    """
+    shown: list[str] = []
+    count = 0
+    seen = 0
+    with rooted(root) as rfd:
+        top = os.fstat(rfd)
+        if (top.st_uid, top.st_gid) != owner:
+            count += 1
+            shown.append(".")
+            if fix:
+                os.fchown(rfd, *owner)
+        stack: list[tuple[int, str]] = [(os.dup(rfd), "")]
+        try:
+            while stack and seen < limit:
+                dfd, rel = stack.pop()
+                try:
+                    with os.scandir(dfd) as it:
+                        names = [e.name for e in it]
+                    for name in names:
+                        seen += 1
+                        if seen > limit:
+                            break
+                        try:
+                            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # gone meanwhile
+                        path = f"{rel}/{name}" if rel else name
+                        if (st.st_uid, st.st_gid) != owner:
+                            count += 1
+                            if len(shown) < 20:
+                                shown.append(path)
+                            if fix:
+                                try:
+                                    os.chown(name, *owner, dir_fd=dfd, follow_symlinks=False)
+                                except FileNotFoundError:
+                                    pass
+                        if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:
+                            try:
+                                stack.append((os.open(name, _DIR_OPEN, dir_fd=dfd), path))
+                            except OSError as exc:
+                                if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                                    raise  # replaced by a link meanwhile: not followed
+                finally:
+                    os.close(dfd)
+        finally:
+            for dfd, _rel in stack:
+                os.close(dfd)
+    return shown, count

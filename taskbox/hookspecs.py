@@ -73,3 +73,8 @@ def checkpoint_start(service: Any, task: Any, checkpoint: Any) -> None:
 @hookspec
 def checkpoint_failed(service: Any, task: Any, checkpoint: Any, error: str) -> None:
     """A checkpoint (a NewCheckpoint) could not be taken; ``error`` says why."""
+
+
+@hookspec
+def subtasks_changed(service: Any, task: Any, subtasks: list[dict[str, Any]]) -> None:
+    """A parent ``task``'s sub-tasks changed (ultrawork); ``subtasks`` are their rows in plan order."""

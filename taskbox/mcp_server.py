@@ -73,6 +73,17 @@ class TodoChange(TypedDict, total=False):
     deleted: Annotated[bool, Field(description="True removes the todo with this id.")]
 
 
+class SubtaskInput(TypedDict, total=False):
+    """One sub-task of a plan (as a [[subtask]] entry of an ultrawork plan file)."""
+
+    id: Annotated[str, Field(description="Lowercase letters, digits and dashes; unique in the plan.")]
+    title: Annotated[str, Field(description="What the sub-task does, in a few words.")]
+    command: Annotated[str, Field(description="The shell command run in the sub-task's own sandbox (agent shell); "
+                                              "exit 0 means success.")]
+    depends_on: Annotated[list[str], Field(description="Ids of sub-tasks whose merged work this one needs.")]
+    timeout: Annotated[str, Field(description="Time limit such as 90s, 30m or 2h.")]
+
+
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
@@ -596,6 +607,68 @@ def create_server(service: TaskService | None = None,
 
         return await ad.task_tool(ctx, task_id, "task_diff", {"stat": stat}, call)
 
+    # --- ultrawork: parallel sub-tasks merged back -------------------------------------------
+
+    @tool(WRITES)
+    async def create_subtasks(
+        task_id: TaskId,
+        subtasks: Annotated[list[SubtaskInput], Field(description="The plan's sub-tasks.", min_length=1)],
+        ctx: Context,
+        parallel: Annotated[int | None, Field(description="Sub-tasks running at once (default from settings).",
+                                              ge=1, le=64)] = None,
+        timeout: Annotated[str | None, Field(description="Default time limit of each sub-task, e.g. 30m.")] = None,
+    ) -> Result:
+        """Split a task into sub-tasks (the parent is this task). The whole plan is checked first
+        (unknown or duplicate ids, unknown dependencies, cycles): on an error nothing is made.
+        Then call run_subtasks. Each sub-task runs its command in its own sandbox on a branch
+        forked from this task's branch once its dependencies are merged."""
+        plan: dict[str, Any] = {"subtask": [dict(s) for s in subtasks]}
+        if parallel is not None:
+            plan["parallel"] = parallel
+        if timeout is not None:
+            plan["timeout"] = timeout
+        return await ad.task_tool(ctx, task_id, "create_subtasks", {"subtasks": plan["subtask"]},
+                                  lambda _s: ad.service.create_subtasks(task_id, plan))
+
+    @tool(WRITES)
+    async def run_subtasks(
+        task_id: TaskId,
+        ctx: Context,
+        parallel: Annotated[int | None, Field(description="Sub-tasks running at once.", ge=1, le=64)] = None,
+        merge: Annotated[bool, Field(description="Merge each succeeded sub-task into this task "
+                                                 "(dependents need it).")] = True,
+        resume: Annotated[bool, Field(description="Continue an interrupted run.")] = False,
+    ) -> Result:
+        """Run this task's sub-tasks to the end and merge them into its branch in dependency order
+        (one --no-ff commit each). A failed, timed-out or conflicting sub-task blocks only its
+        dependents; a conflict leaves this task unchanged and lists the files. Returns every
+        sub-task's status, merge commit or conflicting files. May take as long as the sub-tasks."""
+        args = {"parallel": parallel, "merge": merge, "resume": resume}
+        return await ad.task_tool(ctx, task_id, "run_subtasks", args,
+                                  lambda _s: ad.service.run_subtasks(task_id, parallel=parallel, merge=merge,
+                                                                     resume=resume))
+
+    @tool(READ_ONLY)
+    async def subtask_status(task_id: TaskId, ctx: Context) -> Result:
+        """This task's sub-tasks: status (pending, running, succeeded, failed, timed_out, blocked,
+        merged, conflict), branch, child task id, duration, merge commit or conflicting files,
+        and overall progress."""
+        return await ad.task_tool(ctx, task_id, "subtask_status", {},
+                                  lambda _s: ad.service.subtask_status(task_id))
+
+    @tool(WRITES)
+    async def merge_task(
+        task_id: TaskId,
+        ctx: Context,
+        into: Annotated[str | None, Field(description="A task id or a branch of the user's repository "
+                                                      "(default: the task's parent).")] = None,
+        squash: Annotated[bool, Field(description="One squashed commit instead of a merge commit.")] = False,
+    ) -> Result:
+        """Merge a task's branch (e.g. a fixed sub-task) into its parent, another task or a branch.
+        A conflict changes nothing and returns status "conflict" with conflict_files."""
+        return await ad.task_tool(ctx, task_id, "merge_task", {"into": into, "squash": squash},
+                                  lambda _s: ad.service.merge_task(task_id, into, squash=squash))
+
     # --- memory ------------------------------------------------------------------------------
 
     @tool(WRITES)
@@ -682,6 +755,7 @@ def _serve(service: TaskService | None, run: Callable[[MCPServer], None]) -> Non
     with contextlib.ExitStack() as stack:
 
         def opened(svc: TaskService) -> None:
+            svc.bind_leases_to_process()  # a server that dies frees its tasks at once
             stack.enter_context(svc.housekeeping())
 
         if service is not None:

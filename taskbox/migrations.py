@@ -211,3 +211,58 @@ def m004_tombstones(conn: sqlite3.Connection) -> None:
         )
         """
     )
+
+
+@migration
+def m005_subtasks(conn: sqlite3.Connection) -> None:
+    # Ultrawork (taskbox.ultrawork): a parent's sub-tasks and their orchestration state, so a
+    # run killed at any moment resumes without redoing or re-merging anything.
+    conn.execute(
+        """
+        CREATE TABLE subtasks (
+            parent_id TEXT NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+            id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            title TEXT NOT NULL,
+            agent TEXT NOT NULL DEFAULT 'shell',
+            command TEXT NOT NULL DEFAULT '',
+            prompt TEXT NOT NULL DEFAULT '',
+            depends_on TEXT NOT NULL DEFAULT '[]',
+            timeout REAL,
+            status TEXT NOT NULL DEFAULT 'pending',
+            task_id TEXT,
+            branch TEXT,
+            tip TEXT,
+            exit_code INTEGER,
+            started_at REAL,
+            finished_at REAL,
+            merged_at REAL,
+            merge_commit TEXT,
+            conflict_files TEXT NOT NULL DEFAULT '[]',
+            error TEXT NOT NULL DEFAULT '',
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (parent_id, id)
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE ultrawork_runs (
+            parent_id TEXT PRIMARY KEY REFERENCES tasks(id) ON DELETE CASCADE,
+            status TEXT NOT NULL,
+            parallel INTEGER NOT NULL,
+            merge INTEGER NOT NULL DEFAULT 1,
+            pid INTEGER,
+            started_at REAL NOT NULL,
+            finished_at REAL
+        )
+        """
+    )
+
+
+@migration
+def m006_lease_holders(conn: sqlite3.Connection) -> None:
+    # The process holding a lease, when it is a long-lived one (the MCP server):
+    # "host|boot id|pid|start time" (taskbox.liveness). A lease whose holder is dead is taken
+    # over at once, not after it expires.
+    conn.execute("ALTER TABLE leases ADD COLUMN holder TEXT")

@@ -145,6 +145,7 @@ class Lease:
     mode: LockMode
     acquired_at: float
     expires_at: float
+    holder: str | None = None  # the process it dies with (taskbox.liveness), if any
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -179,6 +180,10 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "decision": ("log_task_decision", "task-decisions"),
     "checkpoint": ("create_task_checkpoint", "checkpoint create"),
     "restore": ("restore_task_checkpoint", "restore-checkpoint"),
+    "create_subtasks": (),
+    "run_subtasks": ("ultrawork",),
+    "subtask_status": ("subtask-status",),
+    "merge": ("merge_task",),
 }
 _OPERATION_ALIASES = {alias: op for op, names in OPERATIONS.items() for alias in (op, *names)}
 

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import events, files, migrations
+from . import events, files, liveness, migrations
 from .errors import (
     ConcurrentModification,
     Conflict,
@@ -378,8 +378,12 @@ class Registry:
         max_holders: int,
         now: float | None = None,
         queued: bool = False,
+        holder: str | None = None,
     ) -> tuple[Lease, list[Lease]]:
         """Take a lease on a task in one transaction; return it and the expired leases it replaced.
+
+        A lease whose ``holder`` process is dead (see :mod:`taskbox.liveness`) counts as
+        expired. ``holder`` ties the new lease to a process in the same way.
 
         Exclusive: refused while any other live lease exists. Collaborative: refused while an
         exclusive lease is live or ``max_holders`` collaborative leases are. Agents queued with
@@ -405,19 +409,14 @@ class Registry:
                         task_id=task_id,
                         waiting=ahead,
                     )
-            expired = [
-                _lease(r)
-                for r in conn.execute(
-                    "SELECT * FROM leases WHERE task_id = ? AND expires_at <= ?", (task_id, now)
-                )
-            ]
-            conn.execute("DELETE FROM leases WHERE task_id = ? AND expires_at <= ?", (task_id, now))
-            live = [
-                _lease(r)
-                for r in conn.execute(
-                    "SELECT * FROM leases WHERE task_id = ? AND session_id != ?", (task_id, session_id)
-                )
-            ]
+            expired, live = [], []
+            for r in conn.execute("SELECT * FROM leases WHERE task_id = ?", (task_id,)).fetchall():
+                le = _lease(r)
+                if le.expires_at <= now or (le.session_id != session_id and liveness.alive(le.holder) is False):
+                    expired.append(le)
+                    conn.execute("DELETE FROM leases WHERE task_id = ? AND session_id = ?", (task_id, le.session_id))
+                elif le.session_id != session_id:
+                    live.append(le)
             if live:
                 holders = ", ".join(f"{lease.agent} (session {lease.session_id})" for lease in live)
                 if mode is LockMode.EXCLUSIVE or any(le.mode is LockMode.EXCLUSIVE for le in live):
@@ -434,12 +433,12 @@ class Registry:
                         task_id=task_id,
                         holders=[le.to_dict() for le in live],
                     )
-            lease = Lease(task_id, session_id, agent, mode, now, now + ttl)
+            lease = Lease(task_id, session_id, agent, mode, now, now + ttl, holder)
             conn.execute("DELETE FROM lease_waiters WHERE task_id = ? AND session_id = ?", (task_id, session_id))
             conn.execute(
-                "INSERT OR REPLACE INTO leases (task_id, session_id, agent, mode, acquired_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (task_id, session_id, agent, str(mode), now, now + ttl),
+                "INSERT OR REPLACE INTO leases (task_id, session_id, agent, mode, acquired_at, expires_at, holder)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (task_id, session_id, agent, str(mode), now, now + ttl, holder),
             )
         return lease, expired
 
@@ -478,7 +477,9 @@ class Registry:
         if live_only:
             sql += " AND expires_at > ?"
             args.append(time.time())
-        return [_lease(r) for r in self._conn().execute(sql, args)]
+        found = [_lease(r) for r in self._conn().execute(sql, args)]
+        # Live only: a lease whose holder process died is not (it is taken over on the next attach).
+        return [le for le in found if not live_only or liveness.alive(le.holder) is not False]
 
     def purge_expired_leases(self) -> list[Lease]:
         now = time.time()
@@ -520,6 +521,93 @@ class Registry:
         """The container images that checkpoints of every task still name."""
         rows = self._conn().execute("SELECT metadata FROM checkpoints")
         return {image for r in rows if (image := json.loads(r[0] or "{}").get("image"))}
+
+    # --- ultrawork: sub-tasks and their orchestration runs (taskbox.ultrawork) -------------------
+
+    _SUBTASK_JSON = ("depends_on", "conflict_files")
+
+    def insert_subtasks(self, parent_id: str, rows: Sequence[dict[str, Any]],
+                        event: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Record a parent's sub-tasks, all or none; a parent that has some already is a Conflict."""
+        now = time.time()
+        with self.tx() as conn:
+            if conn.execute("SELECT 1 FROM subtasks WHERE parent_id = ?", (parent_id,)).fetchone():
+                raise Conflict(f"task {parent_id} already has sub-tasks; run `taskbox ultrawork {parent_id} "
+                               "--resume` or `taskbox subtask-status` to see them", task_id=parent_id)
+            for pos, r in enumerate(rows):
+                conn.execute(
+                    "INSERT INTO subtasks (parent_id, id, position, title, agent, command, prompt, depends_on,"
+                    " timeout, status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                    (parent_id, r["id"], pos, r["title"], r["agent"], r["command"], r["prompt"],
+                     json.dumps(list(r["depends_on"])), r.get("timeout"), now))
+            if event:
+                self._event(conn, event[0], parent_id, event[1])
+
+    def subtasks(self, parent_id: str) -> list[dict[str, Any]]:
+        """A parent's sub-tasks in plan order (``depends_on`` and ``conflict_files`` decoded)."""
+        rows = self._conn().execute("SELECT * FROM subtasks WHERE parent_id = ? ORDER BY position", (parent_id,))
+        return [_subtask(r) for r in rows]
+
+    def subtask(self, parent_id: str, sid: str) -> dict[str, Any]:
+        row = self._conn().execute("SELECT * FROM subtasks WHERE parent_id = ? AND id = ?",
+                                   (parent_id, sid)).fetchone()
+        if row is None:
+            raise NotFound(f"task {parent_id} has no sub-task {sid!r}", task_id=parent_id)
+        return _subtask(row)
+
+    def subtask_of(self, task_id: str) -> dict[str, Any] | None:
+        """The sub-task row whose child task is ``task_id``, if any."""
+        row = self._conn().execute("SELECT * FROM subtasks WHERE task_id = ?", (task_id,)).fetchone()
+        return _subtask(row) if row is not None else None
+
+    def update_subtask(self, parent_id: str, sid: str, changes: dict[str, Any], *,
+                       expect: Sequence[str] | None = None,
+                       event: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """Change a sub-task's row; with ``expect``, only while its status is one of those (else None)."""
+        values = {k: json.dumps(v) if k in self._SUBTASK_JSON else v for k, v in changes.items()}
+        values["updated_at"] = time.time()
+        sets = ", ".join(f"{k} = :{k}" for k in values)
+        sql = f"UPDATE subtasks SET {sets} WHERE parent_id = :_p AND id = :_i"
+        args: dict[str, Any] = {**values, "_p": parent_id, "_i": sid}
+        if expect is not None:
+            sql += f" AND status IN ({', '.join(f':_e{n}' for n in range(len(expect)))})"
+            args.update({f"_e{n}": s for n, s in enumerate(expect)})
+        with self.tx() as conn:
+            if conn.execute(sql, args).rowcount != 1:
+                return None
+            if event:
+                self._event(conn, event[0], parent_id, event[1])
+            row = conn.execute("SELECT * FROM subtasks WHERE parent_id = ? AND id = ?", (parent_id, sid)).fetchone()
+        return _subtask(row)
+
+    def delete_subtasks(self, parent_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM subtasks WHERE parent_id = ?", (parent_id,))
+            conn.execute("DELETE FROM ultrawork_runs WHERE parent_id = ?", (parent_id,))
+
+    def set_run(self, parent_id: str, **fields: Any) -> None:
+        """Create or change a parent's orchestration run (status, parallel, merge, pid, times)."""
+        with self.tx() as conn:
+            if conn.execute("SELECT 1 FROM ultrawork_runs WHERE parent_id = ?", (parent_id,)).fetchone():
+                if fields:
+                    sets = ", ".join(f"{k} = :{k}" for k in fields)
+                    conn.execute(f"UPDATE ultrawork_runs SET {sets} WHERE parent_id = :_p", {**fields, "_p": parent_id})
+            else:
+                row = {"status": "running", "parallel": 1, "merge": 1, "pid": None, "started_at": time.time(),
+                       "finished_at": None, **fields, "parent_id": parent_id}
+                conn.execute("INSERT INTO ultrawork_runs (parent_id, status, parallel, merge, pid, started_at,"
+                             " finished_at) VALUES (:parent_id, :status, :parallel, :merge, :pid, :started_at,"
+                             " :finished_at)", row)
+
+    def run(self, parent_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT * FROM ultrawork_runs WHERE parent_id = ?", (parent_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def runs(self, status: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM ultrawork_runs", []
+        if status:
+            sql, args = sql + " WHERE status = ?", [status]
+        return [dict(r) for r in self._conn().execute(sql, args)]
 
     # --- events ------------------------------------------------------------------------------
 
@@ -650,6 +738,11 @@ class Registry:
             {**dict(r), "payload": json.loads(r["payload"])} for r in self._conn().execute(sql, args)
         ]
 
+
+    def last_event_id(self) -> int:
+        """The id of the newest event (0 when there is none): where a live reader starts."""
+        row = self._conn().execute("SELECT MAX(id) FROM events").fetchone()
+        return int(row[0] or 0)
 
     # --- records, tombstones and checkpoint rows (what a rebuild and doctor rely on) ------------
 
@@ -842,6 +935,13 @@ def restore_backup(db: Path, backups: Path, name: str | None = None) -> dict[str
 for _name, _fn in list(vars(Registry).items()):
     if callable(_fn) and not _name.startswith("_") and _name not in ("tx", "close"):
         setattr(Registry, _name, _guarded(_fn))
+
+
+def _subtask(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for key in Registry._SUBTASK_JSON:
+        d[key] = json.loads(d[key] or "[]")
+    return d
 
 
 def _checkpoint(row: sqlite3.Row) -> dict[str, Any]:

@@ -81,6 +81,12 @@ _PROC_READ = 256 * 1024  # most bytes of a process's environ or cmdline read on 
 ADDABLE_CAPS = frozenset({"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
                           "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP", "MKNOD"})
 RUNTIMES_SAFE = ("runsc",)
+# Sandbox.exec runs every command under this wrapper: ``timeout`` (its own process group,
+# killed whole on expiry), then a last stdout line with the exec's nonce and exit code.
+_WRAPPER_NAME = "taskbox-exec"
+_END_WRAPPER = ('n=$1 s=$2; shift 2; timeout -k 2 "$s" "$@"; c=$?; '
+                'printf "\\n%s %d\\n" "$n" "$c"; exit "$c"')
+_END_TAIL = 128  # bytes of stdout kept to find the marker (it is about 50)
 
 def parse_memory(value: str | int) -> int:
     """Parse ``512m``/``2g``/bytes into bytes; refuse values under the sane minimum."""
@@ -197,6 +203,9 @@ class ExecResult:
     timed_out: bool = False
     oom_killed: bool = False
     cancelled: bool = False
+    # The output stream ended before the command's own end (see Sandbox.exec): what came is
+    # here, the rest was lost; never a clean run.
+    output_incomplete: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -722,6 +731,24 @@ class Sandbox:
         return {"usage": max(0, int(data["usage"]) - int(cache)), "limit": int(data.get("limit") or 0),
                 "pids": int((stats.get("pids_stats") or {}).get("current") or 0)}
 
+    def cpu_seconds(self, cid: str) -> float | None:
+        """CPU time the container's processes used so far, in seconds, read from its cgroup on
+        this host (cgroup v2 ``cpu.stat``, v1 ``cpuacct.usage``); None where it is not readable."""
+        d = self._cgroup(cid).get("cpu")
+        if d is None:
+            return None
+        try:
+            if (d / "cpu.stat").exists() and not (d / "cpuacct.usage").exists():
+                for line in (d / "cpu.stat").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "usage_usec":
+                        return int(value) / 1e6
+                return None
+            return int((d / "cpuacct.usage").read_text()) / 1e9
+        except (OSError, ValueError):
+            self._cgroups.pop(cid, None)
+            return None
+
     # --- OOM detection -----------------------------------------------------------------------
 
     def oom_kills(self, cid: str) -> int | None:
@@ -768,12 +795,13 @@ class Sandbox:
                     if (d / "memory.current").exists():
                         found.setdefault("memory", d)
                         found.setdefault("pids", d)
+                        found.setdefault("cpu", d)
                     continue
-                for ctl in ("memory", "pids"):
+                for ctl in ("memory", "pids", "cpuacct"):
                     if ctl in controllers.split(","):
                         d = Path("/sys/fs/cgroup") / ctl / rel.lstrip("/")
                         if d.is_dir():
-                            found[ctl] = d
+                            found["cpu" if ctl == "cpuacct" else ctl] = d
         except (OSError, ValueError):
             found = {}
         if pid:
@@ -806,6 +834,7 @@ class Sandbox:
         output_limit: int = 1_000_000,
         env: dict[str, str] | None = None,
         control: ExecControl | None = None,
+        owner: str | None = None,
     ) -> ExecResult:
         """Run ``command`` (a shell string or argv) in the container, bounded in time and output.
 
@@ -814,15 +843,22 @@ class Sandbox:
         group (``setsid``) are found by the exec's ``TASKBOX_EXEC`` mark and killed too. An
         OOM kill during the command sets ``oom_killed`` and says so on stderr.
         ``control`` streams the output to another thread and lets it cancel the command
-        (:class:`CommandCancelled`, with the partial output).
+        (:class:`CommandCancelled`, with the partial output). ``owner`` (a lease holder's
+        token, see :mod:`taskbox.liveness`) goes into the command's mark, so the commands of
+        a server that died can be found and killed.
         """
         argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
         if not argv:
             raise InvalidInput("empty command")
         secs = max(1, int(timeout + 0.999))
-        wrapped = ["timeout", "-k", "2", str(secs), *argv]
+        # The end of the output is marked: a wrapper prints a line with a per-exec nonce and
+        # the exit code after the command, so a stream the engine cut short (the exec-output
+        # race: exit 0 and no output under load) is told from a command that printed nothing,
+        # without another round trip to the engine.
+        nonce = f"__taskbox_end_{secrets.token_hex(8)}__"
+        wrapped = ["sh", "-c", _END_WRAPPER, _WRAPPER_NAME, nonce, str(secs), *argv]
         uid, gid = sandbox_owner()
-        mark = CMD_MARK + secrets.token_hex(8)
+        mark = CMD_MARK + (f"{owner}-" if owner else "") + secrets.token_hex(8)
         oom_before = self.oom_kills(cid)
         host_oom = oom_before is not None
         if not host_oom:
@@ -833,12 +869,29 @@ class Sandbox:
                 cid, wrapped, workdir=workdir, user=f"{uid}:{gid}",
                 environment={**(env or {}), KILL_MARK: mark}
             )["Id"]
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`",
+                               container_down="gone") from exc
+        except APIError as exc:
+            if exc.status_code == 409:  # "is not running" / "is paused" / "is restarting": nothing ran
+                raise SandboxError(f"exec failed in {cid[:12]}: {exc.explanation or exc}",
+                                   container_down="stopped") from exc
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        try:
             stream = self.api.exec_start(exec_id, stream=True, demux=True)
             if control is not None:
                 control.attach(lambda: self.kill_marked(cid, mark))
             out, err = bytearray(), bytearray()
-            truncated = False
+            end = bytearray()  # the last bytes of stdout, where the end marker is
+            out_total = 0
+            err_truncated = False
             for chunk_out, chunk_err in stream:
+                if chunk_out:
+                    out_total += len(chunk_out)
+                    end += chunk_out
+                    del end[:-_END_TAIL]
                 for buf, chunk in ((out, chunk_out), (err, chunk_err)):
                     if not chunk:
                         continue
@@ -847,8 +900,8 @@ class Sandbox:
                     room = output_limit - len(buf)
                     if room > 0:
                         buf += chunk[:room]
-                    if len(chunk) > max(room, 0):
-                        truncated = True  # keep draining so the command can finish
+                    if buf is err and len(chunk) > max(room, 0):
+                        err_truncated = True  # keep draining so the command can finish
             info = self.api.exec_inspect(exec_id)
         except DockerNotFound as exc:
             raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
@@ -857,6 +910,14 @@ class Sandbox:
         duration = (time.monotonic() - start) * 1000
         code = info.get("ExitCode")
         code = -1 if code is None else int(code)
+        marker = end_marker(bytes(end), nonce)
+        incomplete = marker is None
+        own = out_total  # bytes of stdout that are the command's own
+        if marker is not None:
+            size, code = marker
+            own -= size
+            del out[own:]
+        truncated = own > output_limit or err_truncated
         cancelled = control is not None and control.cancelled.is_set()
         timed_out = not cancelled and (code == 124 or (code == 137 and duration >= secs * 1000))
         oom_after = self.oom_kills(cid) if host_oom else self._oom_kills_inside(cid)
@@ -869,6 +930,13 @@ class Sandbox:
             timed_out = False
             stderr += ("\n[taskbox] the command was killed by the out-of-memory killer: it reached the "
                        "task's memory limit\n")
+        # Killed on purpose (cancelled, timed out, out of memory), the wrapper may die before
+        # its marker: that is said already. Otherwise a missing marker is a cut stream.
+        incomplete = incomplete and not (cancelled or timed_out or oom_killed)
+        if incomplete:
+            stderr += ("\n[taskbox] the command's output stream ended before the command did (the engine "
+                       "cut it short, or the command killed taskbox's wrapper): its output may be incomplete "
+                       "and its exit code unknown\n")
         result = ExecResult(
             stdout=out.decode(errors="replace"),
             stderr=stderr,
@@ -878,6 +946,7 @@ class Sandbox:
             timed_out=timed_out,
             oom_killed=oom_killed,
             cancelled=cancelled,
+            output_incomplete=incomplete,
         )
         if cancelled:
             self.kill_marked(cid, mark)  # anything forked while the first sweep ran
@@ -1032,7 +1101,7 @@ class Sandbox:
                     continue
                 first, argv, count = found.get(mark, (pid, [], 0))
                 if pid <= first or not argv:
-                    first, argv = pid, [a.decode(errors="replace") for a in _read_proc(pid, "cmdline").split(b"\0")[:8]]
+                    first, argv = pid, [a.decode(errors="replace") for a in _read_proc(pid, "cmdline").split(b"\0")[:12]]
                 found[mark] = (first, argv, count + 1)
         else:
             script = (f'for p in /proc/[0-9]*; do m=$(tr "\\0" "\\n" < "$p/environ" 2>/dev/null '
@@ -1050,7 +1119,7 @@ class Sandbox:
                     continue
                 first, argv, count = found.get(mark, (int(pid_s), [], 0))
                 if int(pid_s) <= first or not argv:
-                    first, argv = int(pid_s), cmdline.split("\x01")[:8]
+                    first, argv = int(pid_s), cmdline.split("\x01")[:12]
                 found[mark] = (first, argv, count + 1)
         out = []
         for mark, (_pid, argv, count) in sorted(found.items()):
@@ -1171,6 +1240,8 @@ def _mark_of(environ: bytes) -> str | None:
 
 def _display_command(argv: list[str]) -> str:
     """The agent's command from a marked process's argv (``timeout …`` and ``sh -c`` peeled off)."""
+    if len(argv) > 6 and argv[:2] == ["sh", "-c"] and argv[3] == _WRAPPER_NAME:
+        argv = argv[6:]  # Sandbox.exec's end-marker wrapper
     if argv and argv[0].endswith("timeout") and len(argv) > 4:
         argv = argv[4:]
     if len(argv) >= 6 and argv[:2] == ["sh", "-c"] and argv[3] == "taskbox-job":
@@ -1226,6 +1297,13 @@ def _docker_time(stamp: str) -> float:
     head, _, frac = stamp.rstrip("Z").partition(".")
     base = datetime.fromisoformat(head + "+00:00").timestamp()
     return base + float(f"0.{frac[:6] or '0'}") - 0.001
+
+
+def end_marker(tail: bytes, nonce: str) -> tuple[int, int] | None:
+    """The end marker at the very end of an exec's stdout: (its length in bytes, the exit code
+    it carries), or None when the stream ended without it."""
+    m = re.search(b"\n" + re.escape(nonce.encode()) + rb" (-?[0-9]{1,3})\n\Z", tail)
+    return None if m is None else (len(m.group()), int(m.group(1)))
 
 
 def _short(argv: list[str]) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 import unicodedata
@@ -24,13 +25,29 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from . import doctor, engine, faults, files, git, network, policy, pressure, quota, workspace
+from . import (
+    doctor,
+    engine,
+    faults,
+    files,
+    git,
+    liveness,
+    network,
+    policy,
+    pressure,
+    quota,
+    ultrawork,
+    workspace,
+)
+from . import merge as merge_engine
 from .audit import AuditLog
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
 from .errors import (
+    CommandTimeout,
     ConcurrentModification,
     Conflict,
+    GitError,
     InvalidInput,
     InvalidTransition,
     NotFound,
@@ -48,6 +65,7 @@ from .models import (
     FINISHED,
     CheckpointRequest,
     ContainerState,
+    Lease,
     LockMode,
     Session,
     Status,
@@ -60,7 +78,9 @@ from .network import EgressRules
 from .plugins import make_manager
 from .registry import Registry, list_backups, restore_backup, set_aside
 from .sandbox import (
+    CMD_MARK,
     LABEL_HOME,
+    LABEL_SCRATCH,
     LABEL_TASK,
     ContainerSpec,
     ExecControl,
@@ -86,6 +106,9 @@ _TASK_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # with its execution record, also when it comes from the CLI); every other call is counted
 # when it is recorded. memory.rebuild counts the same way.
 SELF_COUNTING_TOOLS = frozenset({"execute_in_task"})
+# One lock per (home, parent task): Plan.md's sub-task table and merges into a task are serialised.
+_ULTRA_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_ULTRA_LOCKS_GUARD = threading.Lock()
 
 
 @dataclass
@@ -171,6 +194,17 @@ class TaskService:
         self._checkpoints: Checkpoints | None = None
         # Containers of different TASKBOX_HOMEs on one engine are told apart by this label.
         self.home_label = hashlib.sha256(str(self.paths.home).encode()).hexdigest()[:16]
+        # Set by a long-lived server (bind_leases_to_process): its leases die with it.
+        self.lease_holder: str | None = None
+
+    def bind_leases_to_process(self) -> None:
+        """Tie the leases this service takes, and the commands it starts, to this process:
+        when it dies, another agent takes the task over at once and its commands are killed."""
+        self.lease_holder = liveness.identity()
+
+    @property
+    def lease_holder_token(self) -> str | None:
+        return liveness.token(self.lease_holder) if self.lease_holder else None
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -188,9 +222,82 @@ class TaskService:
         return TaskMemory(self._ws(task), self.paths.locks / f"{task.id}.memory.lock", self.redactor)
 
     def _ws(self, task: Task) -> Path:
-        """The task's workspace for host-side reads and writes, its volume mounted if it has one."""
+        """The task's workspace for host-side reads and writes, its volume mounted if it has one.
+
+        A workspace that is gone is a one-line error saying how to bring it back.
+        """
+        ws = Path(task.workspace_path)
+        if task.status is not Status.ARCHIVED and self.workspace_lost(task):  # mounts the volume
+            how = (f"`taskbox restore-checkpoint {task.id}` (or `taskbox doctor --fix`) brings it back from its "
+                   "newest checkpoint" if self.registry.checkpoints(task.id) else "it has no checkpoint to come "
+                   "back from")
+            image = self.paths.volume(task.id)
+            if task.metadata.get("quota") and not image.exists():
+                raise VolumeError(f"the workspace volume {image} of task {task.id} is gone; {how}", task_id=task.id)
+            raise NotFound(f"the workspace of task {task.id} ({ws}) is gone; {how}", task_id=task.id)
         self._ensure_volume(task)
-        return Path(task.workspace_path)
+        return ws
+
+    def workspace_lost(self, task: Task) -> bool:
+        """Whether the task's workspace (or its quota volume) is gone."""
+        if task.metadata.get("quota") and not self.paths.volume(task.id).exists():
+            return True
+        ws = Path(task.workspace_path)
+        if not ws.is_dir():
+            return True
+        try:
+            self._ensure_volume(task)
+            with os.scandir(ws) as it:
+                return next(it, None) is None  # emptied: a live workspace has at least its .git
+        except (OSError, TaskboxError):
+            return False  # unreadable: not taken for lost
+
+    def fix_ownership(self, task_id: str) -> str:
+        """Give every entry of the workspace that the sandbox user does not own back to it."""
+        task = self.get(task_id)
+        _shown, count = files.foreign_owned(self._ws(task), sandbox_owner(), fix=True)
+        self.registry.add_event("workspace.reowned", task.id, {"files": count})
+        return f"{count} entr{'y' if count == 1 else 'ies'} given back to the sandbox user"
+
+    def restore_workspace(self, task_id: str, by: str, checkpoint_id: str | None = None) -> dict[str, Any]:
+        """Bring a lost workspace back from a checkpoint (the newest by default): its quota volume
+        made again first, then every file, the branch (its ``.git``) and the memory; the
+        container, which bound the old directory, is made again on the next start."""
+        task = self.get(task_id)
+        if not self.registry.checkpoints(task.id):
+            raise NotFound(f"the workspace of task {task.id} is gone and it has no checkpoint to come back from",
+                           task_id=task.id)
+        ws = Path(task.workspace_path)
+        vol = task.metadata.get("quota")
+        image = self.paths.volume(task.id)
+        made_volume = False
+        if vol and not image.exists():  # the volume first, its mount point the workspace
+            quota.release(image, ws)  # a stale mount of the lost image, if any
+            quota.create_volume(image, ws, vol["disk"], vol["inodes"], sandbox_owner())
+            made_volume = True
+        elif vol:
+            self._ensure_volume(task)
+        remade = made_volume
+        if not ws.is_dir():
+            ws.mkdir(mode=0o755, parents=True)
+            if os.geteuid() == 0:
+                os.chown(ws, *sandbox_owner())
+            remade = True
+        cps = self.checkpoints
+        with cps.locked(task.id):
+            done = cps.restore(task, checkpoint_id, force=True)
+        if remade and task.container_id:  # its bind mount names the directory that was lost
+            self.sandbox.remove(task.container_id)
+            task = self._update(task.id, {"container_id": None, "container_state": ContainerState.NONE},
+                                ("container.lost", {"container_id": task.container_id}))
+        cp = done.checkpoint
+        self.update_state(task, lambda s: s.__setitem__("current_checkpoint", cp["checkpoint_id"]))
+        self.registry.add_event("workspace.restored", task.id, {"checkpoint_id": cp["checkpoint_id"], "by": by,
+                                                               "volume": made_volume})
+        return {"task_id": task.id, "checkpoint_id": cp["checkpoint_id"], "name": cp["name"],
+                "files_changed": done.changed, "files_restored": done.added, "files_removed": done.removed,
+                "container_restored": False, "forced": done.forced,
+                "duration_ms": round((time.perf_counter() - done.started) * 1000, 1), "volume_made": made_volume}
 
     def _ensure_volume(self, task: Task) -> None:
         """Mount the task's workspace volume (its disk and inode quota) unless it is mounted.
@@ -307,10 +414,10 @@ class TaskService:
         task = self.retry(attempt)
         try:
             self.update_state(task, lambda s: s.__setitem__("status", str(target)))
-        except (WorkspaceFull, VolumeError) as exc:
+        except (WorkspaceFull, VolumeError, NotFound) as exc:
             # The registry holds the status; state.json only mirrors it. A workspace the agent
-            # filled (e.g. its inodes), or whose volume is gone, must not stop a pause or a
-            # failure from taking effect.
+            # filled (e.g. its inodes), or that is gone (its volume too), must not stop a pause
+            # or a failure from taking effect.
             self.registry.add_event("memory.refused", task.id, {"error": exc.message, "status": str(target)})
         return task
 
@@ -628,6 +735,45 @@ class TaskService:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
         return task
 
+    def kill_orphans(self, task: Task, lease: Lease) -> list[dict[str, Any]]:
+        """Kill the commands a dead lease holder (a server that died) left running in the task's
+        container, and record each as ``orphaned`` in the execution log. Nothing for a lease
+        without a recorded holder, or one whose holder still lives."""
+        if not lease.holder or liveness.alive(lease.holder) is not False or not task.container_id:
+            return []
+        prefix = f"{CMD_MARK}{liveness.token(lease.holder)}-"
+        try:
+            left = [r for r in self.running_work(task) if r["mark"].startswith(prefix)]
+        except TaskboxError:
+            return []  # no container to look into: nothing runs there
+        for r in left:
+            self.sandbox.kill_marked(task.container_id, r["mark"])
+            try:
+                self.memory(task).log_execution({
+                    "session": lease.session_id, "agent": lease.agent, "tool": "exec", "command": r["command"],
+                    "exit_code": None, "status": "orphaned",
+                    "stderr": "[taskbox] the server that ran this command died; the command was killed when "
+                              "another session took the task over"})
+            except (TaskboxError, OSError) as exc:
+                self.registry.add_event("memory.refused", task.id, {"error": str(exc)[:300],
+                                                                    "command": r["command"][:200]})
+            self.registry.add_event("exec.orphaned", task.id, {"session_id": lease.session_id,
+                                                               "command": r["command"][:200]})
+        return left
+
+    def _kill_orphans_of(self, task_id: str, session_id: str) -> None:
+        for lease in self.registry.leases(task_id, live_only=False):
+            if lease.session_id == session_id:
+                self.kill_orphans(self.get(task_id), lease)
+
+    def heal(self, task_id: str, by: str, was: str) -> Task:
+        """Bring back a container found stopped or gone while the registry said it runs (as
+        ``resume-task`` would), and record it; the task stays as it was otherwise."""
+        before = self.get(task_id)
+        self.registry.add_event("container.healed", task_id, {"container_id": before.container_id, "was": was,
+                                                              "by": by})
+        return self.ensure_running(task_id)  # it asks Docker, not the registry
+
     def pause(self, task_id: str, *, kill_running: bool = False) -> Task:
         """Stop the task's container (its filesystem is kept) and mark the task paused.
 
@@ -703,7 +849,7 @@ class TaskService:
                 try:
                     _lease, expired = self.registry.acquire_lease(
                         task.id, sid, agent, mode, self.settings.lease_seconds,
-                        self.settings.collaborative_max_agents, queued=queued)
+                        self.settings.collaborative_max_agents, queued=queued, holder=self.lease_holder)
                     break
                 except TaskLocked:
                     if time.monotonic() >= deadline:
@@ -719,10 +865,15 @@ class TaskService:
             self.registry.end_session(old.session_id, time.time())
         t0 = time.perf_counter()
         try:
+            if self.workspace_lost(task) and self.registry.checkpoints(task.id):
+                self.restore_workspace(task.id, "attach")
+                task = self.get(task.id)
             mem = self.memory(task)  # mounts the workspace volume if it is not (after a reboot)
             # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
             state, recovery = mem.load(self._defaults(task))
             task = self.ensure_running(task.id)
+            for old in expired:
+                self.kill_orphans(task, old)
         except BaseException:
             self.registry.release_lease(task.id, sid)
             raise
@@ -864,11 +1015,23 @@ class TaskService:
         session = self.registry.get_session(session_id) if session_id else None
         if control is not None:
             control.redact = self.redactor.output
+        def run(cid: str) -> ExecResult:
+            return self.sandbox.exec(cid, command, workdir=wd, timeout=secs,
+                                     output_limit=min(output_limit or self.settings.exec_output_limit,
+                                                      self.settings.exec_output_limit),
+                                     env={**(env or {}), **values}, control=control,
+                                     owner=self.lease_holder_token)
+
         try:
-            result = self.sandbox.exec(task.container_id or "", command, workdir=wd, timeout=secs,
-                                       output_limit=min(output_limit or self.settings.exec_output_limit,
-                                                        self.settings.exec_output_limit),
-                                       env={**(env or {}), **values}, control=control)
+            try:
+                result = run(task.container_id or "")
+            except SandboxError as exc:
+                if not exc.details.get("container_down"):
+                    raise
+                # Stopped or removed behind taskbox's back (docker stop, rm -f, an engine
+                # restart): nothing ran, so it is started or recreated and the command runs.
+                task = self.heal(task.id, "exec", exc.details["container_down"])
+                result = run(task.container_id or "")
         except TaskboxError as exc:
             self._redact_error(exc)  # in place: it reaches the caller
             partial = exc.details.get("result")
@@ -920,7 +1083,8 @@ class TaskService:
         self._update(task.id, {"last_active": time.time()},
                      ("task.exec", {"command": cmd_text[:200], "exit_code": result.exit_code,
                                     "duration_ms": result.duration_ms, "timed_out": result.timed_out,
-                                    "oom_killed": result.oom_killed}))
+                                    "oom_killed": result.oom_killed,
+                                    **({"output_incomplete": True} if result.output_incomplete else {})}))
 
     def _write_exec_log(self, task: Task, session: Session | None, cmd_text: str, wd: str,
                         result: ExecResult, limit: int) -> None:
@@ -937,8 +1101,10 @@ class TaskService:
             "truncated": result.truncated or len(result.stdout) > limit or len(result.stderr) > limit,
             "timed_out": result.timed_out,
             "oom_killed": result.oom_killed,
+            "output_incomplete": result.output_incomplete,
             "status": ("cancelled" if result.cancelled else "timed_out" if result.timed_out
-                       else "oom_killed" if result.oom_killed else "exited"),
+                       else "oom_killed" if result.oom_killed
+                       else "output_incomplete" if result.output_incomplete else "exited"),
         })
         self.update_state(task, lambda s: s["metrics"].__setitem__("tool_calls", s["metrics"]["tool_calls"] + 1))
 
@@ -1311,6 +1477,12 @@ class TaskService:
         task = self.get(task_id)
         args = {"checkpoint_id": checkpoint_id, "force": force}
         self._before(task, "restore", args)
+        if self.workspace_lost(task):  # nothing to lose: it comes back whole
+            result = {"success": True, **self.restore_workspace(task.id, "restore", checkpoint_id),
+                      "workspace_restored": True}
+            self.registry.add_event("checkpoint.restored", task.id, result)
+            self._after(task, "restore", args, result)
+            return result
         self._ensure_volume(task)
         self._ensure_idle(task, "restore a checkpoint of", kill_running)
         cps = self.checkpoints
@@ -1414,6 +1586,32 @@ class TaskService:
         return {"task_id": task.id, "sessions": [s.to_dict() for s in self.registry.sessions(task.id)],
                 "conversations": self.memory(task).conversations(limit),
                 "events": self.registry.events(task.id, limit=limit)}
+
+    def events(self, task_id: str | None = None, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events after ``after_id`` from the durable event log, oldest first (every process's)."""
+        if after_id < 0 or not 1 <= limit <= 10_000:
+            raise InvalidInput("after_id must be 0 or more and limit between 1 and 10000")
+        if task_id:
+            self.get(task_id)
+        return self.registry.events(task_id, after_id=after_id, limit=limit)
+
+    def last_event_id(self) -> int:
+        """The newest event's id (0 when there is none)."""
+        return self.registry.last_event_id()
+
+    def resource_usage(self, task_id: str) -> dict[str, Any] | None:
+        """A running task's memory use, processes and CPU time so far (None when its container
+        does not run); read from the container's cgroup, never the engine's slow stats call."""
+        task = self.get(task_id)
+        if not task.container_id or task.container_state is not ContainerState.RUNNING:
+            return None
+        mem = self.sandbox.memory_usage(task.container_id, engine=False)
+        if mem is None:
+            return None
+        return {"task_id": task.id, "memory_bytes": mem["usage"], "memory_limit": mem["limit"],
+                "memory_percent": round(100.0 * mem["usage"] / mem["limit"], 2) if mem["limit"] else None,
+                "pids": mem["pids"], "cpu_seconds": self.sandbox.cpu_seconds(task.container_id),
+                "pressure": (task.metadata.get("pressure") or {}).get("level", "ok")}
 
     def audit_log(self, task_id: str, limit: int | None = None, decision: str | None = None) -> list[dict[str, Any]]:
         """A task's audit log (policy, egress and sandbox decisions), with the latest proxy decisions
@@ -1665,11 +1863,15 @@ class TaskService:
         task = self.get(task_id)
         self._before(task, "status", {"recent": recent})
         state = self.state(task.id)
+        try:
+            jobs: list[dict[str, Any]] | None = self.jobs(task.id)
+        except SandboxError:  # the container is frozen for a checkpoint this instant: jobs unknown
+            jobs = None
         result = {**task.to_dict(), "current_agents": self.current_agents(task.id),
                   "current_agent": state.get("current_agent"), "todos": state["todos"],
                   "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
                   "recent_executions": self.memory(task).executions(recent),
-                  "workspace_usage": self.workspace_usage(task), "jobs": self.jobs(task.id)}
+                  "workspace_usage": self.workspace_usage(task), "jobs": jobs}
         self._after(task, "status", {"recent": recent}, result)
         return result
 
@@ -1927,9 +2129,13 @@ class TaskService:
             "finish-complete": then("completed", lambda: self.complete(p["task_id"])),
             "mount-volume": then("mounted", lambda: self._ensure_volume(self.get(p["task_id"]))),
             "mark-failed": then("marked failed", lambda: self.fail(p["task_id"], p.get("reason", ""))),
-            "release-lease": then("released", lambda: reg.release_lease(p["task_id"], p["session_id"]),
+            "release-lease": then("released", lambda: self._kill_orphans_of(p["task_id"], p["session_id"]),
+                                  lambda: reg.release_lease(p["task_id"], p["session_id"]),
                                   lambda: reg.end_session(p["session_id"], time.time())),
             "end-session": then("ended", lambda: reg.end_session(p["session_id"], time.time())),
+            "fix-ownership": lambda: self.fix_ownership(p["task_id"]),
+            "restore-workspace": lambda: "restored from checkpoint {checkpoint_id}".format(
+                **self.restore_workspace(p["task_id"], "doctor")),
             "forget-container": forget_container,
             "sync-state": sync_state,
             "stop-container": then("stopped", lambda: self.sandbox.stop(p["container_id"])),
@@ -1939,8 +2145,523 @@ class TaskService:
             "purge-trash": lambda: doctor.purge(self.paths, p["path"], lambda: self.sandbox),
             "rebuild-memory": rebuild_memory,
             "backup-registry": lambda: f"backed up to {reg.backup().name}",
+            "recover-ultrawork": lambda: self._recover_run(p["task_id"]),
         }
         return actions[name]
+
+    # --- ultrawork: sub-tasks merged back in dependency order (SPEC §7) -------------------------
+    # The plan and the scheduler's decisions are taskbox.ultrawork's; the merge is taskbox.merge's.
+
+    def _subtasks_changed(self, parent: Task) -> list[dict[str, Any]]:
+        """Tell the plugins (Plan.md's live table) the parent's sub-tasks changed; return the rows."""
+        rows = self.registry.subtasks(parent.id)
+        with self._ultra_lock(parent.id):
+            try:
+                self.hook.subtasks_changed(service=self, task=parent, subtasks=rows)
+            except (TaskboxError, OSError) as exc:  # Plan.md is a view: the run goes on
+                self.registry.add_event("memory.refused", parent.id, {"error": str(exc)[:300]})
+        return rows
+
+    def _ultra_lock(self, parent_id: str) -> threading.Lock:
+        with _ULTRA_LOCKS_GUARD:
+            return _ULTRA_LOCKS.setdefault((str(self.paths.home), parent_id), threading.Lock())
+
+    def _set_subtask(self, parent: Task, sid: str, changes: dict[str, Any], *, expect: list[str] | None = None,
+                     event: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        row = self.registry.update_subtask(parent.id, sid, changes, expect=expect, event=event)
+        if row is not None:
+            self._subtasks_changed(parent)
+        return row
+
+    def create_subtasks(self, parent_id: str, plan: ultrawork.Plan | dict[str, Any]) -> dict[str, Any]:
+        """Record a parent's sub-tasks from a plan, validated whole first (nothing is made on an error)."""
+        parent = self.get(parent_id)
+        if parent.status in FINISHED:
+            raise InvalidTransition(f"task {parent.id} is {parent.status}; sub-tasks need a live parent",
+                                    task_id=parent.id, status=str(parent.status))
+        if parent.task_type == "subtask":
+            raise InvalidInput(f"task {parent.id} is itself a sub-task; split its parent instead")
+        if isinstance(plan, dict):
+            plan = ultrawork.parse_plan(plan)
+        for s in plan.subtasks:
+            if s.agent != "shell":
+                raise InvalidInput(f"sub-task {s.id!r} asks for agent {s.agent}, which runs through `taskbox run` "
+                                   "(issue 13), not built yet; use agent = \"shell\" with a command")
+        args = {"subtasks": [s.id for s in plan.subtasks], "parallel": plan.parallel}
+        self._before(parent, "create_subtasks", args)
+        parallel = plan.parallel or self.settings.ultrawork_parallel
+        self.registry.insert_subtasks(parent.id, [s.to_dict() for s in plan.subtasks],
+                                      ("subtasks.created", {"subtasks": [s.id for s in plan.subtasks],
+                                                            "parallel": parallel}))
+        self.registry.set_run(parent.id, status="created", parallel=parallel, merge=1, pid=None,
+                              started_at=time.time(), finished_at=None)
+        self._subtasks_changed(parent)
+        result = self.subtask_status(parent.id)
+        self._after(parent, "create_subtasks", args, result)
+        return result
+
+    def subtask_status(self, parent_id: str) -> dict[str, Any]:
+        """The parent's sub-tasks (status, branch, times, merge commit or conflicting files) and progress."""
+        parent = self.get(parent_id)
+        rows = self.registry.subtasks(parent.id)
+        run = self.registry.run(parent.id)
+        now = time.time()
+        for r in rows:
+            end = r["finished_at"] or (now if r["status"] == ultrawork.RUNNING else None)
+            r["duration_s"] = round(end - r["started_at"], 2) if r["started_at"] and end else None
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        if run is not None and run["status"] == "running" and not ultrawork.pid_alive(run["pid"]):
+            run = {**run, "status": "interrupted"}
+        final = sum(counts.get(s, 0) for s in ultrawork.FINAL)
+        return {"parent": parent.id, "branch": parent.branch, "run": run, "subtasks": rows, "counts": counts,
+                "total": len(rows), "finished": final, "merged": counts.get(ultrawork.MERGED, 0),
+                "progress": round(final / len(rows), 3) if rows else 1.0}
+
+    def run_subtasks(self, parent_id: str, *, parallel: int | None = None, merge: bool = True,
+                     resume: bool = False, progress: Callable[[str], None] | None = None,
+                     stop: threading.Event | None = None) -> dict[str, Any]:
+        """Run a parent's sub-tasks to the end: start each once its dependencies are merged (at
+        most ``parallel`` at once), merge each into the parent as it succeeds, block the
+        dependents of what fails, times out or conflicts.
+
+        Durable: every step is recorded in the registry first, so a run killed at any moment
+        continues with ``resume`` — nothing finished is redone, nothing merged twice, and
+        sub-tasks left running are reset (their child task aborted, its container stopped).
+        """
+        say = progress or (lambda _msg: None)
+        parent = self.get(parent_id)
+        rows = self.registry.subtasks(parent.id)
+        if not rows:
+            raise NotFound(f"task {parent.id} has no sub-tasks; give a plan (`taskbox ultrawork {parent.id} --plan "
+                           "FILE`)", task_id=parent.id)
+        run = self.registry.run(parent.id) or {}
+        if run.get("status") == "running":
+            if ultrawork.pid_alive(run.get("pid")) and run.get("pid") != os.getpid():
+                raise TaskBusy(f"an ultrawork run of {parent.id} is going on (pid {run['pid']}); watch it with "
+                               f"`taskbox subtask-status {parent.id} --watch`", task_id=parent.id)
+            if not resume:
+                raise InvalidInput(f"the last ultrawork run of {parent.id} was interrupted; continue it with "
+                                   f"`taskbox ultrawork {parent.id} --resume`")
+        if parallel is not None and not 1 <= parallel <= 64:
+            raise InvalidInput(f"parallel {parallel} must be from 1 to 64")
+        par = int(parallel or run.get("parallel") or self.settings.ultrawork_parallel)
+        args = {"parallel": par, "merge": merge, "resume": resume}
+        self._before(parent, "run_subtasks", args)
+        began = time.time()
+        self.registry.set_run(parent.id, status="running", parallel=par, merge=int(merge), pid=os.getpid(),
+                              started_at=began, finished_at=None)
+        self.registry.add_event("ultrawork.started", parent.id, {"parallel": par, "merge": merge, "resume": resume,
+                                                                 "pid": os.getpid()})
+        self.recover_subtasks(parent.id)
+        parent = self.ensure_running(parent.id)
+        wake = threading.Event()
+        workers: dict[str, threading.Thread] = {}
+        closers: list[threading.Thread] = []
+        for r in self.registry.subtasks(parent.id):  # merged before a crash, child not completed yet
+            if (r["status"] == ultrawork.MERGED and r["task_id"] and self.registry.task_exists(r["task_id"])
+                    and self.get(r["task_id"]).status not in FINISHED):
+                closers += self._close_child(r, ultrawork.MERGED)
+        interrupted = False
+        base: str | None = None  # the parent's commit new sub-tasks fork from
+        in_base: set[str] = set()  # the sub-tasks whose merge that commit holds
+        try:
+            while True:
+                rows = self.registry.subtasks(parent.id)
+                d = ultrawork.decide(rows, par, merge)
+                for sid, by in d.block.items():
+                    if self._set_subtask(parent, sid, {"status": ultrawork.BLOCKED, "error": f"blocked by {by}"},
+                                         expect=[ultrawork.PENDING],
+                                         event=("subtask.blocked", {"subtask": sid, "by": by})):
+                        say(f"{sid}: blocked by {by}")
+                by_id = {r["id"]: r for r in rows}
+                if d.start:  # first fill the free slots: merges need no slot
+                    if stop is not None and stop.is_set():
+                        interrupted = True
+                        break
+                    # A sub-task forks from the parent's branch as last committed and published, if
+                    # that holds the merges of all its dependencies; else the parent is committed and
+                    # published again first (independent sub-tasks need no new fork point).
+                    needs = {dep for sid in d.start for dep in by_id[sid]["depends_on"]}
+                    if base is None or not needs <= in_base:
+                        _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
+                                                              + ", ".join(d.start))
+                        in_base = {r["id"] for r in rows if r["status"] == ultrawork.MERGED}
+                    for sid in d.start:
+                        row = self._set_subtask(parent, sid, {"status": ultrawork.RUNNING, "started_at": time.time(),
+                                                              "finished_at": None, "error": "", "exit_code": None},
+                                                expect=[ultrawork.PENDING])
+                        if row is None:
+                            continue
+                        say(f"{sid}: starting")
+                        t = threading.Thread(target=self._run_subtask, args=(parent, row, base, wake),
+                                             name=f"subtask-{sid}", daemon=True)
+                        workers[sid] = t
+                        t.start()
+                # then one merge (deciding again after it lets a dependent start as soon as it can)
+                ready = [sid for sid in d.merge if not (sid in workers and workers[sid].is_alive())]
+                if ready:
+                    sid = ready[0]
+                    out = self._merge_subtask(parent, by_id[sid])
+                    say(f"{sid}: {out}")
+                    closers += self._close_child(by_id[sid], out)
+                if d.block or ready or d.start:
+                    continue
+                workers = {k: t for k, t in workers.items() if t.is_alive()}
+                if d.done and not workers:
+                    break
+                wake.wait(0.5)
+                wake.clear()
+        finally:
+            for t in workers.values():
+                t.join()
+            for t in closers:
+                t.join()
+            for r in self.registry.subtasks(parent.id):  # not merged (--no-merge, stopped): container stopped
+                if r["status"] == ultrawork.SUCCEEDED and r["task_id"] and self.registry.task_exists(r["task_id"]):
+                    try:
+                        self._park_child(r["task_id"])
+                    except TaskboxError as exc:
+                        self.registry.add_event("task.undo_failed", r["task_id"], {"error": exc.message[:300]})
+            status = self.subtask_status(parent.id)
+            self.registry.set_run(parent.id, status="interrupted" if interrupted else "finished",
+                                  finished_at=time.time(), pid=None)
+            self.registry.add_event("ultrawork.finished", parent.id, {
+                "counts": status["counts"], "duration_s": round(time.time() - began, 2),
+                "interrupted": interrupted})
+        if merge and not interrupted:
+            self._publish(parent, "taskbox: sub-tasks merged")  # the parent's branch reaches the user's repository
+        result = self.subtask_status(parent.id)
+        result["duration_s"] = round(time.time() - began, 2)
+        self._after(parent, "run_subtasks", args, result)
+        return result
+
+    def _run_subtask(self, parent: Task, row: dict[str, Any], base: str, wake: threading.Event) -> None:
+        """A worker thread: make the sub-task's child task on a branch forked at ``base``, run its command."""
+        sid = row["id"]
+        child: Task | None = None
+        started = time.monotonic()
+        try:
+            child = self._create_child(parent, row, base)
+            self._set_subtask(parent, sid, {"task_id": child.id, "branch": child.branch},
+                              event=("subtask.started", {"subtask": sid, "task_id": child.id, "branch": child.branch,
+                                                         "base": base}))
+            timeout = row["timeout"] or self.settings.exec_timeout
+            try:
+                result = self.exec(child.id, row["command"], timeout=timeout)
+            except CommandTimeout:
+                self._end_child(child, failed=f"timed out after {timeout:g}s")
+                self._set_subtask(parent, sid, {"status": ultrawork.TIMED_OUT, "finished_at": time.time(),
+                                                "error": f"timed out after {timeout:g}s"},
+                                  event=("subtask.timed_out", {"subtask": sid, "task_id": child.id, "timeout": timeout,
+                                                               "duration_ms": round((time.monotonic() - started) * 1000)}))
+                return
+            if result.exit_code != 0:
+                reason = f"exit code {result.exit_code}" + (" (out of memory)" if result.oom_killed else "")
+                self._end_child(child, failed=reason)
+                self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "finished_at": time.time(),
+                                                "exit_code": result.exit_code, "error": reason},
+                                  event=("subtask.failed", {"subtask": sid, "task_id": child.id,
+                                                            "exit_code": result.exit_code,
+                                                            "duration_ms": result.duration_ms, "error": reason}))
+                return
+            tip = self._end_child(child)
+            self._set_subtask(parent, sid, {"status": ultrawork.SUCCEEDED, "finished_at": time.time(), "exit_code": 0,
+                                            "tip": tip},
+                              event=("subtask.succeeded", {"subtask": sid, "task_id": child.id, "exit_code": 0,
+                                                           "duration_ms": result.duration_ms, "tip": tip}))
+        except TaskboxError as exc:
+            if child is not None:
+                try:
+                    self._end_child(child, failed=exc.message)
+                except TaskboxError:
+                    pass
+            self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "finished_at": time.time(),
+                                            "error": exc.message[:500]},
+                              event=("subtask.failed", {"subtask": sid, "task_id": child.id if child else None,
+                                                        "exit_code": None, "error": exc.message[:300],
+                                                        "duration_ms": round((time.monotonic() - started) * 1000)}))
+        finally:
+            wake.set()
+
+    def _create_child(self, parent: Task, row: dict[str, Any], base: str) -> Task:
+        """The sub-task's child task: the parent's image, limits and network, forked at ``base``."""
+        description = f"{parent.id} {row['id']}: {row['title']}\n\nSub-task {row['id']} of {parent.id}."
+        if row["command"]:
+            description += f"\n\nCommand: {row['command'][:1000]}"
+        stem = f"{parent.id[:50]}-{row['id']}"[:60].strip("-")
+        for attempt in range(20):
+            tid = stem if attempt == 0 else f"{stem[:57]}-{attempt + 1}"
+            if self.registry.task_exists(tid):
+                continue
+            try:
+                return self.create_task(parent.repo_path, description[:DESCRIPTION_MAX], agent=parent.agent,
+                                        model=parent.model, title=row["title"], task_id=tid, base_ref=base,
+                                        memory=parent.memory_limit, cpus=parent.cpu_limit,
+                                        pids_limit=parent.pids_limit, network=parent.network, image=parent.image,
+                                        parent_id=parent.id, metadata={"subtask": row["id"]},
+                                        allow_domains=(parent.metadata.get("sandbox") or {}).get("allow_domains"))
+            except Conflict:
+                if not self.registry.task_exists(tid):
+                    raise
+        raise Conflict(f"no free task id for sub-task {row['id']} of {parent.id}")
+
+    def _end_child(self, child: Task, failed: str | None = None) -> str | None:
+        """Finish a child's run. Success: commit and fetch its branch; its container keeps running
+        until the merge (completing it then is quick). Failure: stop its container and mark it
+        failed (it can be repaired and merged later). Returns the branch's commit."""
+        child = self.get(child.id)
+        if failed is None:
+            _commit, tip = self._publish(child, f"taskbox: sub-task {child.metadata.get('subtask', child.id)} done")
+            return tip
+        if child.container_id:
+            self.sandbox.stop(child.container_id)
+        if child.status not in FINISHED:
+            self._update(child.id, {"container_state": ContainerState.STOPPED if child.container_id
+                                    else ContainerState.NONE})
+            self._end_sessions(child.id)
+            self._transition(child.id, Status.FAILED, reason=failed[:300])
+        return None
+
+    def _park_child(self, task_id: str) -> None:
+        """Stop a child task's container, keeping the task (paused) so it can be fixed and merged later."""
+        child = self.get(task_id)
+        if child.status is Status.ACTIVE:
+            self._end_sessions(child.id)
+            self.pause(child.id, kill_running=True)
+
+    def _close_child(self, row: dict[str, Any], outcome: str) -> list[threading.Thread]:
+        """After a merge attempt, in the background: a merged child task is completed; one that
+        conflicted or could not be merged is paused (container stopped) for repair."""
+        if not row.get("task_id"):
+            return []
+
+        def close() -> None:
+            try:
+                child = self.get(row["task_id"])
+                if child.status in FINISHED:
+                    return
+                if outcome == ultrawork.MERGED:
+                    self.complete(child.id, f"merged into {child.parent_id}", final_checkpoint=False)
+                else:
+                    self._park_child(child.id)
+            except TaskboxError as exc:
+                self.registry.add_event("task.undo_failed", row["task_id"], {"error": exc.message[:300]})
+
+        t = threading.Thread(target=close, name=f"close-{row['id']}", daemon=True)
+        t.start()
+        return [t]
+
+    def _merge_subtask(self, parent: Task, row: dict[str, Any]) -> str:
+        """Merge a succeeded sub-task into the parent; record merged, conflict (with files) or a failed merge."""
+        sid = row["id"]
+        try:
+            child = self.get(row["task_id"])
+            faults.point("ultrawork.merging")
+            out = self._merge_into_task(parent, child, row["tip"], f"taskbox: merge sub-task {sid}: {row['title']}")
+            faults.point("ultrawork.merged")  # the parent's branch moved; the registry does not know yet
+        except TaskboxError as exc:
+            self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "error": f"merge failed: {exc.message}"[:500]},
+                              expect=[ultrawork.SUCCEEDED],
+                              event=("subtask.failed", {"subtask": sid, "task_id": row["task_id"],
+                                                        "error": f"merge failed: {exc.message}"[:300]}))
+            return ultrawork.FAILED
+        return self._record_merge(parent, row, out)
+
+    def _record_merge(self, parent: Task, row: dict[str, Any], out: merge_engine.Outcome) -> str:
+        sid = row["id"]
+        if out.status == "conflict":
+            self._set_subtask(parent, sid, {"status": ultrawork.CONFLICT, "conflict_files": out.files,
+                                            "error": "merge conflict"},
+                              event=("subtask.conflict", {"subtask": sid, "task_id": row["task_id"], "files": out.files}))
+            return ultrawork.CONFLICT
+        self._set_subtask(parent, sid, {"status": ultrawork.MERGED, "merge_commit": out.commit, "merged_at": time.time(),
+                                        "conflict_files": [], "error": ""},
+                          event=("subtask.merged", {"subtask": sid, "task_id": row["task_id"], "commit": out.commit,
+                                                    "already": out.status == "already"}))
+        return ultrawork.MERGED
+
+    def _merge_into_task(self, target: Task, source: Task, tip: str, message: str,
+                         squash: bool = False) -> merge_engine.Outcome:
+        """Merge commit ``tip`` of ``source``'s branch (already fetched into the user's repository) into
+        ``target``'s branch, inside ``target``'s sandbox. One merge into a task at a time."""
+        if Path(source.repo_path) != Path(target.repo_path):
+            raise InvalidInput(f"tasks {source.id} and {target.id} work on different repositories")
+        repo = Path(source.repo_path)
+        scratch = self.paths.home / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        limit = parse_size(self.settings.fetch_limit, "fetch_limit")
+        with self._ultra_lock(f"merge:{target.id}"):
+            fd, name = tempfile.mkstemp(prefix="merge-", suffix=".bundle", dir=scratch)
+            os.close(fd)
+            bundle = Path(name)
+            try:
+                merge_engine.bundle_from(repo, bundle, tip, [source.base_ref])
+                if bundle.stat().st_size > limit:
+                    raise GitError(f"the branch of {source.id} bundles to more than {limit} bytes; refusing to merge "
+                                   "it (raise the fetch_limit setting if this is expected)")
+                files.atomic_write(self._ws(target), merge_engine.INCOMING, bundle.read_bytes())
+            finally:
+                bundle.unlink(missing_ok=True)
+            with self.in_sandbox(target) as run:
+                return merge_engine.in_workspace(run, target.branch, tip, message, squash=squash)
+
+    def _merge_into_branch(self, source: Task, branch: str, tip: str, message: str,
+                           squash: bool = False) -> merge_engine.Outcome:
+        """Merge ``tip`` into ``branch`` of the user's repository: computed in a throwaway sandbox on a
+        bare copy, brought back as a checked bundle, the ref moved by compare-and-swap only."""
+        repo = Path(source.repo_path)
+        if not git.check_ref_format(branch):
+            raise InvalidInput(f"{branch!r} is not a valid branch name")
+        ref = f"refs/heads/{branch}"
+        proc = git.run(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo, check=False)
+        old = proc.stdout.strip()
+        if proc.returncode != 0 or not old:
+            raise NotFound(f"branch {branch} does not exist in {repo} (and no task has that id)")
+        if git.run(["symbolic-ref", "--quiet", "HEAD"], cwd=repo, check=False).stdout.strip() == ref:
+            raise GitError(f"branch {branch} is checked out in {repo}; taskbox never touches your work tree: switch "
+                           "to another branch there, or merge into another branch", branch=branch)
+        scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=self.paths.home / "tmp"))
+        try:
+            merge_engine.bare_copy(repo, scratch / "repo.git", [old, tip])
+            workspace.hand_over(scratch)
+            labels = {LABEL_TASK: source.id, LABEL_HOME: self.home_label}
+            with self.sandbox.scratch(source.image, scratch, labels) as cid:
+                run = functools.partial(self.sandbox.capture, cid, timeout=self.settings.sandbox_git_timeout)
+                out = merge_engine.in_bare(run, old, tip, message, squash=squash)
+                if out.status != "merged":
+                    return out
+                new = workspace.import_bundle(run, merge_engine.result_bundle(old, tip), repo, merge_engine.RESULT_REF,
+                                              scratch=self.paths.home / "tmp",
+                                              limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
+                                              what=f"the merge of {source.id} into {branch}")
+            parents = git.run(["rev-list", "--parents", "-n", "1", new], cwd=repo).stdout.split()[1:]
+            if parents != ([old] if squash else [old, tip]) or new != out.commit:
+                raise GitError(f"the merge of {source.id} into {branch} came back with unexpected parents; "
+                               "the branch was not moved")
+            git.run(["update-ref", "-m", f"taskbox: merge {source.id}", ref, new, old], cwd=repo)
+            out.old = old
+            return out
+        finally:
+            files.remove_tree(scratch)
+
+    def merge_task(self, task_id: str, into: str | None = None, *, squash: bool = False) -> dict[str, Any]:
+        """Merge a task's branch into its parent (default), another task (``into`` a task id) or a branch
+        of the user's repository (``into`` a branch name). A conflict changes nothing and names the files."""
+        task = self.get(task_id)
+        args = {"into": into, "squash": squash}
+        self._before(task, "merge", args)
+        target: Task | None = None
+        if into is None:
+            if not task.parent_id:
+                raise InvalidInput(f"task {task.id} has no parent; say where to merge it with --into BRANCH_OR_TASK")
+            target = self.get(task.parent_id)
+        elif self.registry.task_exists(into):
+            target = self.get(into)
+        if target is not None and target.id == task.id:
+            raise InvalidInput("a task cannot be merged into itself")
+        if target is not None and target.status in FINISHED:
+            raise InvalidTransition(f"task {target.id} is {target.status}; it can no longer take a merge",
+                                    task_id=target.id, status=str(target.status))
+        _commit, tip = self._publish(task, f"taskbox: merge {task.id}")
+        message = f"taskbox: merge {task.id}: {task.title}"
+        row = self.registry.subtask_of(task.id)
+        if target is not None:
+            out = self._merge_into_task(target, task, tip, message, squash)
+            if row is not None and row["parent_id"] == target.id:
+                self.registry.update_subtask(target.id, row["id"], {"tip": tip})
+                self._record_merge(target, {**row, "tip": tip}, out)
+                if out.status != "conflict":
+                    for t in self._close_child(row, ultrawork.MERGED):
+                        t.join()
+        else:
+            assert into is not None
+            out = self._merge_into_branch(task, into, tip, message, squash)
+        where = target.id if target is not None else into
+        self.registry.add_event("task.merged", task.id, {"into": where, "commit": out.commit, "status": out.status,
+                                                          "files": out.files, "squash": squash, "tip": tip})
+        result = {"task_id": task.id, "into": where, "into_type": "task" if target is not None else "branch",
+                  "tip": tip, "squash": squash, **out.to_dict()}
+        self._after(task, "merge", args, result)
+        return result
+
+    def _recover_run(self, parent_id: str) -> str:
+        """The doctor's repair of an interrupted run: reconcile it and mark it interrupted (resume continues it)."""
+        done = self.recover_subtasks(parent_id)
+        self.registry.set_run(parent_id, status="interrupted", pid=None, finished_at=time.time())
+        self.registry.add_event("ultrawork.finished", parent_id, {"counts": self.subtask_status(parent_id)["counts"],
+                                                                   "interrupted": True})
+        return (f"reconciled ({len(done)} sub-task(s) reset or kept); continue with "
+                f"`taskbox ultrawork {parent_id} --resume`")
+
+    def recover_subtasks(self, parent_id: str) -> list[dict[str, Any]]:
+        """Reconcile a parent's sub-tasks after an interrupted run; return what was done.
+
+        A sub-task left ``running`` whose child finished its work (its branch was fetched) is
+        recorded as succeeded; any other is reset to pending,
+        its child task aborted and its container stopped (it runs again from a fresh fork).
+        Blocked sub-tasks go back to pending (they are blocked again if still blocked), and
+        no child task of the parent keeps a running container.
+        """
+        parent = self.get(parent_id)
+        done: list[dict[str, Any]] = []
+        rows = self.registry.subtasks(parent.id)
+        live = {r["task_id"] for r in rows if r["task_id"] and r["status"] in (ultrawork.SUCCEEDED, ultrawork.CONFLICT,
+                                                                                 ultrawork.MERGED)}
+        for r in rows:
+            if r["status"] == ultrawork.BLOCKED:
+                self.registry.update_subtask(parent.id, r["id"], {"status": ultrawork.PENDING, "error": ""},
+                                             expect=[ultrawork.BLOCKED])
+            if r["status"] != ultrawork.RUNNING:
+                continue
+            action = "reset"
+            child = self.get(r["task_id"]) if r["task_id"] and self.registry.task_exists(r["task_id"]) else None
+            # its branch reaches the user's repository only after its command exited 0
+            if child is not None and child.status in (Status.ACTIVE, Status.PAUSED) and not child.pending_op:
+                tip = git.run(["rev-parse", "--verify", "--quiet", f"refs/heads/{child.branch}^{{commit}}"],
+                              cwd=Path(child.repo_path), check=False).stdout.strip()
+                if tip:
+                    self.registry.update_subtask(parent.id, r["id"], {"status": ultrawork.SUCCEEDED, "tip": tip,
+                                                                      "finished_at": time.time(), "exit_code": 0},
+                                                 expect=[ultrawork.RUNNING])
+                    live.add(child.id)
+                    action = "kept (its work was done)"
+            if action == "reset":
+                self.registry.update_subtask(parent.id, r["id"], {"status": ultrawork.PENDING, "task_id": None,
+                                                                  "branch": None, "started_at": None,
+                                                                  "error": "reset after an interrupted run"},
+                                             expect=[ultrawork.RUNNING])
+            self.registry.add_event("ultrawork.recovered", parent.id, {"subtask": r["id"], "task_id": r["task_id"],
+                                                                       "action": action})
+            done.append({"subtask": r["id"], "task_id": r["task_id"], "action": action})
+        for child in self.registry.list_tasks(parent_id=parent.id):
+            if child.status in FINISHED:
+                continue
+            if child.id in live:
+                self._park_child(child.id)
+                continue
+            if child.pending_op == "create":
+                try:
+                    self._undo_create(child)
+                except TaskboxError:
+                    pass
+                continue
+            if child.container_id:
+                self.sandbox.stop(child.container_id)
+            self._update(child.id, {"container_state": ContainerState.STOPPED if child.container_id
+                                    else ContainerState.NONE})
+            self._end_sessions(child.id)
+            self._transition(child.id, Status.ABORTED, reason="interrupted ultrawork run; the sub-task runs again")
+        # throwaway containers a killed run left behind (their `with` never ended): no orphan stays
+        family = {parent.id, *(t.id for t in self.registry.list_tasks(parent_id=parent.id))}
+        for c in self.sandbox.task_containers(self.home_label):
+            labels = c.get("Labels") or {}
+            if labels.get(LABEL_SCRATCH) and labels.get(LABEL_TASK) in family:
+                self.sandbox.remove(c["Id"])
+        if done:
+            self._subtasks_changed(parent)
+        return done
 
     # --- registry recovery ---------------------------------------------------------------------
 

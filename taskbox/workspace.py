@@ -209,28 +209,41 @@ def fetch_into(run: Runner, repo: Path, branch: str, *, scratch: Path, limit: in
         raise GitError(f"branch {branch} is checked out in {repo}; switch to another branch there "
                        "so taskbox can update it", branch=branch)
     basis = [c for c in (have, head_commit(repo)) if c and _SHA.match(c)]
+    new = import_bundle(run, ["sh", "-c", _BUNDLE, "sh", ref, *basis], repo, ref, scratch=scratch, limit=limit,
+                        what=f"the task branch {branch}")
+    git.run(["update-ref", "-m", "taskbox: fetch task branch", ref, new, have or "0" * len(new)], cwd=repo)
+    return new
+
+
+def import_bundle(run: Runner, argv: list[str], repo: Path, ref: str, *, scratch: Path, limit: int,
+                  what: str) -> str:
+    """Run ``argv`` in the sandbox (it writes a bundle of ``ref`` to stdout) and take its objects into ``repo``.
+
+    At most ``limit`` bytes are kept, in a file of the host's own; the header is parsed here
+    and only the pack goes to ``git index-pack --strict``; the new tip is checked complete.
+    No ref is moved: the caller does that with ``update-ref`` and the old value. Returns the tip.
+    """
     scratch.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="fetch-", suffix=".bundle", dir=scratch)
     path = Path(name)
     try:
         with os.fdopen(fd, "w+b") as fh:
-            res = run(["sh", "-c", _BUNDLE, "sh", ref, *basis], sink=fh, limit=limit)
+            res = run(argv, sink=fh, limit=limit)
             if res.truncated:
-                raise GitError(f"the task branch {branch} packs to more than {limit} bytes; refusing to fetch "
-                               "it (raise the fetch_limit setting if this is expected)", branch=branch)
+                raise GitError(f"{what} packs to more than {limit} bytes; refusing to fetch "
+                               "it (raise the fetch_limit setting if this is expected)")
             _check(res, "git bundle")
             fh.seek(0)
             new, prereqs, offset = _read_bundle_header(fh, ref)
             for sha in prereqs:
                 if not git.ref_exists(repo, f"{sha}^{{commit}}"):
-                    raise GitError(f"the task branch bundle needs commit {sha[:12]}, which {repo} does not have")
+                    raise GitError(f"the bundle of {what} needs commit {sha[:12]}, which {repo} does not have")
             fh.seek(offset)
             git.run(["index-pack", "--stdin", "--fix-thin", "--strict"], cwd=repo, stdin=fh, timeout=1800)
     finally:
         path.unlink(missing_ok=True)
     # complete: every object the new tip needs is there (index-pack checks objects, not reachability)
     git.run(["rev-list", "--quiet", "--objects", new, "--not", "--all"], cwd=repo)
-    git.run(["update-ref", "-m", "taskbox: fetch task branch", ref, new, have or "0" * len(new)], cwd=repo)
     return new
 
 

@@ -245,13 +245,13 @@ def test_the_cli_and_the_policy_default_hit_the_same_cap(svc: TaskService, repo:
 
 def test_events_past_the_burst_become_one_aggregated_event(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry.db", burst=20, window=60.0)
-    payloads = [{"host": f"h{i % 7}.test", "n": i} for i in range(2000)]
+    payloads = [{"host": f"h{i % 7}.test", "port": i} for i in range(2000)]
     assert reg.add_events("egress.denied", "t1", payloads, [p["host"] for p in payloads]) == 20
-    assert [reg.add_event("egress.denied", "t1", {"n": i}) for i in range(30)] == [False] * 30
-    assert reg.add_event("policy.denied", "t1", {"other": "kind"})  # each kind has its own burst
-    assert reg.add_event("egress.denied", "t2", {"other": "task"})  # and each task
+    assert [reg.add_event("egress.denied", "t1", {"port": i}) for i in range(30)] == [False] * 30
+    assert reg.add_event("policy.denied", "t1", {"rule": "kind"})  # each kind has its own burst
+    assert reg.add_event("egress.denied", "t2", {"rule": "task"})  # and each task
     events = [e for e in reg.events("t1") if e["type"] == "egress.denied"]
-    assert len(events) == 20 and [e["payload"]["n"] for e in events] == list(range(20))
+    assert len(events) == 20 and [e["payload"]["port"] for e in events] == list(range(20))
     assert reg.flush_events("t1") == 0  # the window is still open
     assert reg.flush_events("t1", force=True) == 1
     agg = [e["payload"] for e in reg.events("t1") if e["payload"].get("aggregated")]
@@ -259,12 +259,12 @@ def test_events_past_the_burst_become_one_aggregated_event(tmp_path: Path) -> No
     assert len(agg[0]["samples"]) == 5 and all(s.endswith(".test") for s in agg[0]["samples"])
     assert agg[0]["first"] <= agg[0]["last"]
     # a forced flush does not reopen the burst
-    assert not reg.add_event("egress.denied", "t1", {"after": "flush"})
+    assert not reg.add_event("egress.denied", "t1", {"url": "after-flush"})
     # when the window closes, the next record writes the aggregate of the rest, then itself
     reg._conn().execute("UPDATE rate_windows SET started_at = started_at - 61")
-    assert reg.add_event("egress.denied", "t1", {"new": "window"})
+    assert reg.add_event("egress.denied", "t1", {"url": "new-window"})
     tail = [e["payload"] for e in reg.events("t1") if e["type"] == "egress.denied"][-2:]
-    assert tail[0]["aggregated"] and tail[0]["count"] == 1 and tail[1] == {"new": "window"}
+    assert tail[0]["aggregated"] and tail[0]["count"] == 1 and tail[1] == {"url": "new-window"}
     assert len(reg.events("t1", limit=10_000)) < 30  # 2,031 attempts, a bounded number of rows
 
 

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "taskbox"
 
 FOUNDATION = {"errors", "models", "events", "config", "git", "files", "confine", "hookspecs", "faults",
-              "output", "migrations"}
+              "output", "migrations", "liveness"}
 ENGINES = {"registry", "sandbox", "engine", "images", "workspace", "memory", "snapshots", "checkpoints",
            "checkpoint_archive", "archive", "policy", "audit", "risk", "network", "pressure", "doctor", "quota",
            "secrets", "plugins", "guard", "ultrawork", "agents", "merge", "jobs", "trash", "backup"}

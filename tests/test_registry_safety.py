@@ -242,13 +242,13 @@ def test_scheduled_backup_on_write(tmp_path: Path) -> None:
     backups = tmp_path / "b"
     reg = Registry(tmp_path / "r.db", backups=backups, backup_every=3600)
     assert list_backups(backups) == []
-    reg.add_event("one", None)
+    reg.add_event("task.synced", None, {"commit": "one"})
     [first] = list_backups(backups)
-    reg.add_event("two", None)  # within the interval: no new backup
+    reg.add_event("task.synced", None, {"commit": "two"})  # within the interval: no new backup
     assert list_backups(backups) == [first]
     copy = sqlite3.connect(first)
     assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert [r[0] for r in copy.execute("SELECT type FROM events")] == ["one"]
+    assert [r[0] for r in copy.execute("SELECT type FROM events")] == ["task.synced"]
 
 
 # --- one line per fault ------------------------------------------------------------------------

@@ -139,3 +139,44 @@ def task_complete(service: Any, task: Any, summary: str) -> None:
         return replace_region(text, "summary", body)
 
     _edit(task, finish)
+
+
+def _cell(value: Any, limit: int = 60) -> str:
+    text = str(value if value is not None else "").replace("|", "\\|").replace("\n", " ").replace("`", "'")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def render_subtasks(subtasks: list[dict[str, Any]]) -> str:
+    """The live sub-task table of a parent's Plan.md (id, title, status, branch, started, duration, result)."""
+    if not subtasks:
+        return "_No sub-tasks._"
+    lines = ["| id | title | status | branch | started | duration | merge commit / conflicting files |",
+             "|---|---|---|---|---|---|---|"]
+    now = time.time()
+    for s in subtasks:
+        started = s.get("started_at")
+        when = time.strftime("%H:%M:%S", time.gmtime(started)) if started else ""
+        end = s.get("finished_at") or (now if s.get("status") == "running" else None)
+        took = f"{end - started:.1f}s" if started and end else ""
+        if s.get("status") == "conflict":
+            result = "conflict: " + ", ".join(s.get("conflict_files") or [])
+        elif s.get("merge_commit"):
+            result = str(s["merge_commit"])[:12]
+        else:
+            result = s.get("error") or ""
+        lines.append(f"| {_cell(s['id'])} | {_cell(s.get('title'))} | {s.get('status')} | "
+                     f"{_cell(s.get('branch') or '')} | {when} | {took} | {_cell(result, 120)} |")
+    done = sum(1 for s in subtasks if s.get("status") == "merged")
+    lines.append(f"\n{done}/{len(subtasks)} merged — updated {_now()}")
+    return "\n".join(lines)
+
+
+@hookimpl
+def subtasks_changed(service: Any, task: Any, subtasks: list[dict[str, Any]]) -> None:
+    def table(text: str) -> str:
+        if "<!-- taskbox:subtasks -->" not in text:  # first time: a section of its own
+            text = text.rstrip() + f"\n\n## Sub-tasks\n\n{_marker('subtasks', render_subtasks(subtasks))}\n"
+            return text
+        return replace_region(text, "subtasks", render_subtasks(subtasks))
+
+    _edit(task, table)

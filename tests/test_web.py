@@ -1,0 +1,296 @@
+"""`taskbox serve`: the REST API, the event WebSocket, MCP at /mcp, metrics and access control,
+exercised with real HTTP and WebSocket clients against a server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from mcp import Client
+from prometheus_client.parser import text_string_to_metric_families
+
+from taskbox import web
+from taskbox.errors import InvalidInput
+from taskbox.service import TaskService
+
+from .conftest import run_cli
+from .webserver import running
+
+pytestmark = pytest.mark.docker
+
+
+def ws_url(base: str, query: str = "") -> str:
+    return base.replace("http://", "ws://") + "/api/events" + (f"?{query}" if query else "")
+
+
+async def receive_events(url: str, count: int, *, timeout: float = 30, **kw: Any) -> list[dict[str, Any]]:
+    """Connect, and collect ``count`` event messages (the hello is checked and left out)."""
+    out: list[dict[str, Any]] = []
+    async with websockets.connect(url, **kw) as ws:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        assert hello["kind"] == "hello"
+        while len(out) < count:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+            if msg["kind"] == "event":
+                out.append(msg)
+    return out
+
+
+def metrics(client: httpx.Client) -> dict[str, list[Any]]:
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+
+
+def sample(families: dict[str, list[Any]], name: str, family: str | None = None, **labels: str) -> float:
+    for s in families[family or name]:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_rest_api_maps_onto_the_service(svc: TaskService, repo: Path) -> None:
+    with running(svc) as base, httpx.Client(base_url=base, timeout=120) as c:
+        r = c.post("/api/tasks", json={"repo": str(repo), "description": "web api task", "agent": "web",
+                                       "id": "webapi"})
+        assert r.status_code == 200, r.text
+        assert r.json()["task_id"] == "webapi" and r.json()["status"] == "active"
+        assert [t["task_id"] for t in c.get("/api/tasks").json()["tasks"]] == ["webapi"]
+        assert c.get("/api/tasks", params={"status": "completed"}).json()["tasks"] == []
+        shown = c.get("/api/tasks/webapi").json()
+        assert shown["branch"].startswith("web-unknown/") and shown["todos"] == []
+
+        r = c.post("/api/tasks/webapi/exec", json={"command": "echo hi; echo changed > app.py"})
+        assert r.status_code == 200 and r.json()["stdout"] == "hi\n" and r.json()["exit_code"] == 0
+        assert c.get("/api/tasks/webapi/executions").json()["executions"][-1]["command"].startswith("echo hi")
+        assert "app.py" in c.get("/api/tasks/webapi/diff").json()["diff"]
+        assert c.get("/api/tasks/webapi/log").json()["commits"]
+        assert "Goal" in c.get("/api/tasks/webapi/plan").json()["content"]
+
+        r = c.post("/api/tasks/webapi/todos", json={"todos": [{"id": "t1", "text": "write tests"}]})
+        assert r.json()["todos"][0]["text"] == "write tests"
+        assert c.get("/api/tasks/webapi/todos").json()["todos"][0]["id"] == "t1"
+        c.post("/api/tasks/webapi/decisions", json={"decision": "use starlette", "rationale": "the SDK has it"})
+        assert any(d["decision"] == "use starlette" for d in c.get("/api/tasks/webapi/decisions").json()["decisions"])
+        history = c.get("/api/tasks/webapi/history").json()
+        assert {"task.created", "task.exec", "decision.logged"} <= {e["type"] for e in history["events"]}
+
+        cp = c.post("/api/tasks/webapi/checkpoints", json={"name": "before"}).json()
+        c.post("/api/tasks/webapi/exec", json={"command": "echo worse > app.py && touch extra.txt"})
+        d = c.get("/api/tasks/webapi/checkpoints/diff", params={"a": cp["checkpoint_id"]}).json()
+        assert {ch["path"] for ch in d["changes"]} >= {"app.py", "extra.txt"}
+        r = c.post(f"/api/tasks/webapi/checkpoints/{cp['checkpoint_id']}/restore", json={})
+        assert r.status_code == 200 and r.json()["files_removed"] == 1
+        assert svc.read_file("webapi", "app.py") == b"changed\n"
+        assert "before" in [x["name"] for x in c.get("/api/tasks/webapi/checkpoints").json()["checkpoints"]]
+
+        job = c.post("/api/tasks/webapi/exec", json={"command": "echo from-job", "background": True}).json()
+        assert any(j["job_id"] == job["job_id"] for j in c.get("/api/tasks/webapi/jobs").json()["jobs"])
+        assert c.get("/api/tasks/webapi/events", params={"since": 0}).json()["events"][0]["type"] == "task.registering"
+
+        # Errors: JSON bodies with the exception's status code, never a traceback.
+        r = c.get("/api/tasks/nope")
+        assert r.status_code == 404 and r.json()["error"] == "task_not_found"
+        r = c.post("/api/tasks/webapi/exec", json={"command": ""})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_input"
+        r = c.post("/api/tasks/webapi/exec", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not JSON" in r.json()["message"]
+        r = c.post("/api/tasks", json={"repo": str(repo), "description": "x", "id": "webapi"})
+        assert r.status_code == 409, r.text
+        r = c.post("/api/tasks/webapi/checkpoints/zzz/restore", json={})
+        assert r.status_code == 404 and "message" in r.json()
+        assert c.get("/api/nothing").status_code == 404
+
+        spec = c.get("/api/openapi.json").json()
+        assert spec["openapi"].startswith("3.") and "/api/tasks/{task_id}/checkpoints/{checkpoint_id}/restore" in spec["paths"]
+        assert {r.path for r in web.ROUTES} <= set(spec["paths"])
+
+        fam = metrics(c)
+        assert sample(fam, "taskbox_tasks", status="active") == 1
+        assert sample(fam, "taskbox_exec_total", "taskbox_exec", outcome="ok") >= 2
+        assert sample(fam, "taskbox_exec_duration_seconds_count", "taskbox_exec_duration_seconds") >= 2
+        assert sample(fam, "taskbox_checkpoints_total", "taskbox_checkpoints") >= 1
+        assert sample(fam, "taskbox_checkpoint_duration_seconds_count", "taskbox_checkpoint_duration_seconds") >= 1
+        assert sample(fam, "taskbox_checkpoint_bytes_total", "taskbox_checkpoint_bytes") > 0
+        assert sample(fam, "taskbox_checkpoint_restores_total", "taskbox_checkpoint_restores") == 1
+        assert sample(fam, "taskbox_containers", state="running") == 1
+        assert sample(fam, "taskbox_task_memory_pressure_level", task_id="webapi") == 0
+        assert "taskbox_leases" in fam and "taskbox_egress_denied" in fam
+
+        usage = c.get("/api/usage").json()["usage"]
+        assert usage and usage[0]["task_id"] == "webapi" and usage[0]["memory_bytes"] > 0
+
+        r = c.post("/api/tasks/webapi/complete", json={"summary": "done from the web", "kill_running": True})
+        assert r.status_code == 200 and r.json()["status"] == "completed", r.text
+        assert svc.get("webapi").status == "completed"
+        assert sample(metrics(c), "taskbox_tasks", status="completed") == 1
+
+
+def test_events_from_another_process_arrive_in_order_and_reconnect_misses_none(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "events task", task_id="evt", lazy=True)
+    start = svc.last_event_id()
+    with running(svc) as base:
+        async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            async def cli_decisions(names: list[str]) -> None:
+                for n in names:
+                    proc = await asyncio.to_thread(run_cli, "task-decisions", task.id, "--add", n)
+                    assert proc.returncode == 0, proc.stderr
+
+            async with websockets.connect(ws_url(base, f"since={start}&task={task.id}")) as ws:
+                assert json.loads(await ws.recv())["kind"] == "hello"
+                writer = asyncio.create_task(cli_decisions(["one", "two", "three"]))
+                first: list[dict[str, Any]] = []
+                while len(first) < 3:
+                    first.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+                await writer
+            # Disconnected: more events happen meanwhile; the reconnect asks from the last id seen.
+            await cli_decisions(["four", "five"])
+            rest = await receive_events(ws_url(base, f"since={first[-1]['id']}&task={task.id}&type=decision."), 2)
+            return first, rest
+
+        first, rest = asyncio.run(main())
+    got = first + rest
+    assert [m["payload"]["decision"] for m in got] == ["one", "two", "three", "four", "five"]
+    ids = [m["id"] for m in got]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    logged = [e["id"] for e in svc.registry.events(task.id, after_id=start) if e["type"] == "decision.logged"]
+    assert ids == logged
+
+
+def test_twenty_clients_at_once_get_every_event_in_order(svc: TaskService, repo: Path) -> None:
+    tasks = [svc.create_task(repo, f"fan out {i}", task_id=f"fan{i}", lazy=True) for i in range(3)]
+    start = svc.last_event_id()
+    with running(svc) as base:
+        async def main() -> list[list[dict[str, Any]]]:
+            clients = [asyncio.create_task(receive_events(ws_url(base, f"since={start}&type=decision.logged"), 15))
+                       for _ in range(20)]
+            await asyncio.sleep(0.5)
+            for i in range(15):
+                await asyncio.to_thread(svc.log_decision, tasks[i % 3].id, f"d{i}")
+            return await asyncio.gather(*clients)
+
+        results = asyncio.run(main())
+    expected = [e["id"] for e in svc.registry.events(after_id=start) if e["type"] == "decision.logged"]
+    assert len(expected) == 15
+    for got in results:
+        assert [m["id"] for m in got] == expected
+        assert [m["payload"]["decision"] for m in got] == [f"d{i}" for i in range(15)]
+
+
+def test_live_stream_without_since_starts_now_and_filters(svc: TaskService, repo: Path) -> None:
+    a = svc.create_task(repo, "a task", task_id="fa", lazy=True)
+    b = svc.create_task(repo, "b task", task_id="fb", lazy=True)
+    svc.log_decision(a.id, "old")
+    with running(svc) as base:
+        async def main() -> list[dict[str, Any]]:
+            recv = asyncio.create_task(receive_events(ws_url(base, f"task={b.id}"), 1))
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(svc.log_decision, a.id, "not for this client")
+            await asyncio.to_thread(svc.log_decision, b.id, "for this client")
+            return await recv
+
+        got = asyncio.run(main())
+    assert [(m["task_id"], m["payload"]["decision"]) for m in got] == [("fb", "for this client")]
+
+
+def test_mcp_is_served_at_slash_mcp(svc: TaskService, repo: Path) -> None:
+    svc.create_task(repo, "mcp over the web server", task_id="webmcp", lazy=True)
+    with running(svc) as base:
+        async def main() -> tuple[set[str], dict[str, Any]]:
+            async with Client(base + "/mcp") as client:
+                tools = {t.name for t in (await client.list_tools()).tools}
+                res = await client.call_tool("list_active_tasks", {})
+                return tools, res.structured_content or {}
+
+        tools, listed = asyncio.run(main())
+    assert {"create_task_sandbox", "execute_in_task", "restore_task_checkpoint"} <= tools
+    assert "webmcp" in json.dumps(listed)
+
+
+# --- access ------------------------------------------------------------------------------------------
+
+
+def test_cross_origin_websocket_and_writes_are_refused(svc: TaskService, repo: Path) -> None:
+    svc.create_task(repo, "origin task", task_id="orig", lazy=True)
+    with running(svc) as base, httpx.Client(base_url=base, timeout=30) as c:
+        evil = {"origin": "http://evil.example"}
+        r = c.post("/api/tasks/orig/abort", json={}, headers=evil)
+        assert r.status_code == 403 and r.json()["error"] == "forbidden"
+        r = c.post("/api/tasks/orig/abort", json={}, headers={"sec-fetch-site": "cross-site"})
+        assert r.status_code == 403
+        # A cross-site form cannot send JSON: a text/plain or form body is refused.
+        r = c.post("/api/tasks/orig/abort", content=b"reason=x",
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 400
+        # DNS rebinding: a page of evil.example resolved to 127.0.0.1 names its own host.
+        assert c.get("/api/tasks", headers={"host": "evil.example"}).status_code == 403
+        assert svc.get("orig").status == "pending"
+
+        async def ws_refused() -> int:
+            with pytest.raises(websockets.exceptions.InvalidStatus) as exc:
+                async with websockets.connect(ws_url(base), origin="http://evil.example"):
+                    pass
+            return exc.value.response.status_code
+
+        assert asyncio.run(ws_refused()) == 403
+        # The same origin is welcome.
+        r = c.post("/api/tasks/orig/abort", json={"reason": "same origin"}, headers={"origin": base})
+        assert r.status_code == 200 and svc.get("orig").status == "aborted"
+        page = c.get("/")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert page.headers["x-frame-options"] == "DENY"
+
+
+def test_non_loopback_needs_a_token(svc: TaskService, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="needs an access token"):
+        web.create_app(svc, host="0.0.0.0", port=1)
+    token = web.load_token(svc.paths.home)
+    path = svc.paths.home / web.TOKEN_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == token
+    assert web.load_token(svc.paths.home) == token  # kept, not made anew
+    with running(svc, host="0.0.0.0", token=token) as base, httpx.Client(base_url=base, timeout=30) as c:
+        for path_ in ("/", "/api/tasks", "/metrics", "/static/app.js", "/api/openapi.json"):
+            assert c.get(path_).status_code == 401, path_
+        assert c.post("/mcp", json={}).status_code == 401
+        assert c.get("/api/tasks", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/api/tasks", headers={"authorization": f"Bearer {token}"}).status_code == 200
+
+        async def ws_status(**kw: Any) -> int:
+            try:
+                async with websockets.connect(ws_url(base), **kw) as ws:
+                    await ws.recv()
+                    return 101
+            except websockets.exceptions.InvalidStatus as exc:
+                return exc.response.status_code
+
+        assert asyncio.run(ws_status()) == 401
+        assert asyncio.run(ws_status(additional_headers={"authorization": f"Bearer {token}"})) == 101
+        # The dashboard logs in once: the token becomes an HttpOnly cookie and leaves the URL.
+        r = c.get("/", params={"token": token})
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        cookie = r.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+        page = c.get("/")
+        assert page.status_code == 200 and token not in page.text
+        assert c.get("/api/tasks").status_code == 200
+        assert token not in c.get("/static/app.js").text
+
+
+def test_watch_prints_the_task_table(svc: TaskService, repo: Path) -> None:
+    svc.create_task(repo, "watch me", task_id="watched", lazy=True)
+    proc = run_cli("watch", "--once", env={"TASKBOX_HOME": str(svc.paths.home)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["TASK", "STATUS", "AGENT"]
+    assert lines[1].split()[:2] == ["watched", "pending"]
+
+
+def test_serve_refuses_a_bad_port_in_one_line(home: Path) -> None:
+    proc = run_cli("serve", "--port", "70000", env={"TASKBOX_HOME": str(home)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
