@@ -1790,6 +1790,7 @@ def _patch_in_place(pfd: int, name: str, steps: list[Step], seen: os.stat_result
             if kind == "store":
                 os.lseek(fd, off, os.SEEK_SET)
                 blobs.copy_to(sha, fd)
+                faults.point("restore.patching")  # one chunk of the file written, the rest not yet
             elif kind == "zero":
                 for at in range(off, off + n, _CHUNK):
                     os.pwrite(fd, bytes(min(_CHUNK, off + n - at)), at)

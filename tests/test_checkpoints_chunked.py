@@ -253,3 +253,22 @@ def test_an_append_is_undone_in_place_and_a_shift_through_a_new_file(svc: TaskSe
     (ws / "big.bin").write_bytes(b"head" + data)  # everything shifted: rebuilt in a new file
     svc.restore_checkpoint(tid, a["checkpoint_id"])
     assert differences(manifest(ws), want) == []
+
+
+def test_a_restore_killed_while_patching_a_large_file_is_finished_exactly(svc: TaskService, repo: Path) -> None:
+    tid, ws = _task(svc, repo, "killed patch")
+    data = _random(24 * MB, 13)
+    (ws / "big.bin").write_bytes(data)
+    hand_over(ws)
+    a = svc.create_checkpoint(tid, "A")
+    want = manifest(ws)
+    with open(ws / "big.bin", "r+b") as fh:  # three places overwritten: chunks to patch in place
+        for at in (2 * MB, 11 * MB, 20 * MB):
+            fh.seek(at)
+            fh.write(b"\0changed\0" * 100)
+    r = run_cli("restore-checkpoint", tid, "-c", a["checkpoint_id"], env={"TASKBOX_CRASH_AT": "restore.patching"})
+    assert r.returncode == -9, r.stderr  # killed with one chunk written
+    assert (ws / "big.bin").read_bytes() != data  # half patched
+    assert any(f["kind"] == "interrupted-restore" for f in svc.doctor() if f["task_id"] == tid)
+    run_cli("doctor", "--fix")
+    assert differences(manifest(ws), want) == []
