@@ -491,6 +491,17 @@ class _Importer:
     def blob_from_fd(self, fd: int, size: int) -> tuple[str, bool]:
         """Stream ``size`` bytes of an open file as a blob; False if the file shrank meanwhile."""
         mark = self._mark()
+        if size <= _CHUNK:  # the common case: one read, one write
+            data = b""
+            while len(data) < size:
+                got = os.read(fd, size - len(data))
+                if not got:
+                    break
+                data += got
+            whole = len(data) == size
+            data += bytes(size - len(data))  # truncated while read: the declared size is sent all the same
+            self._write(b"blob\nmark %s\ndata %d\n%s\n" % (mark.encode(), size, data))
+            return mark, whole
         self._write(b"blob\nmark %s\ndata %d\n" % (mark.encode(), size))
         left, whole = size, True
         while left > 0:
