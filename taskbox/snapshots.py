@@ -158,6 +158,7 @@ _CDC_SYMBOLS = bytes(0x41 + ((b * 3 + (b >> 3)) & 7) for b in range(256))
 _CDC_PATTERN = bytes(0x41 + s for s in (5, 1, 1, 7, 2, 6))
 _CDC_CRC_MASK = 1
 _READ_BLOCK = 16 << 20
+_PACK_BUFFER = 64 << 20  # new chunk data gathered in memory before a pack is written
 _CHUNK_LIST_MAGIC = b"taskbox-chunks 1\n"
 CHUNK_LIST_LIMIT = 64 << 20  # the longest chunk list read back (a 10 TB file of 8 MiB chunks)
 _CHUNK_LINE = re.compile(rb"([0-9a-f]{40}) ([1-9][0-9]{0,8})\n")
@@ -569,29 +570,25 @@ class _Importer:
 
 
 class _PackWriter:
-    """Chunks of large files written straight into a pack of the store, with its index.
+    """Chunks of large files written straight into packs of the store, with their indexes.
 
     ``git fast-import`` spends ~20 ms of CPU per MB on data it does not compress (it hashes
     everything twice with the collision-detecting SHA-1); the chunk ids are already known
-    here (hashlib's SHA-1), so the pack (version 2: each object a zlib stream, stored
-    blocks for a chunk that does not compress) and its index (version 2) are written
-    directly: a temporary file, fsync, then renamed into place, the pack before its
-    index, as git does. Until the index is there git does not see the pack; a crash
-    leaves a ``tmp_pack_*`` file that :meth:`Store.drop_temporaries` removes.
+    here (hashlib's SHA-1), so each pack (version 2: each object a zlib stream, stored blocks
+    for a chunk that does not compress) and its index (version 2) are written directly.
+    Entries are gathered in memory up to _PACK_BUFFER bytes, so the pack's object count is
+    known when it is written and its trailing checksum is computed in the one pass that
+    writes it; a capture with more new chunks than that writes several packs. Each is a
+    temporary file, fsynced, renamed into place before its index, as git does: until the
+    index is there git does not see the pack, and a crash leaves a ``tmp_pack_*`` file that
+    :meth:`Store.drop_temporaries` removes.
     """
 
     def __init__(self, store: Store) -> None:
         self.dir = store.path / "objects" / "pack"
-        self.tmp: Path | None = None
-        self.fd = -1
-        self.offset = 12
-        self.objects: list[tuple[bytes, int, int]] = []  # (id, crc32 of the entry, offset)
-
-    def add(self, sha: str, data: memoryview) -> None:
-        try:
-            self._add(sha, data)
-        except OSError as exc:
-            raise self._failure(exc) from exc
+        self.tmp: list[Path] = []  # a pack being written
+        self.entries: list[tuple[bytes, list[bytes | memoryview], int]] = []  # (id, pieces, length)
+        self.size = 0
 
     @staticmethod
     def _failure(exc: OSError) -> GitError:
@@ -599,12 +596,7 @@ class _PackWriter:
         return GitError(f"could not copy the workspace into the checkpoint store: {reason}", returncode=-1,
                         stderr=str(exc))
 
-    def _add(self, sha: str, data: memoryview) -> None:
-        if self.fd < 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.tmp = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
-            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            files._write_all(self.fd, b"PACK\0\0\0\2\0\0\0\0")  # the count is set at the end
+    def add(self, sha: str, data: memoryview) -> None:
         n = len(data)
         head = bytearray([0x30 | (n & 0x0F)])  # type 3 (blob), then the size, 7 bits at a time
         n >>= 4
@@ -615,91 +607,101 @@ class _PackWriter:
         parts: list[bytes | memoryview] = [bytes(head)]
         if _compressible(data):
             parts.append(zlib.compress(data, 1))
-        else:  # a zlib stream of stored blocks: the bytes as they are, and their Adler-32
+        else:  # a zlib stream of stored blocks: the bytes as they are (copied: the buffer is reused)
+            body = bytes(data)
             parts.append(b"\x78\x01")
-            for at in range(0, max(len(data), 1), 65535):
-                block = data[at:at + 65535]
-                last = at + 65535 >= len(data)
-                parts.append(struct.pack("<BHH", last, len(block), 0xFFFF ^ len(block)))
+            for at in range(0, len(body), 65535):
+                block = memoryview(body)[at:at + 65535]
+                parts.append(struct.pack("<BHH", at + 65535 >= len(body), len(block), 0xFFFF ^ len(block)))
                 parts.append(block)
-            parts.append(struct.pack(">I", zlib.adler32(data)))
-        crc = 0
-        size = 0
-        for part in parts:
-            crc = zlib.crc32(part, crc)
-            size += len(part)
-        for at in range(0, len(parts), 512):
-            batch = parts[at:at + 512]
-            want = sum(len(x) for x in batch)
-            if os.writev(self.fd, batch) != want:  # short: the rest, piece by piece
-                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
-        self.objects.append((bytes.fromhex(sha), crc, self.offset))
-        self.offset += size
+            parts.append(struct.pack(">I", zlib.adler32(body)))
+        length = sum(len(x) for x in parts)
+        self.entries.append((bytes.fromhex(sha), parts, length))
+        self.size += length
+        if self.size >= _PACK_BUFFER:
+            self.flush()
 
-    def finish(self) -> None:
-        """Complete the pack and its index and put them in place (nothing if no chunk was added)."""
-        if self.fd < 0 or self.tmp is None:
+    def flush(self) -> None:
+        """Write the gathered entries as one pack and its index, and put them in place."""
+        if not self.entries:
             return
         try:
-            self._finish(self.fd, self.tmp)
+            self._write_pack()
         except OSError as exc:
             raise self._failure(exc) from exc
+        finally:
+            self.entries.clear()
+            self.size = 0
 
-    def _finish(self, fd: int, tmp: Path) -> None:
-        os.pwrite(fd, struct.pack(">I", len(self.objects)), 8)
+    def _write_pack(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
+        self.tmp.append(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         h = hashlib.sha1()
-        at = 0
-        while True:
-            block = os.pread(fd, _READ_BLOCK, at)
-            if not block:
-                break
-            h.update(block)
-            at += len(block)
-        trailer = h.digest()
-        os.pwrite(fd, trailer, at)
-        os.fsync(fd)
-        objs = sorted(self.objects)
+        objects: list[tuple[bytes, int, int]] = []  # (id, crc32 of the entry, offset)
+        try:
+            header = b"PACK" + struct.pack(">II", 2, len(self.entries))
+            h.update(header)
+            files._write_all(fd, header)
+            offset = len(header)
+            for oid, parts, length in self.entries:
+                crc = 0
+                for part in parts:
+                    crc = zlib.crc32(part, crc)
+                    h.update(part)
+                for at in range(0, len(parts), 512):
+                    batch = parts[at:at + 512]
+                    if os.writev(fd, batch) != sum(len(x) for x in batch):
+                        raise OSError(errno.ENOSPC, "No space left on device (a short write)")
+                objects.append((oid, crc, offset))
+                offset += length
+            trailer = h.digest()
+            files._write_all(fd, trailer)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        objects.sort()
         fanout = [0] * 256
-        for oid, _crc, _off in objs:
+        for oid, _crc, _off in objects:
             fanout[oid[0]] += 1
-        total = 0
-        for k in range(256):
-            total += fanout[k]
-            fanout[k] = total
-        big = [off for _oid, _crc, off in objs if off >= 1 << 31]
-        small_offsets = []
-        nbig = 0
-        for _oid, _crc, off in objs:
+        for k in range(1, 256):
+            fanout[k] += fanout[k - 1]
+        big: list[int] = []
+        small: list[int] = []
+        for _oid, _crc, off in objects:
             if off >= 1 << 31:
-                small_offsets.append(0x80000000 | nbig)
-                nbig += 1
+                small.append(0x80000000 | len(big))
+                big.append(off)
             else:
-                small_offsets.append(off)
-        idx = b"".join([b"\xfftOc\0\0\0\2", struct.pack(">256I", *fanout), *(o for o, _c, _f in objs),
-                        struct.pack(f">{len(objs)}I", *(c for _o, c, _f in objs)),
-                        struct.pack(f">{len(objs)}I", *small_offsets),
+                small.append(off)
+        count = len(objects)
+        idx = b"".join([b"\xfftOc\0\0\0\2", struct.pack(">256I", *fanout), *(o for o, _c, _f in objects),
+                        struct.pack(f">{count}I", *(c for _o, c, _f in objects)), struct.pack(f">{count}I", *small),
                         struct.pack(f">{len(big)}Q", *big), trailer])
         idx += hashlib.sha1(idx).digest()
         name = f"pack-{trailer.hex()}"
         tmp_idx = self.dir / f"tmp_idx_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
+        self.tmp.append(tmp_idx)
         ifd = os.open(tmp_idx, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
             files._write_all(ifd, idx)
             os.fsync(ifd)
         finally:
             os.close(ifd)
-        os.close(fd)
-        self.fd = -1
         os.rename(tmp, self.dir / f"{name}.pack")
         os.rename(tmp_idx, self.dir / f"{name}.idx")
-        self.tmp = None
+        self.tmp.clear()
+
+    def finish(self) -> None:
+        """Write what is gathered (nothing if no chunk was added)."""
+        self.flush()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)  # not finished: nothing of it is kept
+        self.entries.clear()
+        for tmp in self.tmp:
+            tmp.unlink(missing_ok=True)  # not finished: nothing of it is kept
+        self.tmp.clear()
 
 
 class _Sink:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import CheckpointCorrupted, InvalidInput, TaskService
+from taskbox import CheckpointCorrupted, InvalidInput, TaskService, snapshots
 from taskbox.snapshots import _CDC_MAX, _CHUNK_THRESHOLD, _chunk_list
 from taskbox.workspace import hand_over
 
@@ -271,4 +271,22 @@ def test_a_restore_killed_while_patching_a_large_file_is_finished_exactly(svc: T
     assert (ws / "big.bin").read_bytes() != data  # half patched
     assert any(f["kind"] == "interrupted-restore" for f in svc.doctor() if f["task_id"] == tid)
     run_cli("doctor", "--fix")
+    assert differences(manifest(ws), want) == []
+
+
+def test_new_chunks_past_the_pack_buffer_go_to_several_packs(svc: TaskService, repo: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshots, "_PACK_BUFFER", 1 * MB)  # a pack per chunk or two
+    tid, ws = _task(svc, repo, "many packs")
+    (ws / "big.bin").write_bytes(_random(9 * MB, 14))
+    hand_over(ws)
+    store = svc.checkpoints.store(tid)
+    store.ensure()
+    packs = len(store.packs())
+    a = svc.create_checkpoint(tid)
+    want = manifest(ws)
+    assert len(store.packs()) - packs >= 4
+    store.git(["fsck", "--strict", "--no-dangling"])
+    (ws / "big.bin").write_bytes(b"x")
+    svc.restore_checkpoint(tid, a["checkpoint_id"])
     assert differences(manifest(ws), want) == []
