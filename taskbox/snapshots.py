@@ -212,7 +212,7 @@ class _FileReader:
         if have >= need or self.eof:
             return
         if self.pos:
-            self.buf[:have] = self.view[self.pos:self.end]
+            self.buf[:have] = bytes(self.view[self.pos:self.end])  # a copy: the two ranges may overlap
             self.base += self.pos
             self.pos, self.end = 0, have
         at = self.base + self.end
