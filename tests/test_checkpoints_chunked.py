@@ -290,3 +290,39 @@ def test_new_chunks_past_the_pack_buffer_go_to_several_packs(svc: TaskService, r
     (ws / "big.bin").write_bytes(b"x")
     svc.restore_checkpoint(tid, a["checkpoint_id"])
     assert differences(manifest(ws), want) == []
+
+
+def _chunks_of(path: Path, old: list | None = None) -> tuple[list, list[int]]:
+    sent: list[int] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks, whole = snapshots._chunk_file(fd, os.fstat(fd).st_size, old, lambda _sha, d: sent.append(len(d)))
+    finally:
+        os.close(fd)
+    assert whole
+    return chunks, sent
+
+
+def test_chunking_is_content_defined_and_incremental_chunking_equals_a_fresh_one(tmp_path: Path) -> None:
+    data = _random(40 * MB, 15)
+    f = tmp_path / "f.bin"
+    f.write_bytes(data)
+    base, _ = _chunks_of(f)
+    sizes = [n for _sha, n in base]
+    assert all(snapshots._CDC_MIN <= n <= _CDC_MAX for n in sizes[:-1]) and sum(sizes) == len(data)
+    edits = {
+        "append": data + b"tail",
+        "insert": data[:7 * MB] + b"inserted" + data[7 * MB:],
+        "delete": data[:7 * MB] + data[7 * MB + 5000:],
+        "overwrite": data[:20 * MB] + b"\xff" * 10 + data[20 * MB + 10:],
+        "truncate": data[:13 * MB],
+        "prepend": b"head" + data,
+    }
+    for name, new in edits.items():
+        f.write_bytes(new)
+        again, sent = _chunks_of(f, base)  # from the old chunk list
+        fresh, _ = _chunks_of(f)  # from nothing
+        assert again == fresh, name  # the incremental path finds exactly the cuts a fresh one does
+        assert sum(sent) <= 3 * _CDC_MAX, name  # and reads anew only around the change
+        shared = {sha for sha, _n in base} & {sha for sha, _n in again}
+        assert len(shared) >= min(len(base), len(again)) - 4, name  # cuts move with the content
