@@ -314,7 +314,7 @@ class Checkpoints:
             old = before.get(u.key)
             if old is None:
                 if u.kind == "files":
-                    files_total += store.count_entries(u.tree)
+                    files_total += u.entries if u.entries is not None else store.count_entries(u.tree)
                 if parent is None:
                     continue
             for _om, _nm, _sha, status, _path in store.diff(old or EMPTY_TREE, u.tree):

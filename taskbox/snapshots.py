@@ -325,6 +325,7 @@ class Unit:
     # The chunks those lists name (not in the manifest: the checkpoint's tree holds them, so
     # git keeps them and gc does not drop them).
     chunk_ids: set[str] = field(default_factory=set, repr=False, compare=False)
+    entries: int | None = field(default=None, repr=False, compare=False)  # files and links, as captured
 
     @property
     def key(self) -> str:
@@ -1131,6 +1132,7 @@ class Store:
             sc.unit.nested.sort()
             sc.unit.modes = _modes(sc)
             sc.unit.chunked = sorted(sc.chunks)
+            sc.unit.entries = len(entries)
             sc.unit.chunk_ids = {sha for ch in sc.chunks.values() for sha, _n in ch}
         scans.sort(key=lambda s: (s.unit.path.count("/"), s.unit.path, s.unit.kind))
         return scans
