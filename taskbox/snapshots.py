@@ -124,7 +124,7 @@ _LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit 
 # a later change within the same (coarse, <= 10 ms) timestamp tick would leave its stat
 # unchanged. Local file systems stamp with the kernel clock this is compared with.
 _RACY_NS = 50_000_000
-_CACHE_VERSION = 3  # 3: chunked files
+_CACHE_VERSION = 4  # 3: chunked files; 4: their tails in pieces
 _CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
 _CAPTURE_REF = "refs/taskbox/capture"
 _NULL_SHA = "0" * 40
@@ -154,6 +154,7 @@ _CHUNK_THRESHOLD = 2 << 20
 _CDC_MIN = 512 << 10
 _CDC_MAX = 8 << 20
 _CDC_WINDOW = 64
+_TAIL_PIECE = 256 << 10  # what follows the last cut is stored in pieces this long
 _CDC_STEP = 1 << 20  # bytes mapped to symbols at a time, while looking for a cut
 _CDC_SYMBOLS = bytes(0x41 + ((b * 3 + (b >> 3)) & 7) for b in range(256))
 _CDC_PATTERN = bytes(0x41 + s for s in (5, 1, 1, 7, 2, 6))
@@ -233,21 +234,29 @@ def _chunk_file(fd: int, size: int, old: Chunks | None,
                 put: Callable[[str, memoryview], None]) -> tuple[Chunks, bool]:
     """The chunks of the open file ``fd`` (``size`` bytes), handing new ones to ``put``.
 
-    ``old`` is the file's chunk list from the last capture: where the file still holds an old
-    chunk at a cut (checked by its blob id: a SHA-1 of the bytes, no cheaper test), the
-    chunk is kept without looking for cuts inside it. After a change, cuts are looked for
-    afresh until one falls where an old one did (shifted by the change in size); from there
-    the old chunks are checked again. An append re-chunks the old last chunk and what
-    follows; a change in the middle, the chunks around it. Returns the chunks and whether
-    the file was read whole (False: it shrank while it was read).
+    What follows the last cut (the *tail*: no cut is found before the end of the file) is
+    stored in fixed pieces of _TAIL_PIECE bytes, so appending to a file stores its last
+    piece again, not the whole last chunk (up to 8 MiB); a piece is shorter than any chunk
+    (_CDC_MIN), so the tail of a chunk list is known by its lengths.
+
+    ``old`` is the file's chunk list from the last capture: where the file still holds one
+    of its chunks at a cut (checked by its blob id: a SHA-1 of the bytes, no cheaper test),
+    the chunk is kept without looking for cuts inside it. From the first one that differs
+    (an append: the old tail) cuts are looked for afresh, until one falls where an old one
+    did (shifted by the change in size); from there the old chunks are checked again. The
+    result is the same as chunking the file afresh. Returns the chunks and whether the file
+    was read whole (False: it shrank while it was read).
     """
     old = old or []
+    real = len(old)
+    while real and old[real - 1][1] <= _TAIL_PIECE:
+        real -= 1  # old[real:] is the old tail: never kept as it is, its pieces are not cuts
     starts: dict[int, int] = {}  # where old chunk k starts now, if the bytes before it only moved
     delta = size - sum(n for _sha, n in old)
     at = 0
-    for k, (_sha, n) in enumerate(old):
+    for k in range(real + 1):
         starts.setdefault(at + delta, k)
-        at += n
+        at += old[k][1] if k < real else 0
     r = _FileReader(fd, size)
     out: Chunks = []
     j: int | None = 0 if old else None
@@ -255,13 +264,12 @@ def _chunk_file(fd: int, size: int, old: Chunks | None,
         r.fill(1)
         if r.pos >= r.end:
             break
-        if j is not None and j < len(old):
+        if j is not None and j < real:
             sha, n = old[j]
             r.fill(n)
             view = r.view[r.pos:r.pos + n]
-            # The old last chunk ended at the end of the file, not at a cut: it is still one
-            # only if it still ends there.
-            if len(view) == n and (j + 1 < len(old) or r.offset + n == r.size) and _blob_id(view) == sha:
+            # A chunk that now ends at the end of the file is the tail: pieces, not kept.
+            if len(view) == n and r.offset + n < r.size and _blob_id(view) == sha:
                 r.pos += n
                 out.append((sha, n))
                 j += 1
@@ -269,6 +277,14 @@ def _chunk_file(fd: int, size: int, old: Chunks | None,
             j = None
         r.fill(_CDC_MAX)
         c = _next_cut(r.buf, r.pos, r.end, r.eof)
+        if r.eof and c == r.end:  # the tail
+            while r.pos < r.end:
+                view = r.view[r.pos:min(r.pos + _TAIL_PIECE, r.end)]
+                r.pos += len(view)
+                sha = _blob_id(view)
+                put(sha, view)
+                out.append((sha, len(view)))
+            break
         view = r.view[r.pos:c]
         r.pos = c
         sha = _blob_id(view)
@@ -1511,8 +1527,8 @@ Step = tuple[int, int, str, str, int]
 
 
 @functools.cache
-def _zero_chunk() -> str:
-    return _blob_id(bytes(_CDC_MAX))
+def _zero_chunk(n: int) -> str:
+    return _blob_id(bytes(n))
 
 
 def _recipe(chunks: Chunks, current: Chunks | None) -> list[Step]:
@@ -1531,7 +1547,7 @@ def _recipe(chunks: Chunks, current: Chunks | None) -> list[Step]:
         if here.get(off) == sha:  # already in place
             steps.append((off, n, "cur", sha, off))
             first.setdefault(sha, off)
-        elif n == _CDC_MAX and sha == _zero_chunk():
+        elif n in (_CDC_MAX, _TAIL_PIECE) and sha == _zero_chunk(n):  # the lengths runs of zeros come in
             steps.append((off, n, "zero", sha, 0))
         elif sha in first:
             steps.append((off, n, "self", sha, first[sha]))
@@ -1716,7 +1732,8 @@ def _rename_into(pfd: int, tmp: str, name: str) -> None:
 def _put_file(pfd: int, name: str, perm: int, owner: tuple[int, int] | None, fill: Any) -> None:
     """Write a file in the open directory ``pfd``: temp file, exact mode and owner, ``renameat``."""
     tmp = files._tmp_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+    # Read and write: a chunked file copies a chunk it holds twice from itself.
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
     try:
         fill(fd)
         os.fchmod(fd, perm)
