@@ -169,15 +169,19 @@ class Checkpoints:
     @contextmanager
     def _frozen(self, task: Task) -> Iterator[bool]:
         """Freeze the task's container (if running) so nothing writes while files are read or put back."""
-        state = self._container(task)
         cid = task.container_id or ""
         paused = False
-        if state and state.get("Running") and not state.get("Paused"):
+        state: dict[str, Any] | None = None
+        if cid:
             try:
-                self.sandbox().pause(cid)
+                self.sandbox().pause(cid)  # the common case, in one call to the engine
                 paused = True
-            except TaskboxError as exc:  # a container that cannot pause is still checkpointed
-                self.registry.add_event("checkpoint.unpaused", task.id, {"reason": exc.message[:200]})
+            except TaskboxError as exc:
+                # Why not: stopped, gone, left frozen, or the engine down (files only, then).
+                state = self._container(task)
+                if state and state.get("Running") and not state.get("Paused"):
+                    # a container that cannot pause is still checkpointed
+                    self.registry.add_event("checkpoint.unpaused", task.id, {"reason": exc.message[:200]})
         try:
             yield paused
         finally:
