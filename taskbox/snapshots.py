@@ -124,7 +124,7 @@ _LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit 
 # a later change within the same (coarse, <= 10 ms) timestamp tick would leave its stat
 # unchanged. Local file systems stamp with the kernel clock this is compared with.
 _RACY_NS = 50_000_000
-_CACHE_VERSION = 4  # 3: chunked files; 4: their tails in pieces
+_CACHE_VERSION = 5  # 3: chunked files; 4: their tails in pieces; 5: their prefixes
 _CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
 _CAPTURE_REF = "refs/taskbox/capture"
 _NULL_SHA = "0" * 40
@@ -230,8 +230,11 @@ class _FileReader:
             self.eof = True
 
 
-def _chunk_file(fd: int, size: int, old: Chunks | None,
-                put: Callable[[str, memoryview], None]) -> tuple[Chunks, bool]:
+Prefix = tuple[int, str]  # (length, SHA-1 of the file's first ``length`` bytes): up to its last cut
+
+
+def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memoryview], None],
+                prefix: Prefix | None = None) -> tuple[Chunks, bool, Prefix | None]:
     """The chunks of the open file ``fd`` (``size`` bytes), handing new ones to ``put``.
 
     What follows the last cut (the *tail*: no cut is found before the end of the file) is
@@ -244,8 +247,15 @@ def _chunk_file(fd: int, size: int, old: Chunks | None,
     the chunk is kept without looking for cuts inside it. From the first one that differs
     (an append: the old tail) cuts are looked for afresh, until one falls where an old one
     did (shifted by the change in size); from there the old chunks are checked again. The
-    result is the same as chunking the file afresh. Returns the chunks and whether the file
-    was read whole (False: it shrank while it was read).
+    result is the same as chunking the file afresh.
+
+    ``prefix`` is the SHA-1 of the file up to its last cut, from the last capture: when the
+    file still starts with those bytes (an append), its chunks up to there are all kept after
+    one pass of hashing in large blocks, instead of one hash per chunk (each of which, in the
+    chunking thread, waits to get the GIL back from the walk).
+
+    Returns the chunks, whether the file was read whole (False: it shrank while it was
+    read) and its new prefix.
     """
     old = old or []
     real = len(old)
@@ -259,7 +269,21 @@ def _chunk_file(fd: int, size: int, old: Chunks | None,
         at += old[k][1] if k < real else 0
     r = _FileReader(fd, size)
     out: Chunks = []
+    whole_prefix = hashlib.sha1()  # the file up to the last cut found (all of ``out`` but the tail)
     j: int | None = 0 if old else None
+    kept_end = sum(n for _sha, n in old[:real])
+    if real and prefix is not None and prefix[0] == kept_end < size:
+        while r.offset < kept_end:
+            r.fill(min(_CDC_MAX, kept_end - r.offset))
+            k = min(r.end - r.pos, kept_end - r.offset)
+            if k <= 0:
+                break
+            whole_prefix.update(r.view[r.pos:r.pos + k])
+            r.pos += k
+        if r.offset == kept_end and whole_prefix.hexdigest() == prefix[1]:
+            out, j = list(old[:real]), real  # all kept; from the old tail on, afresh
+        else:  # changed before the old tail: chunk by chunk, from the start
+            r, whole_prefix = _FileReader(fd, size), hashlib.sha1()
     while True:
         r.fill(1)
         if r.pos >= r.end:
@@ -270,6 +294,7 @@ def _chunk_file(fd: int, size: int, old: Chunks | None,
             view = r.view[r.pos:r.pos + n]
             # A chunk that now ends at the end of the file is the tail: pieces, not kept.
             if len(view) == n and r.offset + n < r.size and _blob_id(view) == sha:
+                whole_prefix.update(view)
                 r.pos += n
                 out.append((sha, n))
                 j += 1
@@ -288,10 +313,12 @@ def _chunk_file(fd: int, size: int, old: Chunks | None,
         view = r.view[r.pos:c]
         r.pos = c
         sha = _blob_id(view)
+        whole_prefix.update(view)
         put(sha, view)
         out.append((sha, len(view)))
         j = starts.get(r.offset)
-    return out, r.size == size
+    cut_end = sum(n for _sha, n in out if n > _TAIL_PIECE) if out else 0
+    return out, r.size == size, (cut_end, whole_prefix.hexdigest())
 
 
 def _chunk_list(chunks: Chunks) -> bytes:
@@ -376,6 +403,8 @@ class Scan:
     base: str = EMPTY_TREE  # the tree the cache describes
     chunks: dict[str, Chunks] = field(default_factory=dict)  # the chunked files seen, with their chunks
     cache_chunks: dict[str, Chunks] = field(default_factory=dict)  # the last capture's
+    prefix: dict[str, Prefix] = field(default_factory=dict)  # the chunked files' prefixes (see _chunk_file)
+    cache_prefix: dict[str, Prefix] = field(default_factory=dict)
 
 
 def join(*parts: str) -> str:
@@ -759,7 +788,7 @@ class _Sink:
         self.known: set[str] = set()  # chunks the stat caches say the store has
         self.sent: set[str] = set()  # chunks written now
         self.pool: ThreadPoolExecutor | None = None
-        self.deferred: dict[str, tuple[Future[tuple[Chunks, bool]], int]] = {}
+        self.deferred: dict[str, tuple[Future[tuple[Chunks, bool, Prefix | None]], int]] = {}
 
     def charge(self, size: int, name: str) -> None:
         self.imp.charge(size, name)
@@ -776,7 +805,7 @@ class _Sink:
         self.pack.add(sha, data)
         self.sent.add(sha)
 
-    def defer(self, fd: int, size: int, old: Chunks | None) -> str:
+    def defer(self, fd: int, size: int, old: Chunks | None, prefix: Prefix | None) -> str:
         """Chunk the open file ``fd`` (now the sink's to close) in the chunking thread; a placeholder.
 
         One thread: the pack and the sets above are only ever touched by it while the walk runs.
@@ -785,9 +814,9 @@ class _Sink:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskbox-chunks")
             _quick_switches(True)
 
-        def work() -> tuple[Chunks, bool]:
+        def work() -> tuple[Chunks, bool, Prefix | None]:
             try:
-                return _chunk_file(fd, size, old, self.chunk)
+                return _chunk_file(fd, size, old, self.chunk, prefix)
             finally:
                 os.close(fd)
 
@@ -804,9 +833,11 @@ class _Sink:
             for rel in sc.fresh:
                 mode, ref, key = entries[rel]
                 if ref.startswith("?"):
-                    chunks, whole = self.deferred[ref][0].result()
+                    chunks, whole, prefix = self.deferred[ref][0].result()
                     entries[rel] = (mode, self.imp.blob(_chunk_list(chunks)), key if whole else None)
                     sc.chunks[rel] = chunks
+                    if prefix is not None and whole:
+                        sc.prefix[rel] = prefix
 
     def finish(self) -> dict[str, str]:
         """The marks of the fast-import, once the chunks' pack is in place too."""
@@ -960,7 +991,7 @@ def store_files(store: Store, paths: list[Path]) -> list[tuple[str, Chunks | Non
             try:
                 size = os.fstat(fd).st_size
                 if size >= _CHUNK_THRESHOLD:
-                    chunks, _whole = _chunk_file(fd, size, None, sink.chunk)
+                    chunks, _whole, _prefix = _chunk_file(fd, size, None, sink.chunk)
                     refs.append((sink.blob(_chunk_list(chunks)), chunks))
                 else:
                     refs.append((sink.blob_from_fd(fd, size)[0], None))
@@ -1062,16 +1093,18 @@ class Store:
             if not isinstance(data, dict) or data.get("v") != _CACHE_VERSION:
                 return
             sc.cache, sc.base, sc.cache_chunks = data["entries"], data["tree"], data["chunks"]
+            sc.cache_prefix = data["prefix"]
             self._cached = True
         except (OSError, ValueError, EOFError, TypeError, KeyError):
             sc.cache, sc.base, sc.cache_chunks = {}, EMPTY_TREE, {}  # no cache: every file is read once more
+            sc.cache_prefix = {}
 
     def _save_cache(self, sc: Scan, entries: dict[str, Entry]) -> None:
         path = self.index_file(sc.unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(_CACHE_MAGIC + marshal.dumps({"v": _CACHE_VERSION, "tree": sc.unit.tree, "entries": entries,
-                                                       "chunks": sc.chunks}))
+                                                       "chunks": sc.chunks, "prefix": sc.prefix}))
         os.replace(tmp, path)  # losing it costs one full read, so no fsync
 
     def drop_caches(self) -> None:
@@ -1206,8 +1239,10 @@ class Store:
                 entries[rel] = cached
                 if st.st_size >= _CHUNK_THRESHOLD and rel in cache_chunks:
                     chunks[rel] = cache_chunks[rel]
+                    if rel in sc.cache_prefix:
+                        sc.prefix[rel] = sc.cache_prefix[rel]
             elif stat.S_ISREG(mode):
-                got = self._read_file(dfd, name, imp, now, cache_chunks.get(rel))
+                got = self._read_file(dfd, name, imp, now, cache_chunks.get(rel), sc.cache_prefix.get(rel))
                 if got is None:
                     sc.extra.append(rel)  # no longer a regular file: not captured
                     continue
@@ -1263,8 +1298,8 @@ class Store:
             sc.unit.empty_dirs.append(sub)  # empty, or holding only what git cannot store
 
     @staticmethod
-    def _read_file(dfd: int, name: str, imp: _Sink, now: int,
-                   old: Chunks | None) -> tuple[Entry, os.stat_result, Chunks | None] | None:
+    def _read_file(dfd: int, name: str, imp: _Sink, now: int, old: Chunks | None,
+                   prefix: Prefix | None) -> tuple[Entry, os.stat_result, Chunks | None] | None:
         """Store one regular file: whole if small, as chunks if large (``old``: its last chunks)."""
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
@@ -1281,7 +1316,7 @@ class Store:
             if fst.st_size >= _CHUNK_THRESHOLD:
                 # Hashed and chunked in a thread while the walk goes on: the placeholder is
                 # replaced by its chunk list when the walk is done (Sink.resolve).
-                ref, whole = imp.defer(fd, fst.st_size, old), True
+                ref, whole = imp.defer(fd, fst.st_size, old, prefix), True
                 fd = -1
             else:
                 ref, whole = imp.blob_from_fd(fd, fst.st_size)

@@ -292,22 +292,23 @@ def test_new_chunks_past_the_pack_buffer_go_to_several_packs(svc: TaskService, r
     assert differences(manifest(ws), want) == []
 
 
-def _chunks_of(path: Path, old: list | None = None) -> tuple[list, list[int]]:
+def _chunks_of(path: Path, old: list | None = None, prefix: tuple | None = None) -> tuple[list, list[int], tuple]:
     sent: list[int] = []
     fd = os.open(path, os.O_RDONLY)
     try:
-        chunks, whole = snapshots._chunk_file(fd, os.fstat(fd).st_size, old, lambda _sha, d: sent.append(len(d)))
+        chunks, whole, new_prefix = snapshots._chunk_file(fd, os.fstat(fd).st_size, old,
+                                                          lambda _sha, d: sent.append(len(d)), prefix)
     finally:
         os.close(fd)
-    assert whole
-    return chunks, sent
+    assert whole and new_prefix is not None
+    return chunks, sent, new_prefix
 
 
 def test_chunking_is_content_defined_and_incremental_chunking_equals_a_fresh_one(tmp_path: Path) -> None:
     data = _random(40 * MB, 15)
     f = tmp_path / "f.bin"
     f.write_bytes(data)
-    base, _ = _chunks_of(f)
+    base, _, prefix = _chunks_of(f)
     sizes = [n for _sha, n in base]
     tail = len(sizes)
     while tail and sizes[tail - 1] <= snapshots._TAIL_PIECE:
@@ -324,10 +325,11 @@ def test_chunking_is_content_defined_and_incremental_chunking_equals_a_fresh_one
     }
     for name, new in edits.items():
         f.write_bytes(new)
-        again, sent = _chunks_of(f, base)  # from the old chunk list
-        fresh, _ = _chunks_of(f)  # from nothing
-        assert again == fresh, name  # the incremental path finds exactly the cuts a fresh one does
-        assert sum(sent) <= 3 * _CDC_MAX, name  # and reads anew only around the change
+        fresh, _, fresh_prefix = _chunks_of(f)  # from nothing
+        for with_prefix in (None, prefix):  # the old chunk list, checked chunk by chunk or in one pass
+            again, sent, again_prefix = _chunks_of(f, base, with_prefix)
+            assert (again, again_prefix) == (fresh, fresh_prefix), name  # exactly what a fresh chunking finds
+            assert sum(sent) <= 3 * _CDC_MAX, name  # and reads anew only around the change
         shared = {sha for sha, _n in base} & {sha for sha, _n in again}
         assert len(shared) >= min(len(base), len(again)) - 4, name  # cuts move with the content
 
