@@ -405,6 +405,7 @@ class Scan:
     cache_chunks: dict[str, Chunks] = field(default_factory=dict)  # the last capture's
     prefix: dict[str, Prefix] = field(default_factory=dict)  # the chunked files' prefixes (see _chunk_file)
     cache_prefix: dict[str, Prefix] = field(default_factory=dict)
+    hot: set[str] = field(default_factory=set)  # the cached chunked files and their directories ("" too)
 
 
 def join(*parts: str) -> str:
@@ -1190,8 +1191,11 @@ class Store:
         sc = Scan(unit)
         if use_cache:
             self._load_cache(sc)
-            for ch in sc.cache_chunks.values():
+            for path, ch in sc.cache_chunks.items():
                 sink.known.update(sha for sha, _n in ch)
+                while path not in sc.hot:
+                    sc.hot.add(path)
+                    path = posixpath.dirname(path)
         scans.append(sc)
         return sc
 
@@ -1208,6 +1212,10 @@ class Store:
         with os.scandir(dfd) as it:
             listing = list(it)
         prefix = f"{sub}/" if sub else ""
+        hot = sc.hot if sub in sc.hot else None
+        if hot:  # large files the last capture chunked, and the directories they are in, first:
+            # their chunking thread then runs beside the rest of the walk, not after it
+            listing.sort(key=lambda e: prefix + e.name not in hot)
         entries, metas, fresh, cached_entry = sc.entries, sc.meta, sc.fresh, sc.cache.get
         chunks, cache_chunks = sc.chunks, sc.cache_chunks
         for entry in listing:  # the hot loop of a checkpoint: kept lean
@@ -1262,6 +1270,8 @@ class Store:
                 continue
             metas[rel] = st
             content += 1
+        if hot:
+            subdirs.sort(key=lambda n: prefix + n not in hot)
         for name in subdirs:
             rel = f"{sub}/{name}" if sub else name
             try:
