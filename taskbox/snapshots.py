@@ -160,7 +160,7 @@ _CDC_SYMBOLS = bytes(0x41 + ((b * 3 + (b >> 3)) & 7) for b in range(256))
 _CDC_PATTERN = bytes(0x41 + s for s in (5, 1, 1, 7, 2, 6))
 _CDC_CRC_MASK = 1
 _READ_BLOCK = 16 << 20
-_PACK_BUFFER = 64 << 20  # new chunk data gathered in memory before a pack is written
+_PACK_BUFFER = 16 << 20  # new chunk data gathered in memory before a pack is written (by the chunking thread)
 _CHUNK_LIST_MAGIC = b"taskbox-chunks 1\n"
 CHUNK_LIST_LIMIT = 64 << 20  # the longest chunk list read back (a 10 TB file of 8 MiB chunks)
 _CHUNK_LINE = re.compile(rb"([0-9a-f]{40}) ([1-9][0-9]{0,8})\n")
@@ -651,7 +651,8 @@ class _PackWriter:
     for a chunk that does not compress) and its index (version 2) are written directly.
     Entries are gathered in memory up to _PACK_BUFFER bytes, so the pack's object count is
     known when it is written and its trailing checksum is computed in the one pass that
-    writes it; a capture with more new chunks than that writes several packs. Each is a
+    writes it; a capture with more new chunks than that writes several packs, in the chunking
+    thread while the walk goes on (the last one when the capture ends). Each is a
     temporary file, fsynced, renamed into place before its index, as git does: until the
     index is there git does not see the pack, and a crash leaves a ``tmp_pack_*`` file that
     :meth:`Store.drop_temporaries` removes.
