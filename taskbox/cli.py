@@ -103,19 +103,43 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
 @click.option("--lazy", is_flag=True, help="Create the container on first use instead of now.")
 @click.option("--no-attach", is_flag=True, help="Do not attach an agent session.")
 @click.option("--session", help="Session id to attach with (default: a new one).")
+@click.option("--memory-on-branch/--memory-off-branch", default=None,
+              help="Commit .task-memory/ and Plan.md on the task branch, or (the default, see the "
+                   "memory_on_branch setting) on the companion ref refs/taskbox/<branch>/memory beside it.")
+@click.option("--run", "run_agent", metavar="AGENT",
+              help="Then run this agent in it (opencode, claude-code, codex, shell), as `taskbox run` does; "
+                   "with --prompt non-interactively. Uses the agents image and the allowlist network unless told.")
+@click.option("--prompt", help="With --run: the prompt for a non-interactive run.")
+@click.option("--template", help="Apply a template (`taskbox template list`) under the project's own setup.")
+@click.option("--publish", "publish", multiple=True, metavar="[HOST_PORT:]PORT",
+              help="Publish the task's PORT on host loopback (HOST_ADDRESS:HOST_PORT:PORT for another address). Repeatable.")
+@click.option("--secret", "secret_names", multiple=True, metavar="NAME", help="With --run: a secret for the agent.")
 def create_task(description: str, repo: str, agent: str, model: str, title: str | None, task_id: str | None,
                 lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
                 inodes: int | None, network: str | None,
                 allow_domains: tuple[str, ...], image: str | None, base: str | None, lazy: bool, no_attach: bool,
-                session: str | None) -> Any:
+                session: str | None, memory_on_branch: bool | None, run_agent: str | None, prompt: str | None,
+                template: str | None, publish: tuple[str, ...], secret_names: tuple[str, ...]) -> Any:
     """Create a task: a workspace on a new branch, a sandbox container and memory."""
-    data = _service().start_task(repo, description, attach=not no_attach, session_id=session, agent=agent,
-                                 model=model, title=title, task_id=task_id, lock_mode=lock_mode, memory=memory,
-                                 cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes, network=network,
-                                 allow_domains=list(allow_domains) or None, image=image, base_ref=base,
-                                 lazy=lazy, progress=progress)
+    svc = _service()
+    options: dict[str, Any] = dict(agent=agent, model=model, title=title, task_id=task_id, lock_mode=lock_mode,
+                                   memory=memory, cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes,
+                                   network=network, allow_domains=list(allow_domains) or None, image=image,
+                                   base_ref=base, lazy=lazy, progress=progress, template=template,
+                                   publish=list(publish) or None, memory_on_branch=memory_on_branch)
+    if run_agent:
+        options = svc.agent_task_options(run_agent, options)
+    elif prompt or secret_names:
+        raise InvalidInput("--prompt and --secret go with --run AGENT")
+    data = svc.start_task(repo, description, attach=not no_attach, session_id=session, **options)
     for line in data["warnings"]:
         click.echo(f"warning: {line}", err=True)
+    if run_agent:
+        click.echo(f"taskbox: created task {data['task_id']} on branch {data['branch']}", err=True)
+        ctx = click.get_current_context()
+        ctx.invoke(run, task_id=data["task_id"], args=(), agent_name=run_agent, prompt=prompt, model=None,
+                   secret_names=secret_names, allow_domains=(), base_url=None, session=session, timeout=None,
+                   checkpoint=None, as_json=False)
     human = pairs([("task", data["task_id"]), ("status", data["status"]), ("branch", data["branch"]),
                    ("workspace", data["workspace_path"]), ("container", (data["container_id"] or "-")[:12]),
                    ("session", data["session_id"] or "-")])
@@ -201,7 +225,7 @@ def show(task_id: str) -> Any:
     state = svc.state(task_id)
     usage = status["workspace_usage"]
     jobs = svc.jobs(task.id)
-    data = {**_task_row(svc, task), "state": state, "workspace_usage": usage, "jobs": jobs}
+    data = {**_task_row(svc, task), "state": state, "workspace_usage": usage, "jobs": jobs, "ports": status["ports"]}
     human = pairs([("task", task.id), ("title", task.title), ("status", str(task.status)),
                    ("branch", task.branch), ("repo", task.repo_path), ("workspace", task.workspace_path),
                    ("container", f"{(task.container_id or '-')[:12]} ({task.container_state})"),
@@ -211,6 +235,8 @@ def show(task_id: str) -> Any:
                    ("lock", f"{task.lock_mode}; agents: {', '.join(data['current_agents']) or 'none'}"),
                    ("todos", f"{sum(t['status'] == 'completed' for t in state['todos'])}/{len(state['todos'])} done"),
                    ("jobs", ", ".join(f"{j['job_id']} ({j['status']})" for j in jobs) or "none"),
+                   ("ports", ", ".join(f"{p['host_ip']}:{p['host_port']} -> {p['port']}" for p in status["ports"])
+                    or "none"),
                    ("created", ago(task.created_at)), ("active", ago(task.last_active)), ("version", task.version)])
     return data, human
 
@@ -296,6 +322,120 @@ def shell(task_id: str, workdir: str | None) -> None:
     uid, gid = sandbox_owner()
     tty = ["-it"] if sys.stdin.isatty() else ["-i"]
     os.execv(docker, ["docker", "exec", *tty, "-u", f"{uid}:{gid}", "-w", wd, task.container_id or "", "bash"])
+
+
+def _terminal() -> Any:
+    from .agents import Terminal
+
+    def size() -> tuple[int, int] | None:
+        try:
+            cols, rows = os.get_terminal_size(sys.stdout.fileno())
+        except OSError:
+            return None
+        return rows, cols
+
+    return Terminal(sys.stdin.fileno(), sys.stdout.fileno(), size)
+
+
+def _raw_terminal(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with the local terminal in raw mode (keys go to the agent as typed), restored after."""
+    if not sys.stdin.isatty():
+        return fn()
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        return fn()
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _run_output(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(to_json(data))
+    elif data.get("detached"):
+        click.echo(f"taskbox: detached; {data['agent']} keeps running in task {data['task_id']} "
+                   f"(come back with `taskbox attach {data['task_id']}`)", err=True)
+    else:
+        code = data.get("exit_code")
+        if code not in (0, None) and data.get("seconds", 99) < 5:
+            last = data.get("last_line") or ""
+            click.echo(f"error: agent {data['agent']} exited at once with code {code}"
+                       + (f": {last}" if last else ""), err=True)
+        click.echo(f"taskbox: {data['agent']} ended (exit {code}); branch {data.get('branch')} "
+                   f"at {str(data.get('commit') or '-')[:12]}", err=True)
+    code = data.get("exit_code")
+    sys.exit(0 if code is None else code if 0 <= code < 256 else 1)
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("task_id")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--agent", "agent_name", metavar="AGENT",
+              help="opencode, claude-code, codex or shell (default: the task's agent if it is one of these, else shell).")
+@click.option("--prompt", "-p", help="Run non-interactively with this prompt (print mode); output is streamed.")
+@click.option("--model", help="Model the agent uses (passed to it where it takes one by environment).")
+@click.option("--secret", "secret_names", multiple=True, metavar="NAME",
+              help="Put secret NAME (TASKBOX_SECRET_NAME or secrets.toml) into the agent's environment only. Repeatable.")
+@click.option("--allow-domain", "allow_domains", multiple=True, metavar="DOMAIN",
+              help="Another host the agent may reach (besides its preset's model API hosts). Repeatable.")
+@click.option("--base-url", help="A custom model endpoint for the agent (its host is allowed through the proxy).")
+@click.option("--session", help="Session id (default: a new one).")
+@click.option("--timeout", type=float, help="Seconds a prompt run may take (default: the run_timeout setting).")
+@click.option("--checkpoint/--no-checkpoint", default=None, help="Take a checkpoint when the agent ends "
+              "(default: the run_checkpoint setting).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no live output).")
+def run(task_id: str, args: tuple[str, ...], agent_name: str | None, prompt: str | None, model: str | None,
+        secret_names: tuple[str, ...], allow_domains: tuple[str, ...], base_url: str | None, session: str | None,
+        timeout: float | None, checkpoint: bool | None, as_json: bool) -> None:
+    """Run an agent CLI inside a task's sandbox: taskbox run TASK [--agent A] [--prompt TEXT] [-- ARGS...].
+
+    Without --prompt it is interactive on this terminal: detach with Ctrl-b d (the agent keeps
+    running), come back with `taskbox attach TASK`.
+    """
+    def echo(chunk: bytes) -> None:
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+
+    try:
+        svc = _service()
+        options: dict[str, Any] = dict(prompt=prompt, args=list(args), model=model, secrets=list(secret_names),
+                                       allow_domains=list(allow_domains), base_url=base_url, session_id=session,
+                                       timeout=timeout, checkpoint=checkpoint)
+        if agent_name is not None:
+            from .agents import preset
+
+            preset(agent_name)  # an unknown agent: its one-line error before anything else
+        if prompt is None:
+            if not sys.stdin.isatty() and not as_json:
+                click.echo("taskbox: stdin is not a terminal; the agent gets no keyboard (give --prompt to run "
+                           "without one)", err=True)
+            data = _raw_terminal(lambda: svc.run_agent(task_id, agent_name, terminal=_terminal(), **options))
+        else:
+            data = svc.run_agent(task_id, agent_name, echo=None if as_json else echo, **options)
+    except TaskboxError as exc:
+        click.echo(to_json(exc.to_dict()) if as_json else f"error: {exc.message}", err=not as_json)
+        sys.exit(exc.exit_code)
+    _run_output(data, as_json)
+
+
+@cli.command("attach")
+@click.argument("task_id")
+@click.option("--session", help="Which run (needed when several are detached).")
+@click.option("--checkpoint/--no-checkpoint", default=None, help="Take a checkpoint if the agent ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def attach(task_id: str, session: str | None, checkpoint: bool | None, as_json: bool) -> None:
+    """Come back to an agent left running by `taskbox run` (detach again with Ctrl-b d)."""
+    try:
+        svc = _service()
+        data = _raw_terminal(lambda: svc.attach_agent(task_id, _terminal(), session, checkpoint=checkpoint))
+    except TaskboxError as exc:
+        click.echo(to_json(exc.to_dict()) if as_json else f"error: {exc.message}", err=not as_json)
+        sys.exit(exc.exit_code)
+    _run_output(data, as_json)
 
 
 @cli.group("job")
@@ -833,7 +973,11 @@ def image() -> None:
 @command(image, "build")
 @click.option("--force", is_flag=True, help="Rebuild even if an image for the same recipe exists.")
 @click.option("--proxy", is_flag=True, help="Also build the egress proxy image (squid) for allowlist mode.")
-def image_build(force: bool, proxy: bool) -> Any:
+@click.option("--agents", "with_agents", is_flag=True,
+              help="Also build the agent CLIs layer (OpenCode, Claude Code, Codex from npm, pinned; tmux).")
+@click.option("--package", "packages", multiple=True, metavar="NAME@VERSION",
+              help="Another npm package for the agents layer (pinned version). Repeatable.")
+def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str, ...]) -> Any:
     """Build the default sandbox image (bootstrapping a Debian base if it cannot be pulled)."""
     from . import images
     from .engine import connect
@@ -846,7 +990,61 @@ def image_build(force: bool, proxy: bool) -> Any:
         pres = images.build_proxy(connect(), force=force, progress=progress)
         data["proxy"] = pres.__dict__
         human += f"\n{'cached' if pres.cached else 'built'} {pres.tag} in {pres.seconds:.1f}s"
+    if with_agents or packages:
+        from . import agents
+
+        cafile, registry = images.host_npm_settings()
+        ares = images.build_agents(connect(), packages=agents.packages(extra=packages), force=force,
+                                   progress=progress, npm_cafile=cafile, npm_registry=registry)
+        data["agents"] = ares.__dict__
+        human += f"\n{'cached' if ares.cached else 'built'} {ares.tag} ({images.AGENTS_IMAGE}) in {ares.seconds:.1f}s"
     return data, human
+
+
+@command(cli, "ports")
+@click.argument("task_id")
+@click.argument("action", type=click.Choice(["ls", "add", "rm"]), default="ls")
+@click.argument("spec", required=False, metavar="[[HOST_ADDRESS:]HOST_PORT:]PORT")
+def ports(task_id: str, action: str, spec: str | None) -> Any:
+    """List, add or remove a task's published ports (host loopback unless an address is named)."""
+    data = _service().ports(task_id, action, spec)
+    for w in data.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    rows = [[f"{p['host_ip']}:{p['host_port']}", p["port"], "yes" if p["running"] else "no"] for p in data["ports"]]
+    return data, table(rows, ["HOST", "PORT", "RUNNING"]) if rows else "no published ports"
+
+
+# --- project setup templates -------------------------------------------------------------------
+
+
+@cli.group("template")
+def template_group() -> None:
+    """Templates: named project setups (copied files, setup commands, image, default agent)."""
+
+
+@command(template_group, "list")
+def template_list() -> Any:
+    """The templates saved under TASKBOX_HOME/templates."""
+    rows = _service().templates()
+    return rows, table([[r["name"], r["path"]] for r in rows], ["NAME", "PATH"]) if rows else "no templates"
+
+
+@command(template_group, "show")
+@click.argument("name", required=False)
+@click.option("--repo", default=".", show_default=True, help="Without NAME: the setup of this repository.")
+def template_show(name: str | None, repo: str) -> Any:
+    """A template's settings (or, without NAME, the project's own setup)."""
+    setup = _service().show_setup(name, repo)
+    return setup, "\n".join(f"{k}: {v}" for k, v in setup.items())
+
+
+@command(template_group, "save")
+@click.argument("name")
+@click.option("--repo", default=".", show_default=True, help="Save this repository's setup as the template.")
+def template_save(name: str, repo: str) -> Any:
+    """Save the project's setup (.taskbox/config.toml, devcontainer.json) as template NAME."""
+    data = _service().save_template(name, repo)
+    return data, f"saved template {name} at {data['path']}"
 
 
 # --- safety: project policy --------------------------------------------------------------------

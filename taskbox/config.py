@@ -93,7 +93,22 @@ class Settings:
     )
     lease_seconds: int = _setting(300, "How long an agent's lease on a task lasts unless renewed.")
     collaborative_max_agents: int = _setting(4, "Most agents attached to a collaborative task.")
+    exec_agent: bool = _setting(
+        True, "Run commands through a small exec agent inside each new container (a unix socket, no "
+        "`docker exec` per command; see docs/speed.md). Off: every command is a `docker exec`."
+    )
     exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")
+    run_timeout: int = _setting(
+        3600, "Seconds a non-interactive `taskbox run` (an agent given a prompt) may take before it is killed."
+    )
+    run_checkpoint: int = _setting(0, "1: take a checkpoint when an agent run (`taskbox run`) ends.")
+    agents_image: str = _setting(
+        "taskbox-sandbox-agents:latest", "Sandbox image with the agent CLIs (`taskbox image build --agents`); "
+        "`create-task --run AGENT` uses it unless --image is given."
+    )
+    setup_timeout: int = _setting(
+        900, "Seconds each setup command of a project (`.taskbox/config.toml`) may take after create."
+    )
     exec_output_limit: int = _setting(
         1_000_000, "Most bytes of stdout and of stderr a command returns; the rest is cut."
     )
@@ -107,6 +122,10 @@ class Settings:
     ultrawork_parallel: int = _setting(
         4, "Default number of sub-tasks an ultrawork run keeps running at once (a plan's `parallel` "
         "or `--parallel` wins)."
+    )
+    memory_on_branch: bool = _setting(
+        False, "Commit a task's `.task-memory/` and `Plan.md` on its branch (the old behaviour) instead of "
+        "on the companion ref `refs/taskbox/<branch>/memory` beside it; per task: `create-task --memory-on-branch`."
     )
     log_output_limit: int = _setting(
         4_000, "Most characters of a command's output kept in executions.jsonl."
@@ -167,6 +186,12 @@ class Settings:
         kwargs: dict[str, Any] = {}
         for name, value in values.items():
             typ: Any = type(fields[name].default)
+            if typ is bool and isinstance(value, str):  # from the environment: bool("0") would be True
+                flag = {"1": True, "true": True, "yes": True, "on": True,
+                        "0": False, "false": False, "no": False, "off": False}.get(value.strip().lower())
+                if flag is None:
+                    raise InvalidInput(f"setting {name}: expected true or false, got {value!r}")
+                value = flag
             try:
                 kwargs[name] = typ(value)
             except (TypeError, ValueError) as exc:

@@ -59,18 +59,6 @@ class Context(Protocol):
     def checkpoints(self) -> Any: ...
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def disk_evidence(paths: Paths) -> list[str]:
     """What under ``paths.home`` says tasks exist (so an empty registry there is a lost one)."""
     out = []
@@ -110,7 +98,7 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
     unmounted: set[str] = set()  # tasks whose workspace volume is (still) not mounted, or gone
 
     for task in tasks:
-        if task.pending_op and not _alive(task.op_pid):
+        if task.pending_op and not liveness.pid_alive(task.op_pid):
             if task.pending_op == "create":
                 found("interrupted-create", task.id, "create was interrupted; the half-made task will be removed",
                       "undo-create", task_id=task.id)
@@ -149,7 +137,7 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
                       task_id=task.id, reason="workspace missing")
 
     for run in reg.runs("running"):
-        if not _alive(run["pid"]):  # the orchestrator was killed: reconcile, then resume
+        if not liveness.pid_alive(run["pid"]):  # the orchestrator was killed: reconcile, then resume
             found("ultrawork-interrupted", run["parent_id"], f"the ultrawork run (pid {run['pid']}) was interrupted; "
                   "sub-tasks left running will be reset and their containers stopped; continue with "
                   f"`taskbox ultrawork {run['parent_id']} --resume`", "recover-ultrawork", task_id=run["parent_id"])

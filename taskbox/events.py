@@ -44,6 +44,8 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("task.created", ("branch", "lazy", "repo"), "A task's workspace, branch and (unless lazy) container exist."),
     EventType("task.undo_failed", ("error",), "A failed create could not be undone; `doctor --fix` retries."),
     EventType("task.resumed", ("container_kept",), "A create-or-resume call found the task and resumed it."),
+    EventType("memory.restored", ("ref",), "The workspace had lost its memory; the files were brought back "
+              "from the companion ref beside the task branch."),
     EventType("task.adopted", ("from",), "The doctor took an orphan workspace or container back into the registry."),
     EventType("task.refreshed", ("version",), "A restored registry row was brought up to date from its record."),
     EventType("task.killed_running", ("action", "running"),
@@ -70,6 +72,22 @@ CATALOGUE: tuple[EventType, ...] = (
     # --- sessions, todos, decisions, tool calls ---------------------------------------------------
     EventType("session.attached", ("session_id", "agent", "model", "took_over"), "An agent session attached."),
     EventType("session.detached", ("session_id", "agent", "commit"), "An agent session detached."),
+    EventType("port.published", ("port", "host_ip", "host_port", "warnings"),
+              "A task's port was published on the host (loopback unless an address was named)."),
+    EventType("port.unpublished", ("port",), "A task's published port was removed."),
+    # --- project setup (.taskbox/config.toml) -------------------------------------------------------
+    EventType("setup.copied", ("files",), "The project's ignored files were copied into the new workspace."),
+    EventType("setup.command", ("index", "command", "exit_code"),
+              "A project setup command ran once after create (its output is in the execution log)."),
+    # --- agents inside the sandbox (`taskbox run`) ---------------------------------------------
+    EventType("agent.started", ("session_id", "agent", "mode", "detachable"),
+              "An agent CLI started in the task's sandbox (`mode`: prompt or interactive)."),
+    EventType("agent.detached", ("session_id", "agent"),
+              "The user detached from an interactive agent run; the agent keeps running (`taskbox attach`)."),
+    EventType("agent.exited", ("session_id", "agent", "exit_code", "seconds"),
+              "An agent run ended; its session detached (work committed, branch fetched)."),
+    EventType("agent.egress_allowed", ("agent", "hosts"),
+              "An agent's model API hosts were added to the task's egress allowlist."),
     EventType("todo.completed", ("todo",), "A todo was marked completed."),
     EventType("decision.logged", ("time", "agent", "context", "decision", "rationale", "alternatives"),
               "A design decision was recorded in decisions.md.", open=True),

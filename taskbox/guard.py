@@ -15,6 +15,7 @@ from __future__ import annotations
 READ_ONLY_TOOLS = frozenset({
     "read", "glob", "grep", "ls", "list", "lsp", "notebookread", "codesearch",
     "webfetch", "websearch", "listmcpresourcestool", "readmcpresourcetool",
+    "list_mcp_resources", "list_mcp_resource_templates", "read_mcp_resource",  # OpenCode 1.18
     "todowrite", "todoread", "task", "agent", "exitplanmode", "askuserquestion", "question",
 })
 

@@ -41,8 +41,11 @@ __all__ = [
     "DEFAULT_IMAGE",
     "IMAGE_REPO",
     "PROXY_IMAGE",
+    "AGENTS_IMAGE",
     "BuildResult",
+    "agents_recipe",
     "build",
+    "build_agents",
     "build_proxy",
     "ensure",
     "image_tag",
@@ -66,6 +69,9 @@ PULL_TIMEOUT = 60.0
 SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 _RECIPE_FILE = "recipes/sandbox.Dockerfile"
 _PROXY_RECIPE_FILE = "recipes/proxy.Dockerfile"
+_AGENTS_RECIPE_FILE = "recipes/agents.Dockerfile"
+AGENTS_REPO = "taskbox-sandbox-agents"
+AGENTS_IMAGE = f"{AGENTS_REPO}:latest"
 # A base is pasted into a Dockerfile FROM line: allow image references only, nothing that
 # could add a line or an instruction.
 _IMAGE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*")
@@ -182,6 +188,68 @@ def build_proxy(
         found = built
     _tag_latest(found, PROXY_IMAGE)
     return BuildResult(tag, found.id, cached, base, time.monotonic() - started)
+
+
+def agents_recipe(base: str, packages: Iterable[str]) -> str:
+    """The agents layer's Dockerfile text: ``base`` (a sandbox image tag) plus the npm ``packages``."""
+    specs = sorted(dict.fromkeys(packages))
+    if not specs:
+        raise InvalidInput("no agent packages to install")
+    for spec in specs:
+        if not re.fullmatch(r"@?[a-z0-9][a-z0-9._/-]*@[0-9][0-9A-Za-z.+-]*", spec):
+            raise InvalidInput(f"npm package {spec!r} must be name@version with a pinned version")
+    return recipe(base, _AGENTS_RECIPE_FILE).replace("{packages}", " ".join(specs))
+
+
+def build_agents(
+    client: docker.DockerClient | None = None,
+    *,
+    packages: Iterable[str],
+    force: bool = False,
+    progress: Progress | None = None,
+    npm_cafile: Path | None = None,
+    npm_registry: str | None = None,
+) -> BuildResult:
+    """Build the agent CLIs layer on the current sandbox image (built first if needed); tag ``:latest``.
+
+    Cached by the recipe's hash like the base image: the same sandbox image and packages
+    answer at once. The build step runs on the host's network (npm must be reachable; task
+    containers never are), with the host's npm CA bundle and registry when given.
+    """
+    client = client or connect()
+    say: Progress = progress or _quiet
+    started = time.monotonic()
+    base = build(client, progress=say).tag
+    text = agents_recipe(base, packages)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    tag = f"{AGENTS_REPO}:{digest}"
+    found = None if force else _get(client, tag)
+    cached = found is not None
+    if found is None:
+        say(f"==> building {tag} on {base}")
+        extra: dict[str, bytes] = {}
+        if npm_cafile is not None:
+            try:
+                extra["npm-build/ca.pem"] = npm_cafile.read_bytes()
+            except OSError as exc:
+                raise InvalidInput(f"cannot read the npm CA bundle {npm_cafile}: {exc.strerror}") from exc
+        if npm_registry:
+            extra["npm-build/registry"] = npm_registry.encode()
+        built = _get(client, _build_image(client, base, tag, nocache=force, say=say, text=text, files=extra,
+                                          network_mode="host"))
+        if built is None:
+            raise SandboxError(f"docker built {tag} but the image is gone", tag=tag)
+        found = built
+    _tag_latest(found, AGENTS_IMAGE)
+    return BuildResult(tag, found.id, cached, base, time.monotonic() - started)
+
+
+def host_npm_settings() -> tuple[Path | None, str | None]:
+    """The host's npm CA bundle and registry (``npm_config_cafile``/``NODE_EXTRA_CA_CERTS``,
+    ``npm_config_registry``), for a build behind a TLS-intercepting proxy or a mirror."""
+    cafile = os.environ.get("npm_config_cafile") or os.environ.get("NODE_EXTRA_CA_CERTS")
+    registry = os.environ.get("npm_config_registry")
+    return (Path(cafile) if cafile and Path(cafile).is_file() else None), registry or None
 
 
 def ensure(client: docker.DockerClient, image: str, build: str = "taskbox image build") -> None:
@@ -399,15 +467,19 @@ def _mountpoints(prefix: str) -> list[str]:
 
 def _build_image(
     client: docker.DockerClient, base: str, tag: str, *, nocache: bool, say: Progress,
-    text: str | None = None,
+    text: str | None = None, files: dict[str, bytes] | None = None, network_mode: str | None = None,
 ) -> str:
     text = recipe(base) if text is None else text
     tail: deque[str] = deque(maxlen=_LOG_TAIL)
     error: str | None = None
     image_id: str | None = None
+    context: dict[str, Any] = {"fileobj": io.BytesIO(text.encode("utf-8"))}
+    if files is not None:  # a build context: the Dockerfile and these files (an empty dir at least)
+        context = {"fileobj": _context_tar(text, files), "custom_context": True}
     try:
         stream = client.api.build(
-            fileobj=io.BytesIO(text.encode("utf-8")),
+            **context,
+            network_mode=network_mode,
             tag=tag,
             rm=True,
             forcerm=True,
@@ -433,6 +505,27 @@ def _build_image(
             raise SandboxError(f"building {tag} reported success but produced no image")
         image_id = found.id
     return image_id
+
+
+def _context_tar(dockerfile: str, files: dict[str, bytes]) -> io.BytesIO:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        entries = {"Dockerfile": dockerfile.encode("utf-8"), **files}
+        dirs = {"npm-build"} | {name.rsplit("/", 1)[0] for name in files if "/" in name}
+        for d in sorted(dirs):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    return buf
 
 
 def _consume(chunk: dict[str, Any], tail: deque[str], say: Progress) -> str | None:

@@ -70,3 +70,17 @@ def alive(holder: str | None) -> bool | None:
 def token(holder: str) -> str:
     """A short name for a holder, carried in the marks of the commands it starts."""
     return "o" + hashlib.sha256(holder.encode()).hexdigest()[:12]
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists on this host (it may be a later one reusing the
+    pid: use :func:`alive` with a recorded identity when that matters)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -184,6 +184,9 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "run_subtasks": ("ultrawork",),
     "subtask_status": ("subtask-status",),
     "merge": ("merge_task",),
+    "run": (),
+    "agent_attach": (),
+    "ports": (),
 }
 _OPERATION_ALIASES = {alias: op for op, names in OPERATIONS.items() for alias in (op, *names)}
 

@@ -289,7 +289,9 @@ def squid_config(rules: EgressRules) -> str:
         lines.append("http_access deny private_dst !allow_private rule_private_address")
     else:
         lines.append("http_access deny private_dst rule_private_address")
-    lines += ["http_access allow allow_names rule_allow_name", "http_access deny all rule_default"]
+    if names_allow:  # with no name listed the acl does not exist (squid would refuse the config)
+        lines.append("http_access allow allow_names rule_allow_name")
+    lines.append("http_access deny all rule_default")
     return "\n".join(lines) + "\n"
 
 

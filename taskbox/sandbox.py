@@ -36,9 +36,10 @@ from typing import Any, BinaryIO
 import docker
 from docker.errors import APIError, ImageNotFound
 from docker.errors import NotFound as DockerNotFound
-from docker.types import LogConfig, Ulimit
+from docker.types import DriverConfig, LogConfig, Mount, Ulimit
 
 from . import engine as docker_engine
+from . import execagent
 from .config import parse_size
 from .confine import sandbox_owner
 from .engine import DOCKER_ERRORS
@@ -59,6 +60,8 @@ LABEL_HOME = "taskbox.home"
 LABEL_ROLE = "taskbox.role"  # "egress-proxy" on proxy containers, absent on task containers
 LABEL_EGRESS_FOR = "taskbox.egress-for"  # on a proxy and a task network: the task container's name
 LABEL_EGRESS = "taskbox.egress"  # on a task container: base64 JSON of its egress configuration
+LABEL_PORT_FOR = "taskbox.port-for"  # on a port forwarder: the task container's name
+LABEL_PORT = "taskbox.port"  # on a port forwarder: "PORT HOST_IP HOST_PORT"
 LABEL_SCRATCH = "taskbox.scratch"  # on a throwaway container that reads a workspace for the host
 CONTAINER_WORKSPACE = "/workspace"
 MIN_MEMORY = 64 * 1024**2
@@ -228,12 +231,15 @@ class ExecControl:
         self.cancelled = threading.Event()
         self.done = threading.Event()  # set by whoever runs the command, when it is over and logged
         self.redact: Callable[[str], str] = lambda text: text
+        self.echo: Callable[[bytes], object] | None = None  # e.g. `taskbox run` showing output as it comes
 
     def feed(self, chunk: bytes) -> None:
         with self._lock:
             self.output_bytes += len(chunk)
             self._tail += chunk
             del self._tail[:-self._tail_bytes]
+        if self.echo is not None:
+            self.echo(chunk)
 
     def tail(self, lines: int = 10, chars: int = 2000) -> str:
         """The newest ``lines`` complete-or-partial lines of output, at most ``chars`` characters."""
@@ -256,6 +262,123 @@ class ExecControl:
             kill = self._kill
         if kill is not None:
             kill()
+
+
+# A published port is two small forwarders, so it can be added and removed while the task runs
+# and works in every network mode (Docker cannot add a port to a running container, nor
+# publish one from an internal network): the *inner* one shares the task container's network
+# namespace and connects a Unix socket to 127.0.0.1:PORT there; the *outer* one, on the
+# default bridge, publishes HOST_IP:HOST_PORT and relays each connection to that socket (a
+# volume both mount). Neither gives the task a way out: they only accept inbound connections.
+_FORWARD = r"""
+import os, socket, sys, threading
+mode, port = sys.argv[1], int(sys.argv[2])
+path = "/run/fwd/sock"
+def pump(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            try: s.shutdown(socket.SHUT_RDWR)
+            except OSError: pass
+def serve(listener, connect):
+    while True:
+        conn, _ = listener.accept()
+        try:
+            other = connect()
+        except OSError:
+            conn.close(); continue
+        threading.Thread(target=pump, args=(conn, other), daemon=True).start()
+        threading.Thread(target=pump, args=(other, conn), daemon=True).start()
+if mode == "inner":
+    try: os.unlink(path)
+    except FileNotFoundError: pass
+    lst = socket.socket(socket.AF_UNIX); lst.bind(path); lst.listen(64)
+    serve(lst, lambda: socket.create_connection(("127.0.0.1", port)))
+else:
+    lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("0.0.0.0", 8080)); lst.listen(64)
+    def unix():
+        s = socket.socket(socket.AF_UNIX); s.connect(path); return s
+    serve(lst, unix)
+"""
+
+
+class TtySession:
+    """One ``docker exec`` with a terminal: bytes both ways on one socket, a resizable window."""
+
+    def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
+        self.api = api
+        self.exec_id = exec_id
+        self._io = sock
+        self.sock = getattr(sock, "_sock", sock)  # the raw socket under docker-py's wrapper
+
+    def resize(self, rows: int, cols: int) -> None:
+        try:
+            self.api.exec_resize(self.exec_id, height=rows, width=cols)
+        except DOCKER_ERRORS:
+            pass  # the exec ended meanwhile
+
+    def relay(self, stdin_fd: int, stdout_fd: int, *, size: Callable[[], tuple[int, int] | None] | None = None,
+              poll: float = 0.25) -> int:
+        """Copy ``stdin_fd`` to the exec and its output to ``stdout_fd`` until it ends; its exit code.
+
+        ``size`` (rows, columns) is polled and every change is sent as a window resize. A closed
+        terminal (EOF or an error on ``stdin_fd``) ends the relay without ending the exec.
+        """
+        import select
+
+        last: tuple[int, int] | None = None
+        stdin_open = True
+        while True:
+            if size is not None:
+                now = size()
+                if now and now != last:
+                    last = now
+                    self.resize(*now)
+            readers = [self.sock] + ([stdin_fd] if stdin_open else [])
+            ready, _, _ = select.select(readers, [], [], poll)
+            if self.sock in ready:
+                try:
+                    data = self.sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                try:
+                    os.write(stdout_fd, data)
+                except OSError:
+                    break  # the terminal went away: the agent keeps running
+            if stdin_open and stdin_fd in ready:
+                try:
+                    data = os.read(stdin_fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    stdin_open = False
+                    break
+                try:
+                    self.sock.sendall(data)
+                except OSError:
+                    break
+        return self.exit_code()
+
+    def exit_code(self) -> int:
+        try:
+            self._io.close()
+        except OSError:
+            pass
+        try:
+            code = self.api.exec_inspect(self.exec_id).get("ExitCode")
+        except DOCKER_ERRORS:
+            return -1
+        return -1 if code is None else int(code)
 
 
 def weakened(spec: ContainerSpec, *, default_pids: int = 512, default_memory: str = "2g") -> list[str]:
@@ -290,6 +413,12 @@ class Sandbox:
         self._runtimes: set[str] | None = None
         self._capacity: Capacity | None = None
         self._cgroups: dict[str, tuple[int, dict[str, Path]]] = {}
+        # The in-sandbox exec agent (taskbox.execagent): set by the service to the data
+        # directory; None runs every command with `docker exec`, as does a container made
+        # before agents existed or from an image without python3.
+        self.agent_home: Path | None = None
+        self._agent_keys: execagent.KeyStore | None = None
+        self.agent_wait = 5.0  # seconds a start waits for the agent's key in the container's log
 
     # --- engine facts ------------------------------------------------------------------------
 
@@ -360,8 +489,19 @@ class Sandbox:
         security_opt = ["no-new-privileges:true"]
         if spec.seccomp == "unconfined":
             security_opt.append("seccomp=unconfined")
+        binds = {str(spec.workspace): {"bind": CONTAINER_WORKSPACE, "mode": "rw"}}
+        command = ["sleep", "infinity"]
+        if self.agent_home is not None:
+            # The exec agent: its script read-only from the host, its socket in a small tmpfs
+            # volume of its own (the engine removes it with the container).
+            binds[str(execagent.install(self.agent_home))] = {"bind": execagent.MOUNT_AGENT, "mode": "ro"}
+            extra["mounts"] = [Mount(target=execagent.MOUNT_RUN, source=None, type="volume",
+                                     driver_config=DriverConfig("local", {
+                                         "type": "tmpfs", "device": "tmpfs",
+                                         "o": f"{execagent.RUN_TMPFS},uid={uid}"}))]
+            command = execagent.launch_command()
         host_config = self.api.create_host_config(
-            binds={str(spec.workspace): {"bind": CONTAINER_WORKSPACE, "mode": "rw"}},
+            binds=binds,
             network_mode=network_mode,
             cap_drop=["ALL"],
             cap_add=sorted({c.upper().removeprefix("CAP_") for c in spec.cap_add}) or None,
@@ -385,7 +525,7 @@ class Sandbox:
         try:
             created = self.api.create_container(
                 spec.image,
-                command=["sleep", "infinity"],
+                command=command,
                 name=spec.name,
                 user=f"{uid}:{gid}",
                 working_dir=CONTAINER_WORKSPACE,
@@ -404,6 +544,7 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             self._remove_egress(spec.name)
             raise docker_engine.translate(exc, f"could not create container {spec.name}") from exc
+        self.learn_agent(cid)
         return cid
 
     def _create_egress(self, spec: ContainerSpec) -> str:
@@ -572,8 +713,52 @@ class Sandbox:
             self.api.start(cid)
             for p in proxies:
                 self._wait_proxy(p["Id"])
+            if name:
+                self._restart_forwarders(name)
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not start container {cid[:12]}") from exc
+        self.learn_agent(cid)
+
+    # --- the exec agent (taskbox.execagent) ----------------------------------------------------
+
+    @property
+    def agent_keys(self) -> execagent.KeyStore | None:
+        if self.agent_home is None:
+            return None
+        if self._agent_keys is None:
+            self._agent_keys = execagent.KeyStore(self.agent_home / "exec-agent" / "keys")
+        return self._agent_keys
+
+    def learn_agent(self, cid: str) -> bool:
+        """Read the key of a container's exec agent from the first line of its log since it
+        started; called right after taskbox starts a container, before any of the sandbox's
+        commands can run (so that line can only be the agent's). False when it has no agent."""
+        keys = self.agent_keys
+        if keys is None:
+            return False
+        keys.drop(cid)
+        try:
+            info = self.api.inspect_container(cid)
+        except DOCKER_ERRORS:
+            return False
+        run_dir = next((m.get("Source") for m in info.get("Mounts") or []
+                        if m.get("Destination") == execagent.MOUNT_RUN), None)
+        started = (info.get("State") or {}).get("StartedAt") or ""
+        if not run_dir or not started:
+            return False
+        deadline = time.monotonic() + self.agent_wait
+        while True:
+            try:
+                log = self.api.logs(cid, stdout=True, stderr=False, since=_docker_time(started))
+            except DOCKER_ERRORS:
+                return False
+            found = execagent.read_key(log[:4096])
+            if isinstance(found, bytes):
+                keys.save(cid, run_dir, found)
+                return True
+            if found is False or time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
 
     def _recreate_egress(self, name: str, info: dict[str, Any]) -> None:
         labels = info["Config"].get("Labels") or {}
@@ -589,10 +774,12 @@ class Sandbox:
 
     def stop(self, cid: str, timeout: int = 2) -> None:
         try:
-            _name, proxies = self._egress_of(cid)
+            name, proxies = self._egress_of(cid)
             self.api.stop(cid, timeout=timeout)
             for p in proxies:
                 self.api.stop(p["Id"], timeout=1)
+            for f in self.api.containers(filters={"label": f"{LABEL_PORT_FOR}={name}"}) if name else []:
+                self.api.stop(f["Id"], timeout=1)
         except DockerNotFound:
             pass
         except DOCKER_ERRORS as exc:
@@ -614,8 +801,12 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not remove container {cid[:12]}") from exc
         self._cgroups.pop(cid, None)
+        if self.agent_keys is not None:
+            self.agent_keys.drop(cid)
         if LABEL_EGRESS in labels or labels.get(LABEL_ROLE) == "egress-proxy":
             self._remove_egress(owner)
+        if not labels.get(LABEL_ROLE):
+            self._remove_forwarders(owner)
 
     def state(self, cid: str | None) -> ContainerState:
         if not cid:
@@ -857,69 +1048,68 @@ class Sandbox:
         # without another round trip to the engine.
         nonce = f"__taskbox_end_{secrets.token_hex(8)}__"
         wrapped = ["sh", "-c", _END_WRAPPER, _WRAPPER_NAME, nonce, str(secs), *argv]
-        uid, gid = sandbox_owner()
         mark = CMD_MARK + (f"{owner}-" if owner else "") + secrets.token_hex(8)
         oom_before = self.oom_kills(cid)
         host_oom = oom_before is not None
         if not host_oom:
             oom_before = self._oom_kills_inside(cid)
         start = time.monotonic()
-        try:
-            exec_id = self.api.exec_create(
-                cid, wrapped, workdir=workdir, user=f"{uid}:{gid}",
-                environment={**(env or {}), KILL_MARK: mark}
-            )["Id"]
-        except DockerNotFound as exc:
-            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`",
-                               container_down="gone") from exc
-        except APIError as exc:
-            if exc.status_code == 409:  # "is not running" / "is paused" / "is restarting": nothing ran
-                raise SandboxError(f"exec failed in {cid[:12]}: {exc.explanation or exc}",
-                                   container_down="stopped") from exc
-            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
-        except DOCKER_ERRORS as exc:
-            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
-        try:
-            stream = self.api.exec_start(exec_id, stream=True, demux=True)
+        out, err = bytearray(), bytearray()
+        end = bytearray()  # the last bytes of stdout, where the end marker is
+        counts = {"out": 0, "err_truncated": 0}
+
+        def consume(chunk_out: bytes | None, chunk_err: bytes | None) -> None:
+            if chunk_out:
+                counts["out"] += len(chunk_out)
+                end.extend(chunk_out)
+                del end[:-_END_TAIL]
+            for buf, chunk in ((out, chunk_out), (err, chunk_err)):
+                if not chunk:
+                    continue
+                if control is not None:
+                    control.feed(chunk)
+                room = output_limit - len(buf)
+                if room > 0:
+                    buf += chunk[:room]
+                if buf is err and len(chunk) > max(room, 0):
+                    counts["err_truncated"] = 1  # keep draining so the command can finish
+
+        code: int | None = None
+        broken = ""
+        agent = self.agent_keys.load(cid) if self.agent_keys is not None else None
+        if agent is not None:
+            # The agent's answers are checked, bounded and timed by the host (taskbox.execagent);
+            # the host's deadline is past the wrapper's own timeout and its kill grace.
             if control is not None:
                 control.attach(lambda: self.kill_marked(cid, mark))
-            out, err = bytearray(), bytearray()
-            end = bytearray()  # the last bytes of stdout, where the end marker is
-            out_total = 0
-            err_truncated = False
-            for chunk_out, chunk_err in stream:
-                if chunk_out:
-                    out_total += len(chunk_out)
-                    end += chunk_out
-                    del end[:-_END_TAIL]
-                for buf, chunk in ((out, chunk_out), (err, chunk_err)):
-                    if not chunk:
-                        continue
-                    if control is not None:
-                        control.feed(chunk)
-                    room = output_limit - len(buf)
-                    if room > 0:
-                        buf += chunk[:room]
-                    if buf is err and len(chunk) > max(room, 0):
-                        err_truncated = True  # keep draining so the command can finish
-            info = self.api.exec_inspect(exec_id)
-        except DockerNotFound as exc:
-            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
-        except DOCKER_ERRORS as exc:
-            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+            try:
+                code = execagent.run(agent[0], agent[1], wrapped, cwd=workdir,
+                                     env={**(env or {}), KILL_MARK: mark}, deadline=start + secs + 10,
+                                     on_output=lambda kind, data: consume(data, None) if kind == b"O"
+                                     else consume(None, data))
+            except execagent.AgentUnavailable:
+                agent = None  # nothing ran: docker exec runs it
+            except execagent.AgentBroken as exc:
+                broken = str(exc)
+                self.kill_marked(cid, mark)  # whatever the command left running
+        if agent is None:
+            code = self._docker_exec(cid, wrapped, workdir, {**(env or {}), KILL_MARK: mark}, consume,
+                                     control, mark)
         duration = (time.monotonic() - start) * 1000
-        code = info.get("ExitCode")
         code = -1 if code is None else int(code)
+        own_total = counts["out"]
+        err_truncated = bool(counts["err_truncated"])
         marker = end_marker(bytes(end), nonce)
         incomplete = marker is None
-        own = out_total  # bytes of stdout that are the command's own
+        own = own_total  # bytes of stdout that are the command's own
         if marker is not None:
             size, code = marker
             own -= size
             del out[own:]
         truncated = own > output_limit or err_truncated
         cancelled = control is not None and control.cancelled.is_set()
-        timed_out = not cancelled and (code == 124 or (code == 137 and duration >= secs * 1000))
+        timed_out = not cancelled and (code == 124 or (code == 137 and duration >= secs * 1000)
+                                       or (bool(broken) and duration >= (secs + 10) * 1000))
         oom_after = self.oom_kills(cid) if host_oom else self._oom_kills_inside(cid)
         oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
         if not oom_killed and code == 137 and not timed_out and oom_before is None:
@@ -933,7 +1123,10 @@ class Sandbox:
         # Killed on purpose (cancelled, timed out, out of memory), the wrapper may die before
         # its marker: that is said already. Otherwise a missing marker is a cut stream.
         incomplete = incomplete and not (cancelled or timed_out or oom_killed)
-        if incomplete:
+        if incomplete and broken:
+            stderr += (f"\n[taskbox] {broken}: the command's output may be incomplete and its exit code "
+                       "unknown; its processes were killed\n")
+        elif incomplete:
             stderr += ("\n[taskbox] the command's output stream ended before the command did (the engine "
                        "cut it short, or the command killed taskbox's wrapper): its output may be incomplete "
                        "and its exit code unknown\n")
@@ -959,6 +1152,189 @@ class Sandbox:
                 result=result.to_dict(),
             )
         return result
+
+    def _docker_exec(self, cid: str, wrapped: list[str], workdir: str, env: dict[str, str],
+                     consume: Callable[[bytes | None, bytes | None], None], control: ExecControl | None,
+                     mark: str) -> int | None:
+        """Run the wrapped command with ``docker exec``; its output goes to ``consume``."""
+        uid, gid = sandbox_owner()
+        try:
+            exec_id = self.api.exec_create(cid, wrapped, workdir=workdir, user=f"{uid}:{gid}",
+                                           environment=env)["Id"]
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`",
+                               container_down="gone") from exc
+        except APIError as exc:
+            if exc.status_code == 409:  # "is not running" / "is paused" / "is restarting": nothing ran
+                raise SandboxError(f"exec failed in {cid[:12]}: {exc.explanation or exc}",
+                                   container_down="stopped") from exc
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        try:
+            stream = self.api.exec_start(exec_id, stream=True, demux=True)
+            if control is not None:
+                control.attach(lambda: self.kill_marked(cid, mark))
+            for chunk_out, chunk_err in stream:
+                consume(chunk_out, chunk_err)
+            info = self.api.exec_inspect(exec_id)
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
+        code = info.get("ExitCode")
+        return None if code is None else int(code)
+
+    def exec_tty(self, cid: str, argv: list[str], *, workdir: str = CONTAINER_WORKSPACE,
+                 env: dict[str, str] | None = None, mark: str | None = None,
+                 size: tuple[int, int] | None = None) -> TtySession:
+        """Start ``argv`` in the container with a terminal attached; the caller relays the bytes.
+
+        ``mark`` is the ``TASKBOX_EXEC`` value its processes carry (so pause finds it running).
+        """
+        uid, gid = sandbox_owner()
+        environment = {"TERM": os.environ.get("TERM") or "xterm-256color", **(env or {})}
+        if mark:
+            environment[KILL_MARK] = mark
+        try:
+            exec_id = self.api.exec_create(cid, argv, workdir=workdir, user=f"{uid}:{gid}", environment=environment,
+                                           tty=True, stdin=True)["Id"]
+            sock = self.api.exec_start(exec_id, tty=True, socket=True)
+        except DockerNotFound as exc:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not start a terminal in {cid[:12]}") from exc
+        session = TtySession(self.api, exec_id, sock)
+        if size:
+            session.resize(*size)
+        return session
+
+    def forwarders(self, cid: str) -> list[dict[str, Any]]:
+        """The ports published for a task container: ``port``, ``host_ip``, ``host_port``, ``running``."""
+        name = self._name(cid)
+        if name is None:
+            return []
+        out: dict[int, dict[str, Any]] = {}
+        try:
+            found = self.api.containers(all=True, filters={"label": f"{LABEL_PORT_FOR}={name}"})
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, "could not list the published ports") from exc
+        for c in found:
+            port, host_ip, host_port = (c["Labels"].get(LABEL_PORT) or "0 - 0").split()
+            row = out.setdefault(int(port), {"port": int(port), "host_ip": host_ip, "host_port": int(host_port),
+                                             "running": True})
+            row["running"] = row["running"] and c.get("State") == "running"
+        return [out[k] for k in sorted(out)]
+
+    def publish(self, cid: str, port: int, host_ip: str, host_port: int, image: str, labels: dict[str, str]) -> None:
+        """Publish the task's ``port`` on ``host_ip:host_port`` through the two forwarders."""
+        name = self._name(cid)
+        if name is None:
+            raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`")
+        base = f"{name}-port-{port}"
+        tags = {**labels, LABEL_ROLE: "port-forward", LABEL_PORT_FOR: name, LABEL_PORT: f"{port} {host_ip} {host_port}"}
+        hardening: dict[str, Any] = dict(cap_drop=["ALL"], security_opt=["no-new-privileges:true"], read_only=True,
+                                         pids_limit=64, mem_limit=64 * 1024**2, memswap_limit=64 * 1024**2,
+                                         nano_cpus=int(0.25e9), init=True, ipc_mode="private",
+                                         log_config=LogConfig(type="json-file", config={"max-size": "1m"}))
+        self.unpublish(cid, port)
+        try:
+            self.api.create_volume(base, labels={**labels, LABEL_PORT_FOR: name})
+            mount = {base: {"bind": "/run/fwd", "mode": "rw"}}
+            inner = self.api.create_container(
+                image, ["python3", "-c", _FORWARD, "inner", str(port)], name=f"{base}-in", user="0:0",
+                labels=tags, host_config=self.api.create_host_config(
+                    network_mode=f"container:{cid}", binds=mount,
+                    **{**hardening, "cap_drop": ["ALL"]}))["Id"]
+            # Both run as root without any capability: the volume is root's, and the outer one
+            # listens on 8080 inside (no CAP_NET_BIND_SERVICE needed), published as HOST_PORT.
+            outer = self.api.create_container(
+                image, ["python3", "-c", _FORWARD, "outer", str(port)], name=f"{base}-out", user="0:0",
+                labels=tags, ports=[8080], host_config=self.api.create_host_config(
+                    network_mode="bridge", binds=mount, port_bindings={8080: (host_ip, host_port)},
+                    **hardening))["Id"]
+            self.api.start(inner)
+            self.api.start(outer)
+        except DOCKER_ERRORS as exc:
+            self.unpublish(cid, port)
+            text = str(exc)
+            if "already allocated" in text or "address already in use" in text:
+                raise InvalidInput(f"host port {host_ip}:{host_port} is already in use; choose another with "
+                                   f"HOST_PORT:{port}", port=port, host_port=host_port) from exc
+            raise docker_engine.translate(exc, f"could not publish port {port} of {name}") from exc
+
+    def unpublish(self, cid: str, port: int | None = None) -> int:
+        """Remove the forwarders of ``port`` (every port if None); how many ports were removed."""
+        name = self._name(cid)
+        if name is None:
+            return 0
+        return self._remove_forwarders(name, port)
+
+    def _remove_forwarders(self, name: str, port: int | None = None) -> int:
+        removed: set[str] = set()
+        try:
+            for c in self.api.containers(all=True, filters={"label": f"{LABEL_PORT_FOR}={name}"}):
+                if port is None or (c["Labels"].get(LABEL_PORT) or "").split()[:1] == [str(port)]:
+                    self.api.remove_container(c["Id"], force=True)
+                    removed.add((c["Labels"].get(LABEL_PORT) or "").split()[0])
+            for v in (self.api.volumes(filters={"label": f"{LABEL_PORT_FOR}={name}"}).get("Volumes") or []):
+                if port is None or v["Name"] == f"{name}-port-{port}":
+                    try:
+                        self.api.remove_volume(v["Name"], force=True)
+                    except APIError:
+                        pass
+        except DockerNotFound:
+            pass
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not remove the port forwarders of {name}") from exc
+        return len(removed)
+
+    def _restart_forwarders(self, name: str) -> None:
+        """After the task container (re)starts: the inner forwarders join its new network namespace."""
+        for c in self.api.containers(all=True, filters={"label": f"{LABEL_PORT_FOR}={name}"}):
+            self.api.restart(c["Id"], timeout=1)
+
+    def _name(self, cid: str) -> str | None:
+        try:
+            return str(self.api.inspect_container(cid)["Name"]).lstrip("/")
+        except DockerNotFound:
+            return None
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not inspect container {cid[:12]}") from exc
+
+    def set_egress(self, cid: str, egress: EgressConfig) -> bool:
+        """Give a running task's proxy new rules (a new proxy container on the same network).
+
+        Returns False when the container has no egress proxy. The task container keeps its
+        label with the rules it was created with; the service passes the current ones on start.
+        """
+        name, proxies = self._egress_of(cid)
+        if not name or not proxies:
+            return False
+        net_name = f"{name}-net"
+        try:
+            old = self.api.inspect_container(proxies[0]["Id"])
+            labels = {k: v for k, v in (old["Config"].get("Labels") or {}).items()}
+            host_config = old["HostConfig"]
+            for p in proxies:
+                self.api.remove_container(p["Id"], force=True, v=True)
+            proxy = self.api.create_container(
+                egress.image, name=f"{name}-egress", user=PROXY_UID,
+                environment={"TASKBOX_SQUID_CONF": squid_config(egress.rules)}, labels=labels,
+                host_config=self.api.create_host_config(
+                    network_mode=egress.outside_network, cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+                    read_only=True, tmpfs={"/tmp": "size=16m,mode=1777"}, pids_limit=64,
+                    mem_limit=host_config.get("Memory") or 128 * 1024**2,
+                    memswap_limit=host_config.get("MemorySwap") or 128 * 1024**2,
+                    nano_cpus=host_config.get("NanoCpus") or int(0.5e9), init=True, ipc_mode="private",
+                    log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"})),
+            )["Id"]
+            self.api.connect_container_to_network(proxy, net_name, aliases=[PROXY_ALIAS])
+            self.api.start(proxy)
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not update the egress proxy of {name}") from exc
+        self._wait_proxy(proxy)
+        return True
 
     def capture(self, cid: str, argv: list[str], *, sink: BinaryIO | None = None, limit: int = 4 << 20,
                 env: dict[str, str] | None = None, timeout: float = 300) -> Captured:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pluggy
 
 from . import (
+    agents,
     doctor,
     engine,
     faults,
@@ -35,6 +36,7 @@ from . import (
     network,
     policy,
     pressure,
+    projects,
     quota,
     ultrawork,
     workspace,
@@ -44,10 +46,12 @@ from .audit import AuditLog
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
 from .errors import (
+    CommandCancelled,
     CommandTimeout,
     ConcurrentModification,
     Conflict,
     GitError,
+    ImageMissing,
     InvalidInput,
     InvalidTransition,
     NotFound,
@@ -213,6 +217,8 @@ class TaskService:
         """The container layer; connecting raises DockerUnavailable with how to start Docker."""
         if self._sandbox is None:
             self._sandbox = Sandbox(engine.connect())
+            if self.settings.exec_agent:
+                self._sandbox.agent_home = self.paths.home
         return self._sandbox
 
     def get(self, task_id: str) -> Task:
@@ -489,10 +495,15 @@ class TaskService:
         metadata: dict[str, Any] | None = None,
         parent_id: str | None = None,
         progress: Callable[[str], None] | None = None,
+        memory_on_branch: bool | None = None,
+        template: str | None = None,
+        publish: list[str] | None = None,
     ) -> Task:
         """Register a task, check out its workspace on a new branch and (unless lazy) start its container.
 
-        ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`). Input is
+        ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`).
+        ``memory_on_branch`` (default: the setting) commits ``.task-memory/`` and ``Plan.md`` on
+        the branch instead of its companion ref (:func:`taskbox.workspace.memory_ref`). Input is
         validated and Docker checked before anything changes; a failure part-way undoes what
         was done. A process killed part-way leaves ``pending_op='create'``,
         which `doctor` reports and repairs.
@@ -508,6 +519,8 @@ class TaskService:
             raise InvalidInput("the repository must not be inside TASKBOX_HOME")
         # The project policy (.taskbox/policy.toml) gives defaults and ceilings (taskbox.policy).
         project = policy.load(repo_path)
+        setup = self.project_setup(repo_path, template)  # .taskbox/config.toml, devcontainer.json, template
+        copies = projects.read_copies(repo_path, setup.copy)  # a missing file: refused before any change
         mem = memory or project.limits.memory or self.settings.memory
         cpu = float(cpus if cpus is not None else project.limits.cpus or self.settings.cpus)
         pids = int(pids_limit if pids_limit is not None else project.limits.pids or self.settings.pids_limit)
@@ -522,7 +535,11 @@ class TaskService:
         if disk_bytes:  # not root, no mkfs, a quota larger than the free disk: say so now
             quota.check_supported()
             quota.check_room(self.paths.volumes, disk_bytes)
-        metadata = {k: v for k, v in (metadata or {}).items() if k != "quota"}
+        metadata = {k: v for k, v in (metadata or {}).items() if k not in ("quota", "memory_on_branch", "ports")}
+        if self.settings.memory_on_branch if memory_on_branch is None else memory_on_branch:
+            metadata["memory_on_branch"] = True
+        if publish:  # published by _create_container, so a port already taken undoes the create
+            metadata["ports"] = [agents.parse_publish(p) for p in publish]
         if disk_bytes:
             metadata["quota"] = {"disk": disk_bytes, "inodes": inode_count}
         net = network or ("allowlist" if allow_domains else None) or project.network.mode or self.settings.network
@@ -545,7 +562,7 @@ class TaskService:
             if proc.returncode != 0:
                 raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
             base_commit = proc.stdout.strip()
-        image_name = image or self.settings.image
+        image_name = image or setup.image or self.settings.image
         if not lazy:  # Docker down or an image missing: say so before anything changes
             self.sandbox.ensure_image(image_name)
             if net == "allowlist":
@@ -576,6 +593,7 @@ class TaskService:
                 lock_mode=mode,
                 parent_id=parent_id,
                 task_type="subtask" if parent_id else "main",
+                template=template,
                 metadata=metadata or {},
                 pending_op="create",
                 op_pid=os.getpid(),
@@ -601,10 +619,13 @@ class TaskService:
                 say(f"making the workspace volume ({quota.human(vol['disk'])}, {vol['inodes'] or 'default'} inodes)")
                 quota.create_volume(self.paths.volume(task.id), ws, vol["disk"], vol["inodes"], sandbox_owner())
             say(f"checking out {repo_path} on branch {task.branch}")
-            workspace.create(repo_path, ws, task.branch, base_commit)
+            workspace.create(repo_path, ws, task.branch, base_commit, clean=self._clean_branch(task))
             self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
             self.hook.task_start(service=self, task=task)
-            workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}")
+            workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}",
+                                   clean=self._clean_branch(task), branch=task.branch)
+            for rel, data, fmode in copies:  # after the first commit: ignored or not, they are the user's local files
+                files.atomic_write(ws, rel, data, fmode | 0o600)
             faults.point("create.workspace")
             changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
             if not lazy:
@@ -616,13 +637,56 @@ class TaskService:
                 "branch": task.branch, "lazy": lazy, "repo": str(repo_path)}))
             if not lazy:
                 self.update_state(task, lambda s: s.__setitem__("status", str(Status.ACTIVE)))
+            if copies:
+                self.registry.add_event("setup.copied", task.id, {"files": [c[0] for c in copies][:50]})
         except BaseException:
             try:
                 self._undo_create(task)
             except TaskboxError as exc:  # the row stays (pending_op='create'): `doctor --fix` retries
                 self.registry.add_event("task.undo_failed", task.id, {"error": exc.message[:300]})
             raise
+        if setup.commands and not lazy:
+            say(f"running {len(setup.commands)} setup command(s)")
+            task = self._run_setup(task, setup)
         return task
+
+    def project_setup(self, repo: str | Path, template: str | None = None) -> projects.ProjectSetup:
+        """A project's setup (``.taskbox/config.toml``, ``devcontainer.json``), under ``template`` if named."""
+        own = projects.load(Path(repo))
+        return projects.template(self.paths.home, template).over(own) if template else own
+
+    def templates(self) -> list[dict[str, Any]]:
+        return projects.templates(self.paths.home)
+
+    def show_setup(self, template: str | None = None, repo: str | Path = ".") -> dict[str, Any]:
+        """A template's settings, or (no name) the project's own setup at ``repo``."""
+        if template:
+            return projects.template(self.paths.home, template).to_dict()
+        return projects.load(git.repo_root(Path(repo).expanduser().resolve())).to_dict()
+
+    def save_template(self, name: str, repo: str | Path = ".") -> dict[str, Any]:
+        """Save the project's setup at ``repo`` as template ``name`` under TASKBOX_HOME."""
+        setup = projects.load(git.repo_root(Path(repo).expanduser().resolve()))
+        path = projects.save_template(self.paths.home, name, setup)
+        return {"name": name, "path": str(path), **setup.to_dict()}
+
+    def _run_setup(self, task: Task, setup: projects.ProjectSetup) -> Task:
+        """Run the project's setup commands once, in order; the first failure fails the task (log kept)."""
+        timeout = float(setup.timeout or self.settings.setup_timeout)
+        for i, command in enumerate(setup.commands, 1):
+            try:
+                r = self.exec(task.id, command, timeout=timeout)
+                code, why = r.exit_code, f"exited with code {r.exit_code}"
+            except (CommandTimeout, CommandCancelled) as exc:
+                code, why = -1, exc.message
+            self.registry.add_event("setup.command", task.id, {"index": i, "command": command[:200],
+                                                               "exit_code": code})
+            if code != 0:
+                reason = f"setup command {i} `{command[:100]}` {why}"
+                self.fail(task.id, reason)
+                raise SandboxError(f"task {task.id} failed: {reason}; its output is in `taskbox task-executions "
+                                   f"{task.id}`", task_id=task.id, command=command)
+        return self.get(task.id)
 
     def start_task(self, repo: str | Path, description: str, *, attach: bool = True,
                    session_id: str | None = None, **options: Any) -> dict[str, Any]:
@@ -633,11 +697,30 @@ class TaskService:
         """
         task = self.create_task(repo, description, **options)
         sid = None
-        if attach and not options.get("lazy"):
+        if attach and not options.get("lazy") and not options.get("metadata", {}).get("run_agent"):
             sid = self.attach(task.id, options.get("agent", "agent"), options.get("model", "unknown"),
                               session_id).session.id
             task = self.get(task.id)
         return {**task.to_dict(), "session_id": sid, "warnings": self.sandbox_warnings(task)}
+
+    def agent_task_options(self, agent: str, options: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`create_task` options for a task made to run ``agent`` (``create-task --run``).
+
+        The agents image unless an image is named; network ``allowlist`` (the preset's model
+        API hosts are added when the agent starts) unless a mode is named. The run itself is
+        :meth:`run_agent`; the creator is not attached (the run attaches).
+        """
+        p = agents.preset(agent)
+        out = dict(options)
+        out["image"] = out.get("image") or self.settings.agents_image
+        if not out.get("network") and p.hosts:
+            out["network"] = "allowlist"
+        if out.get("network") == "allowlist" and p.hosts:
+            out["allow_domains"] = list(dict.fromkeys([*(out.get("allow_domains") or []), *p.hosts]))
+        out["metadata"] = {**(out.get("metadata") or {}), "run_agent": p.name}
+        if out.get("agent") in (None, "agent"):
+            out["agent"] = p.name
+        return out
 
     def _undo_create(self, task: Task) -> None:
         """Remove a half-made task: container, workspace volume and directory, then its registry row."""
@@ -703,12 +786,16 @@ class TaskService:
         if not fresh:
             self._remove_labelled_container(task.id)  # e.g. left behind by a crash
         try:
-            return self.sandbox.create(spec)
+            cid = self.sandbox.create(spec)
         except SandboxError as exc:
             if "already in use" not in exc.message:
                 raise
             self._remove_labelled_container(task.id)  # a leftover holds the name: replace it
-            return self.sandbox.create(spec)
+            cid = self.sandbox.create(spec)
+        for p in task.metadata.get("ports") or []:  # a new container: its published ports again
+            self.sandbox.publish(cid, p["port"], p["host_ip"], p["host_port"], task.image,
+                                 {LABEL_TASK: task.id, LABEL_HOME: self.home_label})
+        return cid
 
     # --- container state ---------------------------------------------------------------------
 
@@ -733,6 +820,7 @@ class TaskService:
                                 ("container.started", {"container_id": task.container_id}))
         if task.status is not Status.ACTIVE:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
+        self._recover_memory(task)
         return task
 
     def kill_orphans(self, task: Task, lease: Lease) -> list[dict[str, Any]]:
@@ -773,6 +861,19 @@ class TaskService:
         self.registry.add_event("container.healed", task_id, {"container_id": before.container_id, "was": was,
                                                               "by": by})
         return self.ensure_running(task_id)  # it asks Docker, not the registry
+
+    @staticmethod
+    def _clean_branch(task: Task) -> bool:
+        """True when the task keeps its memory on the companion ref, off its branch."""
+        return not task.metadata.get("memory_on_branch")
+
+    def _recover_memory(self, task: Task) -> None:
+        """Bring the memory back from the companion ref when the workspace lost it (e.g. `git clean -x`)."""
+        if not self._clean_branch(task) or self.memory(task).exists("state.json"):
+            return
+        with self.in_sandbox(task) as run:
+            if workspace.restore_memory(run, task.branch):
+                self.registry.add_event("memory.restored", task.id, {"ref": workspace.memory_ref(task.branch)})
 
     def pause(self, task_id: str, *, kill_running: bool = False) -> Task:
         """Stop the task's container (its filesystem is kept) and mark the task paused.
@@ -869,6 +970,7 @@ class TaskService:
                 self.restore_workspace(task.id, "attach")
                 task = self.get(task.id)
             mem = self.memory(task)  # mounts the workspace volume if it is not (after a reboot)
+            self._recover_memory(task)  # lost from the workspace: back from the companion ref first
             # Load (and if damaged, rebuild) the memory first, so the recovery is reported here.
             state, recovery = mem.load(self._defaults(task))
             task = self.ensure_running(task.id)
@@ -1220,6 +1322,272 @@ class TaskService:
         return {"task_id": task.id, **self._redact_job(self.sandbox.job(cid, job_id)), "killed": killed > 0 or
                 job["status"] == "running"}
 
+
+    # --- agents inside the sandbox (taskbox.agents) ----------------------------------------------
+
+    def run_agent(self, task_id: str, agent: str | None = None, *, prompt: str | None = None,
+                  args: list[str] | None = None, model: str | None = None, secrets: list[str] | None = None,
+                  allow_domains: list[str] | None = None, base_url: str | None = None,
+                  session_id: str | None = None, timeout: float | None = None,
+                  terminal: agents.Terminal | None = None, echo: Callable[[bytes], object] | None = None,
+                  checkpoint: bool | None = None) -> dict[str, Any]:
+        """Run an agent CLI inside the task's sandbox as an attached agent session.
+
+        With ``prompt`` it runs non-interactively (print mode), its output streamed to ``echo``
+        and recorded (redacted) like a command; otherwise it runs on ``terminal`` under a tmux
+        server in the container, so the user can detach (``Ctrl-b d``) and come back with
+        :meth:`attach_agent`. ``secrets`` go into the agent's process environment only; the
+        preset's model API hosts (plus ``allow_domains`` and the ``base_url`` host) are allowed
+        through the egress proxy. When the agent ends, the session detaches: the work is
+        committed, the branch fetched and (``checkpoint``, or the ``run_checkpoint`` setting) a
+        checkpoint taken.
+        """
+        if agent is None:  # the project's default, else the task's own agent if it names a preset, else a shell
+            current = self.get(task_id)
+            agent = self.project_setup(current.repo_path, current.template).agent or current.agent
+            agent = agent if agent in agents.PRESETS else "shell"
+        p = agents.preset(agent)
+        if prompt is not None:
+            prompt = _validate_text("prompt", prompt, 100_000)
+        if prompt is None and terminal is None:
+            raise InvalidInput("an interactive run needs a terminal; give a prompt to run without one")
+        extra = [str(a) for a in (args or [])]
+        env = agents.environment(p, base_url=base_url, model=model)
+        values = resolve_secrets(self.paths.home, secrets or [])  # a missing secret: refused before any change
+        self.redactor.add(values)
+        task = self.get(task_id)
+        hosts = [*p.hosts, *(allow_domains or []), *([agents.base_url_host(base_url)] if base_url else [])]
+        task = self._allow_agent_hosts(task, p, hosts)
+        task = self.ensure_running(task.id)
+        probe = self.sandbox.exec(task.container_id or "", ["sh", "-c", f"command -v {p.binary}; command -v tmux"],
+                                  timeout=30)
+        found = probe.stdout.split()
+        if not any(f.endswith("/" + p.binary) for f in found):
+            raise ImageMissing(f"agent {p.name} ({p.binary}) is not installed in image {task.image}; run "
+                               f"`taskbox image build --agents` and create the task with --image "
+                               f"{self.settings.agents_image} (`create-task --run {p.name}` does)",
+                               agent=p.name, image=task.image)
+        has_tmux = any(f.endswith("/tmux") for f in found)
+        argv = p.command(prompt, extra)
+        res = self.attach(task.id, p.name, model or "unknown", session_id)
+        sid = res.session.id
+        task = res.task
+        mode = "prompt" if prompt is not None else "interactive"
+        run_args: dict[str, Any] = {"agent": p.name, "mode": mode, "session_id": sid, "args": extra}
+        if prompt is not None:
+            run_args["prompt"] = prompt
+        if values:
+            run_args["secrets"] = sorted(values)
+        try:
+            self._before(task, "run", run_args)
+        except BaseException:
+            self.detach(task.id, sid)
+            raise
+        self.registry.add_event("agent.started", task.id, {"session_id": sid, "agent": p.name, "mode": mode,
+                                                           "detachable": has_tmux and prompt is None})
+        if prompt is not None:
+            self.memory(task).log_conversation({"session": sid, "agent": p.name, "role": "user", "kind": "prompt",
+                                                "message": prompt})
+        renewer = self._renew_while(task.id, sid)
+        started = time.monotonic()
+        try:
+            if prompt is not None:
+                control = ExecControl()
+                control.echo = (lambda chunk: echo(self.redactor.output(chunk.decode(errors="replace")).encode())
+                                ) if echo else None
+                try:
+                    result = self.exec(task.id, argv, env=env, secrets=list(values), session_id=sid,
+                                       timeout=timeout or self.settings.run_timeout, control=control)
+                    code = result.exit_code
+                    tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or [""]
+                except TaskboxError:  # timed out, cancelled, the container gone: the session still ends
+                    self._finish_run(task.id, p.name, sid, mode, -1, time.monotonic() - started, checkpoint)
+                    raise
+                detached = False
+            else:
+                assert terminal is not None
+                self.update_metadata(task.id, lambda m: m.setdefault("runs", {}).__setitem__(sid, {
+                    "agent": p.name, "started": time.time(), "detachable": has_tmux}))
+                wrapped = agents.detachable(sid, argv) if has_tmux else argv
+                try:
+                    tty = self.sandbox.exec_tty(task.container_id or "", wrapped, env={**env, **values},
+                                                mark=f"cmd-agent-{os.urandom(4).hex()}", size=terminal.size())
+                except TaskboxError:
+                    self._finish_run(task.id, p.name, sid, mode, -1, time.monotonic() - started, checkpoint)
+                    raise
+                code = tty.relay(terminal.stdin_fd, terminal.stdout_fd, size=terminal.size)
+                detached = has_tmux and self._agent_alive(task, sid)
+                if has_tmux and not detached:
+                    code = self._agent_exit_code(task, sid, code)
+                tail = [""]
+        finally:
+            renewer.set()
+        if detached:
+            self.registry.add_event("agent.detached", task.id, {"session_id": sid, "agent": p.name})
+            return {"task_id": task.id, "session_id": sid, "agent": p.name, "mode": mode, "detached": True,
+                    "exit_code": None, "attach": f"taskbox attach {task.id}"}
+        out = self._finish_run(task.id, p.name, sid, mode, code, time.monotonic() - started, checkpoint)
+        return {**out, "last_line": self.redactor.text(tail[0])[:500]}
+
+    def attach_agent(self, task_id: str, terminal: agents.Terminal, session_id: str | None = None,
+                     checkpoint: bool | None = None) -> dict[str, Any]:
+        """Come back to an interactive agent run left running (detached) in the task's sandbox."""
+        task = self.get(task_id)
+        runs = {sid: r for sid, r in (task.metadata.get("runs") or {}).items()
+                if isinstance(r, dict) and r.get("detachable")}
+        open_ids = {s.id for s in self.registry.sessions(task.id, open_only=True)}
+        live = [sid for sid in runs if sid in open_ids]
+        if session_id is not None:
+            live = [sid for sid in live if sid == session_id]
+        if not live:
+            raise NotFound(f"task {task.id} has no detached agent run to attach to"
+                           + (f" with session {session_id}" if session_id else "") + "; start one with `taskbox run`",
+                           task_id=task.id)
+        if len(live) > 1:
+            raise InvalidInput(f"task {task.id} has {len(live)} detached agent runs ({', '.join(live)}); "
+                               "say which with --session")
+        sid = live[0]
+        agent = runs[sid].get("agent", "agent")
+        if task.status is not Status.ACTIVE or not self._agent_alive(task, sid):
+            # The container stopped, or the agent ended while nobody watched: close the run.
+            out = self._finish_run(task.id, agent, sid, "interactive",
+                                   self._agent_exit_code(task, sid, -1) if task.status is Status.ACTIVE else -1,
+                                   0.0, checkpoint)
+            return {**out, "note": "the agent had already ended"}
+        args = {"agent": agent, "session_id": sid}
+        self._before(task, "agent_attach", args)
+        self.renew(task.id, sid)
+        renewer = self._renew_while(task.id, sid)
+        started = time.monotonic()
+        try:
+            tty = self.sandbox.exec_tty(task.container_id or "", agents.tmux_attach(sid), size=terminal.size())
+            code = tty.relay(terminal.stdin_fd, terminal.stdout_fd, size=terminal.size)
+        finally:
+            renewer.set()
+        if self._agent_alive(task, sid):
+            self._after(task, "agent_attach", args, {"detached": True})
+            return {"task_id": task.id, "session_id": sid, "agent": agent, "detached": True, "exit_code": None}
+        out = self._finish_run(task.id, agent, sid, "interactive", self._agent_exit_code(task, sid, code),
+                               time.monotonic() - started, checkpoint)
+        self._after(task, "agent_attach", args, out)
+        return out
+
+    def ports(self, task_id: str, action: str = "ls", spec: str | None = None) -> dict[str, Any]:
+        """Publish (``add``), unpublish (``rm``) or list (``ls``) a task's ports on the host.
+
+        ``spec`` is ``[HOST_ADDRESS:][HOST_PORT:]PORT``; the address is host loopback unless one
+        is named (a warning says the port is then reachable from elsewhere). Ports are served by
+        two small forwarder containers (:meth:`Sandbox.publish`): added and removed while the
+        task runs, in every network mode, kept across pause and resume.
+        """
+        task = self.get(task_id)
+        warnings: list[str] = []
+        if action == "ls":
+            live = {p["port"]: p for p in self.sandbox.forwarders(task.container_id)} if task.container_id else {}
+            rows = [{**p, "running": bool(live.get(p["port"], {}).get("running"))}
+                    for p in task.metadata.get("ports") or []]
+            return {"task_id": task.id, "ports": rows}
+        if action not in ("add", "rm") or not spec:
+            raise InvalidInput("ports: say `add [HOST_ADDRESS:][HOST_PORT:]PORT`, `rm PORT` or `ls`")
+        wanted = agents.parse_publish(spec)
+        self._before(task, "ports", {"action": action, **wanted})
+        if action == "add":
+            if wanted["host_ip"] not in ("127.0.0.1", "::1"):
+                warnings.append(f"port {wanted['port']} is published on {wanted['host_ip']}: reachable from other "
+                                "machines, not only this one")
+            task = self.ensure_running(task.id)
+            self.sandbox.publish(task.container_id or "", wanted["port"], wanted["host_ip"], wanted["host_port"],
+                                 task.image, {LABEL_TASK: task.id, LABEL_HOME: self.home_label})
+            self.update_metadata(task.id, lambda m: m.__setitem__("ports", [
+                *[p for p in m.get("ports") or [] if p["port"] != wanted["port"]], wanted]))
+            self.registry.add_event("port.published", task.id, {**wanted, "warnings": warnings})
+        else:
+            if not any(p["port"] == wanted["port"] for p in task.metadata.get("ports") or []):
+                raise NotFound(f"port {wanted['port']} of task {task.id} is not published", port=wanted["port"])
+            if task.container_id:
+                self.sandbox.unpublish(task.container_id, wanted["port"])
+            self.update_metadata(task.id, lambda m: m.__setitem__("ports", [
+                p for p in m.get("ports") or [] if p["port"] != wanted["port"]]))
+            self.registry.add_event("port.unpublished", task.id, {"port": wanted["port"]})
+        result = {**self.ports(task.id), "warnings": warnings}
+        self._after(self.get(task.id), "ports", {"action": action, **wanted}, result)
+        return result
+
+    def _finish_run(self, task_id: str, agent: str, sid: str, mode: str, code: int, seconds: float,
+                    checkpoint: bool | None) -> dict[str, Any]:
+        task = self.get(task_id)
+        self.registry.add_event("agent.exited", task.id, {"session_id": sid, "agent": agent, "exit_code": code,
+                                                          "seconds": round(seconds, 2)})
+        if sid in (task.metadata.get("runs") or {}):
+            self.update_metadata(task.id, lambda m: (m.get("runs") or {}).pop(sid, None))
+        take = bool(self.settings.run_checkpoint) if checkpoint is None else checkpoint
+        detached = self.detach(task.id, sid, save_checkpoint=take, kill_running=True)
+        result = {"task_id": task.id, "session_id": sid, "agent": agent, "mode": mode, "detached": False,
+                  "exit_code": code, "seconds": round(seconds, 2), "branch": detached["branch"],
+                  "commit": detached["commit"], "checkpoint_id": detached["checkpoint_id"]}
+        self._after(task, "run", {"agent": agent, "mode": mode, "session_id": sid}, result)
+        return result
+
+    def _renew_while(self, task_id: str, sid: str) -> threading.Event:
+        """Renew the run's lease in the background until the returned event is set."""
+        stop = threading.Event()
+        every = max(1.0, self.settings.lease_seconds / 3)
+
+        def loop() -> None:
+            while not stop.wait(every):
+                try:
+                    self.renew(task_id, sid)
+                except TaskboxError:
+                    return
+
+        threading.Thread(target=loop, name=f"taskbox-renew-{sid}", daemon=True).start()
+        return stop
+
+    def _agent_alive(self, task: Task, sid: str) -> bool:
+        try:
+            r = self.sandbox.exec(task.container_id or "", agents.tmux_alive(sid), timeout=15)
+        except TaskboxError:
+            return False
+        return r.exit_code == 0
+
+    def _agent_exit_code(self, task: Task, sid: str, default: int) -> int:
+        try:
+            r = self.sandbox.exec(task.container_id or "", ["cat", agents.exit_file(sid)], timeout=15)
+        except TaskboxError:
+            return default
+        text = r.stdout.strip()
+        return int(text) if r.exit_code == 0 and text.lstrip("-").isdigit() else default
+
+    def _allow_agent_hosts(self, task: Task, p: agents.Preset, hosts: list[str]) -> Task:
+        """Allow the agent's model API hosts through the task's egress proxy (allowlist mode)."""
+        if not hosts:
+            return task
+        if task.network == "none":
+            raise InvalidInput(f"task {task.id} has no network (mode none), so {p.name} could not reach its "
+                               f"model ({', '.join(hosts)}); create the task with --network allowlist "
+                               f"(`create-task --run {p.name}` does)", task_id=task.id)
+        if task.network != "allowlist":
+            return task
+        own = dict(task.metadata.get("sandbox") or {})
+        current = list(own.get("allow_domains") or [])
+        missing = [h for h in dict.fromkeys(hosts) if h not in current]
+        if not missing:
+            return task
+        EgressRules.build(missing)  # a bad --allow-domain is refused before anything changes
+
+        def add(meta: dict[str, Any]) -> None:
+            sb = dict(meta.get("sandbox") or {})
+            sb["allow_domains"] = list(dict.fromkeys([*(sb.get("allow_domains") or []), *missing]))
+            meta["sandbox"] = sb
+
+        task = self.update_metadata(task.id, add)
+        self.registry.add_event("agent.egress_allowed", task.id, {"agent": p.name, "hosts": missing})
+        if task.container_id and self.sandbox.state(task.container_id) is not ContainerState.NONE:
+            self.sandbox.set_egress(task.container_id, network.EgressConfig(
+                self.egress_rules(task), outside_network=self.settings.egress_network,
+                image=self.settings.proxy_image))
+        return task
+
     # --- todos and decisions -----------------------------------------------------------------
 
     def update_todos(self, task_id: str, todos: list[dict[str, Any]], session_id: str | None = None) -> list[dict[str, Any]]:
@@ -1490,6 +1858,7 @@ class TaskService:
             done = cps.restore(task, checkpoint_id, force=force, session_id=session_id)
             if done.image:
                 self._restore_container(task, done.image)
+        self._recover_memory(task)
         cp = done.checkpoint
 
         def mark(s: dict[str, Any]) -> None:
@@ -1668,10 +2037,14 @@ class TaskService:
 
     def _publish(self, task: Task, message: str) -> tuple[str | None, str]:
         """Commit the workspace (in the sandbox) and fetch the branch into the user's repository."""
+        clean = self._clean_branch(task)
         with self.in_sandbox(task) as run:
-            commit = workspace.commit_all(run, message)
+            commit = workspace.commit_all(run, message, clean=clean, base=task.base_ref or None)
+            if clean:
+                workspace.save_memory(run, task.branch)
             head = workspace.fetch_into(run, Path(task.repo_path), task.branch, scratch=self.paths.home / "tmp",
-                                        limit=parse_size(self.settings.fetch_limit, "fetch_limit"))
+                                        limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
+                                        with_memory=clean)
         return commit, head
 
     def diff(self, task_id: str, stat: bool = False) -> str:
@@ -1871,7 +2244,8 @@ class TaskService:
                   "current_agent": state.get("current_agent"), "todos": state["todos"],
                   "metrics": state["metrics"], "current_checkpoint": state.get("current_checkpoint"),
                   "recent_executions": self.memory(task).executions(recent),
-                  "workspace_usage": self.workspace_usage(task), "jobs": jobs}
+                  "workspace_usage": self.workspace_usage(task), "jobs": jobs,
+                  "ports": task.metadata.get("ports") or []}
         self._after(task, "status", {"recent": recent}, result)
         return result
 
@@ -2212,7 +2586,7 @@ class TaskService:
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
-        if run is not None and run["status"] == "running" and not ultrawork.pid_alive(run["pid"]):
+        if run is not None and run["status"] == "running" and not liveness.pid_alive(run["pid"]):
             run = {**run, "status": "interrupted"}
         final = sum(counts.get(s, 0) for s in ultrawork.FINAL)
         return {"parent": parent.id, "branch": parent.branch, "run": run, "subtasks": rows, "counts": counts,
@@ -2238,7 +2612,7 @@ class TaskService:
                            "FILE`)", task_id=parent.id)
         run = self.registry.run(parent.id) or {}
         if run.get("status") == "running":
-            if ultrawork.pid_alive(run.get("pid")) and run.get("pid") != os.getpid():
+            if liveness.pid_alive(run.get("pid")) and run.get("pid") != os.getpid():
                 raise TaskBusy(f"an ultrawork run of {parent.id} is going on (pid {run['pid']}); watch it with "
                                f"`taskbox subtask-status {parent.id} --watch`", task_id=parent.id)
             if not resume:
@@ -2535,7 +2909,7 @@ class TaskService:
                 new = workspace.import_bundle(run, merge_engine.result_bundle(old, tip), repo, merge_engine.RESULT_REF,
                                               scratch=self.paths.home / "tmp",
                                               limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
-                                              what=f"the merge of {source.id} into {branch}")
+                                              what=f"the merge of {source.id} into {branch}")[merge_engine.RESULT_REF]
             parents = git.run(["rev-list", "--parents", "-n", "1", new], cwd=repo).stdout.split()[1:]
             if parents != ([old] if squash else [old, tip]) or new != out.commit:
                 raise GitError(f"the merge of {source.id} into {branch} came back with unexpected parents; "

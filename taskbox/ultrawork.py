@@ -20,7 +20,6 @@ Plan file::
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -289,17 +288,4 @@ def _can_progress(sid: str, status: dict[str, str], deps: dict[str, list[str]], 
             return False
         if st == PENDING and not _can_progress(d, status, deps, merge):
             return False
-    return True
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether the process that recorded a run still exists."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

@@ -58,9 +58,10 @@ def repo_state(repo: Path) -> dict[str, Any]:
 
 
 def assert_repo_untouched(before: dict[str, Any], after: dict[str, Any], branch: str) -> None:
-    """Only the task branch may have moved (fetched), and objects only added."""
-    keep = [r for r in before["refs"] if not r.startswith(f"refs/heads/{branch} ")]
-    assert [r for r in after["refs"] if not r.startswith(f"refs/heads/{branch} ")] == keep
+    """Only the task branch and its companion memory ref may have moved (fetched), and objects only added."""
+    moved = (f"refs/heads/{branch} ", f"refs/taskbox/{branch}/memory ")
+    keep = [r for r in before["refs"] if not r.startswith(moved)]
+    assert [r for r in after["refs"] if not r.startswith(moved)] == keep
     assert after["head"] == before["head"]
     assert after["config"] == before["config"]
     assert after["hooks"] == before["hooks"]

@@ -38,7 +38,9 @@ def test_cli_story(home: Path, repo: Path, docker_engine) -> None:
     assert "task.created" in run_cli("task-history", tid).stdout
     r = run_cli("complete-task", tid, "-s", "done", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["branch"] == created["branch"]
-    assert git(repo, "log", "-1", "--format=%s", created["branch"]).startswith("taskbox: complete task")
+    # the memory, with Plan.md's final summary, travels on the companion ref beside the branch
+    plan = git(repo, "show", f"refs/taskbox/{created['branch']}/memory:Plan.md")
+    assert "done" in plan and not git(repo, "ls-tree", "--name-only", created["branch"], "Plan.md")
     assert run_cli("cleanup-task", tid).returncode == 0
     assert json.loads(run_cli("show", tid, "--json").stdout)["status"] == "archived"
 

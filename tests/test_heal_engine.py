@@ -137,6 +137,9 @@ def private_svc(private_engine: PrivateEngine, home: Path, monkeypatch: pytest.M
 def test_exec_heals_after_the_engine_is_killed_and_restarted_mid_exec(
         private_engine: PrivateEngine, private_svc: TaskService, repo: Path) -> None:
     svc = private_svc
+    # The docker exec path: through the exec agent the command outlives the engine and its
+    # whole, true result comes back (nothing is cut), so this case needs `docker exec`.
+    svc.sandbox.agent_home = None
     task = svc.create_task(repo, "engine restart")
     assert svc.exec(task.id, "echo first").stdout == "first\n"
     outcome: dict[str, object] = {}

@@ -52,9 +52,12 @@ def test_full_lifecycle(svc: TaskService, repo: Path, docker_engine) -> None:
 
     done = svc.complete(task.id, "login works")
     assert done["success"] and svc.get(task.id).status is Status.COMPLETED
-    plan = git(repo, "show", f"{task.branch}:Plan.md")
+    # the branch holds the work only; memory and Plan.md travel on the companion ref beside it
+    assert git(repo, "ls-tree", "-r", "--name-only", task.branch).split() == ["README.md", "app.py", "notes.txt"]
+    memory = f"refs/taskbox/{task.branch}/memory"
+    plan = git(repo, "show", f"{memory}:Plan.md")
     assert "login works" in plan and "codex (gpt-5) attached" in plan
-    state = json.loads(git(repo, "show", f"{task.branch}:.task-memory/state.json"))
+    state = json.loads(git(repo, "show", f"{memory}:.task-memory/state.json"))
     assert state["status"] == "completed" and state["metrics"]["agents_used"] == ["sisyphus", "codex"]
     # the container is kept (stopped) for the retention period
     assert not container(docker_engine, task.container_id)["State"]["Running"]

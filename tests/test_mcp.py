@@ -306,7 +306,7 @@ def test_whole_story(connect: Connect, svc: TaskService, repo: Path, docker_engi
             assert [c["checkpoint_id"] for c in final] == [done["final_checkpoint_id"]]
             with pytest.raises(DockerNotFound):
                 container(docker_engine, made["container_id"])
-            assert "greet() says hello" in git(repo, "show", f"{made['branch']}:Plan.md")
+            assert "greet() says hello" in git(repo, "show", f"refs/taskbox/{made['branch']}/memory:Plan.md")
             assert (await call(client, "list_active_tasks"))["tasks"] == []
             assert [t["task_id"] for t in (await call(client, "list_active_tasks", status="all"))["tasks"]] == ["story"]
 

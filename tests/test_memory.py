@@ -45,7 +45,11 @@ def test_damaged_state_is_rebuilt_from_logs(svc: TaskService, repo: Path, damage
     damage(state_file)
 
     res = svc.attach(task.id, "bob", "m2")
-    assert res.recovery is not None
+    if state_file.exists() and "memory.restored" in [e["type"] for e in svc.registry.events(task.id)]:
+        # a missing state.json comes back whole from the memory ref saved at detach (branches.md)
+        assert res.recovery is None
+    else:
+        assert res.recovery is not None
     todos = {t["id"]: t for t in res.restored_state["todos"]}
     assert todos["t1"]["status"] == "completed" and todos["t1"]["major"] is True
     assert todos["t2"]["text"] == "two"
@@ -53,11 +57,12 @@ def test_damaged_state_is_rebuilt_from_logs(svc: TaskService, repo: Path, damage
     assert metrics["tool_calls"] == 2 and metrics["agents_used"] == ["alice", "bob"]
     assert validate(json.loads(state_file.read_text())) is None  # a valid file again
     copies = list(state_file.parent.glob("state.json.corrupted.*"))
-    if res.recovery.reason == "state.json is missing":
+    if res.recovery is None or res.recovery.reason == "state.json is missing":
         assert copies == []
     else:
         assert len(copies) == 1 and res.recovery.corrupted_copy.endswith(copies[0].name)
-    assert "memory.recovered" in [e["type"] for e in svc.registry.events(task.id)]
+    kinds = [e["type"] for e in svc.registry.events(task.id)]
+    assert ("memory.restored" if res.recovery is None else "memory.recovered") in kinds
 
 
 def test_checksum_covers_everything_but_itself() -> None:

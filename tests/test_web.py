@@ -66,7 +66,7 @@ def test_rest_api_maps_onto_the_service(svc: TaskService, repo: Path) -> None:
         shown = c.get("/api/tasks/webapi").json()
         assert shown["branch"].startswith("web-unknown/") and shown["todos"] == []
 
-        r = c.post("/api/tasks/webapi/exec", json={"command": "echo hi; echo changed > app.py"})
+        r = c.post("/api/tasks/webapi/exec", json={"command": "echo hi; echo changed > app.py; git commit -qam web"})
         assert r.status_code == 200 and r.json()["stdout"] == "hi\n" and r.json()["exit_code"] == 0
         assert c.get("/api/tasks/webapi/executions").json()["executions"][-1]["command"].startswith("echo hi")
         assert "app.py" in c.get("/api/tasks/webapi/diff").json()["diff"]

@@ -1,0 +1,195 @@
+"""A scripted model endpoint, standard library only, so it runs in any container with python3.
+
+It answers OpenAI-style chat completions (``POST …/chat/completions``, SSE when asked to stream:
+OpenCode, Codex with a chat provider) and Anthropic Messages (``POST …/messages``, SSE: Claude
+Code). A *script* (JSON) drives the conversation: each step is a tool call — the first of its
+``tool`` names that the client offers, with ``args`` — and after the last step the model says
+``final``. Requests outside the scripted conversation (title generation, probes: no tools, or
+no ``marker`` in the first user message) get a short text. Each request is printed to stdout as
+one JSON line (path, Host header, offered tools, calls so far; never a header value), which a
+test reads from the container's log.
+
+Run: ``python3 model_stub.py PORT`` with the script in the ``MODEL_STUB_SCRIPT`` environment
+variable, e.g. ``{"marker": "TBX", "steps": [{"tool": ["bash", "Bash"], "args": {…}}],
+"final": "done"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_LOCK = threading.Lock()
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(_text(c.get("text", c.get("content", ""))) if isinstance(c, dict) else str(c)
+                         for c in content)
+    return "" if content is None else str(content)
+
+
+def _first_user(messages: list[dict[str, Any]]) -> str:
+    return "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "user")
+
+
+def _calls_so_far(messages: list[dict[str, Any]]) -> int:
+    n = 0
+    for m in messages:
+        n += len(m.get("tool_calls") or [])
+        content = m.get("content")
+        if isinstance(content, list):
+            n += sum(1 for b in content if isinstance(b, dict) and b.get("type") == "tool_use")
+    return n
+
+
+def decide(script: dict[str, Any], tools: dict[str, dict[str, Any]],
+           messages: list[dict[str, Any]]) -> tuple[str, dict[str, Any]] | str:
+    """The next action: ``(tool name, args)`` or the final text.
+
+    ``tools`` maps each offered tool to its JSON schema; a step's ``args`` may name the
+    arguments of several CLIs' tools at once, only those the chosen tool's schema has are sent.
+    """
+    if not tools or script.get("marker", "") not in _first_user(messages):
+        return "ok"
+    step = _calls_so_far(messages)
+    steps = script.get("steps", [])
+    if step >= len(steps):
+        return str(script.get("final", "done"))
+    wanted = steps[step]
+    names = wanted["tool"] if isinstance(wanted["tool"], list) else [wanted["tool"]]
+    name = next((n for n in names if n in tools), None)
+    if name is None:
+        return f"no tool among {names} is offered (offered: {sorted(tools)})"
+    props = (tools[name] or {}).get("properties")
+    args = wanted.get("args", {})
+    return name, {k: v for k, v in args.items() if props is None or k in props}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    script: dict[str, Any] = {}
+    counter = 0
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._record({})
+        self._json({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        self._record(body)
+        path = self.path.split("?", 1)[0]
+        if path.endswith("/count_tokens"):
+            self._json({"input_tokens": 100})
+        elif path.endswith("/chat/completions"):
+            self._openai(body)
+        elif path.endswith("/messages"):
+            self._anthropic(body)
+        else:
+            self.send_error(404)
+
+    def _record(self, body: dict[str, Any]) -> None:
+        tools = [t.get("name") or (t.get("function") or {}).get("name") for t in body.get("tools") or []]
+        with _LOCK:
+            print(json.dumps({"at": time.time(), "method": self.command, "path": self.path,
+                              "host": self.headers.get("Host"), "tools": tools,
+                              "calls": _calls_so_far(body.get("messages") or [])}), flush=True)
+
+    def _json(self, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _sse(self, chunks: list[str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for chunk in chunks:
+            self.wfile.write(chunk.encode())
+            self.wfile.flush()
+        self.close_connection = True
+
+    def _next(self) -> int:
+        with _LOCK:
+            Handler.counter += 1
+            return Handler.counter
+
+    def _openai(self, body: dict[str, Any]) -> None:
+        tools = {(t.get("function") or {}).get("name"): (t.get("function") or {}).get("parameters") or {}
+                 for t in body.get("tools") or []}
+        action = decide(self.script, tools, body.get("messages") or [])
+        n = self._next()
+        base = {"id": f"chatcmpl-{n}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": body.get("model", "scripted")}
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        if isinstance(action, str):
+            delta: dict[str, Any] = {"role": "assistant", "content": action}
+            finish = "stop"
+        else:
+            delta = {"role": "assistant", "content": None, "tool_calls": [{
+                "index": 0, "id": f"call_{n}", "type": "function",
+                "function": {"name": action[0], "arguments": json.dumps(action[1])}}]}
+            finish = "tool_calls"
+        if not body.get("stream"):
+            self._json({**base, "object": "chat.completion", "usage": usage,
+                        "choices": [{"index": 0, "message": delta, "finish_reason": finish}]})
+            return
+        chunks = [{**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+                  {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}], "usage": usage}]
+        self._sse([f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"])
+
+    def _anthropic(self, body: dict[str, Any]) -> None:
+        tools = {t.get("name"): t.get("input_schema") or {} for t in body.get("tools") or []}
+        action = decide(self.script, tools, body.get("messages") or [])
+        n = self._next()
+        usage = {"input_tokens": 10, "output_tokens": 5}
+        if isinstance(action, str):
+            block: dict[str, Any] = {"type": "text", "text": ""}
+            delta: dict[str, Any] = {"type": "text_delta", "text": action}
+            full: dict[str, Any] = {"type": "text", "text": action}
+            stop = "end_turn"
+        else:
+            block = {"type": "tool_use", "id": f"toolu_{n:04d}", "name": action[0], "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(action[1])}
+            full = {**block, "input": action[1]}
+            stop = "tool_use"
+        message = {"id": f"msg_{n:04d}", "type": "message", "role": "assistant", "model": body.get("model", "m"),
+                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
+        if not body.get("stream"):
+            self._json({**message, "content": [full], "stop_reason": stop})
+            return
+        events = [("message_start", {"type": "message_start", "message": message}),
+                  ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
+                  ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}),
+                  ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                  ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                                     "usage": {"output_tokens": 5}}),
+                  ("message_stop", {"type": "message_stop"})]
+        self._sse([f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events])
+
+
+def serve(port: int, script: dict[str, Any]) -> None:
+    Handler.script = script
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 80, json.loads(os.environ.get("MODEL_STUB_SCRIPT") or "{}"))

@@ -1,0 +1,285 @@
+"""The real OpenCode and Claude Code CLIs drive `taskbox mcp` against a scripted model.
+
+Each client is configured the way a user would (`taskbox integrate opencode|claude-code
+--guard`) in a fresh project and a temporary HOME, and runs non-interactively (`opencode
+run`, `claude -p`). The model is a script on loopback (tests/scripted_model.py): turn by
+turn it creates a task, attaches, runs a command (90 s in OpenCode, whose MCP client times
+out at 60 s unless the server sends progress and the entry carries a timeout), runs a
+background job and waits for it, takes a checkpoint, reads a host file (allowed), then calls
+every host-side tool the client offers that may write — each must be refused by the guard —
+and completes the task. The branch in the user's repository must hold the work only.
+A second run per client starts a long command and interrupts the client: the command's
+processes must die in the container and the execution be recorded as cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskbox import Status, TaskService
+from taskbox.guard import allowed_while_attached
+
+from .agent_clients import installed
+from .conftest import git
+from .scripted_model import MARKER, Call, Script, ScriptedModel, Step, Turn, sample_args
+
+pytestmark = pytest.mark.docker
+
+LONG = {"opencode": 90, "claude-code": 5}  # seconds of the long command (the 90 s one is OpenCode's)
+REFUSED = "is attached in this repository"  # the guard's reason, shown to the model as the tool's result
+
+
+@pytest.fixture(scope="module")
+def clients() -> dict[str, Path]:
+    return installed()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    p = tmp_path / "project"
+    p.mkdir()
+    git(p, "init", "-q", "-b", "main")
+    (p / "README.md").write_text("hello from the user\n")
+    (p / ".gitignore").write_text("build/\n")
+    git(p, "add", ".")
+    git(p, "commit", "-qm", "initial")
+    return p
+
+
+def own(base: str) -> Callable[[Turn], str]:
+    """The client's name for taskbox tool ``base`` (`taskbox_x` in OpenCode, `mcp__taskbox__x` in Claude Code)."""
+    def name(turn: Turn) -> str:
+        found = [n for n in turn.tools if n.lower() in (f"taskbox_{base}", f"mcp__taskbox__{base}")]
+        assert found, f"the client offers no taskbox tool {base}: {sorted(turn.tools)}"
+        return found[0]
+    return name
+
+
+def tool(base: str, **args: Any) -> Step:
+    return lambda turn: Call(own(base)(turn), args)
+
+
+def last_json(turn: Turn) -> dict[str, Any]:
+    text = turn.results[-1]
+    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+
+
+def host_tool_args(name: str, schema: dict[str, Any], repo: Path) -> dict[str, Any]:
+    """Arguments that would write into the user's repository if the tool ran."""
+    leak = str(repo / f"leak-{name.lower()}.txt")
+    patch = f"*** Begin Patch\n*** Add File: {leak}\n+leak\n*** End Patch\n"
+    hints = {"command": f"echo leak > {leak}", "cmd": f"echo leak > {leak}", "filePath": leak, "file_path": leak,
+             "path": leak, "notebook_path": str(repo / "leak.ipynb"), "content": "leak", "new_source": "leak",
+             "oldString": "hello", "old_string": "hello", "newString": "leak", "new_string": "leak",
+             "patchText": patch, "patch": patch, "input": patch, "description": "write", "prompt": "write",
+             "url": "http://127.0.0.1:9/", "name": "x", "skill": "x", "shell_id": "x", "bash_id": "x",
+             "task_id": "x", "plan": "x", "edits": [{"old_string": "hello", "new_string": "leak"}],
+             "cron": "*/5 * * * *", "timeout_ms": 5000}
+    if name.lower() == "edit":  # an existing file the model has read: the client's own checks pass
+        hints.update(filePath=str(repo / "README.md"), file_path=str(repo / "README.md"))
+    args = sample_args(schema, hints)
+    args.update({k: v for k, v in hints.items() if k in (schema.get("properties") or {}) and k not in args})
+    return args
+
+
+def story(client: str, repo: Path, task_id: str) -> tuple[Script, list[str]]:
+    """The scripted conversation, and (filled in once the client's tools are known) the write tools tried."""
+    tried: list[str] = []
+    read_tool = {"opencode": "read", "claude-code": "Read"}[client]
+    path_key = {"opencode": "filePath", "claude-code": "file_path"}[client]
+    steps: list[Step] = [
+        tool("create_task_sandbox", task_id=task_id, task_description=f"{client} story", workspace_path=str(repo),
+             agent_name=client, agent_model="scripted"),
+        tool("attach_agent_to_task", task_id=task_id, agent_name=client, agent_model="scripted",
+             session_id=f"s-{task_id}"),
+        tool("execute_in_task", task_id=task_id, timeout=LONG[client] + 120,
+             command=f"sleep {LONG[client]} && echo done > long.txt && echo long-done"),
+        tool("execute_in_task", task_id=task_id, background=True,
+             command="for i in 1 2 3; do echo tick $i; sleep 1; done; echo job-done"),
+        lambda turn: Call(own("wait_for_task_job")(turn), {"task_id": task_id, "job_id": last_json(turn)["job_id"],
+                                                           "timeout": 60}),
+        lambda turn: Call(own("read_task_job_output")(turn), {"task_id": task_id,
+                                                              "job_id": last_json(turn)["job_id"]}),
+        tool("create_task_checkpoint", task_id=task_id, checkpoint_name="before-guard"),
+        lambda turn: Call(read_tool, {path_key: str(repo / "README.md")}),  # a read: allowed while attached
+    ]
+
+    def plan(turn: Turn) -> list[Step]:
+        writers = sorted(n for n in turn.tools if not allowed_while_attached(n, "taskbox"))
+        tried.extend(writers)
+        tail: list[Step] = [(lambda turn, n=n: Call(n, host_tool_args(n, turn.tools[n], repo))) for n in writers]
+        return [*tail, tool("complete_task", task_id=task_id, summary=f"{client} story done"),
+                lambda turn: "all done"]
+
+    return Script(steps, plan), tried
+
+
+def client_env(client: str, home: Path, repo: Path, model_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_", "CLAUDE", "OPENCODE"))}
+    env.update(HOME=str(home), PWD=str(repo), XDG_CONFIG_HOME=str(home / ".config"),
+               XDG_DATA_HOME=str(home / ".local/share"), XDG_CACHE_HOME=str(home / ".cache"),
+               XDG_STATE_HOME=str(home / ".local/state"))
+    if client == "opencode":
+        env.update(OPENCODE_DISABLE_MODELS_FETCH="1", OPENCODE_DISABLE_AUTOUPDATE="1")
+        config = {"$schema": "https://opencode.ai/config.json", "permission": "allow", "autoupdate": False,
+                  "share": "disabled", "model": "scripted/m", "small_model": "scripted/m",
+                  "provider": {"scripted": {"npm": "@ai-sdk/openai-compatible", "name": "Scripted",
+                                            "options": {"baseURL": f"{model_url}/v1", "apiKey": "dummy"},
+                                            "models": {"m": {"name": "m", "tool_call": True,
+                                                             "limit": {"context": 100000, "output": 4096}}}}}}
+        (home / ".config/opencode").mkdir(parents=True, exist_ok=True)
+        (home / ".config/opencode/opencode.json").write_text(json.dumps(config))
+    else:
+        env.update(ANTHROPIC_BASE_URL=model_url, ANTHROPIC_API_KEY="sk-ant-dummy", IS_SANDBOX="1",
+                   CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1", DISABLE_TELEMETRY="1",
+                   MCP_TIMEOUT="30000", ENABLE_TOOL_SEARCH="false")  # MCP tools in the list, not deferred
+        home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def client_argv(client: str, exe: Path, repo: Path, prompt: str) -> list[str]:
+    if client == "opencode":
+        return [str(exe), "run", "--format", "json", "--title", "taskbox test", "--dir", str(repo), prompt]
+    return [str(exe), "-p", prompt, "--output-format", "stream-json", "--verbose", "--model", "claude-sonnet-4-5",
+            "--mcp-config", str(repo / ".mcp.json"), "--dangerously-skip-permissions"]
+
+
+def integrate(client: str, repo: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "taskbox", "integrate", client, "--dir", str(repo), "--guard"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.returncode == 0, proc.stderr
+
+
+CONFIG_FILES = ("opencode.json", ".opencode/", ".mcp.json", ".claude/")
+
+
+def user_changes(repo: Path) -> list[str]:
+    """Paths changed or added in the user's own checkout, besides the client configuration integrate wrote."""
+    lines = git(repo, "status", "--porcelain", "--untracked-files=all").splitlines()
+    return [line[3:] for line in lines if not line[3:].startswith(CONFIG_FILES)]
+
+
+@pytest.mark.parametrize("client", ["opencode", "claude-code"])
+def test_real_client_story(client: str, clients: dict[str, Path], svc: TaskService, project: Path,
+                           tmp_path: Path) -> None:
+    exe = clients["opencode" if client == "opencode" else "claude"]
+    integrate(client, project)
+    task_id = f"{client.split('-')[0]}-story"
+    script, tried = story(client, project, task_id)
+    with ScriptedModel(script) as model:
+        env = client_env(client, tmp_path / "client-home", project, model.url)
+        proc = subprocess.run(client_argv(client, exe, project, f"{MARKER}: do the task in a taskbox sandbox"),
+                              cwd=project, env=env, capture_output=True, text=True, timeout=LONG[client] + 240)
+        requests = [r for r in model.requests if r["body"].get("tools")]
+    detail = f"exit {proc.returncode}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}\n" \
+             f"script: {json.dumps(script.log)[-3000:]}"
+    assert proc.returncode == 0, detail
+    assert script.log and script.log[-1]["action"] == "all done", detail
+    final = requests[-1]["body"]
+    results = (final_results_openai(final) if client == "opencode" else final_results_anthropic(final))
+
+    # the long command completed and its result reached the model (no client timeout)
+    assert "long-done" in results[2], results[2]
+    # the background job ran to its end; its output was read
+    assert "job-done" in results[5], results[5]
+    # a read of a host file is allowed while attached
+    assert "hello from the user" in results[7], results[7]
+    # every other host tool the client offers was refused by the guard, and nothing leaked
+    assert tried, "the client offered no host tool that may write"
+    outcome = dict(zip(tried, results[8:8 + len(tried)], strict=True))
+    refused = {n for n, text in outcome.items() if REFUSED in text}
+    # Some tools check their input against the client's own state first (a cron job id, an
+    # open worktree): the client rejects those calls before any hook runs, and they do nothing.
+    rejected = {n for n, text in outcome.items() if n not in refused and "tool_use_error" in text}
+    assert set(tried) == refused | rejected, {n: t[:300] for n, t in outcome.items() if n not in refused | rejected}
+    core = {"opencode": {"bash", "edit", "write", "apply_patch"}, "claude-code": {"Bash", "Edit", "Write"}}[client]
+    assert core & set(tried) <= refused, outcome
+    assert len(refused) >= len(tried) // 2, (refused, rejected)
+    assert user_changes(project) == [], user_changes(project)
+    assert [t for t in tried if t.lower() in ("bash", "write", "edit")], tried
+
+    task = svc.get(task_id)
+    assert task.status is Status.COMPLETED
+    execs = svc.executions(task_id, 100)
+    [long_run] = [e for e in execs if "long-done" in str(e.get("command"))]
+    assert long_run["exit_code"] == 0
+    assert any(c["name"] == "before-guard" for c in svc.list_checkpoints(task_id))
+    # the user's repository has the branch with the work only, and the memory beside it
+    assert git(project, "ls-tree", "-r", "--name-only", task.branch).split() == [".gitignore", "README.md",
+                                                                                 "long.txt"]
+    memory = f"refs/taskbox/{task.branch}/memory"
+    state = json.loads(git(project, "show", f"{memory}:.task-memory/state.json"))
+    assert state["status"] == "completed" and state["metrics"]["tool_calls"] >= 7
+    assert f"{client} story done" in git(project, "show", f"{memory}:Plan.md")
+
+
+def final_results_openai(body: dict[str, Any]) -> list[str]:
+    return [str(m.get("content")) for m in body["messages"] if m.get("role") == "tool"]
+
+
+def final_results_anthropic(body: dict[str, Any]) -> list[str]:
+    out = []
+    for m in body["messages"]:
+        if isinstance(m.get("content"), list):
+            out += [json.dumps(b.get("content")) for b in m["content"] if b.get("type") == "tool_result"]
+    return out
+
+
+@pytest.mark.parametrize("client", ["opencode", "claude-code"])
+def test_interrupted_client_stops_its_command(client: str, clients: dict[str, Path], svc: TaskService,
+                                              project: Path, tmp_path: Path) -> None:
+    exe = clients["opencode" if client == "opencode" else "claude"]
+    integrate(client, project)
+    task_id = f"{client.split('-')[0]}-cancel"
+    ws = Path(svc.paths.workspace(task_id))
+    steps: list[Step] = [
+        tool("create_task_sandbox", task_id=task_id, task_description=f"{client} cancel", workspace_path=str(project),
+             agent_name=client, agent_model="scripted"),
+        tool("attach_agent_to_task", task_id=task_id, agent_name=client, agent_model="scripted",
+             session_id=f"s-{task_id}"),
+        tool("execute_in_task", task_id=task_id, command="sleep 8; echo late > too-late.txt"),
+        lambda turn: "stopped",
+    ]
+    with ScriptedModel(Script(steps)) as model:
+        env = client_env(client, tmp_path / "client-home", project, model.url)
+        proc = subprocess.Popen(client_argv(client, exe, project, f"{MARKER}: start and be interrupted"),
+                                cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if svc.registry.task_exists(task_id) and svc.running_work(svc.get(task_id)):
+                    break
+                time.sleep(0.2)
+            assert svc.running_work(svc.get(task_id)), "the command never started"
+            proc.send_signal(signal.SIGINT)  # the user presses Ctrl-C
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait(15)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and svc.running_work(svc.get(task_id)):
+        time.sleep(0.2)
+    assert not svc.running_work(svc.get(task_id)), "the command outlived the client"
+    while time.monotonic() < deadline and not any(e.get("status") == "cancelled"
+                                                  for e in svc.executions(task_id, 20)):
+        time.sleep(0.2)
+    assert any(e.get("status") == "cancelled" for e in svc.executions(task_id, 20)), svc.executions(task_id, 20)
+    time.sleep(10)  # past the command's own end: it must not have written its file
+    assert not (ws / "too-late.txt").exists()
