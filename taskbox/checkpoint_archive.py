@@ -24,7 +24,17 @@ from typing import Any
 
 from . import archive
 from .errors import InvalidInput
-from .snapshots import EMPTY_TREE, FORMAT, Store, Unit, join
+from .snapshots import (
+    CHUNK_LIST_LIMIT,
+    EMPTY_TREE,
+    FORMAT,
+    ChunkReader,
+    Store,
+    Unit,
+    join,
+    parse_chunk_list,
+    store_files,
+)
 
 
 def write(store: Store, units: list[Unit], info: dict[str, Any], out: Path, mtime: int) -> None:
@@ -44,6 +54,7 @@ def write(store: Store, units: list[Unit], info: dict[str, Any], out: Path, mtim
             tar.addfile(ti, io.BytesIO(body))
             for unit in sorted(units, key=lambda u: (u.path.count("/"), u.path)):
                 prefix = join("workspace", unit.path)
+                chunked = set(unit.chunked)
                 if unit.tree != EMPTY_TREE:
                     part = Path(scratch) / "unit.tar"
                     store.git(["archive", "--format=tar", "-o", str(part), unit.tree])
@@ -51,11 +62,19 @@ def write(store: Store, units: list[Unit], info: dict[str, Any], out: Path, mtim
                         for m in src:
                             if m.type in (tarfile.XGLTYPE, tarfile.XHDTYPE):
                                 continue
-                            m.name = join(prefix, m.name.rstrip("/"))
+                            rel = m.name.rstrip("/")
+                            m.name = join(prefix, rel)
                             m.uid = m.gid = 0
                             m.uname = m.gname = ""
                             m.mtime = mtime
-                            tar.addfile(m, src.extractfile(m) if m.isreg() else None)
+                            fh = src.extractfile(m) if m.isreg() else None
+                            if fh is not None and rel in chunked:  # its chunk list: the file goes out whole
+                                chunks = parse_chunk_list(fh.read(CHUNK_LIST_LIMIT + 1), rel)
+                                m.size = sum(n for _sha, n in chunks)
+                                with ChunkReader(store, chunks) as whole:
+                                    tar.addfile(m, whole)
+                                continue
+                            tar.addfile(m, fh)
                     part.unlink()
                 for d in unit.empty_dirs:
                     ti = tarfile.TarInfo(join(prefix, d))
@@ -177,13 +196,15 @@ def read(store: Store, src: Path, scratch: Path,
         parent_kind, parent_path, _sub = owner(r) if r in entries else ("files", "", r)
         units.setdefault(f"{parent_kind}:{parent_path}", Unit(parent_path, parent_kind))
     units.setdefault("files:", Unit("", "files"))
-    shas: list[str] = []
-    if scratch_paths:
-        shas = store.git(["hash-object", "-w", "--no-filters", "--stdin-paths"],
-                         input=("\n".join(scratch_paths) + "\n").encode(errors="surrogateescape")).stdout.split()
-    for (key, mode, sub), sha in zip(blobs, shas, strict=True):
+    # Large files are stored as chunks, as a capture stores them.
+    stored = store_files(store, [Path(p) for p in scratch_paths])
+    for (key, mode, sub), (sha, chunks) in zip(blobs, stored, strict=True):
         index_lines.setdefault(key, []).append(f"{mode} {sha}\t{sub}")
+        if chunks is not None:
+            units[key].chunked.append(sub)
+            units[key].chunk_ids.update(c for c, _n in chunks)
     for key, unit in units.items():
+        unit.chunked.sort()
         unit.empty_dirs = sorted(d for d in dirs.get(key, set()) if f"{key}\0{d}" not in has_child)
         if unit.kind == "files":
             unit.nested = sorted(r[len(unit.path) + 1:] if unit.path else r for r in roots

@@ -39,7 +39,16 @@ from typing import TYPE_CHECKING, Any
 from . import archive, checkpoint_archive, files
 from .confine import rooted
 from .errors import CheckpointCorrupted, GitError, InvalidInput, NotFound, TaskboxError, TaskLocked
-from .snapshots import EMPTY_TREE, Store, Unit, apply_restore, corrupted, join, plan_restore
+from .snapshots import (
+    EMPTY_TREE,
+    Store,
+    Unit,
+    apply_restore,
+    corrupted,
+    join,
+    plan_restore,
+    restore_blobs,
+)
 
 if TYPE_CHECKING:
     from .config import Paths, Settings
@@ -160,15 +169,19 @@ class Checkpoints:
     @contextmanager
     def _frozen(self, task: Task) -> Iterator[bool]:
         """Freeze the task's container (if running) so nothing writes while files are read or put back."""
-        state = self._container(task)
         cid = task.container_id or ""
         paused = False
-        if state and state.get("Running") and not state.get("Paused"):
+        state: dict[str, Any] | None = None
+        if cid:
             try:
-                self.sandbox().pause(cid)
+                self.sandbox().pause(cid)  # the common case, in one call to the engine
                 paused = True
-            except TaskboxError as exc:  # a container that cannot pause is still checkpointed
-                self.registry.add_event("checkpoint.unpaused", task.id, {"reason": exc.message[:200]})
+            except TaskboxError as exc:
+                # Why not: stopped, gone, left frozen, or the engine down (files only, then).
+                state = self._container(task)
+                if state and state.get("Running") and not state.get("Paused"):
+                    # a container that cannot pause is still checkpointed
+                    self.registry.add_event("checkpoint.unpaused", task.id, {"reason": exc.message[:200]})
         try:
             yield paused
         finally:
@@ -305,7 +318,7 @@ class Checkpoints:
             old = before.get(u.key)
             if old is None:
                 if u.kind == "files":
-                    files_total += store.count_entries(u.tree)
+                    files_total += u.entries if u.entries is not None else store.count_entries(u.tree)
                 if parent is None:
                     continue
             for _om, _nm, _sha, status, _path in store.diff(old or EMPTY_TREE, u.tree):
@@ -378,7 +391,7 @@ class Checkpoints:
             # a damaged store is reported while the workspace is still untouched.
             try:
                 plans = plan_restore(store, current, target)
-                store.verify_blobs([p.entries[path][1] for p in plans for path in p.write])
+                store.verify_blobs(restore_blobs(plans))  # chunk lists were read whole by the plan
             except GitError as exc:
                 raise corrupted(f"checkpoint {cp_id} cannot be restored", exc,
                                 "; the workspace was not changed") from exc
@@ -387,6 +400,11 @@ class Checkpoints:
                 keep = self._preserve(ws, store)
             _write_json(journal, {"checkpoint_id": cp_id, "commit": commit, "keep": keep,
                                   "started_at": time.time(), "pid": os.getpid()})
+            # The history kept as it is now is not written with the checkpoint's older copy
+            # only to be put back after: it is left alone.
+            for p in plans:
+                if p.unit.key == "files:":
+                    p.write = [path for path in p.write if not keep.get(path)]
             try:
                 stats = apply_restore(store, rfd, current, plans)
             except GitError as exc:
@@ -423,6 +441,8 @@ class Checkpoints:
                 continue
             data = (store.meta / "keep" / name).read_bytes()
             try:
+                if files.read_optional(ws, rel) == data:
+                    continue  # left alone by the restore (or already put back by an earlier run)
                 files.atomic_write(ws, rel, data)
             except TaskboxError:
                 continue

@@ -13,11 +13,14 @@ every directory is opened relative to its parent's descriptor with ``O_NOFOLLOW 
 O_DIRECTORY``, every entry ``lstat``-ed relative to it, regular files opened ``O_NOFOLLOW |
 O_NONBLOCK`` and checked with ``fstat`` before they are read, links read with
 ``readlinkat`` and stored as links, fifos, sockets and devices skipped. File contents are
-streamed in chunks to ``git fast-import`` (a pack, or loose objects for small imports), and
-each unit's tree is built there from the previous one with only the changed paths. A stat
-cache per unit (size, mtime, ctime, inode, mode → blob id, and the tree it describes, kept
-under TASKBOX_HOME) means an incremental checkpoint reads only changed files; an entry
-changed within a second of the capture is not trusted next time (timestamps are coarse).
+streamed to ``git fast-import`` (a pack, or loose objects for small imports), and each
+unit's tree is built there from the previous one with only the changed paths. Files of
+2 MiB or more are cut into content-defined chunks (see _next_cut), written to a pack of our
+own, and stand in the tree as a chunk list, so a small change to a large file stores the
+chunks it touched. A stat cache per unit (size, mtime, ctime, inode, mode → blob id, the
+chunk lists, and the tree it describes, kept under TASKBOX_HOME) means an incremental
+checkpoint reads only changed files; an entry changed within 50 ms of the capture is not
+trusted next time (timestamps are coarse).
 
 Git cannot hold some things in a tree, so a snapshot is a set of *units*:
 
@@ -34,7 +37,8 @@ not be swapped): :func:`plan_restore` then :func:`apply_restore`. The workspace 
 as for a capture; the target entries come from the store (``diff-tree`` against what the
 walk saw, ``ls-tree`` for a unit that is new) and their contents from ``cat-file --batch``.
 Everything is done relative to directory descriptors opened without following links: files
-are written to a temporary name and ``renameat``-ed into place, links made with
+are written to a temporary name (a chunked file from the chunks the file there already
+holds, copied in the kernel, and the rest from the store) and ``renameat``-ed into place, links made with
 ``symlinkat``, directories with ``mkdirat``, extras removed with
 :func:`taskbox.files.remove_at`; a link standing where a directory belongs is removed as a
 link (never followed), then the directory made. Every restored entry — not only the
@@ -51,7 +55,9 @@ from __future__ import annotations
 import base64
 import collections
 import errno
+import functools
 import hashlib
+import io
 import json
 import marshal
 import os
@@ -60,11 +66,15 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -114,11 +124,230 @@ _LINK_LIMIT = 65536  # the longest link target restored (the kernel's own limit 
 # a later change within the same (coarse, <= 10 ms) timestamp tick would leave its stat
 # unchanged. Local file systems stamp with the kernel clock this is compared with.
 _RACY_NS = 50_000_000
-_CACHE_VERSION = 2
+_CACHE_VERSION = 5  # 3: chunked files; 4: their tails in pieces; 5: their prefixes
 _CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
 _CAPTURE_REF = "refs/taskbox/capture"
 _NULL_SHA = "0" * 40
 _NEEDS_QUOTE = re.compile(rb'[\x00-\x1f"\\\x7f]')
+
+# --- content-defined chunking of large files ---------------------------------------------------
+#
+# A file of _CHUNK_THRESHOLD bytes or more is stored as chunks (git blobs) cut where the
+# content says, as restic, borg and kopia do: appending to it, or changing a few bytes in the
+# middle, stores the chunks that changed, not the file again. Its entry in the unit's tree is
+# a small chunk list (see _chunk_list), and the unit's manifest names the paths that are
+# chunked (Unit.chunked), so a whole file whose bytes happen to look like a chunk list is
+# never taken for one. Where the cuts fall only affects how well content is shared; a file
+# is always rebuilt from the chunks its list names, so the cut rule may change without
+# harm to what is stored.
+#
+# The cut rule (restic's sizes: at least 512 KiB, at most 8 MiB, about 1 MiB on average):
+# a chunk ends after byte c when the 4 bytes before c, each mapped to one of 16 symbols by a
+# fixed random table, spell _CDC_PATTERN (one position in 2^16), and the CRC-32 of the 64
+# bytes before c has its low 3 bits clear (one in 8). The first test runs at C speed
+# (``bytes.translate`` and ``bytes.find``), the second only where the first matched; both
+# depend on the 64-byte window before c alone, so cuts move with the content when bytes
+# are inserted or removed before them. Runs of one byte, or of a period below 4, never
+# match (the pattern has four different symbols): zeros are cut every 8 MiB, into chunks
+# that are all the same one.
+_CHUNK_THRESHOLD = 2 << 20
+_CDC_MIN = 512 << 10
+_CDC_MAX = 8 << 20
+_CDC_WINDOW = 64
+_TAIL_PIECE = 256 << 10  # what follows the last cut is stored in pieces this long
+_CDC_STEP = 1 << 20  # bytes mapped to symbols at a time, while looking for a cut
+_CDC_SYMBOLS = bytes(0x41 + ((b * 3 + (b >> 3)) & 7) for b in range(256))
+_CDC_PATTERN = bytes(0x41 + s for s in (5, 1, 1, 7, 2, 6))
+_CDC_CRC_MASK = 1
+_READ_BLOCK = 16 << 20
+_PACK_BUFFER = 16 << 20  # new chunk data gathered in memory before a pack is written (by the chunking thread)
+_CHUNK_LIST_MAGIC = b"taskbox-chunks 1\n"
+CHUNK_LIST_LIMIT = 64 << 20  # the longest chunk list read back (a 10 TB file of 8 MiB chunks)
+_CHUNK_LINE = re.compile(rb"([0-9a-f]{40}) ([1-9][0-9]{0,8})\n")
+Chunks = list[tuple[str, int]]  # (blob id, length) in file order
+
+
+def _next_cut(buf: bytearray, start: int, end: int, eof: bool) -> int:
+    """Where the chunk that starts at ``buf[start]`` ends; ``buf[start:end]`` holds at least
+    _CDC_MAX bytes, or all the file has left (``eof``)."""
+    hi = min(end, start + _CDC_MAX)
+    a = start + _CDC_MIN
+    plen = len(_CDC_PATTERN)
+    while a <= hi:  # candidate ends a..b
+        b = min(a + _CDC_STEP, hi)
+        syms = buf[a - plen:b].translate(_CDC_SYMBOLS)
+        i = syms.find(_CDC_PATTERN)
+        while i >= 0:
+            c = a + i
+            if not zlib.crc32(buf[c - _CDC_WINDOW:c]) & _CDC_CRC_MASK:
+                return c
+            i = syms.find(_CDC_PATTERN, i + 1)
+        a = b + 1
+    return hi
+
+
+def _blob_id(data: bytes | memoryview) -> str:
+    h = hashlib.sha1(b"blob %d\0" % len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+class _FileReader:
+    """Reads an open file forward into one reused buffer, never past ``size`` (what was charged)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.buf = bytearray(_READ_BLOCK + _CDC_MAX)
+        self.view = memoryview(self.buf)
+        self.pos = self.end = 0  # the unread bytes are buf[pos:end]
+        self.base = 0  # the file offset of buf[0]
+        self.eof = size <= 0
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    def fill(self, need: int) -> None:
+        """Hold at least ``need`` (<= _CDC_MAX) bytes from the current offset, or all that is left."""
+        have = self.end - self.pos
+        if have >= need or self.eof:
+            return
+        if self.pos:
+            self.buf[:have] = bytes(self.view[self.pos:self.end])  # a copy: the two ranges may overlap
+            self.base += self.pos
+            self.pos, self.end = 0, have
+        at = self.base + self.end
+        want = min(len(self.buf) - self.end, self.size - at)
+        while want > 0:
+            got = os.preadv(self.fd, [self.view[self.end:self.end + want]], at)
+            if not got:  # shorter than it was: what is there is what is stored
+                self.size = at
+                break
+            self.end += got
+            at += got
+            want -= got
+        if at >= self.size:
+            self.eof = True
+
+
+Prefix = tuple[int, str]  # (length, SHA-1 of the file's first ``length`` bytes): up to its last cut
+
+
+def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memoryview], None],
+                prefix: Prefix | None = None) -> tuple[Chunks, bool, Prefix | None]:
+    """The chunks of the open file ``fd`` (``size`` bytes), handing new ones to ``put``.
+
+    What follows the last cut (the *tail*: no cut is found before the end of the file) is
+    stored in fixed pieces of _TAIL_PIECE bytes, so appending to a file stores its last
+    piece again, not the whole last chunk (up to 8 MiB); a piece is shorter than any chunk
+    (_CDC_MIN), so the tail of a chunk list is known by its lengths.
+
+    ``old`` is the file's chunk list from the last capture: where the file still holds one
+    of its chunks at a cut (checked by its blob id: a SHA-1 of the bytes, no cheaper test),
+    the chunk is kept without looking for cuts inside it. From the first one that differs
+    (an append: the old tail) cuts are looked for afresh, until one falls where an old one
+    did (shifted by the change in size); from there the old chunks are checked again. The
+    result is the same as chunking the file afresh.
+
+    ``prefix`` is the SHA-1 of the file up to its last cut, from the last capture: when the
+    file still starts with those bytes (an append), its chunks up to there are all kept after
+    one pass of hashing in large blocks, instead of one hash per chunk (each of which, in the
+    chunking thread, waits to get the GIL back from the walk).
+
+    Returns the chunks, whether the file was read whole (False: it shrank while it was
+    read) and its new prefix.
+    """
+    old = old or []
+    real = len(old)
+    while real and old[real - 1][1] <= _TAIL_PIECE:
+        real -= 1  # old[real:] is the old tail: never kept as it is, its pieces are not cuts
+    starts: dict[int, int] = {}  # where old chunk k starts now, if the bytes before it only moved
+    delta = size - sum(n for _sha, n in old)
+    at = 0
+    for k in range(real + 1):
+        starts.setdefault(at + delta, k)
+        at += old[k][1] if k < real else 0
+    r = _FileReader(fd, size)
+    out: Chunks = []
+    whole_prefix = hashlib.sha1()  # the file up to the last cut found (all of ``out`` but the tail)
+    j: int | None = 0 if old else None
+    kept_end = sum(n for _sha, n in old[:real])
+    if real and prefix is not None and prefix[0] == kept_end < size:
+        while r.offset < kept_end:
+            r.fill(min(_CDC_MAX, kept_end - r.offset))
+            k = min(r.end - r.pos, kept_end - r.offset)
+            if k <= 0:
+                break
+            whole_prefix.update(r.view[r.pos:r.pos + k])
+            r.pos += k
+        if r.offset == kept_end and whole_prefix.hexdigest() == prefix[1]:
+            out, j = list(old[:real]), real  # all kept; from the old tail on, afresh
+        else:  # changed before the old tail: chunk by chunk, from the start
+            r, whole_prefix = _FileReader(fd, size), hashlib.sha1()
+    while True:
+        r.fill(1)
+        if r.pos >= r.end:
+            break
+        if j is not None and j < real:
+            sha, n = old[j]
+            r.fill(n)
+            view = r.view[r.pos:r.pos + n]
+            # A chunk that now ends at the end of the file is the tail: pieces, not kept.
+            if len(view) == n and r.offset + n < r.size and _blob_id(view) == sha:
+                whole_prefix.update(view)
+                r.pos += n
+                out.append((sha, n))
+                j += 1
+                continue
+            j = None
+        r.fill(_CDC_MAX)
+        c = _next_cut(r.buf, r.pos, r.end, r.eof)
+        if r.eof and c == r.end:  # the tail
+            while r.pos < r.end:
+                view = r.view[r.pos:min(r.pos + _TAIL_PIECE, r.end)]
+                r.pos += len(view)
+                sha = _blob_id(view)
+                put(sha, view)
+                out.append((sha, len(view)))
+            break
+        view = r.view[r.pos:c]
+        r.pos = c
+        sha = _blob_id(view)
+        whole_prefix.update(view)
+        put(sha, view)
+        out.append((sha, len(view)))
+        j = starts.get(r.offset)
+    cut_end = sum(n for _sha, n in out if n > _TAIL_PIECE) if out else 0
+    return out, r.size == size, (cut_end, whole_prefix.hexdigest())
+
+
+def _chunk_list(chunks: Chunks) -> bytes:
+    """The blob that stands for a chunked file in its unit's tree."""
+    return _CHUNK_LIST_MAGIC + b"".join(b"%s %d\n" % (sha.encode(), n) for sha, n in chunks)
+
+
+def parse_chunk_list(data: bytes, what: str) -> Chunks:
+    """A chunk list read back from the store; anything else is a damaged store."""
+    if not data.startswith(_CHUNK_LIST_MAGIC):
+        raise CheckpointCorrupted(f"the chunk list of {what} in the checkpoint store is damaged")
+    body = data[len(_CHUNK_LIST_MAGIC):]
+    out: Chunks = []
+    pos = 0
+    match = _CHUNK_LINE.match
+    while pos < len(body):
+        m = match(body, pos)
+        if m is None or int(m.group(2)) > _CDC_MAX:
+            raise CheckpointCorrupted(f"the chunk list of {what} in the checkpoint store is damaged")
+        out.append((m.group(1).decode(), int(m.group(2))))
+        pos = m.end()
+    return out
+
+
+def _compressible(data: memoryview) -> bool:
+    """Whether zlib is worth its time on a chunk, judged from a sample from its middle."""
+    mid = len(data) // 2
+    sample = data[mid:mid + 16384]
+    return len(zlib.compress(sample, 1)) < len(sample) * 0.9
 
 
 @dataclass
@@ -134,6 +363,12 @@ class Unit:
     # Permission bits: the most common ones per kind ("file", "exec", "dir") and the paths that
     # differ ("except"). None in checkpoints that predate it: see _perm.
     modes: dict[str, Any] | None = None
+    # Files stored as chunks: their tree entry is a chunk list (see _chunk_list), not the content.
+    chunked: list[str] = field(default_factory=list)
+    # The chunks those lists name (not in the manifest: the checkpoint's tree holds them, so
+    # git keeps them and gc does not drop them).
+    chunk_ids: set[str] = field(default_factory=set, repr=False, compare=False)
+    entries: int | None = field(default=None, repr=False, compare=False)  # files and links, as captured
 
     @property
     def key(self) -> str:
@@ -141,12 +376,13 @@ class Unit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "tree": self.tree, "empty_dirs": self.empty_dirs,
-                "nested": self.nested, "dotgit": self.dotgit, "modes": self.modes}
+                "nested": self.nested, "dotgit": self.dotgit, "modes": self.modes, "chunked": self.chunked}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Unit:
         return cls(str(d["path"]), str(d["kind"]), str(d["tree"]), list(d.get("empty_dirs") or []),
-                   list(d.get("nested") or []), d.get("dotgit"), d.get("modes"))
+                   list(d.get("nested") or []), d.get("dotgit"), d.get("modes"),
+                   [str(p) for p in d.get("chunked") or []])
 
 
 StatKey = tuple[int, int, int, int, int]  # (size, mtime_ns, ctime_ns, inode, st_mode)
@@ -165,6 +401,11 @@ class Scan:
     fresh: list[str] = field(default_factory=list)  # entries read this time (the rest came from the cache)
     cache: dict[str, Entry] = field(default_factory=dict)  # the last capture's entries
     base: str = EMPTY_TREE  # the tree the cache describes
+    chunks: dict[str, Chunks] = field(default_factory=dict)  # the chunked files seen, with their chunks
+    cache_chunks: dict[str, Chunks] = field(default_factory=dict)  # the last capture's
+    prefix: dict[str, Prefix] = field(default_factory=dict)  # the chunked files' prefixes (see _chunk_file)
+    cache_prefix: dict[str, Prefix] = field(default_factory=dict)
+    hot: set[str] = field(default_factory=set)  # the cached chunked files and their directories ("" too)
 
 
 def join(*parts: str) -> str:
@@ -235,8 +476,9 @@ class _Importer:
         self.errors: IO[bytes] | None = None
         self.marks_file = store.meta / f"marks.{os.getpid()}.{secrets.token_hex(4)}"
         self.count = 0
-        self.packs_before: set[str] = set()
         self.read_total = 0
+        self.pending: list[bytes] = []
+        self.pending_size = 0
 
     def charge(self, size: int, name: str) -> None:
         """Count ``size`` bytes about to be read; refuse past the store's read limit, before reading."""
@@ -248,16 +490,29 @@ class _Importer:
 
     def _pipe(self) -> IO[bytes]:
         if self.out is None:
-            self.packs_before = self.store.packs()
             self.errors = tempfile.TemporaryFile()  # not in the store: it may be the full disk
+            # Below fastimport.unpackLimit (100) objects an import becomes loose objects.
             self.proc = self.store.popen(
-                ["-c", "pack.compression=1", "fast-import", "--quiet", "--done", "--force", "--depth=0",
-                 f"--export-marks={self.marks_file}"], stderr=self.errors)
+                ["-c", "pack.compression=1", "-c", "fastimport.unpackLimit=100", "fast-import", "--quiet",
+                 "--done", "--force", "--depth=0", f"--export-marks={self.marks_file}"], stderr=self.errors)
             assert self.proc.stdin is not None
             self.out = self.proc.stdin
         return self.out
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
+        # Gathered and sent 1 MB at a time: fast-import woken for every 8 KB of small files
+        # costs it as much CPU again as the import itself.
+        self.pending.append(bytes(data) if isinstance(data, memoryview) else data)
+        self.pending_size += len(data)
+        if self.pending_size >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.pending_size = 0
         try:
             self._pipe().write(data)
         except (BrokenPipeError, ValueError) as exc:  # fast-import died (e.g. the disk is full)
@@ -285,6 +540,17 @@ class _Importer:
     def blob_from_fd(self, fd: int, size: int) -> tuple[str, bool]:
         """Stream ``size`` bytes of an open file as a blob; False if the file shrank meanwhile."""
         mark = self._mark()
+        if size <= _CHUNK:  # the common case: one read, one write
+            data = b""
+            while len(data) < size:
+                got = os.read(fd, size - len(data))
+                if not got:
+                    break
+                data += got
+            whole = len(data) == size
+            data += bytes(size - len(data))  # truncated while read: the declared size is sent all the same
+            self._write(b"blob\nmark %s\ndata %d\n%s\n" % (mark.encode(), size, data))
+            return mark, whole
         self._write(b"blob\nmark %s\ndata %d\n" % (mark.encode(), size))
         left, whole = size, True
         while left > 0:
@@ -297,9 +563,11 @@ class _Importer:
         self._write(b"\n")
         return mark, whole
 
-    def blob(self, data: bytes) -> str:
+    def blob(self, data: bytes | memoryview) -> str:
         mark = self._mark()
-        self._write(b"blob\nmark %s\ndata %d\n%s\n" % (mark.encode(), len(data), data))
+        self._write(b"blob\nmark %s\ndata %d\n" % (mark.encode(), len(data)))
+        self._write(data)
+        self._write(b"\n")
         return mark
 
     def tree(self, base: str, deletes: Iterable[str], changes: Iterable[tuple[str, str, str]]) -> str:
@@ -315,12 +583,14 @@ class _Importer:
         self._write(b"".join(out))
         return mark
 
-    def finish(self) -> tuple[dict[str, str], int]:
-        """Close the stream; the marks' object ids and the bytes the store grew by."""
-        if self.out is None:
-            return {}, 0
+    def finish(self) -> dict[str, str]:
+        """Close the stream; the marks' object ids."""
+        if self.out is None and not self.pending:
+            return {}
         # The scratch ref goes again: only checkpoints keep objects alive.
         self._write(b"reset %s\nfrom %s\n\ndone\n" % (_CAPTURE_REF.encode(), _NULL_SHA.encode()))
+        self._flush()
+        assert self.out is not None
         try:
             self.out.close()
         except BrokenPipeError as exc:
@@ -336,9 +606,7 @@ class _Importer:
                     marks[mark] = sha
         finally:
             self.marks_file.unlink(missing_ok=True)
-        grown = sum(self.store.pack_size(p) for p in self.store.packs() - self.packs_before)
-        grown += sum(self.store.loose_size(sha) for sha in marks.values())
-        return marks, grown
+        return marks
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -349,6 +617,260 @@ class _Importer:
         self.marks_file.unlink(missing_ok=True)
 
 
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.005
+
+
+def _quick_switches(on: bool) -> None:
+    """While a chunking thread runs beside the walk, hand the GIL over every 0.5 ms, not 5 ms.
+
+    The thread gives the GIL up for every chunk it hashes and must get it back: with the
+    walk holding it in between, each chunk would wait up to the switch interval (50 chunks
+    of a 50 MB file: up to 250 ms). Counted, so overlapping captures restore it once.
+    """
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if on:
+            if not _switch_users:
+                _switch_saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(_switch_saved, 0.0005))
+            _switch_users += 1
+        else:
+            _switch_users -= 1
+            if not _switch_users:
+                sys.setswitchinterval(_switch_saved)
+
+
+class _PackWriter:
+    """Chunks of large files written straight into packs of the store, with their indexes.
+
+    ``git fast-import`` spends ~20 ms of CPU per MB on data it does not compress (it hashes
+    everything twice with the collision-detecting SHA-1); the chunk ids are already known
+    here (hashlib's SHA-1), so each pack (version 2: each object a zlib stream, stored blocks
+    for a chunk that does not compress) and its index (version 2) are written directly.
+    Entries are gathered in memory up to _PACK_BUFFER bytes, so the pack's object count is
+    known when it is written and its trailing checksum is computed in the one pass that
+    writes it; a capture with more new chunks than that writes several packs, in the chunking
+    thread while the walk goes on (the last one when the capture ends). Each is a
+    temporary file, fsynced, renamed into place before its index, as git does: until the
+    index is there git does not see the pack, and a crash leaves a ``tmp_pack_*`` file that
+    :meth:`Store.drop_temporaries` removes.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.dir = store.path / "objects" / "pack"
+        self.tmp: list[Path] = []  # a pack being written
+        self.entries: list[tuple[bytes, list[bytes | memoryview], int]] = []  # (id, pieces, length)
+        self.size = 0
+
+    @staticmethod
+    def _failure(exc: OSError) -> GitError:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        return GitError(f"could not copy the workspace into the checkpoint store: {reason}", returncode=-1,
+                        stderr=str(exc))
+
+    def add(self, sha: str, data: memoryview) -> None:
+        n = len(data)
+        head = bytearray([0x30 | (n & 0x0F)])  # type 3 (blob), then the size, 7 bits at a time
+        n >>= 4
+        while n:
+            head[-1] |= 0x80
+            head.append(n & 0x7F)
+            n >>= 7
+        parts: list[bytes | memoryview] = [bytes(head)]
+        if _compressible(data):
+            parts.append(zlib.compress(data, 1))
+        else:  # a zlib stream of stored blocks: the bytes as they are (copied: the buffer is reused)
+            body = bytes(data)
+            parts.append(b"\x78\x01")
+            for at in range(0, len(body), 65535):
+                block = memoryview(body)[at:at + 65535]
+                parts.append(struct.pack("<BHH", at + 65535 >= len(body), len(block), 0xFFFF ^ len(block)))
+                parts.append(block)
+            parts.append(struct.pack(">I", zlib.adler32(body)))
+        length = sum(len(x) for x in parts)
+        self.entries.append((bytes.fromhex(sha), parts, length))
+        self.size += length
+        if self.size >= _PACK_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the gathered entries as one pack and its index, and put them in place."""
+        if not self.entries:
+            return
+        try:
+            self._write_pack()
+        except OSError as exc:
+            raise self._failure(exc) from exc
+        finally:
+            self.entries.clear()
+            self.size = 0
+
+    def _write_pack(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
+        self.tmp.append(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        h = hashlib.sha1()
+        objects: list[tuple[bytes, int, int]] = []  # (id, crc32 of the entry, offset)
+        try:
+            header = b"PACK" + struct.pack(">II", 2, len(self.entries))
+            h.update(header)
+            files._write_all(fd, header)
+            offset = len(header)
+            for oid, parts, length in self.entries:
+                crc = 0
+                for part in parts:
+                    crc = zlib.crc32(part, crc)
+                    h.update(part)
+                for at in range(0, len(parts), 512):
+                    batch = parts[at:at + 512]
+                    if os.writev(fd, batch) != sum(len(x) for x in batch):
+                        raise OSError(errno.ENOSPC, "No space left on device (a short write)")
+                objects.append((oid, crc, offset))
+                offset += length
+            trailer = h.digest()
+            files._write_all(fd, trailer)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        objects.sort()
+        fanout = [0] * 256
+        for oid, _crc, _off in objects:
+            fanout[oid[0]] += 1
+        for k in range(1, 256):
+            fanout[k] += fanout[k - 1]
+        big: list[int] = []
+        small: list[int] = []
+        for _oid, _crc, off in objects:
+            if off >= 1 << 31:
+                small.append(0x80000000 | len(big))
+                big.append(off)
+            else:
+                small.append(off)
+        count = len(objects)
+        idx = b"".join([b"\xfftOc\0\0\0\2", struct.pack(">256I", *fanout), *(o for o, _c, _f in objects),
+                        struct.pack(f">{count}I", *(c for _o, c, _f in objects)), struct.pack(f">{count}I", *small),
+                        struct.pack(f">{len(big)}Q", *big), trailer])
+        idx += hashlib.sha1(idx).digest()
+        name = f"pack-{trailer.hex()}"
+        tmp_idx = self.dir / f"tmp_idx_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
+        self.tmp.append(tmp_idx)
+        ifd = os.open(tmp_idx, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        try:
+            files._write_all(ifd, idx)
+            os.fsync(ifd)
+        finally:
+            os.close(ifd)
+        os.rename(tmp, self.dir / f"{name}.pack")
+        os.rename(tmp_idx, self.dir / f"{name}.idx")
+        self.tmp.clear()
+
+    def finish(self) -> None:
+        """Write what is gathered (nothing if no chunk was added)."""
+        self.flush()
+
+    def close(self) -> None:
+        self.entries.clear()
+        for tmp in self.tmp:
+            tmp.unlink(missing_ok=True)  # not finished: nothing of it is kept
+        self.tmp.clear()
+
+
+class _Sink:
+    """Where one capture's contents go: small files, links, chunk lists and trees to
+    ``git fast-import``; chunks of large files to a pack written here (see
+    :class:`_PackWriter`). A chunk the store already has (named by the stat caches) is not
+    written again."""
+
+    def __init__(self, store: Store) -> None:
+        self.imp = _Importer(store)
+        self.pack = _PackWriter(store)
+        self.known: set[str] = set()  # chunks the stat caches say the store has
+        self.sent: set[str] = set()  # chunks written now
+        self.pool: ThreadPoolExecutor | None = None
+        self.deferred: dict[str, tuple[Future[tuple[Chunks, bool, Prefix | None]], int]] = {}
+
+    def charge(self, size: int, name: str) -> None:
+        self.imp.charge(size, name)
+
+    def blob(self, data: bytes) -> str:
+        return self.imp.blob(data)
+
+    def blob_from_fd(self, fd: int, size: int) -> tuple[str, bool]:
+        return self.imp.blob_from_fd(fd, size)
+
+    def chunk(self, sha: str, data: memoryview) -> None:
+        if sha in self.sent or sha in self.known:
+            return
+        self.pack.add(sha, data)
+        self.sent.add(sha)
+
+    def defer(self, fd: int, size: int, old: Chunks | None, prefix: Prefix | None) -> str:
+        """Chunk the open file ``fd`` (now the sink's to close) in the chunking thread; a placeholder.
+
+        One thread: the pack and the sets above are only ever touched by it while the walk runs.
+        """
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskbox-chunks")
+            _quick_switches(True)
+
+        def work() -> tuple[Chunks, bool, Prefix | None]:
+            try:
+                return _chunk_file(fd, size, old, self.chunk, prefix)
+            finally:
+                os.close(fd)
+
+        token = f"?{len(self.deferred)}"
+        self.deferred[token] = (self.pool.submit(work), fd)
+        return token
+
+    def resolve(self, scans: list[Scan]) -> None:
+        """Put the chunk lists of the files chunked in the thread in place of their placeholders."""
+        if not self.deferred:
+            return
+        for sc in scans:
+            entries = sc.entries
+            for rel in sc.fresh:
+                mode, ref, key = entries[rel]
+                if ref.startswith("?"):
+                    chunks, whole, prefix = self.deferred[ref][0].result()
+                    entries[rel] = (mode, self.imp.blob(_chunk_list(chunks)), key if whole else None)
+                    sc.chunks[rel] = chunks
+                    if prefix is not None and whole:
+                        sc.prefix[rel] = prefix
+
+    def finish(self) -> dict[str, str]:
+        """The marks of the fast-import, once the chunks' pack is in place too."""
+        self._stop()
+        self.pack.finish()
+        return self.imp.finish()
+
+    def _stop(self) -> None:
+        if self.pool is None:
+            return
+        try:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.pool = None
+            _quick_switches(False)
+        for future, fd in self.deferred.values():
+            if future.cancelled():  # never started: its descriptor is still open
+                os.close(fd)
+        for future, _fd in self.deferred.values():
+            if not future.cancelled() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
+    def close(self) -> None:
+        try:
+            self._stop()
+        except Exception:  # noqa: BLE001 - already failing: the first error is the one reported
+            pass
+        self.pack.close()
+        self.imp.close()
+
+
 class _Blobs:
     """Blob contents read from the store in one ``cat-file --batch``, in the order asked for.
 
@@ -357,6 +879,7 @@ class _Blobs:
     """
 
     def __init__(self, store: Store, shas: list[str]) -> None:
+        self.store = store
         self.proc: subprocess.Popen[bytes] | None = None
         self.thread: threading.Thread | None = None
         self.errors: IO[bytes] | None = None
@@ -401,10 +924,10 @@ class _Blobs:
             left -= len(chunk)
         self._read(1)
 
-    def read(self, sha: str, limit: int) -> bytes:
+    def read(self, sha: str, limit: int, what: str = "link") -> bytes:
         size = self._header(sha)
         if size > limit:
-            raise CheckpointCorrupted(f"link {sha[:12]} in the checkpoint store is {size} bytes long")
+            raise CheckpointCorrupted(f"{what} {sha[:12]} in the checkpoint store is {size} bytes long")
         data = self._read(size)
         self._read(1)
         return data
@@ -420,6 +943,66 @@ class _Blobs:
             self.thread.join()
         if self.errors is not None:
             self.errors.close()
+
+
+class ChunkReader(io.RawIOBase):
+    """A chunked file's content as a stream, read from the store (an export writes it so)."""
+
+    def __init__(self, store: Store, chunks: Chunks) -> None:
+        super().__init__()
+        self.pending = collections.deque(chunks)
+        self.blobs = _Blobs(store, [sha for sha, _n in chunks])
+        self.left = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        done = 0  # as much as asked for (tarfile takes a short read for the end)
+        while done < len(b):
+            if not self.left:
+                if not self.pending:
+                    break
+                sha, n = self.pending.popleft()
+                if self.blobs._header(sha) != n:
+                    raise CheckpointCorrupted(f"chunk {sha[:12]} in the checkpoint store is not the length "
+                                              "its list says")
+                self.left = n
+            k = min(len(b) - done, self.left)
+            b[done:done + k] = self.blobs._read(k)
+            done += k
+            self.left -= k
+            if not self.left:
+                self.blobs._read(1)
+        return done
+
+    def close(self) -> None:
+        self.blobs.close()
+        super().close()
+
+
+def store_files(store: Store, paths: list[Path]) -> list[tuple[str, Chunks | None]]:
+    """Store files of taskbox's own (an imported archive's scratch copies): small ones as
+    blobs, large ones as chunks. Returns each one's blob (a chunk list for a chunked one)
+    and its chunks."""
+    sink = _Sink(store)
+    refs: list[tuple[str, Chunks | None]] = []
+    try:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                if size >= _CHUNK_THRESHOLD:
+                    chunks, _whole, _prefix = _chunk_file(fd, size, None, sink.chunk)
+                    refs.append((sink.blob(_chunk_list(chunks)), chunks))
+                else:
+                    refs.append((sink.blob_from_fd(fd, size)[0], None))
+            finally:
+                os.close(fd)
+        marks = sink.finish()
+    finally:
+        sink.close()
+    return [(marks[ref], chunks) for ref, chunks in refs]
 
 
 class Store:
@@ -511,16 +1094,19 @@ class Store:
             data = marshal.loads(raw[len(_CACHE_MAGIC):])
             if not isinstance(data, dict) or data.get("v") != _CACHE_VERSION:
                 return
-            sc.cache, sc.base = data["entries"], data["tree"]
+            sc.cache, sc.base, sc.cache_chunks = data["entries"], data["tree"], data["chunks"]
+            sc.cache_prefix = data["prefix"]
             self._cached = True
         except (OSError, ValueError, EOFError, TypeError, KeyError):
-            sc.cache, sc.base = {}, EMPTY_TREE  # no cache: every file is read once more
+            sc.cache, sc.base, sc.cache_chunks = {}, EMPTY_TREE, {}  # no cache: every file is read once more
+            sc.cache_prefix = {}
 
     def _save_cache(self, sc: Scan, entries: dict[str, Entry]) -> None:
         path = self.index_file(sc.unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(_CACHE_MAGIC + marshal.dumps({"v": _CACHE_VERSION, "tree": sc.unit.tree, "entries": entries}))
+        tmp.write_bytes(_CACHE_MAGIC + marshal.dumps({"v": _CACHE_VERSION, "tree": sc.unit.tree, "entries": entries,
+                                                       "chunks": sc.chunks, "prefix": sc.prefix}))
         os.replace(tmp, path)  # losing it costs one full read, so no fsync
 
     def drop_caches(self) -> None:
@@ -551,13 +1137,15 @@ class Store:
             return self._scan(rfd, use_cache=False)
 
     def _scan(self, rfd: int, *, use_cache: bool) -> list[Scan]:
-        imp = _Importer(self)
+        packs_before = self.packs()
+        imp = _Sink(self)
         try:
             scans: list[Scan] = []
-            root = self._unit(Unit("", "files"), scans, use_cache)
+            root = self._unit(Unit("", "files"), scans, use_cache, imp)
             root_st = os.fstat(rfd)
             root.dirs[""] = root_st
             self._walk(rfd, root, "", 0, imp, scans, root_st.st_dev, use_cache)
+            imp.resolve(scans)
             commits: dict[str, str] = {}
             for sc in scans:
                 # A cache hit has the cached mode and blob, so what changed is what was read.
@@ -566,12 +1154,17 @@ class Store:
                 if not sc.entries:
                     sc.unit.tree = EMPTY_TREE
                 elif deletes or changes or sc.base == EMPTY_TREE:
-                    commits[sc.unit.key] = imp.tree(sc.base, deletes, changes)
+                    commits[sc.unit.key] = imp.imp.tree(sc.base, deletes, changes)
                 else:
                     sc.unit.tree = sc.base
-            marks, self.last_capture_bytes = imp.finish()
+            faults.point("capture.midway")  # contents sent to git, the imports not finished
+            marks = imp.finish()
         finally:
             imp.close()
+        grown = sum(self.pack_size(p) for p in self.packs() - packs_before)
+        if len(marks) < 100:  # fewer objects than fastimport.unpackLimit: loose ones
+            grown += sum(self.loose_size(sha) for sha in marks.values())
+        self.last_capture_bytes = grown
         by_key: dict[str, str] = {}
         if commits:
             shas = [marks[m] for m in commits.values()]
@@ -589,17 +1182,25 @@ class Store:
             sc.unit.empty_dirs.sort()
             sc.unit.nested.sort()
             sc.unit.modes = _modes(sc)
+            sc.unit.chunked = sorted(sc.chunks)
+            sc.unit.entries = len(entries)
+            sc.unit.chunk_ids = {sha for ch in sc.chunks.values() for sha, _n in ch}
         scans.sort(key=lambda s: (s.unit.path.count("/"), s.unit.path, s.unit.kind))
         return scans
 
-    def _unit(self, unit: Unit, scans: list[Scan], use_cache: bool) -> Scan:
+    def _unit(self, unit: Unit, scans: list[Scan], use_cache: bool, sink: _Sink) -> Scan:
         sc = Scan(unit)
         if use_cache:
             self._load_cache(sc)
+            for path, ch in sc.cache_chunks.items():
+                sink.known.update(sha for sha, _n in ch)
+                while path not in sc.hot:
+                    sc.hot.add(path)
+                    path = posixpath.dirname(path)
         scans.append(sc)
         return sc
 
-    def _walk(self, dfd: int, sc: Scan, sub: str, depth: int, imp: _Importer, scans: list[Scan],
+    def _walk(self, dfd: int, sc: Scan, sub: str, depth: int, imp: _Sink, scans: list[Scan],
               dev: int, use_cache: bool) -> None:
         """Capture the directory ``dfd`` (``sub`` inside ``sc``'s unit) and everything below it."""
         if depth > _MAX_DEPTH:
@@ -612,7 +1213,12 @@ class Store:
         with os.scandir(dfd) as it:
             listing = list(it)
         prefix = f"{sub}/" if sub else ""
+        hot = sc.hot if sub in sc.hot else None
+        if hot:  # large files the last capture chunked, and the directories they are in, first:
+            # their chunking thread then runs beside the rest of the walk, not after it
+            listing.sort(key=lambda e: prefix + e.name not in hot)
         entries, metas, fresh, cached_entry = sc.entries, sc.meta, sc.fresh, sc.cache.get
+        chunks, cache_chunks = sc.chunks, sc.cache_chunks
         for entry in listing:  # the hot loop of a checkpoint: kept lean
             name = entry.name
             if entry.is_dir(follow_symlinks=False):  # from the directory entry's type: no system call
@@ -640,12 +1246,18 @@ class Store:
             cached = cached_entry(rel)
             if cached is not None and cached[2] == key:  # same type, mode and content as last time
                 entries[rel] = cached
+                if st.st_size >= _CHUNK_THRESHOLD and rel in cache_chunks:
+                    chunks[rel] = cache_chunks[rel]
+                    if rel in sc.cache_prefix:
+                        sc.prefix[rel] = sc.cache_prefix[rel]
             elif stat.S_ISREG(mode):
-                got = self._read_file(dfd, name, imp, now)
+                got = self._read_file(dfd, name, imp, now, cache_chunks.get(rel), sc.cache_prefix.get(rel))
                 if got is None:
                     sc.extra.append(rel)  # no longer a regular file: not captured
                     continue
-                entries[rel], st = got
+                entries[rel], st, chunked = got
+                if chunked is not None:
+                    chunks[rel] = chunked
                 fresh.append(rel)
             elif stat.S_ISLNK(mode):
                 try:
@@ -659,6 +1271,8 @@ class Store:
                 continue
             metas[rel] = st
             content += 1
+        if hot:
+            subdirs.sort(key=lambda n: prefix + n not in hot)
         for name in subdirs:
             rel = f"{sub}/{name}" if sub else name
             try:
@@ -674,7 +1288,7 @@ class Store:
                     continue
                 meta = cst
                 if name == ".git" and not gitdir and not sub:
-                    child = self._unit(Unit(join(sc.unit.path, ".git"), "gitdir"), scans, use_cache)
+                    child = self._unit(Unit(join(sc.unit.path, ".git"), "gitdir"), scans, use_cache, imp)
                     child.dirs[""] = meta
                     self._walk(cfd, child, "", depth + 1, imp, scans, dev, use_cache)
                 elif name == ".git":
@@ -682,7 +1296,7 @@ class Store:
                     continue
                 elif not gitdir and lstat_at(cfd, ".git") is not None:
                     sc.unit.nested.append(rel)  # a nested repository: a unit of its own
-                    child = self._unit(Unit(join(sc.unit.path, rel), "files"), scans, use_cache)
+                    child = self._unit(Unit(join(sc.unit.path, rel), "files"), scans, use_cache, imp)
                     child.dirs[""] = meta
                     self._walk(cfd, child, "", depth + 1, imp, scans, dev, use_cache)
                 else:
@@ -695,7 +1309,9 @@ class Store:
             sc.unit.empty_dirs.append(sub)  # empty, or holding only what git cannot store
 
     @staticmethod
-    def _read_file(dfd: int, name: str, imp: _Importer, now: int) -> tuple[Entry, os.stat_result] | None:
+    def _read_file(dfd: int, name: str, imp: _Sink, now: int, old: Chunks | None,
+                   prefix: Prefix | None) -> tuple[Entry, os.stat_result, Chunks | None] | None:
+        """Store one regular file: whole if small, as chunks if large (``old``: its last chunks)."""
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
         except OSError as exc:
@@ -707,13 +1323,21 @@ class Store:
             if not stat.S_ISREG(fst.st_mode):
                 return None
             imp.charge(fst.st_size, os.fsdecode(name))
-            ref, whole = imp.blob_from_fd(fd, fst.st_size)
+            chunks: Chunks | None = None
+            if fst.st_size >= _CHUNK_THRESHOLD:
+                # Hashed and chunked in a thread while the walk goes on: the placeholder is
+                # replaced by its chunk list when the walk is done (Sink.resolve).
+                ref, whole = imp.defer(fd, fst.st_size, old, prefix), True
+                fd = -1
+            else:
+                ref, whole = imp.blob_from_fd(fd, fst.st_size)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         key: StatKey | None = (fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_ino, fst.st_mode)
         if not whole or fst.st_ctime_ns >= now - _RACY_NS:
             key = None  # it may still change within the same timestamp: read it again next time
-        return (("100755" if fst.st_mode & stat.S_IXUSR else "100644"), ref, key), fst
+        return (("100755" if fst.st_mode & stat.S_IXUSR else "100644"), ref, key), fst, chunks
 
     @staticmethod
     def _dotgit(dfd: int, sc: Scan, st: os.stat_result) -> bool:
@@ -786,13 +1410,53 @@ class Store:
         return result
 
     def commit(self, units: list[Unit], manifest: dict[str, Any], message: str) -> str:
+        """Write a checkpoint's commit: its manifest, its units' trees and the chunks they use.
+
+        Four small objects written here as loose objects (no git process for each): the
+        manifest blob, a tree of the chunks (named only inside chunk lists, so this keeps
+        them reachable for gc, fsck and export), the root tree and the commit.
+        """
         manifest = {**manifest, "format": FORMAT, "units": [u.to_dict() for u in units]}
-        blob = self.git(["hash-object", "-w", "--stdin"],
-                        input=json.dumps(manifest, sort_keys=True).encode()).stdout.strip()
-        lines = [f"100644 blob {blob}\t{MANIFEST}"]
-        lines += [f"040000 tree {u.tree}\tu{i}" for i, u in enumerate(units)]
-        root = self.git(["mktree"], input=("\n".join(lines) + "\n").encode()).stdout.strip()
-        return self.git(["commit-tree", root, "-m", message]).stdout.strip()
+        entries = [("100644", MANIFEST, self._write_object(b"blob", json.dumps(manifest, sort_keys=True).encode()))]
+        for i, u in enumerate(units):
+            if u.tree == EMPTY_TREE:
+                self._write_object(b"tree", b"")  # git knows it without it; fsck and archive want it stored
+            entries.append(("40000", f"u{i}", u.tree))
+        chunk_ids = sorted(set().union(*(u.chunk_ids for u in units)))
+        if chunk_ids:
+            listing = b"".join(b"100644 %s\0%s" % (sha.encode(), bytes.fromhex(sha)) for sha in chunk_ids)
+            entries.append(("40000", "chunks", self._write_object(b"tree", listing)))
+        # git's order: by name, a tree's name as if it ended in "/"
+        entries.sort(key=lambda e: e[1] + ("/" if e[0] == "40000" else ""))
+        root = self._write_object(b"tree", b"".join(b"%s %s\0%s" % (mode.encode(), name.encode(), bytes.fromhex(sha))
+                                                    for mode, name, sha in entries))
+        who = b"taskbox <taskbox@localhost> %d +0000" % int(time.time())
+        body = message.encode(errors="surrogateescape")
+        if not body.endswith(b"\n"):
+            body += b"\n"
+        return self._write_object(b"commit", b"tree %s\nauthor %s\ncommitter %s\n\n%s" % (root.encode(), who, who, body))
+
+    def _write_object(self, kind: bytes, data: bytes) -> str:
+        """A loose object, as git writes one: zlib of header and data, a temporary file, a link into place."""
+        raw = b"%s %d\0%s" % (kind, len(data), data)
+        sha = hashlib.sha1(raw).hexdigest()
+        folder = self.path / "objects" / sha[:2]
+        final = folder / sha[2:]
+        if final.exists():
+            return sha
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f"tmp_obj_{os.getpid()}_{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        try:
+            files._write_all(fd, zlib.compress(raw, 1))
+        finally:
+            os.close(fd)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        return sha
 
     def manifest(self, commit: str) -> dict[str, Any]:
         try:
@@ -806,7 +1470,25 @@ class Store:
         return data
 
     def set_ref(self, name: str, commit: str) -> None:
-        self.git(["update-ref", f"refs/checkpoints/{name}", commit])
+        """Name a checkpoint's commit: a new loose ref, written whole (a temporary file, fsync, rename).
+
+        Checkpoint ids are new each time, so there is no old value to race with; the commit is
+        read back first, so a ref never names an object the store lacks.
+        """
+        if self._read_commit_header(commit) is None and self.git(
+                ["cat-file", "-e", f"{commit}^{{commit}}"], check=False).returncode != 0:
+            raise GitError(f"checkpoint commit {commit[:12]} is not in the store", returncode=1,
+                           stderr=f"fatal: missing {commit}")
+        ref = self.path / "refs" / "checkpoints" / name
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        files.write_durably(ref, f"{commit}\n".encode())
+
+    def _read_commit_header(self, sha: str) -> bytes | None:
+        try:
+            raw = (self.path / "objects" / sha[:2] / sha[2:]).read_bytes()
+            return zlib.decompressobj().decompress(raw, 64)
+        except (OSError, zlib.error):
+            return None
 
     def delete_ref(self, name: str) -> None:
         self.git(["update-ref", "-d", f"refs/checkpoints/{name}"], check=False)
@@ -820,15 +1502,12 @@ class Store:
         """Read every listed object in full, so damage is found before the workspace is touched."""
         if not shas:
             return
-        index = self.meta / f"verify.{os.getpid()}.index"
-        try:
-            info = "".join(f"100644 {sha}\t{i}\n" for i, sha in enumerate(sorted(set(shas))))
-            self.git(["update-index", "--add", "--index-info"], index=index, input=info.encode(errors="surrogateescape"))
-            tree = self.git(["write-tree", "--missing-ok"], index=index).stdout.strip()
-            # git archive inflates every blob; a damaged object fails here, with its name.
-            self.git(["archive", "--format=tar", "-o", os.devnull, tree])
-        finally:
-            index.unlink(missing_ok=True)
+        # A tree naming them (written here, not by two more git processes), then git archive
+        # inflates every blob; a damaged or missing object fails there, with its name.
+        entries = sorted((str(i), sha) for i, sha in enumerate(sorted(set(shas))))
+        tree = self._write_object(b"tree", b"".join(b"100644 %s\0%s" % (name.encode(), bytes.fromhex(sha))
+                                                     for name, sha in entries))
+        self.git(["archive", "--format=tar", "-o", os.devnull, tree])
 
     def drop_temporaries(self) -> None:
         """Delete what a failed git write leaves (e.g. on a full disk): half-written objects, crash reports."""
@@ -882,6 +1561,63 @@ class UnitPlan:
     changed: int = 0
     added: int = 0
     removed: int = 0
+    # How each chunked file in ``write`` is put together (see _recipe).
+    recipes: dict[str, list[Step]] = field(default_factory=dict)
+
+
+# One piece of a chunked file being restored: (offset, length, source, chunk id, offset in the
+# source). Sources: "store" (read from the store), "cur" (copied from the file the walk saw at
+# that path, which holds that chunk), "self" (copied from earlier in the file being written),
+# "zero" (a chunk of zeros, left a hole).
+Step = tuple[int, int, str, str, int]
+
+
+@functools.cache
+def _zero_chunk(n: int) -> str:
+    return _blob_id(bytes(n))
+
+
+def _recipe(chunks: Chunks, current: Chunks | None) -> list[Step]:
+    """How to write a file made of ``chunks``, given what the file there now holds (``current``)."""
+    have: dict[str, int] = {}
+    here: dict[int, str] = {}  # what the file holds at each chunk's offset
+    at = 0
+    for sha, n in current or ():
+        have.setdefault(sha, at)
+        here[at] = sha
+        at += n
+    first: dict[str, int] = {}
+    steps: list[Step] = []
+    off = 0
+    for sha, n in chunks:
+        if here.get(off) == sha:  # already in place
+            steps.append((off, n, "cur", sha, off))
+            first.setdefault(sha, off)
+        elif n in (_CDC_MAX, _TAIL_PIECE) and sha == _zero_chunk(n):  # the lengths runs of zeros come in
+            steps.append((off, n, "zero", sha, 0))
+        elif sha in first:
+            steps.append((off, n, "self", sha, first[sha]))
+        elif sha in have:
+            steps.append((off, n, "cur", sha, have[sha]))
+            first[sha] = off
+        else:
+            steps.append((off, n, "store", sha, 0))
+            first[sha] = off
+        off += n
+    return steps
+
+
+def restore_blobs(plans: list[UnitPlan]) -> list[str]:
+    """Every object a restore will read from the store, in the order it reads them."""
+    out: list[str] = []
+    for p in plans:
+        for path in p.write:
+            steps = p.recipes.get(path)
+            if steps is None:
+                out.append(p.entries[path][1])
+            else:
+                out += [st[3] for st in steps if st[2] == "store"]
+    return out
 
 
 def plan_restore(store: Store, current: list[Scan], target: list[Unit]) -> list[UnitPlan]:
@@ -910,8 +1646,30 @@ def plan_restore(store: Store, current: list[Scan], target: list[Unit]) -> list[
             plan.write.sort()
         # A gitlink (a submodule commit id from an imported archive) names no content here.
         plan.write = [p for p in plan.write if entries[p][0] != "160000"]
+        # A whole file and a chunked one may have the same blob (a file whose bytes are a chunk
+        # list): where one is chunked and the other not, the file is written all the same.
+        now_chunked = sc.chunks if sc is not None else {}
+        switched = (set(unit.chunked) ^ now_chunked.keys()) & entries.keys() - set(plan.write)
+        if switched:
+            plan.write = sorted([*plan.write, *(q for q in switched if entries[q][0] != "120000")])
         plans.append(plan)
+    _plan_chunked(store, plans)
     return plans
+
+
+def _plan_chunked(store: Store, plans: list[UnitPlan]) -> None:
+    """Read the chunk lists of the chunked files a restore writes; work out each one's recipe."""
+    todo = [(p, path) for p in plans if p.unit.chunked for path in p.write if path in set(p.unit.chunked)]
+    if not todo:
+        return
+    blobs = _Blobs(store, [p.entries[path][1] for p, path in todo])
+    try:
+        for p, path in todo:
+            chunks = parse_chunk_list(blobs.read(p.entries[path][1], CHUNK_LIST_LIMIT, "chunk list"), path)
+            now = p.current.chunks.get(path) if p.current is not None else None
+            p.recipes[path] = _recipe(chunks, now)
+    finally:
+        blobs.close()
 
 
 class _Dirs:
@@ -1020,7 +1778,8 @@ def _rename_into(pfd: int, tmp: str, name: str) -> None:
 def _put_file(pfd: int, name: str, perm: int, owner: tuple[int, int] | None, fill: Any) -> None:
     """Write a file in the open directory ``pfd``: temp file, exact mode and owner, ``renameat``."""
     tmp = files._tmp_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+    # Read and write: a chunked file copies a chunk it holds twice from itself.
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
     try:
         fill(fd)
         os.fchmod(fd, perm)
@@ -1035,6 +1794,121 @@ def _put_file(pfd: int, name: str, perm: int, owner: tuple[int, int] | None, fil
         raise
     os.close(fd)
     _rename_into(pfd, tmp, name)
+
+
+def _open_seen(pfd: int, name: str, seen: os.stat_result | None) -> int | None:
+    """The file ``name`` in ``pfd`` opened for reading, if it is still the one the walk saw."""
+    if seen is None:
+        return None
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=pfd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+            seen.st_ino, seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns):
+        os.close(fd)
+        return None  # changed since the walk (the agent's race): its chunks come from the store
+    return fd
+
+
+def _copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int) -> bool:
+    """Copy ``n`` bytes between descriptors, in the kernel where it can; False if ``src`` ran out."""
+    done = 0
+    try:
+        while done < n:
+            got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
+            if not got:
+                return False
+            done += got
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    while done < n:  # a file system that cannot: through user space
+        data = os.pread(src, min(n - done, _CHUNK), src_off + done)
+        if not data:
+            return False
+        os.pwrite(dst, data, dst_off + done)
+        done += len(data)
+    return True
+
+
+def _fill_chunked(out: int, pfd: int, name: str, steps: list[Step], seen: os.stat_result | None,
+                  blobs: _Blobs) -> None:
+    """Write a chunked file into the new file ``out`` from its recipe.
+
+    Chunks the file at ``name`` already holds are copied from it (``copy_file_range``: in
+    the kernel, shared blocks where the file system can) if it is still the file the walk
+    saw; the rest come from the store, in the order :func:`restore_blobs` asked for them.
+    """
+    src = _open_seen(pfd, name, seen) if any(st[2] == "cur" for st in steps) else None
+    try:
+        total = 0
+        for off, n, kind, sha, from_off in steps:
+            total = off + n
+            if kind == "store":
+                os.lseek(out, off, os.SEEK_SET)
+                blobs.copy_to(sha, out)
+            elif kind == "self":
+                if not _copy_range(out, out, n, from_off, off):
+                    raise TaskboxError(f"{name!r} could not be restored: the file being written shrank")
+            elif kind == "cur" and not (src is not None and _copy_range(src, out, n, from_off, off)):
+                # Not there after all (the file changed since the walk): this chunk from the store.
+                extra = _Blobs(blobs.store, [sha])
+                try:
+                    os.lseek(out, off, os.SEEK_SET)
+                    extra.copy_to(sha, out)
+                finally:
+                    extra.close()
+        os.ftruncate(out, total)  # holes where chunks of zeros were
+    finally:
+        if src is not None:
+            os.close(src)
+
+
+def _patch_in_place(pfd: int, name: str, steps: list[Step], seen: os.stat_result | None, blobs: _Blobs,
+                    perm: int, owner: tuple[int, int] | None) -> bool:
+    """Make the chunked file ``name`` what ``steps`` say by writing only the chunks that differ.
+
+    Only where the chunks it keeps are where they belong (an append, bytes overwritten, a
+    truncation), the file is still the one the walk saw, and it has no other link (another
+    path would change with it). Returns False, having written nothing, otherwise. A crash
+    part-way leaves a file whose ctime changed: the replayed restore reads it again and
+    finishes it, as it does any file.
+    """
+    if seen is None or seen.st_nlink != 1 or any(k == "cur" and fo != off for off, _n, k, _s, fo in steps):
+        return False
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or (
+                st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+                seen.st_ino, seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns):
+            return False
+        total = 0
+        for off, n, kind, sha, from_off in steps:
+            total = off + n
+            if kind == "store":
+                os.lseek(fd, off, os.SEEK_SET)
+                blobs.copy_to(sha, fd)
+                faults.point("restore.patching")  # one chunk of the file written, the rest not yet
+            elif kind == "zero":
+                for at in range(off, off + n, _CHUNK):
+                    os.pwrite(fd, bytes(min(_CHUNK, off + n - at)), at)
+            elif kind == "self" and not _copy_range(fd, fd, n, from_off, off):
+                raise TaskboxError(f"{name!r} could not be restored: the file being written shrank")
+        os.ftruncate(fd, total)
+        if stat.S_IMODE(st.st_mode) != perm:
+            os.fchmod(fd, perm)
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _put_link(pfd: int, name: str, target: bytes, owner: tuple[int, int] | None) -> None:
@@ -1107,8 +1981,7 @@ def apply_restore(store: Store, rfd: int, current: list[Scan], plans: list[UnitP
         for d in p.unit.empty_dirs:
             need(join(p.unit.path, d))
     dirs = _Dirs(rfd, owner)
-    order = [sha for p in plans for path in p.write for sha in [p.entries[path][1]]]
-    blobs = _Blobs(store, order)
+    blobs = _Blobs(store, restore_blobs(plans))
     try:
         # Units that exist now but not in the checkpoint go first, deepest first, so the
         # parent can put plain files where a nested repository was.
@@ -1161,8 +2034,14 @@ def _apply_unit(p: UnitPlan, dirs: _Dirs, blobs: _Blobs, needed: set[str], wante
         parent, name = posixpath.split(join(root, path))
         pfd = dirs.get(parent)
         assert pfd is not None
+        steps = p.recipes.get(path)
         if mode == "120000":
             _put_link(pfd, name, blobs.read(sha, _LINK_LIMIT), owner)
+        elif steps is not None:
+            seen = sc.meta.get(path) if sc is not None and path in sc.chunks else None
+            if not _patch_in_place(pfd, name, steps, seen, blobs, _perm(unit, path, mode), owner):
+                _put_file(pfd, name, _perm(unit, path, mode), owner,
+                          lambda fd, st=steps, sn=seen, d=pfd, n=name: _fill_chunked(fd, d, n, st, sn, blobs))
         else:
             _put_file(pfd, name, _perm(unit, path, mode), owner,
                       lambda fd, s=sha: blobs.copy_to(s, fd))
