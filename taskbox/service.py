@@ -2559,6 +2559,12 @@ class TaskService:
         args = {"subtasks": [s.id for s in plan.subtasks], "parallel": plan.parallel}
         self._before(parent, "create_subtasks", args)
         parallel = plan.parallel or self.settings.ultrawork_parallel
+        sandboxes = {s.id: s.sandbox for s in plan.subtasks if s.sandbox}
+
+        def keep(meta: dict[str, Any]) -> None:  # durable with the parent's row, for --resume
+            meta["subtask_sandboxes"] = sandboxes
+
+        self.update_metadata(parent.id, keep)
         self.registry.insert_subtasks(parent.id, [s.to_dict() for s in plan.subtasks],
                                       ("subtasks.created", {"subtasks": [s.id for s in plan.subtasks],
                                                             "parallel": parallel}))
@@ -2755,7 +2761,11 @@ class TaskService:
             wake.set()
 
     def _create_child(self, parent: Task, row: dict[str, Any], base: str) -> Task:
-        """The sub-task's child task: the parent's image, limits and network, forked at ``base``."""
+        """The sub-task's child task, forked at ``base``: the parent's image, limits and network,
+        unless the plan overrides them (``image``, ``memory``, ``cpus``, ``network``)."""
+        own = (parent.metadata.get("subtask_sandboxes") or {}).get(row["id"]) or {}
+        network = own.get("network", parent.network)
+        domains = (parent.metadata.get("sandbox") or {}).get("allow_domains") if network == "allowlist" else None
         description = f"{parent.id} {row['id']}: {row['title']}\n\nSub-task {row['id']} of {parent.id}."
         if row["command"]:
             description += f"\n\nCommand: {row['command'][:1000]}"
@@ -2767,10 +2777,11 @@ class TaskService:
             try:
                 return self.create_task(parent.repo_path, description[:DESCRIPTION_MAX], agent=parent.agent,
                                         model=parent.model, title=row["title"], task_id=tid, base_ref=base,
-                                        memory=parent.memory_limit, cpus=parent.cpu_limit,
-                                        pids_limit=parent.pids_limit, network=parent.network, image=parent.image,
+                                        memory=own.get("memory", parent.memory_limit),
+                                        cpus=own.get("cpus", parent.cpu_limit), pids_limit=parent.pids_limit,
+                                        network=network, image=own.get("image", parent.image),
                                         parent_id=parent.id, metadata={"subtask": row["id"]},
-                                        allow_domains=(parent.metadata.get("sandbox") or {}).get("allow_domains"))
+                                        allow_domains=domains)
             except Conflict:
                 if not self.registry.task_exists(tid):
                     raise

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
+from .network import MODES as NETWORK_MODES
 
 AGENTS = ("shell", "opencode", "claude-code", "codex")
 # Sub-task statuses, in the registry's ``subtasks`` table.
@@ -40,8 +41,11 @@ PLAN_LIMIT = 1 << 20  # bytes of a plan file read
 MAX_SUBTASKS = 200
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_PLAN_KEYS = {"parallel", "agent", "timeout", "subtask"}  # per-plan sandbox overrides: not yet
-_SUBTASK_KEYS = {"id", "title", "command", "prompt", "depends_on", "agent", "timeout", "description"}
+# The sandbox a sub-task gets: its parent's image, limits and network, unless the plan (for all
+# sub-tasks) or the sub-task's own entry overrides them with these keys.
+SANDBOX_KEYS = ("image", "memory", "cpus", "network")
+_PLAN_KEYS = {"parallel", "agent", "timeout", "subtask", *SANDBOX_KEYS}
+_SUBTASK_KEYS = {"id", "title", "command", "prompt", "depends_on", "agent", "timeout", "description", *SANDBOX_KEYS}
 
 
 def parse_duration(value: Any, what: str = "timeout") -> float:
@@ -71,6 +75,7 @@ class SubtaskSpec:
     depends_on: tuple[str, ...] = ()
     agent: str = "shell"
     timeout: float | None = None
+    sandbox: dict[str, Any] = field(default_factory=dict)  # overrides of the parent's (SANDBOX_KEYS)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "title": self.title, "command": self.command, "prompt": self.prompt,
@@ -155,6 +160,7 @@ def parse_plan(data: dict[str, Any]) -> Plan:
                                  or not 1 <= parallel <= 64):
         raise InvalidInput(f"parallel {parallel!r} must be a whole number from 1 to 64")
     timeout = parse_duration(data["timeout"]) if data.get("timeout") is not None else None
+    plan_sandbox = _sandbox(data, "the plan")
     entries = data.get("subtask")
     if not isinstance(entries, list) or not entries:
         raise InvalidInput("the plan has no [[subtask]] entries")
@@ -192,7 +198,8 @@ def parse_plan(data: dict[str, Any]) -> Plan:
             raise InvalidInput(f"{where}: depends_on names an id twice")
         sub_timeout = parse_duration(entry["timeout"], f"{where}: timeout") if entry.get("timeout") else timeout
         specs.append(SubtaskSpec(id=sid, title=title, command=command, prompt=prompt, depends_on=tuple(deps),
-                                 agent=sub_agent, timeout=sub_timeout))
+                                 agent=sub_agent, timeout=sub_timeout,
+                                 sandbox={**plan_sandbox, **_sandbox(entry, where)}))
     for s in specs:
         for d in s.depends_on:
             if d not in seen:
@@ -200,8 +207,28 @@ def parse_plan(data: dict[str, Any]) -> Plan:
     cycle = find_cycle({s.id: list(s.depends_on) for s in specs})
     if cycle:
         raise InvalidInput(f"the plan has a dependency cycle: {' -> '.join(cycle)}")
-    overrides: dict[str, Any] = {k: data[k] for k in ("network", "memory", "cpus", "image") if k in data}
-    return Plan(subtasks=tuple(specs), parallel=parallel, agent=agent, timeout=timeout, overrides=overrides)
+    return Plan(subtasks=tuple(specs), parallel=parallel, agent=agent, timeout=timeout, overrides=plan_sandbox)
+
+
+def _sandbox(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The sandbox overrides in a plan or sub-task table, checked for type (the limits themselves
+    are checked against the settings, the host and the project policy when the sub-task is made)."""
+    out: dict[str, Any] = {}
+    for key in SANDBOX_KEYS:
+        if key not in data:
+            continue
+        value = data[key]
+        if key == "cpus":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise InvalidInput(f"{where}: cpus {value!r} must be a positive number")
+            out[key] = float(value)
+        elif not isinstance(value, str) or not value.strip() or len(value) > 200:
+            raise InvalidInput(f"{where}: {key} must be a non-empty string")
+        elif key == "network" and value not in NETWORK_MODES:
+            raise InvalidInput(f"{where}: network {value!r} is not one of {', '.join(NETWORK_MODES)}")
+        else:
+            out[key] = value.strip()
+    return out
 
 
 def parse_toml(text: str) -> Plan:

@@ -70,6 +70,8 @@ def test_a_cycle_is_named() -> None:
     (plan('id = "a"\ncommand = "x"', head='timeout = "soon"\n'), "not a duration"),
     ("parallel = 2\n", "no [[subtask]] entries"),
     ("[[subtask]\n", "not valid TOML"),
+    (plan('id = "a"\ncommand = "x"\nnetwork = "everywhere"'), "network 'everywhere' is not one of"),
+    (plan('id = "a"\ncommand = "x"', head="cpus = -1\n"), "cpus -1 must be a positive number"),
 ])
 def test_invalid_plans_are_refused(text: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -178,6 +180,26 @@ def test_non_shell_agents_are_refused_clearly(svc: TaskService, repo: Path) -> N
     with pytest.raises(InvalidInput, match="taskbox run"):
         svc.create_subtasks(parent.id, {"agent": "opencode", "subtask": [{"id": "a", "prompt": "do it"}]})
     assert svc.registry.subtasks(parent.id) == []
+
+
+def test_the_plan_overrides_the_parents_sandbox(svc: TaskService, repo: Path, tmp_path: Path) -> None:
+    """Sub-tasks get the parent's image, limits and network unless the plan (or their entry) says otherwise."""
+    parent = svc.create_task(repo, "override parent", memory="512m", cpus=1.0)
+    text = plan('id = "plain"\ncommand = "true"',
+                'id = "small"\ncommand = "true"\nmemory = "256m"\ncpus = 0.5',
+                head='memory = "384m"\n')
+    r = run_cli("ultrawork", parent.id, "--plan", str(_plan_file(tmp_path, text)), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {s["id"]: s for s in svc.registry.subtasks(parent.id)}
+    plain, small = svc.get(rows["plain"]["task_id"]), svc.get(rows["small"]["task_id"])
+    assert (plain.memory_limit, plain.cpu_limit) == ("384m", 1.0)  # the plan's memory, the parent's cpus
+    assert (small.memory_limit, small.cpu_limit) == ("256m", 0.5)  # its own entry wins
+    assert plain.network == small.network == parent.network and plain.image == parent.image
+    # a limit past the settings' caps is refused when the sub-task is made, like any create
+    bad = plan('id = "huge"\ncommand = "true"\nmemory = "256g"')
+    other = svc.create_task(repo, "capped parent")
+    r = run_cli("ultrawork", other.id, "--plan", str(_plan_file(tmp_path, bad)), "--json", timeout=300)
+    assert r.returncode != 0 and [s["status"] for s in svc.registry.subtasks(other.id)] == ["failed"]
 
 
 def test_a_failure_blocks_only_its_dependents(svc: TaskService, repo: Path, tmp_path: Path) -> None:
