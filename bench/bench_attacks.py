@@ -368,10 +368,12 @@ class Host:
             self.marker.unlink()
         if tree_hash(self.canary) != canary_before:
             found.append("canary directory changed")
-        others = [r for r in after["refs"] if not r.startswith(f"refs/heads/{branch} ")]
-        if others != [r for r in repo_before["refs"] if not r.startswith(f"refs/heads/{branch} ")]:
+        # Only the task's branch and its companion memory ref (docs/branches.md) may move.
+        own = (f"refs/heads/{branch} ", f"refs/taskbox/{branch}/memory ")
+        others = [r for r in after["refs"] if not r.startswith(own)]
+        if others != [r for r in repo_before["refs"] if not r.startswith(own)]:
             found.append("user refs moved: " + ", ".join(sorted(set(others) ^ {
-                r for r in repo_before["refs"] if not r.startswith(f"refs/heads/{branch} ")}))[:80])
+                r for r in repo_before["refs"] if not r.startswith(own)}))[:80])
         for key in ("head", "config", "hooks", "files"):
             if after[key] != repo_before[key]:
                 found.append(f"user repository {key} changed")
