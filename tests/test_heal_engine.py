@@ -92,11 +92,33 @@ class PrivateEngine:
             except subprocess.TimeoutExpired:
                 self.containerd.send_signal(signal.SIGKILL)
                 self.containerd.wait(30)
-            for pid in shims:
+            # The shims' containers' processes too: killing a shim alone would leave them to init.
+            for pid in [*descendants({int(p) for p in shims}), *map(int, shims)]:
                 try:
-                    os.kill(int(pid), signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
+
+
+def descendants(roots: set[int]) -> list[int]:
+    """Every process below ``roots`` (read from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 @pytest.fixture(scope="module")
