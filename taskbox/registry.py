@@ -806,23 +806,7 @@ class Registry:
             final = self.backups / f"registry-{stamp}-{n}.db"
         tmp = self.backups / f".{final.name}.{os.getpid()}.tmp"
         try:
-            dst = sqlite3.connect(tmp)
-            try:
-                self._conn().backup(dst)
-                dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
-            finally:
-                dst.close()
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            dfd = os.open(self.backups, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            copy_database(self._conn(), tmp, final)
         except (sqlite3.Error, OSError) as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, sqlite3.Error):
@@ -852,6 +836,28 @@ class Registry:
         pragma = "quick_check" if quick else "integrity_check"
         rows = [r[0] for r in self._conn().execute(f"PRAGMA {pragma}")]
         return [] if rows == ["ok"] else rows
+
+
+def copy_database(src: sqlite3.Connection, tmp: Path, final: Path) -> None:
+    """Copy an open database to ``final`` atomically and durably: SQLite's online backup into
+    ``tmp`` (one self-contained file, no WAL), fsync, rename over ``final``, fsync the directory."""
+    dst = sqlite3.connect(tmp)
+    try:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        dst.close()
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def list_backups(backups: Path | None) -> list[Path]:
@@ -913,18 +919,10 @@ def restore_backup(db: Path, backups: Path, name: str | None = None) -> dict[str
     tmp = db.with_name(f".{db.name}.restore.{os.getpid()}.tmp")
     try:
         src = sqlite3.connect(f"file:{chosen}?mode=ro", uri=True)
-        dst = sqlite3.connect(tmp)
         try:
-            src.backup(dst)
+            copy_database(src, tmp, db)
         finally:
             src.close()
-            dst.close()
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, db)
     except (sqlite3.Error, OSError) as exc:
         tmp.unlink(missing_ok=True)
         raise RegistryError(f"could not restore {chosen.name} to {db}: {exc}") from exc
