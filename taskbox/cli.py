@@ -738,8 +738,11 @@ def merge(task_id: str, into: str | None, squash: bool, as_json: bool) -> None:
         human = f"conflict merging {task_id} into {res['into']}; nothing was changed. Conflicting files:\n" + \
             "\n".join(f"  {f}" for f in res["conflict_files"])
         _render_exit(res, human, as_json, 4)
-    word = "already contained" if res["status"] == "already" else "merged as"
-    _render_exit(res, f"{task_id} {word} {res['commit'][:12]} in {res['into']}", as_json, 0)
+    if res["status"] == "already":
+        human = f"nothing to merge: {res['into']} already contains {task_id}'s work (at {res['commit'][:12]})"
+    else:
+        human = f"{task_id} merged as {res['commit'][:12]} in {res['into']}"
+    _render_exit(res, human, as_json, 0)
 
 
 # --- checkpoints -----------------------------------------------------------------------------
