@@ -535,7 +535,10 @@ class TaskService:
         if disk_bytes:  # not root, no mkfs, a quota larger than the free disk: say so now
             quota.check_supported()
             quota.check_room(self.paths.volumes, disk_bytes)
-        metadata = {k: v for k, v in (metadata or {}).items() if k not in ("quota", "memory_on_branch", "ports")}
+        metadata = {k: v for k, v in (metadata or {}).items()
+                    if k not in ("quota", "memory_on_branch", "ports", "setup_pending", "caches")}
+        if lazy and setup.commands:  # run when the sandbox first starts (ensure_running), as the file says now
+            metadata["setup_pending"] = {"commands": setup.commands, "timeout": setup.timeout}
         if self.settings.memory_on_branch if memory_on_branch is None else memory_on_branch:
             metadata["memory_on_branch"] = True
         if publish:  # published by _create_container, so a port already taken undoes the create
@@ -821,6 +824,22 @@ class TaskService:
         if task.status is not Status.ACTIVE:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
         self._recover_memory(task)
+        if task.metadata.get("setup_pending"):
+            task = self._run_pending_setup(task)
+        return task
+
+    def _run_pending_setup(self, task: Task) -> Task:
+        """A lazy task's setup commands, once, when its sandbox first starts: the caller that
+        clears the mark runs them; a failure fails the task like a failed setup at create."""
+        while (pending := task.metadata.get("setup_pending")):
+            meta = {k: v for k, v in task.metadata.items() if k != "setup_pending"}
+            try:
+                task = self.registry.update_task(task.id, task.version, {"metadata": meta})
+            except ConcurrentModification:
+                task = self.get(task.id)  # another change (or another caller that runs them): look again
+                continue
+            return self._run_setup(task, projects.ProjectSetup(commands=list(pending.get("commands") or []),
+                                                               timeout=pending.get("timeout")))
         return task
 
     def kill_orphans(self, task: Task, lease: Lease) -> list[dict[str, Any]]:

@@ -102,3 +102,36 @@ def test_devcontainer_and_templates(svc: TaskService, repo: Path, home: Path) ->
     assert t2.template == "py" and (Path(t2.workspace_path) / "dc.txt").exists()
     with pytest.raises(NotFound, match="no template 'nope' \\(templates: py\\)"):
         svc.create_task(other, "no such template", template="nope")
+
+
+def test_lazy_task_runs_setup_once_when_its_sandbox_first_starts(svc: TaskService, repo: Path) -> None:
+    (repo / ".env").write_text("K=v\n")
+    _project(repo, '[setup]\ncopy = [".env"]\ncommands = ["echo ran >> setup.log"]\n')
+    task = svc.create_task(repo, "lazy with setup", lazy=True)
+    ws = Path(task.workspace_path)
+    assert task.status.value == "pending" and (ws / ".env").read_text() == "K=v\n"
+    assert not (ws / "setup.log").exists()  # no sandbox yet: nothing ran
+    # the project file changing afterwards does not change what this task runs
+    _project(repo, '[setup]\ncommands = ["echo changed >> setup.log"]\n')
+    svc.attach(task.id, "me")  # first use starts the sandbox: the setup runs there, once
+    assert (ws / "setup.log").read_text() == "ran\n"
+    assert svc.get(task.id).status.value == "active" and "setup_pending" not in svc.get(task.id).metadata
+    svc.detach(task.id)
+    svc.exec(task.id, "true")
+    assert (ws / "setup.log").read_text() == "ran\n"
+    assert [e["payload"]["exit_code"] for e in svc.registry.events(task.id) if e["type"] == "setup.command"] == [0]
+
+
+def test_lazy_task_whose_setup_fails_is_failed_with_the_log(svc: TaskService, repo: Path) -> None:
+    _project(repo, '[setup]\ncommands = ["echo half; exit 3"]\n')
+    task = svc.create_task(repo, "lazy broken", task_id="lazy-broken", lazy=True)
+    with pytest.raises(SandboxError, match="setup command 1 `echo half; exit 3` exited with code 3"):
+        svc.exec(task.id, "echo hi")
+    failed = svc.get(task.id)
+    assert failed.status.value == "failed" and "setup_pending" not in failed.metadata
+    assert svc.executions(task.id)[-1]["stdout"] == "half\n"
+    r = run_cli("create-task", "lazy cli", "--repo", str(repo), "--id", "lazy-cli", "--lazy")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("resume-task", "lazy-cli")
+    assert r.returncode == 6 and "setup command 1 `echo half; exit 3` exited with code 3" in r.stderr
+    assert svc.get("lazy-cli").status.value == "failed"
