@@ -1047,6 +1047,33 @@ def template_save(name: str, repo: str) -> Any:
     return data, f"saved template {name} at {data['path']}"
 
 
+# --- shared host caches ------------------------------------------------------------------------
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Shared host caches (pip, uv, npm) mounted read-only into sandboxes: `[sandbox] caches`."""
+
+
+@command(cache_group, "list")
+def cache_list() -> Any:
+    """The shared caches under TASKBOX_HOME/caches: size, and where sandboxes see them."""
+    rows = _service().caches()
+    return rows, table([[r["name"], r["files"], _size(r["bytes"]) if r["exists"] else "-", r["mount"],
+                         r["path"]] for r in rows], ["NAME", "FILES", "SIZE", "MOUNT", "PATH"])
+
+
+@command(cache_group, "warm")
+@click.argument("name")
+@click.argument("packages", nargs=-1)
+@click.option("-r", "--requirements", type=click.Path(dir_okay=False), help="pip/uv: a requirements file to fill from.")
+@click.option("--image", help="The image to build wheels in (default: the sandbox image).")
+def cache_warm(name: str, packages: tuple[str, ...], requirements: str | None, image: str | None) -> Any:
+    """Fill cache NAME (pip, uv, npm) with PACKAGES from a throwaway container with network."""
+    data = _service().warm_cache(name, list(packages), requirements=requirements, image=image, progress=progress)
+    return data, f"{name} cache: {data['files']} files, {_size(data['bytes'])} at {data['path']}"
+
+
 # --- safety: project policy --------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ A new task's workspace starts ready to work::
 
     [sandbox]
     image = "my-image:1"                   # the image (default: devcontainer.json's "image", else the setting)
+    caches = ["pip", "npm"]                # host caches shared read-only (taskbox.caches; `taskbox cache warm`)
 
     [agent]
     default = "claude-code"                # `taskbox run` without --agent
@@ -36,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import caches
 from .config import load_project_file
 from .confine import normalize
 from .errors import InvalidInput, NotFound
@@ -56,6 +58,7 @@ class ProjectSetup:
     image: str | None = None
     agent: str | None = None
     packages: list[str] = field(default_factory=list)
+    caches: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # where these came from (files, template)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +72,7 @@ class ProjectSetup:
         if self.timeout:
             lines.append(f"timeout = {int(self.timeout)}")
         lines += ["", "[sandbox]"] + ([f"image = {q(self.image)}"] if self.image else [])
+        lines += [f"caches = {q(self.caches)}"] if self.caches else []
         lines += ["", "[agent]"] + ([f"default = {q(self.agent)}"] if self.agent else [])
         lines.append(f"packages = {q(self.packages)}")
         return "\n".join(lines) + "\n"
@@ -78,6 +82,7 @@ class ProjectSetup:
         return ProjectSetup(copy=self.copy or base.copy, commands=self.commands or base.commands,
                             timeout=self.timeout or base.timeout, image=self.image or base.image,
                             agent=self.agent or base.agent, packages=self.packages or base.packages,
+                            caches=self.caches or base.caches,
                             sources=[*self.sources, *base.sources])
 
 
@@ -87,7 +92,7 @@ def parse(data: dict[str, Any], where: str) -> ProjectSetup:
     if unknown:
         raise InvalidInput(f"{where}: unknown sections {', '.join(sorted(unknown))}")
     setup, sandbox, agent = (data.get(k) or {} for k in ("setup", "sandbox", "agent"))
-    for name, section, keys in (("setup", setup, {"copy", "commands", "timeout"}), ("sandbox", sandbox, {"image"}),
+    for name, section, keys in (("setup", setup, {"copy", "commands", "timeout"}), ("sandbox", sandbox, {"image", "caches"}),
                                 ("agent", agent, {"default", "packages"})):
         if not isinstance(section, dict):
             raise InvalidInput(f"{where}: [{name}] must be a table")
@@ -115,8 +120,9 @@ def parse(data: dict[str, Any], where: str) -> ProjectSetup:
     default = agent.get("default")
     if default is not None and not isinstance(default, str):
         raise InvalidInput(f"{where}: agent.default must be an agent name")
+    names = caches.check_names(strings(sandbox.get("caches", []), "sandbox.caches"), where)
     return ProjectSetup(copy=copy, commands=strings(setup.get("commands", []), "setup.commands"), timeout=timeout,
-                        image=image, agent=default, packages=strings(agent.get("packages", []), "agent.packages"),
+                        image=image, caches=names, agent=default, packages=strings(agent.get("packages", []), "agent.packages"),
                         sources=[where])
 
 

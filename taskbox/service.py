@@ -27,6 +27,7 @@ import pluggy
 
 from . import (
     agents,
+    caches,
     doctor,
     engine,
     faults,
@@ -539,6 +540,8 @@ class TaskService:
                     if k not in ("quota", "memory_on_branch", "ports", "setup_pending", "caches")}
         if lazy and setup.commands:  # run when the sandbox first starts (ensure_running), as the file says now
             metadata["setup_pending"] = {"commands": setup.commands, "timeout": setup.timeout}
+        if setup.caches:  # mounted read-only into every container the task gets (taskbox.caches)
+            metadata["caches"] = list(setup.caches)
         if self.settings.memory_on_branch if memory_on_branch is None else memory_on_branch:
             metadata["memory_on_branch"] = True
         if publish:  # published by _create_container, so a port already taken undoes the create
@@ -785,6 +788,10 @@ class TaskService:
             pids_limit=task.pids_limit,
             network=task.network,
         )
+        names = [n for n in task.metadata.get("caches") or [] if n in caches.CACHES]
+        for name in names:
+            spec.ro_binds[str(caches.host_dir(self.paths.home, name))] = caches.get(name).target
+        spec.env.update(caches.sandbox_env(names, task.network))
         self.hook.sandbox_spec(service=self, task=task, spec=spec)  # hardening, egress proxy rules
         if not fresh:
             self._remove_labelled_container(task.id)  # e.g. left behind by a crash
@@ -798,7 +805,59 @@ class TaskService:
         for p in task.metadata.get("ports") or []:  # a new container: its published ports again
             self.sandbox.publish(cid, p["port"], p["host_ip"], p["host_port"], task.image,
                                  {LABEL_TASK: task.id, LABEL_HOME: self.home_label})
+        if "npm" in names:  # npm cannot read a read-only cache: the container starts from a copy of it
+            try:
+                r = self.sandbox.capture(cid, ["sh", "-c", caches.NPM_SEED], timeout=600)
+                error = r.stderr.strip()[-300:] if r.exit_code else None
+            except TaskboxError as exc:
+                error = exc.message[:300]
+            if error is not None:
+                self.registry.add_event("cache.seed_failed", task.id, {"cache": "npm", "error": error})
         return cid
+
+    # --- shared host caches (taskbox.caches) ---------------------------------------------------
+
+    def caches(self) -> list[dict[str, Any]]:
+        """The shared caches: host directory, size, where sandboxes see them."""
+        return caches.usage(self.paths.home)
+
+    def warm_cache(self, name: str, packages: list[str], *, requirements: str | Path | None = None,
+                   image: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Fill shared cache ``name`` with ``packages`` (and a requirements file's) from a
+        throwaway container with network; tasks then read it read-only (:mod:`taskbox.caches`)."""
+        say = progress or (lambda _msg: None)
+        caches.get(name)
+        req: str | None = None
+        if requirements is not None:  # the user's own file, passed as text: never a file in the cache
+            path = Path(requirements).expanduser()
+            try:
+                data = path.read_bytes()[:caches.REQUIREMENTS_MAX + 1]
+            except OSError as exc:
+                raise InvalidInput(f"cannot read requirements file {path}: {exc.strerror}") from exc
+            if len(data) > caches.REQUIREMENTS_MAX:
+                raise InvalidInput(f"requirements file {path} is larger than {caches.REQUIREMENTS_MAX} bytes")
+            req = data.decode("utf-8", errors="replace")
+        argv = caches.warm_command(name, packages, req is not None)
+        image_name = image or self.settings.image
+        self.sandbox.ensure_image(image_name)
+        folder = caches.host_dir(self.paths.home, name)
+        ca = caches.host_ca_file()
+        ro = {str(ca.resolve()): "/etc/taskbox-ca.pem"} if ca else {}
+        env = caches.warm_env("/etc/taskbox-ca.pem" if ca else None)
+        if req is not None:
+            env["TASKBOX_REQUIREMENTS"] = req
+        say(f"filling the {name} cache in a throwaway container of {image_name}")
+        t0 = time.perf_counter()
+        with self.sandbox.scratch(image_name, folder, {LABEL_HOME: self.home_label}, network="open",
+                                  ro_binds=ro) as cid:
+            r = self.sandbox.capture(cid, argv, env=env, timeout=self.settings.setup_timeout, limit=64 * 1024)
+        row = next(c for c in caches.usage(self.paths.home) if c["name"] == name)
+        self.registry.add_event("cache.warmed", None, {"cache": name, "packages": packages[:50],
+                                                       "exit_code": r.exit_code, "bytes": row["bytes"]})
+        if r.exit_code != 0:
+            tail = (r.stderr.strip() or r.stdout.decode(errors="replace").strip()).splitlines()[-1:] or [""]
+            raise SandboxError(f"cache warm {name} failed (exit code {r.exit_code}): {tail[0][:300]}", cache=name)
+        return {**row, "packages": packages, "seconds": round(time.perf_counter() - t0, 2)}
 
     # --- container state ---------------------------------------------------------------------
 

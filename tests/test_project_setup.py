@@ -135,3 +135,70 @@ def test_lazy_task_whose_setup_fails_is_failed_with_the_log(svc: TaskService, re
     r = run_cli("resume-task", "lazy-cli")
     assert r.returncode == 6 and "setup command 1 `echo half; exit 3` exited with code 3" in r.stderr
     assert svc.get("lazy-cli").status.value == "failed"
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel (one module printing a marker), built without any tool."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": "MARK = 'from-the-shared-cache'\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()}"
+                     f",{len(t.encode())}\n" for p, t in files.items()) + f"{dist}/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, t in {**files, f"{dist}/RECORD": record}.items():
+            z.writestr(p, t)
+    return path
+
+
+def test_pip_cache_is_mounted_read_only_and_used_offline(svc: TaskService, repo: Path, home: Path,
+                                                         docker_engine) -> None:
+    _project(repo, '[sandbox]\ncaches = ["pip"]\n')
+    task = svc.create_task(repo, "cached installs")  # network none: no index to reach
+    shared = home / "caches" / "pip"
+    assert shared.is_dir()  # made by taskbox when a task first names it
+    _wheel(shared, "tbcachedemo", "1.0")  # what `taskbox cache warm` leaves there
+    before = sorted(p.name for p in shared.iterdir())
+    mounts = docker_engine.api.inspect_container(task.container_id)["Mounts"]
+    cache_mount = next(m for m in mounts if m["Destination"] == "/opt/taskbox/caches/pip")
+    assert cache_mount["RW"] is False and Path(cache_mount["Source"]) == shared
+    r = svc.exec(task.id, "python3 -m venv /tmp/v && /tmp/v/bin/pip install tbcachedemo && "
+                          "/tmp/v/bin/python -c 'import tbcachedemo; print(tbcachedemo.MARK)'", timeout=300)
+    assert r.exit_code == 0, r.stderr
+    assert "from-the-shared-cache" in r.stdout and "Successfully installed tbcachedemo-1.0" in r.stdout
+    # the sandbox cannot write to it, not even where it owns the files
+    for attempt in ("touch /opt/taskbox/caches/pip/evil.whl", "rm /opt/taskbox/caches/pip/tbcachedemo-1.0-py3-none-any.whl",
+                    "echo x > /opt/taskbox/caches/pip/tbcachedemo-1.0-py3-none-any.whl"):
+        bad = svc.exec(task.id, attempt)
+        assert bad.exit_code != 0 and "Read-only file system" in bad.stderr, attempt
+    assert sorted(p.name for p in shared.iterdir()) == before
+    # a project naming an unknown cache is refused before anything
+    _project(repo, '[sandbox]\ncaches = ["maven"]\n')
+    with pytest.raises(InvalidInput, match="unknown cache 'maven' in sandbox.caches; known: npm, pip, uv"):
+        svc.create_task(repo, "unknown cache")
+
+
+def test_cache_warm_fills_pip_and_npm_caches_that_offline_tasks_install_from(svc: TaskService, repo: Path,
+                                                                              home: Path) -> None:
+    (repo / "requirements.txt").write_text("six==1.17.0\n")
+    r = run_cli("cache", "warm", "pip", "-r", str(repo / "requirements.txt"), "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"] >= 1 and (home / "caches" / "pip" / "six-1.17.0-py2.py3-none-any.whl").is_file()
+    r = run_cli("cache", "warm", "npm", "is-odd@3.0.1", timeout=600)
+    assert r.returncode == 0, r.stderr
+    listed = {row["name"]: row for row in json.loads(run_cli("cache", "list", "--json").stdout)}
+    assert listed["npm"]["files"] > 0 and listed["pip"]["files"] >= 1 and not listed["uv"]["exists"]
+    _project(repo, '[sandbox]\ncaches = ["pip", "npm"]\n')
+    task = svc.create_task(repo, "offline installs")
+    r = svc.exec(task.id, "python3 -m venv /tmp/v && /tmp/v/bin/pip install six && "
+                          "mkdir -p /tmp/n && cd /tmp/n && npm install --no-audit --no-fund is-odd@3.0.1 && "
+                          "node -e 'console.log(require(\"is-odd\")(3))'", timeout=300)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "Successfully installed six-1.17.0" in r.stdout and r.stdout.strip().endswith("true")
+    bad = run_cli("cache", "warm", "cargo", "serde")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown cache 'cargo'; known: npm, pip, uv"
