@@ -977,7 +977,9 @@ def image() -> None:
               help="Also build the agent CLIs layer (OpenCode, Claude Code, Codex from npm, pinned; tmux).")
 @click.option("--package", "packages", multiple=True, metavar="NAME@VERSION",
               help="Another npm package for the agents layer (pinned version). Repeatable.")
-def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str, ...]) -> Any:
+@click.option("--repo", help="Also build this project's own Dockerfile (.taskbox/config.toml or devcontainer.json) "
+                             "and add its [agent] packages to the agents layer.")
+def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str, ...], repo: str | None) -> Any:
     """Build the default sandbox image (bootstrapping a Debian base if it cannot be pulled)."""
     from . import images
     from .engine import connect
@@ -986,6 +988,15 @@ def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str
     word = "cached" if res.cached else "built"
     human = f"{word} {res.tag} (base {res.base}) in {res.seconds:.1f}s"
     data: dict[str, Any] = dict(res.__dict__)
+    if repo:
+        project = _service().build_project_image(repo, force=force, progress=progress)
+        data["project"] = project
+        packages = (*packages, *project["packages"])
+        if project["image"]:
+            pimg = project["image"]
+            human += f"\n{'cached' if pimg['cached'] else 'built'} {pimg['tag']} (the project's Dockerfile)"
+        elif not project["packages"]:
+            human += f"\n{project['repo']} names no Dockerfile and no agent packages"
     if proxy:
         pres = images.build_proxy(connect(), force=force, progress=progress)
         data["proxy"] = pres.__dict__

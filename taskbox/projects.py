@@ -9,6 +9,7 @@ A new task's workspace starts ready to work::
 
     [sandbox]
     image = "my-image:1"                   # the image (default: devcontainer.json's "image", else the setting)
+    # dockerfile = "docker/dev.Dockerfile" # or build one (instead of image); context defaults to its folder
     caches = ["pip", "npm"]                # host caches shared read-only (taskbox.caches; `taskbox cache warm`)
 
     [agent]
@@ -16,7 +17,8 @@ A new task's workspace starts ready to work::
     packages = ["cowsay@1.6.0"]            # extra npm packages for `taskbox image build --agents --repo .`
 
 When the repository has ``.devcontainer/devcontainer.json`` (or ``.devcontainer.json``), its
-``image`` and ``postCreateCommand`` are used where the file above says nothing.
+``image`` or ``build.dockerfile``/``build.context``, and ``postCreateCommand``, are used where
+the file above says nothing.
 
 A **template** is the same settings kept under ``TASKBOX_HOME/templates/NAME.toml``
 (`taskbox template save|list|show`); ``create-task --template NAME`` applies it, the project's
@@ -56,6 +58,8 @@ class ProjectSetup:
     commands: list[str] = field(default_factory=list)
     timeout: int | None = None
     image: str | None = None
+    dockerfile: str | None = None  # relative to the repository, like context
+    context: str | None = None
     agent: str | None = None
     packages: list[str] = field(default_factory=list)
     caches: list[str] = field(default_factory=list)
@@ -72,15 +76,21 @@ class ProjectSetup:
         if self.timeout:
             lines.append(f"timeout = {int(self.timeout)}")
         lines += ["", "[sandbox]"] + ([f"image = {q(self.image)}"] if self.image else [])
+        lines += [f"dockerfile = {q(self.dockerfile)}"] if self.dockerfile else []
+        lines += [f"context = {q(self.context)}"] if self.dockerfile and self.context else []
         lines += [f"caches = {q(self.caches)}"] if self.caches else []
         lines += ["", "[agent]"] + ([f"default = {q(self.agent)}"] if self.agent else [])
         lines.append(f"packages = {q(self.packages)}")
         return "\n".join(lines) + "\n"
 
     def over(self, base: ProjectSetup) -> ProjectSetup:
-        """These settings, with ``base`` filling what they leave out (lists: these if non-empty)."""
+        """These settings, with ``base`` filling what they leave out (lists: these if non-empty).
+
+        The image and the Dockerfile go together: either names the sandbox's image."""
+        img = self if self.image or self.dockerfile else base
         return ProjectSetup(copy=self.copy or base.copy, commands=self.commands or base.commands,
-                            timeout=self.timeout or base.timeout, image=self.image or base.image,
+                            timeout=self.timeout or base.timeout, image=img.image, dockerfile=img.dockerfile,
+                            context=img.context,
                             agent=self.agent or base.agent, packages=self.packages or base.packages,
                             caches=self.caches or base.caches,
                             sources=[*self.sources, *base.sources])
@@ -92,7 +102,7 @@ def parse(data: dict[str, Any], where: str) -> ProjectSetup:
     if unknown:
         raise InvalidInput(f"{where}: unknown sections {', '.join(sorted(unknown))}")
     setup, sandbox, agent = (data.get(k) or {} for k in ("setup", "sandbox", "agent"))
-    for name, section, keys in (("setup", setup, {"copy", "commands", "timeout"}), ("sandbox", sandbox, {"image", "caches"}),
+    for name, section, keys in (("setup", setup, {"copy", "commands", "timeout"}), ("sandbox", sandbox, {"image", "dockerfile", "context", "caches"}),
                                 ("agent", agent, {"default", "packages"})):
         if not isinstance(section, dict):
             raise InvalidInput(f"{where}: [{name}] must be a table")
@@ -117,12 +127,29 @@ def parse(data: dict[str, Any], where: str) -> ProjectSetup:
     image = sandbox.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
         raise InvalidInput(f"{where}: sandbox.image must be an image name")
+    paths: dict[str, str | None] = {}
+    for key in ("dockerfile", "context"):
+        value = sandbox.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidInput(f"{where}: sandbox.{key} must be a path in the repository")
+            try:
+                value = normalize(value, allow_root=key == "context")
+            except Exception as exc:  # noqa: BLE001 - any refusal of the path is a bad entry
+                raise InvalidInput(f"{where}: sandbox.{key} {value!r} must be a path inside the repository") from exc
+        paths[key] = value
+    if image and paths["dockerfile"]:
+        raise InvalidInput(f"{where}: name sandbox.image or sandbox.dockerfile, not both")
+    if paths["context"] and not paths["dockerfile"]:
+        raise InvalidInput(f"{where}: sandbox.context is the build context of sandbox.dockerfile; name that too")
+    if paths["dockerfile"] and not paths["context"]:
+        paths["context"] = str(Path(paths["dockerfile"]).parent)
     default = agent.get("default")
     if default is not None and not isinstance(default, str):
         raise InvalidInput(f"{where}: agent.default must be an agent name")
     names = caches.check_names(strings(sandbox.get("caches", []), "sandbox.caches"), where)
     return ProjectSetup(copy=copy, commands=strings(setup.get("commands", []), "setup.commands"), timeout=timeout,
-                        image=image, caches=names, agent=default, packages=strings(agent.get("packages", []), "agent.packages"),
+                        image=image, dockerfile=paths["dockerfile"], context=paths["context"], caches=names, agent=default, packages=strings(agent.get("packages", []), "agent.packages"),
                         sources=[where])
 
 
@@ -152,8 +179,19 @@ def _devcontainer(repo: Path) -> ProjectSetup:
         elif isinstance(post, dict):
             post = " && ".join(str(v) if isinstance(v, str) else " ".join(map(str, v)) for v in post.values())
         image = data.get("image") if isinstance(data.get("image"), str) else None
+        build = data.get("build") if isinstance(data.get("build"), dict) else {}
+        dockerfile = build.get("dockerfile") or data.get("dockerFile")  # "dockerFile": the older spelling
+        context = build.get("context") or data.get("context") or "."
+        rels: list[str | None] = [None, None]
+        if isinstance(dockerfile, str) and dockerfile.strip() and not image:
+            folder = Path(rel).parent  # devcontainer.json's paths are relative to its own folder
+            try:
+                rels = [normalize(str(folder / dockerfile), allow_root=False),
+                        normalize(str(folder / str(context)), allow_root=True)]
+            except Exception as exc:  # noqa: BLE001 - any refusal of the path is a bad entry
+                raise InvalidInput(f"{path}: build.dockerfile and build.context must be inside the repository") from exc
         return ProjectSetup(commands=[post] if isinstance(post, str) and post.strip() else [], image=image,
-                            sources=[str(path)])
+                            dockerfile=rels[0], context=rels[1], sources=[str(path)])
     return ProjectSetup()
 
 

@@ -33,6 +33,7 @@ from . import (
     faults,
     files,
     git,
+    images,
     liveness,
     network,
     policy,
@@ -568,7 +569,9 @@ class TaskService:
             if proc.returncode != 0:
                 raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
             base_commit = proc.stdout.strip()
-        image_name = image or setup.image or self.settings.image
+        image_name = image or setup.image or (
+            self.project_image(repo_path, setup, build=not lazy, progress=say) if setup.dockerfile
+            else self.settings.image)
         if not lazy:  # Docker down or an image missing: say so before anything changes
             self.sandbox.ensure_image(image_name)
             if net == "allowlist":
@@ -660,6 +663,32 @@ class TaskService:
         """A project's setup (``.taskbox/config.toml``, ``devcontainer.json``), under ``template`` if named."""
         own = projects.load(Path(repo))
         return projects.template(self.paths.home, template).over(own) if template else own
+
+    def project_image(self, repo: Path, setup: projects.ProjectSetup, *, build: bool = True, force: bool = False,
+                      progress: Callable[[str], None] | None = None) -> str:
+        """The image of a project's own Dockerfile, built unless already built (or ``build`` is
+        false: a lazy task builds nothing now, and `taskbox image build --repo` builds it)."""
+        assert setup.dockerfile
+        context = setup.context or str(Path(setup.dockerfile).parent)
+        if not build:
+            return images.project_image(repo, setup.dockerfile, context)[0]
+        return images.build_project(self.sandbox.client, repo=repo, dockerfile=setup.dockerfile, context=context,
+                                    force=force, progress=progress).tag
+
+    def build_project_image(self, repo: str | Path, *, force: bool = False,
+                            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Build the image of the project at ``repo`` from its own Dockerfile (`image build --repo`);
+        ``packages``: its ``[agent] packages`` for the agents layer. ``image`` is None when the
+        project names no Dockerfile."""
+        root = git.repo_root(Path(repo).expanduser().resolve())
+        setup = projects.load(root)
+        out: dict[str, Any] = {"repo": str(root), "image": None, "packages": setup.packages}
+        if setup.dockerfile and not setup.image:
+            assert setup.context
+            res = images.build_project(self.sandbox.client, repo=root, dockerfile=setup.dockerfile,
+                                       context=setup.context, force=force, progress=progress)
+            out["image"] = {"tag": res.tag, "cached": res.cached, "seconds": round(res.seconds, 2)}
+        return out
 
     def templates(self) -> list[dict[str, Any]]:
         return projects.templates(self.paths.home)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from taskbox import InvalidInput, NotFound, SandboxError, TaskService
+from taskbox.sandbox import LABEL_HOME
 
 from .conftest import git, run_cli
 
@@ -202,3 +203,55 @@ def test_cache_warm_fills_pip_and_npm_caches_that_offline_tasks_install_from(svc
     assert "Successfully installed six-1.17.0" in r.stdout and r.stdout.strip().endswith("true")
     bad = run_cli("cache", "warm", "cargo", "serde")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown cache 'cargo'; known: npm, pip, uv"
+
+
+def test_project_dockerfile_and_devcontainer_build(svc: TaskService, repo: Path, docker_engine) -> None:
+    import secrets
+
+    token = secrets.token_hex(4)  # a Dockerfile of its own: built by this test, never found from an earlier run
+    (repo / "docker").mkdir()
+    (repo / "docker" / "hello.txt").write_text("from the context\n")
+    (repo / "docker" / "Dockerfile").write_text(
+        f"FROM taskbox-sandbox:latest\nLABEL test.token={token}\nUSER root\nCOPY hello.txt /opt/hello.txt\n"
+        "RUN echo built > /opt/marker\nUSER agent\n")
+    _project(repo, '[sandbox]\ndockerfile = "docker/Dockerfile"\n[setup]\ncommands = ["cat /opt/hello.txt > seen.txt"]\n')
+    built: list[str] = []
+    try:
+        task = svc.create_task(repo, "own dockerfile")
+        built.append(task.image)
+        assert task.image.startswith("taskbox-project:") and task.image != svc.settings.image
+        assert (Path(task.workspace_path) / "seen.txt").read_text() == "from the context\n"  # context, then setup
+        assert svc.exec(task.id, "cat /opt/marker").stdout == "built\n"
+        again = svc.create_task(repo, "own dockerfile again")
+        assert again.image == task.image  # the same Dockerfile: built once
+        r = run_cli("image", "build", "--repo", str(repo), "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["project"]["image"] == {**json.loads(r.stdout)["project"]["image"],
+                                                            "tag": task.image, "cached": True}
+        # devcontainer.json's build: paths relative to its own folder
+        _project(repo, "")
+        (repo / ".devcontainer").mkdir()
+        (repo / ".devcontainer" / "devcontainer.json").write_text(json.dumps(
+            {"build": {"dockerfile": "../docker/Dockerfile", "context": "../docker"},
+             "postCreateCommand": "cat /opt/marker > dc.txt"}))
+        dc = svc.create_task(repo, "devcontainer build")
+        assert dc.image == task.image and (Path(dc.workspace_path) / "dc.txt").read_text() == "built\n"
+        # a Dockerfile that fails to build: one line, nothing created
+        (repo / "docker" / "Dockerfile").write_text(f"FROM taskbox-sandbox:latest\nLABEL t={token}-bad\nRUN exit 3\n")
+        before = {t.id for t in svc.list_tasks()}
+        r = run_cli("create-task", "broken image", "--repo", str(repo))
+        assert r.returncode == 6 and len(r.stderr.strip().splitlines()) >= 1
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: building the project's Dockerfile docker/Dockerfile failed:") and "3" in last
+        assert {t.id for t in svc.list_tasks()} == before
+        _project(repo, '[sandbox]\nimage = "x:1"\ndockerfile = "docker/Dockerfile"\n')
+        with pytest.raises(InvalidInput, match="name sandbox.image or sandbox.dockerfile, not both"):
+            svc.create_task(repo, "both")
+    finally:
+        for c in docker_engine.api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
+            docker_engine.api.remove_container(c["Id"], force=True)  # they hold the image
+        for tag in built:
+            try:
+                docker_engine.images.remove(tag, force=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
