@@ -1035,9 +1035,10 @@ def template_group() -> None:
 
 @command(template_group, "list")
 def template_list() -> Any:
-    """The templates saved under TASKBOX_HOME/templates."""
+    """The templates saved under TASKBOX_HOME/templates and those plugins ship."""
     rows = _service().templates()
-    return rows, table([[r["name"], r["path"]] for r in rows], ["NAME", "PATH"]) if rows else "no templates"
+    return rows, table([[r["name"], r["source"], r["path"] or ""] for r in rows],
+                       ["NAME", "SOURCE", "PATH"]) if rows else "no templates"
 
 
 @command(template_group, "show")

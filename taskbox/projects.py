@@ -210,21 +210,36 @@ def _template_path(home: Path, name: str) -> Path:
     return home / "templates" / f"{name}.toml"
 
 
-def template(home: Path, name: str) -> ProjectSetup:
+def template(home: Path, name: str, shipped: dict[str, Any] | None = None) -> ProjectSetup:
+    """Template ``name``: saved under ``home``, else one a plugin ships (``shipped``)."""
     path = _template_path(home, name)
     found = load_project_file(path, _parse_text)
+    if found is None and name in (shipped or {}):
+        settings, where = (shipped or {})[name], f"template {name} (from a plugin)"
+        if isinstance(settings, str):
+            try:
+                settings = tomllib.loads(settings)
+            except tomllib.TOMLDecodeError as exc:
+                raise InvalidInput(f"{where}: invalid TOML: {exc}") from exc
+        if not isinstance(settings, dict):
+            raise InvalidInput(f"{where}: settings must be a table or TOML text")
+        found = parse(settings, where)
     if found is None:
-        names = ", ".join(t["name"] for t in templates(home)) or "none"
+        names = ", ".join(t["name"] for t in templates(home, shipped)) or "none"
         raise NotFound(f"no template {name!r} (templates: {names}); save one with `taskbox template save`",
                        template=name)
     return found
 
 
-def templates(home: Path) -> list[dict[str, Any]]:
+def templates(home: Path, shipped: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The saved templates and those plugins ship (a saved one hides a shipped one of its name)."""
     folder = home / "templates"
-    if not folder.is_dir():
-        return []
-    return [{"name": p.stem, "path": str(p)} for p in sorted(folder.glob("*.toml")) if _NAME.match(p.stem)]
+    rows: dict[str, dict[str, Any]] = {p.stem: {"name": p.stem, "path": str(p), "source": "saved"}
+            for p in (sorted(folder.glob("*.toml")) if folder.is_dir() else []) if _NAME.match(p.stem)}
+    for name in shipped or {}:
+        if isinstance(name, str) and _NAME.match(name) and name not in rows:
+            rows[name] = {"name": name, "path": None, "source": "plugin"}
+    return [rows[n] for n in sorted(rows)]
 
 
 def save_template(home: Path, name: str, setup: ProjectSetup) -> Path:
@@ -259,6 +274,9 @@ def read_copies(repo: Path, entries: list[str]) -> list[tuple[str, bytes, int]]:
             raise InvalidInput(f"setup.copy: {rel} does not exist in {repo}") from None
         if stat.S_ISLNK(st.st_mode):
             raise InvalidInput(f"setup.copy: {rel} is a symbolic link; copy the file it points to instead")
+        real = path.resolve()
+        if real != root and root not in real.parents:  # a linked folder on the way leads out of the repository
+            raise InvalidInput(f"setup.copy: {rel} leads out of the repository through a symbolic link")
         files = [path] if stat.S_ISREG(st.st_mode) else sorted(
             p for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if stat.S_ISDIR(st.st_mode) else []
         for f in files:

@@ -662,7 +662,15 @@ class TaskService:
     def project_setup(self, repo: str | Path, template: str | None = None) -> projects.ProjectSetup:
         """A project's setup (``.taskbox/config.toml``, ``devcontainer.json``), under ``template`` if named."""
         own = projects.load(Path(repo))
-        return projects.template(self.paths.home, template).over(own) if template else own
+        return projects.template(self.paths.home, template, self._shipped_templates()).over(own) if template else own
+
+    def _shipped_templates(self) -> dict[str, Any]:
+        """The templates plugins ship (``project_templates`` hook); the first plugin to name one wins."""
+        out: dict[str, Any] = {}
+        for answer in self.hook.project_templates():
+            for name, settings in (answer or {}).items() if isinstance(answer, dict) else ():
+                out.setdefault(name, settings)
+        return out
 
     def project_image(self, repo: Path, setup: projects.ProjectSetup, *, build: bool = True, force: bool = False,
                       progress: Callable[[str], None] | None = None) -> str:
@@ -691,12 +699,13 @@ class TaskService:
         return out
 
     def templates(self) -> list[dict[str, Any]]:
-        return projects.templates(self.paths.home)
+        """Templates saved under TASKBOX_HOME and those plugins ship."""
+        return projects.templates(self.paths.home, self._shipped_templates())
 
     def show_setup(self, template: str | None = None, repo: str | Path = ".") -> dict[str, Any]:
         """A template's settings, or (no name) the project's own setup at ``repo``."""
         if template:
-            return projects.template(self.paths.home, template).to_dict()
+            return projects.template(self.paths.home, template, self._shipped_templates()).to_dict()
         return projects.load(git.repo_root(Path(repo).expanduser().resolve())).to_dict()
 
     def save_template(self, name: str, repo: str | Path = ".") -> dict[str, Any]:

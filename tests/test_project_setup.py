@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import InvalidInput, NotFound, SandboxError, TaskService
+from taskbox import InvalidInput, NotFound, SandboxError, TaskService, projects
+from taskbox.hookspecs import hookimpl
 from taskbox.sandbox import LABEL_HOME
 
 from .conftest import git, run_cli
@@ -73,6 +74,18 @@ def test_bad_setup_is_refused_before_anything(svc: TaskService, repo: Path) -> N
     _project(repo, '[setup]\ncopy = ["link"]\n')
     with pytest.raises(InvalidInput, match="symbolic link"):
         svc.create_task(repo, "link")
+    outside = repo.parent / "outside"
+    outside.mkdir()
+    (outside / "secret.toml").write_text("not yours\n")
+    (repo / "conf").symlink_to(outside)  # a folder on the way that leads out of the repository
+    _project(repo, '[setup]\ncopy = ["conf/secret.toml"]\n')
+    with pytest.raises(InvalidInput, match="conf/secret.toml leads out of the repository through a symbolic link"):
+        svc.create_task(repo, "through a linked folder")
+    (repo / "local").mkdir()
+    (repo / "local" / "ok.txt").write_text("ok\n")
+    (repo / "local" / "out").symlink_to(outside)  # links inside a copied folder are skipped
+    (repo / "local" / "pw").symlink_to("/etc/passwd")
+    assert [c[0] for c in projects.read_copies(repo, ["local"])] == ["local/ok.txt"]
     _project(repo, '[setup]\nbogus = 1\n')
     with pytest.raises(InvalidInput, match=r"unknown keys in \[setup\]: bogus"):
         svc.create_task(repo, "bogus")
@@ -255,3 +268,22 @@ def test_project_dockerfile_and_devcontainer_build(svc: TaskService, repo: Path,
                 docker_engine.images.remove(tag, force=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def test_templates_shipped_by_a_plugin(svc: TaskService, repo: Path, home: Path) -> None:
+    class Shipped:
+        @hookimpl
+        def project_templates(self) -> dict[str, object]:
+            return {"node-app": {"setup": {"commands": ["echo from-plugin > plugin.txt"]}, "agent": {"default": "shell"}},
+                    "as-text": '[setup]\ncommands = ["echo text > text.txt"]\n', "Bad Name": {}}
+
+    svc.pm.register(Shipped(), name="shipped")
+    assert [(t["name"], t["source"]) for t in svc.templates()] == [("as-text", "plugin"), ("node-app", "plugin")]
+    task = svc.create_task(repo, "plugin template", template="node-app")
+    assert (Path(task.workspace_path) / "plugin.txt").read_text() == "from-plugin\n" and task.template == "node-app"
+    assert svc.show_setup("as-text")["commands"] == ["echo text > text.txt"]
+    # a template saved under TASKBOX_HOME with the same name wins over the plugin's
+    _project(repo, '[setup]\ncommands = ["echo saved > saved.txt"]\n')
+    svc.save_template("node-app", repo)
+    assert [(t["name"], t["source"]) for t in svc.templates()] == [("as-text", "plugin"), ("node-app", "saved")]
+    assert svc.show_setup("node-app")["commands"] == ["echo saved > saved.txt"]
