@@ -21,8 +21,9 @@ When the repository has ``.devcontainer/devcontainer.json`` (or ``.devcontainer.
 the file above says nothing.
 
 A **template** is the same settings kept under ``TASKBOX_HOME/templates/NAME.toml``
-(`taskbox template save|list|show`); ``create-task --template NAME`` applies it, the project's
-own file filling what the template leaves out.
+(`taskbox template save|list|show`) or shipped by a plugin (the ``project_templates`` hook);
+``create-task --template NAME`` applies it, the project's own file filling what the template
+leaves out.
 
 The repository is the user's own (trusted for reading); the destination workspace is hostile:
 files are written through :mod:`taskbox.files` on descriptors, never following a link.
