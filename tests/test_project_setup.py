@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -287,3 +288,30 @@ def test_templates_shipped_by_a_plugin(svc: TaskService, repo: Path, home: Path)
     svc.save_template("node-app", repo)
     assert [(t["name"], t["source"]) for t in svc.templates()] == [("as-text", "plugin"), ("node-app", "saved")]
     assert svc.show_setup("node-app")["commands"] == ["echo saved > saved.txt"]
+
+
+def test_template_through_mcp_and_the_web_api(svc: TaskService, repo: Path) -> None:
+    """Every adapter applies a template: the same core call, not a CLI-only option."""
+    import anyio
+    import httpx
+
+    from .test_mcp import call, stdio
+    from .webserver import running
+
+    _project(repo, '[setup]\ncommands = ["echo templated > t.txt"]\n')
+    svc.save_template("tpl", repo)
+    _project(repo, "")
+
+    async def main() -> dict[str, Any]:
+        async with stdio()() as client:
+            return await call(client, "create_task_sandbox", task_id="via-mcp", task_description="mcp template",
+                              workspace_path=str(repo), template="tpl")
+
+    made = anyio.run(main)
+    assert made["task_id"] == "via-mcp" and svc.get("via-mcp").template == "tpl"
+    assert (Path(svc.get("via-mcp").workspace_path) / "t.txt").read_text() == "templated\n"
+    with running(svc) as base, httpx.Client(base_url=base, timeout=120) as c:
+        r = c.post("/api/tasks", json={"repo": str(repo), "description": "web template", "id": "via-web",
+                                       "template": "tpl"})
+        assert r.status_code == 200, r.text
+    assert svc.get("via-web").template == "tpl" and (Path(svc.get("via-web").workspace_path) / "t.txt").exists()
