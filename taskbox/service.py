@@ -538,11 +538,13 @@ class TaskService:
             quota.check_supported()
             quota.check_room(self.paths.volumes, disk_bytes)
         metadata = {k: v for k, v in (metadata or {}).items()
-                    if k not in ("quota", "memory_on_branch", "ports", "setup_pending", "caches")}
+                    if k not in ("quota", "memory_on_branch", "ports", "setup_pending", "caches", "project_image")}
         if lazy and setup.commands:  # run when the sandbox first starts (ensure_running), as the file says now
             metadata["setup_pending"] = {"commands": setup.commands, "timeout": setup.timeout}
         if setup.caches:  # mounted read-only into every container the task gets (taskbox.caches)
             metadata["caches"] = list(setup.caches)
+        if not image and not setup.image and setup.dockerfile:  # a lazy task builds it when it first starts
+            metadata["project_image"] = {"dockerfile": setup.dockerfile, "context": setup.context}
         if self.settings.memory_on_branch if memory_on_branch is None else memory_on_branch:
             metadata["memory_on_branch"] = True
         if publish:  # published by _create_container, so a port already taken undoes the create
@@ -910,6 +912,12 @@ class TaskService:
         if state is ContainerState.RUNNING and task.status is Status.ACTIVE:
             return task
         if state in (ContainerState.NONE, ContainerState.LOST):
+            built = task.metadata.get("project_image")
+            if built and not self.sandbox.image_exists(task.image):  # a lazy task's own Dockerfile, not built yet
+                tag = self.project_image(Path(task.repo_path), projects.ProjectSetup(
+                    dockerfile=built["dockerfile"], context=built["context"]))
+                if tag != task.image:  # the Dockerfile changed since create: the task gets what it says now
+                    task = self._update(task.id, {"image": tag})
             cid = self._create_container(task)
             task = self._update(task.id, {"container_id": cid, "container_state": ContainerState.RUNNING},
                                 ("container.created", {"container_id": cid}))

@@ -242,6 +242,13 @@ def test_project_dockerfile_and_devcontainer_build(svc: TaskService, repo: Path,
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["project"]["image"] == {**json.loads(r.stdout)["project"]["image"],
                                                             "tag": task.image, "cached": True}
+        # a lazy task builds nothing at create, and its own Dockerfile when its sandbox first starts
+        (repo / "docker" / "Dockerfile").write_text((repo / "docker" / "Dockerfile").read_text() + "LABEL lazy=1\n")
+        lazy = svc.create_task(repo, "lazy own dockerfile", lazy=True)
+        built.append(lazy.image)
+        assert lazy.image != task.image and not docker_engine.api.images(name=lazy.image)
+        assert svc.exec(lazy.id, "cat /opt/marker").stdout == "built\n"
+        assert svc.get(lazy.id).image == lazy.image and docker_engine.api.images(name=lazy.image)
         # devcontainer.json's build: paths relative to its own folder
         _project(repo, "")
         (repo / ".devcontainer").mkdir()
@@ -249,7 +256,7 @@ def test_project_dockerfile_and_devcontainer_build(svc: TaskService, repo: Path,
             {"build": {"dockerfile": "../docker/Dockerfile", "context": "../docker"},
              "postCreateCommand": "cat /opt/marker > dc.txt"}))
         dc = svc.create_task(repo, "devcontainer build")
-        assert dc.image == task.image and (Path(dc.workspace_path) / "dc.txt").read_text() == "built\n"
+        assert dc.image == lazy.image and (Path(dc.workspace_path) / "dc.txt").read_text() == "built\n"
         # a Dockerfile that fails to build: one line, nothing created
         (repo / "docker" / "Dockerfile").write_text(f"FROM taskbox-sandbox:latest\nLABEL t={token}-bad\nRUN exit 3\n")
         before = {t.id for t in svc.list_tasks()}
