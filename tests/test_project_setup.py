@@ -208,13 +208,19 @@ def test_cache_warm_fills_pip_and_npm_caches_that_offline_tasks_install_from(svc
     assert r.returncode == 0, r.stderr
     listed = {row["name"]: row for row in json.loads(run_cli("cache", "list", "--json").stdout)}
     assert listed["npm"]["files"] > 0 and listed["pip"]["files"] >= 1 and not listed["uv"]["exists"]
-    _project(repo, '[sandbox]\ncaches = ["pip", "npm"]\n')
+    r = run_cli("cache", "warm", "uv", "uv", "idna", timeout=600)  # uv itself too: the image has none
+    assert r.returncode == 0, r.stderr
+    _project(repo, '[sandbox]\ncaches = ["pip", "npm", "uv"]\n')
     task = svc.create_task(repo, "offline installs")
     r = svc.exec(task.id, "python3 -m venv /tmp/v && /tmp/v/bin/pip install six && "
                           "mkdir -p /tmp/n && cd /tmp/n && npm install --no-audit --no-fund is-odd@3.0.1 && "
                           "node -e 'console.log(require(\"is-odd\")(3))'", timeout=300)
     assert r.exit_code == 0, r.stdout + r.stderr
     assert "Successfully installed six-1.17.0" in r.stdout and r.stdout.strip().endswith("true")
+    r = svc.exec(task.id, "/tmp/v/bin/pip install --find-links /opt/taskbox/caches/uv uv && "
+                          "/tmp/v/bin/uv pip install --python /tmp/v/bin/python idna && /tmp/v/bin/python -c 'import idna'",
+                 timeout=300)
+    assert r.exit_code == 0 and "+ idna==" in r.stdout + r.stderr, r.stdout + r.stderr
     bad = run_cli("cache", "warm", "cargo", "serde")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown cache 'cargo'; known: npm, pip, uv"
 
