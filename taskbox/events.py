@@ -80,7 +80,7 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("setup.command", ("index", "command", "exit_code"),
               "A project setup command ran once after create (its output is in the execution log)."),
     EventType("cache.warmed", ("cache", "packages", "exit_code", "bytes"),
-              "`taskbox cache warm` filled a shared host cache from a throwaway container."),
+              "A shared host cache was filled by `taskbox cache warm` from a throwaway container."),
     EventType("cache.seed_failed", ("cache", "error"),
               "Copying the shared npm cache into a new task container failed (npm starts with an empty cache)."),
     # --- agents inside the sandbox (`taskbox run`) ---------------------------------------------
