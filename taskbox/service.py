@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -870,8 +871,14 @@ class TaskService:
         req: str | None = None
         if requirements is not None:  # the user's own file, passed as text: never a file in the cache
             path = Path(requirements).expanduser()
-            try:
-                data = path.read_bytes()[:caches.REQUIREMENTS_MAX + 1]
+            try:  # bounded, and never blocking on a FIFO or a device
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise InvalidInput(f"requirements file {path} is not a regular file")
+                    data = os.read(fd, caches.REQUIREMENTS_MAX + 1)
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 raise InvalidInput(f"cannot read requirements file {path}: {exc.strerror}") from exc
             if len(data) > caches.REQUIREMENTS_MAX:

@@ -192,6 +192,12 @@ def test_pip_cache_is_mounted_read_only_and_used_offline(svc: TaskService, repo:
         bad = svc.exec(task.id, attempt)
         assert bad.exit_code != 0 and "Read-only file system" in bad.stderr, attempt
     assert sorted(p.name for p in shared.iterdir()) == before
+    with pytest.raises(InvalidInput, match="requirements file /dev/null is not a regular file"):
+        svc.warm_cache("pip", [], requirements="/dev/null")
+    with pytest.raises(InvalidInput, match=r"name packages \(or a requirements file\)"):
+        svc.warm_cache("pip", [])
+    with pytest.raises(InvalidInput, match="'--index-url=http://evil' is not a package name"):
+        svc.warm_cache("pip", ["--index-url=http://evil"])
     # a project naming an unknown cache is refused before anything
     _project(repo, '[sandbox]\ncaches = ["maven"]\n')
     with pytest.raises(InvalidInput, match="unknown cache 'maven' in sandbox.caches; known: npm, pip, uv"):
