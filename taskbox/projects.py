@@ -161,6 +161,14 @@ def _parse_text(text: str, path: Path) -> ProjectSetup:
         raise InvalidInput(f"{path}: invalid TOML: {exc}") from exc
 
 
+_JSONC = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/|,(?=\s*[}\]])', re.S)
+
+
+def strip_jsonc(text: str) -> str:
+    """JSON with comments (``//``, ``/* */``) and trailing commas, as devcontainer.json allows, made JSON."""
+    return _JSONC.sub(lambda m: m.group(0) if m.group(0).startswith('"') else "", text)
+
+
 def _devcontainer(repo: Path) -> ProjectSetup:
     for rel in (".devcontainer/devcontainer.json", ".devcontainer.json"):
         path = repo / rel
@@ -168,8 +176,9 @@ def _devcontainer(repo: Path) -> ProjectSetup:
             continue
         try:
             text = path.read_text(encoding="utf-8")
-            # devcontainer.json is JSONC: drop whole-line // comments (enough for the common case)
-            data = json.loads("\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//")))
+            data = json.loads(strip_jsonc(text))
+            if not isinstance(data, dict):
+                raise json.JSONDecodeError("not an object", text, 0)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidInput(f"{path}: cannot read it as JSON: {exc}") from exc
         post = data.get("postCreateCommand")

@@ -576,7 +576,8 @@ class TaskService:
             self.project_image(repo_path, setup, build=not lazy, progress=say) if setup.dockerfile
             else self.settings.image)
         if not lazy:  # Docker down or an image missing: say so before anything changes
-            self.sandbox.ensure_image(image_name)
+            self.sandbox.ensure_image(image_name, f"docker pull {image_name}" if setup.image and not image
+                                      else "taskbox image build")
             if net == "allowlist":
                 self.sandbox.ensure_image(self.settings.proxy_image, "taskbox image build --proxy")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from taskbox import InvalidInput, NotFound, SandboxError, TaskService, projects
+from taskbox import ImageMissing, InvalidInput, NotFound, SandboxError, TaskService, projects
 from taskbox.hookspecs import hookimpl
 from taskbox.sandbox import LABEL_HOME
 
@@ -95,8 +95,9 @@ def test_bad_setup_is_refused_before_anything(svc: TaskService, repo: Path) -> N
 
 def test_devcontainer_and_templates(svc: TaskService, repo: Path, home: Path) -> None:
     (repo / ".devcontainer").mkdir()
-    (repo / ".devcontainer" / "devcontainer.json").write_text(json.dumps(
-        {"image": "taskbox-sandbox:latest", "postCreateCommand": "echo from-devcontainer > dc.txt"}))
+    (repo / ".devcontainer" / "devcontainer.json").write_text(  # JSONC: comments and trailing commas
+        '// made by an editor\n{\n  "name": "py // dev", /* the image */ "image": "taskbox-sandbox:latest",\n'
+        '  "postCreateCommand": "echo from-devcontainer > dc.txt", // once\n  "features": {},\n}\n')
     git(repo, "add", ".")
     git(repo, "commit", "-qm", "devcontainer")
     task = svc.create_task(repo, "devcontainer")
@@ -117,6 +118,9 @@ def test_devcontainer_and_templates(svc: TaskService, repo: Path, home: Path) ->
     assert t2.template == "py" and (Path(t2.workspace_path) / "dc.txt").exists()
     with pytest.raises(NotFound, match="no template 'nope' \\(templates: py\\)"):
         svc.create_task(other, "no such template", template="nope")
+    (other / ".devcontainer.json").write_text('{"image": "example.invalid/not-here:1"}')
+    with pytest.raises(ImageMissing, match=r"run `docker pull example.invalid/not-here:1`"):
+        svc.create_task(other, "missing image")
 
 
 def test_lazy_task_runs_setup_once_when_its_sandbox_first_starts(svc: TaskService, repo: Path) -> None:
