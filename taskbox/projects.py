@@ -189,7 +189,7 @@ def _devcontainer(repo: Path) -> ProjectSetup:
         elif isinstance(post, dict):
             post = " && ".join(str(v) if isinstance(v, str) else " ".join(map(str, v)) for v in post.values())
         image = data.get("image") if isinstance(data.get("image"), str) else None
-        build = data.get("build") if isinstance(data.get("build"), dict) else {}
+        build: dict[str, Any] = data["build"] if isinstance(data.get("build"), dict) else {}
         dockerfile = build.get("dockerfile") or data.get("dockerFile")  # "dockerFile": the older spelling
         context = build.get("context") or data.get("context") or "."
         rels: list[str | None] = [None, None]
