@@ -679,7 +679,7 @@ class TaskService:
     def project_image(self, repo: Path, setup: projects.ProjectSetup, *, build: bool = True, force: bool = False,
                       progress: Callable[[str], None] | None = None) -> str:
         """The image of a project's own Dockerfile, built unless already built (or ``build`` is
-        false: a lazy task builds nothing now, and `taskbox image build --repo` builds it)."""
+        false: a lazy task builds nothing at create, and its image when its sandbox first starts)."""
         assert setup.dockerfile
         context = setup.context or str(Path(setup.dockerfile).parent)
         if not build:
