@@ -980,7 +980,9 @@ def image() -> None:
               help="Also build the agent CLIs layer (OpenCode, Claude Code, Codex from npm, pinned; tmux).")
 @click.option("--package", "packages", multiple=True, metavar="NAME@VERSION",
               help="Another npm package for the agents layer (pinned version). Repeatable.")
-def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str, ...]) -> Any:
+@click.option("--repo", help="Also build this project's own Dockerfile (.taskbox/config.toml or devcontainer.json) "
+                             "and add its [agent] packages to the agents layer.")
+def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str, ...], repo: str | None) -> Any:
     """Build the default sandbox image (bootstrapping a Debian base if it cannot be pulled)."""
     from . import images
     from .engine import connect
@@ -989,6 +991,15 @@ def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str
     word = "cached" if res.cached else "built"
     human = f"{word} {res.tag} (base {res.base}) in {res.seconds:.1f}s"
     data: dict[str, Any] = dict(res.__dict__)
+    if repo:
+        project = _service().build_project_image(repo, force=force, progress=progress)
+        data["project"] = project
+        packages = (*packages, *project["packages"])
+        if project["image"]:
+            pimg = project["image"]
+            human += f"\n{'cached' if pimg['cached'] else 'built'} {pimg['tag']} (the project's Dockerfile)"
+        elif not project["packages"]:
+            human += f"\n{project['repo']} names no Dockerfile and no agent packages"
     if proxy:
         pres = images.build_proxy(connect(), force=force, progress=progress)
         data["proxy"] = pres.__dict__
@@ -1027,9 +1038,10 @@ def template_group() -> None:
 
 @command(template_group, "list")
 def template_list() -> Any:
-    """The templates saved under TASKBOX_HOME/templates."""
+    """The templates saved under TASKBOX_HOME/templates and those plugins ship."""
     rows = _service().templates()
-    return rows, table([[r["name"], r["path"]] for r in rows], ["NAME", "PATH"]) if rows else "no templates"
+    return rows, table([[r["name"], r["source"], r["path"] or ""] for r in rows],
+                       ["NAME", "SOURCE", "PATH"]) if rows else "no templates"
 
 
 @command(template_group, "show")
@@ -1048,6 +1060,33 @@ def template_save(name: str, repo: str) -> Any:
     """Save the project's setup (.taskbox/config.toml, devcontainer.json) as template NAME."""
     data = _service().save_template(name, repo)
     return data, f"saved template {name} at {data['path']}"
+
+
+# --- shared host caches ------------------------------------------------------------------------
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Shared host caches (pip, uv, npm) mounted read-only into sandboxes: `[sandbox] caches`."""
+
+
+@command(cache_group, "list")
+def cache_list() -> Any:
+    """The shared caches under TASKBOX_HOME/caches: size, and where sandboxes see them."""
+    rows = _service().caches()
+    return rows, table([[r["name"], r["files"], _size(r["bytes"]) if r["exists"] else "-", r["mount"],
+                         r["path"]] for r in rows], ["NAME", "FILES", "SIZE", "MOUNT", "PATH"])
+
+
+@command(cache_group, "warm")
+@click.argument("name")
+@click.argument("packages", nargs=-1)
+@click.option("-r", "--requirements", type=click.Path(dir_okay=False), help="pip/uv: a requirements file to fill from.")
+@click.option("--image", help="The image to build wheels in (default: the sandbox image).")
+def cache_warm(name: str, packages: tuple[str, ...], requirements: str | None, image: str | None) -> Any:
+    """Fill cache NAME (pip, uv, npm) with PACKAGES from a throwaway container with network."""
+    data = _service().warm_cache(name, list(packages), requirements=requirements, image=image, progress=progress)
+    return data, f"{name} cache: {data['files']} files, {_size(data['bytes'])} at {data['path']}"
 
 
 # --- safety: project policy --------------------------------------------------------------------

@@ -299,6 +299,9 @@ def create_server(service: TaskService | None = None,
             description="Commit .task-memory/ and Plan.md on the task branch too (default: the "
                         "memory_on_branch setting; normally they travel on a companion ref "
                         "and the branch holds the work only).")] = None,
+        template: Annotated[str | None, Field(description="A project setup template to apply (`taskbox template "
+                                                          "list`): copied files, setup commands, image, caches.")
+                            ] = None,
     ) -> Result:
         """Start a new coding task: its own Docker sandbox, git branch and memory (or resume one).
 
@@ -314,7 +317,8 @@ def create_server(service: TaskService | None = None,
                                             resume_if_exists=resume_if_exists, agent=agent_name, model=agent_model,
                                             lock_mode=lock_mode, memory=limits.get("memory"),
                                             cpus=limits.get("cpu"), disk=limits.get("disk"),
-                                            inodes=limits.get("inodes"), memory_on_branch=memory_on_branch)
+                                            inodes=limits.get("inodes"), memory_on_branch=memory_on_branch,
+                                            template=template)
             ad.service.record_tool_call(res["task_id"], "create_task_sandbox",
                                  {"task_description": task_description, "workspace_path": workspace_path,
                                   "resume_if_exists": resume_if_exists, "outcome": res.status})

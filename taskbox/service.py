@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -27,11 +28,13 @@ import pluggy
 
 from . import (
     agents,
+    caches,
     doctor,
     engine,
     faults,
     files,
     git,
+    images,
     liveness,
     network,
     policy,
@@ -535,7 +538,14 @@ class TaskService:
         if disk_bytes:  # not root, no mkfs, a quota larger than the free disk: say so now
             quota.check_supported()
             quota.check_room(self.paths.volumes, disk_bytes)
-        metadata = {k: v for k, v in (metadata or {}).items() if k not in ("quota", "memory_on_branch", "ports")}
+        metadata = {k: v for k, v in (metadata or {}).items()
+                    if k not in ("quota", "memory_on_branch", "ports", "setup_pending", "caches", "project_image")}
+        if lazy and setup.commands:  # run when the sandbox first starts (ensure_running), as the file says now
+            metadata["setup_pending"] = {"commands": setup.commands, "timeout": setup.timeout}
+        if setup.caches:  # mounted read-only into every container the task gets (taskbox.caches)
+            metadata["caches"] = list(setup.caches)
+        if not image and not setup.image and setup.dockerfile:  # a lazy task builds it when it first starts
+            metadata["project_image"] = {"dockerfile": setup.dockerfile, "context": setup.context}
         if self.settings.memory_on_branch if memory_on_branch is None else memory_on_branch:
             metadata["memory_on_branch"] = True
         if publish:  # published by _create_container, so a port already taken undoes the create
@@ -562,9 +572,12 @@ class TaskService:
             if proc.returncode != 0:
                 raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
             base_commit = proc.stdout.strip()
-        image_name = image or setup.image or self.settings.image
+        image_name = image or setup.image or (
+            self.project_image(repo_path, setup, build=not lazy, progress=say) if setup.dockerfile
+            else self.settings.image)
         if not lazy:  # Docker down or an image missing: say so before anything changes
-            self.sandbox.ensure_image(image_name)
+            self.sandbox.ensure_image(image_name, f"docker pull {image_name}" if setup.image and not image
+                                      else "taskbox image build")
             if net == "allowlist":
                 self.sandbox.ensure_image(self.settings.proxy_image, "taskbox image build --proxy")
 
@@ -653,15 +666,50 @@ class TaskService:
     def project_setup(self, repo: str | Path, template: str | None = None) -> projects.ProjectSetup:
         """A project's setup (``.taskbox/config.toml``, ``devcontainer.json``), under ``template`` if named."""
         own = projects.load(Path(repo))
-        return projects.template(self.paths.home, template).over(own) if template else own
+        return projects.template(self.paths.home, template, self._shipped_templates()).over(own) if template else own
+
+    def _shipped_templates(self) -> dict[str, Any]:
+        """The templates plugins ship (``project_templates`` hook); the first plugin to name one wins."""
+        out: dict[str, Any] = {}
+        for answer in self.hook.project_templates():
+            for name, settings in (answer or {}).items() if isinstance(answer, dict) else ():
+                out.setdefault(name, settings)
+        return out
+
+    def project_image(self, repo: Path, setup: projects.ProjectSetup, *, build: bool = True, force: bool = False,
+                      progress: Callable[[str], None] | None = None) -> str:
+        """The image of a project's own Dockerfile, built unless already built (or ``build`` is
+        false: a lazy task builds nothing at create, and its image when its sandbox first starts)."""
+        assert setup.dockerfile
+        context = setup.context or str(Path(setup.dockerfile).parent)
+        if not build:
+            return images.project_image(repo, setup.dockerfile, context)[0]
+        return images.build_project(self.sandbox.client, repo=repo, dockerfile=setup.dockerfile, context=context,
+                                    force=force, progress=progress).tag
+
+    def build_project_image(self, repo: str | Path, *, force: bool = False,
+                            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Build the image of the project at ``repo`` from its own Dockerfile (`image build --repo`);
+        ``packages``: its ``[agent] packages`` for the agents layer. ``image`` is None when the
+        project names no Dockerfile."""
+        root = git.repo_root(Path(repo).expanduser().resolve())
+        setup = projects.load(root)
+        out: dict[str, Any] = {"repo": str(root), "image": None, "packages": setup.packages}
+        if setup.dockerfile and not setup.image:
+            assert setup.context
+            res = images.build_project(self.sandbox.client, repo=root, dockerfile=setup.dockerfile,
+                                       context=setup.context, force=force, progress=progress)
+            out["image"] = {"tag": res.tag, "cached": res.cached, "seconds": round(res.seconds, 2)}
+        return out
 
     def templates(self) -> list[dict[str, Any]]:
-        return projects.templates(self.paths.home)
+        """Templates saved under TASKBOX_HOME and those plugins ship."""
+        return projects.templates(self.paths.home, self._shipped_templates())
 
     def show_setup(self, template: str | None = None, repo: str | Path = ".") -> dict[str, Any]:
         """A template's settings, or (no name) the project's own setup at ``repo``."""
         if template:
-            return projects.template(self.paths.home, template).to_dict()
+            return projects.template(self.paths.home, template, self._shipped_templates()).to_dict()
         return projects.load(git.repo_root(Path(repo).expanduser().resolve())).to_dict()
 
     def save_template(self, name: str, repo: str | Path = ".") -> dict[str, Any]:
@@ -782,6 +830,10 @@ class TaskService:
             pids_limit=task.pids_limit,
             network=task.network,
         )
+        names = [n for n in task.metadata.get("caches") or [] if n in caches.CACHES]
+        for name in names:
+            spec.ro_binds[str(caches.host_dir(self.paths.home, name))] = caches.get(name).target
+        spec.env.update(caches.sandbox_env(names, task.network))
         self.hook.sandbox_spec(service=self, task=task, spec=spec)  # hardening, egress proxy rules
         if not fresh:
             self._remove_labelled_container(task.id)  # e.g. left behind by a crash
@@ -795,7 +847,65 @@ class TaskService:
         for p in task.metadata.get("ports") or []:  # a new container: its published ports again
             self.sandbox.publish(cid, p["port"], p["host_ip"], p["host_port"], task.image,
                                  {LABEL_TASK: task.id, LABEL_HOME: self.home_label})
+        if "npm" in names:  # npm cannot read a read-only cache: the container starts from a copy of it
+            try:
+                r = self.sandbox.capture(cid, ["sh", "-c", caches.NPM_SEED], timeout=600)
+                error = r.stderr.strip()[-300:] if r.exit_code else None
+            except TaskboxError as exc:
+                error = exc.message[:300]
+            if error is not None:
+                self.registry.add_event("cache.seed_failed", task.id, {"cache": "npm", "error": error})
         return cid
+
+    # --- shared host caches (taskbox.caches) ---------------------------------------------------
+
+    def caches(self) -> list[dict[str, Any]]:
+        """The shared caches: host directory, size, where sandboxes see them."""
+        return caches.usage(self.paths.home)
+
+    def warm_cache(self, name: str, packages: list[str], *, requirements: str | Path | None = None,
+                   image: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Fill shared cache ``name`` with ``packages`` (and a requirements file's) from a
+        throwaway container with network; tasks then read it read-only (:mod:`taskbox.caches`)."""
+        say = progress or (lambda _msg: None)
+        caches.get(name)
+        req: str | None = None
+        if requirements is not None:  # the user's own file, passed as text: never a file in the cache
+            path = Path(requirements).expanduser()
+            try:  # bounded, and never blocking on a FIFO or a device
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise InvalidInput(f"requirements file {path} is not a regular file")
+                    data = os.read(fd, caches.REQUIREMENTS_MAX + 1)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise InvalidInput(f"cannot read requirements file {path}: {exc.strerror}") from exc
+            if len(data) > caches.REQUIREMENTS_MAX:
+                raise InvalidInput(f"requirements file {path} is larger than {caches.REQUIREMENTS_MAX} bytes")
+            req = data.decode("utf-8", errors="replace")
+        argv = caches.warm_command(name, packages, req is not None)
+        image_name = image or self.settings.image
+        self.sandbox.ensure_image(image_name)
+        folder = caches.host_dir(self.paths.home, name)
+        ca = caches.host_ca_file()
+        ro = {str(ca.resolve()): "/etc/taskbox-ca.pem"} if ca else {}
+        env = caches.warm_env("/etc/taskbox-ca.pem" if ca else None)
+        if req is not None:
+            env["TASKBOX_REQUIREMENTS"] = req
+        say(f"filling the {name} cache in a throwaway container of {image_name}")
+        t0 = time.perf_counter()
+        with self.sandbox.scratch(image_name, folder, {LABEL_HOME: self.home_label}, network="open",
+                                  ro_binds=ro) as cid:
+            r = self.sandbox.capture(cid, argv, env=env, timeout=self.settings.setup_timeout, limit=64 * 1024)
+        row = next(c for c in caches.usage(self.paths.home) if c["name"] == name)
+        self.registry.add_event("cache.warmed", None, {"cache": name, "packages": packages[:50],
+                                                       "exit_code": r.exit_code, "bytes": row["bytes"]})
+        if r.exit_code != 0:
+            tail = (r.stderr.strip() or r.stdout.decode(errors="replace").strip()).splitlines()[-1:] or [""]
+            raise SandboxError(f"cache warm {name} failed (exit code {r.exit_code}): {tail[0][:300]}", cache=name)
+        return {**row, "packages": packages, "seconds": round(time.perf_counter() - t0, 2)}
 
     # --- container state ---------------------------------------------------------------------
 
@@ -810,6 +920,12 @@ class TaskService:
         if state is ContainerState.RUNNING and task.status is Status.ACTIVE:
             return task
         if state in (ContainerState.NONE, ContainerState.LOST):
+            built = task.metadata.get("project_image")
+            if built and not self.sandbox.image_exists(task.image):  # a lazy task's own Dockerfile, not built yet
+                tag = self.project_image(Path(task.repo_path), projects.ProjectSetup(
+                    dockerfile=built["dockerfile"], context=built["context"]))
+                if tag != task.image:  # the Dockerfile changed since create: the task gets what it says now
+                    task = self._update(task.id, {"image": tag})
             cid = self._create_container(task)
             task = self._update(task.id, {"container_id": cid, "container_state": ContainerState.RUNNING},
                                 ("container.created", {"container_id": cid}))
@@ -821,6 +937,22 @@ class TaskService:
         if task.status is not Status.ACTIVE:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
         self._recover_memory(task)
+        if task.metadata.get("setup_pending"):
+            task = self._run_pending_setup(task)
+        return task
+
+    def _run_pending_setup(self, task: Task) -> Task:
+        """A lazy task's setup commands, once, when its sandbox first starts: the caller that
+        clears the mark runs them; a failure fails the task like a failed setup at create."""
+        while (pending := task.metadata.get("setup_pending")):
+            meta = {k: v for k, v in task.metadata.items() if k != "setup_pending"}
+            try:
+                task = self.registry.update_task(task.id, task.version, {"metadata": meta})
+            except ConcurrentModification:
+                task = self.get(task.id)  # another change (or another caller that runs them): look again
+                continue
+            return self._run_setup(task, projects.ProjectSetup(commands=list(pending.get("commands") or []),
+                                                               timeout=pending.get("timeout")))
         return task
 
     def kill_orphans(self, task: Task, lease: Lease) -> list[dict[str, Any]]:
