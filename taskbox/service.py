@@ -703,14 +703,20 @@ class TaskService:
             task = self.get(task.id)
         return {**task.to_dict(), "session_id": sid, "warnings": self.sandbox_warnings(task)}
 
-    def agent_task_options(self, agent: str, options: dict[str, Any]) -> dict[str, Any]:
+    def agent_task_options(self, agent: str, options: dict[str, Any], *, secrets: list[str] | None = None,
+                           base_url: str | None = None) -> dict[str, Any]:
         """:meth:`create_task` options for a task made to run ``agent`` (``create-task --run``).
 
         The agents image unless an image is named; network ``allowlist`` (the preset's model
         API hosts are added when the agent starts) unless a mode is named. The run itself is
-        :meth:`run_agent`; the creator is not attached (the run attaches).
+        :meth:`run_agent`; the creator is not attached (the run attaches). The run's
+        ``secrets`` and ``base_url`` are checked here, so bad ones are refused before the task
+        is created.
         """
         p = agents.preset(agent)
+        if base_url:
+            agents.environment(p, base_url=base_url)  # a bad URL, or an agent that takes none
+        resolve_secrets(self.paths.home, secrets or [])  # a missing secret
         out = dict(options)
         out["image"] = out.get("image") or self.settings.agents_image
         if not out.get("network") and p.hosts:
@@ -1329,11 +1335,12 @@ class TaskService:
                   allow_domains: list[str] | None = None, base_url: str | None = None,
                   session_id: str | None = None, timeout: float | None = None,
                   terminal: agents.Terminal | None = None, echo: Callable[[bytes], object] | None = None,
-                  checkpoint: bool | None = None) -> dict[str, Any]:
+                  checkpoint: bool | None = None, control: ExecControl | None = None) -> dict[str, Any]:
         """Run an agent CLI inside the task's sandbox as an attached agent session.
 
         With ``prompt`` it runs non-interactively (print mode), its output streamed to ``echo``
-        and recorded (redacted) like a command; otherwise it runs on ``terminal`` under a tmux
+        and recorded (redacted) like a command (``control`` shows its progress and cancels it, as
+        for :meth:`exec`); otherwise it runs on ``terminal`` under a tmux
         server in the container, so the user can detach (``Ctrl-b d``) and come back with
         :meth:`attach_agent`. ``secrets`` go into the agent's process environment only; the
         preset's model API hosts (plus ``allow_domains`` and the ``base_url`` host) are allowed
@@ -1367,7 +1374,7 @@ class TaskService:
                                f"{self.settings.agents_image} (`create-task --run {p.name}` does)",
                                agent=p.name, image=task.image)
         has_tmux = any(f.endswith("/tmux") for f in found)
-        argv = p.command(prompt, extra)
+        argv = p.command(prompt, [*agents.options(p, base_url=base_url, model=model), *extra])
         res = self.attach(task.id, p.name, model or "unknown", session_id)
         sid = res.session.id
         task = res.task
@@ -1391,9 +1398,9 @@ class TaskService:
         started = time.monotonic()
         try:
             if prompt is not None:
-                control = ExecControl()
-                control.echo = (lambda chunk: echo(self.redactor.output(chunk.decode(errors="replace")).encode())
-                                ) if echo else None
+                control = control or ExecControl()
+                if echo:
+                    control.echo = lambda chunk: echo(self.redactor.output(chunk.decode(errors="replace")).encode())
                 try:
                     result = self.exec(task.id, argv, env=env, secrets=list(values), session_id=sid,
                                        timeout=timeout or self.settings.run_timeout, control=control)
@@ -1512,9 +1519,52 @@ class TaskService:
         self._after(self.get(task.id), "ports", {"action": action, **wanted}, result)
         return result
 
+    def watch_run(self, task_id: str, session_id: str, stop: threading.Event | None = None,
+                  every: float | None = None) -> dict[str, Any] | None:
+        """Look after an interactive run left running (detached) until its agent ends.
+
+        While the agent runs its lease is renewed (so no other agent takes the task over from
+        under it); when it ends — or its container stops — the run is finished as if someone
+        had been attached: ``agent.exited``, the session detached (work committed, the branch
+        fetched, a checkpoint by the ``run_checkpoint`` setting). Returns that result, or None
+        when the run was finished elsewhere (``taskbox attach``) or ``stop`` was set.
+        ``taskbox run`` and ``taskbox attach`` start ``taskbox watch-run`` for this when they detach.
+        """
+        every = every or max(1.0, self.settings.lease_seconds / 3)
+        started = time.monotonic()
+        while True:
+            try:
+                task = self.get(task_id)
+            except NotFound:
+                return None
+            run = (task.metadata.get("runs") or {}).get(session_id)
+            if not isinstance(run, dict) or session_id not in {s.id for s in self.registry.sessions(
+                    task.id, open_only=True)}:
+                return None
+            running = task.status is Status.ACTIVE and task.container_id is not None and \
+                self.sandbox.state(task.container_id) is ContainerState.RUNNING
+            if running and self._agent_alive(task, session_id):
+                self.renew(task.id, session_id)
+            else:
+                code = self._agent_exit_code(task, session_id, -1) if running else -1
+                return self._finish_run(task.id, str(run.get("agent") or "agent"), session_id, "interactive", code,
+                                        time.monotonic() - started, None)
+            if (stop or threading.Event()).wait(every):
+                return None
+
     def _finish_run(self, task_id: str, agent: str, sid: str, mode: str, code: int, seconds: float,
                     checkpoint: bool | None) -> dict[str, Any]:
-        task = self.get(task_id)
+        # One finisher per run: `taskbox attach` and the watcher of a detached run may both see it end.
+        with files.locked(self.paths.locks / f"{task_id}.run.lock"):
+            task = self.get(task_id)
+            if sid not in {s.id for s in self.registry.sessions(task.id, open_only=True)}:
+                return {"task_id": task.id, "session_id": sid, "agent": agent, "mode": mode, "detached": False,
+                        "exit_code": code, "seconds": round(seconds, 2), "branch": task.branch, "commit": None,
+                        "checkpoint_id": None, "note": "the run had already been recorded"}
+            return self._finish_run_locked(task, agent, sid, mode, code, seconds, checkpoint)
+
+    def _finish_run_locked(self, task: Task, agent: str, sid: str, mode: str, code: int, seconds: float,
+                           checkpoint: bool | None) -> dict[str, Any]:
         self.registry.add_event("agent.exited", task.id, {"session_id": sid, "agent": agent, "exit_code": code,
                                                           "seconds": round(seconds, 2)})
         if sid in (task.metadata.get("runs") or {}):
