@@ -352,19 +352,30 @@ def _terminal() -> Any:
 
 
 def _raw_terminal(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` with the local terminal in raw mode (keys go to the agent as typed), restored after."""
+    """Run ``fn`` with the local terminal in raw mode (keys go to the agent as typed), restored after.
+
+    A terminal closed mid-run (its window shut, the ssh connection dropped) is a detach, not an
+    end: the hang-up signal is ignored, so the relay sees the closed terminal, the agent keeps
+    running in the sandbox and its run is handed to `taskbox watch-run`.
+    """
     if not sys.stdin.isatty():
         return fn()
+    import signal
     import termios
     import tty
 
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         tty.setraw(fd)
         return fn()
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except (termios.error, OSError):
+            pass  # the terminal is gone
+        signal.signal(signal.SIGHUP, hangup)
 
 
 def _watch_detached(data: dict[str, Any]) -> None:
@@ -382,6 +393,15 @@ def _watch_detached(data: dict[str, Any]) -> None:
 
 def _run_output(data: dict[str, Any], as_json: bool) -> None:
     _watch_detached(data)
+    try:
+        _show_run(data, as_json)
+    except OSError:  # the terminal was closed: nobody to tell
+        pass
+    code = data.get("exit_code")
+    sys.exit(0 if code is None else code if 0 <= code < 256 else 1)
+
+
+def _show_run(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(to_json(data))
     elif data.get("detached"):
@@ -395,8 +415,6 @@ def _run_output(data: dict[str, Any], as_json: bool) -> None:
                        + (f": {last}" if last else ""), err=True)
         click.echo(f"taskbox: {data['agent']} ended (exit {code}); branch {data.get('branch')} "
                    f"at {str(data.get('commit') or '-')[:12]}", err=True)
-    code = data.get("exit_code")
-    sys.exit(0 if code is None else code if 0 <= code < 256 else 1)
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True})

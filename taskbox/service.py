@@ -907,6 +907,12 @@ class TaskService:
             return
         shown = [{k: r[k] for k in ("kind", "id", "command")} for r in busy[:10]]
         if not kill_running:
+            runs = [f"agent {r.get('agent')} (session {sid})" for sid, r in (task.metadata.get("runs") or {}).items()
+                    if isinstance(r, dict)]
+            if runs:  # an interactive `taskbox run` left running: say so, not its tmux command line
+                raise TaskBusy(f"cannot {action} task {task.id}: {', '.join(runs)} left running in it; come back "
+                               f"to it with `taskbox attach {task.id}` and end it, or {action} with the "
+                               "kill_running option", task_id=task.id, running=shown)
             names = "; ".join(f"job {r['id']}: {r['command']}" if r["kind"] == "job" else f"command: {r['command']}"
                               for r in shown[:3])
             raise TaskBusy(f"cannot {action} task {task.id}: {len(busy)} command(s) or job(s) still run in it "

@@ -311,9 +311,11 @@ def test_interactive_run_detach_and_attach(svc: TaskService, repo: Path, home: P
         svc.attach_agent(task.id, agents.Terminal(0, 1))
 
 
+@pytest.mark.parametrize("how", ["detach-keys", "terminal-closed"])
 def test_detached_run_keeps_its_lease_and_is_recorded_when_it_ends(svc: TaskService, repo: Path, home: Path,
-                                                                   docker_engine) -> None:
-    """Nobody attaches again: the run's watcher renews the lease, then records the run when the agent ends."""
+                                                                   docker_engine, how: str) -> None:
+    """Left running (Ctrl-b d, or its terminal closed mid-run) and nobody attaches again: the run's
+    watcher renews the lease, then records the run when the agent ends."""
     assert shutil.which("tmux"), "tmux is needed on the host for this test (apt-get install tmux)"
     cafile, registry = images.host_npm_settings()
     image = images.build_agents(docker_engine, packages=agents.packages(), npm_cafile=cafile,
@@ -339,17 +341,24 @@ def test_detached_run_keeps_its_lease_and_is_recorded_when_it_ends(svc: TaskServ
         screen_until("agent@")
         _tmux("-L", server, "send-keys", "-t", "t", "echo left > left.txt; echo wrote-$((1+1))", "Enter")
         screen_until("wrote-2")
-        _tmux("-L", server, "send-keys", "-t", "t", "C-b", "d")
-        screen_until("RUN-EXIT=0")
+        if how == "detach-keys":
+            _tmux("-L", server, "send-keys", "-t", "t", "C-b", "d")
+            assert "keeps running" in screen_until("RUN-EXIT=0")
     finally:
-        _tmux("-L", server, "kill-server", check=False)  # the user's terminal is gone too
+        _tmux("-L", server, "kill-server", check=False)  # the user's terminal is gone (mid-run, or after)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(e["type"] == "agent.detached" for e in svc.registry.events(task.id)):
+        time.sleep(0.2)
+    assert any(e["type"] == "agent.detached" for e in svc.registry.events(task.id))  # a detach, not an end
     [session] = svc.registry.sessions(task.id, open_only=True)
     # Past the lease's length the run still holds the task: its lease was renewed.
     time.sleep(lease + 3)
     [held] = svc.registry.leases(task.id)
     assert held.session_id == session.id and held.expires_at > time.time()
-    with pytest.raises(TaskBusy):
-        svc.pause(task.id)
+    r = run_cli("detach", task.id, env={"TASKBOX_HOME": str(home)})  # refused on one line, saying why
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert f"agent shell (session {session.id}) left running" in r.stderr
+    assert f"taskbox attach {task.id}" in r.stderr
     # The agent ends while nobody is attached (here: its shell is told to exit).
     task = svc.get(task.id)
     svc.sandbox.exec(task.container_id or "", ["tmux", "-L", agents.tmux_socket(session.id), "send-keys", "-t",
