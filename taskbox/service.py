@@ -1529,15 +1529,17 @@ class TaskService:
                   every: float | None = None) -> dict[str, Any] | None:
         """Look after an interactive run left running (detached) until its agent ends.
 
-        While the agent runs its lease is renewed (so no other agent takes the task over from
-        under it); when it ends — or its container stops — the run is finished as if someone
+        While the agent runs its lease is renewed every third of ``lease_seconds`` (so no other
+        agent takes the task over from under it); the agent is looked at every ``every`` seconds
+        (at most 5); when it ends — or its container stops — the run is finished as if someone
         had been attached: ``agent.exited``, the session detached (work committed, the branch
         fetched, a checkpoint by the ``run_checkpoint`` setting). Returns that result, or None
         when the run was finished elsewhere (``taskbox attach``) or ``stop`` was set.
         ``taskbox run`` and ``taskbox attach`` start ``taskbox watch-run`` for this when they detach.
         """
-        every = every or max(1.0, self.settings.lease_seconds / 3)
-        started = time.monotonic()
+        renew_every = max(1.0, self.settings.lease_seconds / 3)
+        every = every or min(5.0, renew_every)  # how soon an ended agent is noticed
+        started = renewed = time.monotonic()
         while True:
             try:
                 task = self.get(task_id)
@@ -1550,7 +1552,9 @@ class TaskService:
             running = task.status is Status.ACTIVE and task.container_id is not None and \
                 self.sandbox.state(task.container_id) is ContainerState.RUNNING
             if running and self._agent_alive(task, session_id):
-                self.renew(task.id, session_id)
+                if time.monotonic() - renewed >= renew_every - every / 2:
+                    self.renew(task.id, session_id)
+                    renewed = time.monotonic()
             else:
                 code = self._agent_exit_code(task, session_id, -1) if running else -1
                 return self._finish_run(task.id, str(run.get("agent") or "agent"), session_id, "interactive", code,
