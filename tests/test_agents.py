@@ -324,7 +324,8 @@ def test_detached_run_keeps_its_lease_and_is_recorded_when_it_ends(svc: TaskServ
     lease = 6  # seconds: the watcher renews every 2
     server = f"tbx-test-{secrets.token_hex(3)}"
     env = " ".join(f"{k}={v}" for k, v in {"TASKBOX_HOME": str(home), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-                                           "TASKBOX_STRICT_EVENTS": "1", "TASKBOX_LEASE_SECONDS": lease}.items())
+                                           "TASKBOX_STRICT_EVENTS": "1", "TASKBOX_LEASE_SECONDS": lease,
+                                           "TASKBOX_RUN_CHECKPOINT": 1}.items())
     cmd = f"env {env} {sys.executable} -m taskbox run {task.id} --agent shell; echo RUN-EXIT=$?; sleep 60"
     _tmux("-L", server, "new-session", "-d", "-s", "t", "-x", "120", "-y", "30", cmd)
     try:
@@ -375,6 +376,8 @@ def test_detached_run_keeps_its_lease_and_is_recorded_when_it_ends(svc: TaskServ
     assert f"shell detached, session `{session.id}`" in (Path(task.workspace_path) / "Plan.md").read_text()
     assert session.id not in (svc.get(task.id).metadata.get("runs") or {})
     assert svc.get(task.id).status.value == "paused"
+    [ckpt] = svc.list_checkpoints(task.id)  # by the run_checkpoint setting, when the run ended
+    assert ckpt["trigger"] == "detach"
     with pytest.raises(NotFound, match="no detached agent run"):
         svc.attach_agent(task.id, agents.Terminal(0, 1))
 
