@@ -1557,8 +1557,10 @@ class TaskService:
                     renewed = time.monotonic()
             else:
                 code = self._agent_exit_code(task, session_id, -1) if running else -1
+                began = run.get("started")
+                seconds = time.time() - began if isinstance(began, (int, float)) else time.monotonic() - started
                 return self._finish_run(task.id, str(run.get("agent") or "agent"), session_id, "interactive", code,
-                                        time.monotonic() - started, None)
+                                        seconds, None)
             if (stop or threading.Event()).wait(every):
                 return None
 
