@@ -907,9 +907,11 @@ class TaskService:
             return
         shown = [{k: r[k] for k in ("kind", "id", "command")} for r in busy[:10]]
         if not kill_running:
+            # An interactive `taskbox run` left running: say so, not its tmux command line.
             runs = [f"agent {r.get('agent')} (session {sid})" for sid, r in (task.metadata.get("runs") or {}).items()
-                    if isinstance(r, dict)]
-            if runs:  # an interactive `taskbox run` left running: say so, not its tmux command line
+                    if isinstance(r, dict) and any(f"-L {agents.tmux_socket(sid)} " in " ".join(
+                        str(b.get("command") or "").split()) + " " for b in busy)]
+            if runs and len(runs) == len(busy):
                 raise TaskBusy(f"cannot {action} task {task.id}: {', '.join(runs)} left running in it; come back "
                                f"to it with `taskbox attach {task.id}` and end it, or {action} with the "
                                "kill_running option", task_id=task.id, running=shown)

@@ -364,9 +364,9 @@ def test_detached_run_keeps_its_lease_and_is_recorded_when_it_ends(svc: TaskServ
     task = svc.get(task.id)
     svc.sandbox.exec(task.container_id or "", ["tmux", "-L", agents.tmux_socket(session.id), "send-keys", "-t",
                                                "agent", "exit 3", "Enter"], timeout=15)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(e["type"] == "session.detached"
-                                                  for e in svc.registry.events(task.id)):
+    deadline = time.monotonic() + 60  # until the run is recorded: the session detached, then the task paused
+    while time.monotonic() < deadline and not (any(e["type"] == "session.detached" for e in svc.registry.events(task.id))
+                                               and svc.get(task.id).status.value == "paused"):
         time.sleep(0.5)
     assert not svc.registry.sessions(task.id, open_only=True), "the ended run was never recorded"
     assert not svc.registry.leases(task.id)  # the lease is released
