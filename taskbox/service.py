@@ -1383,7 +1383,11 @@ class TaskService:
                                agent=p.name, image=task.image)
         has_tmux = any(f.endswith("/tmux") for f in found)
         argv = p.command(prompt, [*agents.options(p, base_url=base_url, model=model), *extra])
-        res = self.attach(task.id, p.name, model or "unknown", session_id)
+        try:
+            res = self.attach(task.id, p.name, model or "unknown", session_id)
+        except TaskLocked as exc:  # often the caller's own session: say what to do about it
+            raise TaskLocked(f"{exc.message}; a run is an agent session of its own, so detach the session that "
+                             "holds the task first (or use a collaborative task)", **exc.details) from exc
         sid = res.session.id
         task = res.task
         mode = "prompt" if prompt is not None else "interactive"

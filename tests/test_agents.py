@@ -402,6 +402,12 @@ def test_mcp_run_agent_in_task_with_progress_and_cancel(svc: TaskService, repo: 
             assert made["task_id"] == "mcp-run"
             text = await call_error(client, "run_agent_in_task", task_id="mcp-run", agent="gpt5", prompt="hi")
             assert "unknown agent 'gpt5'" in text
+            # The caller attached (exclusive): the run, a session of its own, is refused saying why.
+            await call(client, "attach_agent_to_task", task_id="mcp-run", agent_name="orchestrator",
+                       agent_model="m", session_id="s-caller")
+            text = await call_error(client, "run_agent_in_task", task_id="mcp-run", agent="shell", prompt="true")
+            assert "is locked by" in text and "detach the session that holds the task first" in text
+            await call(client, "detach_agent_from_task", task_id="mcp-run", session_id="s-caller")
             text = await call_error(client, "run_agent_in_task", task_id="mcp-run", agent="shell", prompt="true",
                                     secrets=["NOT_THERE"])
             assert "no secret NOT_THERE" in text
