@@ -751,14 +751,20 @@ class TaskService:
             task = self.get(task.id)
         return {**task.to_dict(), "session_id": sid, "warnings": self.sandbox_warnings(task)}
 
-    def agent_task_options(self, agent: str, options: dict[str, Any]) -> dict[str, Any]:
+    def agent_task_options(self, agent: str, options: dict[str, Any], *, secrets: list[str] | None = None,
+                           base_url: str | None = None) -> dict[str, Any]:
         """:meth:`create_task` options for a task made to run ``agent`` (``create-task --run``).
 
         The agents image unless an image is named; network ``allowlist`` (the preset's model
         API hosts are added when the agent starts) unless a mode is named. The run itself is
-        :meth:`run_agent`; the creator is not attached (the run attaches).
+        :meth:`run_agent`; the creator is not attached (the run attaches). The run's
+        ``secrets`` and ``base_url`` are checked here, so bad ones are refused before the task
+        is created.
         """
         p = agents.preset(agent)
+        if base_url:
+            agents.environment(p, base_url=base_url)  # a bad URL, or an agent that takes none
+        resolve_secrets(self.paths.home, secrets or [])  # a missing secret
         out = dict(options)
         out["image"] = out.get("image") or self.settings.agents_image
         if not out.get("network") and p.hosts:
@@ -1033,6 +1039,14 @@ class TaskService:
             return
         shown = [{k: r[k] for k in ("kind", "id", "command")} for r in busy[:10]]
         if not kill_running:
+            # An interactive `taskbox run` left running: say so, not its tmux command line.
+            runs = [f"agent {r.get('agent')} (session {sid})" for sid, r in (task.metadata.get("runs") or {}).items()
+                    if isinstance(r, dict) and any(f"-L {agents.tmux_socket(sid)} " in " ".join(
+                        str(b.get("command") or "").split()) + " " for b in busy)]
+            if runs and len(runs) == len(busy):
+                raise TaskBusy(f"cannot {action} task {task.id}: {', '.join(runs)} left running in it; come back "
+                               f"to it with `taskbox attach {task.id}` and end it, or {action} with the "
+                               "kill_running option", task_id=task.id, running=shown)
             names = "; ".join(f"job {r['id']}: {r['command']}" if r["kind"] == "job" else f"command: {r['command']}"
                               for r in shown[:3])
             raise TaskBusy(f"cannot {action} task {task.id}: {len(busy)} command(s) or job(s) still run in it "
@@ -1461,11 +1475,12 @@ class TaskService:
                   allow_domains: list[str] | None = None, base_url: str | None = None,
                   session_id: str | None = None, timeout: float | None = None,
                   terminal: agents.Terminal | None = None, echo: Callable[[bytes], object] | None = None,
-                  checkpoint: bool | None = None) -> dict[str, Any]:
+                  checkpoint: bool | None = None, control: ExecControl | None = None) -> dict[str, Any]:
         """Run an agent CLI inside the task's sandbox as an attached agent session.
 
         With ``prompt`` it runs non-interactively (print mode), its output streamed to ``echo``
-        and recorded (redacted) like a command; otherwise it runs on ``terminal`` under a tmux
+        and recorded (redacted) like a command (``control`` shows its progress and cancels it, as
+        for :meth:`exec`); otherwise it runs on ``terminal`` under a tmux
         server in the container, so the user can detach (``Ctrl-b d``) and come back with
         :meth:`attach_agent`. ``secrets`` go into the agent's process environment only; the
         preset's model API hosts (plus ``allow_domains`` and the ``base_url`` host) are allowed
@@ -1499,8 +1514,12 @@ class TaskService:
                                f"{self.settings.agents_image} (`create-task --run {p.name}` does)",
                                agent=p.name, image=task.image)
         has_tmux = any(f.endswith("/tmux") for f in found)
-        argv = p.command(prompt, extra)
-        res = self.attach(task.id, p.name, model or "unknown", session_id)
+        argv = p.command(prompt, [*agents.options(p, base_url=base_url, model=model), *extra])
+        try:
+            res = self.attach(task.id, p.name, model or "unknown", session_id)
+        except TaskLocked as exc:  # often the caller's own session: say what to do about it
+            raise TaskLocked(f"{exc.message}; a run is an agent session of its own, so detach the session that "
+                             "holds the task first (or use a collaborative task)", **exc.details) from exc
         sid = res.session.id
         task = res.task
         mode = "prompt" if prompt is not None else "interactive"
@@ -1523,9 +1542,9 @@ class TaskService:
         started = time.monotonic()
         try:
             if prompt is not None:
-                control = ExecControl()
-                control.echo = (lambda chunk: echo(self.redactor.output(chunk.decode(errors="replace")).encode())
-                                ) if echo else None
+                control = control or ExecControl()
+                if echo:
+                    control.echo = lambda chunk: echo(self.redactor.output(chunk.decode(errors="replace")).encode())
                 try:
                     result = self.exec(task.id, argv, env=env, secrets=list(values), session_id=sid,
                                        timeout=timeout or self.settings.run_timeout, control=control)
@@ -1644,9 +1663,58 @@ class TaskService:
         self._after(self.get(task.id), "ports", {"action": action, **wanted}, result)
         return result
 
+    def watch_run(self, task_id: str, session_id: str, stop: threading.Event | None = None,
+                  every: float | None = None) -> dict[str, Any] | None:
+        """Look after an interactive run left running (detached) until its agent ends.
+
+        While the agent runs its lease is renewed every third of ``lease_seconds`` (so no other
+        agent takes the task over from under it); the agent is looked at every ``every`` seconds
+        (at most 5); when it ends — or its container stops — the run is finished as if someone
+        had been attached: ``agent.exited``, the session detached (work committed, the branch
+        fetched, a checkpoint by the ``run_checkpoint`` setting). Returns that result, or None
+        when the run was finished elsewhere (``taskbox attach``) or ``stop`` was set.
+        ``taskbox run`` and ``taskbox attach`` start ``taskbox watch-run`` for this when they detach.
+        """
+        renew_every = max(1.0, self.settings.lease_seconds / 3)
+        every = every or min(5.0, renew_every)  # how soon an ended agent is noticed
+        started = renewed = time.monotonic()
+        while True:
+            try:
+                task = self.get(task_id)
+            except NotFound:
+                return None
+            run = (task.metadata.get("runs") or {}).get(session_id)
+            if not isinstance(run, dict) or session_id not in {s.id for s in self.registry.sessions(
+                    task.id, open_only=True)}:
+                return None
+            running = task.status is Status.ACTIVE and task.container_id is not None and \
+                self.sandbox.state(task.container_id) is ContainerState.RUNNING
+            if running and self._agent_alive(task, session_id):
+                if time.monotonic() - renewed >= renew_every - every / 2:
+                    self.renew(task.id, session_id)
+                    renewed = time.monotonic()
+            else:
+                code = self._agent_exit_code(task, session_id, -1) if running else -1
+                began = run.get("started")
+                seconds = time.time() - began if isinstance(began, (int, float)) else time.monotonic() - started
+                return self._finish_run(task.id, str(run.get("agent") or "agent"), session_id, "interactive", code,
+                                        seconds, None)
+            if (stop or threading.Event()).wait(every):
+                return None
+
     def _finish_run(self, task_id: str, agent: str, sid: str, mode: str, code: int, seconds: float,
                     checkpoint: bool | None) -> dict[str, Any]:
-        task = self.get(task_id)
+        # One finisher per run: `taskbox attach` and the watcher of a detached run may both see it end.
+        with files.locked(self.paths.locks / f"{task_id}.run.lock"):
+            task = self.get(task_id)
+            if sid not in {s.id for s in self.registry.sessions(task.id, open_only=True)}:
+                return {"task_id": task.id, "session_id": sid, "agent": agent, "mode": mode, "detached": False,
+                        "exit_code": code, "seconds": round(seconds, 2), "branch": task.branch, "commit": None,
+                        "checkpoint_id": None, "note": "the run had already been recorded"}
+            return self._finish_run_locked(task, agent, sid, mode, code, seconds, checkpoint)
+
+    def _finish_run_locked(self, task: Task, agent: str, sid: str, mode: str, code: int, seconds: float,
+                           checkpoint: bool | None) -> dict[str, Any]:
         self.registry.add_event("agent.exited", task.id, {"session_id": sid, "agent": agent, "exit_code": code,
                                                           "seconds": round(seconds, 2)})
         if sid in (task.metadata.get("runs") or {}):
