@@ -2033,15 +2033,11 @@ class TaskService:
 
     def _publish(self, task: Task, message: str) -> tuple[str | None, str]:
         """Commit the workspace (in the sandbox) and fetch the branch into the user's repository."""
-        clean = self._clean_branch(task)
         with self.in_sandbox(task) as run:
-            commit = workspace.commit_all(run, message, clean=clean, base=task.base_ref or None)
-            if clean:
-                workspace.save_memory(run, task.branch)
-            head = workspace.fetch_into(run, Path(task.repo_path), task.branch, scratch=self.paths.home / "tmp",
-                                        limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
-                                        with_memory=clean)
-        return commit, head
+            return workspace.publish(run, Path(task.repo_path), task.branch, message,
+                                     clean=self._clean_branch(task), base=task.base_ref or None,
+                                     scratch=self.paths.home / "tmp",
+                                     limit=parse_size(self.settings.fetch_limit, "fetch_limit"))
 
     def diff(self, task_id: str, stat: bool = False) -> str:
         """The task's changes against the commit it started from (committed or not)."""
