@@ -74,6 +74,7 @@ class Phases:
     def __init__(self) -> None:
         self.on = False
         self.records: list[tuple[str, str, float]] = []  # (label, thread, seconds)
+        self.spans: list[tuple[str, str, float, float]] = []  # (label, thread, start, end)
         self._lock = threading.Lock()
         self._saved: list[tuple[object, str, object]] = []
 
@@ -99,8 +100,10 @@ class Phases:
             try:
                 return fn(*args, **kwargs)
             finally:
+                t1 = time.perf_counter()
                 with phases._lock:
-                    phases.records.append((label, threading.current_thread().name, time.perf_counter() - t0))
+                    phases.records.append((label, threading.current_thread().name, t1 - t0))
+                    phases.spans.append((label, threading.current_thread().name, t0, t1))
         return timed
 
     def table(self) -> list[tuple[str, int, float, float]]:
@@ -135,6 +138,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--phases", action="store_true", help="also print where the parallel run's time went")
+    ap.add_argument("--timeline", action="store_true", help="with --phases: every phase's start and end")
     opts = ap.parse_args()
     phases = Phases()
     if opts.phases:
@@ -153,11 +157,11 @@ def main() -> int:
 
         parent = svc.create_task(repo, "bench parallel parent")
         svc.create_subtasks(parent.id, plan("s", f"sleep {SLEEP:g}; echo {{n}} > out{{n}}.txt"))
-        t0 = time.perf_counter()
+        run_t0 = time.perf_counter()
         phases.on = True
         res = svc.run_subtasks(parent.id, parallel=PARALLEL)
         phases.on = False
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - run_t0
         bad = [s["id"] for s in res["subtasks"] if s["status"] != "merged"]
         if bad:
             raise SystemExit(f"sub-tasks not merged: {bad}")
@@ -218,6 +222,10 @@ def main() -> int:
             print(f"{'phase':34} {'calls':>5} {'seconds':>8} {'per call':>8} {'orchestrator':>12}")
             for label, n, total, main in phases.table():
                 print(f"{label:34} {n:5d} {total:8.2f} {total / n:8.3f} {main:12.2f}")
+            print()
+        if opts.phases and opts.timeline:
+            for label, thread, a, b in sorted(phases.spans, key=lambda r: (r[1], r[2])):
+                print(f"{thread:14} {a - run_t0:7.2f} {b - run_t0:7.2f} {label.strip()}")
             print()
         print(f"target: wall time <= {TARGET} x ideal: {'met' if ok else 'MISSED'} ({wall / ideal:.2f} x); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import queue
 import re
 import secrets
 import tempfile
@@ -2634,11 +2635,39 @@ class TaskService:
             if (r["status"] == ultrawork.MERGED and r["task_id"] and self.registry.task_exists(r["task_id"])
                     and self.get(r["task_id"]).status not in FINISHED):
                 closers += self._close_child(r, ultrawork.MERGED)
+        # Merges run one at a time on a thread of their own, in the order they are queued
+        # (dependency order), so a merge never holds up the start of a sub-task whose slot is free.
+        merges: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        queued: set[str] = set()  # queued once per run: a merge's outcome is final
+        halt = threading.Event()
+        failure: list[BaseException] = []
+
+        def merger() -> None:
+            while (sid := merges.get()) is not None:
+                try:
+                    if halt.is_set() or failure:
+                        continue
+                    row = self.registry.subtask(parent.id, sid)
+                    if row["status"] != ultrawork.SUCCEEDED:
+                        continue
+                    out = self._merge_subtask(parent, row)
+                    say(f"{sid}: {out}")
+                    closers.extend(self._close_child(row, out))
+                except BaseException as exc:  # the orchestrator raises it
+                    failure.append(exc)
+                finally:
+                    wake.set()
+
+        merging = threading.Thread(target=merger, name=f"merge-{parent.id}", daemon=True)
+        merging.start()
         interrupted = False
         base: str | None = None  # the parent's commit new sub-tasks fork from
         in_base: set[str] = set()  # the sub-tasks whose merge that commit holds
         try:
             while True:
+                wake.clear()  # before reading: a wake-up from now on is not lost
+                if failure:
+                    raise failure[0]
                 rows = self.registry.subtasks(parent.id)
                 d = ultrawork.decide(rows, par, merge)
                 for sid, by in d.block.items():
@@ -2650,15 +2679,20 @@ class TaskService:
                 if d.start:  # first fill the free slots: merges need no slot
                     if stop is not None and stop.is_set():
                         interrupted = True
+                        halt.set()  # merges queued but not begun wait for the next run
                         break
                     # A sub-task forks from the parent's branch as last committed and published, if
                     # that holds the merges of all its dependencies; else the parent is committed and
-                    # published again first (independent sub-tasks need no new fork point).
+                    # published again first (independent sub-tasks need no new fork point), never
+                    # while a merge moves the parent's branch.
                     needs = {dep for sid in d.start for dep in by_id[sid]["depends_on"]}
                     if base is None or not needs <= in_base:
-                        _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
-                                                              + ", ".join(d.start))
-                        in_base = {r["id"] for r in rows if r["status"] == ultrawork.MERGED}
+                        with self._ultra_lock(f"merge:{parent.id}"):
+                            merged = {r["id"] for r in self.registry.subtasks(parent.id)
+                                      if r["status"] == ultrawork.MERGED}
+                            _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
+                                                                  + ", ".join(d.start))
+                        in_base = merged
                     for sid in d.start:
                         row = self._set_subtask(parent, sid, {"status": ultrawork.RUNNING, "started_at": time.time(),
                                                               "finished_at": None, "error": "", "exit_code": None},
@@ -2670,24 +2704,31 @@ class TaskService:
                                              name=f"subtask-{sid}", daemon=True)
                         workers[sid] = t
                         t.start()
-                # then one merge (deciding again after it lets a dependent start as soon as it can)
-                ready = [sid for sid in d.merge if not (sid in workers and workers[sid].is_alive())]
-                if ready:
-                    sid = ready[0]
-                    out = self._merge_subtask(parent, by_id[sid])
-                    say(f"{sid}: {out}")
-                    closers += self._close_child(by_id[sid], out)
-                if d.block or ready or d.start:
+                # then queue the merges of what succeeded (its worker done), in dependency order
+                ready = [sid for sid in d.merge
+                         if sid not in queued and not (sid in workers and workers[sid].is_alive())]
+                for sid in ready:
+                    queued.add(sid)
+                    merges.put(sid)
+                if d.block or d.start:
                     continue
                 workers = {k: t for k, t in workers.items() if t.is_alive()}
                 if d.done and not workers:
                     break
                 wake.wait(0.5)
-                wake.clear()
+            merges.put(None)
+            merging.join()
+            if failure:
+                raise failure[0]
+            if merge and not interrupted:  # the parent's branch reaches the user's repository
+                self._publish(parent, "taskbox: sub-tasks merged")
         finally:
+            halt.set()
+            merges.put(None)
             for t in workers.values():
                 t.join()
-            for t in closers:
+            merging.join()
+            for t in list(closers):
                 t.join()
             for r in self.registry.subtasks(parent.id):  # not merged (--no-merge, stopped): container stopped
                 if r["status"] == ultrawork.SUCCEEDED and r["task_id"] and self.registry.task_exists(r["task_id"]):
@@ -2701,8 +2742,6 @@ class TaskService:
             self.registry.add_event("ultrawork.finished", parent.id, {
                 "counts": status["counts"], "duration_s": round(time.time() - began, 2),
                 "interrupted": interrupted})
-        if merge and not interrupted:
-            self._publish(parent, "taskbox: sub-tasks merged")  # the parent's branch reaches the user's repository
         result = self.subtask_status(parent.id)
         result["duration_s"] = round(time.time() - began, 2)
         self._after(parent, "run_subtasks", args, result)
