@@ -62,15 +62,19 @@ if $G merge-base --is-ancestor "$tip" "$old" 2>/dev/null \
   echo already; echo "$old"; exit 0
 fi
 base=$($G merge-base "$old" "$tip" 2>/dev/null || true)
-# the task's work without taskbox's bookkeeping files: the target keeps its own
-GIT_INDEX_FILE=$(mktemp); export GIT_INDEX_FILE
-$G read-tree "$tip" || exit 30
-$G ls-tree -r "$tip" -- $keep | sed "s/^[0-9]* [a-z]* [0-9a-f]*\t/0 0000000000000000000000000000000000000000\t/" \
-  | $G update-index --index-info || exit 31
-if [ -n "$base" ]; then $G ls-tree -r "$base" -- $keep | $G update-index --index-info || exit 32; fi
-work=$($G write-tree) || exit 33
-rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE
-theirs=$(echo "work of $tip" | $G commit-tree -p "$tip" "$work") || exit 34
+# the task's work without taskbox's bookkeeping files: the target keeps its own (when the task
+# left them as they were at the merge base, that is the task's commit itself)
+if [ -n "$base" ] && $G diff-tree --quiet "$base" "$tip" -- $keep; then theirs=$tip
+else
+  GIT_INDEX_FILE=$(mktemp); export GIT_INDEX_FILE
+  $G read-tree "$tip" || exit 30
+  $G ls-tree -r "$tip" -- $keep | sed "s/^[0-9]* [a-z]* [0-9a-f]*\t/0 0000000000000000000000000000000000000000\t/" \
+    | $G update-index --index-info || exit 31
+  if [ -n "$base" ]; then $G ls-tree -r "$base" -- $keep | $G update-index --index-info || exit 32; fi
+  work=$($G write-tree) || exit 33
+  rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE
+  theirs=$(echo "work of $tip" | $G commit-tree -p "$tip" "$work") || exit 34
+fi
 out=$($G merge-tree --write-tree --name-only --no-messages "$old" "$theirs"); rc=$?
 if [ $rc -eq 1 ]; then echo conflict; printf '%s\n' "$out" | tail -n +2; exit 0; fi
 [ $rc -eq 0 ] || exit 35

@@ -2694,9 +2694,9 @@ class TaskService:
                                                                   + ", ".join(d.start))
                         in_base = merged
                     for sid in d.start:
-                        row = self._set_subtask(parent, sid, {"status": ultrawork.RUNNING, "started_at": time.time(),
-                                                              "finished_at": None, "error": "", "exit_code": None},
-                                                expect=[ultrawork.PENDING])
+                        row = self.registry.update_subtask(parent.id, sid, {
+                            "status": ultrawork.RUNNING, "started_at": time.time(), "finished_at": None, "error": "",
+                            "exit_code": None}, expect=[ultrawork.PENDING])
                         if row is None:
                             continue
                         say(f"{sid}: starting")
@@ -2704,6 +2704,7 @@ class TaskService:
                                              name=f"subtask-{sid}", daemon=True)
                         workers[sid] = t
                         t.start()
+                    self._subtasks_changed(parent)  # one Plan.md update for the sub-tasks started together
                 # then queue the merges of what succeeded (its worker done), in dependency order
                 ready = [sid for sid in d.merge
                          if sid not in queued and not (sid in workers and workers[sid].is_alive())]

@@ -233,9 +233,17 @@ _PUBLISHED = re.compile(r"^taskbox-publish (committed|unchanged) ([0-9a-f]{40}(?
                         r"([0-9a-f]{40}(?:[0-9a-f]{24})?) ([0-9a-f]{40}(?:[0-9a-f]{24})?|-)\n$")
 
 
-def _have(repo: Path, ref: str) -> str:
-    """The commit ``ref`` names in the user's (trusted) repository, or ``""``."""
-    return git.run(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo, check=False).stdout.strip()
+def _commits(repo: Path, names: list[str]) -> list[str]:
+    """The commit each of ``names`` (refs or commit ids) is in the user's (trusted) repository,
+    or ``""`` where there is none: one git process for them all."""
+    if not names:
+        return []
+    proc = git.run(["cat-file", "--batch-check=%(objectname)"], cwd=repo,
+                   input="".join(f"{n}^{{commit}}\n" for n in names).encode())
+    lines = proc.stdout.splitlines()
+    if len(lines) != len(names):
+        raise GitError(f"git cat-file gave {len(lines)} answers for {len(names)} names in {repo}")
+    return [line if _SHA.match(line) else "" for line in lines]
 
 
 def publish(run: Runner, repo: Path, branch: str, message: str, *, clean: bool, base: str | None,
@@ -256,8 +264,10 @@ def publish(run: Runner, repo: Path, branch: str, message: str, *, clean: bool, 
     """
     ref = f"refs/heads/{branch}"
     mref = memory_ref(branch) if clean else None
-    have = {name: _have(repo, name) for name in (ref, mref) if name}
-    basis = list(dict.fromkeys(c for c in (*have.values(), head_commit(repo)) if c and _SHA.match(c)))
+    names = [n for n in (ref, mref) if n]
+    found = _commits(repo, [*names, "HEAD"])
+    have = dict(zip(names, found, strict=False))
+    basis = list(dict.fromkeys(c for c in found if c))
     keep, _untrack = _paths(clean, None, lambda _p: False)  # what to untrack is decided in the sandbox
     argv = ["sh", "-c", _PUBLISH, "sh", ref, mref or "-", base if base and _SHA.match(base) else "-",
             have[ref] or "-", (have[mref] if mref else "") or "-", *keep]
@@ -400,8 +410,8 @@ def _take_bundle(fh: BinaryIO, repo: Path, ref: str, extra: str | None, what: st
     """Index the pack of the bundle that starts at ``fh``'s position into ``repo``; return its tips."""
     start = fh.tell()
     tips, prereqs, offset = _read_bundle_header(fh, ref, extra)
-    for sha in prereqs:
-        if not git.ref_exists(repo, f"{sha}^{{commit}}"):
+    for sha, there in zip(prereqs, _commits(repo, prereqs), strict=True):
+        if not there:
             raise GitError(f"the bundle of {what} needs commit {sha[:12]}, which {repo} does not have")
     fh.seek(start + offset)
     git.run(["index-pack", "--stdin", "--fix-thin", "--strict"], cwd=repo, stdin=fh, timeout=1800)

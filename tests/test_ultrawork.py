@@ -309,6 +309,25 @@ def test_merge_into_a_branch_of_the_users_repository(svc: TaskService, repo: Pat
     assert git(repo, "rev-parse", "HEAD") == before_head
 
 
+def test_bookkeeping_on_a_branch_is_not_merged(svc: TaskService, repo: Path) -> None:
+    """Tasks that keep Plan.md and memory on their branch: a merge brings the work, never the
+    source's bookkeeping (both sides added their own Plan.md: merged as is, they would conflict)."""
+    target = svc.create_task(repo, "bookkeeping target", memory_on_branch=True)
+    source = svc.create_task(repo, "bookkeeping source", memory_on_branch=True)
+    svc.exec(source.id, "echo work > work.txt")
+    res = svc.merge_task(source.id, target.id)
+    assert res["status"] == "merged", res
+    ws = Path(target.workspace_path)
+    assert (ws / "work.txt").read_text() == "work\n"
+    assert "bookkeeping target" in (ws / "Plan.md").read_text()
+    assert "bookkeeping source" not in (ws / "Plan.md").read_text()
+    with svc.in_sandbox(svc.get(target.id)) as run:
+        merged_plan = run(["git", "show", f"{res['commit']}:Plan.md"]).stdout.decode()
+        state = json.loads(run(["git", "show", f"{res['commit']}:.task-memory/state.json"]).stdout)
+    assert "bookkeeping target" in merged_plan and "bookkeeping source" not in merged_plan
+    assert state["task_id"] == target.id
+
+
 def _running_children(svc: TaskService, parent_id: str) -> list[str]:
     ids = {t.id for t in svc.list_tasks() if t.parent_id == parent_id}
     out = []
