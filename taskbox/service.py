@@ -2643,16 +2643,20 @@ class TaskService:
         failure: list[BaseException] = []
 
         def merger() -> None:
-            while (sid := merges.get()) is not None:
+            last = False
+            while not last:
+                batch = [merges.get()]  # then whatever else is queued: merged in one go, in order
+                while not merges.empty():
+                    batch.append(merges.get())
+                last = None in batch
                 try:
                     if halt.is_set() or failure:
                         continue
-                    row = self.registry.subtask(parent.id, sid)
-                    if row["status"] != ultrawork.SUCCEEDED:
-                        continue
-                    out = self._merge_subtask(parent, row)
-                    say(f"{sid}: {out}")
-                    closers.extend(self._close_child(row, out))
+                    rows = [r for sid in batch if sid is not None
+                            and (r := self.registry.subtask(parent.id, sid))["status"] == ultrawork.SUCCEEDED]
+                    for row, out in zip(rows, self._merge_subtasks(parent, rows), strict=True):
+                        say(f"{row['id']}: {out}")
+                        closers.extend(self._close_child(row, out))
                 except BaseException as exc:  # the orchestrator raises it
                     failure.append(exc)
                 finally:
@@ -2869,21 +2873,33 @@ class TaskService:
         t.start()
         return [t]
 
-    def _merge_subtask(self, parent: Task, row: dict[str, Any]) -> str:
-        """Merge a succeeded sub-task into the parent; record merged, conflict (with files) or a failed merge."""
-        sid = row["id"]
+    def _merge_subtasks(self, parent: Task, rows: list[dict[str, Any]]) -> list[str]:
+        """Merge succeeded sub-tasks into the parent in this order, in one sandbox command; record each
+        as merged, conflict (with files) or a failed merge; return their outcomes."""
+        if not rows:
+            return []
+        error: TaskboxError | None
         try:
-            child = self.get(row["task_id"])
+            items = [(self.get(r["task_id"]), r["tip"], f"taskbox: merge sub-task {r['id']}: {r['title']}")
+                     for r in rows]
             faults.point("ultrawork.merging")
-            out = self._merge_into_task(parent, child, row["tip"], f"taskbox: merge sub-task {sid}: {row['title']}")
+            done, error = self._merge_many_into_task(parent, items)
             faults.point("ultrawork.merged")  # the parent's branch moved; the registry does not know yet
         except TaskboxError as exc:
-            self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "error": f"merge failed: {exc.message}"[:500]},
+            if len(rows) > 1:  # say which one it was
+                return [out for r in rows for out in self._merge_subtasks(parent, [r])]
+            done, error = [], exc
+        outcomes = [self._record_merge(parent, r, out) for r, out in zip(rows, done, strict=False)]
+        if error is not None:
+            r = rows[len(done)]
+            message = f"merge failed: {error.message}"
+            self._set_subtask(parent, r["id"], {"status": ultrawork.FAILED, "error": message[:500]},
                               expect=[ultrawork.SUCCEEDED],
-                              event=("subtask.failed", {"subtask": sid, "task_id": row["task_id"],
-                                                        "error": f"merge failed: {exc.message}"[:300]}))
-            return ultrawork.FAILED
-        return self._record_merge(parent, row, out)
+                              event=("subtask.failed", {"subtask": r["id"], "task_id": r["task_id"],
+                                                        "error": message[:300]}))
+            outcomes.append(ultrawork.FAILED)
+            outcomes += self._merge_subtasks(parent, rows[len(done) + 1:])  # the rest were not tried
+        return outcomes
 
     def _record_merge(self, parent: Task, row: dict[str, Any], out: merge_engine.Outcome) -> str:
         sid = row["id"]
@@ -2901,10 +2917,20 @@ class TaskService:
     def _merge_into_task(self, target: Task, source: Task, tip: str, message: str,
                          squash: bool = False) -> merge_engine.Outcome:
         """Merge commit ``tip`` of ``source``'s branch (already fetched into the user's repository) into
-        ``target``'s branch, inside ``target``'s sandbox. One merge into a task at a time."""
-        if Path(source.repo_path) != Path(target.repo_path):
-            raise InvalidInput(f"tasks {source.id} and {target.id} work on different repositories")
-        repo = Path(source.repo_path)
+        ``target``'s branch, inside ``target``'s sandbox."""
+        done, error = self._merge_many_into_task(target, [(source, tip, message)], squash)
+        if error is not None:
+            raise error
+        return done[0]
+
+    def _merge_many_into_task(self, target: Task, items: list[tuple[Task, str, str]], squash: bool = False
+                              ) -> tuple[list[merge_engine.Outcome], GitError | None]:
+        """Merge each ``(source, tip, message)`` into ``target``'s branch in turn, in one command in
+        ``target``'s sandbox (see :func:`taskbox.merge.in_workspace_many`). One merge into a task at a time."""
+        repo = Path(target.repo_path)
+        for source, _tip, _message in items:
+            if Path(source.repo_path) != repo:
+                raise InvalidInput(f"tasks {source.id} and {target.id} work on different repositories")
         scratch = self.paths.home / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         limit = parse_size(self.settings.fetch_limit, "fetch_limit")
@@ -2913,15 +2939,18 @@ class TaskService:
             os.close(fd)
             bundle = Path(name)
             try:
-                merge_engine.bundle_from(repo, bundle, tip, [source.base_ref])
+                merge_engine.bundle_from(repo, bundle, [tip for _s, tip, _m in items],
+                                         [source.base_ref for source, _t, _m in items])
                 if bundle.stat().st_size > limit:
-                    raise GitError(f"the branch of {source.id} bundles to more than {limit} bytes; refusing to merge "
+                    names = ", ".join(source.id for source, _t, _m in items)
+                    raise GitError(f"the branch of {names} bundles to more than {limit} bytes; refusing to merge "
                                    "it (raise the fetch_limit setting if this is expected)")
                 files.atomic_write(self._ws(target), merge_engine.INCOMING, bundle.read_bytes())
             finally:
                 bundle.unlink(missing_ok=True)
             with self.in_sandbox(target) as run:
-                return merge_engine.in_workspace(run, target.branch, tip, message, squash=squash)
+                return merge_engine.in_workspace_many(run, target.branch, [(tip, message) for _s, tip, message in items],
+                                                      squash=squash)
 
     def _merge_into_branch(self, source: Task, branch: str, tip: str, message: str,
                            squash: bool = False) -> merge_engine.Outcome:

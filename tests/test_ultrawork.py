@@ -328,6 +328,36 @@ def test_bookkeeping_on_a_branch_is_not_merged(svc: TaskService, repo: Path) -> 
     assert state["task_id"] == target.id
 
 
+def test_merges_in_one_go_are_each_their_own(svc: TaskService, repo: Path) -> None:
+    """Several task commits merged in one sandbox command (the orchestrator merges what is queued
+    together): in order, one --no-ff commit each, a conflict changing nothing and the next going on."""
+    target = svc.create_task(repo, "batch target")
+    sources = {}
+    for name, command in (("one", "echo one > README.md"), ("mid", "echo mid > mid.txt"),
+                          ("two", "echo two > README.md"), ("last", "echo last > last.txt")):
+        task = svc.create_task(repo, f"batch {name}")
+        svc.exec(task.id, command)
+        sources[name] = (task, svc.sync(task.id).commit)
+    done, error = svc._merge_many_into_task(svc.get(target.id), [(t, tip, f"merge {n}") for n, (t, tip) in
+                                                                 sources.items()])
+    assert error is None, (done, error)
+    assert [o.status for o in done] == ["merged", "merged", "conflict", "merged"]
+    assert done[2].files == ["README.md"] and done[2].commit is None
+    ws = Path(target.workspace_path)
+    assert (ws / "README.md").read_text() == "one\n" and (ws / "last.txt").read_text() == "last\n"
+    with svc.in_sandbox(svc.get(target.id)) as run:
+        chain = run(["git", "log", "--first-parent", "--format=%H %P%x00%s", "-3"]).stdout.decode().splitlines()
+        status = run(["git", "status", "--porcelain", "--", ".", ":!Plan.md", ":!.task-memory"]).stdout
+    heads = [line.split("\0") for line in chain]
+    assert [subject for _h, subject in heads] == ["merge last", "merge mid", "merge one"]
+    assert [h.split()[0] for h, _s in heads] == [done[3].commit, done[1].commit, done[0].commit]
+    assert all(len(h.split()) == 3 for h, _s in heads)  # --no-ff: two parents each
+    assert heads[0][0].split()[1] == done[1].commit and heads[1][0].split()[1] == done[0].commit
+    assert status == b""
+    again, error = svc._merge_many_into_task(svc.get(target.id), [(t, tip, "again") for t, tip in sources.values()])
+    assert error is None and [o.status for o in again] == ["already", "already", "conflict", "already"]
+
+
 def _running_children(svc: TaskService, parent_id: str) -> list[str]:
     ids = {t.id for t in svc.list_tasks() if t.parent_id == parent_id}
     out = []
