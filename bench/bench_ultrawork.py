@@ -55,7 +55,7 @@ class Phases:
         (TaskService, "_create_child", "create child"),
         (TaskService, "exec", "exec (command)"),
         (TaskService, "_end_child", "finish child"),
-        (TaskService, "_merge_into_task", "merge into parent"),
+        (TaskService, "_merge_many_into_task", "merge into parent (one or more)"),
         (TaskService, "_subtasks_changed", "Plan.md table"),
         (TaskService, "complete", "complete child"),
         (TaskService, "ensure_running", "ensure running"),
@@ -66,7 +66,7 @@ class Phases:
         (workspace, "commit_fresh", "  first commit (host)"),
         (workspace, "publish", "  commit + fetch (sandbox + host)"),
         (merge_engine, "bundle_from", "  bundle for merge"),
-        (merge_engine, "in_workspace", "  merge script (sandbox)"),
+        (merge_engine, "in_workspace_many", "  merge script (sandbox)"),
         (Sandbox, "capture", "    docker exec (capture)"),
         (Sandbox, "stop", "    docker stop"),
     ]

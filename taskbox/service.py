@@ -112,9 +112,11 @@ _TASK_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # with its execution record, also when it comes from the CLI); every other call is counted
 # when it is recorded. memory.rebuild counts the same way.
 SELF_COUNTING_TOOLS = frozenset({"execute_in_task"})
-# One lock per (home, parent task): Plan.md's sub-task table and merges into a task are serialised.
+# One lock per (home, task): merges into a task (and the parent's publish before sub-tasks fork) are serialised.
 _ULTRA_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 _ULTRA_LOCKS_GUARD = threading.Lock()
+# Per (home, parent task): whether its sub-task table is being rendered, and whether it is stale.
+_SUBTASK_VIEWS: dict[tuple[str, str], dict[str, bool]] = {}
 
 
 @dataclass
@@ -2518,23 +2520,48 @@ class TaskService:
     # --- ultrawork: sub-tasks merged back in dependency order (SPEC §7) -------------------------
     # The plan and the scheduler's decisions are taskbox.ultrawork's; the merge is taskbox.merge's.
 
-    def _subtasks_changed(self, parent: Task) -> list[dict[str, Any]]:
-        """Tell the plugins (Plan.md's live table) the parent's sub-tasks changed; return the rows."""
-        rows = self.registry.subtasks(parent.id)
-        with self._ultra_lock(parent.id):
-            try:
-                self.hook.subtasks_changed(service=self, task=parent, subtasks=rows)
-            except (TaskboxError, OSError) as exc:  # Plan.md is a view: the run goes on
-                self.registry.add_event("memory.refused", parent.id, {"error": str(exc)[:300]})
-        return rows
+    def _subtasks_changed(self, parent: Task) -> None:
+        """Tell the plugins (Plan.md's live table) the parent's sub-tasks changed.
+
+        One thread at a time tells them, with the registry's rows as they are then; a change made
+        meanwhile by another thread only marks the view stale, and the telling thread tells them
+        again before it returns (the rows it reads then hold that change too). So a burst of
+        changes costs one or two renderings, and none waits for another's.
+        """
+        with _ULTRA_LOCKS_GUARD:
+            view = _SUBTASK_VIEWS.setdefault((str(self.paths.home), parent.id), {"stale": False, "busy": False})
+            view["stale"] = True
+            if view["busy"]:
+                return
+            view["busy"] = True
+        try:
+            while True:
+                with _ULTRA_LOCKS_GUARD:
+                    if not view["stale"]:
+                        view["busy"] = False
+                        return
+                    view["stale"] = False
+                rows = self.registry.subtasks(parent.id)
+                try:
+                    self.hook.subtasks_changed(service=self, task=parent, subtasks=rows)
+                except (TaskboxError, OSError) as exc:  # Plan.md is a view: the run goes on
+                    self.registry.add_event("memory.refused", parent.id, {"error": str(exc)[:300]})
+        except BaseException:
+            with _ULTRA_LOCKS_GUARD:
+                view["busy"] = False
+            raise
 
     def _ultra_lock(self, parent_id: str) -> threading.Lock:
         with _ULTRA_LOCKS_GUARD:
             return _ULTRA_LOCKS.setdefault((str(self.paths.home), parent_id), threading.Lock())
 
     def _set_subtask(self, parent: Task, sid: str, changes: dict[str, Any], *, expect: list[str] | None = None,
-                     event: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+                     event: tuple[str, dict[str, Any]] | None = None,
+                     wake: threading.Event | None = None) -> dict[str, Any] | None:
+        """Record a sub-task's change (then ``wake`` the orchestrator), then update the views."""
         row = self.registry.update_subtask(parent.id, sid, changes, expect=expect, event=event)
+        if wake is not None:
+            wake.set()
         if row is not None:
             self._subtasks_changed(parent)
         return row
@@ -2709,9 +2736,8 @@ class TaskService:
                         workers[sid] = t
                         t.start()
                     self._subtasks_changed(parent)  # one Plan.md update for the sub-tasks started together
-                # then queue the merges of what succeeded (its worker done), in dependency order
-                ready = [sid for sid in d.merge
-                         if sid not in queued and not (sid in workers and workers[sid].is_alive())]
+                # then queue the merges of what succeeded, in dependency order
+                ready = [sid for sid in d.merge if sid not in queued]
                 for sid in ready:
                     queued.add(sid)
                     merges.put(sid)
@@ -2770,7 +2796,8 @@ class TaskService:
                 self._set_subtask(parent, sid, {"status": ultrawork.TIMED_OUT, "finished_at": time.time(),
                                                 "error": f"timed out after {timeout:g}s"},
                                   event=("subtask.timed_out", {"subtask": sid, "task_id": child.id, "timeout": timeout,
-                                                               "duration_ms": round((time.monotonic() - started) * 1000)}))
+                                                               "duration_ms": round((time.monotonic() - started) * 1000)}),
+                                  wake=wake)
                 return
             if result.exit_code != 0:
                 reason = f"exit code {result.exit_code}" + (" (out of memory)" if result.oom_killed else "")
@@ -2779,13 +2806,15 @@ class TaskService:
                                                 "exit_code": result.exit_code, "error": reason},
                                   event=("subtask.failed", {"subtask": sid, "task_id": child.id,
                                                             "exit_code": result.exit_code,
-                                                            "duration_ms": result.duration_ms, "error": reason}))
+                                                            "duration_ms": result.duration_ms, "error": reason}),
+                                  wake=wake)
                 return
             tip = self._end_child(child)
             self._set_subtask(parent, sid, {"status": ultrawork.SUCCEEDED, "finished_at": time.time(), "exit_code": 0,
                                             "tip": tip},
                               event=("subtask.succeeded", {"subtask": sid, "task_id": child.id, "exit_code": 0,
-                                                           "duration_ms": result.duration_ms, "tip": tip}))
+                                                           "duration_ms": result.duration_ms, "tip": tip}),
+                              wake=wake)  # its slot is free and its merge can be queued now
         except TaskboxError as exc:
             if child is not None:
                 try:
@@ -2796,7 +2825,8 @@ class TaskService:
                                             "error": exc.message[:500]},
                               event=("subtask.failed", {"subtask": sid, "task_id": child.id if child else None,
                                                         "exit_code": None, "error": exc.message[:300],
-                                                        "duration_ms": round((time.monotonic() - started) * 1000)}))
+                                                        "duration_ms": round((time.monotonic() - started) * 1000)}),
+                              wake=wake)
         finally:
             wake.set()
 
