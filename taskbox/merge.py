@@ -5,7 +5,7 @@ runs on the host in a workspace**: the merge itself runs inside a sandbox —
 
 - into a task (a sub-task into its parent): in the target task's own sandbox, on its
   workspace, after the task branch was fetched into the user's repository through the safe
-  path (:func:`taskbox.workspace.fetch_into`) and handed over as a bundle the host made
+  path (:func:`taskbox.workspace.publish`) and handed over as a bundle the host made
   from the user's repository;
 - into a branch of the user's repository: in a throwaway sandbox, on a bare copy of the two
   commits' objects; the result comes back as a bundle the host parses as data
