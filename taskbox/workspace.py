@@ -303,13 +303,13 @@ def publish(run: Runner, repo: Path, branch: str, message: str, *, clean: bool, 
     finally:
         path.unlink(missing_ok=True)
     _complete(repo, tips)
-    for name_, new in sorted(tips.items(), key=lambda kv: kv[0] != ref):  # the branch first
-        if name_ == ref and checked_out == ref and have[ref] != new:
-            raise GitError(f"branch {branch} is checked out in {repo}; switch to another branch there "
-                           "so taskbox can update it", branch=branch)
-        if have.get(name_) != new:
-            git.run(["update-ref", "-m", "taskbox: fetch task " + ("branch" if name_ == ref else "memory"),
-                     name_, new, have.get(name_) or "0" * len(new)], cwd=repo)
+    if checked_out == ref and have[ref] != tips[ref]:
+        raise GitError(f"branch {branch} is checked out in {repo}; switch to another branch there "
+                       "so taskbox can update it", branch=branch)
+    moves = "".join(f"update {name_} {new} {have.get(name_) or '0' * len(new)}\n"
+                    for name_, new in tips.items() if have.get(name_) != new)
+    if moves:  # the branch and its memory move together, each from the value read before (compare-and-swap)
+        git.run(["update-ref", "-m", "taskbox: fetch task branch", "--stdin"], cwd=repo, input=moves.encode())
     return commit, tips[ref]
 
 
