@@ -372,6 +372,28 @@ def _start_cli(*args: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
+def test_an_unexpected_error_in_the_merge_thread_ends_the_run(svc: TaskService, repo: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges run on a thread of their own: an error there reaches the caller (no run left waiting
+    for a merge that never comes), and nothing is left running."""
+    parent = svc.create_task(repo, "merge error parent")
+    svc.create_subtasks(parent.id, {"subtask": [{"id": "a", "command": "echo a > a.txt"}]})
+
+    def broken(self: TaskService, parent: object, rows: object) -> list[str]:
+        raise RuntimeError("the merge broke")
+
+    monkeypatch.setattr(TaskService, "_merge_subtasks", broken)
+    with pytest.raises(RuntimeError, match="the merge broke"):
+        svc.run_subtasks(parent.id)
+    status = svc.subtask_status(parent.id)
+    assert status["run"]["status"] == "finished" and status["subtasks"][0]["status"] == "succeeded"
+    assert _running_children(svc, parent.id) == []  # the child's container was stopped, its task kept
+    assert str(svc.get(status["subtasks"][0]["task_id"]).status) == "paused"
+    monkeypatch.undo()
+    res = svc.run_subtasks(parent.id)  # the next run merges it
+    assert res["subtasks"][0]["status"] == "merged" and (Path(parent.workspace_path) / "a.txt").exists()
+
+
 def test_resume_after_sigkill_mid_run(svc: TaskService, repo: Path, tmp_path: Path) -> None:
     parent = svc.create_task(repo, "killed parent")
     text = plan('id = "quick"\ncommand = "echo q > q.txt"',
