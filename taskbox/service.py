@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import queue
 import re
 import secrets
 import stat
@@ -114,9 +115,11 @@ _TASK_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # with its execution record, also when it comes from the CLI); every other call is counted
 # when it is recorded. memory.rebuild counts the same way.
 SELF_COUNTING_TOOLS = frozenset({"execute_in_task"})
-# One lock per (home, parent task): Plan.md's sub-task table and merges into a task are serialised.
+# One lock per (home, task): merges into a task (and the parent's publish before sub-tasks fork) are serialised.
 _ULTRA_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 _ULTRA_LOCKS_GUARD = threading.Lock()
+# Per (home, parent task): whether its sub-task table is being rendered, and whether it is stale.
+_SUBTASK_VIEWS: dict[tuple[str, str], dict[str, bool]] = {}
 
 
 @dataclass
@@ -2233,15 +2236,11 @@ class TaskService:
 
     def _publish(self, task: Task, message: str) -> tuple[str | None, str]:
         """Commit the workspace (in the sandbox) and fetch the branch into the user's repository."""
-        clean = self._clean_branch(task)
         with self.in_sandbox(task) as run:
-            commit = workspace.commit_all(run, message, clean=clean, base=task.base_ref or None)
-            if clean:
-                workspace.save_memory(run, task.branch)
-            head = workspace.fetch_into(run, Path(task.repo_path), task.branch, scratch=self.paths.home / "tmp",
-                                        limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
-                                        with_memory=clean)
-        return commit, head
+            return workspace.publish(run, Path(task.repo_path), task.branch, message,
+                                     clean=self._clean_branch(task), base=task.base_ref or None,
+                                     scratch=self.paths.home / "tmp",
+                                     limit=parse_size(self.settings.fetch_limit, "fetch_limit"))
 
     def diff(self, task_id: str, stat: bool = False) -> str:
         """The task's changes against the commit it started from (committed or not)."""
@@ -2721,23 +2720,48 @@ class TaskService:
     # --- ultrawork: sub-tasks merged back in dependency order (SPEC §7) -------------------------
     # The plan and the scheduler's decisions are taskbox.ultrawork's; the merge is taskbox.merge's.
 
-    def _subtasks_changed(self, parent: Task) -> list[dict[str, Any]]:
-        """Tell the plugins (Plan.md's live table) the parent's sub-tasks changed; return the rows."""
-        rows = self.registry.subtasks(parent.id)
-        with self._ultra_lock(parent.id):
-            try:
-                self.hook.subtasks_changed(service=self, task=parent, subtasks=rows)
-            except (TaskboxError, OSError) as exc:  # Plan.md is a view: the run goes on
-                self.registry.add_event("memory.refused", parent.id, {"error": str(exc)[:300]})
-        return rows
+    def _subtasks_changed(self, parent: Task) -> None:
+        """Tell the plugins (Plan.md's live table) the parent's sub-tasks changed.
+
+        One thread at a time tells them, with the registry's rows as they are then; a change made
+        meanwhile by another thread only marks the view stale, and the telling thread tells them
+        again before it returns (the rows it reads then hold that change too). So a burst of
+        changes costs one or two renderings, and none waits for another's.
+        """
+        with _ULTRA_LOCKS_GUARD:
+            view = _SUBTASK_VIEWS.setdefault((str(self.paths.home), parent.id), {"stale": False, "busy": False})
+            view["stale"] = True
+            if view["busy"]:
+                return
+            view["busy"] = True
+        try:
+            while True:
+                with _ULTRA_LOCKS_GUARD:
+                    if not view["stale"]:
+                        view["busy"] = False
+                        return
+                    view["stale"] = False
+                rows = self.registry.subtasks(parent.id)
+                try:
+                    self.hook.subtasks_changed(service=self, task=parent, subtasks=rows)
+                except (TaskboxError, OSError) as exc:  # Plan.md is a view: the run goes on
+                    self.registry.add_event("memory.refused", parent.id, {"error": str(exc)[:300]})
+        except BaseException:
+            with _ULTRA_LOCKS_GUARD:
+                view["busy"] = False
+            raise
 
     def _ultra_lock(self, parent_id: str) -> threading.Lock:
         with _ULTRA_LOCKS_GUARD:
             return _ULTRA_LOCKS.setdefault((str(self.paths.home), parent_id), threading.Lock())
 
     def _set_subtask(self, parent: Task, sid: str, changes: dict[str, Any], *, expect: list[str] | None = None,
-                     event: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+                     event: tuple[str, dict[str, Any]] | None = None,
+                     wake: threading.Event | None = None) -> dict[str, Any] | None:
+        """Record a sub-task's change (then ``wake`` the orchestrator), then update the views."""
         row = self.registry.update_subtask(parent.id, sid, changes, expect=expect, event=event)
+        if wake is not None:
+            wake.set()
         if row is not None:
             self._subtasks_changed(parent)
         return row
@@ -2838,11 +2862,43 @@ class TaskService:
             if (r["status"] == ultrawork.MERGED and r["task_id"] and self.registry.task_exists(r["task_id"])
                     and self.get(r["task_id"]).status not in FINISHED):
                 closers += self._close_child(r, ultrawork.MERGED)
+        # Merges run one at a time on a thread of their own, in the order they are queued
+        # (dependency order), so a merge never holds up the start of a sub-task whose slot is free.
+        merges: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        queued: set[str] = set()  # queued once per run: a merge's outcome is final
+        halt = threading.Event()
+        failure: list[BaseException] = []
+
+        def merger() -> None:
+            last = False
+            while not last:
+                batch = [merges.get()]  # then whatever else is queued: merged in one go, in order
+                while not merges.empty():
+                    batch.append(merges.get())
+                last = None in batch
+                try:
+                    if halt.is_set() or failure:
+                        continue
+                    rows = [r for sid in batch if sid is not None
+                            and (r := self.registry.subtask(parent.id, sid))["status"] == ultrawork.SUCCEEDED]
+                    for row, out in zip(rows, self._merge_subtasks(parent, rows), strict=True):
+                        say(f"{row['id']}: {out}")
+                        closers.extend(self._close_child(row, out))
+                except BaseException as exc:  # the orchestrator raises it
+                    failure.append(exc)
+                finally:
+                    wake.set()
+
+        merging = threading.Thread(target=merger, name=f"merge-{parent.id}", daemon=True)
+        merging.start()
         interrupted = False
         base: str | None = None  # the parent's commit new sub-tasks fork from
         in_base: set[str] = set()  # the sub-tasks whose merge that commit holds
         try:
             while True:
+                wake.clear()  # before reading: a wake-up from now on is not lost
+                if failure:
+                    raise failure[0]
                 rows = self.registry.subtasks(parent.id)
                 d = ultrawork.decide(rows, par, merge)
                 for sid, by in d.block.items():
@@ -2854,19 +2910,24 @@ class TaskService:
                 if d.start:  # first fill the free slots: merges need no slot
                     if stop is not None and stop.is_set():
                         interrupted = True
+                        halt.set()  # merges queued but not begun wait for the next run
                         break
                     # A sub-task forks from the parent's branch as last committed and published, if
                     # that holds the merges of all its dependencies; else the parent is committed and
-                    # published again first (independent sub-tasks need no new fork point).
+                    # published again first (independent sub-tasks need no new fork point), never
+                    # while a merge moves the parent's branch.
                     needs = {dep for sid in d.start for dep in by_id[sid]["depends_on"]}
                     if base is None or not needs <= in_base:
-                        _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
-                                                              + ", ".join(d.start))
-                        in_base = {r["id"] for r in rows if r["status"] == ultrawork.MERGED}
+                        with self._ultra_lock(f"merge:{parent.id}"):
+                            merged = {r["id"] for r in self.registry.subtasks(parent.id)
+                                      if r["status"] == ultrawork.MERGED}
+                            _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
+                                                                  + ", ".join(d.start))
+                        in_base = merged
                     for sid in d.start:
-                        row = self._set_subtask(parent, sid, {"status": ultrawork.RUNNING, "started_at": time.time(),
-                                                              "finished_at": None, "error": "", "exit_code": None},
-                                                expect=[ultrawork.PENDING])
+                        row = self.registry.update_subtask(parent.id, sid, {
+                            "status": ultrawork.RUNNING, "started_at": time.time(), "finished_at": None, "error": "",
+                            "exit_code": None}, expect=[ultrawork.PENDING])
                         if row is None:
                             continue
                         say(f"{sid}: starting")
@@ -2874,24 +2935,31 @@ class TaskService:
                                              name=f"subtask-{sid}", daemon=True)
                         workers[sid] = t
                         t.start()
-                # then one merge (deciding again after it lets a dependent start as soon as it can)
-                ready = [sid for sid in d.merge if not (sid in workers and workers[sid].is_alive())]
-                if ready:
-                    sid = ready[0]
-                    out = self._merge_subtask(parent, by_id[sid])
-                    say(f"{sid}: {out}")
-                    closers += self._close_child(by_id[sid], out)
-                if d.block or ready or d.start:
+                    self._subtasks_changed(parent)  # one Plan.md update for the sub-tasks started together
+                # then queue the merges of what succeeded, in dependency order
+                ready = [sid for sid in d.merge if sid not in queued]
+                for sid in ready:
+                    queued.add(sid)
+                    merges.put(sid)
+                if d.block or d.start:
                     continue
                 workers = {k: t for k, t in workers.items() if t.is_alive()}
                 if d.done and not workers:
                     break
                 wake.wait(0.5)
-                wake.clear()
+            merges.put(None)
+            merging.join()
+            if failure:
+                raise failure[0]
+            if merge and not interrupted:  # the parent's branch reaches the user's repository
+                self._publish(parent, "taskbox: sub-tasks merged")
         finally:
+            halt.set()
+            merges.put(None)
             for t in workers.values():
                 t.join()
-            for t in closers:
+            merging.join()
+            for t in list(closers):
                 t.join()
             for r in self.registry.subtasks(parent.id):  # not merged (--no-merge, stopped): container stopped
                 if r["status"] == ultrawork.SUCCEEDED and r["task_id"] and self.registry.task_exists(r["task_id"]):
@@ -2905,8 +2973,6 @@ class TaskService:
             self.registry.add_event("ultrawork.finished", parent.id, {
                 "counts": status["counts"], "duration_s": round(time.time() - began, 2),
                 "interrupted": interrupted})
-        if merge and not interrupted:
-            self._publish(parent, "taskbox: sub-tasks merged")  # the parent's branch reaches the user's repository
         result = self.subtask_status(parent.id)
         result["duration_s"] = round(time.time() - began, 2)
         self._after(parent, "run_subtasks", args, result)
@@ -2930,7 +2996,8 @@ class TaskService:
                 self._set_subtask(parent, sid, {"status": ultrawork.TIMED_OUT, "finished_at": time.time(),
                                                 "error": f"timed out after {timeout:g}s"},
                                   event=("subtask.timed_out", {"subtask": sid, "task_id": child.id, "timeout": timeout,
-                                                               "duration_ms": round((time.monotonic() - started) * 1000)}))
+                                                               "duration_ms": round((time.monotonic() - started) * 1000)}),
+                                  wake=wake)
                 return
             if result.exit_code != 0:
                 reason = f"exit code {result.exit_code}" + (" (out of memory)" if result.oom_killed else "")
@@ -2939,13 +3006,15 @@ class TaskService:
                                                 "exit_code": result.exit_code, "error": reason},
                                   event=("subtask.failed", {"subtask": sid, "task_id": child.id,
                                                             "exit_code": result.exit_code,
-                                                            "duration_ms": result.duration_ms, "error": reason}))
+                                                            "duration_ms": result.duration_ms, "error": reason}),
+                                  wake=wake)
                 return
             tip = self._end_child(child)
             self._set_subtask(parent, sid, {"status": ultrawork.SUCCEEDED, "finished_at": time.time(), "exit_code": 0,
                                             "tip": tip},
                               event=("subtask.succeeded", {"subtask": sid, "task_id": child.id, "exit_code": 0,
-                                                           "duration_ms": result.duration_ms, "tip": tip}))
+                                                           "duration_ms": result.duration_ms, "tip": tip}),
+                              wake=wake)  # its slot is free and its merge can be queued now
         except TaskboxError as exc:
             if child is not None:
                 try:
@@ -2956,7 +3025,8 @@ class TaskService:
                                             "error": exc.message[:500]},
                               event=("subtask.failed", {"subtask": sid, "task_id": child.id if child else None,
                                                         "exit_code": None, "error": exc.message[:300],
-                                                        "duration_ms": round((time.monotonic() - started) * 1000)}))
+                                                        "duration_ms": round((time.monotonic() - started) * 1000)}),
+                              wake=wake)
         finally:
             wake.set()
 
@@ -3033,21 +3103,33 @@ class TaskService:
         t.start()
         return [t]
 
-    def _merge_subtask(self, parent: Task, row: dict[str, Any]) -> str:
-        """Merge a succeeded sub-task into the parent; record merged, conflict (with files) or a failed merge."""
-        sid = row["id"]
+    def _merge_subtasks(self, parent: Task, rows: list[dict[str, Any]]) -> list[str]:
+        """Merge succeeded sub-tasks into the parent in this order, in one sandbox command; record each
+        as merged, conflict (with files) or a failed merge; return their outcomes."""
+        if not rows:
+            return []
+        error: TaskboxError | None
         try:
-            child = self.get(row["task_id"])
+            items = [(self.get(r["task_id"]), r["tip"], f"taskbox: merge sub-task {r['id']}: {r['title']}")
+                     for r in rows]
             faults.point("ultrawork.merging")
-            out = self._merge_into_task(parent, child, row["tip"], f"taskbox: merge sub-task {sid}: {row['title']}")
+            done, error = self._merge_many_into_task(parent, items)
             faults.point("ultrawork.merged")  # the parent's branch moved; the registry does not know yet
         except TaskboxError as exc:
-            self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "error": f"merge failed: {exc.message}"[:500]},
+            if len(rows) > 1:  # say which one it was
+                return [out for r in rows for out in self._merge_subtasks(parent, [r])]
+            done, error = [], exc
+        outcomes = [self._record_merge(parent, r, out) for r, out in zip(rows, done, strict=False)]
+        if error is not None:
+            r = rows[len(done)]
+            message = f"merge failed: {error.message}"
+            self._set_subtask(parent, r["id"], {"status": ultrawork.FAILED, "error": message[:500]},
                               expect=[ultrawork.SUCCEEDED],
-                              event=("subtask.failed", {"subtask": sid, "task_id": row["task_id"],
-                                                        "error": f"merge failed: {exc.message}"[:300]}))
-            return ultrawork.FAILED
-        return self._record_merge(parent, row, out)
+                              event=("subtask.failed", {"subtask": r["id"], "task_id": r["task_id"],
+                                                        "error": message[:300]}))
+            outcomes.append(ultrawork.FAILED)
+            outcomes += self._merge_subtasks(parent, rows[len(done) + 1:])  # the rest were not tried
+        return outcomes
 
     def _record_merge(self, parent: Task, row: dict[str, Any], out: merge_engine.Outcome) -> str:
         sid = row["id"]
@@ -3065,10 +3147,20 @@ class TaskService:
     def _merge_into_task(self, target: Task, source: Task, tip: str, message: str,
                          squash: bool = False) -> merge_engine.Outcome:
         """Merge commit ``tip`` of ``source``'s branch (already fetched into the user's repository) into
-        ``target``'s branch, inside ``target``'s sandbox. One merge into a task at a time."""
-        if Path(source.repo_path) != Path(target.repo_path):
-            raise InvalidInput(f"tasks {source.id} and {target.id} work on different repositories")
-        repo = Path(source.repo_path)
+        ``target``'s branch, inside ``target``'s sandbox."""
+        done, error = self._merge_many_into_task(target, [(source, tip, message)], squash)
+        if error is not None:
+            raise error
+        return done[0]
+
+    def _merge_many_into_task(self, target: Task, items: list[tuple[Task, str, str]], squash: bool = False
+                              ) -> tuple[list[merge_engine.Outcome], GitError | None]:
+        """Merge each ``(source, tip, message)`` into ``target``'s branch in turn, in one command in
+        ``target``'s sandbox (see :func:`taskbox.merge.in_workspace_many`). One merge into a task at a time."""
+        repo = Path(target.repo_path)
+        for source, _tip, _message in items:
+            if Path(source.repo_path) != repo:
+                raise InvalidInput(f"tasks {source.id} and {target.id} work on different repositories")
         scratch = self.paths.home / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         limit = parse_size(self.settings.fetch_limit, "fetch_limit")
@@ -3077,15 +3169,18 @@ class TaskService:
             os.close(fd)
             bundle = Path(name)
             try:
-                merge_engine.bundle_from(repo, bundle, tip, [source.base_ref])
+                merge_engine.bundle_from(repo, bundle, [tip for _s, tip, _m in items],
+                                         [source.base_ref for source, _t, _m in items])
                 if bundle.stat().st_size > limit:
-                    raise GitError(f"the branch of {source.id} bundles to more than {limit} bytes; refusing to merge "
+                    names = ", ".join(source.id for source, _t, _m in items)
+                    raise GitError(f"the branch of {names} bundles to more than {limit} bytes; refusing to merge "
                                    "it (raise the fetch_limit setting if this is expected)")
                 files.atomic_write(self._ws(target), merge_engine.INCOMING, bundle.read_bytes())
             finally:
                 bundle.unlink(missing_ok=True)
             with self.in_sandbox(target) as run:
-                return merge_engine.in_workspace(run, target.branch, tip, message, squash=squash)
+                return merge_engine.in_workspace_many(run, target.branch, [(tip, message) for _s, tip, message in items],
+                                                      squash=squash)
 
     def _merge_into_branch(self, source: Task, branch: str, tip: str, message: str,
                            squash: bool = False) -> merge_engine.Outcome:
