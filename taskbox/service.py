@@ -504,10 +504,12 @@ class TaskService:
         memory_on_branch: bool | None = None,
         template: str | None = None,
         publish: list[str] | None = None,
+        branch: str | None = None,
     ) -> Task:
         """Register a task, check out its workspace on a new branch and (unless lazy) start its container.
 
-        ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`).
+        ``branch`` is the wanted branch name (default: the ``branch_name`` hook's); a taken one
+        gets a suffix. ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`).
         ``memory_on_branch`` (default: the setting) commits ``.task-memory/`` and ``Plan.md`` on
         the branch instead of its companion ref (:func:`taskbox.workspace.memory_ref`). Input is
         validated and Docker checked before anything changes; a failure part-way undoes what
@@ -584,7 +586,7 @@ class TaskService:
             if net == "allowlist":
                 self.sandbox.ensure_image(self.settings.proxy_image, "taskbox image build --proxy")
 
-        wanted = self.hook.branch_name(agent=agent, model=model, description=description)
+        wanted = branch or self.hook.branch_name(agent=agent, model=model, description=description)
         now = time.time()
         task: Task | None = None
         for attempt in range(8):
@@ -3051,7 +3053,7 @@ class TaskService:
                                         cpus=own.get("cpus", parent.cpu_limit), pids_limit=parent.pids_limit,
                                         network=network, image=own.get("image", parent.image),
                                         parent_id=parent.id, metadata={"subtask": row["id"]},
-                                        allow_domains=domains)
+                                        allow_domains=domains, branch=f"{parent.branch}-{row['id']}")
             except Conflict:
                 if not self.registry.task_exists(tid):
                     raise
