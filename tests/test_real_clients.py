@@ -19,13 +19,15 @@ and completes it; it has no guard (`integrate --guard` covers OpenCode and Claud
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,12 +171,12 @@ def client_argv(client: str, exe: Path, repo: Path, prompt: str, model_url: str)
             "--mcp-config", str(repo / ".mcp.json"), "--dangerously-skip-permissions"]
 
 
-def integrate(client: str, repo: Path, home: Path) -> None:
+def integrate(client: str, repo: Path, home: Path, *extra: str) -> None:
     """`taskbox integrate` as a user runs it: the project's files (and the guard), or Codex's user config."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    where = ["--dir", str(repo), "--guard"]
+    where = ["--dir", str(repo), "--guard", *extra]
     if client == "codex":
-        env["CODEX_HOME"], where = str(codex_home(home)), []
+        env["CODEX_HOME"], where = str(codex_home(home)), list(extra)
     proc = subprocess.run([sys.executable, "-m", "taskbox", "integrate", client, *where],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -256,10 +258,47 @@ def final_results_anthropic(body: dict[str, Any]) -> list[str]:
     return out
 
 
-def test_codex_drives_taskbox_over_mcp(clients: dict[str, Path], svc: TaskService, project: Path,
+@contextlib.contextmanager
+def http_server() -> Iterator[str]:
+    """A `taskbox mcp --http` of this taskbox (and TASKBOX_HOME) on a free loopback port; its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "taskbox", "mcp", "--http", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_codex_drives_taskbox_over_mcp(transport: str, clients: dict[str, Path], svc: TaskService, project: Path,
                                        tmp_path: Path) -> None:
-    home = tmp_path / "client-home"
-    integrate("codex", project, home)
+    with contextlib.ExitStack() as stack:
+        home = tmp_path / "client-home"
+        if transport == "http":  # Codex connects to a running `taskbox mcp --http`
+            integrate("codex", project, home, "--http", stack.enter_context(http_server()))
+        else:
+            integrate("codex", project, home)
+        codex_story(clients["codex"], svc, project, home)
+
+
+def codex_story(exe: Path, svc: TaskService, project: Path, home: Path) -> None:
     task_id = "codex-story"
     steps: list[Step] = [
         tool("create_task_sandbox", task_id=task_id, task_description="codex story", workspace_path=str(project),
@@ -275,7 +314,7 @@ def test_codex_drives_taskbox_over_mcp(clients: dict[str, Path], svc: TaskServic
     script = Script(steps)
     with ScriptedModel(script) as model:
         env = client_env("codex", home, project, model.url)
-        proc = subprocess.run(client_argv("codex", clients["codex"], project,
+        proc = subprocess.run(client_argv("codex", exe, project,
                                           f"{MARKER}: do the task in a taskbox sandbox", model.url),
                               cwd=project, env=env, capture_output=True, text=True, timeout=300)
         requests = [r for r in model.requests if r["path"].endswith("/responses") and r["body"].get("tools")]
