@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -296,6 +297,30 @@ def test_codex_drives_taskbox_over_mcp(transport: str, clients: dict[str, Path],
         else:
             integrate("codex", project, home)
         codex_story(clients["codex"], svc, project, home)
+
+
+def test_codex_waits_for_a_slow_taskbox_server(clients: dict[str, Path], svc: TaskService, project: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table integrate writes makes Codex wait for the server: an optional one gets 1 s, and
+    a server still starting then is left out of the session (this one takes 3 s)."""
+    from taskbox.integrate import integrate as integrate_config
+    from taskbox.integrate import server_command
+
+    home = tmp_path / "client-home"
+    monkeypatch.setenv("CODEX_HOME", str(codex_home(home)))
+    slow = ["sh", "-c", f"sleep 3 && exec {shlex.join(server_command())}"]
+    integrate_config("codex", command=slow)
+    script = Script([tool("list_active_tasks"), lambda turn: "listed"])
+    with ScriptedModel(script) as model:
+        proc = subprocess.run(client_argv("codex", clients["codex"], project, f"{MARKER}: list", model.url),
+                              cwd=project, env=client_env("codex", home, project, model.url),
+                              capture_output=True, text=True, timeout=120)
+    detail = f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}\n" \
+             f"script: {json.dumps(script.log)[-2000:]}"
+    assert proc.returncode == 0, detail
+    assert [e["action"] for e in script.log] == [{"name": "mcp__taskbox__list_active_tasks", "args": {}},
+                                                 "listed"], detail
+    assert '"type":"mcp_tool_call","server":"taskbox","tool":"list_active_tasks"' in proc.stdout, detail
 
 
 def codex_story(exe: Path, svc: TaskService, project: Path, home: Path) -> None:
