@@ -1,13 +1,16 @@
 """A scripted model endpoint, standard library only, so it runs in any container with python3.
 
-It answers OpenAI-style chat completions (``POST …/chat/completions``, SSE when asked to stream:
-OpenCode), the OpenAI Responses API (``POST …/responses``, SSE: Codex) and Anthropic Messages
-(``POST …/messages``, SSE: Claude Code). A *script* (JSON) drives the conversation: each step is a tool call — the first of its
-``tool`` names that the client offers, with ``args`` — and after the last step the model says
-``final``. Requests outside the scripted conversation (title generation, probes: no tools, or
-no ``marker`` in the first user message) get a short text. Each request is printed to stdout as
-one JSON line (path, Host header, offered tools, calls so far; never a header value), which a
-test reads from the container's log.
+It answers OpenAI-style chat completions (``POST …/chat/completions``, SSE when asked to
+stream: OpenCode), the OpenAI Responses API (``POST …/responses``, SSE: Codex) and Anthropic
+Messages (``POST …/messages``, SSE: Claude Code). A *script* (JSON) drives the conversation:
+each step is a tool call — the first of its ``tool`` names that the client offers, with
+``args`` — and after the last step the model says ``final``. A Responses API tool offered
+inside a namespace (Codex puts each MCP server's tools in one) is named
+``<namespace>__<tool>``, e.g. ``mcp__taskbox__execute_in_task``. Requests outside the scripted
+conversation (title generation, probes: no tools, or no ``marker`` in the first user message)
+get a short text. Each request is printed to stdout as one JSON line (path, Host header,
+offered tools, calls so far; never a header value), which a test reads from the container's
+log.
 
 The host-side scripted model (``tests/scripted_model.py``) takes its Responses API support
 from here (:func:`responses_tools`, :func:`responses_calls`, :func:`responses_events` …), so

@@ -14,7 +14,9 @@ processes must die in the container and the execution be recorded as cancelled.
 Codex (`taskbox integrate codex`, its user configuration in a temporary CODEX_HOME; `codex
 exec` with the scripted model as a Responses API provider, given as `-c` options the way
 `taskbox run --agent codex --base-url` gives them) creates a task, runs commands in its sandbox
-and completes it; it has no guard (`integrate --guard` covers OpenCode and Claude Code).
+and completes it, over stdio and over `--http`; it has no guard (`integrate --guard` covers
+OpenCode and Claude Code). A server that takes 3 s to start still has its tools offered from
+the first turn: the table integrate writes makes Codex wait for it (an optional server gets 1 s).
 """
 
 from __future__ import annotations
