@@ -1751,11 +1751,14 @@ class TaskService:
 
     def _agent_exit_code(self, task: Task, sid: str, default: int) -> int:
         try:
-            r = self.sandbox.exec(task.container_id or "", ["cat", agents.exit_file(sid)], timeout=15)
+            r = self.sandbox.exec(task.container_id or "", ["cat", agents.exit_file(sid)], timeout=15,
+                                  output_limit=64)
         except TaskboxError:
             return default
+        # The file is the container's: only an exit status (0-255, ASCII digits) is taken from it.
         text = r.stdout.strip()
-        return int(text) if r.exit_code == 0 and text.lstrip("-").isdigit() else default
+        ok = r.exit_code == 0 and 0 < len(text) <= 3 and all(c in "0123456789" for c in text) and int(text) < 256
+        return int(text) if ok else default
 
     def _allow_agent_hosts(self, task: Task, p: agents.Preset, hosts: list[str]) -> Task:
         """Allow the agent's model API hosts through the task's egress proxy (allowlist mode)."""

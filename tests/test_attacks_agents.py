@@ -1,0 +1,57 @@
+"""Attacks on the agent surfaces: detached runs (`watch-run`, `attach`), `run_agent_in_task`
+options, shared caches. Real Docker; the container is the attacker's.
+
+Each test plants what a hostile agent (or MCP caller) can plant, then drives the host code
+that reads it, and checks the host holds: a one-line refusal or a safe default, never a crash
+or a host value handed out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from taskbox import TaskService, agents
+
+
+def _plant_detached_run(svc: TaskService, repo: Path, exit_text: str) -> tuple[str, str]:
+    """A task with a run left running (detached) whose agent has ended and left ``exit_text``
+    as its exit code: written by the sandbox user, in the container, where the host reads it."""
+    task = svc.create_task(repo, "left running")
+    task = svc.ensure_running(task.id)
+    res = svc.attach(task.id, "shell", "unknown")
+    sid = res.session.id
+    svc.update_metadata(task.id, lambda m: m.setdefault("runs", {}).__setitem__(
+        sid, {"agent": "shell", "started": 0, "detachable": True}))
+    path = agents.exit_file(sid)
+    r = svc.sandbox.exec(task.container_id or "", ["sh", "-c", 'mkdir -p "${1%/*}" && printf %s "$2" > "$1"',
+                                                   "sh", path, exit_text], timeout=30)
+    assert r.exit_code == 0, r.stderr
+    return task.id, sid
+
+
+@pytest.mark.parametrize("planted", ["\u00b2", "9" * 5000, "99999999999999999999999"])
+def test_watch_run_takes_a_forged_exit_code_as_unknown(svc: TaskService, repo: Path, planted: str) -> None:
+    """The agent ends leaving an exit file that only looks like a number (a superscript digit,
+    5000 digits, a number past any exit status): the watcher records the run with code -1
+    instead of crashing (which would leave the run unrecorded and the task held)."""
+    task_id, sid = _plant_detached_run(svc, repo, planted)
+    out = svc.watch_run(task_id, sid, every=0.5)
+    assert out is not None and out["exit_code"] == -1
+    assert not svc.registry.sessions(task_id, open_only=True)
+    [exited] = [e["payload"] for e in svc.registry.events(task_id) if e["type"] == "agent.exited"]
+    assert exited["exit_code"] == -1
+
+
+def test_attach_to_an_ended_run_takes_a_forged_exit_code_as_unknown(svc: TaskService, repo: Path) -> None:
+    task_id, sid = _plant_detached_run(svc, repo, "\u0663\u00b2")
+    out = svc.attach_agent(task_id, agents.Terminal(0, 1))
+    assert out["exit_code"] == -1 and out["note"] == "the agent had already ended"
+    assert not svc.registry.sessions(task_id, open_only=True)
+
+
+def test_watch_run_reads_a_real_exit_code(svc: TaskService, repo: Path) -> None:
+    task_id, sid = _plant_detached_run(svc, repo, "3\n")
+    out = svc.watch_run(task_id, sid, every=0.5)
+    assert out is not None and out["exit_code"] == 3
