@@ -1503,7 +1503,7 @@ class TaskService:
         self.redactor.add(values)
         task = self.get(task_id)
         hosts = [*p.hosts, *(allow_domains or []), *([agents.base_url_host(base_url)] if base_url else [])]
-        task = self._allow_agent_hosts(task, p, hosts)
+        self._check_agent_hosts(task, p, hosts)  # refused here; added only once the run is let through
         task = self.ensure_running(task.id)
         probe = self.sandbox.exec(task.container_id or "", ["sh", "-c", f"command -v {p.binary}; command -v tmux"],
                                   timeout=30)
@@ -1530,6 +1530,7 @@ class TaskService:
             run_args["secrets"] = sorted(values)
         try:
             self._before(task, "run", run_args)
+            task = self._allow_agent_hosts(task, p, hosts)
         except BaseException:
             self.detach(task.id, sid)
             raise
@@ -1760,8 +1761,18 @@ class TaskService:
         ok = r.exit_code == 0 and 0 < len(text) <= 3 and all(c in "0123456789" for c in text) and int(text) < 256
         return int(text) if ok else default
 
+    def _check_agent_hosts(self, task: Task, p: agents.Preset, hosts: list[str]) -> None:
+        """Refuse, before anything changes, hosts :meth:`_allow_agent_hosts` could not add."""
+        if hosts and task.network == "none":
+            self._allow_agent_hosts(task, p, hosts)  # raises, saying what to do
+        if hosts and task.network == "allowlist":
+            EgressRules.build(hosts)
+
     def _allow_agent_hosts(self, task: Task, p: agents.Preset, hosts: list[str]) -> Task:
-        """Allow the agent's model API hosts through the task's egress proxy (allowlist mode)."""
+        """Allow the agent's model API hosts through the task's egress proxy (allowlist mode).
+
+        Only for a run already let through (attached, its ``run`` hooks passed): a refused
+        caller leaves the task's allowlist as it was."""
         if not hosts:
             return task
         if task.network == "none":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import TaskService, agents
+from taskbox import ImageMissing, PolicyDenied, TaskLocked, TaskService, agents
 
 
 def _plant_detached_run(svc: TaskService, repo: Path, exit_text: str) -> tuple[str, str]:
@@ -55,3 +55,42 @@ def test_watch_run_reads_a_real_exit_code(svc: TaskService, repo: Path) -> None:
     task_id, sid = _plant_detached_run(svc, repo, "3\n")
     out = svc.watch_run(task_id, sid, every=0.5)
     assert out is not None and out["exit_code"] == 3
+
+
+# --- run_agent: the egress allowlist is widened only for a run that is let through -----------------
+
+
+def _allowed(svc: TaskService, task_id: str) -> list[str]:
+    return list((svc.get(task_id).metadata.get("sandbox") or {}).get("allow_domains") or [])
+
+
+def test_a_run_refused_for_a_held_task_does_not_widen_its_egress(svc: TaskService, repo: Path) -> None:
+    """Another agent holds the (exclusive) task: a caller's run_agent with allow_domains and a
+    base URL is refused, and the holder's allowlist (and its proxy) is left as it was."""
+    task = svc.create_task(repo, "held", network="allowlist", allow_domains=["pypi.org"])
+    svc.attach(task.id, "holder", "unknown")
+    with pytest.raises(TaskLocked):
+        svc.run_agent(task.id, "shell", prompt="true", allow_domains=["exfil.example", "0.0.0.0/0"])
+    assert _allowed(svc, task.id) == ["pypi.org"]
+    with pytest.raises(ImageMissing):  # no Claude Code in this image: refused too, nothing widened
+        svc.run_agent(task.id, "claude-code", prompt="hi", allow_domains=["exfil.example"],
+                      base_url="https://collect.example/v1")
+    assert _allowed(svc, task.id) == ["pypi.org"]
+    assert not [e for e in svc.registry.events(task.id) if e["type"] == "agent.egress_allowed"]
+
+
+def test_a_run_the_policy_denies_does_not_widen_egress(svc: TaskService, repo: Path) -> None:
+    (repo / ".taskbox").mkdir()
+    (repo / ".taskbox" / "policy.toml").write_text('[[rules]]\nid = "no-runs"\naction = "deny"\ntools = ["run"]\n')
+    task = svc.create_task(repo, "no runs", network="allowlist", allow_domains=["pypi.org"])
+    with pytest.raises(PolicyDenied):
+        svc.run_agent(task.id, "shell", prompt="true", allow_domains=["exfil.example"])
+    assert _allowed(svc, task.id) == ["pypi.org"]
+    assert not svc.registry.sessions(task.id, open_only=True)
+
+
+def test_a_run_let_through_still_widens_egress(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "allowed run", network="allowlist", allow_domains=["pypi.org"])
+    out = svc.run_agent(task.id, "shell", prompt="true", allow_domains=["models.example"])
+    assert out["exit_code"] == 0
+    assert _allowed(svc, task.id) == ["pypi.org", "models.example"]
