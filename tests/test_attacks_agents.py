@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import ImageMissing, PolicyDenied, TaskLocked, TaskService, agents
+from taskbox import ImageMissing, PolicyDenied, TaskLocked, TaskService, agents, caches
+from taskbox.sandbox import LABEL_HOME
+
+from .conftest import IMAGE
 
 
 def _plant_detached_run(svc: TaskService, repo: Path, exit_text: str) -> tuple[str, str]:
@@ -94,3 +97,21 @@ def test_a_run_let_through_still_widens_egress(svc: TaskService, repo: Path) -> 
     out = svc.run_agent(task.id, "shell", prompt="true", allow_domains=["models.example"])
     assert out["exit_code"] == 0
     assert _allowed(svc, task.id) == ["pypi.org", "models.example"]
+
+
+# --- shared caches: what the warm container wrote, read by the host ----------------------------------
+
+
+def test_cache_list_reads_a_planted_cache_bounded(svc: TaskService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The throwaway warm container writes the cache: thousands of entries in one directory and
+    links out to the host's root. `cache list` reads at most _WALK_MAX entries (one huge
+    directory included) and follows no link."""
+    monkeypatch.setattr(caches, "_WALK_MAX", 500)
+    folder = caches.host_dir(svc.paths.home, "pip")
+    with svc.sandbox.scratch(IMAGE, folder, {LABEL_HOME: svc.home_label}) as cid:
+        r = svc.sandbox.capture(cid, ["sh", "-c", "mkdir flat && cd flat && seq 3000 | xargs touch && cd .. && "
+                                                   "ln -s / root && ln -s /etc/passwd passwd && echo ok"])
+        assert r.stdout.strip() == b"ok", r.stderr
+    [row] = [c for c in svc.caches() if c["name"] == "pip"]
+    assert row["exists"] and 0 < row["files"] <= 500
+    assert row["bytes"] == 0  # the links (to the host's / and /etc/passwd) were not followed
