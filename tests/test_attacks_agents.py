@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from taskbox import ImageMissing, PolicyDenied, TaskLocked, TaskService, agents, caches
+from taskbox import (
+    ImageMissing,
+    InvalidInput,
+    NotFound,
+    PolicyDenied,
+    TaskLocked,
+    TaskService,
+    agents,
+    caches,
+)
 from taskbox.sandbox import LABEL_HOME
 
 from .conftest import IMAGE
@@ -115,3 +124,54 @@ def test_cache_list_reads_a_planted_cache_bounded(svc: TaskService, monkeypatch:
     [row] = [c for c in svc.caches() if c["name"] == "pip"]
     assert row["exists"] and 0 < row["files"] <= 500
     assert row["bytes"] == 0  # the links (to the host's / and /etc/passwd) were not followed
+
+
+# --- run_agent_in_task options (no Docker: what the agent is handed) ---------------------------------
+
+
+@pytest.mark.parametrize("url", ['https://h.example/"},model_provider="evil', "https://h.example/a\\\"b=1",
+                                 "https://h.example/'''x", "https://h.example/]\n[x]"])
+def test_a_crafted_base_url_stays_one_toml_string_for_codex(url: str) -> None:
+    """Codex gets the base URL inside a -c TOML inline table: whatever quotes or brackets it
+    holds, it parses back as that one string, the table keeps exactly taskbox's keys and no
+    other -c option appears."""
+    import tomllib
+
+    try:
+        opts = agents.options(agents.preset("codex"), base_url=url, model="m")
+    except InvalidInput:
+        assert "\n" in url  # refused outright: a control character
+        return
+    assert opts[0::2][:2] == ["-c", "-c"] and opts.count("-c") == 2 and opts[-2:] == ["-m", "m"]
+    key, _, value = opts[3].partition("=")
+    table = tomllib.loads(f"{key} = {value}")["model_providers"]["taskbox"]
+    assert table == {"name": "taskbox", "base_url": url, "env_key": "OPENAI_API_KEY", "wire_api": "responses",
+                     "supports_websockets": False}
+    assert tomllib.loads(opts[1]) == {"model_provider": "taskbox"}
+
+
+@pytest.mark.parametrize("url", ["https://h.example/\ud800", "https://h.example/x\x00y", "https://h.example/\x7f",
+                                 "https://h.example/ x"])
+def test_a_base_url_codex_could_not_parse_is_refused_on_one_line(url: str) -> None:
+    """A lone surrogate (from JSON's \\ud800) made the -c value invalid TOML, which Codex then
+    takes as a plain string: refused before the run instead."""
+    for name in ("codex", "claude-code", "opencode"):
+        with pytest.raises(InvalidInput, match="must be an http"):
+            agents.environment(agents.preset(name), base_url=url)
+    with pytest.raises(InvalidInput):
+        agents.options(agents.preset("codex"), base_url=url)
+
+
+def test_an_mcp_caller_cannot_name_a_host_variable_as_a_secret(svc: TaskService, repo: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Secrets by reference: a host environment variable that is not declared a taskbox secret
+    (TASKBOX_SECRET_NAME or secrets.toml) is not found, and the run is refused before anything
+    starts."""
+    monkeypatch.setenv("HOST_ONLY_TOKEN", "host-value-" + "x" * 20)
+    task = svc.create_task(repo, "secrets")
+    for name in ("HOST_ONLY_TOKEN", "HOME", "TASKBOX_SECRET_HOST_ONLY_TOKEN"):
+        with pytest.raises(NotFound, match=f"no secret {name}"):
+            svc.run_agent(task.id, "shell", prompt="env", secrets=[name])
+    assert not svc.registry.sessions(task.id, open_only=True)
+    assert svc.get(task.id).container_id is None or not [
+        e for e in svc.registry.events(task.id) if e["type"] == "agent.started"]
