@@ -175,3 +175,46 @@ def test_an_mcp_caller_cannot_name_a_host_variable_as_a_secret(svc: TaskService,
     assert not svc.registry.sessions(task.id, open_only=True)
     assert svc.get(task.id).container_id is None or not [
         e for e in svc.registry.events(task.id) if e["type"] == "agent.started"]
+
+
+# --- a project's Dockerfile: one image per repository ---------------------------------------------
+
+
+def test_a_project_image_never_carries_another_repositorys_files(svc: TaskService, tmp_path: Path,
+                                                                 docker_engine) -> None:
+    """Two repositories with the same Dockerfile text (a common template: COPY the context in).
+    The image built for the first holds its files; a task of the second (whose agent is
+    hostile) must get an image built from its own context, never the first one's."""
+    import secrets
+    import subprocess
+
+    token = secrets.token_hex(4)
+    repos = []
+    for name in ("private", "other"):
+        r = tmp_path / name
+        (r / "docker").mkdir(parents=True)
+        (r / "docker" / "Dockerfile").write_text(f"FROM {IMAGE}\nLABEL test.token={token}\nUSER root\n"
+                                                 "COPY secret.txt /opt/secret.txt\nUSER agent\n")
+        (r / "docker" / "secret.txt").write_text(f"{name} repository's file\n")
+        (r / ".taskbox").mkdir()
+        (r / ".taskbox" / "config.toml").write_text('[sandbox]\ndockerfile = "docker/Dockerfile"\n')
+        for argv in (["init", "-q", "-b", "main"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t",
+                                                                  "commit", "-qm", "initial"]):
+            subprocess.run(["git", "-C", str(r), *argv], check=True, capture_output=True)
+        repos.append(r)
+    built: set[str] = set()
+    try:
+        first = svc.create_task(repos[0], "first")
+        built.add(first.image)
+        second = svc.create_task(repos[1], "second")
+        built.add(second.image)
+        assert svc.exec(second.id, "cat /opt/secret.txt").stdout == "other repository's file\n"
+        assert second.image != first.image
+    finally:
+        for c in docker_engine.api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
+            docker_engine.api.remove_container(c["Id"], force=True)
+        for tag in built:
+            try:
+                docker_engine.images.remove(tag, force=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
