@@ -1766,7 +1766,13 @@ class TaskService:
         if hosts and task.network == "none":
             self._allow_agent_hosts(task, p, hosts)  # raises, saying what to do
         if hosts and task.network == "allowlist":
-            EgressRules.build(hosts)
+            # A run adds host names only: an address or network in the allowlist weakens the
+            # sandbox (taskbox.sandbox.weakened), which create-task warns about and a run would not.
+            for rule in EgressRules.build(hosts).allow:
+                if rule.kind == "address":
+                    raise InvalidInput(f"{rule.text} is an IP address or network; a run only adds host names to "
+                                       "the task's allowlist (give addresses at create-task with --allow-domain, "
+                                       "where the weaker sandbox is warned about)", task_id=task.id)
 
     def _allow_agent_hosts(self, task: Task, p: agents.Preset, hosts: list[str]) -> Task:
         """Allow the agent's model API hosts through the task's egress proxy (allowlist mode).

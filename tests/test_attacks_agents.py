@@ -82,7 +82,7 @@ def test_a_run_refused_for_a_held_task_does_not_widen_its_egress(svc: TaskServic
     task = svc.create_task(repo, "held", network="allowlist", allow_domains=["pypi.org"])
     svc.attach(task.id, "holder", "unknown")
     with pytest.raises(TaskLocked):
-        svc.run_agent(task.id, "shell", prompt="true", allow_domains=["exfil.example", "0.0.0.0/0"])
+        svc.run_agent(task.id, "shell", prompt="true", allow_domains=["exfil.example", "*.exfil.example"])
     assert _allowed(svc, task.id) == ["pypi.org"]
     with pytest.raises(ImageMissing):  # no Claude Code in this image: refused too, nothing widened
         svc.run_agent(task.id, "claude-code", prompt="hi", allow_domains=["exfil.example"],
@@ -107,6 +107,20 @@ def test_a_run_let_through_still_widens_egress(svc: TaskService, repo: Path) -> 
     assert out["exit_code"] == 0
     assert _allowed(svc, task.id) == ["pypi.org", "models.example"]
 
+
+
+@pytest.mark.parametrize("extra", [{"allow_domains": ["0.0.0.0/0"]}, {"allow_domains": ["::/0"]},
+                                   {"allow_domains": ["1.1.1.1"]}, {"base_url": "http://203.0.113.7:8080/v1"}])
+def test_a_run_cannot_weaken_the_allowlist_to_addresses(svc: TaskService, repo: Path, extra: dict) -> None:
+    """An MCP caller's allow_domains ("more hosts") or base URL naming an IP address or a
+    network (0.0.0.0/0: every public address) would turn the allowlist into a weaker sandbox,
+    silently (create-task warns about it and records sandbox.weakened). Refused, on one line."""
+    task = svc.create_task(repo, "addresses", network="allowlist", allow_domains=["pypi.org"])
+    agent = "claude-code" if "base_url" in extra else "shell"
+    with pytest.raises(InvalidInput, match="is an IP address or network; a run only adds host names"):
+        svc.run_agent(task.id, agent, prompt="true", **extra)
+    assert _allowed(svc, task.id) == ["pypi.org"]
+    assert not svc.sandbox_warnings(svc.get(task.id))
 
 # --- shared caches: what the warm container wrote, read by the host ----------------------------------
 
