@@ -1768,8 +1768,9 @@ class TaskService:
         if hosts and task.network == "allowlist":
             # A run adds host names only: an address or network in the allowlist weakens the
             # sandbox (taskbox.sandbox.weakened), which create-task warns about and a run would not.
+            own = EgressRules.build((task.metadata.get("sandbox") or {}).get("allow_domains") or []).allow
             for rule in EgressRules.build(hosts).allow:
-                if rule.kind == "address":
+                if rule.kind == "address" and rule not in own:  # one the user allowed at create is fine
                     raise InvalidInput(f"{rule.text} is an IP address or network; a run only adds host names to "
                                        "the task's allowlist (give addresses at create-task with --allow-domain, "
                                        "where the weaker sandbox is warned about)", task_id=task.id)

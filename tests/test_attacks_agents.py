@@ -122,6 +122,12 @@ def test_a_run_cannot_weaken_the_allowlist_to_addresses(svc: TaskService, repo: 
     assert _allowed(svc, task.id) == ["pypi.org"]
     assert not svc.sandbox_warnings(svc.get(task.id))
 
+
+def test_an_address_the_user_allowed_at_create_is_no_refusal(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "own address", network="allowlist", allow_domains=["203.0.113.7"])
+    out = svc.run_agent(task.id, "shell", prompt="true", allow_domains=["203.0.113.7"])
+    assert out["exit_code"] == 0 and _allowed(svc, task.id) == ["203.0.113.7"]
+
 # --- shared caches: what the warm container wrote, read by the host ----------------------------------
 
 
