@@ -112,9 +112,12 @@ def check_package(spec: str) -> str:
 
 def base_url_host(url: str) -> str:
     """The host of a custom base URL (it is allowed through the egress proxy)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput(f"base URL {url!r} must be an http(s) URL with a host")
+    # No control characters or lone surrogates: the URL goes into an environment variable, JSON
+    # and a TOML value (Codex's -c), and such a character would make it something else there.
+    bad = any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 or 0xd800 <= ord(c) <= 0xdfff or c.isspace() for c in url)
+    parts = urlsplit(url) if not bad else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(f"base URL {url!r} must be an http(s) URL with a host (no spaces or control characters)")
     return parts.hostname
 
 

@@ -164,19 +164,25 @@ def usage(home: Path) -> list[dict[str, Any]]:
     for name in sorted(CACHES):
         path = host_dir(home, name, create=False)
         files = size = seen = 0
-        if path.is_dir() and not path.is_symlink():
-            for top, dirs, names in os.walk(path, followlinks=False):
-                for n in names:
-                    try:
-                        st = os.lstat(os.path.join(top, n))
-                    except OSError:
-                        continue
-                    if stat.S_ISREG(st.st_mode):
-                        files += 1
-                        size += st.st_size
-                seen += len(dirs) + len(names)
-                if seen > _WALK_MAX:
-                    break
+        todo = [str(path)] if path.is_dir() and not path.is_symlink() else []
+        while todo and seen < _WALK_MAX:  # entries read one at a time: a huge directory is bounded too
+            try:
+                with os.scandir(todo.pop()) as it:
+                    for entry in it:
+                        seen += 1
+                        if seen > _WALK_MAX:
+                            break
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(st.st_mode):
+                            todo.append(entry.path)
+                        elif stat.S_ISREG(st.st_mode):
+                            files += 1
+                            size += st.st_size
+            except OSError:
+                continue
         rows.append({"name": name, "path": str(path), "exists": path.is_dir(), "files": files, "bytes": size,
                      "mount": CACHES[name].target, "env": CACHES[name].env})
     return rows

@@ -249,9 +249,11 @@ def build_agents(
 PROJECT_REPO = "taskbox-project"
 
 
-def project_tag(dockerfile_text: str, dockerfile: str, context: str) -> str:
-    """The tag of a project's image: a hash of its Dockerfile's text and where it and its context are."""
-    key = "\0".join((dockerfile_text, dockerfile, context)).encode("utf-8")
+def project_tag(dockerfile_text: str, dockerfile: str, context: str, repo: str = "") -> str:
+    """The tag of a project's image: a hash of its Dockerfile's text, where it and its context
+    are, and the repository: two repositories with the same Dockerfile (COPY . …) have different
+    contexts, and one's files must never reach the other's sandboxes."""
+    key = "\0".join((dockerfile_text, dockerfile, context, repo)).encode("utf-8", errors="surrogateescape")
     return f"{PROJECT_REPO}:{hashlib.sha256(key).hexdigest()[:12]}"
 
 
@@ -268,7 +270,7 @@ def project_image(repo: Path, dockerfile: str, context: str) -> tuple[str, Path,
         raise InvalidInput(f"cannot read the project's Dockerfile {file_path}: {exc}") from exc
     if not context_path.is_dir():
         raise InvalidInput(f"the Dockerfile's build context {context_path} is not a directory")
-    return project_tag(text, dockerfile, context), file_path, context_path
+    return project_tag(text, dockerfile, context, str(root)), file_path, context_path
 
 
 def build_project(

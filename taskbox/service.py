@@ -1508,7 +1508,7 @@ class TaskService:
         self.redactor.add(values)
         task = self.get(task_id)
         hosts = [*p.hosts, *(allow_domains or []), *([agents.base_url_host(base_url)] if base_url else [])]
-        task = self._allow_agent_hosts(task, p, hosts)
+        self._check_agent_hosts(task, p, hosts)  # refused here; added only once the run is let through
         task = self.ensure_running(task.id)
         probe = self.sandbox.exec(task.container_id or "", ["sh", "-c", f"command -v {p.binary}; command -v tmux"],
                                   timeout=30)
@@ -1535,6 +1535,7 @@ class TaskService:
             run_args["secrets"] = sorted(values)
         try:
             self._before(task, "run", run_args)
+            task = self._allow_agent_hosts(task, p, hosts)
         except BaseException:
             self.detach(task.id, sid)
             raise
@@ -1756,14 +1757,34 @@ class TaskService:
 
     def _agent_exit_code(self, task: Task, sid: str, default: int) -> int:
         try:
-            r = self.sandbox.exec(task.container_id or "", ["cat", agents.exit_file(sid)], timeout=15)
+            r = self.sandbox.exec(task.container_id or "", ["cat", agents.exit_file(sid)], timeout=15,
+                                  output_limit=64)
         except TaskboxError:
             return default
+        # The file is the container's: only an exit status (0-255, ASCII digits) is taken from it.
         text = r.stdout.strip()
-        return int(text) if r.exit_code == 0 and text.lstrip("-").isdigit() else default
+        ok = r.exit_code == 0 and 0 < len(text) <= 3 and all(c in "0123456789" for c in text) and int(text) < 256
+        return int(text) if ok else default
+
+    def _check_agent_hosts(self, task: Task, p: agents.Preset, hosts: list[str]) -> None:
+        """Refuse, before anything changes, hosts :meth:`_allow_agent_hosts` could not add."""
+        if hosts and task.network == "none":
+            self._allow_agent_hosts(task, p, hosts)  # raises, saying what to do
+        if hosts and task.network == "allowlist":
+            # A run adds host names only: an address or network in the allowlist weakens the
+            # sandbox (taskbox.sandbox.weakened), which create-task warns about and a run would not.
+            own = EgressRules.build((task.metadata.get("sandbox") or {}).get("allow_domains") or []).allow
+            for rule in EgressRules.build(hosts).allow:
+                if rule.kind == "address" and rule not in own:  # one the user allowed at create is fine
+                    raise InvalidInput(f"{rule.text} is an IP address or network; a run only adds host names to "
+                                       "the task's allowlist (give addresses at create-task with --allow-domain, "
+                                       "where the weaker sandbox is warned about)", task_id=task.id)
 
     def _allow_agent_hosts(self, task: Task, p: agents.Preset, hosts: list[str]) -> Task:
-        """Allow the agent's model API hosts through the task's egress proxy (allowlist mode)."""
+        """Allow the agent's model API hosts through the task's egress proxy (allowlist mode).
+
+        Only for a run already let through (attached, its ``run`` hooks passed): a refused
+        caller leaves the task's allowlist as it was."""
         if not hosts:
             return task
         if task.network == "none":
