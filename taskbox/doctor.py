@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import files, git, liveness, memory, quota
+from . import pool as pools
 from .config import Paths, Settings
 from .confine import sandbox_owner
 from .errors import InvalidInput, NotFound, TaskboxError
 from .models import FINISHED, ContainerState, Findings, LockMode, ResolveRepair, Status, Task
 from .registry import Registry, list_backups
-from .sandbox import LABEL_HOME, LABEL_TASK, Sandbox
+from .sandbox import LABEL_HOME, LABEL_POOL, LABEL_TASK, Sandbox
 
 __all__ = ["Findings", "detect", "discover", "disk_evidence", "purge", "trash", "trash_entries"]
 
@@ -178,8 +179,8 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
         by_id = {c["Id"]: c for c in containers}
         for c in containers:
             tid = (c.get("Labels") or {}).get(LABEL_TASK)
-            if tid in known or c["Id"] in in_trash:
-                continue
+            if tid in known or c["Id"] in in_trash or (c.get("Labels") or {}).get(LABEL_POOL):
+                continue  # a pool slot's container: _pool below
             ours = (c.get("Labels") or {}).get(LABEL_HOME) == ctx.home_label
             if ours and tid in tombs:
                 found("orphan-container", tid, f"container {c['Id'][:12]} belongs to task {tid}, which was "
@@ -202,6 +203,9 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
             elif actual is ContainerState.RUNNING and task.status in FINISHED:
                 found("running-finished", task.id, f"task is {task.status} but its container runs",
                       "stop-container", container_id=task.container_id)
+
+    if containers is not None:
+        _pool(ctx, found, containers, known, tombs)
 
     # Listed before any is repaired: trashing a volume takes its workspace along.
     orphans = []
@@ -232,6 +236,50 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
     if os.geteuid() == 0:  # as another user taskbox could not have made a file foreign, nor fix it
         _ownership(ctx, found, unmounted)
     return found
+
+
+def _pool(ctx: Context, found: Findings, containers: list[dict[str, Any]], known: set[str],
+          tombs: dict[str, Any]) -> None:
+    """Warm pool slots (:mod:`taskbox.pool`) that cannot serve or were left half-claimed, and
+    slot containers without a slot. A claimed slot of a task the registry does not know is
+    only removed when the registry removed that task (its tombstone); otherwise it is kept."""
+    pool = pools.Pool(ctx.paths.pool)
+    slots = pool.slots()
+    running = {c["Id"]: str(c.get("State", "")).lower() == "running" for c in containers}
+    users = {t.container_id: t for t in ctx.registry.list_tasks() if t.container_id}
+    now = time.time()
+    for s in slots:
+        user = users.get(s.container_id)
+        if s.state == "half-claimed":
+            if user is not None:
+                found("pool-half-claimed", user.id, f"pool slot {s.id} was claimed by task {user.id} but its claim "
+                      "was not finished: its workspace will be bound into it", "pool-finish-claim",
+                      task_id=user.id, slot=s.id)
+            else:
+                found("pool-half-claimed", None, f"pool slot {s.id} was claimed by a create that did not finish: "
+                      "it will be removed", "pool-remove-slot", slot=s.id, container_id=s.container_id)
+        elif s.state == "free" and not running.get(s.container_id):
+            found("pool-dead-slot", None, f"pool slot {s.id}'s container is {'stopped' if s.container_id in running else 'gone'} "
+                  "(e.g. after an engine restart or a reboot): it will be removed", "pool-remove-slot", slot=s.id,
+                  container_id=s.container_id)
+        elif s.state == "starting" and now - s.created_at > pools.STARTING_GRACE and s.container_id not in users:
+            found("pool-dead-slot", None, f"pool slot {s.id} was left by a fill that did not finish: it will be removed",
+                  "pool-remove-slot", slot=s.id, container_id=s.container_id)
+        elif s.state == "claimed" and user is None:
+            if s.container_id and s.container_id in running and s.task_id not in tombs:
+                found("pool-orphan-slot", s.task_id, f"pool slot {s.id} serves task {s.task_id}, which the registry "
+                      f"does not know: kept; `taskbox doctor --adopt {s.task_id}` takes it back")
+            else:
+                found("pool-orphan-slot", s.task_id, f"pool slot {s.id} of task {s.task_id}, which was removed or "
+                      "lost its container: it will be removed", "pool-remove-slot", slot=s.id,
+                      container_id=s.container_id if s.container_id in running else "")
+    have = {s.container_id for s in slots}
+    for c in containers:
+        labels = c.get("Labels") or {}
+        if labels.get(LABEL_POOL) and labels.get(LABEL_HOME) == ctx.home_label and c["Id"] not in have \
+                and c["Id"] not in users:
+            found("pool-dead-slot", None, f"container {c['Id'][:12]} of pool slot {labels[LABEL_POOL]} has no slot "
+                  "left: it will be removed", "pool-remove-slot", slot=labels[LABEL_POOL], container_id=c["Id"])
 
 
 def _ownership(ctx: Context, found: Findings, skip: set[str]) -> None:

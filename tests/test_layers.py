@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "taskbox"
 FOUNDATION = {"errors", "models", "events", "config", "git", "files", "confine", "hookspecs", "faults",
               "output", "migrations", "results", "liveness"}
 ENGINES = {"registry", "sandbox", "engine", "images", "workspace", "memory", "snapshots", "checkpoints",
-           "checkpoint_archive", "archive", "policy", "audit", "risk", "network", "pressure", "doctor", "quota",
+           "checkpoint_archive", "archive", "policy", "audit", "risk", "network", "pressure", "doctor", "quota", "pool",
            "secrets", "plugins", "guard", "ultrawork", "agents", "merge", "jobs", "trash", "backup", "execagent", "projects"}
 CORE = {"service"}
 PLUGINS = {"default_plugins"}
