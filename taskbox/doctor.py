@@ -205,7 +205,7 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
                       "stop-container", container_id=task.container_id)
 
     if containers is not None:
-        _pool(ctx, found, containers, known, tombs)
+        _pool(ctx, found, containers, tombs)
 
     # Listed before any is repaired: trashing a volume takes its workspace along.
     orphans = []
@@ -238,18 +238,23 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
     return found
 
 
-def _pool(ctx: Context, found: Findings, containers: list[dict[str, Any]], known: set[str],
-          tombs: dict[str, Any]) -> None:
+def _pool(ctx: Context, found: Findings, containers: list[dict[str, Any]], tombs: dict[str, Any]) -> None:
     """Warm pool slots (:mod:`taskbox.pool`) that cannot serve or were left half-claimed, and
     slot containers without a slot. A claimed slot of a task the registry does not know is
     only removed when the registry removed that task (its tombstone); otherwise it is kept."""
     pool = pools.Pool(ctx.paths.pool)
     slots = pool.slots()
     running = {c["Id"]: str(c.get("State", "")).lower() == "running" for c in containers}
-    users = {t.container_id: t for t in ctx.registry.list_tasks() if t.container_id}
+    tasks = {t.id: t for t in ctx.registry.list_tasks()}
+    users = {t.container_id: t for t in tasks.values() if t.container_id}
     now = time.time()
     for s in slots:
         user = users.get(s.container_id)
+        owner = tasks.get(s.task_id)
+        if s.state == "half-claimed" and s.claimer and liveness.pid_alive(s.claimer):
+            continue  # a create is claiming it right now
+        if s.state == "claimed" and user is None and owner is not None and owner.pending_op:
+            continue  # its create has not recorded the container yet (or `undo-create` takes it)
         if s.state == "half-claimed":
             if user is not None:
                 found("pool-half-claimed", user.id, f"pool slot {s.id} was claimed by task {user.id} but its claim "
@@ -266,13 +271,20 @@ def _pool(ctx: Context, found: Findings, containers: list[dict[str, Any]], known
             found("pool-dead-slot", None, f"pool slot {s.id} was left by a fill that did not finish: it will be removed",
                   "pool-remove-slot", slot=s.id, container_id=s.container_id)
         elif s.state == "claimed" and user is None:
-            if s.container_id and s.container_id in running and s.task_id not in tombs:
-                found("pool-orphan-slot", s.task_id, f"pool slot {s.id} serves task {s.task_id}, which the registry "
-                      f"does not know: kept; `taskbox doctor --adopt {s.task_id}` takes it back")
-            else:
-                found("pool-orphan-slot", s.task_id, f"pool slot {s.id} of task {s.task_id}, which was removed or "
-                      "lost its container: it will be removed", "pool-remove-slot", slot=s.id,
+            if s.container_id in running and ((owner is None and s.task_id not in tombs)
+                                              or (owner is not None and not owner.container_id)):
+                why = "the registry does not know it" if owner is None else "the registry records no container for it"
+                found("pool-orphan-slot", s.task_id, f"pool slot {s.id} serves task {s.task_id}, but {why}: kept; "
+                      f"`taskbox doctor --adopt {s.task_id}` takes it back")
+            else:  # the task was removed, or moved on to another container (its slot's was lost or replaced)
+                found("pool-orphan-slot", s.task_id, f"pool slot {s.id} of task {s.task_id} is no longer its "
+                      "container: it will be removed", "pool-remove-slot", slot=s.id,
                       container_id=s.container_id if s.container_id in running else "")
+        elif (s.state == "claimed" and user is not None and user.id == s.task_id and running.get(s.container_id)
+              and not pool.bound(s, Path(user.workspace_path))):
+            found("pool-unbound", user.id, f"the workspace of task {user.id} is not bound into its pool slot {s.id} "
+                  "(its container sees an empty directory): it will be bound again", "pool-finish-claim",
+                  task_id=user.id, slot=s.id)
     have = {s.container_id for s in slots}
     for c in containers:
         labels = c.get("Labels") or {}
@@ -497,9 +509,13 @@ def discover(paths: Paths, settings: Settings, containers: list[dict[str, Any]] 
                 notes.append(why)
             else:
                 tasks[task.id] = task
+    pool = pools.Pool(paths.pool)
     for c in containers or []:
         labels = c.get("Labels") or {}
         tid = labels.get(LABEL_TASK)
+        if not tid and labels.get(LABEL_POOL):  # a claimed pool slot: its task is in its claim file
+            slot = pool.slot(str(labels[LABEL_POOL]))
+            tid = slot.task_id if slot is not None and slot.container_id == c["Id"] else None
         if not tid or not _ID.match(tid) or (only and tid != only):
             continue
         running = str(c.get("State", "")).lower() == "running"

@@ -12,11 +12,11 @@ and the exec agent (whose commands resolve their working directory per command).
 A slot's state is files beside ``ws/`` (never inside it):
 
 * ``slot.json`` — its profile key and container id, written once the container runs;
-* ``free`` — present while it can be claimed. A claim is ``rename(free, claimed)``: of two
-  concurrent claims exactly one rename succeeds (the other gets ``ENOENT``);
-* ``claimed`` — empty right after the rename; then replaced atomically by
-  ``{"task_id", "workspace"}`` once the workspace is bound. An empty ``claimed`` is a claim
-  interrupted part-way, which :func:`taskbox.doctor.detect` reports and repairs.
+* ``free`` — present while it can be claimed. A claim is ``rename(free, claim.<pid>)``: of
+  two concurrent claims exactly one rename succeeds (the other gets ``ENOENT``);
+* ``claimed`` — ``{"task_id", "workspace"}``, written atomically once the workspace is bound
+  (then ``claim.<pid>`` goes). A ``claim.<pid>`` whose process is gone is a claim interrupted
+  part-way, which :func:`taskbox.doctor.detect` reports and repairs.
 
 The orchestration (:func:`fill`, :func:`drain`, :func:`take`) takes the sandbox layer as an
 argument; the core decides when to call it. A slot is used once: when its task's container is removed, the slot's mounts are undone and
@@ -49,6 +49,7 @@ from .sandbox import LABEL_HOME, LABEL_POOL, LABEL_POOL_PROFILE, ContainerSpec, 
 SLOT_ID = re.compile(r"^s-[0-9a-f]{10}$")
 FREE = "free"
 CLAIMED = "claimed"
+CLAIMING = "claim."  # + the claiming process's pid
 META = "slot.json"
 WS = "ws"
 _MS_BIND = 0x1000
@@ -103,6 +104,7 @@ class Slot:
     container_id: str = ""
     task_id: str = ""
     created_at: float = 0.0
+    claimer: int = 0  # the pid of a claim in progress (state half-claimed)
 
     @property
     def ws(self) -> Path:
@@ -211,6 +213,10 @@ class Pool:
                 claim = {}
             out.task_id = str(claim.get("task_id") or "") if isinstance(claim, dict) else ""
             out.state = "claimed" if out.task_id else "half-claimed"
+        else:
+            for name in os.listdir(path):
+                if name.startswith(CLAIMING) and name[len(CLAIMING):].isdigit():
+                    out.state, out.claimer = "half-claimed", int(name[len(CLAIMING):])
         return out
 
     def slots(self) -> list[Slot]:
@@ -235,10 +241,10 @@ class Pool:
             if s is None or s.state != "free" or s.profile != profile or not s.container_id:
                 continue
             try:
-                os.rename(s.path / FREE, s.path / CLAIMED)
+                os.rename(s.path / FREE, s.path / f"{CLAIMING}{os.getpid()}")
             except FileNotFoundError:
                 continue  # another create took it first
-            s.state = "half-claimed"
+            s.state, s.claimer = "half-claimed", os.getpid()
             return s
         return None
 
@@ -259,7 +265,8 @@ class Pool:
             os.close(fd)
         record = {"task_id": task_id, "workspace": str(workspace), "claimed_at": time.time()}
         files.atomic_write(slot.path, CLAIMED, json.dumps(record).encode(), 0o600)
-        slot.state, slot.task_id = "claimed", task_id
+        _unlink_claiming(slot.path)
+        slot.state, slot.task_id, slot.claimer = "claimed", task_id, 0
 
     @staticmethod
     def bound(slot: Slot, workspace: Path) -> bool:
@@ -287,6 +294,7 @@ class Pool:
                 (path / name).unlink()
             except FileNotFoundError:
                 pass
+        _unlink_claiming(path)
         for leftover in path.glob(".*"):  # an atomic write's temporary file
             if leftover.is_file() and not leftover.is_symlink():
                 leftover.unlink()
@@ -312,6 +320,15 @@ class Pool:
             if s.container_id and s.container_id == container_id:
                 return s
         return None
+
+
+def _unlink_claiming(path: Path) -> None:
+    for name in os.listdir(path):
+        if name.startswith(CLAIMING):
+            try:
+                (path / name).unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _umount_all(target: Path) -> None:
@@ -351,7 +368,7 @@ def _take_down(pool: Pool, sandbox: Sandbox, slot: Slot) -> None:
 def _grab(pool: Pool, slot: Slot) -> bool:
     """Take a free slot away from claims (to remove it): the same rename a claim does."""
     try:
-        os.rename(slot.path / FREE, slot.path / CLAIMED)
+        os.rename(slot.path / FREE, slot.path / f"{CLAIMING}{os.getpid()}")
     except FileNotFoundError:
         return False
     return True

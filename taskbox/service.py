@@ -2417,6 +2417,7 @@ class TaskService:
 
     def _finish_claim(self, task_id: str, sid: str) -> None:
         task, slot = self.get(task_id), self.pool.slot(sid)
+        self._ensure_volume(task)  # bind the volume, never the bare directory under it
         if slot is not None:
             self.pool.bind(slot, Path(task.workspace_path), task.id)
 

@@ -228,6 +228,18 @@ def test_engine_restart_and_reboot_are_repaired(pooled: TaskService, repo: Path)
     labels = [c["Labels"].get(LABEL_POOL) for c in _pool_containers(svc)]
     assert len(labels) == 3
 
+    # The bind lost under a running, freshly claimed slot (its container sees the bare slot
+    # directory): the doctor binds the workspace in again.
+    fresh = svc.create_task(repo, "loses its mount")
+    fresh_slot = svc.pool.of_container(fresh.container_id or "")
+    assert fresh_slot is not None
+    subprocess.run(["umount", "-l", str(fresh_slot.ws)], check=True)
+    assert svc.exec(fresh.id, "cat app.py").exit_code != 0
+    svc.settings.pool_size = 0
+    found = svc.doctor(fix=True)
+    assert [f for f in found if f["kind"] == "pool-unbound" and f["fixed"]]
+    assert _sh(svc, fresh.id, "cat app.py") == "print('hello')\n"
+
 
 def test_pool_cli(pooled: TaskService, repo: Path, home: Path) -> None:
     from tests.conftest import run_cli
