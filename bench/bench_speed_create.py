@@ -13,7 +13,8 @@ same run, interleaved round by round:
   agent's key read);
 - **docker run**: ``docker run -d --rm IMAGE sleep infinity`` through the Docker CLI;
 - **lazy create**: the same call without any container — the host-side floor of a create
-  (workspace checkout, first commit, memory), which no pool can remove.
+  (workspace checkout, first commit, memory), which no pool can remove. Each create less the
+  lazy create of its round is printed too: the sandbox's share of it, what the pool takes away.
 
 Then the pool's cost: S slots are filled and each slot container's memory use is read from
 its cgroup (usage without page cache, as ``docker stats`` shows it).
@@ -107,6 +108,13 @@ def run(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
             for t in (warm, cold, lazy):  # keep the machine's load the same from round to round
                 service.sandbox.remove(service.get(t.id).container_id or "")
         out["create"] = {k: stats(v) for k, v in times.items()}
+        # The sandbox's share of each create: the create less the lazy (no container) create of
+        # the same round — what a pool can take away.
+        lazy_ms = times["lazy create (no container)"]
+        out["container"] = {
+            "warm: claim + bind": stats([w - z for w, z in zip(times["warm create (service, pool)"], lazy_ms, strict=True)]),
+            "cold: container + agent": stats([c - z for c, z in zip(times["cold create (service)"], lazy_ms, strict=True)]),
+        }
 
         service.pool_fill(opts.slots)
         time.sleep(2)  # the agents have started and settled
@@ -152,6 +160,9 @@ def main() -> int:
 
     print(f"{'measure':<30} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
     for name, s in r["create"].items():
+        print(f"{name:<30} {s['n']:>4} {s['p50']:>8.1f} {s['p95']:>8.1f} {s['max']:>8.1f}")
+    print("\nthe sandbox's share (create − lazy create of the same round):")
+    for name, s in r["container"].items():
         print(f"{name:<30} {s['n']:>4} {s['p50']:>8.1f} {s['p95']:>8.1f} {s['max']:>8.1f}")
     warm = r["create"]["warm create (service, pool)"]
     cold = r["create"]["cold create (service)"]
