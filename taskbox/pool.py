@@ -43,7 +43,6 @@ from typing import Any
 
 from . import faults, files
 from .errors import SandboxError, TaskboxError
-from .models import ContainerState
 from .sandbox import LABEL_HOME, LABEL_POOL, LABEL_POOL_PROFILE, ContainerSpec, Sandbox
 
 SLOT_ID = re.compile(r"^s-[0-9a-f]{10}$")
@@ -441,8 +440,9 @@ class Taken:
 def take(pool: Pool, sandbox: Sandbox, spec: ContainerSpec, workspace: Path, task_id: str) -> Taken:
     """Claim a free slot of ``spec``'s profile for a task and bind its workspace into it.
 
-    A slot whose container is not running, or a bind that fails, is removed and the answer
-    is no container (the caller makes one cold); never the slot of another profile.
+    A slot whose container is not running or runs an image since rebuilt under its name, or a
+    bind that fails, is removed and the answer is no container (the caller makes one cold);
+    never the slot of another profile.
     """
     if not poolable(spec) or supported() or not pool.root.is_dir():
         return Taken(None)
@@ -451,8 +451,11 @@ def take(pool: Pool, sandbox: Sandbox, spec: ContainerSpec, workspace: Path, tas
         return Taken(None)
     faults.point("pool.claim")
     try:
-        if sandbox.state(slot.container_id) is not ContainerState.RUNNING:
+        info = sandbox.container_info(slot.container_id)
+        if info is None or not info["running"]:
             raise SandboxError(f"the container of pool slot {slot.id} is not running")
+        if info["image"] != sandbox.image_id(spec.image):
+            raise SandboxError(f"pool slot {slot.id} runs an older build of {spec.image}")
         pool.bind(slot, workspace, task_id)
     except (TaskboxError, OSError) as exc:
         try:

@@ -254,3 +254,29 @@ def test_pool_cli(pooled: TaskService, repo: Path, home: Path) -> None:
     assert [s for s in pooled.pool.slots() if s.state == "free"] == []
     r = run_cli("pool", "fill", "--network", "allowlist", env=env)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_a_slot_of_an_image_since_rebuilt_is_not_used(pooled: TaskService, repo: Path, docker_engine: Any,
+                                                     tmp_path: Path) -> None:
+    svc = pooled
+    tag = f"taskbox-pooltest:{tmp_path.name[-12:].lower().strip('_') or 'x'}"
+    subprocess.run(["docker", "tag", svc.settings.image, tag], check=True)
+    try:
+        svc.pool_fill(1, image=tag)
+        old = next(s for s in svc.pool.slots() if s.state == "free")
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        (ctx / "Dockerfile").write_text(f"FROM {svc.settings.image}\nLABEL taskbox.test=rebuilt\n")
+        subprocess.run(["docker", "build", "-q", "-t", tag, str(ctx)], check=True, capture_output=True)
+        task = svc.create_task(repo, "after a rebuild", image=tag)
+        failed = [e for e in svc.events(task.id) if e["type"] == "pool.claim_failed"]
+        assert failed and "older build" in failed[0]["payload"]["error"]
+        assert task.container_id != old.container_id
+        assert svc.sandbox.state(old.container_id) is ContainerState.LOST and not old.path.exists()
+        info = svc.sandbox.api.inspect_container(task.container_id)
+        assert info["Image"] == svc.sandbox.image_id(tag)
+        assert _sh(svc, task.id, "cat app.py") == "print('hello')\n"
+    finally:
+        for c in docker_engine.api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
+            svc.sandbox.remove(c["Id"])
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
