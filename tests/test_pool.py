@@ -280,3 +280,18 @@ def test_a_slot_of_an_image_since_rebuilt_is_not_used(pooled: TaskService, repo:
         for c in docker_engine.api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
             svc.sandbox.remove(c["Id"])
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
+def test_a_registry_rebuild_finds_a_pooled_task_s_container(pooled: TaskService, repo: Path, home: Path) -> None:
+    svc = pooled
+    svc.pool_fill(1)
+    task = svc.create_task(repo, "rebuilt later")
+    assert svc.pool.of_container(task.container_id or "") is not None
+    import shutil
+
+    shutil.rmtree(svc.paths.records)  # only the workspace and the slot's claim are left to say it
+    out = TaskService.rebuild_registry(home)
+    assert task.id in out["adopted"]
+    again = TaskService(home)
+    assert again.get(task.id).container_id == task.container_id
+    assert not [f for f in again.doctor() if f["kind"].startswith("pool-")]
