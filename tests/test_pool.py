@@ -295,3 +295,21 @@ def test_a_registry_rebuild_finds_a_pooled_task_s_container(pooled: TaskService,
     again = TaskService(home)
     assert again.get(task.id).container_id == task.container_id
     assert not [f for f in again.doctor() if f["kind"].startswith("pool-")]
+
+
+def test_the_housekeeping_loop_keeps_the_pool_filled(pooled: TaskService, repo: Path) -> None:
+    import time
+
+    svc = pooled
+    with svc.housekeeping(interval=0.2):
+        deadline = time.monotonic() + 60
+        while sum(1 for s in svc.pool.slots() if s.state == "free") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sum(1 for s in svc.pool.slots() if s.state == "free") == 2
+        task = svc.create_task(repo, "served by the loop")
+        assert [e for e in svc.events(task.id) if e["type"] == "pool.claimed"]
+        deadline = time.monotonic() + 60
+        while sum(1 for s in svc.pool.slots() if s.state == "free") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert sum(1 for s in svc.pool.slots() if s.state == "free") == 2  # refilled after the claim
+    assert [e for e in svc.events() if e["type"] == "pool.filled"]
