@@ -52,8 +52,8 @@ CLAIMING = "claim."  # + the claiming process's pid
 META = "slot.json"
 WS = "ws"
 _MS_BIND = 0x1000
-_MS_REC = 0x4000
 _MS_SHARED = 1 << 20
+_MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
 _libc: Any = None
 
@@ -150,8 +150,11 @@ class Pool:
             state = self._propagation()
             if state is None:
                 _mount(str(self.root), str(self.root), _MS_BIND)
-                state = "private"
+                state = "bound"
             if state != "shared":
+                # Private first, then shared: a peer group of its own, so the slots' binds reach
+                # the slot containers and nothing else (not the peers of the host's root mount).
+                _mount("none", str(self.root), _MS_PRIVATE)
                 _mount("none", str(self.root), _MS_SHARED)
         except OSError as exc:
             raise SandboxError(f"could not make the pool directory {self.root} a shared mount: "
