@@ -9,7 +9,7 @@ same run, interleaved round by round:
   (refilled between rounds, not timed): workspace, branch, memory, then the claim (a rename)
   and the bind of the workspace into the running slot. Every warm round must have claimed a
   slot (a ``pool.claimed`` event), or the benchmark fails.
-- **cold create**: the same call with the pool off (a container made and started, the
+- **cold create**: the same call with no free slot left (a container made and started, the
   agent's key read);
 - **docker run**: ``docker run -d --rm IMAGE sleep infinity`` through the Docker CLI;
 - **lazy create**: the same call without any container — the host-side floor of a create
@@ -77,7 +77,6 @@ def run(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
     docker = shutil.which("docker")
     if not docker:
         raise BenchError("the docker CLI is needed for the baseline")
-    size = 2
     # The sandbox's share of each create, timed inside it: the claim and bind of a slot
     # (taskbox.pool.take) or the container's create, start and key read (Sandbox.create).
     inner: dict[str, list[float]] = {"warm: claim + bind (pool.take)": [],
@@ -100,7 +99,6 @@ def run(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
                                      "warm create (service, pool)": [], "lazy create (no container)": []}
     out: dict[str, Any] = {}
     try:
-        service.settings.pool_size = size
         service.pool_fill(1)  # the first fill makes the pool's shared mount: not part of any round
         for i in range(opts.rounds):
             service.pool_fill(1)
@@ -111,15 +109,15 @@ def run(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
             if not [e for e in service.events(warm.id) if e["type"] == "pool.claimed"]:
                 raise BenchError(f"warm round {i} did not claim a pool slot")
 
-            service.settings.pool_size = 0
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # the round's one slot is taken: this create goes cold
             cold = service.create_task(repo, f"cold {i}", memory="256m")
             times["cold create (service)"].append((time.perf_counter() - t0) * 1000)
             timing = False
+            if [e for e in service.events(cold.id) if e["type"] == "pool.claimed"]:
+                raise BenchError(f"cold round {i} claimed a pool slot")
             t0 = time.perf_counter()
             lazy = service.create_task(repo, f"lazy {i}", memory="256m", lazy=True)
             times["lazy create (no container)"].append((time.perf_counter() - t0) * 1000)
-            service.settings.pool_size = size
 
             t0 = time.perf_counter()
             cid = subprocess.run([docker, "run", "-d", "--rm", service.settings.image, "sleep", "infinity"],

@@ -313,3 +313,13 @@ def test_the_housekeeping_loop_keeps_the_pool_filled(pooled: TaskService, repo: 
             time.sleep(0.2)
     assert sum(1 for s in svc.pool.slots() if s.state == "free") == 2  # refilled after the claim
     assert [e for e in svc.events() if e["type"] == "pool.filled"]
+
+
+def test_slots_filled_by_hand_serve_with_pool_size_zero(pooled: TaskService, repo: Path) -> None:
+    svc = pooled
+    svc.settings.pool_size = 0
+    svc.tick()
+    assert svc.pool.slots() == []  # nothing filled by the housekeeping
+    svc.pool_fill(1)  # `taskbox pool fill --size 1`
+    task = svc.create_task(repo, "hand-filled")
+    assert [e for e in svc.events(task.id) if e["type"] == "pool.claimed"]
