@@ -137,10 +137,12 @@ class Pool:
                              else "slave" if any(o.startswith(b"master:") for o in opt) else "private")
         return found
 
-    def ensure_shared(self) -> None:
+    def ensure_shared(self, *, check: bool = False) -> None:
         """Make the pool root a shared mount (bound onto itself first), so binds made on slots
-        reach the containers; after a reboot it is a plain directory again."""
-        if self._shared:
+        reach the containers; after a reboot it is a plain directory again. Once done it is
+        remembered (the root is shared while any slot exists: :meth:`close` only undoes it with
+        none left, under the fillers' lock); ``check`` reads the mount table again."""
+        if self._shared and not check:
             return
         why = supported()
         if why:
@@ -387,7 +389,7 @@ def fill(pool: Pool, sandbox: Sandbox, spec: ContainerSpec, size: int, home_labe
     made: list[str] = []
     removed: list[str] = []
     with pool.locked():
-        pool.ensure_shared()
+        pool.ensure_shared(check=True)  # another process may have closed it with its last slot
         image = sandbox.image_id(spec.image)
         now = time.time()
         for s in pool.slots():
@@ -421,13 +423,15 @@ def fill(pool: Pool, sandbox: Sandbox, spec: ContainerSpec, size: int, home_labe
 
 
 def drain(pool: Pool, sandbox: Sandbox, profile: str | None = None) -> list[str]:
-    """Remove every free slot (of ``profile``, or all); claimed slots are their tasks' and stay."""
+    """Remove every free slot (of ``profile``, or all); claimed slots are their tasks' and stay.
+    With no slot left, the pool root's shared mount is undone too."""
     out = []
     with pool.locked():
         for s in pool.slots():
             if s.state == "free" and (profile is None or s.profile == profile) and _grab(pool, s):
                 _take_down(pool, sandbox, s)
                 out.append(s.id)
+        pool.close()
     return out
 
 

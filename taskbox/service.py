@@ -2425,8 +2425,6 @@ class TaskService:
     def pool_drain(self) -> dict[str, Any]:
         """Remove every free slot of the warm pool (claimed ones belong to their tasks)."""
         removed = pools.drain(self.pool, self.sandbox) if self.paths.pool.is_dir() else []
-        if self.paths.pool.is_dir():
-            self.pool.close()  # the shared mount goes with the last slot
         if removed:
             self.registry.add_event("pool.drained", None, {"removed": len(removed)})
         return {"removed": removed, **self.pool_status()}
