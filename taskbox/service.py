@@ -799,9 +799,9 @@ class TaskService:
         spec = self._container_spec(task)
         if not fresh:
             self._remove_labelled_container(task.id)  # e.g. left behind by a crash
-        # A free slot of this very profile, whoever filled it (housekeeping or `taskbox pool fill`).
-        taken = (pools.take(self.pool, self.sandbox, spec, Path(task.workspace_path), task.id)
-                 if fresh else pools.Taken(None))
+        # A free slot of this very profile, whoever filled it (housekeeping or `taskbox pool fill`):
+        # for a new task, a lazy one's first start, or a container that was lost.
+        taken = pools.take(self.pool, self.sandbox, spec, Path(task.workspace_path), task.id)
         if taken.slot:
             self.registry.add_event("pool.claimed" if taken.container_id else "pool.claim_failed", task.id,
                                     {"slot": taken.slot, "container_id": taken.container_id, "error": taken.error})

@@ -323,3 +323,13 @@ def test_slots_filled_by_hand_serve_with_pool_size_zero(pooled: TaskService, rep
     svc.pool_fill(1)  # `taskbox pool fill --size 1`
     task = svc.create_task(repo, "hand-filled")
     assert [e for e in svc.events(task.id) if e["type"] == "pool.claimed"]
+
+
+def test_a_lazy_task_s_first_start_claims_a_slot(pooled: TaskService, repo: Path) -> None:
+    svc = pooled
+    svc.pool_fill(1)
+    task = svc.create_task(repo, "lazy one", lazy=True)
+    assert task.container_id is None and [s.state for s in svc.pool.slots()] == ["free"]
+    task = svc.ensure_running(task.id)
+    assert [e for e in svc.events(task.id) if e["type"] == "pool.claimed"]
+    assert _sh(svc, task.id, "cat app.py") == "print('hello')\n"
