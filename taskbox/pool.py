@@ -19,9 +19,10 @@ A slot's state is files beside ``ws/`` (never inside it):
   part-way, which :func:`taskbox.doctor.detect` reports and repairs.
 
 The orchestration (:func:`fill`, :func:`drain`, :func:`take`) takes the sandbox layer as an
-argument; the core decides when to call it. A slot is used once: when its task's container is removed, the slot's mounts are undone and
-its directory deleted (:meth:`Pool.release`). This module does no Docker calls (those are in
-:mod:`taskbox.sandbox`); it needs root for ``mount(2)``.
+argument; the core decides when to call it. A slot is used once: when its task's container
+is removed, the slot's mounts are undone and its directory deleted (:meth:`Pool.release`).
+This module does no Docker calls (those are in :mod:`taskbox.sandbox`); it needs root for
+``mount(2)``.
 """
 
 from __future__ import annotations
@@ -391,11 +392,11 @@ def fill(pool: Pool, sandbox: Sandbox, spec: ContainerSpec, size: int, home_labe
     with pool.locked():
         pool.ensure_shared(check=True)  # another process may have closed it with its last slot
         image = sandbox.image_id(spec.image)
-        now = time.time()
+        by_slot = {str((c.get("Labels") or {}).get(LABEL_POOL)): c["Id"] for c in sandbox.pool_containers(home_label)}
         for s in pool.slots():
             stale = False
-            if s.state == "starting":
-                stale = now - s.created_at > STARTING_GRACE
+            if s.state == "starting":  # fills hold the lock: this one's filler died part-way
+                stale, s.container_id = True, by_slot.get(s.id, "")
             elif s.state == "free":
                 info = sandbox.container_info(s.container_id)
                 stale = (info is None or not info["running"]
@@ -417,6 +418,7 @@ def fill(pool: Pool, sandbox: Sandbox, spec: ContainerSpec, size: int, home_labe
             except BaseException:
                 pool.release(slot.id)
                 raise
+            faults.point("pool.fill")
             pool.publish(slot, cid, key)
             made.append(slot.id)
     return {"profile": key, "made": made, "removed": removed}

@@ -333,3 +333,19 @@ def test_a_lazy_task_s_first_start_claims_a_slot(pooled: TaskService, repo: Path
     task = svc.ensure_running(task.id)
     assert [e for e in svc.events(task.id) if e["type"] == "pool.claimed"]
     assert _sh(svc, task.id, "cat app.py") == "print('hello')\n"
+
+
+def test_a_fill_killed_part_way_is_cleaned_up_by_the_next(pooled: TaskService, home: Path) -> None:
+    svc = pooled
+    env = {**os.environ, "TASKBOX_CRASH_AT": "pool.fill", "TASKBOX_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "taskbox", "pool", "fill", "--size", "1"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    [left] = svc.pool.slots()
+    assert left.state == "starting"
+    [orphan] = _pool_containers(svc)
+    assert orphan["Labels"][LABEL_POOL] == left.id
+    out = svc.pool_fill(1)
+    assert out["removed"] == [left.id] and len(out["made"]) == 1
+    assert svc.sandbox.state(orphan["Id"]) is ContainerState.LOST and not left.path.exists()
+    assert [s.state for s in svc.pool.slots()] == ["free"]
