@@ -205,7 +205,7 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
                       "stop-container", container_id=task.container_id)
 
     if containers is not None:
-        _pool(ctx, found, containers, tombs)
+        _pool(ctx, found, containers, tombs, unmounted)
 
     # Listed before any is repaired: trashing a volume takes its workspace along.
     orphans = []
@@ -238,7 +238,8 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
     return found
 
 
-def _pool(ctx: Context, found: Findings, containers: list[dict[str, Any]], tombs: dict[str, Any]) -> None:
+def _pool(ctx: Context, found: Findings, containers: list[dict[str, Any]], tombs: dict[str, Any],
+          unmounted: set[str]) -> None:
     """Warm pool slots (:mod:`taskbox.pool`) that cannot serve or were left half-claimed, and
     slot containers without a slot. A claimed slot of a task the registry does not know is
     only removed when the registry removed that task (its tombstone); otherwise it is kept."""
@@ -280,11 +281,11 @@ def _pool(ctx: Context, found: Findings, containers: list[dict[str, Any]], tombs
                 found("pool-orphan-slot", s.task_id, f"pool slot {s.id} of task {s.task_id} is no longer its "
                       "container: it will be removed", "pool-remove-slot", slot=s.id,
                       container_id=s.container_id if s.container_id in running else "")
-        elif (s.state == "claimed" and user is not None and user.id == s.task_id and running.get(s.container_id)
-              and not pool.bound(s, Path(user.workspace_path))):
+        elif (s.state == "claimed" and user is not None and user.id == s.task_id and s.container_id in running
+              and user.id not in unmounted and not pool.bound(s, Path(user.workspace_path))):
             found("pool-unbound", user.id, f"the workspace of task {user.id} is not bound into its pool slot {s.id} "
-                  "(its container sees an empty directory): it will be bound again", "pool-finish-claim",
-                  task_id=user.id, slot=s.id)
+                  "(e.g. after a reboot; a running container sees an empty directory): it will be bound again",
+                  "pool-finish-claim", task_id=user.id, slot=s.id)
     have = {s.container_id for s in slots}
     for c in containers:
         labels = c.get("Labels") or {}

@@ -217,7 +217,14 @@ def test_engine_restart_and_reboot_are_repaired(pooled: TaskService, repo: Path)
     assert any(f["kind"] == "pool-dead-slot" for f in found)
     assert not free.path.exists()
     assert svc.sandbox.state(free.container_id) is ContainerState.LOST
-    # The task's own slot is kept; its next start binds the workspace in again.
+    # The task's own slot is kept and its workspace bound in again.
+    assert [f for f in found if f["kind"] == "pool-unbound" and f["fixed"]]
+    assert svc.pool.bound(slot, Path(task.workspace_path))
+    svc.ensure_running(task.id)
+    assert _sh(svc, task.id, "cat app.py") == "print('hello')\n"
+    # Without the doctor, the task's next start binds it itself.
+    svc.sandbox.api.stop(task.container_id, timeout=1)
+    subprocess.run(["umount", "-l", str(slot.ws)], check=True)
     svc.ensure_running(task.id)
     assert svc.pool.bound(slot, Path(task.workspace_path))
     assert _sh(svc, task.id, "cat app.py") == "print('hello')\n"
