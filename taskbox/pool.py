@@ -56,6 +56,7 @@ _MS_BIND = 0x1000
 _MS_SHARED = 1 << 20
 _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
 _libc: Any = None
 
 
@@ -73,7 +74,7 @@ def _mount(source: str, target: str, flags: int) -> None:
 
 
 def _umount(target: str) -> bool:
-    if _sys().umount2(target.encode(), _MNT_DETACH) != 0:
+    if _sys().umount2(target.encode(), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more)
             return False
