@@ -1,8 +1,8 @@
 """A scripted model endpoint, standard library only, so it runs in any container with python3.
 
 It answers OpenAI-style chat completions (``POST …/chat/completions``, SSE when asked to stream:
-OpenCode, Codex with a chat provider) and Anthropic Messages (``POST …/messages``, SSE: Claude
-Code). A *script* (JSON) drives the conversation: each step is a tool call — the first of its
+OpenCode), the OpenAI Responses API (``POST …/responses``, SSE: Codex) and Anthropic Messages
+(``POST …/messages``, SSE: Claude Code). A *script* (JSON) drives the conversation: each step is a tool call — the first of its
 ``tool`` names that the client offers, with ``args`` — and after the last step the model says
 ``final``. Requests outside the scripted conversation (title generation, probes: no tools, or
 no ``marker`` in the first user message) get a short text. Each request is printed to stdout as
@@ -38,6 +38,36 @@ def _text(content: Any) -> str:
 
 def _first_user(messages: list[dict[str, Any]]) -> str:
     return "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "user")
+
+
+#: Responses API input items that are calls the model made (Codex sends them back each turn).
+CALL_ITEMS = ("function_call", "custom_tool_call", "local_shell_call")
+
+
+def responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Responses API request's ``input`` as chat-like messages: user text and the calls so far."""
+    items = body.get("input")
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    out: list[dict[str, Any]] = []
+    for item in items or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") in CALL_ITEMS:
+            out.append({"role": "assistant", "tool_calls": [item]})
+        elif item.get("role") == "user":
+            out.append({"role": "user", "content": item.get("content")})
+    return out
+
+
+def responses_tools(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The function tools a Responses API request offers (top level, or inside a namespace)."""
+    found: dict[str, dict[str, Any]] = {}
+    for t in body.get("tools") or []:
+        for tool in [t, *(t.get("tools") or [])] if isinstance(t, dict) else []:
+            if tool.get("type") == "function" and tool.get("name"):
+                found[tool["name"]] = tool.get("parameters") or {}
+    return found
 
 
 def _calls_so_far(messages: list[dict[str, Any]]) -> int:
@@ -96,15 +126,18 @@ class Handler(BaseHTTPRequestHandler):
             self._openai(body)
         elif path.endswith("/messages"):
             self._anthropic(body)
+        elif path.endswith("/responses"):
+            self._responses(body)
         else:
             self.send_error(404)
 
     def _record(self, body: dict[str, Any]) -> None:
         tools = [t.get("name") or (t.get("function") or {}).get("name") for t in body.get("tools") or []]
+        messages = body.get("messages") or (responses_messages(body) if "input" in body else [])
         with _LOCK:
             print(json.dumps({"at": time.time(), "method": self.command, "path": self.path,
                               "host": self.headers.get("Host"), "tools": tools,
-                              "calls": _calls_so_far(body.get("messages") or [])}), flush=True)
+                              "calls": _calls_so_far(messages)}), flush=True)
 
     def _json(self, obj: Any) -> None:
         data = json.dumps(obj).encode()
@@ -182,6 +215,35 @@ class Handler(BaseHTTPRequestHandler):
                                      "usage": {"output_tokens": 5}}),
                   ("message_stop", {"type": "message_stop"})]
         self._sse([f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events])
+
+
+    def _responses(self, body: dict[str, Any]) -> None:
+        action = decide(self.script, responses_tools(body), responses_messages(body))
+        self._sse(responses_events(action, self._next(), body.get("model", "scripted")))
+
+
+def responses_events(action: tuple[str, dict[str, Any]] | str, n: int, model: str) -> list[str]:
+    """One Responses API turn as SSE: created, the output item (a function call or a message), completed."""
+    if isinstance(action, str):
+        item: dict[str, Any] = {"type": "message", "id": f"msg_{n}", "role": "assistant", "status": "completed",
+                                "content": [{"type": "output_text", "text": action, "annotations": []}]}
+        deltas = [{"type": "response.output_text.delta", "item_id": f"msg_{n}", "output_index": 0,
+                   "content_index": 0, "delta": action}]
+    else:
+        item = {"type": "function_call", "id": f"fc_{n}", "call_id": f"call_{n}", "name": action[0],
+                "arguments": json.dumps(action[1]), "status": "completed"}
+        deltas = []
+    response = {"id": f"resp_{n}", "object": "response", "created_at": int(time.time()), "model": model,
+                "status": "in_progress", "output": []}
+    usage = {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 5,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}
+    events = [{"type": "response.created", "response": response},
+              {"type": "response.output_item.added", "output_index": 0, "item": {**item, "status": "in_progress"}},
+              *deltas,
+              {"type": "response.output_item.done", "output_index": 0, "item": item},
+              {"type": "response.completed", "response": {**response, "status": "completed", "output": [item],
+                                                          "usage": usage}}]
+    return [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events]
 
 
 def serve(port: int, script: dict[str, Any]) -> None:
