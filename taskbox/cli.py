@@ -1032,6 +1032,51 @@ def gc() -> Any:
     return {"archived": done}, f"archived {len(done)} task(s)" + (f": {', '.join(done)}" if done else "")
 
 
+@cli.group("pool")
+def pool_group() -> None:
+    """The warm pool: pre-started sandboxes a new task claims (setting pool_size; docs/speed.md)."""
+
+
+def _pool_view(data: dict[str, Any], head: str = "") -> tuple[dict[str, Any], str]:
+    rows = [(s["id"], s["state"], s["profile"], s["task_id"] or "-", (s["container_id"] or "-")[:12])
+            for s in data["slots"]]
+    lines = [head] if head else []
+    lines.append(f"pool_size {data['size']}, {data['free']} free slot(s) of the default profile "
+                 f"{data['profile'] or '(its network is not pooled)'}")
+    if data.get("unsupported"):
+        lines.append(data["unsupported"])
+    if rows:
+        lines.append(table(rows, ["slot", "state", "profile", "task", "container"]))
+    return data, "\n".join(lines)
+
+
+@command(pool_group, "status")
+def pool_status() -> Any:
+    """Show the pool's slots: free, claimed (by which task) or half-claimed."""
+    return _pool_view(_service().pool_status())
+
+
+@command(pool_group, "fill")
+@click.option("--size", type=int, default=None, help="Free slots wanted (default: the pool_size setting).")
+@click.option("--image", default=None, help="Image of the slots (default: the image setting).")
+@click.option("--memory", default=None, help="Memory limit of the slots (default: the memory setting).")
+@click.option("--cpus", type=float, default=None, help="CPU limit of the slots (default: the cpus setting).")
+@click.option("--network", type=click.Choice(["none", "open"]), default=None,
+              help="Network mode of the slots (default: the network setting).")
+def pool_fill(size: int | None, image: str | None, memory: str | None, cpus: float | None,
+              network: str | None) -> Any:
+    """Top the pool up to SIZE free slots of a profile, removing slots that cannot serve first."""
+    data = _service().pool_fill(size, image=image, memory=memory, cpus=cpus, network=network, progress=progress)
+    return _pool_view(data, f"made {len(data['made'])} slot(s), removed {len(data['removed'])}")
+
+
+@command(pool_group, "drain")
+def pool_drain() -> Any:
+    """Remove every free slot (claimed slots belong to their tasks)."""
+    data = _service().pool_drain()
+    return _pool_view(data, f"removed {len(data['removed'])} slot(s)")
+
+
 @cli.group("image")
 def image() -> None:
     """Sandbox images."""

@@ -97,6 +97,11 @@ class Settings:
         True, "Run commands through a small exec agent inside each new container (a unix socket, no "
         "`docker exec` per command; see docs/speed.md). Off: every command is a `docker exec`."
     )
+    pool_size: int = _setting(
+        0, "Warm pool: pre-started, unassigned sandboxes of the default profile (image, limits, network "
+        "`none`/`open`) the housekeeping loop keeps ready, so a create with that profile claims one "
+        "instead of starting a container (docs/speed.md; about 7 MiB of memory per slot). `0`: off. Needs root."
+    )
     exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")
     run_timeout: int = _setting(
         3600, "Seconds a non-interactive `taskbox run` (an agent given a prompt) may take before it is killed."
@@ -272,6 +277,11 @@ class Paths:
     def records(self) -> Path:
         """One JSON record per task, mirrored by the registry: the trusted source of a rebuild."""
         return self.home / "records"
+
+    @property
+    def pool(self) -> Path:
+        """The warm pool's slots (a shared mount; see :mod:`taskbox.pool`)."""
+        return self.home / "pool"
 
     @property
     def checkpoint_stores(self) -> Path:

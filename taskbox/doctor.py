@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import files, git, liveness, memory, quota
+from . import pool as pools
 from .config import Paths, Settings
 from .confine import sandbox_owner
 from .errors import InvalidInput, NotFound, TaskboxError
 from .models import FINISHED, ContainerState, Findings, LockMode, ResolveRepair, Status, Task
 from .registry import Registry, list_backups
-from .sandbox import LABEL_HOME, LABEL_TASK, Sandbox
+from .sandbox import LABEL_HOME, LABEL_POOL, LABEL_TASK, Sandbox
 
 __all__ = ["Findings", "detect", "discover", "disk_evidence", "purge", "trash", "trash_entries"]
 
@@ -178,8 +179,8 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
         by_id = {c["Id"]: c for c in containers}
         for c in containers:
             tid = (c.get("Labels") or {}).get(LABEL_TASK)
-            if tid in known or c["Id"] in in_trash:
-                continue
+            if tid in known or c["Id"] in in_trash or (c.get("Labels") or {}).get(LABEL_POOL):
+                continue  # a pool slot's container: _pool below
             ours = (c.get("Labels") or {}).get(LABEL_HOME) == ctx.home_label
             if ours and tid in tombs:
                 found("orphan-container", tid, f"container {c['Id'][:12]} belongs to task {tid}, which was "
@@ -202,6 +203,9 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
             elif actual is ContainerState.RUNNING and task.status in FINISHED:
                 found("running-finished", task.id, f"task is {task.status} but its container runs",
                       "stop-container", container_id=task.container_id)
+
+    if containers is not None:
+        _pool(ctx, found, containers, tombs, unmounted)
 
     # Listed before any is repaired: trashing a volume takes its workspace along.
     orphans = []
@@ -232,6 +236,63 @@ def detect(ctx: Context, resolve: ResolveRepair | None = None) -> Findings:
     if os.geteuid() == 0:  # as another user taskbox could not have made a file foreign, nor fix it
         _ownership(ctx, found, unmounted)
     return found
+
+
+def _pool(ctx: Context, found: Findings, containers: list[dict[str, Any]], tombs: dict[str, Any],
+          unmounted: set[str]) -> None:
+    """Warm pool slots (:mod:`taskbox.pool`) that cannot serve or were left half-claimed, and
+    slot containers without a slot. A claimed slot of a task the registry does not know is
+    only removed when the registry removed that task (its tombstone); otherwise it is kept."""
+    pool = pools.Pool(ctx.paths.pool)
+    slots = pool.slots()
+    running = {c["Id"]: str(c.get("State", "")).lower() == "running" for c in containers}
+    tasks = {t.id: t for t in ctx.registry.list_tasks()}
+    users = {t.container_id: t for t in tasks.values() if t.container_id}
+    now = time.time()
+    for s in slots:
+        user = users.get(s.container_id)
+        owner = tasks.get(s.task_id)
+        if s.state == "half-claimed" and s.claimer and liveness.pid_alive(s.claimer):
+            continue  # a create is claiming it right now
+        if s.state == "claimed" and user is None and owner is not None and owner.pending_op:
+            continue  # its create has not recorded the container yet (or `undo-create` takes it)
+        if s.state == "half-claimed":
+            if user is not None:
+                found("pool-half-claimed", user.id, f"pool slot {s.id} was claimed by task {user.id} but its claim "
+                      "was not finished: its workspace will be bound into it", "pool-finish-claim",
+                      task_id=user.id, slot=s.id)
+            else:
+                found("pool-half-claimed", None, f"pool slot {s.id} was claimed by a create that did not finish: "
+                      "it will be removed", "pool-remove-slot", slot=s.id, container_id=s.container_id)
+        elif s.state == "free" and not running.get(s.container_id):
+            found("pool-dead-slot", None, f"pool slot {s.id}'s container is {'stopped' if s.container_id in running else 'gone'} "
+                  "(e.g. after an engine restart or a reboot): it will be removed", "pool-remove-slot", slot=s.id,
+                  container_id=s.container_id)
+        elif s.state == "starting" and now - s.created_at > pools.STARTING_GRACE and s.container_id not in users:
+            found("pool-dead-slot", None, f"pool slot {s.id} was left by a fill that did not finish: it will be removed",
+                  "pool-remove-slot", slot=s.id, container_id=s.container_id)
+        elif s.state == "claimed" and user is None:
+            if s.container_id in running and ((owner is None and s.task_id not in tombs)
+                                              or (owner is not None and not owner.container_id)):
+                why = "the registry does not know it" if owner is None else "the registry records no container for it"
+                found("pool-orphan-slot", s.task_id, f"pool slot {s.id} serves task {s.task_id}, but {why}: kept; "
+                      f"`taskbox doctor --adopt {s.task_id}` takes it back")
+            else:  # the task was removed, or moved on to another container (its slot's was lost or replaced)
+                found("pool-orphan-slot", s.task_id, f"pool slot {s.id} of task {s.task_id} is no longer its "
+                      "container: it will be removed", "pool-remove-slot", slot=s.id,
+                      container_id=s.container_id if s.container_id in running else "")
+        elif (s.state == "claimed" and user is not None and user.id == s.task_id and s.container_id in running
+              and user.id not in unmounted and not pool.bound(s, Path(user.workspace_path))):
+            found("pool-unbound", user.id, f"the workspace of task {user.id} is not bound into its pool slot {s.id} "
+                  "(e.g. after a reboot; a running container sees an empty directory): it will be bound again",
+                  "pool-finish-claim", task_id=user.id, slot=s.id)
+    have = {s.container_id for s in slots}
+    for c in containers:
+        labels = c.get("Labels") or {}
+        if labels.get(LABEL_POOL) and labels.get(LABEL_HOME) == ctx.home_label and c["Id"] not in have \
+                and c["Id"] not in users:
+            found("pool-dead-slot", None, f"container {c['Id'][:12]} of pool slot {labels[LABEL_POOL]} has no slot "
+                  "left: it will be removed", "pool-remove-slot", slot=labels[LABEL_POOL], container_id=c["Id"])
 
 
 def _ownership(ctx: Context, found: Findings, skip: set[str]) -> None:
@@ -449,9 +510,13 @@ def discover(paths: Paths, settings: Settings, containers: list[dict[str, Any]] 
                 notes.append(why)
             else:
                 tasks[task.id] = task
+    pool = pools.Pool(paths.pool)
     for c in containers or []:
         labels = c.get("Labels") or {}
         tid = labels.get(LABEL_TASK)
+        if not tid and labels.get(LABEL_POOL):  # a claimed pool slot: its task is in its claim file
+            slot = pool.slot(str(labels[LABEL_POOL]))
+            tid = slot.task_id if slot is not None and slot.container_id == c["Id"] else None
         if not tid or not _ID.match(tid) or (only and tid != only):
             continue
         running = str(c.get("State", "")).lower() == "running"

@@ -63,6 +63,8 @@ LABEL_EGRESS = "taskbox.egress"  # on a task container: base64 JSON of its egres
 LABEL_PORT_FOR = "taskbox.port-for"  # on a port forwarder: the task container's name
 LABEL_PORT = "taskbox.port"  # on a port forwarder: "PORT HOST_IP HOST_PORT"
 LABEL_SCRATCH = "taskbox.scratch"  # on a throwaway container that reads a workspace for the host
+LABEL_POOL = "taskbox.pool"  # on a warm pool slot's container: its slot id (taskbox.pool)
+LABEL_POOL_PROFILE = "taskbox.pool-profile"  # on a slot's container: the key of its sandbox profile
 CONTAINER_WORKSPACE = "/workspace"
 MIN_MEMORY = 64 * 1024**2
 MIN_CPUS = 0.1
@@ -186,6 +188,17 @@ class ContainerSpec:
     egress: EgressConfig | None = None  # required for network "allowlist"
     # Host directories taskbox owns (shared caches, a CA bundle), mounted read-only: host path -> target.
     ro_binds: dict[str, str] = field(default_factory=dict)
+    # "rslave" on a warm pool slot (taskbox.pool): a workspace bound on the slot's directory
+    # later appears in the running container.
+    workspace_propagation: str = ""
+
+    def profile(self, agent: bool) -> dict[str, Any]:
+        """Everything that makes two containers alike but their name, workspace and labels:
+        a warm pool slot serves a task only when these are equal (``agent``: the exec agent is on)."""
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("name", "workspace", "labels", "workspace_propagation")}
+        out["exec_agent"] = agent
+        return out
 
 
 @dataclass
@@ -421,6 +434,9 @@ class Sandbox:
         self.agent_home: Path | None = None
         self._agent_keys: execagent.KeyStore | None = None
         self.agent_wait = 5.0  # seconds a start waits for the agent's key in the container's log
+        # The warm pool's release of a slot by id (taskbox.pool.Pool.release), set by the
+        # service: removing a slot's container undoes its slot (its workspace bind, its directory).
+        self.release_slot: Callable[[str], object] | None = None
 
     # --- engine facts ------------------------------------------------------------------------
 
@@ -491,7 +507,8 @@ class Sandbox:
         security_opt = ["no-new-privileges:true"]
         if spec.seccomp == "unconfined":
             security_opt.append("seccomp=unconfined")
-        binds = {str(spec.workspace): {"bind": CONTAINER_WORKSPACE, "mode": "rw"}}
+        mode = "rw,rslave" if spec.workspace_propagation == "rslave" else "rw"
+        binds = {str(spec.workspace): {"bind": CONTAINER_WORKSPACE, "mode": mode}}
         for source, target in spec.ro_binds.items():
             binds[source] = {"bind": target, "mode": "ro"}
         command = ["sleep", "infinity"]
@@ -790,6 +807,8 @@ class Sandbox:
             raise docker_engine.translate(exc, f"could not stop container {cid[:12]}") from exc
 
     def remove(self, cid: str) -> None:
+        if not cid:
+            return
         try:
             info = self.api.inspect_container(cid)
         except DockerNotFound:
@@ -811,6 +830,37 @@ class Sandbox:
             self._remove_egress(owner)
         if not labels.get(LABEL_ROLE):
             self._remove_forwarders(owner)
+        if labels.get(LABEL_POOL) and self.release_slot is not None:
+            self.release_slot(labels[LABEL_POOL])
+
+    def pool_containers(self, home_label: str) -> list[dict[str, Any]]:
+        """The warm pool slots' containers of this taskbox home (running or not)."""
+        try:
+            return list(self.api.containers(all=True, filters={"label": [f"{LABEL_HOME}={home_label}",
+                                                                         LABEL_POOL]}))
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, "could not list the pool's containers") from exc
+
+    def container_info(self, cid: str) -> dict[str, Any] | None:
+        """Whether a container runs and its image id; None when it is gone."""
+        if not cid:
+            return None
+        try:
+            info = self.api.inspect_container(cid)
+        except DockerNotFound:
+            return None
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not inspect container {cid[:12]}") from exc
+        return {"running": bool((info.get("State") or {}).get("Running")), "image": info.get("Image")}
+
+    def image_id(self, image: str) -> str | None:
+        """The id of a local image (None when it is not there)."""
+        try:
+            return str(self.api.inspect_image(image)["Id"])
+        except DockerNotFound:
+            return None
+        except DOCKER_ERRORS as exc:
+            raise docker_engine.translate(exc, f"could not inspect image {image}") from exc
 
     def state(self, cid: str | None) -> ContainerState:
         if not cid:

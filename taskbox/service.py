@@ -46,6 +46,7 @@ from . import (
     workspace,
 )
 from . import merge as merge_engine
+from . import pool as pools
 from .audit import AuditLog
 from .config import Paths, Settings, default_home, parse_size
 from .confine import container_workdir, normalize
@@ -226,7 +227,13 @@ class TaskService:
             self._sandbox = Sandbox(engine.connect())
             if self.settings.exec_agent:
                 self._sandbox.agent_home = self.paths.home
+            self._sandbox.release_slot = self.pool.release
         return self._sandbox
+
+    @functools.cached_property
+    def pool(self) -> pools.Pool:
+        """The warm pool's slots (:mod:`taskbox.pool`)."""
+        return pools.Pool(self.paths.pool)
 
     def get(self, task_id: str) -> Task:
         return self.registry.get_task(task_id)
@@ -802,6 +809,9 @@ class TaskService:
             for c in self.sandbox.task_containers(self.home_label):
                 if c["Labels"].get(LABEL_TASK) == task_id:
                     self.sandbox.remove(c["Id"])
+            for slot in pools.owned_by(self.pool, task_id):  # a pool slot's container has no task label
+                self.sandbox.remove(slot.container_id)
+                self.pool.release(slot.id)
         except TaskboxError:
             pass
 
@@ -829,8 +839,7 @@ class TaskService:
         except ValueError:
             raise InvalidInput(f"lock mode {value!r} is not one of exclusive, collaborative") from None
 
-    def _create_container(self, task: Task, fresh: bool = False) -> str:
-        self._ensure_volume(task)  # never bind the bare directory under an unmounted volume
+    def _container_spec(self, task: Task) -> ContainerSpec:
         spec = ContainerSpec(
             name=f"taskbox-{task.id}-{self.home_label[:6]}",
             image=task.image,
@@ -846,19 +855,34 @@ class TaskService:
             spec.ro_binds[str(caches.host_dir(self.paths.home, name))] = caches.get(name).target
         spec.env.update(caches.sandbox_env(names, task.network))
         self.hook.sandbox_spec(service=self, task=task, spec=spec)  # hardening, egress proxy rules
+        return spec
+
+    def _create_container(self, task: Task, fresh: bool = False) -> str:
+        self._ensure_volume(task)  # never bind the bare directory under an unmounted volume
+        spec = self._container_spec(task)
         if not fresh:
             self._remove_labelled_container(task.id)  # e.g. left behind by a crash
-        try:
-            cid = self.sandbox.create(spec)
-        except SandboxError as exc:
-            if "already in use" not in exc.message:
-                raise
-            self._remove_labelled_container(task.id)  # a leftover holds the name: replace it
-            cid = self.sandbox.create(spec)
+        # A free slot of this very profile, whoever filled it (housekeeping or `taskbox pool fill`):
+        # for a new task, a lazy one's first start, or a container that was lost.
+        taken = pools.take(self.pool, self.sandbox, spec, Path(task.workspace_path), task.id)
+        if taken.slot:
+            self.registry.add_event("pool.claimed" if taken.container_id else "pool.claim_failed", task.id,
+                                    {"slot": taken.slot, "container_id": taken.container_id, "error": taken.error})
+        if taken.container_id:
+            cid = taken.container_id
+        else:
+            try:
+                cid = self.sandbox.create(spec)
+            except SandboxError as exc:
+                if "already in use" not in exc.message:
+                    raise
+                self._remove_labelled_container(task.id)  # a leftover holds the name: replace it
+                cid = self.sandbox.create(spec)
         for p in task.metadata.get("ports") or []:  # a new container: its published ports again
             self.sandbox.publish(cid, p["port"], p["host_ip"], p["host_port"], task.image,
                                  {LABEL_TASK: task.id, LABEL_HOME: self.home_label})
-        if "npm" in names:  # npm cannot read a read-only cache: the container starts from a copy of it
+        if "npm" in (task.metadata.get("caches") or []):  # npm cannot read a read-only cache: the
+            # container starts from a copy of it
             try:
                 r = self.sandbox.capture(cid, ["sh", "-c", caches.NPM_SEED], timeout=600)
                 error = r.stderr.strip()[-300:] if r.exit_code else None
@@ -942,6 +966,8 @@ class TaskService:
                                 ("container.created", {"container_id": cid}))
         elif state is not ContainerState.RUNNING:
             assert task.container_id
+            if pools.rebind(self.pool, task.container_id, Path(task.workspace_path), task.id):
+                self.registry.add_event("pool.rebound", task.id, {"container_id": task.container_id})
             self.sandbox.start(task.container_id)
             task = self._update(task.id, {"container_state": ContainerState.RUNNING},
                                 ("container.started", {"container_id": task.container_id}))
@@ -2552,8 +2578,14 @@ class TaskService:
     # --- housekeeping --------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Periodic housekeeping: every plugin's ``tick`` (pressure sampling, idle pause, …)."""
+        """Periodic housekeeping: every plugin's ``tick`` (pressure sampling, idle pause, …),
+        then the warm pool topped up (setting ``pool_size``)."""
         self.hook.tick(service=self)
+        if self.settings.pool_size > 0 and not pools.supported():
+            try:
+                self.pool_fill()
+            except TaskboxError as exc:
+                self.registry.add_event("pool.fill_failed", None, {"error": exc.message[:300]})
 
     @contextmanager
     def housekeeping(self, interval: float | None = None) -> Iterator[None]:
@@ -2568,6 +2600,68 @@ class TaskService:
             yield
         finally:
             monitor.stop()
+
+    # --- the warm pool (the slots and their claims are taskbox.pool; docs/speed.md) ------------
+
+    def _pool_spec(self, image: str | None = None, memory: str | None = None, cpus: float | None = None,
+                   network: str | None = None) -> ContainerSpec:
+        """The container spec a new task of this profile gets (the settings' defaults unless named),
+        made as for a task: so a slot is exactly what a cold create makes."""
+        net = network or self.settings.network
+        mem = memory or self.settings.memory
+        cpu = float(cpus if cpus is not None else self.settings.cpus)
+        check_limits(mem, cpu, self.settings.pids_limit, max_memory=self.settings.max_memory,
+                     max_cpus=self.settings.max_cpus, max_pids=self.settings.max_pids)
+        if net not in pools.POOLED_NETWORKS:
+            raise InvalidInput(f"network mode {net} is not pooled (only {', '.join(pools.POOLED_NETWORKS)})")
+        template = Task(id="pool-slot", title="", description="", status=Status.PENDING, repo_path="",
+                        branch="", base_ref="", workspace_path=str(self.paths.pool), image=image or self.settings.image,
+                        agent="agent", model="unknown", memory_limit=mem, cpu_limit=cpu,
+                        pids_limit=self.settings.pids_limit, network=net)
+        return self._container_spec(template)
+
+    def pool_fill(self, size: int | None = None, *, image: str | None = None, memory: str | None = None,
+                  cpus: float | None = None, network: str | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Top the warm pool up to ``size`` (default: the ``pool_size`` setting) free slots of a
+        profile (default: the settings'), removing slots that cannot serve first."""
+        why = pools.supported()
+        if why:
+            raise SandboxError(why)
+        count = self.settings.pool_size if size is None else int(size)
+        if count < 0:
+            raise InvalidInput("a pool size cannot be negative")
+        spec = self._pool_spec(image, memory, cpus, network)
+        self.sandbox.ensure_image(spec.image)
+        out = pools.fill(self.pool, self.sandbox, spec, count, self.home_label, progress or (lambda _m: None))
+        if out["made"] or out["removed"]:
+            self.registry.add_event("pool.filled", None, {"profile": out["profile"], "made": len(out["made"]),
+                                                          "removed": len(out["removed"])})
+        return {**out, **self.pool_status()}
+
+    def _finish_claim(self, task_id: str, sid: str) -> None:
+        task, slot = self.get(task_id), self.pool.slot(sid)
+        self._ensure_volume(task)  # bind the volume, never the bare directory under it
+        if slot is not None:
+            self.pool.bind(slot, Path(task.workspace_path), task.id)
+
+    def pool_drain(self) -> dict[str, Any]:
+        """Remove every free slot of the warm pool (claimed ones belong to their tasks)."""
+        removed = pools.drain(self.pool, self.sandbox) if self.paths.pool.is_dir() else []
+        if removed:
+            self.registry.add_event("pool.drained", None, {"removed": len(removed)})
+        return {"removed": removed, **self.pool_status()}
+
+    def pool_status(self) -> dict[str, Any]:
+        """The warm pool's setting, its default profile and every slot with its state."""
+        try:
+            profile = pools.key_of(self._pool_spec(), self.sandbox)
+        except InvalidInput:
+            profile = None  # the default network is not pooled
+        slots = [s.to_dict() for s in self.pool.slots()]
+        return {"size": self.settings.pool_size, "unsupported": pools.supported(), "profile": profile,
+                "free": sum(1 for s in slots if s["state"] == "free" and s["profile"] == profile),
+                "slots": slots}
 
     # --- resource pressure (the measurements and decisions are taskbox.pressure) ---------------
 
@@ -2737,6 +2831,9 @@ class TaskService:
             "rebuild-memory": rebuild_memory,
             "backup-registry": lambda: f"backed up to {reg.backup().name}",
             "recover-ultrawork": lambda: self._recover_run(p["task_id"]),
+            "pool-remove-slot": then("removed", lambda: self.sandbox.remove(p["container_id"] or ""),
+                                     lambda: self.pool.release(p["slot"])),
+            "pool-finish-claim": then("bound", lambda: self._finish_claim(p["task_id"], p["slot"])),
         }
         return actions[name]
 
