@@ -62,6 +62,7 @@ import json
 import marshal
 import os
 import posixpath
+import queue
 import re
 import secrets
 import shutil
@@ -127,6 +128,12 @@ _RACY_NS = 50_000_000
 _CACHE_VERSION = 5  # 3: chunked files; 4: their tails in pieces; 5: their prefixes
 _CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
 _CAPTURE_REF = "refs/taskbox/capture"
+# glibc's malloc gives freed memory at the top of the heap back to the system past 128 KiB.
+# zlib's state for each object git writes or reads is about 256 KiB, so for every small
+# file fast-import grew the heap and shrank it again (4-5 brk calls and the page faults
+# after each): 10,000 small files cost it 0.35 s of system time, twice its own work. The
+# store's git keeps up to this much freed memory instead (glibc only; others ignore it).
+_GIT_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 _NULL_SHA = "0" * 40
 _NEEDS_QUOTE = re.compile(rb'[\x00-\x1f"\\\x7f]')
 
@@ -155,11 +162,15 @@ _CDC_MIN = 512 << 10
 _CDC_MAX = 8 << 20
 _CDC_WINDOW = 64
 _TAIL_PIECE = 256 << 10  # what follows the last cut is stored in pieces this long
-_CDC_STEP = 1 << 20  # bytes mapped to symbols at a time, while looking for a cut
+# Bytes mapped to symbols at a time while looking for a cut: a cut is about 512 KiB past the
+# first place it may fall, so steps of 256 KiB map about 640 KiB a chunk, where steps of
+# 1 MiB mapped more than 1 MiB (the cuts found are the same whatever the step).
+_CDC_STEP = 256 << 10
 _CDC_SYMBOLS = bytes(0x41 + ((b * 3 + (b >> 3)) & 7) for b in range(256))
 _CDC_PATTERN = bytes(0x41 + s for s in (5, 1, 1, 7, 2, 6))
 _CDC_CRC_MASK = 1
 _READ_BLOCK = 16 << 20
+_FEED_QUEUE = 32  # batches (of about _CHUNK bytes) waiting for fast-import: the most held in memory
 _PACK_BUFFER = 16 << 20  # new chunk data gathered in memory before a pack is written (by the chunking thread)
 _CHUNK_LIST_MAGIC = b"taskbox-chunks 1\n"
 CHUNK_LIST_LIMIT = 64 << 20  # the longest chunk list read back (a 10 TB file of 8 MiB chunks)
@@ -192,12 +203,22 @@ def _blob_id(data: bytes | memoryview) -> str:
     return h.hexdigest()
 
 
+def _read_buffer(size: int, buf: bytearray | None = None) -> bytearray:
+    """A buffer for reading a file of ``size`` bytes: ``buf`` if it is long enough, else a new one.
+
+    The file whole if it is shorter than a block and the longest chunk: a 3 MB file does not
+    cost 24 MB of zeroed memory (and its page faults); a capture reuses one buffer for all.
+    """
+    need = min(size, _READ_BLOCK + _CDC_MAX)
+    return buf if buf is not None and len(buf) >= need else bytearray(max(need, 1))
+
+
 class _FileReader:
     """Reads an open file forward into one reused buffer, never past ``size`` (what was charged)."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, buf: bytearray | None = None) -> None:
         self.fd, self.size = fd, size
-        self.buf = bytearray(_READ_BLOCK + _CDC_MAX)
+        self.buf = _read_buffer(size, buf)
         self.view = memoryview(self.buf)
         self.pos = self.end = 0  # the unread bytes are buf[pos:end]
         self.base = 0  # the file offset of buf[0]
@@ -234,7 +255,7 @@ Prefix = tuple[int, str]  # (length, SHA-1 of the file's first ``length`` bytes)
 
 
 def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memoryview], None],
-                prefix: Prefix | None = None) -> tuple[Chunks, bool, Prefix | None]:
+                prefix: Prefix | None = None, buf: bytearray | None = None) -> tuple[Chunks, bool, Prefix | None]:
     """The chunks of the open file ``fd`` (``size`` bytes), handing new ones to ``put``.
 
     What follows the last cut (the *tail*: no cut is found before the end of the file) is
@@ -254,6 +275,9 @@ def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memo
     one pass of hashing in large blocks, instead of one hash per chunk (each of which, in the
     chunking thread, waits to get the GIL back from the walk).
 
+    ``buf`` is a buffer to read into (see _read_buffer); ``put`` must be done with each
+    chunk's bytes before it returns (the buffer is reused).
+
     Returns the chunks, whether the file was read whole (False: it shrank while it was
     read) and its new prefix.
     """
@@ -267,7 +291,7 @@ def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memo
     for k in range(real + 1):
         starts.setdefault(at + delta, k)
         at += old[k][1] if k < real else 0
-    r = _FileReader(fd, size)
+    r = _FileReader(fd, size, buf)
     out: Chunks = []
     whole_prefix = hashlib.sha1()  # the file up to the last cut found (all of ``out`` but the tail)
     j: int | None = 0 if old else None
@@ -283,7 +307,7 @@ def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memo
         if r.offset == kept_end and whole_prefix.hexdigest() == prefix[1]:
             out, j = list(old[:real]), real  # all kept; from the old tail on, afresh
         else:  # changed before the old tail: chunk by chunk, from the start
-            r, whole_prefix = _FileReader(fd, size), hashlib.sha1()
+            r, whole_prefix = _FileReader(fd, size, r.buf), hashlib.sha1()
     while True:
         r.fill(1)
         if r.pos >= r.end:
@@ -479,6 +503,12 @@ class _Importer:
         self.read_total = 0
         self.pending: list[bytes] = []
         self.pending_size = 0
+        # Batches go to fast-import from a thread: the walk goes on while fast-import takes
+        # them in (the pipe holds 64 KB; writing there itself, the walk waited on
+        # fast-import's pace for about half its time).
+        self.queue: queue.Queue[bytes | None] | None = None
+        self.feeder: threading.Thread | None = None
+        self.feed_error: BaseException | None = None
 
     def charge(self, size: int, name: str) -> None:
         """Count ``size`` bytes about to be read; refuse past the store's read limit, before reading."""
@@ -513,10 +543,37 @@ class _Importer:
         data = b"".join(self.pending)
         self.pending.clear()
         self.pending_size = 0
-        try:
-            self._pipe().write(data)
-        except (BrokenPipeError, ValueError) as exc:  # fast-import died (e.g. the disk is full)
-            raise self._failure() from exc
+        if self.queue is None:
+            self._start_feeder(self._pipe())
+        assert self.queue is not None
+        if self.feed_error is not None:  # fast-import died (e.g. the disk is full)
+            raise self._failure() from self.feed_error
+        self.queue.put(data)
+
+    def _start_feeder(self, out: IO[bytes]) -> None:
+        q: queue.Queue[bytes | None] = queue.Queue(maxsize=_FEED_QUEUE)
+
+        def feed() -> None:
+            try:
+                while (item := q.get()) is not None:
+                    out.write(item)
+                out.flush()
+            except (BrokenPipeError, ValueError, OSError) as exc:
+                self.feed_error = exc
+                while q.get() is not None:  # taken and dropped: the producer never waits on a dead pipe
+                    pass
+
+        self.queue = q
+        self.feeder = threading.Thread(target=feed, name="taskbox-fast-import-feed", daemon=True)
+        self.feeder.start()
+
+    def _stop_feeder(self) -> None:
+        """Let the feeder write what it holds and end (or drop it, once fast-import is gone)."""
+        if self.queue is None or self.feeder is None:
+            return
+        self.queue.put(None)
+        self.feeder.join()
+        self.queue = self.feeder = None
 
     def _failure(self) -> GitError:
         code = -1
@@ -590,6 +647,9 @@ class _Importer:
         # The scratch ref goes again: only checkpoints keep objects alive.
         self._write(b"reset %s\nfrom %s\n\ndone\n" % (_CAPTURE_REF.encode(), _NULL_SHA.encode()))
         self._flush()
+        self._stop_feeder()
+        if self.feed_error is not None:
+            raise self._failure() from self.feed_error
         assert self.out is not None
         try:
             self.out.close()
@@ -612,6 +672,7 @@ class _Importer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._stop_feeder()  # fast-import is gone: the feeder's next write fails and it drains
         if self.errors is not None:
             self.errors.close()
         self.marks_file.unlink(missing_ok=True)
@@ -649,26 +710,40 @@ class _PackWriter:
     everything twice with the collision-detecting SHA-1); the chunk ids are already known
     here (hashlib's SHA-1), so each pack (version 2: each object a zlib stream, stored blocks
     for a chunk that does not compress) and its index (version 2) are written directly.
-    Entries are gathered in memory up to _PACK_BUFFER bytes, so the pack's object count is
-    known when it is written and its trailing checksum is computed in the one pass that
-    writes it; a capture with more new chunks than that writes several packs, in the chunking
-    thread while the walk goes on (the last one when the capture ends). Each is a
-    temporary file, fsynced, renamed into place before its index, as git does: until the
-    index is there git does not see the pack, and a crash leaves a ``tmp_pack_*`` file that
-    :meth:`Store.drop_temporaries` removes.
+    Each entry is written to the pack file as it comes, from the read buffer (no copy of
+    it in memory: fresh memory costs a page fault per 4 KiB); when _PACK_BUFFER bytes are
+    written, the pack gets its object count in its header, and its checksum and the
+    entries' CRC-32s in one pass reading it back from the page cache. A capture with more
+    new chunks than that writes several packs, in the chunking thread while the walk goes on
+    (the last one when the capture ends). Each is a temporary file, fsynced, renamed into
+    place before its index, as git does: until the index is there git does not see the
+    pack, and a crash leaves a ``tmp_pack_*`` file that :meth:`Store.drop_temporaries` removes.
     """
 
     def __init__(self, store: Store) -> None:
         self.dir = store.path / "objects" / "pack"
         self.tmp: list[Path] = []  # a pack being written
-        self.entries: list[tuple[bytes, list[bytes | memoryview], int]] = []  # (id, pieces, length)
-        self.size = 0
+        self.fd = -1  # the pack being written
+        self.size = 0  # bytes of it written, its header included
+        self.objects: list[tuple[bytes, int, int]] = []  # (id, offset, length of the entry) in it
+        self.scratch: bytearray | None = None  # for reading it back
 
     @staticmethod
     def _failure(exc: OSError) -> GitError:
         reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         return GitError(f"could not copy the workspace into the checkpoint store: {reason}", returncode=-1,
                         stderr=str(exc))
+
+    def _write(self, parts: list[bytes | memoryview]) -> None:
+        for at in range(0, len(parts), 512):  # IOV_MAX is 1024
+            batch = parts[at:at + 512]
+            want = sum(len(x) for x in batch)
+            done = os.writev(self.fd, batch)
+            if done != want:  # a short write: the rest, then the error (a full disk) if there is one
+                rest = memoryview(b"".join(bytes(x) for x in batch))[done:]
+                while rest:
+                    rest = rest[os.write(self.fd, rest):]
+            self.size += want
 
     def add(self, sha: str, data: memoryview) -> None:
         n = len(data)
@@ -681,61 +756,85 @@ class _PackWriter:
         parts: list[bytes | memoryview] = [bytes(head)]
         if _compressible(data):
             parts.append(zlib.compress(data, 1))
-        else:  # a zlib stream of stored blocks: the bytes as they are (copied: the buffer is reused)
-            body = bytes(data)
+        else:  # a zlib stream of stored blocks (at most 65535 bytes each): the bytes as they are
             parts.append(b"\x78\x01")
-            for at in range(0, len(body), 65535):
-                block = memoryview(body)[at:at + 65535]
-                parts.append(struct.pack("<BHH", at + 65535 >= len(body), len(block), 0xFFFF ^ len(block)))
+            n = len(data)
+            for at in range(0, n, 65535):
+                block = data[at:at + 65535]
+                parts.append(struct.pack("<BHH", at + 65535 >= n, len(block), 0xFFFF ^ len(block)))
                 parts.append(block)
-            parts.append(struct.pack(">I", zlib.adler32(body)))
-        length = sum(len(x) for x in parts)
-        self.entries.append((bytes.fromhex(sha), parts, length))
-        self.size += length
+            parts.append(struct.pack(">I", zlib.adler32(data)))
+        try:
+            if self.fd < 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
+                self.tmp.append(tmp)
+                self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+                self.size = 0
+                self._write([bytes(12)])  # the header, written again once the count is known
+            offset = self.size
+            self._write(parts)
+        except OSError as exc:
+            raise self._failure(exc) from exc
+        self.objects.append((bytes.fromhex(sha), offset, self.size - offset))
         if self.size >= _PACK_BUFFER:
             self.flush()
 
     def flush(self) -> None:
-        """Write the gathered entries as one pack and its index, and put them in place."""
-        if not self.entries:
+        """Finish the pack being written, write its index, and put them in place."""
+        if self.fd < 0:
             return
         try:
             self._write_pack()
         except OSError as exc:
             raise self._failure(exc) from exc
         finally:
-            self.entries.clear()
-            self.size = 0
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.fd = -1
+            self.objects = []
+
+    def _checksums(self) -> tuple[bytes, list[int]]:
+        """The pack's SHA-1 and its entries' CRC-32s, from one pass reading it back."""
+        if self.scratch is None:
+            self.scratch = bytearray(2 << 20)
+        view = memoryview(self.scratch)
+        h = hashlib.sha1()
+        crcs: list[int] = []
+        k, crc, pos = 0, 0, 0
+        objects = self.objects
+        while pos < self.size:
+            got = os.preadv(self.fd, [view[:min(len(view), self.size - pos)]], pos)
+            if got <= 0:
+                raise OSError(errno.EIO, "the pack being written could not be read back")
+            block = view[:got]
+            h.update(block)
+            at, end = pos, pos + got
+            while k < len(objects) and at < end:
+                _oid, off, length = objects[k]
+                at = max(at, off)
+                stop = min(off + length, end)
+                if at >= stop:
+                    break
+                crc = zlib.crc32(block[at - pos:stop - pos], crc)
+                at = stop
+                if stop == off + length:
+                    crcs.append(crc)
+                    crc, k = 0, k + 1
+            pos = end
+        return h.digest(), crcs
 
     def _write_pack(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
-        self.tmp.append(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-        h = hashlib.sha1()
-        objects: list[tuple[bytes, int, int]] = []  # (id, crc32 of the entry, offset)
-        try:
-            header = b"PACK" + struct.pack(">II", 2, len(self.entries))
-            h.update(header)
-            files._write_all(fd, header)
-            offset = len(header)
-            for oid, parts, length in self.entries:
-                crc = 0
-                for part in parts:
-                    crc = zlib.crc32(part, crc)
-                    h.update(part)
-                for at in range(0, len(parts), 512):
-                    batch = parts[at:at + 512]
-                    if os.writev(fd, batch) != sum(len(x) for x in batch):
-                        raise OSError(errno.ENOSPC, "No space left on device (a short write)")
-                objects.append((oid, crc, offset))
-                offset += length
-            trailer = h.digest()
-            files._write_all(fd, trailer)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        objects.sort()
+        os.pwrite(self.fd, b"PACK" + struct.pack(">II", 2, len(self.objects)), 0)
+        trailer, crcs = self._checksums()
+        view = memoryview(trailer)
+        while view:
+            view = view[os.write(self.fd, view):]
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        tmp = self.tmp[-1]
+        objects = sorted((oid, crc, off) for (oid, off, _n), crc in zip(self.objects, crcs, strict=True))
         fanout = [0] * 256
         for oid, _crc, _off in objects:
             fanout[oid[0]] += 1
@@ -768,11 +867,14 @@ class _PackWriter:
         self.tmp.clear()
 
     def finish(self) -> None:
-        """Write what is gathered (nothing if no chunk was added)."""
+        """Finish the pack being written (nothing if no chunk was added)."""
         self.flush()
 
     def close(self) -> None:
-        self.entries.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.objects = []
         for tmp in self.tmp:
             tmp.unlink(missing_ok=True)  # not finished: nothing of it is kept
         self.tmp.clear()
@@ -791,6 +893,7 @@ class _Sink:
         self.sent: set[str] = set()  # chunks written now
         self.pool: ThreadPoolExecutor | None = None
         self.deferred: dict[str, tuple[Future[tuple[Chunks, bool, Prefix | None]], int]] = {}
+        self.read_buf: bytearray | None = None  # one read buffer for all the large files (see _read_buffer)
 
     def charge(self, size: int, name: str) -> None:
         self.imp.charge(size, name)
@@ -818,7 +921,8 @@ class _Sink:
 
         def work() -> tuple[Chunks, bool, Prefix | None]:
             try:
-                return _chunk_file(fd, size, old, self.chunk, prefix)
+                self.read_buf = _read_buffer(size, self.read_buf)
+                return _chunk_file(fd, size, old, self.chunk, prefix, self.read_buf)
             finally:
                 os.close(fd)
 
@@ -993,7 +1097,8 @@ def store_files(store: Store, paths: list[Path]) -> list[tuple[str, Chunks | Non
             try:
                 size = os.fstat(fd).st_size
                 if size >= _CHUNK_THRESHOLD:
-                    chunks, _whole, _prefix = _chunk_file(fd, size, None, sink.chunk)
+                    sink.read_buf = _read_buffer(size, sink.read_buf)
+                    chunks, _whole, _prefix = _chunk_file(fd, size, None, sink.chunk, buf=sink.read_buf)
                     refs.append((sink.blob(_chunk_list(chunks)), chunks))
                 else:
                     refs.append((sink.blob_from_fd(fd, size)[0], None))
@@ -1044,13 +1149,14 @@ class Store:
     def git(self, args: list[str], *, index: Path | None = None, input: bytes | None = None,
             check: bool = True) -> Any:
         """Git on the store alone (hardened); never with a work tree."""
-        env = {"GIT_DIR": str(self.path)}
+        env = {"GIT_DIR": str(self.path), **_GIT_MALLOC}
         if index is not None:
             env["GIT_INDEX_FILE"] = str(index)
         return git.run(args, cwd=self.path, harden=True, env=env, input=input, check=check, timeout=3600)
 
     def popen(self, args: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
-        return git.popen(args, cwd=self.path, harden=True, env={"GIT_DIR": str(self.path)}, stderr=stderr)
+        return git.popen(args, cwd=self.path, harden=True, env={"GIT_DIR": str(self.path), **_GIT_MALLOC},
+                         stderr=stderr)
 
     def index_file(self, unit: Unit) -> Path:
         """The unit's stat cache (the name is kept from the private indexes it replaces)."""
@@ -1217,7 +1323,8 @@ class Store:
         if hot:  # large files the last capture chunked, and the directories they are in, first:
             # their chunking thread then runs beside the rest of the walk, not after it
             listing.sort(key=lambda e: prefix + e.name not in hot)
-        entries, metas, fresh, cached_entry = sc.entries, sc.meta, sc.fresh, sc.cache.get
+        entries, metas, fresh, cache = sc.entries, sc.meta, sc.fresh, sc.cache
+        cached_entry = cache.get
         chunks, cache_chunks = sc.chunks, sc.cache_chunks
         for entry in listing:  # the hot loop of a checkpoint: kept lean
             name = entry.name
@@ -1225,6 +1332,19 @@ class Store:
                 subdirs.append(name)
                 continue
             rel = prefix + name
+            if rel not in cache and entry.is_file(follow_symlinks=False) and name != ".git" and not (
+                    gitdir and name.endswith(".lock")):
+                # A file the last capture did not see (all of them, the first time): opened
+                # without an lstat first, its fstat says all the lstat would. If it is no
+                # longer a regular file, it is looked at below like any other entry.
+                got = self._read_file(dfd, name, imp, now, None, None)
+                if got is not None:
+                    entries[rel], metas[rel], chunked = got
+                    if chunked is not None:
+                        chunks[rel] = chunked
+                    fresh.append(rel)
+                    content += 1
+                    continue
             try:
                 st = entry.stat(follow_symlinks=False)  # fstatat relative to dfd, no link followed
             except FileNotFoundError:
