@@ -661,6 +661,20 @@ class _Importer:
         self._write(b"".join(out))
         return mark
 
+    def amend(self, commit: str, changes: Iterable[tuple[str, str, str]]) -> str:
+        """A commit whose tree is that of ``commit`` (a mark of this import) with ``changes`` applied."""
+        mark = self._mark()
+        out = [b"commit %s\nmark %s\ncommitter taskbox <taskbox@localhost> 0 +0000\ndata 0\nfrom %s\n"
+               % (_CAPTURE_REF.encode(), mark.encode(), commit.encode())]
+        out += [b"M %s %s %s\n" % (mode.encode(), ref.encode(), _quote(p)) for mode, ref, p in changes]
+        out.append(b"\n")
+        self._write(b"".join(out))
+        return mark
+
+    def send(self) -> None:
+        """Hand what is gathered to fast-import now (it is sent a megabyte at a time otherwise)."""
+        self._flush()
+
     def finish(self) -> dict[str, str]:
         """Close the stream; the marks' object ids."""
         if self.out is None and not self.pending:
@@ -1272,18 +1286,30 @@ class Store:
             root_st = os.fstat(rfd)
             root.dirs[""] = root_st
             self._walk(rfd, root, "", 0, imp, scans, root_st.st_dev, use_cache)
-            imp.resolve(scans)
+            # The trees go to fast-import as soon as the walk ends, so that it builds them
+            # while the chunking thread finishes; a large file chunked there is added once
+            # its chunk list is known, by a second commit on top of the first.
             commits: dict[str, str] = {}
+            chunked_later: list[tuple[Scan, list[str]]] = []
             for sc in scans:
                 # A cache hit has the cached mode and blob, so what changed is what was read.
                 deletes = sorted(sc.cache.keys() - sc.entries.keys())
-                changes = [(sc.entries[p][0], sc.entries[p][1], p) for p in sc.fresh]
                 if not sc.entries:
                     sc.unit.tree = EMPTY_TREE
-                elif deletes or changes or sc.base == EMPTY_TREE:
+                elif deletes or sc.fresh or sc.base == EMPTY_TREE:
+                    entries = sc.entries
+                    later = [p for p in sc.fresh if entries[p][1].startswith("?")]
+                    changes = [(entries[p][0], entries[p][1], p) for p in sc.fresh if not entries[p][1].startswith("?")]
                     commits[sc.unit.key] = imp.imp.tree(sc.base, deletes, changes)
+                    if later:
+                        chunked_later.append((sc, later))
                 else:
                     sc.unit.tree = sc.base
+            imp.imp.send()
+            imp.resolve(scans)
+            for sc, later in chunked_later:
+                commits[sc.unit.key] = imp.imp.amend(commits[sc.unit.key],
+                                                     [(sc.entries[p][0], sc.entries[p][1], p) for p in later])
             faults.point("capture.midway")  # contents sent to git, the imports not finished
             marks = imp.finish()
         finally:
