@@ -575,14 +575,19 @@ class _Importer:
         q: queue.Queue[bytes | None] = queue.Queue(maxsize=_FEED_QUEUE)
 
         def feed() -> None:
-            try:
-                while (item := q.get()) is not None:
-                    out.write(item)
-                out.flush()
-            except (BrokenPipeError, ValueError, OSError) as exc:
-                self.feed_error = exc
-                while q.get() is not None:  # taken and dropped: the producer never waits on a dead pipe
-                    pass
+            # Everything is taken off the queue up to the end mark, written or (once
+            # fast-import is gone) dropped: the producer never waits on a dead pipe.
+            while (item := q.get()) is not None:
+                if self.feed_error is None:
+                    try:
+                        out.write(item)
+                    except (BrokenPipeError, ValueError, OSError) as exc:
+                        self.feed_error = exc
+            if self.feed_error is None:
+                try:
+                    out.flush()
+                except (BrokenPipeError, ValueError, OSError) as exc:
+                    self.feed_error = exc
 
         self.queue = q
         self.feeder = threading.Thread(target=feed, name="taskbox-fast-import-feed", daemon=True)
@@ -738,6 +743,16 @@ def _quick_switches(on: bool) -> None:
                 sys.setswitchinterval(_switch_saved)
 
 
+@dataclass
+class _OpenPack:
+    """A pack file being written by :class:`_PackWriter`."""
+
+    fd: int
+    path: Path
+    size: int = 0  # bytes written, its header included
+    objects: list[tuple[bytes, int, int]] = field(default_factory=list)  # (id, offset, length of the entry)
+
+
 class _PackWriter:
     """Chunks of large files written straight into packs of the store, with their indexes.
 
@@ -746,22 +761,23 @@ class _PackWriter:
     here (hashlib's SHA-1), so each pack (version 2: each object a zlib stream, stored blocks
     for a chunk that does not compress) and its index (version 2) are written directly.
     Each entry is written to the pack file as it comes, from the read buffer (no copy of
-    it in memory: fresh memory costs a page fault per 4 KiB); when _PACK_BUFFER bytes are
-    written, the pack gets its object count in its header, and its checksum and the
-    entries' CRC-32s in one pass reading it back from the page cache. A capture with more
-    new chunks than that writes several packs, in the chunking thread while the walk goes on
-    (the last one when the capture ends). Each is a temporary file, fsynced, renamed into
-    place before its index, as git does: until the index is there git does not see the
-    pack, and a crash leaves a ``tmp_pack_*`` file that :meth:`Store.drop_temporaries` removes.
+    it in memory: fresh memory costs a page fault per 4 KiB). Once _PACK_BUFFER bytes are
+    written, the pack is finished in a thread of its own while the next one is written:
+    its object count goes into its header, its checksum and the entries' CRC-32s come from
+    one pass reading it back from the page cache, then its index. A capture with more new
+    chunks than that writes several packs while the walk goes on (the last one when the
+    capture ends). Each is a temporary file, fsynced, renamed into place before its index,
+    as git does: until the index is there git does not see the pack, and a crash leaves a
+    ``tmp_pack_*`` file that :meth:`Store.drop_temporaries` removes.
     """
 
     def __init__(self, store: Store) -> None:
         self.dir = store.path / "objects" / "pack"
-        self.tmp: list[Path] = []  # a pack being written
-        self.fd = -1  # the pack being written
-        self.size = 0  # bytes of it written, its header included
-        self.objects: list[tuple[bytes, int, int]] = []  # (id, offset, length of the entry) in it
-        self.scratch: bytearray | None = None  # for reading it back
+        self.pack: _OpenPack | None = None  # the pack being written
+        self.tmp: set[Path] = set()  # temporary files not yet in place (removed if the capture fails)
+        self.finisher: ThreadPoolExecutor | None = None
+        self.finishing: list[Future[None]] = []
+        self.scratch: bytearray | None = None  # for reading a pack back (the finisher's)
 
     @staticmethod
     def _failure(exc: OSError) -> GitError:
@@ -769,16 +785,17 @@ class _PackWriter:
         return GitError(f"could not copy the workspace into the checkpoint store: {reason}", returncode=-1,
                         stderr=str(exc))
 
-    def _write(self, parts: list[bytes | memoryview]) -> None:
+    @staticmethod
+    def _write(pack: _OpenPack, parts: list[bytes | memoryview]) -> None:
         for at in range(0, len(parts), 512):  # IOV_MAX is 1024
             batch = parts[at:at + 512]
             want = sum(len(x) for x in batch)
-            done = os.writev(self.fd, batch)
+            done = os.writev(pack.fd, batch)
             if done != want:  # a short write: the rest, then the error (a full disk) if there is one
                 rest = memoryview(b"".join(bytes(x) for x in batch))[done:]
                 while rest:
-                    rest = rest[os.write(self.fd, rest):]
-            self.size += want
+                    rest = rest[os.write(pack.fd, rest):]
+            pack.size += want
 
     def add(self, sha: str, data: memoryview) -> None:
         n = len(data)
@@ -800,36 +817,48 @@ class _PackWriter:
                 parts.append(block)
             parts.append(struct.pack(">I", zlib.adler32(data)))
         try:
-            if self.fd < 0:
+            pack = self.pack
+            if pack is None:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                tmp = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
-                self.tmp.append(tmp)
-                self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-                self.size = 0
-                self._write([bytes(12)])  # the header, written again once the count is known
-            offset = self.size
-            self._write(parts)
+                path = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
+                self.tmp.add(path)
+                pack = self.pack = _OpenPack(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444),
+                                             path)
+                self._write(pack, [bytes(12)])  # the header, written again once the count is known
+            offset = pack.size
+            self._write(pack, parts)
         except OSError as exc:
             raise self._failure(exc) from exc
-        self.objects.append((bytes.fromhex(sha), offset, self.size - offset))
-        if self.size >= _PACK_BUFFER:
+        pack.objects.append((bytes.fromhex(sha), offset, pack.size - offset))
+        if pack.size >= _PACK_BUFFER:
             self.flush()
 
     def flush(self) -> None:
-        """Finish the pack being written, write its index, and put them in place."""
-        if self.fd < 0:
+        """Hand the pack being written to the finishing thread (see the class docstring)."""
+        self._raise_failed()
+        pack, self.pack = self.pack, None
+        if pack is None:
             return
+        if self.finisher is None:
+            self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskbox-packs")
+        self.finishing.append(self.finisher.submit(self._finish_pack, pack))
+
+    def _raise_failed(self) -> None:
+        for future in self.finishing:
+            if future.done() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
+    def _finish_pack(self, pack: _OpenPack) -> None:
         try:
-            self._write_pack()
+            self._write_pack(pack)
         except OSError as exc:
             raise self._failure(exc) from exc
         finally:
-            if self.fd >= 0:
-                os.close(self.fd)
-            self.fd = -1
-            self.objects = []
+            if pack.fd >= 0:
+                os.close(pack.fd)
+                pack.fd = -1
 
-    def _checksums(self) -> tuple[bytes, list[int]]:
+    def _checksums(self, pack: _OpenPack) -> tuple[bytes, list[int]]:
         """The pack's SHA-1 and its entries' CRC-32s, from one pass reading it back."""
         if self.scratch is None:
             self.scratch = bytearray(2 << 20)
@@ -837,9 +866,9 @@ class _PackWriter:
         h = hashlib.sha1()
         crcs: list[int] = []
         k, crc, pos = 0, 0, 0
-        objects = self.objects
-        while pos < self.size:
-            got = os.preadv(self.fd, [view[:min(len(view), self.size - pos)]], pos)
+        objects = pack.objects
+        while pos < pack.size:
+            got = os.preadv(pack.fd, [view[:min(len(view), pack.size - pos)]], pos)
             if got <= 0:
                 raise OSError(errno.EIO, "the pack being written could not be read back")
             block = view[:got]
@@ -859,17 +888,16 @@ class _PackWriter:
             pos = end
         return h.digest(), crcs
 
-    def _write_pack(self) -> None:
-        os.pwrite(self.fd, b"PACK" + struct.pack(">II", 2, len(self.objects)), 0)
-        trailer, crcs = self._checksums()
+    def _write_pack(self, pack: _OpenPack) -> None:
+        os.pwrite(pack.fd, b"PACK" + struct.pack(">II", 2, len(pack.objects)), 0)
+        trailer, crcs = self._checksums(pack)
         view = memoryview(trailer)
         while view:
-            view = view[os.write(self.fd, view):]
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        tmp = self.tmp[-1]
-        objects = sorted((oid, crc, off) for (oid, off, _n), crc in zip(self.objects, crcs, strict=True))
+            view = view[os.write(pack.fd, view):]
+        os.fsync(pack.fd)
+        os.close(pack.fd)
+        pack.fd = -1
+        objects = sorted((oid, crc, off) for (oid, off, _n), crc in zip(pack.objects, crcs, strict=True))
         fanout = [0] * 256
         for oid, _crc, _off in objects:
             fanout[oid[0]] += 1
@@ -890,27 +918,37 @@ class _PackWriter:
         idx += hashlib.sha1(idx).digest()
         name = f"pack-{trailer.hex()}"
         tmp_idx = self.dir / f"tmp_idx_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
-        self.tmp.append(tmp_idx)
+        self.tmp.add(tmp_idx)
         ifd = os.open(tmp_idx, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
             files._write_all(ifd, idx)
             os.fsync(ifd)
         finally:
             os.close(ifd)
-        os.rename(tmp, self.dir / f"{name}.pack")
+        os.rename(pack.path, self.dir / f"{name}.pack")
+        self.tmp.discard(pack.path)
         os.rename(tmp_idx, self.dir / f"{name}.idx")
-        self.tmp.clear()
+        self.tmp.discard(tmp_idx)
+
+    def _wait(self) -> None:
+        if self.finisher is not None:
+            self.finisher.shutdown(wait=True)
+            self.finisher = None
 
     def finish(self) -> None:
-        """Finish the pack being written (nothing if no chunk was added)."""
-        self.flush()
+        """Finish every pack (nothing if no chunk was added); raise the first failure."""
+        try:
+            self.flush()
+        finally:
+            self._wait()
+        self._raise_failed()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.objects = []
-        for tmp in self.tmp:
+        self._wait()
+        if self.pack is not None:
+            os.close(self.pack.fd)
+            self.pack = None
+        for tmp in list(self.tmp):
             tmp.unlink(missing_ok=True)  # not finished: nothing of it is kept
         self.tmp.clear()
 
