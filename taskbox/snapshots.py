@@ -131,8 +131,8 @@ _CAPTURE_REF = "refs/taskbox/capture"
 # glibc's malloc gives freed memory at the top of the heap back to the system past 128 KiB.
 # zlib's state for each object git writes or reads is about 256 KiB, so for every small
 # file fast-import grew the heap and shrank it again (4-5 brk calls and the page faults
-# after each): 10,000 small files cost it 0.35 s of system time, twice its own work. The
-# store's git keeps up to this much freed memory instead (glibc only; others ignore it).
+# after each): more system time than its own work. The store's git keeps up to this much
+# freed memory instead (glibc only; others ignore it).
 _GIT_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 _NULL_SHA = "0" * 40
 _NEEDS_QUOTE = re.compile(rb'[\x00-\x1f"\\\x7f]')
