@@ -367,6 +367,24 @@ def parse_chunk_list(data: bytes, what: str) -> Chunks:
     return out
 
 
+# Small files of at least this many bytes that look incompressible (_incompressible) go to a
+# pack of our own as they are, not through fast-import, which would spend zlib on them (at
+# its slowest on such data, and for nothing: most of a first checkpoint of many such files).
+_RAW_MIN = 4096
+
+
+def _incompressible(data: bytes) -> bool:
+    """Whether a small file's bytes look incompressible (random, compressed or encrypted).
+
+    Cheaper than any zlib call (whose set-up alone costs as much as compressing a few KB):
+    512 bytes from its middle hold more than 192 different byte values. Random bytes give
+    about 220; text, code, executables and other compressible data well under 150. A wrong
+    guess costs space or time, never content: the bytes are stored as they are either way.
+    """
+    mid = len(data) // 2
+    return len(set(data[max(0, mid - 256):mid + 256])) > 192
+
+
 def _compressible(data: memoryview) -> bool:
     """Whether zlib is worth its time on a chunk, judged from a sample from its middle."""
     mid = len(data) // 2
@@ -797,7 +815,8 @@ class _PackWriter:
                     rest = rest[os.write(pack.fd, rest):]
             pack.size += want
 
-    def add(self, sha: str, data: memoryview) -> None:
+    def add(self, sha: str, data: memoryview, compress: bool | None = None) -> None:
+        """Write one object; ``compress`` None: zlib if a sample of it compresses (_compressible)."""
         n = len(data)
         head = bytearray([0x30 | (n & 0x0F)])  # type 3 (blob), then the size, 7 bits at a time
         n >>= 4
@@ -806,7 +825,7 @@ class _PackWriter:
             head.append(n & 0x7F)
             n >>= 7
         parts: list[bytes | memoryview] = [bytes(head)]
-        if _compressible(data):
+        if _compressible(data) if compress is None else compress:
             parts.append(zlib.compress(data, 1))
         else:  # a zlib stream of stored blocks (at most 65535 bytes each): the bytes as they are
             parts.append(b"\x78\x01")
@@ -967,6 +986,10 @@ class _Sink:
         self.pool: ThreadPoolExecutor | None = None
         self.deferred: dict[str, tuple[Future[tuple[Chunks, bool, Prefix | None]], int]] = {}
         self.read_buf: bytearray | None = None  # one read buffer for all the large files (see _read_buffer)
+        # Small files that look incompressible (see _RAW_MIN), written by the walk (the chunking
+        # thread has its own pack writer).
+        self.raw = _PackWriter(store)
+        self.raw_sent: set[str] = set()
 
     def charge(self, size: int, name: str) -> None:
         self.imp.charge(size, name)
@@ -975,7 +998,28 @@ class _Sink:
         return self.imp.blob(data)
 
     def blob_from_fd(self, fd: int, size: int) -> tuple[str, bool]:
-        return self.imp.blob_from_fd(fd, size)
+        """A small file's blob (a fast-import mark, or the id of one written to the raw pack)."""
+        if not _RAW_MIN <= size <= _CHUNK:
+            return self.imp.blob_from_fd(fd, size)
+        data = b""
+        while len(data) < size:
+            got = os.read(fd, size - len(data))
+            if not got:
+                break
+            data += got
+        whole = len(data) == size
+        data += bytes(size - len(data))  # truncated while read: the declared size is stored all the same
+        if not _incompressible(data):
+            return self.imp.blob(data), whole
+        sha = _blob_id(data)
+        if sha not in self.raw_sent:
+            self.raw.add(sha, memoryview(data), compress=False)
+            self.raw_sent.add(sha)
+        return sha, whole
+
+    def finish_raw(self) -> None:
+        """Put the raw pack in place: before fast-import is given a tree that names its blobs."""
+        self.raw.finish()
 
     def chunk(self, sha: str, data: memoryview) -> None:
         if sha in self.sent or sha in self.known:
@@ -1022,6 +1066,7 @@ class _Sink:
         """The marks of the fast-import, once the chunks' pack is in place too."""
         self._stop()
         self.pack.finish()
+        self.raw.finish()
         return self.imp.finish()
 
     def _stop(self) -> None:
@@ -1045,6 +1090,7 @@ class _Sink:
         except Exception:  # noqa: BLE001 - already failing: the first error is the one reported
             pass
         self.pack.close()
+        self.raw.close()
         self.imp.close()
 
 
@@ -1180,7 +1226,7 @@ def store_files(store: Store, paths: list[Path]) -> list[tuple[str, Chunks | Non
         marks = sink.finish()
     finally:
         sink.close()
-    return [(marks[ref], chunks) for ref, chunks in refs]
+    return [(marks.get(ref, ref), chunks) for ref, chunks in refs]  # a mark, or the id of a raw blob
 
 
 class Store:
@@ -1343,6 +1389,7 @@ class Store:
                         chunked_later.append((sc, later))
                 else:
                     sc.unit.tree = sc.base
+            imp.finish_raw()  # the trees may name its blobs
             imp.imp.send()
             imp.resolve(scans)
             for sc, later in chunked_later:
@@ -1365,7 +1412,7 @@ class Store:
             entries = sc.entries
             for p in sc.fresh:
                 mode, ref, key = entries[p]
-                entries[p] = (mode, marks[ref], key)
+                entries[p] = (mode, marks.get(ref, ref), key)  # a mark, or the id of a raw blob
             if sc.unit.key in commits:
                 sc.unit.tree = by_key[sc.unit.key]
             if sc.unit.key in commits or sc.base != sc.unit.tree:
