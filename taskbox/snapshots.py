@@ -990,6 +990,9 @@ class _Sink:
         # thread has its own pack writer).
         self.raw = _PackWriter(store)
         self.raw_sent: set[str] = set()
+        # Only into an empty store (a task's first capture): a blob the store already holds is
+        # not written again by fast-import, and this path does not look (it would write it twice).
+        self.raw_ok = False
 
     def charge(self, size: int, name: str) -> None:
         self.imp.charge(size, name)
@@ -999,7 +1002,7 @@ class _Sink:
 
     def blob_from_fd(self, fd: int, size: int) -> tuple[str, bool]:
         """A small file's blob (a fast-import mark, or the id of one written to the raw pack)."""
-        if not _RAW_MIN <= size <= _CHUNK:
+        if not self.raw_ok or not _RAW_MIN <= size <= _CHUNK:
             return self.imp.blob_from_fd(fd, size)
         data = b""
         while len(data) < size:
@@ -1303,6 +1306,12 @@ class Store:
         except FileNotFoundError:
             return 0
 
+    def _no_loose_objects(self) -> bool:
+        try:
+            return all(n in ("info", "pack") for n in os.listdir(self.path / "objects"))
+        except FileNotFoundError:
+            return True
+
     def loose_size(self, sha: str) -> int:
         try:
             return os.stat(self.path / "objects" / sha[:2] / sha[2:]).st_size
@@ -1364,6 +1373,7 @@ class Store:
     def _scan(self, rfd: int, *, use_cache: bool) -> list[Scan]:
         packs_before = self.packs()
         imp = _Sink(self)
+        imp.raw_ok = not packs_before and self._no_loose_objects()
         try:
             scans: list[Scan] = []
             root = self._unit(Unit("", "files"), scans, use_cache, imp)
