@@ -209,6 +209,7 @@ def container_memory(service: Any, cids: list[str]) -> tuple[float, float]:
 
 def run(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
     from taskbox import TaskService, quota
+    from taskbox.sandbox import LABEL_HOME
 
     repo = make_repo(root)
     service = TaskService(root / "home")
@@ -254,6 +255,9 @@ def run(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
                 service.sandbox.remove(service.get(t.id).container_id or "")
             except Exception:  # noqa: BLE001 - best effort clean-up of the throw-away containers
                 pass
+        # Anything else this run's home made (a create that failed half-way): by its label.
+        for c in service.sandbox.api.containers(all=True, filters={"label": f"{LABEL_HOME}={service.home_label}"}):
+            service.sandbox.api.remove_container(c["Id"], force=True)
         quota.release_all(service.paths.volumes, service.paths.workspaces)
     return out
 
@@ -293,7 +297,8 @@ def main() -> int:
     checks[f"single exec (service) p50 ≤ {SINGLE_RATIO}× docker exec: {single:.2f}×"] = single <= SINGLE_RATIO
     checks[f"MCP p95 under load ≤ {LOAD_RATIO}× docker exec p95 under load: {load:.2f}×"] = load <= LOAD_RATIO
     print(f"\nmemory with {r['scale']} live tasks: per task (container: init, sleep, agent) "
-          f"{r['container_kb'] / 1024:.1f} MiB, of it the agent {r['agent_kb'] / 1024:.1f} MiB RSS; "
+          f"{r['container_kb'] / 1024:.1f} MiB (cgroup), the agent alone {r['agent_kb'] / 1024:.1f} MiB RSS "
+          f"(shared pages counted); "
           f"one MCP server that served all of them {r['mcp_rss_kb'] / 1024:.1f} MiB RSS\n")
     for text, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {text}")

@@ -62,6 +62,7 @@ import json
 import marshal
 import os
 import posixpath
+import queue
 import re
 import secrets
 import shutil
@@ -127,6 +128,12 @@ _RACY_NS = 50_000_000
 _CACHE_VERSION = 5  # 3: chunked files; 4: their tails in pieces; 5: their prefixes
 _CACHE_MAGIC = b"taskbox-stat-cache\n"  # our own file under TASKBOX_HOME; anything else is not parsed
 _CAPTURE_REF = "refs/taskbox/capture"
+# glibc's malloc gives freed memory at the top of the heap back to the system past 128 KiB.
+# zlib's state for each object git writes or reads is about 256 KiB, so for every small
+# file fast-import grew the heap and shrank it again (4-5 brk calls and the page faults
+# after each): more system time than its own work. The store's git keeps up to this much
+# freed memory instead (glibc only; others ignore it).
+_GIT_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 _NULL_SHA = "0" * 40
 _NEEDS_QUOTE = re.compile(rb'[\x00-\x1f"\\\x7f]')
 
@@ -155,11 +162,15 @@ _CDC_MIN = 512 << 10
 _CDC_MAX = 8 << 20
 _CDC_WINDOW = 64
 _TAIL_PIECE = 256 << 10  # what follows the last cut is stored in pieces this long
-_CDC_STEP = 1 << 20  # bytes mapped to symbols at a time, while looking for a cut
+# Bytes mapped to symbols at a time while looking for a cut: a cut is about 512 KiB past the
+# first place it may fall, so steps of 256 KiB map about 640 KiB a chunk, where steps of
+# 1 MiB mapped more than 1 MiB (the cuts found are the same whatever the step).
+_CDC_STEP = 256 << 10
 _CDC_SYMBOLS = bytes(0x41 + ((b * 3 + (b >> 3)) & 7) for b in range(256))
 _CDC_PATTERN = bytes(0x41 + s for s in (5, 1, 1, 7, 2, 6))
 _CDC_CRC_MASK = 1
 _READ_BLOCK = 16 << 20
+_FEED_QUEUE = 32  # batches (of about _CHUNK bytes) waiting for fast-import: the most held in memory
 _PACK_BUFFER = 16 << 20  # new chunk data gathered in memory before a pack is written (by the chunking thread)
 _CHUNK_LIST_MAGIC = b"taskbox-chunks 1\n"
 CHUNK_LIST_LIMIT = 64 << 20  # the longest chunk list read back (a 10 TB file of 8 MiB chunks)
@@ -192,12 +203,22 @@ def _blob_id(data: bytes | memoryview) -> str:
     return h.hexdigest()
 
 
+def _read_buffer(size: int, buf: bytearray | None = None) -> bytearray:
+    """A buffer for reading a file of ``size`` bytes: ``buf`` if it is long enough, else a new one.
+
+    The file whole if it is shorter than a block and the longest chunk: a 3 MB file does not
+    cost 24 MB of zeroed memory (and its page faults); a capture reuses one buffer for all.
+    """
+    need = min(size, _READ_BLOCK + _CDC_MAX)
+    return buf if buf is not None and len(buf) >= need else bytearray(max(need, 1))
+
+
 class _FileReader:
     """Reads an open file forward into one reused buffer, never past ``size`` (what was charged)."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, buf: bytearray | None = None) -> None:
         self.fd, self.size = fd, size
-        self.buf = bytearray(_READ_BLOCK + _CDC_MAX)
+        self.buf = _read_buffer(size, buf)
         self.view = memoryview(self.buf)
         self.pos = self.end = 0  # the unread bytes are buf[pos:end]
         self.base = 0  # the file offset of buf[0]
@@ -234,7 +255,7 @@ Prefix = tuple[int, str]  # (length, SHA-1 of the file's first ``length`` bytes)
 
 
 def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memoryview], None],
-                prefix: Prefix | None = None) -> tuple[Chunks, bool, Prefix | None]:
+                prefix: Prefix | None = None, buf: bytearray | None = None) -> tuple[Chunks, bool, Prefix | None]:
     """The chunks of the open file ``fd`` (``size`` bytes), handing new ones to ``put``.
 
     What follows the last cut (the *tail*: no cut is found before the end of the file) is
@@ -254,6 +275,9 @@ def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memo
     one pass of hashing in large blocks, instead of one hash per chunk (each of which, in the
     chunking thread, waits to get the GIL back from the walk).
 
+    ``buf`` is a buffer to read into (see _read_buffer); ``put`` must be done with each
+    chunk's bytes before it returns (the buffer is reused).
+
     Returns the chunks, whether the file was read whole (False: it shrank while it was
     read) and its new prefix.
     """
@@ -267,7 +291,7 @@ def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memo
     for k in range(real + 1):
         starts.setdefault(at + delta, k)
         at += old[k][1] if k < real else 0
-    r = _FileReader(fd, size)
+    r = _FileReader(fd, size, buf)
     out: Chunks = []
     whole_prefix = hashlib.sha1()  # the file up to the last cut found (all of ``out`` but the tail)
     j: int | None = 0 if old else None
@@ -283,7 +307,7 @@ def _chunk_file(fd: int, size: int, old: Chunks | None, put: Callable[[str, memo
         if r.offset == kept_end and whole_prefix.hexdigest() == prefix[1]:
             out, j = list(old[:real]), real  # all kept; from the old tail on, afresh
         else:  # changed before the old tail: chunk by chunk, from the start
-            r, whole_prefix = _FileReader(fd, size), hashlib.sha1()
+            r, whole_prefix = _FileReader(fd, size, r.buf), hashlib.sha1()
     while True:
         r.fill(1)
         if r.pos >= r.end:
@@ -341,6 +365,24 @@ def parse_chunk_list(data: bytes, what: str) -> Chunks:
         out.append((m.group(1).decode(), int(m.group(2))))
         pos = m.end()
     return out
+
+
+# Small files of at least this many bytes that look incompressible (_incompressible) go to a
+# pack of our own as they are, not through fast-import, which would spend zlib on them (at
+# its slowest on such data, and for nothing: most of a first checkpoint of many such files).
+_RAW_MIN = 4096
+
+
+def _incompressible(data: bytes) -> bool:
+    """Whether a small file's bytes look incompressible (random, compressed or encrypted).
+
+    Cheaper than any zlib call (whose set-up alone costs as much as compressing a few KB):
+    512 bytes from its middle hold more than 192 different byte values. Random bytes give
+    about 220; text, code, executables and other compressible data well under 150. A wrong
+    guess costs space or time, never content: the bytes are stored as they are either way.
+    """
+    mid = len(data) // 2
+    return len(set(data[max(0, mid - 256):mid + 256])) > 192
 
 
 def _compressible(data: memoryview) -> bool:
@@ -406,6 +448,27 @@ class Scan:
     prefix: dict[str, Prefix] = field(default_factory=dict)  # the chunked files' prefixes (see _chunk_file)
     cache_prefix: dict[str, Prefix] = field(default_factory=dict)
     hot: set[str] = field(default_factory=set)  # the cached chunked files and their directories ("" too)
+
+
+def _visit_order(subdirs: list[str], dir_entries: list[os.DirEntry[str]]) -> list[str]:
+    """The order a first capture enters a directory's subdirectories in.
+
+    Large files are hashed and chunked in a thread beside the walk, so the sooner the walk
+    meets them, the less of that work is left when it ends. With no stat cache to say where
+    they are (a later capture visits the directories of the files it chunked last time
+    first), those with fewer subdirectories come first (their link count, from an lstat
+    that is only a hint: what is entered is still opened without following links and
+    checked): large files tend to sit in flat folders (assets/, models/, data/) and the many
+    small ones in deep trees (src/, node_modules/, .venv/). Only the order changes: what is
+    captured is the same.
+    """
+    links: dict[str, int] = {}
+    for entry in dir_entries:
+        try:
+            links[entry.name] = entry.stat(follow_symlinks=False).st_nlink
+        except OSError:
+            pass
+    return sorted(subdirs, key=lambda n: links.get(n, 0))
 
 
 def join(*parts: str) -> str:
@@ -479,6 +542,12 @@ class _Importer:
         self.read_total = 0
         self.pending: list[bytes] = []
         self.pending_size = 0
+        # Batches go to fast-import from a thread: the walk goes on while fast-import takes
+        # them in (the pipe holds 64 KB; writing there itself, the walk waited on
+        # fast-import's pace for about half its time).
+        self.queue: queue.Queue[bytes | None] | None = None
+        self.feeder: threading.Thread | None = None
+        self.feed_error: BaseException | None = None
 
     def charge(self, size: int, name: str) -> None:
         """Count ``size`` bytes about to be read; refuse past the store's read limit, before reading."""
@@ -513,10 +582,42 @@ class _Importer:
         data = b"".join(self.pending)
         self.pending.clear()
         self.pending_size = 0
-        try:
-            self._pipe().write(data)
-        except (BrokenPipeError, ValueError) as exc:  # fast-import died (e.g. the disk is full)
-            raise self._failure() from exc
+        if self.queue is None:
+            self._start_feeder(self._pipe())
+        assert self.queue is not None
+        if self.feed_error is not None:  # fast-import died (e.g. the disk is full)
+            raise self._failure() from self.feed_error
+        self.queue.put(data)
+
+    def _start_feeder(self, out: IO[bytes]) -> None:
+        q: queue.Queue[bytes | None] = queue.Queue(maxsize=_FEED_QUEUE)
+
+        def feed() -> None:
+            # Everything is taken off the queue up to the end mark, written or (once
+            # fast-import is gone) dropped: the producer never waits on a dead pipe.
+            while (item := q.get()) is not None:
+                if self.feed_error is None:
+                    try:
+                        out.write(item)
+                    except (BrokenPipeError, ValueError, OSError) as exc:
+                        self.feed_error = exc
+            if self.feed_error is None:
+                try:
+                    out.flush()
+                except (BrokenPipeError, ValueError, OSError) as exc:
+                    self.feed_error = exc
+
+        self.queue = q
+        self.feeder = threading.Thread(target=feed, name="taskbox-fast-import-feed", daemon=True)
+        self.feeder.start()
+
+    def _stop_feeder(self) -> None:
+        """Let the feeder write what it holds and end (or drop it, once fast-import is gone)."""
+        if self.queue is None or self.feeder is None:
+            return
+        self.queue.put(None)
+        self.feeder.join()
+        self.queue = self.feeder = None
 
     def _failure(self) -> GitError:
         code = -1
@@ -583,6 +684,20 @@ class _Importer:
         self._write(b"".join(out))
         return mark
 
+    def amend(self, commit: str, changes: Iterable[tuple[str, str, str]]) -> str:
+        """A commit whose tree is that of ``commit`` (a mark of this import) with ``changes`` applied."""
+        mark = self._mark()
+        out = [b"commit %s\nmark %s\ncommitter taskbox <taskbox@localhost> 0 +0000\ndata 0\nfrom %s\n"
+               % (_CAPTURE_REF.encode(), mark.encode(), commit.encode())]
+        out += [b"M %s %s %s\n" % (mode.encode(), ref.encode(), _quote(p)) for mode, ref, p in changes]
+        out.append(b"\n")
+        self._write(b"".join(out))
+        return mark
+
+    def send(self) -> None:
+        """Hand what is gathered to fast-import now (it is sent a megabyte at a time otherwise)."""
+        self._flush()
+
     def finish(self) -> dict[str, str]:
         """Close the stream; the marks' object ids."""
         if self.out is None and not self.pending:
@@ -590,6 +705,9 @@ class _Importer:
         # The scratch ref goes again: only checkpoints keep objects alive.
         self._write(b"reset %s\nfrom %s\n\ndone\n" % (_CAPTURE_REF.encode(), _NULL_SHA.encode()))
         self._flush()
+        self._stop_feeder()
+        if self.feed_error is not None:
+            raise self._failure() from self.feed_error
         assert self.out is not None
         try:
             self.out.close()
@@ -612,6 +730,7 @@ class _Importer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._stop_feeder()  # fast-import is gone: the feeder's next write fails and it drains
         if self.errors is not None:
             self.errors.close()
         self.marks_file.unlink(missing_ok=True)
@@ -642,6 +761,16 @@ def _quick_switches(on: bool) -> None:
                 sys.setswitchinterval(_switch_saved)
 
 
+@dataclass
+class _OpenPack:
+    """A pack file being written by :class:`_PackWriter`."""
+
+    fd: int
+    path: Path
+    size: int = 0  # bytes written, its header included
+    objects: list[tuple[bytes, int, int]] = field(default_factory=list)  # (id, offset, length of the entry)
+
+
 class _PackWriter:
     """Chunks of large files written straight into packs of the store, with their indexes.
 
@@ -649,20 +778,24 @@ class _PackWriter:
     everything twice with the collision-detecting SHA-1); the chunk ids are already known
     here (hashlib's SHA-1), so each pack (version 2: each object a zlib stream, stored blocks
     for a chunk that does not compress) and its index (version 2) are written directly.
-    Entries are gathered in memory up to _PACK_BUFFER bytes, so the pack's object count is
-    known when it is written and its trailing checksum is computed in the one pass that
-    writes it; a capture with more new chunks than that writes several packs, in the chunking
-    thread while the walk goes on (the last one when the capture ends). Each is a
-    temporary file, fsynced, renamed into place before its index, as git does: until the
-    index is there git does not see the pack, and a crash leaves a ``tmp_pack_*`` file that
-    :meth:`Store.drop_temporaries` removes.
+    Each entry is written to the pack file as it comes, from the read buffer (no copy of
+    it in memory: fresh memory costs a page fault per 4 KiB). Once _PACK_BUFFER bytes are
+    written, the pack is finished in a thread of its own while the next one is written:
+    its object count goes into its header, its checksum and the entries' CRC-32s come from
+    one pass reading it back from the page cache, then its index. A capture with more new
+    chunks than that writes several packs while the walk goes on (the last one when the
+    capture ends). Each is a temporary file, fsynced, renamed into place before its index,
+    as git does: until the index is there git does not see the pack, and a crash leaves a
+    ``tmp_pack_*`` file that :meth:`Store.drop_temporaries` removes.
     """
 
     def __init__(self, store: Store) -> None:
         self.dir = store.path / "objects" / "pack"
-        self.tmp: list[Path] = []  # a pack being written
-        self.entries: list[tuple[bytes, list[bytes | memoryview], int]] = []  # (id, pieces, length)
-        self.size = 0
+        self.pack: _OpenPack | None = None  # the pack being written
+        self.tmp: set[Path] = set()  # temporary files not yet in place (removed if the capture fails)
+        self.finisher: ThreadPoolExecutor | None = None
+        self.finishing: list[Future[None]] = []
+        self.scratch: bytearray | None = None  # for reading a pack back (the finisher's)
 
     @staticmethod
     def _failure(exc: OSError) -> GitError:
@@ -670,7 +803,20 @@ class _PackWriter:
         return GitError(f"could not copy the workspace into the checkpoint store: {reason}", returncode=-1,
                         stderr=str(exc))
 
-    def add(self, sha: str, data: memoryview) -> None:
+    @staticmethod
+    def _write(pack: _OpenPack, parts: list[bytes | memoryview]) -> None:
+        for at in range(0, len(parts), 512):  # IOV_MAX is 1024
+            batch = parts[at:at + 512]
+            want = sum(len(x) for x in batch)
+            done = os.writev(pack.fd, batch)
+            if done != want:  # a short write: the rest, then the error (a full disk) if there is one
+                rest = memoryview(b"".join(bytes(x) for x in batch))[done:]
+                while rest:
+                    rest = rest[os.write(pack.fd, rest):]
+            pack.size += want
+
+    def add(self, sha: str, data: memoryview, compress: bool | None = None) -> None:
+        """Write one object; ``compress`` None: zlib if a sample of it compresses (_compressible)."""
         n = len(data)
         head = bytearray([0x30 | (n & 0x0F)])  # type 3 (blob), then the size, 7 bits at a time
         n >>= 4
@@ -679,63 +825,98 @@ class _PackWriter:
             head.append(n & 0x7F)
             n >>= 7
         parts: list[bytes | memoryview] = [bytes(head)]
-        if _compressible(data):
+        if _compressible(data) if compress is None else compress:
             parts.append(zlib.compress(data, 1))
-        else:  # a zlib stream of stored blocks: the bytes as they are (copied: the buffer is reused)
-            body = bytes(data)
+        else:  # a zlib stream of stored blocks (at most 65535 bytes each): the bytes as they are
             parts.append(b"\x78\x01")
-            for at in range(0, len(body), 65535):
-                block = memoryview(body)[at:at + 65535]
-                parts.append(struct.pack("<BHH", at + 65535 >= len(body), len(block), 0xFFFF ^ len(block)))
+            n = len(data)
+            for at in range(0, n, 65535):
+                block = data[at:at + 65535]
+                parts.append(struct.pack("<BHH", at + 65535 >= n, len(block), 0xFFFF ^ len(block)))
                 parts.append(block)
-            parts.append(struct.pack(">I", zlib.adler32(body)))
-        length = sum(len(x) for x in parts)
-        self.entries.append((bytes.fromhex(sha), parts, length))
-        self.size += length
-        if self.size >= _PACK_BUFFER:
+            parts.append(struct.pack(">I", zlib.adler32(data)))
+        try:
+            pack = self.pack
+            if pack is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                path = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
+                self.tmp.add(path)
+                pack = self.pack = _OpenPack(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444),
+                                             path)
+                self._write(pack, [bytes(12)])  # the header, written again once the count is known
+            offset = pack.size
+            self._write(pack, parts)
+        except OSError as exc:
+            raise self._failure(exc) from exc
+        pack.objects.append((bytes.fromhex(sha), offset, pack.size - offset))
+        if pack.size >= _PACK_BUFFER:
             self.flush()
 
     def flush(self) -> None:
-        """Write the gathered entries as one pack and its index, and put them in place."""
-        if not self.entries:
+        """Hand the pack being written to the finishing thread (see the class docstring)."""
+        self._raise_failed()
+        pack, self.pack = self.pack, None
+        if pack is None:
             return
+        if self.finisher is None:
+            self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskbox-packs")
+        self.finishing.append(self.finisher.submit(self._finish_pack, pack))
+
+    def _raise_failed(self) -> None:
+        for future in self.finishing:
+            if future.done() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
+    def _finish_pack(self, pack: _OpenPack) -> None:
         try:
-            self._write_pack()
+            self._write_pack(pack)
         except OSError as exc:
             raise self._failure(exc) from exc
         finally:
-            self.entries.clear()
-            self.size = 0
+            if pack.fd >= 0:
+                os.close(pack.fd)
+                pack.fd = -1
 
-    def _write_pack(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"tmp_pack_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
-        self.tmp.append(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    def _checksums(self, pack: _OpenPack) -> tuple[bytes, list[int]]:
+        """The pack's SHA-1 and its entries' CRC-32s, from one pass reading it back."""
+        if self.scratch is None:
+            self.scratch = bytearray(2 << 20)
+        view = memoryview(self.scratch)
         h = hashlib.sha1()
-        objects: list[tuple[bytes, int, int]] = []  # (id, crc32 of the entry, offset)
-        try:
-            header = b"PACK" + struct.pack(">II", 2, len(self.entries))
-            h.update(header)
-            files._write_all(fd, header)
-            offset = len(header)
-            for oid, parts, length in self.entries:
-                crc = 0
-                for part in parts:
-                    crc = zlib.crc32(part, crc)
-                    h.update(part)
-                for at in range(0, len(parts), 512):
-                    batch = parts[at:at + 512]
-                    if os.writev(fd, batch) != sum(len(x) for x in batch):
-                        raise OSError(errno.ENOSPC, "No space left on device (a short write)")
-                objects.append((oid, crc, offset))
-                offset += length
-            trailer = h.digest()
-            files._write_all(fd, trailer)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        objects.sort()
+        crcs: list[int] = []
+        k, crc, pos = 0, 0, 0
+        objects = pack.objects
+        while pos < pack.size:
+            got = os.preadv(pack.fd, [view[:min(len(view), pack.size - pos)]], pos)
+            if got <= 0:
+                raise OSError(errno.EIO, "the pack being written could not be read back")
+            block = view[:got]
+            h.update(block)
+            at, end = pos, pos + got
+            while k < len(objects) and at < end:
+                _oid, off, length = objects[k]
+                at = max(at, off)
+                stop = min(off + length, end)
+                if at >= stop:
+                    break
+                crc = zlib.crc32(block[at - pos:stop - pos], crc)
+                at = stop
+                if stop == off + length:
+                    crcs.append(crc)
+                    crc, k = 0, k + 1
+            pos = end
+        return h.digest(), crcs
+
+    def _write_pack(self, pack: _OpenPack) -> None:
+        os.pwrite(pack.fd, b"PACK" + struct.pack(">II", 2, len(pack.objects)), 0)
+        trailer, crcs = self._checksums(pack)
+        view = memoryview(trailer)
+        while view:
+            view = view[os.write(pack.fd, view):]
+        os.fsync(pack.fd)
+        os.close(pack.fd)
+        pack.fd = -1
+        objects = sorted((oid, crc, off) for (oid, off, _n), crc in zip(pack.objects, crcs, strict=True))
         fanout = [0] * 256
         for oid, _crc, _off in objects:
             fanout[oid[0]] += 1
@@ -756,24 +937,37 @@ class _PackWriter:
         idx += hashlib.sha1(idx).digest()
         name = f"pack-{trailer.hex()}"
         tmp_idx = self.dir / f"tmp_idx_taskbox_{os.getpid()}_{secrets.token_hex(4)}"
-        self.tmp.append(tmp_idx)
+        self.tmp.add(tmp_idx)
         ifd = os.open(tmp_idx, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
             files._write_all(ifd, idx)
             os.fsync(ifd)
         finally:
             os.close(ifd)
-        os.rename(tmp, self.dir / f"{name}.pack")
+        os.rename(pack.path, self.dir / f"{name}.pack")
+        self.tmp.discard(pack.path)
         os.rename(tmp_idx, self.dir / f"{name}.idx")
-        self.tmp.clear()
+        self.tmp.discard(tmp_idx)
+
+    def _wait(self) -> None:
+        if self.finisher is not None:
+            self.finisher.shutdown(wait=True)
+            self.finisher = None
 
     def finish(self) -> None:
-        """Write what is gathered (nothing if no chunk was added)."""
-        self.flush()
+        """Finish every pack (nothing if no chunk was added); raise the first failure."""
+        try:
+            self.flush()
+        finally:
+            self._wait()
+        self._raise_failed()
 
     def close(self) -> None:
-        self.entries.clear()
-        for tmp in self.tmp:
+        self._wait()
+        if self.pack is not None:
+            os.close(self.pack.fd)
+            self.pack = None
+        for tmp in list(self.tmp):
             tmp.unlink(missing_ok=True)  # not finished: nothing of it is kept
         self.tmp.clear()
 
@@ -791,6 +985,14 @@ class _Sink:
         self.sent: set[str] = set()  # chunks written now
         self.pool: ThreadPoolExecutor | None = None
         self.deferred: dict[str, tuple[Future[tuple[Chunks, bool, Prefix | None]], int]] = {}
+        self.read_buf: bytearray | None = None  # one read buffer for all the large files (see _read_buffer)
+        # Small files that look incompressible (see _RAW_MIN), written by the walk (the chunking
+        # thread has its own pack writer).
+        self.raw = _PackWriter(store)
+        self.raw_sent: set[str] = set()
+        # Only into an empty store (a task's first capture): a blob the store already holds is
+        # not written again by fast-import, and this path does not look (it would write it twice).
+        self.raw_ok = False
 
     def charge(self, size: int, name: str) -> None:
         self.imp.charge(size, name)
@@ -799,7 +1001,28 @@ class _Sink:
         return self.imp.blob(data)
 
     def blob_from_fd(self, fd: int, size: int) -> tuple[str, bool]:
-        return self.imp.blob_from_fd(fd, size)
+        """A small file's blob (a fast-import mark, or the id of one written to the raw pack)."""
+        if not self.raw_ok or not _RAW_MIN <= size <= _CHUNK:
+            return self.imp.blob_from_fd(fd, size)
+        data = b""
+        while len(data) < size:
+            got = os.read(fd, size - len(data))
+            if not got:
+                break
+            data += got
+        whole = len(data) == size
+        data += bytes(size - len(data))  # truncated while read: the declared size is stored all the same
+        if not _incompressible(data):
+            return self.imp.blob(data), whole
+        sha = _blob_id(data)
+        if sha not in self.raw_sent:
+            self.raw.add(sha, memoryview(data), compress=False)
+            self.raw_sent.add(sha)
+        return sha, whole
+
+    def finish_raw(self) -> None:
+        """Put the raw pack in place: before fast-import is given a tree that names its blobs."""
+        self.raw.finish()
 
     def chunk(self, sha: str, data: memoryview) -> None:
         if sha in self.sent or sha in self.known:
@@ -818,7 +1041,8 @@ class _Sink:
 
         def work() -> tuple[Chunks, bool, Prefix | None]:
             try:
-                return _chunk_file(fd, size, old, self.chunk, prefix)
+                self.read_buf = _read_buffer(size, self.read_buf)
+                return _chunk_file(fd, size, old, self.chunk, prefix, self.read_buf)
             finally:
                 os.close(fd)
 
@@ -845,6 +1069,7 @@ class _Sink:
         """The marks of the fast-import, once the chunks' pack is in place too."""
         self._stop()
         self.pack.finish()
+        self.raw.finish()
         return self.imp.finish()
 
     def _stop(self) -> None:
@@ -868,6 +1093,7 @@ class _Sink:
         except Exception:  # noqa: BLE001 - already failing: the first error is the one reported
             pass
         self.pack.close()
+        self.raw.close()
         self.imp.close()
 
 
@@ -993,7 +1219,8 @@ def store_files(store: Store, paths: list[Path]) -> list[tuple[str, Chunks | Non
             try:
                 size = os.fstat(fd).st_size
                 if size >= _CHUNK_THRESHOLD:
-                    chunks, _whole, _prefix = _chunk_file(fd, size, None, sink.chunk)
+                    sink.read_buf = _read_buffer(size, sink.read_buf)
+                    chunks, _whole, _prefix = _chunk_file(fd, size, None, sink.chunk, buf=sink.read_buf)
                     refs.append((sink.blob(_chunk_list(chunks)), chunks))
                 else:
                     refs.append((sink.blob_from_fd(fd, size)[0], None))
@@ -1002,7 +1229,7 @@ def store_files(store: Store, paths: list[Path]) -> list[tuple[str, Chunks | Non
         marks = sink.finish()
     finally:
         sink.close()
-    return [(marks[ref], chunks) for ref, chunks in refs]
+    return [(marks.get(ref, ref), chunks) for ref, chunks in refs]  # a mark, or the id of a raw blob
 
 
 class Store:
@@ -1044,13 +1271,14 @@ class Store:
     def git(self, args: list[str], *, index: Path | None = None, input: bytes | None = None,
             check: bool = True) -> Any:
         """Git on the store alone (hardened); never with a work tree."""
-        env = {"GIT_DIR": str(self.path)}
+        env = {"GIT_DIR": str(self.path), **_GIT_MALLOC}
         if index is not None:
             env["GIT_INDEX_FILE"] = str(index)
         return git.run(args, cwd=self.path, harden=True, env=env, input=input, check=check, timeout=3600)
 
     def popen(self, args: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
-        return git.popen(args, cwd=self.path, harden=True, env={"GIT_DIR": str(self.path)}, stderr=stderr)
+        return git.popen(args, cwd=self.path, harden=True, env={"GIT_DIR": str(self.path), **_GIT_MALLOC},
+                         stderr=stderr)
 
     def index_file(self, unit: Unit) -> Path:
         """The unit's stat cache (the name is kept from the private indexes it replaces)."""
@@ -1077,6 +1305,12 @@ class Store:
             return os.stat(self.path / "objects" / "pack" / name).st_size
         except FileNotFoundError:
             return 0
+
+    def _no_loose_objects(self) -> bool:
+        try:
+            return all(n in ("info", "pack") for n in os.listdir(self.path / "objects"))
+        except FileNotFoundError:
+            return True
 
     def loose_size(self, sha: str) -> int:
         try:
@@ -1139,24 +1373,38 @@ class Store:
     def _scan(self, rfd: int, *, use_cache: bool) -> list[Scan]:
         packs_before = self.packs()
         imp = _Sink(self)
+        imp.raw_ok = not packs_before and self._no_loose_objects()
         try:
             scans: list[Scan] = []
             root = self._unit(Unit("", "files"), scans, use_cache, imp)
             root_st = os.fstat(rfd)
             root.dirs[""] = root_st
             self._walk(rfd, root, "", 0, imp, scans, root_st.st_dev, use_cache)
-            imp.resolve(scans)
+            # The trees go to fast-import as soon as the walk ends, so that it builds them
+            # while the chunking thread finishes; a large file chunked there is added once
+            # its chunk list is known, by a second commit on top of the first.
             commits: dict[str, str] = {}
+            chunked_later: list[tuple[Scan, list[str]]] = []
             for sc in scans:
                 # A cache hit has the cached mode and blob, so what changed is what was read.
                 deletes = sorted(sc.cache.keys() - sc.entries.keys())
-                changes = [(sc.entries[p][0], sc.entries[p][1], p) for p in sc.fresh]
                 if not sc.entries:
                     sc.unit.tree = EMPTY_TREE
-                elif deletes or changes or sc.base == EMPTY_TREE:
+                elif deletes or sc.fresh or sc.base == EMPTY_TREE:
+                    entries = sc.entries
+                    later = [p for p in sc.fresh if entries[p][1].startswith("?")]
+                    changes = [(entries[p][0], entries[p][1], p) for p in sc.fresh if not entries[p][1].startswith("?")]
                     commits[sc.unit.key] = imp.imp.tree(sc.base, deletes, changes)
+                    if later:
+                        chunked_later.append((sc, later))
                 else:
                     sc.unit.tree = sc.base
+            imp.finish_raw()  # the trees may name its blobs
+            imp.imp.send()
+            imp.resolve(scans)
+            for sc, later in chunked_later:
+                commits[sc.unit.key] = imp.imp.amend(commits[sc.unit.key],
+                                                     [(sc.entries[p][0], sc.entries[p][1], p) for p in later])
             faults.point("capture.midway")  # contents sent to git, the imports not finished
             marks = imp.finish()
         finally:
@@ -1174,7 +1422,7 @@ class Store:
             entries = sc.entries
             for p in sc.fresh:
                 mode, ref, key = entries[p]
-                entries[p] = (mode, marks[ref], key)
+                entries[p] = (mode, marks.get(ref, ref), key)  # a mark, or the id of a raw blob
             if sc.unit.key in commits:
                 sc.unit.tree = by_key[sc.unit.key]
             if sc.unit.key in commits or sc.base != sc.unit.tree:
@@ -1209,6 +1457,7 @@ class Store:
         gitdir = sc.unit.kind == "gitdir"
         content = 0
         subdirs: list[str] = []
+        dir_entries: list[os.DirEntry[str]] = []
         now = time.time_ns()  # before any entry here is looked at: see _RACY_NS
         with os.scandir(dfd) as it:
             listing = list(it)
@@ -1217,14 +1466,29 @@ class Store:
         if hot:  # large files the last capture chunked, and the directories they are in, first:
             # their chunking thread then runs beside the rest of the walk, not after it
             listing.sort(key=lambda e: prefix + e.name not in hot)
-        entries, metas, fresh, cached_entry = sc.entries, sc.meta, sc.fresh, sc.cache.get
+        entries, metas, fresh, cache = sc.entries, sc.meta, sc.fresh, sc.cache
+        cached_entry = cache.get
         chunks, cache_chunks = sc.chunks, sc.cache_chunks
         for entry in listing:  # the hot loop of a checkpoint: kept lean
             name = entry.name
             if entry.is_dir(follow_symlinks=False):  # from the directory entry's type: no system call
                 subdirs.append(name)
+                dir_entries.append(entry)
                 continue
             rel = prefix + name
+            if rel not in cache and entry.is_file(follow_symlinks=False) and name != ".git" and not (
+                    gitdir and name.endswith(".lock")):
+                # A file the last capture did not see (all of them, the first time): opened
+                # without an lstat first, its fstat says all the lstat would. If it is no
+                # longer a regular file, it is looked at below like any other entry.
+                got = self._read_file(dfd, name, imp, now, None, None)
+                if got is not None:
+                    entries[rel], metas[rel], chunked = got
+                    if chunked is not None:
+                        chunks[rel] = chunked
+                    fresh.append(rel)
+                    content += 1
+                    continue
             try:
                 st = entry.stat(follow_symlinks=False)  # fstatat relative to dfd, no link followed
             except FileNotFoundError:
@@ -1273,6 +1537,8 @@ class Store:
             content += 1
         if hot:
             subdirs.sort(key=lambda n: prefix + n not in hot)
+        elif not cache and len(subdirs) > 1:
+            subdirs = _visit_order(subdirs, dir_entries)
         for name in subdirs:
             rel = f"{sub}/{name}" if sub else name
             try:
