@@ -620,12 +620,17 @@ class Registry:
         )
 
     def add_event(self, type_: str, task_id: str | None, payload: dict[str, Any] | None = None, *,
-                  sample: str | None = None) -> bool:
+                  sample: str | None = None, limited: bool = True) -> bool:
         """Record an event, unless its task already had a burst of this type in this window.
 
         Returns whether it was written; one that is not is counted, and ends up in an
         aggregated event of the same type (``sample`` is what it keeps as an example).
+        ``limited=False`` is for a writer that bounds its events itself (live command output).
         """
+        if not limited:
+            with self.tx() as conn:
+                self._event(conn, type_, task_id, payload or {})
+            return True
         return self.add_events(type_, task_id, [payload or {}], [sample]) == 1
 
     def add_events(self, type_: str, task_id: str | None, payloads: Sequence[dict[str, Any]],

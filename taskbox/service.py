@@ -32,6 +32,7 @@ from . import (
     faults,
     files,
     git,
+    live_output,
     liveness,
     network,
     policy,
@@ -193,6 +194,7 @@ class TaskService:
                                  backup_every=self.settings.backup_interval_minutes * 60,
                                  backup_keep=self.settings.backup_keep, create=create_registry)
         self.audit = AuditLog(self.paths.home / "audit", self.paths.locks, self.registry, self.settings)
+        self.output_budgets = live_output.Budgets()  # live exec.output bytes per task (see exec)
         self.pm = plugin_manager or make_manager()
         self.hook = self.pm.hook
         self._sandbox: Sandbox | None = None
@@ -1114,8 +1116,17 @@ class TaskService:
             args["log"] = False
         self._before(task, "exec", args)
         session = self.registry.get_session(session_id) if session_id else None
+        if control is None and log:
+            control = ExecControl()
         if control is not None:
             control.redact = self.redactor.output
+        # Its output, while it runs, goes to the event log for every reader (the dashboard, any
+        # process): bounded, redacted, rate-limited (taskbox.live_output). Nothing with log=False.
+        live = live_output.start(task.id, command, control, self.redactor,
+                                 functools.partial(self._record_output, task.id),
+                                 self.output_budgets) if log and control is not None else None
+        exit_code: int | None = None
+
         def run(cid: str) -> ExecResult:
             return self.sandbox.exec(cid, command, workdir=wd, timeout=secs,
                                      output_limit=min(output_limit or self.settings.exec_output_limit,
@@ -1133,16 +1144,27 @@ class TaskService:
                 # restart): nothing ran, so it is started or recreated and the command runs.
                 task = self.heal(task.id, "exec", exc.details["container_down"])
                 result = run(task.container_id or "")
+            exit_code = result.exit_code
         except TaskboxError as exc:
+            if live is not None:
+                live.close(None)
             self._redact_error(exc)  # in place: it reaches the caller
             partial = exc.details.get("result")
             if partial:
                 self._log_exec(task, session, command, wd, ExecResult(**partial), log)
             raise
+        finally:
+            if live is not None:
+                live.close(exit_code)
         result = self._redact_result(result)
         self._log_exec(task, session, command, wd, result, log)
         self._after(task, "exec", args, result)
         return result
+
+    def _record_output(self, task_id: str, payload: dict[str, Any]) -> None:
+        # Bounded by live_output's own budget, so past the registry's per-type limiter (its
+        # burst a minute would cut a live stream after a few seconds).
+        self.registry.add_event("exec.output", task_id, payload, limited=False)
 
     def _redact_result(self, result: ExecResult) -> ExecResult:
         if not self.redactor.active:

@@ -256,7 +256,7 @@ function listView(main) {
   pollUsage();
   const timers = [setInterval(pollUsage, 3000), setInterval(draw, 10000)];
   return {
-    onMessage: (m) => { if (m.kind === "event") later(); },
+    onMessage: (m) => { if (m.kind === "event" && m.type !== "exec.output") later(); },
     close: () => timers.forEach(clearInterval),
   };
 }
@@ -269,7 +269,7 @@ function taskView(main, taskId) {
   const plan = el("div", { id: "plan-body" }, el("p", { class: "muted" }, "Loading…"));
   const todos = el("ul", { class: "todos", id: "todo-list" });
   const output = el("pre", { class: "output", id: "live-output", "aria-live": "polite" });
-  const outputLabel = el("p", { class: "muted", id: "live-command" }, "No command running from this page.");
+  const outputLabel = el("p", { class: "muted", id: "live-command" }, "No command running.");
   const execs = el("tbody", { id: "exec-rows" });
   const jobs = el("tbody", { id: "job-rows" });
   const cps = el("tbody", { id: "checkpoint-rows" });
@@ -284,6 +284,7 @@ function taskView(main, taskId) {
   const cpForm = el("form", { class: "toolbar", id: "checkpoint-form", on: { submit: (e) => { e.preventDefault(); createCheckpoint(); } } },
     el("label", { for: "checkpoint-name" }, "New checkpoint", cpName), el("button", { type: "submit", id: "create-checkpoint" }, "Create checkpoint"));
   const graphCard = sec("subtasks", "Sub-tasks", graph);
+  graphCard.classList.add("wide");
   graphCard.hidden = true;
 
   append(main, [
@@ -429,19 +430,47 @@ function taskView(main, taskId) {
     } catch (e) { clear(diffBox).appendChild(el("p", { class: "error" }, e.message)); }
   }
 
-  let current = null;
+  // The live command log: exec.output events of any command of this task, whichever process
+  // runs it (the CLI, an agent over MCP, this page). It follows the newest command.
+  const live = { id: null, seq: -1, done: true, command: "" };
+  const OUTPUT_CHARS = 20000;
+  function trimOutput() {
+    let size = output.textContent.length;
+    while (size > OUTPUT_CHARS && output.firstChild) {
+      size -= output.firstChild.textContent.length;
+      output.removeChild(output.firstChild);
+    }
+  }
+  function showOutput(p) {
+    if (!p || typeof p.exec_id !== "string" || typeof p.seq !== "number") return;
+    if (p.exec_id !== live.id) {
+      if (!live.done && p.seq !== 0 && live.id !== null) return; // another command's tail: keep following this one
+      Object.assign(live, { id: p.exec_id, seq: -1, done: false, command: String(p.command || "") });
+      clear(output);
+    }
+    if (p.seq <= live.seq) return; // seen already (replayed history and the stream overlap)
+    live.seq = p.seq;
+    if (p.skipped) output.appendChild(el("span", { class: "muted" }, "[… " + bytes(p.skipped) + " of output not streamed …]\n"));
+    if (p.text) output.appendChild(p.stream === "stderr" ? el("span", { class: "stderr" }, String(p.text)) : document.createTextNode(String(p.text)));
+    trimOutput();
+    if (p.done) {
+      live.done = true;
+      outputLabel.textContent = (p.exit_code === null || p.exit_code === undefined ? "Ended (no exit code)" : "Exited " + p.exit_code) + ": " + live.command;
+    } else outputLabel.textContent = "Running: " + live.command;
+  }
+
   async function run() {
     const command = cmdInput.value.trim();
     if (!command) return;
     outputLabel.textContent = "Running: " + command;
-    output.textContent = "";
-    current = "pending";
+    clear(output);
     try {
       const r = await api("POST", "/api/tasks/" + enc(taskId) + "/exec", { command });
+      Object.assign(live, { id: r.exec_id, seq: Number.MAX_SAFE_INTEGER, done: true }); // the answer has it all
       output.textContent = (r.stdout || "") + (r.stderr || "");
+      trimOutput();
       outputLabel.textContent = "Exited " + r.exit_code + " after " + Math.round(r.duration_ms) + " ms: " + command;
     } catch (e) { outputLabel.textContent = "Failed: " + e.message; }
-    current = null;
     loadExecs();
   }
 
@@ -470,39 +499,103 @@ function taskView(main, taskId) {
 
   async function loadEvents() {
     try {
-      const rows = (await api("GET", "/api/tasks/" + enc(taskId) + "/history?limit=100")).events;
+      const rows = (await api("GET", "/api/tasks/" + enc(taskId) + "/history?limit=200")).events;
       clear(events);
-      for (const r of rows.slice().reverse()) addEvent({ id: r.id, ts: r.ts, type: r.type, payload: r.payload }, false);
+      for (const r of rows.slice().reverse()) {
+        if (r.type !== "exec.output") addEvent({ id: r.id, ts: r.ts, type: r.type, payload: r.payload }, false);
+      }
+      // A command that was running when the page opened: its output so far.
+      for (const r of rows) if (r.type === "exec.output") showOutput(r.payload);
     } catch (e) { clear(events).appendChild(el("li", { class: "error" }, e.message)); }
   }
 
+  // The sub-task graph of an ultrawork parent: one column per stage (a sub-task stands right
+  // of everything it depends on), an arrow per dependency, statuses live (any subtask.* event
+  // of the parent, or an event of a child task, reloads it).
+  let graphData = null;
   async function loadChildren() {
+    let rows = [];
     try {
-      children = (await api("GET", "/api/tasks?parent=" + enc(taskId))).tasks;
-    } catch (e) { children = []; }
-    graphCard.hidden = !children.length;
+      rows = (await api("GET", "/api/tasks/" + enc(taskId) + "/subtasks")).subtasks || [];
+    } catch (e) { rows = []; }
+    children = rows.filter((r) => r.task_id).map((r) => ({ task_id: r.task_id }));
+    graphCard.hidden = !rows.length;
+    graphData = rows;
+    drawGraph();
+  }
+
+  function drawGraph() {
+    const rows = graphData || [];
     clear(graph);
-    if (!children.length) return;
-    const byId = Object.fromEntries(children.map((c) => [c.task_id, c]));
+    if (!rows.length) return;
+    const byId = Object.fromEntries(rows.map((r) => [r.id, r]));
     const depth = {};
     const level = (id, seen) => {
       if (depth[id] !== undefined) return depth[id];
       if (seen.has(id)) return 0;
       seen.add(id);
-      const deps = ((byId[id] || {}).dependencies || []).filter((d) => byId[d]);
+      const deps = ((byId[id] || {}).depends_on || []).filter((d) => byId[d]);
       depth[id] = deps.length ? 1 + Math.max(...deps.map((d) => level(d, seen))) : 0;
       return depth[id];
     };
     const cols = [];
-    for (const c of children) (cols[level(c.task_id, new Set())] ||= []).push(c);
+    for (const r of rows) (cols[level(r.id, new Set())] ||= []).push(r);
+    const done = rows.filter((r) => ["merged", "failed", "timed_out", "blocked", "conflict"].includes(r.status)).length;
+    graph.appendChild(el("p", { class: "muted", id: "subtask-progress" }, done + "/" + rows.length + " finished"));
+    const stage = el("div", { class: "graph" });
+    graph.appendChild(stage);
+    const nodes = {};
     cols.forEach((col, i) => {
-      graph.appendChild(el("div", { class: "col", role: "list", "aria-label": "Stage " + (i + 1) },
-        (col || []).map((c) => el("div", { class: "node", role: "listitem", "data-subtask": c.task_id },
-          el("a", { href: "/task/" + enc(c.task_id), "data-nav": "1" }, c.task_id), " ", badge(c.status),
-          el("div", { class: "muted" }, c.title),
-          (c.dependencies || []).length ? el("div", { class: "deps" }, "after ", c.dependencies.join(", ")) : null))));
+      stage.appendChild(el("div", { class: "col", role: "list", "aria-label": "Stage " + (i + 1) },
+        (col || []).map((r) => {
+          const deps = (r.depends_on || []);
+          const node = el("div", { class: "node status-" + String(r.status).replace(/[^a-z_]/g, ""), role: "listitem",
+            "data-subtask": r.id, "data-status": r.status },
+            el("div", { class: "node-head" },
+              r.task_id ? el("a", { href: "/task/" + enc(r.task_id), "data-nav": "1" }, r.id) : el("strong", {}, r.id),
+              " ", badge(r.status)),
+            el("div", { class: "muted" }, r.title),
+            deps.length ? el("div", { class: "deps" }, "after ", deps.join(", ")) : null,
+            r.status === "conflict" && (r.conflict_files || []).length ? el("div", { class: "error" }, "conflicts: ", r.conflict_files.join(", ")) : null);
+          nodes[r.id] = node;
+          return node;
+        })));
     });
+    // Arrows, once the nodes are laid out: an SVG over the columns, built element by element.
+    const NS = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("class", "edges");
+    svg.setAttribute("aria-hidden", "true");
+    const defs = document.createElementNS(NS, "defs");
+    const marker = document.createElementNS(NS, "marker");
+    for (const [k, v] of Object.entries({ id: "arrow", viewBox: "0 0 10 10", refX: "10", refY: "5", markerWidth: "7", markerHeight: "7", orient: "auto-start-reverse" })) marker.setAttribute(k, v);
+    const tip = document.createElementNS(NS, "path");
+    tip.setAttribute("d", "M 0 0 L 10 5 L 0 10 z");
+    marker.appendChild(tip);
+    defs.appendChild(marker);
+    svg.appendChild(defs);
+    stage.appendChild(svg);
+    const box = stage.getBoundingClientRect();
+    svg.setAttribute("width", String(Math.ceil(stage.scrollWidth)));
+    svg.setAttribute("height", String(Math.ceil(stage.scrollHeight)));
+    for (const r of rows) {
+      for (const d of r.depends_on || []) {
+        if (!nodes[d] || !nodes[r.id]) continue;
+        const a = nodes[d].getBoundingClientRect(), b = nodes[r.id].getBoundingClientRect();
+        const x1 = a.right - box.left + stage.scrollLeft, y1 = a.top + a.height / 2 - box.top;
+        const x2 = b.left - box.left + stage.scrollLeft, y2 = b.top + b.height / 2 - box.top;
+        const path = document.createElementNS(NS, "path");
+        const mid = (x1 + x2) / 2;
+        path.setAttribute("d", `M ${x1} ${y1} C ${mid} ${y1}, ${mid} ${y2}, ${x2} ${y2}`);
+        path.setAttribute("class", "edge status-" + String(byId[d].status).replace(/[^a-z_]/g, ""));
+        path.setAttribute("marker-end", "url(#arrow)");
+        path.setAttribute("data-edge", d + "->" + r.id);
+        svg.appendChild(path);
+      }
+    }
   }
+  const redrawGraph = debounce(drawGraph, 150);
+  window.addEventListener("resize", redrawGraph);
 
   const reload = {
     head: debounce(loadHead, 150), plan: debounce(loadPlan, 300), execs: debounce(loadExecs, 200),
@@ -513,22 +606,20 @@ function taskView(main, taskId) {
 
   return {
     onMessage: (m) => {
-      if (m.kind === "output" && m.task_id === taskId) {
-        if (current !== null || !m.done) {
-          outputLabel.textContent = (m.done ? "Finished: " : "Running: ") + m.command;
-          output.textContent = m.text;
-        }
+      if (m.kind !== "event") return;
+      if (m.type === "exec.output") {
+        if (m.task_id === taskId) showOutput(m.payload);
         return;
       }
-      if (m.kind !== "event") return;
-      if (children.some((c) => c.task_id === m.task_id) || (m.type === "task.registering")) reload.children();
+      if (children.some((c) => c.task_id === m.task_id)) reload.children();
       if (m.task_id !== taskId) return;
       addEvent(m, true);
       reload.head(); reload.plan();
       if (m.type === "task.exec" || m.type.startsWith("exec.") || m.type.startsWith("job.")) reload.execs();
       if (m.type.startsWith("checkpoint.")) reload.cps();
+      if (m.type.startsWith("subtask") || m.type.startsWith("ultrawork.") || m.type === "task.merged") reload.children();
     },
-    close: () => timers.forEach(clearInterval),
+    close: () => { timers.forEach(clearInterval); window.removeEventListener("resize", redrawGraph); },
   };
 }
 
