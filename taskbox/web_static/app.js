@@ -290,9 +290,9 @@ function taskView(main, taskId) {
   append(main, [
     head,
     el("div", { class: "grid" },
+      graphCard,
       sec("plan", "Plan.md", plan),
       sec("todos", "Todos", todos),
-      graphCard,
       sec("commands", "Commands", runForm, outputLabel, output,
         el("h3", {}, "Background jobs"), el("table", {}, el("tbody", {}, jobs)),
         el("h3", {}, "Recent executions"),
@@ -577,7 +577,7 @@ function taskView(main, taskId) {
     stage.appendChild(svg);
     const box = stage.getBoundingClientRect();
     svg.setAttribute("width", String(Math.ceil(stage.scrollWidth)));
-    svg.setAttribute("height", String(Math.ceil(stage.scrollHeight)));
+    svg.setAttribute("height", String(Math.ceil(stage.clientHeight)));
     for (const r of rows) {
       for (const d of r.depends_on || []) {
         if (!nodes[d] || !nodes[r.id]) continue;
