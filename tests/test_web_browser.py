@@ -331,9 +331,17 @@ def test_the_dashboard_works_from_the_keyboard(svc: TaskService, repo: Path, bro
         assert any(o["href"] == "/task/keys" for o in order)
         for o in order:  # every stop shows where the focus is
             assert o["visible"] and o["outline"] != "none" and o["width"] != "0px", o
-        # Open the task from the keyboard.
-        link = browser.find_element(By.CSS_SELECTOR, 'a[href="/task/keys"]')
-        link.send_keys(Keys.ENTER)
+        # Tab to the task's link; a live redraw of the list keeps the focus on it; Enter opens it.
+        for _ in range(len(order) + 1):
+            browser.switch_to.active_element.send_keys(Keys.TAB)
+            if browser.execute_script("return document.activeElement.getAttribute('href')") == "/task/keys":
+                break
+        browser.execute_script("document.activeElement.__old = true")
+        svc.log_decision("keys", "an event redraws the list")
+        wait(browser, lambda d: d.execute_script(
+            "const a = document.querySelector('a[href=\"/task/keys\"]'); return a && !a.__old"), 30)
+        assert browser.execute_script("return document.activeElement.getAttribute('href')") == "/task/keys"
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
         wait(browser, lambda d: "keyboard task" in text_of(d, "#task-head"))
         wait(browser, lambda d: "kb-cp" in text_of(d, "#checkpoint-rows"))
         order = tab_through(120)
@@ -356,4 +364,38 @@ def test_the_dashboard_works_from_the_keyboard(svc: TaskService, repo: Path, bro
         browser.find_element(By.ID, "load-diff").send_keys(Keys.ENTER)
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff, #diff-body p"), 60)
         screenshot(browser, "dashboard-keyboard")
+        assert console_errors(browser) == []
+
+
+def test_the_task_list_columns_are_live(svc: TaskService, repo: Path, browser: webdriver.Chrome) -> None:
+    svc.create_task(repo, "columns task", task_id="cols")
+    env = {"TASKBOX_HOME": str(svc.paths.home)}
+    with running(svc) as base:
+        browser.get(base + "/")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-task="cols"]'))
+        wait(browser, lambda d: text_of(d, "#conn") == "live")
+        headers = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#tasks thead th")]
+        assert headers == ["Task", "Title", "Status", "Agent", "Branch", "CPU", "Memory", "Last activity"]
+
+        def cell(name: str) -> str:
+            cells = browser.find_elements(By.CSS_SELECTOR, 'tr[data-task="cols"] td')
+            return cells[headers.index(name)].text if cells else ""
+
+        assert cell("Branch") == svc.get("cols").branch and cell("Status") == "active"
+        # Each change comes from another process; the row follows without a reload.
+        proc = run_cli("resume-task", "cols", "--agent", "opencode", env=env)
+        assert proc.returncode == 0, proc.stderr
+        wait(browser, lambda d: "opencode" in cell("Agent"), 30)
+        proc = run_cli("exec", "cols", "-b", "--", "sh", "-c", "while :; do :; done", env=env)
+        assert proc.returncode == 0, proc.stderr
+        wait(browser, lambda d: cell("CPU").endswith("%") and float(cell("CPU")[:-1]) >= 20, 60)
+        assert "iB (" in cell("Memory")
+        before = cell("Last activity")
+        wait(browser, lambda d: cell("Last activity") not in ("", before), 30)
+        screenshot(browser, "dashboard-tasks-live")
+        proc = run_cli("detach", "cols", "--kill-running", env=env)
+        assert proc.returncode == 0, proc.stderr
+        wait(browser, lambda d: cell("Status") == "paused", 60)
+        wait(browser, lambda d: cell("CPU") == "-" and cell("Memory") == "-", 30)
+        assert cell("Agent") == svc.get("cols").agent  # nobody attached: the task's own agent
         assert console_errors(browser) == []

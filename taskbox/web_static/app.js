@@ -42,6 +42,28 @@ function safeHref(url) {
 
 function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); return node; }
 
+// Live redraws replace elements: a keyboard user's focus moves to the same control in the
+// new rows (found by its id, link or data attribute), instead of falling back to the page.
+function focusKey(node) {
+  if (!node || node === document.body) return null;
+  if (node.id) return "#" + CSS.escape(node.id);
+  for (const attr of ["data-restore", "data-diff", "href"]) {
+    if (node.hasAttribute(attr)) return node.tagName.toLowerCase() + "[" + attr + '="' + CSS.escape(node.getAttribute(attr)) + '"]';
+  }
+  return null;
+}
+
+function keepFocus(container, redraw) {
+  const active = document.activeElement;
+  const key = active && container.contains(active) ? focusKey(active) : null;
+  const result = redraw();
+  if (key && !container.contains(document.activeElement)) {
+    const again = container.querySelector(key);
+    if (again) again.focus({ preventScroll: true });
+  }
+  return result;
+}
+
 function ago(ts) {
   if (!ts) return "-";
   const s = Math.max(0, Date.now() / 1000 - ts);
@@ -218,7 +240,8 @@ function listView(main) {
       body),
   ]);
   let rows = [];
-  function draw() {
+  function draw() { keepFocus(body, drawRows); }
+  function drawRows() {
     clear(body);
     count.textContent = "(" + rows.length + ")";
     if (!rows.length) body.appendChild(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No tasks yet. Create one with `taskbox create-task`.")));
@@ -247,7 +270,9 @@ function listView(main) {
   }
   async function pollUsage() {
     try {
-      for (const u of (await api("GET", "/api/usage")).usage) usage[u.task_id] = u;
+      const fresh = (await api("GET", "/api/usage")).usage;
+      for (const k of Object.keys(usage)) delete usage[k]; // a task that stopped shows none
+      for (const u of fresh) usage[u.task_id] = u;
       draw();
     } catch (e) { /* the next poll tries again */ }
   }
@@ -315,6 +340,10 @@ function taskView(main, taskId) {
       task = await api("GET", "/api/tasks/" + enc(taskId));
     } catch (e) { clear(head).appendChild(el("p", { class: "error" }, e.message)); return; }
     document.title = "taskbox · " + task.task_id;
+    keepFocus(head, () => drawHead(task));
+  }
+
+  function drawHead(task) {
     clear(head);
     append(head, [
       el("h1", {}, task.title, " ", badge(task.status)),
@@ -362,21 +391,25 @@ function taskView(main, taskId) {
   async function loadCheckpoints() {
     try {
       const rows = (await api("GET", "/api/tasks/" + enc(taskId) + "/checkpoints")).checkpoints;
-      clear(cps);
-      if (!rows.length) cps.appendChild(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No checkpoints.")));
-      for (const c of rows.slice().reverse()) {
-        const id = c.checkpoint_id;
-        cps.appendChild(el("tr", { "data-checkpoint": id },
-          el("td", {}, c.name, c.current ? el("span", { class: "badge" }, "current") : null),
-          el("td", {}, el("code", {}, id)),
-          el("td", {}, c.trigger),
-          el("td", { class: "num" }, ago(c.created_at)),
-          el("td", {},
-            el("button", { type: "button", class: "danger", "data-restore": id, "aria-label": "Restore checkpoint " + c.name, on: { click: (e) => restore(id, c.name, e.currentTarget) } },
-              armed.id === id && Date.now() <= armed.until ? "Confirm restore" : "Restore"), " ",
-            el("button", { type: "button", "data-diff": id, "aria-label": "Diff checkpoint " + c.name + " against now", on: { click: () => cpDiff(id) } }, "Diff"))));
-      }
+      keepFocus(cps, () => drawCheckpoints(rows));
     } catch (e) { clear(cps).appendChild(el("tr", {}, el("td", { class: "error" }, e.message))); }
+  }
+
+  function drawCheckpoints(rows) {
+    clear(cps);
+    if (!rows.length) cps.appendChild(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No checkpoints.")));
+    for (const c of rows.slice().reverse()) {
+      const id = c.checkpoint_id;
+      cps.appendChild(el("tr", { "data-checkpoint": id },
+        el("td", {}, c.name, c.current ? el("span", { class: "badge" }, "current") : null),
+        el("td", {}, el("code", {}, id)),
+        el("td", {}, c.trigger),
+        el("td", { class: "num" }, ago(c.created_at)),
+        el("td", {},
+          el("button", { type: "button", class: "danger", "data-restore": id, "aria-label": "Restore checkpoint " + c.name, on: { click: (e) => restore(id, c.name, e.currentTarget) } },
+            armed.id === id && Date.now() <= armed.until ? "Confirm restore" : "Restore"), " ",
+          el("button", { type: "button", "data-diff": id, "aria-label": "Diff checkpoint " + c.name + " against now", on: { click: () => cpDiff(id) } }, "Diff"))));
+    }
   }
 
   let armed = { id: null, until: 0 };
@@ -524,7 +557,8 @@ function taskView(main, taskId) {
     drawGraph();
   }
 
-  function drawGraph() {
+  function drawGraph() { keepFocus(graph, drawNodes); }
+  function drawNodes() {
     const rows = graphData || [];
     clear(graph);
     if (!rows.length) return;
