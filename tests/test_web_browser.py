@@ -122,6 +122,9 @@ def test_dashboard_is_live_and_restores_a_checkpoint(svc: TaskService, repo: Pat
         cp = next(c for c in svc.list_checkpoints("live") if c["name"] == "page-cp")
         css = f'button[data-restore="{cp["checkpoint_id"]}"]'
         wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#checkpoint-rows tr")) == 2)  # + the risky one
+        browser.find_element(By.CSS_SELECTOR, f'button[data-diff="{cp["checkpoint_id"]}"]').click()
+        wait(browser, lambda d: "junk.txt" in text_of(d, "#checkpoint-changes"), 60)
+        assert "app.py" in text_of(browser, "#checkpoint-changes")
         browser.find_element(By.CSS_SELECTOR, css).click()
         wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, css).text == "Confirm restore")
         browser.find_element(By.CSS_SELECTOR, css).click()
@@ -358,11 +361,20 @@ def test_the_dashboard_works_from_the_keyboard(svc: TaskService, repo: Path, bro
             ".length") == 0
         # Run a command with the keyboard alone: type, Enter submits the form.
         box = browser.find_element(By.ID, "command")
-        box.send_keys("echo from-the-keyboard", Keys.ENTER)
+        box.send_keys("echo from-the-keyboard | tee -a app.py", Keys.ENTER)
         wait(browser, lambda d: text_of(d, "#live-command").startswith("Exited 0"), 60)
         assert "from-the-keyboard" in text_of(browser, "#live-output")
+        # The checkpoint's Diff button, then the branch diff, highlighted line by line.
+        browser.find_element(By.CSS_SELECTOR, "button[data-diff]").send_keys(Keys.ENTER)
+        wait(browser, lambda d: "app.py" in text_of(d, "#checkpoint-changes"), 60)
         browser.find_element(By.ID, "load-diff").send_keys(Keys.ENTER)
-        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff, #diff-body p"), 60)
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff"), 60)
+        added = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff span.add")]
+        assert "+from-the-keyboard" in added
+        assert browser.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff span.file")
+        colour = browser.execute_script("return getComputedStyle(document.querySelector('#diff-body span.add'))"
+                                        ".backgroundColor")
+        assert colour not in ("rgba(0, 0, 0, 0)", "transparent")
         screenshot(browser, "dashboard-keyboard")
         assert console_errors(browser) == []
 
