@@ -26,6 +26,7 @@ from taskbox.errors import InvalidInput
 from taskbox.service import TaskService
 
 from .conftest import run_cli
+from .test_mcp import stdio_params
 from .webserver import running
 
 pytestmark = pytest.mark.docker
@@ -390,3 +391,28 @@ def test_watch_is_live_in_a_terminal_and_stops_on_ctrl_c(svc: TaskService, repo:
         os.close(fd)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     assert b"Traceback" not in seen and b"KeyboardInterrupt" not in seen
+
+
+def test_output_of_a_command_run_by_an_mcp_server_in_another_process_streams(svc: TaskService, repo: Path) -> None:
+    svc.create_task(repo, "stream from mcp", task_id="mcpout")
+    with running(svc) as base:
+        async def main() -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+            async with websockets.connect(ws_url(base, "task=mcpout&type=exec.output")) as ws, \
+                    Client(stdio_params()) as client:
+                assert json.loads(await ws.recv())["kind"] == "hello"
+                call = asyncio.create_task(client.call_tool("execute_in_task", {
+                    "task_id": "mcpout", "command": "for i in 1 2 3 4 5; do echo mcp-line-$i; sleep 0.5; done"}))
+                got: list[dict[str, Any]] = []
+                live = False
+                while not got or not got[-1]["payload"].get("done"):
+                    got.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+                    live = live or ("mcp-line-1" in got[-1]["payload"]["text"] and not call.done())
+                res = await call
+                assert not res.is_error and res.structured_content is not None
+                return got, res.structured_content, live
+
+        got, result, live = asyncio.run(main())
+    assert live  # the MCP call was still running when its first line reached the dashboard's stream
+    assert "".join(m["payload"]["text"] for m in got) == "".join(f"mcp-line-{i}\n" for i in range(1, 6))
+    assert result["stdout"] == "".join(f"mcp-line-{i}\n" for i in range(1, 6))
+    assert got[-1]["payload"]["exit_code"] == 0
