@@ -113,6 +113,9 @@ def test_rest_api_maps_onto_the_service(svc: TaskService, repo: Path) -> None:
         r = c.post("/api/tasks/webapi/checkpoints/zzz/restore", json={})
         assert r.status_code == 404 and "message" in r.json()
         assert c.get("/api/nothing").status_code == 404
+        assert c.get("/api/tasks/webapi/subtasks").json()["total"] == 0
+        r = c.post("/api/tasks/webapi/merge", json={})
+        assert r.status_code == 400 and "no parent" in r.json()["message"]
 
         spec = c.get("/api/openapi.json").json()
         assert spec["openapi"].startswith("3.") and "/api/tasks/{task_id}/checkpoints/{checkpoint_id}/restore" in spec["paths"]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import (
@@ -285,6 +286,8 @@ def test_the_subtask_graph_of_a_real_ultrawork_run_is_live(svc: TaskService, rep
             proc.communicate()
         assert "running" in statuses["a"] and "running" in statuses["b"]  # seen mid-run, not only at the end
         assert "4/4 finished" in text_of(browser, "#subtask-progress")
+        status = httpx.get(base + "/api/tasks/diamond/subtasks", timeout=30).json()
+        assert status["merged"] == 4 and [s["id"] for s in status["subtasks"]] == ["a", "b", "c", "d"]
         # Arrows join the nodes they name: each starts at its source's right edge, ends at its target's left.
         geometry = browser.execute_script("""
             const box = document.querySelector('#subtask-graph .graph').getBoundingClientRect();
