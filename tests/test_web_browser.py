@@ -414,3 +414,25 @@ def test_the_task_list_columns_are_live(svc: TaskService, repo: Path, browser: w
         wait(browser, lambda d: cell("CPU") == "-" and cell("Memory") == "-", 30)
         assert cell("Agent") == svc.get("cols").agent  # nobody attached: the task's own agent
         assert console_errors(browser) == []
+
+
+def test_pages_of_tasks_in_every_state_load_without_console_errors(svc: TaskService, repo: Path,
+                                                                    browser: webdriver.Chrome) -> None:
+    svc.create_task(repo, "never started", task_id="st-pending", lazy=True)
+    svc.create_task(repo, "finished", task_id="st-done")
+    svc.complete("st-done", "all done")
+    svc.create_task(repo, "given up", task_id="st-aborted", lazy=True)
+    svc.abort("st-aborted", "not needed")
+    svc.create_task(repo, "cleaned up", task_id="st-clean")
+    svc.complete("st-clean", "done", cleanup=True)
+    with running(svc) as base:
+        browser.get(base + "/")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-task]")) == 4)
+        for tid in ("st-pending", "st-done", "st-aborted", "st-clean"):
+            browser.get(base + "/task/" + tid)
+            wait(browser, lambda d: svc.get(tid).title in text_of(d, "#task-head"))
+            wait(browser, lambda d: "Loading" not in text_of(d, "#plan-body"))
+            browser.find_element(By.ID, "load-diff").click()
+            wait(browser, lambda d: "Loading" not in text_of(d, "#diff-body"), 60)
+            assert console_errors(browser) == [], tid
+        screenshot(browser, "dashboard-finished-task")
