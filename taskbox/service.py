@@ -1974,13 +1974,18 @@ class TaskService:
                 "conversations": self.memory(task).conversations(limit),
                 "events": self.registry.events(task.id, limit=limit)}
 
-    def events(self, task_id: str | None = None, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        """Events after ``after_id`` from the durable event log, oldest first (every process's)."""
+    def events(self, task_id: str | None = None, after_id: int = 0, limit: int = 1000, *, newest: bool = False,
+               types: list[str] | tuple[str, ...] = (), exclude: list[str] | tuple[str, ...] = ()
+               ) -> list[dict[str, Any]]:
+        """Events after ``after_id`` from the durable event log, oldest first (every process's):
+        the first ``limit`` of them, or with ``newest`` the last ``limit``; only of ``types``,
+        none of ``exclude``."""
         if after_id < 0 or not 1 <= limit <= 10_000:
             raise InvalidInput("after_id must be 0 or more and limit between 1 and 10000")
         if task_id:
             self.get(task_id)
-        return self.registry.events(task_id, after_id=after_id, limit=limit)
+        return self.registry.events(task_id, after_id=after_id, limit=limit, newest=newest, types=types,
+                                    exclude=exclude)
 
     def last_event_id(self) -> int:
         """The newest event's id (0 when there is none)."""

@@ -562,6 +562,14 @@ def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "").lower() in ("1", "true", "yes")
 
 
+def _list(request: Request, name: str) -> list[str]:
+    """A repeatable, comma-separated query parameter (at most 50 values)."""
+    values = [v for raw in request.query_params.getlist(name) for v in raw.split(",") if v]
+    if len(values) > 50:
+        raise InvalidInput(f"at most 50 values of {name}")
+    return values
+
+
 async def _body(request: Request) -> dict[str, Any]:
     """The request's JSON object body (bounded; must be sent as application/json)."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
@@ -714,7 +722,9 @@ class Web:
     async def events(self, request: Request) -> Any:
         tid = request.path_params["task_id"]
         after, limit = _int(request, "since", 0), _int(request, "limit", 200, 1, 10_000)
-        rows = await self.call(lambda: self.service.events(tid, after_id=after, limit=limit))
+        types, exclude = _list(request, "type"), _list(request, "exclude")
+        rows = await self.call(lambda: self.service.events(tid, after_id=after, limit=limit, newest=_flag(request, "newest"),
+                                                           types=types, exclude=exclude))
         return {"task_id": tid, "events": [event_message(self.service.redactor(r)) for r in rows]}
 
     async def diff(self, request: Request) -> Any:
@@ -847,7 +857,9 @@ ROUTES: tuple[ApiRoute, ...] = (
              body=("decision", "context", "rationale", "alternatives", "agent")),
     ApiRoute("GET", _t("/history"), Web.history, "Sessions, conversation log and events of the task.", ("limit",)),
     ApiRoute("GET", _t("/executions"), Web.executions, "The task's newest command executions.", ("limit",)),
-    ApiRoute("GET", _t("/events"), Web.events, "The task's events after an id.", ("since", "limit")),
+    ApiRoute("GET", _t("/events"), Web.events,
+             "The task's events after an id: the first `limit`, or the last with `newest`; by `type`, `exclude`.",
+             ("since", "limit", "newest", "type", "exclude")),
     ApiRoute("GET", _t("/diff"), Web.diff, "The task's changes against the commit it started from.", ("stat",)),
     ApiRoute("GET", _t("/log"), Web.git_log, "The commits of the task branch.", ("limit",)),
     ApiRoute("GET", _t("/plan"), Web.plan, "The task's Plan.md (text; render it as untrusted)."),

@@ -100,6 +100,11 @@ def test_rest_api_maps_onto_the_service(svc: TaskService, repo: Path) -> None:
         job = c.post("/api/tasks/webapi/exec", json={"command": "echo from-job", "background": True}).json()
         assert any(j["job_id"] == job["job_id"] for j in c.get("/api/tasks/webapi/jobs").json()["jobs"])
         assert c.get("/api/tasks/webapi/events", params={"since": 0}).json()["events"][0]["type"] == "task.registering"
+        newest = c.get("/api/tasks/webapi/events", params={"newest": 1, "limit": 2, "exclude": "job.started"}).json()
+        everything = [e for e in svc.events("webapi", limit=10_000) if e["type"] != "job.started"]
+        assert [e["id"] for e in newest["events"]] == [e["id"] for e in everything[-2:]]
+        only = c.get("/api/tasks/webapi/events", params={"type": "task.exec,checkpoint.created"}).json()["events"]
+        assert only and {e["type"] for e in only} == {"task.exec", "checkpoint.created"}
 
         # Errors: JSON bodies with the exception's status code, never a traceback.
         r = c.get("/api/tasks/nope")

@@ -212,10 +212,16 @@ def test_a_command_run_by_the_cli_streams_to_the_task_page_as_text(svc: TaskServ
             "main [onerror], main [onload]').length") == 0
         wait(browser, lambda d: "task.exec" in text_of(d, "#event-list"), 20)
         assert "exec.output" not in text_of(browser, "#event-list")  # the command log has them
-        # A page opened later shows the last command's output from the log.
+        # A page opened later shows the last command's output from the log, and the newest
+        # events, however many came since.
+        for i in range(300):
+            svc.registry.add_event("decision.logged", "cliout", {"decision": f"later-{i}"}, limited=False)
         browser.get(base + "/task/cliout")
         wait(browser, lambda d: "cli-tick-10" in text_of(d, "#live-output"), 30)
         assert text_of(browser, "#live-command").startswith("Exited 3")
+        wait(browser, lambda d: "later-299" in text_of(d, "#event-list"), 30)
+        first = browser.find_element(By.CSS_SELECTOR, "#event-list li").text
+        assert "later-299" in first  # newest first
         assert console_errors(browser) == []
 
 
@@ -430,7 +436,8 @@ def test_pages_of_tasks_in_every_state_load_without_console_errors(svc: TaskServ
         wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-task]")) == 4)
         for tid in ("st-pending", "st-done", "st-aborted", "st-clean"):
             browser.get(base + "/task/" + tid)
-            wait(browser, lambda d: svc.get(tid).title in text_of(d, "#task-head"))
+            title = svc.get(tid).title
+            wait(browser, lambda d, title=title: title in text_of(d, "#task-head"))
             wait(browser, lambda d: "Loading" not in text_of(d, "#plan-body"))
             browser.find_element(By.ID, "load-diff").click()
             wait(browser, lambda d: "Loading" not in text_of(d, "#diff-body"), 60)

@@ -531,15 +531,16 @@ function taskView(main, taskId) {
   }
 
   async function loadEvents() {
+    const base = "/api/tasks/" + enc(taskId) + "/events?newest=1&";
     try {
-      const rows = (await api("GET", "/api/tasks/" + enc(taskId) + "/history?limit=200")).events;
+      const rows = (await api("GET", base + "limit=150&exclude=exec.output")).events;
       clear(events);
-      for (const r of rows.slice().reverse()) {
-        if (r.type !== "exec.output") addEvent({ id: r.id, ts: r.ts, type: r.type, payload: r.payload }, false);
-      }
-      // A command that was running when the page opened: its output so far.
-      for (const r of rows) if (r.type === "exec.output") showOutput(r.payload);
+      for (const r of rows.slice().reverse()) addEvent(r, false);
     } catch (e) { clear(events).appendChild(el("li", { class: "error" }, e.message)); }
+    try {
+      // The newest command's output so far (it may still run): the log has it.
+      for (const r of (await api("GET", base + "limit=80&type=exec.output")).events) showOutput(r.payload);
+    } catch (e) { /* the live stream still brings new output */ }
   }
 
   // The sub-task graph of an ultrawork parent: one column per stage (a sub-task stands right
