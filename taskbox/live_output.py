@@ -9,9 +9,11 @@ Command output is hostile and can be huge, so what is recorded is bounded at eve
 - a command shorter than :data:`INTERVAL` records nothing here (its ``task.exec`` event and
   the execution log have it); a longer one records a first event (``seq`` 0, the command)
   and then, every :data:`INTERVAL`, one event per stream with the new output;
-- at most :data:`RATE` bytes per second per task (a burst of :data:`BURST`), at most
-  :data:`CHUNK` per event and :data:`EXEC_LIMIT` per command; output past the budget is
-  skipped — the next event says how many bytes (``skipped``) and carries the newest text;
+- at most :data:`RATE` bytes per second per task (a burst of :data:`BURST`; the budget is
+  kept by each process, shared by its commands in that task), at most :data:`CHUNK` per
+  event and :data:`EXEC_LIMIT` per command; output past the budget is skipped — the next
+  event says how many bytes (``skipped``) and carries the newest text. So the durable log
+  grows by at most about 14 MiB an hour per busy task, and by nothing for quick commands;
 - the bytes waiting between two events are capped (:data:`PENDING_LIMIT`, oldest dropped);
 - secrets never appear: text is redacted before it is recorded, and a stream is only cut
   where no secret value straddles the cut (the rest waits for the next event), so a value
@@ -219,11 +221,15 @@ class Streamer:
         self._thread.join()
         if self.seq == 0:
             return
-        self.flush(final=True)
-        self.record({"exec_id": self.exec_id, "seq": self.seq, "stream": None, "text": "", "done": True,
-                     "exit_code": exit_code, "bytes": self.seen, "command": self.command,
-                     **({"skipped": self.skipped} if self.skipped else {})})
-        self.seq += 1
+        try:
+            self.flush(final=True)
+            self.record({"exec_id": self.exec_id, "seq": self.seq, "stream": None, "text": "", "done": True,
+                         "exit_code": exit_code, "bytes": self.seen, "command": self.command,
+                         **({"skipped": self.skipped} if self.skipped else {})})
+            self.seq += 1
+        except Exception as exc:  # noqa: BLE001 - the command's own result must still reach its caller
+            log.warning("the end of %s's live output in %s was not recorded: %s: %s", self.exec_id, self.task_id,
+                        type(exc).__name__, exc)
 
 
 def start(task_id: str, command: str | list[str], control: ExecControl, redactor: Redactor,

@@ -110,3 +110,20 @@ def test_budgets_are_per_task() -> None:
     b = live_output.Budgets(rate=0, burst=100)
     assert b.take("a", 80) == 80 and b.take("a", 80) == 20 and b.take("a", 5) == 0
     assert b.take("b", 80) == 80
+
+
+def test_a_failing_event_log_never_fails_the_command() -> None:
+    redactor = Redactor(None)
+    control = ExecControl()
+    calls: list[dict[str, Any]] = []
+
+    def record(payload: dict[str, Any]) -> None:
+        calls.append(payload)
+        if len(calls) > 1:
+            raise OSError("disk full")
+
+    s = live_output.start("t1", "make", control, redactor, record, live_output.Budgets(), interval=3600)
+    s.flush(final=False)  # the first event goes in
+    control.feed(b"more\n", "stdout")
+    s.close(0)  # the log fails now: close says so in the log and returns
+    assert [c["seq"] for c in calls] == [0, 1]
