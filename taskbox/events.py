@@ -95,6 +95,8 @@ CATALOGUE: tuple[EventType, ...] = (
               "An agent run ended; its session detached (work committed, branch fetched)."),
     EventType("agent.egress_allowed", ("agent", "hosts"),
               "An agent's model API hosts were added to the task's egress allowlist."),
+    EventType("todos.updated", ("changed", "total", "completed"),
+              "Todos were added, changed or removed (``changed``: their ids; the list's ``total`` and ``completed``)."),
     EventType("todo.completed", ("todo",), "A todo was marked completed."),
     EventType("decision.logged", ("time", "agent", "context", "decision", "rationale", "alternatives"),
               "A design decision was recorded in decisions.md.", open=True),

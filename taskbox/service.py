@@ -1659,6 +1659,9 @@ class TaskService:
                                   "todo": next((t for t in state["todos"] if t["id"] == todo["id"]),
                                                {"id": todo["id"], "deleted": True})})
         self._after(task, "update_todos", {"todos": clean}, {"todos": state["todos"]})
+        self.registry.add_event("todos.updated", task.id, {
+            "changed": [str(t["id"]) for t in clean][:50], "total": len(state["todos"]),
+            "completed": sum(1 for t in state["todos"] if t.get("status") == "completed")})
         for todo in completed:
             self.registry.add_event("todo.completed", task.id, {"todo": todo})
             self.hook.todo_complete(service=self, task=task, todo=todo)

@@ -637,7 +637,9 @@ function taskView(main, taskId) {
     cps: debounce(loadCheckpoints, 200), children: debounce(loadChildren, 300),
   };
   loadHead(); loadPlan(); loadExecs(); loadCheckpoints(); loadEvents(); loadChildren();
-  const timers = [setInterval(followJobs, 1000)];
+  // Events bring every change at once; this catches what records none (an agent editing
+  // Plan.md with a file tool) and keeps "last activity" current.
+  const timers = [setInterval(followJobs, 1000), setInterval(() => { reload.head(); reload.plan(); }, 10000)];
 
   return {
     onMessage: (m) => {
