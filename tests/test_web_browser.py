@@ -212,6 +212,13 @@ def test_a_command_run_by_the_cli_streams_to_the_task_page_as_text(svc: TaskServ
             "main [onerror], main [onload]').length") == 0
         wait(browser, lambda d: "task.exec" in text_of(d, "#event-list"), 20)
         assert "exec.output" not in text_of(browser, "#event-list")  # the command log has them
+        # Todos from another process appear, and change, without a reload (and Plan.md with them).
+        env = {"TASKBOX_HOME": str(svc.paths.home)}
+        assert run_cli("todo", "cliout", "--add", "write the parser", env=env).returncode == 0
+        wait(browser, lambda d: "☐ write the parser" in text_of(d, "#todo-list"), 20)
+        wait(browser, lambda d: "write the parser" in text_of(d, "#plan-body"), 20)
+        assert run_cli("todo", "cliout", "--done", "t1", env=env).returncode == 0
+        wait(browser, lambda d: "☑ write the parser" in text_of(d, "#todo-list"), 20)
         # A page opened later shows the last command's output from the log, and the newest
         # events, however many came since.
         for i in range(300):
