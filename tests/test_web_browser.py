@@ -385,8 +385,8 @@ def test_the_dashboard_works_from_the_keyboard(svc: TaskService, repo: Path, bro
         wait(browser, lambda d: "app.py" in text_of(d, "#checkpoint-changes"), 60)
         browser.find_element(By.ID, "load-diff").send_keys(Keys.ENTER)
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff"), 60)
-        added = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff span.add")]
-        assert "+from-the-keyboard" in added
+        wait(browser, lambda d: "+from-the-keyboard" in d.execute_script(
+            "return Array.from(document.querySelectorAll('#diff-body pre.diff span.add')).map(e => e.textContent)"), 30)
         assert browser.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff span.file")
         colour = browser.execute_script("return getComputedStyle(document.querySelector('#diff-body span.add'))"
                                         ".backgroundColor")

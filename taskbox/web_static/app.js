@@ -308,6 +308,7 @@ function taskView(main, taskId) {
   const cpName = el("input", { id: "checkpoint-name", type: "text", placeholder: "name (optional)", "aria-label": "Checkpoint name" });
   const cpForm = el("form", { class: "toolbar", id: "checkpoint-form", on: { submit: (e) => { e.preventDefault(); createCheckpoint(); } } },
     el("label", { for: "checkpoint-name" }, "New checkpoint", cpName), el("button", { type: "submit", id: "create-checkpoint" }, "Create checkpoint"));
+  const diffButton = el("button", { type: "button", id: "load-diff", on: { click: () => loadDiff() } }, "Show diff");
   const graphCard = sec("subtasks", "Sub-tasks", graph);
   graphCard.classList.add("wide");
   graphCard.hidden = true;
@@ -327,7 +328,7 @@ function taskView(main, taskId) {
         cpResult),
       sec("events", "Events", events),
       el("section", { class: "card wide", id: "diff", "aria-labelledby": "diff-h" }, el("h2", { id: "diff-h" }, "Branch diff"),
-        el("div", { class: "toolbar" }, el("button", { type: "button", id: "load-diff", on: { click: () => loadDiff() } }, "Show diff")),
+        el("div", { class: "toolbar" }, diffButton),
         diffBox)),
   ]);
 
@@ -341,6 +342,7 @@ function taskView(main, taskId) {
     } catch (e) { clear(head).appendChild(el("p", { class: "error" }, e.message)); return; }
     document.title = "taskbox · " + task.task_id;
     keepFocus(head, () => drawHead(task));
+    if (!diffShown && task.container_state === "running") loadDiff();
   }
 
   function drawHead(task) {
@@ -454,8 +456,16 @@ function taskView(main, taskId) {
     } catch (e) { clear(cpResult).appendChild(el("p", { class: "error" }, e.message)); }
   }
 
+  // The branch diff loads by itself once when the task's container runs (a cheap command
+  // there; a stopped task would need a throwaway container, so it waits for the button).
+  // It is not reloaded on every event: each load runs a command in the container, and one
+  // started while a checkpoint freezes the container can wedge the engine (docs/serve.md,
+  // Known limits); the button refreshes it.
+  let diffShown = false;
   async function loadDiff() {
     clear(diffBox).appendChild(el("p", { class: "muted" }, "Loading…"));
+    diffShown = true;
+    diffButton.textContent = "Refresh diff";
     try {
       const d = await api("GET", "/api/tasks/" + enc(taskId) + "/diff");
       clear(diffBox).appendChild(d.diff ? renderDiff(d.diff) : el("p", { class: "muted" }, "No changes."));
@@ -637,9 +647,9 @@ function taskView(main, taskId) {
     cps: debounce(loadCheckpoints, 200), children: debounce(loadChildren, 300),
   };
   loadHead(); loadPlan(); loadExecs(); loadCheckpoints(); loadEvents(); loadChildren();
-  // Events bring every change at once; this catches what records none (an agent editing
-  // Plan.md with a file tool) and keeps "last activity" current.
-  const timers = [setInterval(followJobs, 1000), setInterval(() => { reload.head(); reload.plan(); }, 10000)];
+  // Events bring every change at once; this catches a Plan.md edit that records none (an
+  // agent's file tool). A host-side read of the file: nothing runs in the container.
+  const timers = [setInterval(followJobs, 1000), setInterval(() => reload.plan(), 10000)];
 
   return {
     onMessage: (m) => {
