@@ -4,7 +4,7 @@
 - ``run → first model request``: seconds from calling `taskbox run TASK --agent A --prompt …`
   (the service call the CLI makes) to the first request the scripted model endpoint
   (``tests/model_stub.py`` in a stand-in container, reached only through the task's egress
-  proxy) receives, for Claude Code and OpenCode; the whole run's seconds beside it. Baseline:
+  proxy) receives, for Claude Code, OpenCode and Codex; the whole run's seconds beside it. Baseline:
   the same CLI's ``--version`` through a bare ``docker exec`` in the same container (what
   starting the CLI costs without taskbox).
 - ``run overhead``: `taskbox run --agent shell --prompt true` (attach, run, commit, fetch,
@@ -38,9 +38,12 @@ from taskbox.sandbox import LABEL_HOME  # noqa: E402
 
 STUB = (ROOT / "tests" / "model_stub.py").read_text()
 SCRIPT = {"marker": "TBX-SCRIPT", "final": "done", "steps": [
-    {"tool": ["Bash", "bash"], "args": {"command": "echo hi > bench.txt", "description": "write"}}]}
+    {"tool": ["Bash", "bash", "exec_command"], "args": {"command": "echo hi > bench.txt", "cmd": "echo hi > bench.txt",
+                                                        "description": "write"}}]}
 BASES = {"claude-code": ("ANTHROPIC_API_KEY", "http://api.anthropic.com"),
-         "opencode": ("OPENAI_API_KEY", "http://api.openai.com/v1")}
+         "opencode": ("OPENAI_API_KEY", "http://api.openai.com/v1"),
+         "codex": ("OPENAI_API_KEY", "http://api.openai.com/v1")}
+MODELS = {"codex": "scripted"}  # Codex offers its plain function tools to a model it has no metadata for
 
 
 def git(repo: Path, *args: str) -> None:
@@ -114,7 +117,8 @@ def main() -> int:
                 add(f"{agent}: bare docker exec --version (baseline)", time.perf_counter() - t0)
                 seen = len(stub_times())
                 start_wall, t0 = time.time(), time.perf_counter()
-                svc.run_agent(task.id, agent, prompt="TBX-SCRIPT bench", secrets=[key], base_url=base, timeout=300)
+                svc.run_agent(task.id, agent, prompt="TBX-SCRIPT bench", secrets=[key], base_url=base, timeout=300,
+                              model=MODELS.get(agent))
                 add(f"{agent}: taskbox run, whole run", time.perf_counter() - t0)
                 first = [t for t in stub_times()[seen:] if t >= start_wall]
                 if first:

@@ -71,9 +71,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "codex", "codex", ("codex",),
         ("codex", "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox", "{prompt}"),
         hosts=("api.openai.com", "chatgpt.com"),
-        env={"CODEX_HOME": "/home/agent/.codex"},
-        base_url_env="OPENAI_BASE_URL", package="@openai/codex@0.171.0", key_env=("OPENAI_API_KEY",),
-        doc="OpenAI Codex CLI; `codex exec` for a prompt; the sandbox is its permission boundary",
+        package="@openai/codex@0.171.0", key_env=("OPENAI_API_KEY",),
+        doc="OpenAI Codex CLI; `codex exec` for a prompt; a custom base URL becomes a Responses API provider "
+            "given with -c; the sandbox is its permission boundary",
     ),
     Preset(
         "shell", "bash", ("bash", "-l"), ("bash", "-lc", "{prompt}"),
@@ -125,6 +125,8 @@ def environment(p: Preset, *, base_url: str | None = None, model: str | None = N
         base_url_host(base_url)
         if p.base_url_env:
             env[p.base_url_env] = base_url
+        elif p.name == "codex":
+            pass  # given as options (see options())
         elif p.name == "opencode":
             chosen = model or "default"
             env["OPENCODE_CONFIG_CONTENT"] = json.dumps({
@@ -138,6 +140,32 @@ def environment(p: Preset, *, base_url: str | None = None, model: str | None = N
     if model and p.name == "claude-code":
         env["ANTHROPIC_MODEL"] = model
     return env
+
+
+#: The model provider a custom base URL becomes for Codex (its ``OPENAI_BASE_URL`` is not read any more).
+CODEX_PROVIDER = "taskbox"
+
+
+def options(p: Preset, *, base_url: str | None = None, model: str | None = None) -> list[str]:
+    """The command-line options a run of ``p`` gets before the user's own arguments.
+
+    Codex takes its endpoint and model as options: a custom base URL becomes a provider of its
+    own (``-c model_providers.taskbox={…}``) speaking the Responses API over HTTP (streamed as
+    SSE; no WebSocket first, which a plain endpoint does not serve), its key read from
+    ``OPENAI_API_KEY``; ``--model`` becomes ``-m``.
+    """
+    if p.name != "codex":
+        return []
+    out: list[str] = []
+    if base_url:
+        base_url_host(base_url)
+        table = ", ".join([f"name = {json.dumps(CODEX_PROVIDER)}", f"base_url = {json.dumps(base_url)}",
+                           'env_key = "OPENAI_API_KEY"', 'wire_api = "responses"', "supports_websockets = false"])
+        out += ["-c", f"model_provider={json.dumps(CODEX_PROVIDER)}",
+                "-c", f"model_providers.{CODEX_PROVIDER}={{{table}}}"]
+    if model:
+        out += ["-m", model]
+    return out
 
 
 def tmux_socket(session_id: str) -> str:

@@ -82,6 +82,7 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
 
 @command(cli, "create-task")
 @click.argument("description")
+@click.argument("agent_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- AGENT_ARGS...]")
 @click.option("--repo", default=".", show_default=True, help="The git repository the task works on.")
 @click.option("--agent", default="agent", show_default=True, help="Name of the agent starting the task.")
 @click.option("--model", default="unknown", show_default=True, help="Model the agent runs.")
@@ -109,18 +110,29 @@ def _task_row(svc: TaskService, t: Any) -> dict[str, Any]:
 @click.option("--run", "run_agent", metavar="AGENT",
               help="Then run this agent in it (opencode, claude-code, codex, shell), as `taskbox run` does; "
                    "with --prompt non-interactively. Uses the agents image and the allowlist network unless told.")
-@click.option("--prompt", help="With --run: the prompt for a non-interactive run.")
+@click.option("--prompt", "-p", help="With --run: the prompt for a non-interactive run.")
+@click.option("--base-url", help="With --run: a custom model endpoint for the agent (its host is allowed).")
+@click.option("--timeout", type=float, help="With --run: seconds a prompt run may take (default: run_timeout).")
+@click.option("--checkpoint/--no-checkpoint", default=None,
+              help="With --run: take a checkpoint when the agent ends (default: the run_checkpoint setting).")
 @click.option("--template", help="Apply a template (`taskbox template list`) under the project's own setup.")
 @click.option("--publish", "publish", multiple=True, metavar="[HOST_PORT:]PORT",
               help="Publish the task's PORT on host loopback (HOST_ADDRESS:HOST_PORT:PORT for another address). Repeatable.")
-@click.option("--secret", "secret_names", multiple=True, metavar="NAME", help="With --run: a secret for the agent.")
-def create_task(description: str, repo: str, agent: str, model: str, title: str | None, task_id: str | None,
-                lock_mode: str, memory: str | None, cpus: float | None, pids: int | None, disk: str | None,
-                inodes: int | None, network: str | None,
+@click.option("--secret", "secret_names", multiple=True, metavar="NAME",
+              help="With --run: a secret for the agent (repeatable).")
+def create_task(description: str, agent_args: tuple[str, ...], repo: str, agent: str, model: str, title: str | None,
+                task_id: str | None, lock_mode: str, memory: str | None, cpus: float | None, pids: int | None,
+                disk: str | None, inodes: int | None, network: str | None,
                 allow_domains: tuple[str, ...], image: str | None, base: str | None, lazy: bool, no_attach: bool,
                 session: str | None, memory_on_branch: bool | None, run_agent: str | None, prompt: str | None,
+                base_url: str | None, timeout: float | None, checkpoint: bool | None,
                 template: str | None, publish: tuple[str, ...], secret_names: tuple[str, ...]) -> Any:
-    """Create a task: a workspace on a new branch, a sandbox container and memory."""
+    """Create a task: a workspace on a new branch, a sandbox container and memory.
+
+    With --run AGENT it then runs the agent in it, with the options of `taskbox run`
+    (--prompt, --model, --secret, --allow-domain, --base-url, --timeout, --checkpoint and
+    agent arguments after --); bad run options are refused before the task is created.
+    """
     svc = _service()
     options: dict[str, Any] = dict(agent=agent, model=model, title=title, task_id=task_id, lock_mode=lock_mode,
                                    memory=memory, cpus=cpus, pids_limit=pids, disk=disk, inodes=inodes,
@@ -128,18 +140,20 @@ def create_task(description: str, repo: str, agent: str, model: str, title: str 
                                    base_ref=base, lazy=lazy, progress=progress, template=template,
                                    publish=list(publish) or None, memory_on_branch=memory_on_branch)
     if run_agent:
-        options = svc.agent_task_options(run_agent, options)
-    elif prompt or secret_names:
-        raise InvalidInput("--prompt and --secret go with --run AGENT")
+        options = svc.agent_task_options(run_agent, options, secrets=list(secret_names), base_url=base_url)
+    elif prompt or secret_names or base_url or agent_args or timeout is not None or checkpoint is not None:
+        raise InvalidInput("--prompt, --secret, --base-url, --timeout, --checkpoint and agent arguments go with "
+                           "--run AGENT")
     data = svc.start_task(repo, description, attach=not no_attach, session_id=session, **options)
     for line in data["warnings"]:
         click.echo(f"warning: {line}", err=True)
     if run_agent:
         click.echo(f"taskbox: created task {data['task_id']} on branch {data['branch']}", err=True)
         ctx = click.get_current_context()
-        ctx.invoke(run, task_id=data["task_id"], args=(), agent_name=run_agent, prompt=prompt, model=None,
-                   secret_names=secret_names, allow_domains=(), base_url=None, session=session, timeout=None,
-                   checkpoint=None, as_json=False)
+        ctx.invoke(run, task_id=data["task_id"], args=agent_args, agent_name=run_agent, prompt=prompt,
+                   model=None if model == "unknown" else model, secret_names=secret_names,
+                   allow_domains=allow_domains, base_url=base_url, session=session, timeout=timeout,
+                   checkpoint=checkpoint, as_json=False)
     human = pairs([("task", data["task_id"]), ("status", data["status"]), ("branch", data["branch"]),
                    ("workspace", data["workspace_path"]), ("container", (data["container_id"] or "-")[:12]),
                    ("session", data["session_id"] or "-")])
@@ -338,22 +352,56 @@ def _terminal() -> Any:
 
 
 def _raw_terminal(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` with the local terminal in raw mode (keys go to the agent as typed), restored after."""
+    """Run ``fn`` with the local terminal in raw mode (keys go to the agent as typed), restored after.
+
+    A terminal closed mid-run (its window shut, the ssh connection dropped) is a detach, not an
+    end: the hang-up signal is ignored, so the relay sees the closed terminal, the agent keeps
+    running in the sandbox and its run is handed to `taskbox watch-run`.
+    """
     if not sys.stdin.isatty():
         return fn()
+    import signal
     import termios
     import tty
 
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         tty.setraw(fd)
         return fn()
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except (termios.error, OSError):
+            pass  # the terminal is gone
+        signal.signal(signal.SIGHUP, hangup)
+
+
+def _watch_detached(data: dict[str, Any]) -> None:
+    """A run left running: start `taskbox watch-run` in the background (its own session, no terminal),
+    which keeps the run's lease renewed and records the run when the agent ends."""
+    if not data.get("detached") or not data.get("session_id"):
+        return
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBOX_SECRET_")}
+    subprocess.Popen([sys.executable, "-m", "taskbox", "watch-run", data["task_id"], data["session_id"]],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True, env=env)
 
 
 def _run_output(data: dict[str, Any], as_json: bool) -> None:
+    _watch_detached(data)
+    try:
+        _show_run(data, as_json)
+    except OSError:  # the terminal was closed: nobody to tell
+        pass
+    code = data.get("exit_code")
+    sys.exit(0 if code is None else code if 0 <= code < 256 else 1)
+
+
+def _show_run(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(to_json(data))
     elif data.get("detached"):
@@ -367,8 +415,6 @@ def _run_output(data: dict[str, Any], as_json: bool) -> None:
                        + (f": {last}" if last else ""), err=True)
         click.echo(f"taskbox: {data['agent']} ended (exit {code}); branch {data.get('branch')} "
                    f"at {str(data.get('commit') or '-')[:12]}", err=True)
-    code = data.get("exit_code")
-    sys.exit(0 if code is None else code if 0 <= code < 256 else 1)
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True})
@@ -436,6 +482,24 @@ def attach(task_id: str, session: str | None, checkpoint: bool | None, as_json: 
         click.echo(to_json(exc.to_dict()) if as_json else f"error: {exc.message}", err=not as_json)
         sys.exit(exc.exit_code)
     _run_output(data, as_json)
+
+
+@cli.command("watch-run")
+@click.argument("task_id")
+@click.argument("session_id")
+def watch_run(task_id: str, session_id: str) -> None:
+    """Look after an agent left running by `taskbox run` until it ends (started by `run` and `attach`).
+
+    Keeps the run's lease renewed while the agent runs; when it ends, records the run as an
+    attached `run` would (the session detached, the branch fetched, a checkpoint by setting).
+    """
+    try:
+        data = _service().watch_run(task_id, session_id)
+    except TaskboxError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    if data is not None:
+        click.echo(f"taskbox: {data['agent']} ended (exit {data['exit_code']}); branch {data.get('branch')}", err=True)
 
 
 @cli.group("job")
@@ -738,8 +802,11 @@ def merge(task_id: str, into: str | None, squash: bool, as_json: bool) -> None:
         human = f"conflict merging {task_id} into {res['into']}; nothing was changed. Conflicting files:\n" + \
             "\n".join(f"  {f}" for f in res["conflict_files"])
         _render_exit(res, human, as_json, 4)
-    word = "already contained" if res["status"] == "already" else "merged as"
-    _render_exit(res, f"{task_id} {word} {res['commit'][:12]} in {res['into']}", as_json, 0)
+    if res["status"] == "already":
+        human = f"nothing to merge: {res['into']} already contains {task_id}'s work (at {res['commit'][:12]})"
+    else:
+        human = f"{task_id} merged as {res['commit'][:12]} in {res['into']}"
+    _render_exit(res, human, as_json, 0)
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -977,7 +1044,9 @@ def image() -> None:
               help="Also build the agent CLIs layer (OpenCode, Claude Code, Codex from npm, pinned; tmux).")
 @click.option("--package", "packages", multiple=True, metavar="NAME@VERSION",
               help="Another npm package for the agents layer (pinned version). Repeatable.")
-def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str, ...]) -> Any:
+@click.option("--repo", help="Also build this project's own Dockerfile (.taskbox/config.toml or devcontainer.json) "
+                             "and add its [agent] packages to the agents layer.")
+def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str, ...], repo: str | None) -> Any:
     """Build the default sandbox image (bootstrapping a Debian base if it cannot be pulled)."""
     from . import images
     from .engine import connect
@@ -986,6 +1055,15 @@ def image_build(force: bool, proxy: bool, with_agents: bool, packages: tuple[str
     word = "cached" if res.cached else "built"
     human = f"{word} {res.tag} (base {res.base}) in {res.seconds:.1f}s"
     data: dict[str, Any] = dict(res.__dict__)
+    if repo:
+        project = _service().build_project_image(repo, force=force, progress=progress)
+        data["project"] = project
+        packages = (*packages, *project["packages"])
+        if project["image"]:
+            pimg = project["image"]
+            human += f"\n{'cached' if pimg['cached'] else 'built'} {pimg['tag']} (the project's Dockerfile)"
+        elif not project["packages"]:
+            human += f"\n{project['repo']} names no Dockerfile and no agent packages"
     if proxy:
         pres = images.build_proxy(connect(), force=force, progress=progress)
         data["proxy"] = pres.__dict__
@@ -1024,9 +1102,10 @@ def template_group() -> None:
 
 @command(template_group, "list")
 def template_list() -> Any:
-    """The templates saved under TASKBOX_HOME/templates."""
+    """The templates saved under TASKBOX_HOME/templates and those plugins ship."""
     rows = _service().templates()
-    return rows, table([[r["name"], r["path"]] for r in rows], ["NAME", "PATH"]) if rows else "no templates"
+    return rows, table([[r["name"], r["source"], r["path"] or ""] for r in rows],
+                       ["NAME", "SOURCE", "PATH"]) if rows else "no templates"
 
 
 @command(template_group, "show")
@@ -1045,6 +1124,33 @@ def template_save(name: str, repo: str) -> Any:
     """Save the project's setup (.taskbox/config.toml, devcontainer.json) as template NAME."""
     data = _service().save_template(name, repo)
     return data, f"saved template {name} at {data['path']}"
+
+
+# --- shared host caches ------------------------------------------------------------------------
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Shared host caches (pip, uv, npm) mounted read-only into sandboxes: `[sandbox] caches`."""
+
+
+@command(cache_group, "list")
+def cache_list() -> Any:
+    """The shared caches under TASKBOX_HOME/caches: size, and where sandboxes see them."""
+    rows = _service().caches()
+    return rows, table([[r["name"], r["files"], _size(r["bytes"]) if r["exists"] else "-", r["mount"],
+                         r["path"]] for r in rows], ["NAME", "FILES", "SIZE", "MOUNT", "PATH"])
+
+
+@command(cache_group, "warm")
+@click.argument("name")
+@click.argument("packages", nargs=-1)
+@click.option("-r", "--requirements", type=click.Path(dir_okay=False), help="pip/uv: a requirements file to fill from.")
+@click.option("--image", help="The image to build wheels in (default: the sandbox image).")
+def cache_warm(name: str, packages: tuple[str, ...], requirements: str | None, image: str | None) -> Any:
+    """Fill cache NAME (pip, uv, npm) with PACKAGES from a throwaway container with network."""
+    data = _service().warm_cache(name, list(packages), requirements=requirements, image=image, progress=progress)
+    return data, f"{name} cache: {data['files']} files, {_size(data['bytes'])} at {data['path']}"
 
 
 # --- safety: project policy --------------------------------------------------------------------

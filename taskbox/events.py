@@ -86,6 +86,10 @@ CATALOGUE: tuple[EventType, ...] = (
     EventType("setup.copied", ("files",), "The project's ignored files were copied into the new workspace."),
     EventType("setup.command", ("index", "command", "exit_code"),
               "A project setup command ran once after create (its output is in the execution log)."),
+    EventType("cache.warmed", ("cache", "packages", "exit_code", "bytes"),
+              "A shared host cache was filled by `taskbox cache warm` from a throwaway container."),
+    EventType("cache.seed_failed", ("cache", "error"),
+              "Copying the shared npm cache into a new task container failed (npm starts with an empty cache)."),
     # --- agents inside the sandbox (`taskbox run`) ---------------------------------------------
     EventType("agent.started", ("session_id", "agent", "mode", "detachable"),
               "An agent CLI started in the task's sandbox (`mode`: prompt or interactive)."),

@@ -78,3 +78,8 @@ def checkpoint_failed(service: Any, task: Any, checkpoint: Any, error: str) -> N
 @hookspec
 def subtasks_changed(service: Any, task: Any, subtasks: list[dict[str, Any]]) -> None:
     """A parent ``task``'s sub-tasks changed (ultrawork); ``subtasks`` are their rows in plan order."""
+
+
+@hookspec
+def project_templates() -> dict[str, Any] | None:
+    """Templates a plugin ships: ``{name: settings}``, settings in the shape of `.taskbox/config.toml` (a table or TOML text); a template saved under TASKBOX_HOME with the same name wins."""

@@ -46,6 +46,8 @@ __all__ = [
     "agents_recipe",
     "build",
     "build_agents",
+    "build_project",
+    "project_image",
     "build_proxy",
     "ensure",
     "image_tag",
@@ -242,6 +244,76 @@ def build_agents(
         found = built
     _tag_latest(found, AGENTS_IMAGE)
     return BuildResult(tag, found.id, cached, base, time.monotonic() - started)
+
+
+PROJECT_REPO = "taskbox-project"
+
+
+def project_tag(dockerfile_text: str, dockerfile: str, context: str) -> str:
+    """The tag of a project's image: a hash of its Dockerfile's text and where it and its context are."""
+    key = "\0".join((dockerfile_text, dockerfile, context)).encode("utf-8")
+    return f"{PROJECT_REPO}:{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def project_image(repo: Path, dockerfile: str, context: str) -> tuple[str, Path, Path]:
+    """The tag a project's Dockerfile builds to, the Dockerfile and the context (inside ``repo``)."""
+    root = repo.resolve()
+    file_path, context_path = (root / dockerfile).resolve(), (root / context).resolve()
+    for what, path in (("dockerfile", file_path), ("context", context_path)):
+        if path != root and root not in path.parents:
+            raise InvalidInput(f"sandbox.{what} {path} is outside the repository {root}")
+    try:
+        text = file_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read the project's Dockerfile {file_path}: {exc}") from exc
+    if not context_path.is_dir():
+        raise InvalidInput(f"the Dockerfile's build context {context_path} is not a directory")
+    return project_tag(text, dockerfile, context), file_path, context_path
+
+
+def build_project(
+    client: docker.DockerClient | None = None,
+    *,
+    repo: Path,
+    dockerfile: str,
+    context: str,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build (or find) the image of a project's own Dockerfile (``[sandbox] dockerfile`` or
+    devcontainer.json's ``build``); ``dockerfile`` and ``context`` are relative to ``repo``.
+
+    The user's repository and Dockerfile are theirs, built as ``docker build`` would. The tag
+    is a hash of the Dockerfile's text: an edited Dockerfile is rebuilt at the next create;
+    ``force`` (``taskbox image build --repo . --force``) rebuilds for changed context files.
+    """
+    client = client or connect()
+    say: Progress = progress or _quiet
+    started = time.monotonic()
+    tag, file_path, context_path = project_image(repo, dockerfile, context)
+    found = None if force else _get(client, tag)
+    if found is not None:
+        return BuildResult(tag, found.id, True, "", time.monotonic() - started)
+    say(f"==> building {tag} from {file_path}")
+    tail: deque[str] = deque(maxlen=_LOG_TAIL)
+    error: str | None = None
+    image_id: str | None = None
+    try:
+        for chunk in client.api.build(path=str(context_path), dockerfile=str(file_path), tag=tag, rm=True,
+                                      forcerm=True, nocache=force, decode=True,
+                                      labels={RECIPE_LABEL: tag.split(":", 1)[1]}):
+            image_id = _consume(chunk, tail, say) or image_id
+            if "error" in chunk:
+                error = str(chunk["error"]).strip()
+    except DOCKER_ERRORS as exc:
+        raise _translate(exc, f"building {tag}", tail) from exc
+    if error is not None:
+        raise SandboxError(f"building the project's Dockerfile {dockerfile} failed: {error.splitlines()[-1][:300]}",
+                           tag=tag)
+    built = _get(client, tag)
+    if built is None:
+        raise SandboxError(f"docker built {tag} but the image is gone", tag=tag)
+    return BuildResult(tag, built.id, False, "", time.monotonic() - started)
 
 
 def host_npm_settings() -> tuple[Path | None, str | None]:

@@ -7,7 +7,8 @@ Each agent keeps its MCP servers in its own file and format:
 - Claude Code: ``.mcp.json``, ``mcpServers.<name>`` = ``{"type": "stdio", "command": ..., "args": [...]}``
   (or ``{"type": "http", "url": ...}``)
 - Codex: ``$CODEX_HOME/config.toml`` (``~/.codex``), a ``[mcp_servers.<name>]`` table with
-  ``command``/``args``/``env`` (or ``url``) and ``tool_timeout_sec``
+  ``command``/``args``/``env`` (or ``url``), ``required = true``,
+  ``default_tools_approval_mode = "approve"`` and ``tool_timeout_sec``
 
 The command is the taskbox that is running now, by absolute path, never a ``taskbox`` looked
 up on PATH (which may be another installation or a version manager's shim). Each client's
@@ -138,9 +139,28 @@ def claude_code_entry(command: list[str], env: dict[str, str], url: str | None =
 
 def codex_entry(command: list[str], env: dict[str, str], url: str | None = None,
                 timeout: int | None = None) -> dict[str, Any]:
+    """Codex's table for the taskbox server.
+
+    ``required``: Codex (0.171, the pinned version) waits only ``mcp_optional_startup_grace_ms``
+    (1 s by default) for an optional server before it builds a session's tool list, and never
+    adds a late server's tools afterwards. `taskbox mcp` answers ``initialize`` at once but its
+    tool list only after loading the whole server (1-1.5 s on a busy two-core machine), so as
+    an optional server its tools were often missing, with nothing reported. A required server
+    is waited for up to ``startup_timeout_sec``, and when it cannot start `codex exec` fails
+    saying so.
+
+    ``default_tools_approval_mode = "approve"``: by default Codex asks before a tool marked
+    destructive (``complete_task``, ``restore_task_checkpoint``, ``delete_task_file``,
+    ``kill_task_job``), and `codex exec`, which cannot ask, refuses it ("requires approval,
+    but approval policy is never"). Those tools act inside the task's sandbox and memory only,
+    the boundary taskbox exists to provide, as `taskbox run --agent codex` runs Codex there
+    without approvals.
+    """
     entry: dict[str, Any] = {"url": url} if url else {"command": command[0], "args": command[1:]}
     if env and not url:
         entry["env"] = env
+    entry["required"] = True
+    entry["default_tools_approval_mode"] = "approve"
     entry["startup_timeout_sec"] = CODEX_STARTUP_TIMEOUT
     if timeout:
         entry["tool_timeout_sec"] = timeout

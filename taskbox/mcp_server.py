@@ -31,6 +31,7 @@ from pydantic import Field
 from typing_extensions import TypedDict
 
 from . import __version__
+from .agents import PRESETS
 from .errors import CommandTimeout, InvalidInput, TaskboxError
 from .mcp_instructions import INSTRUCTIONS
 from .results import plain
@@ -299,6 +300,12 @@ def create_server(service: TaskService | None = None,
             description="Commit .task-memory/ and Plan.md on the task branch too (default: the "
                         "memory_on_branch setting; normally they travel on a companion ref "
                         "and the branch holds the work only).")] = None,
+        template: Annotated[str | None, Field(description="A project setup template to apply (`taskbox template "
+                                                          "list`): copied files, setup commands, image, caches.")
+                            ] = None,
+        run_agent: Annotated[str | None, Field(
+            description=f"Make the task ready for run_agent_in_task with this agent ({', '.join(PRESETS)}): "
+                        "the agents image and the allowlist network with its model API hosts.")] = None,
     ) -> Result:
         """Start a new coding task: its own Docker sandbox, git branch and memory (or resume one).
 
@@ -310,11 +317,15 @@ def create_server(service: TaskService | None = None,
         limits = resource_limits or {}
 
         def call() -> dict[str, Any]:
+            options: dict[str, Any] = dict(agent=agent_name, model=agent_model, lock_mode=lock_mode,
+                                           memory=limits.get("memory"), cpus=limits.get("cpu"),
+                                           disk=limits.get("disk"), inodes=limits.get("inodes"),
+                                           memory_on_branch=memory_on_branch)
+            if run_agent:
+                options = ad.service.agent_task_options(run_agent, options)
             res = ad.service.create_or_resume_task(workspace_path, task_description, task_id=task_id,
-                                            resume_if_exists=resume_if_exists, agent=agent_name, model=agent_model,
-                                            lock_mode=lock_mode, memory=limits.get("memory"),
-                                            cpus=limits.get("cpu"), disk=limits.get("disk"),
-                                            inodes=limits.get("inodes"), memory_on_branch=memory_on_branch)
+                                                   resume_if_exists=resume_if_exists, template=template,
+                                                   **options)
             ad.service.record_tool_call(res["task_id"], "create_task_sandbox",
                                  {"task_description": task_description, "workspace_path": workspace_path,
                                   "resume_if_exists": resume_if_exists, "outcome": res.status})
@@ -530,6 +541,48 @@ def create_server(service: TaskService | None = None,
         """Kill a background job and every process it started. Returns its final status."""
         return await ad.task_tool(ctx, task_id, "kill_task_job", {"job_id": job_id},
                                   lambda _s: ad.service.kill_job(task_id, job_id))
+
+    # --- agents inside the sandbox ---------------------------------------------------------------
+
+    @tool(WRITES)
+    async def run_agent_in_task(
+        task_id: TaskId,
+        agent: Annotated[str, Field(description=f"The agent CLI to run: {', '.join(PRESETS)}.")],
+        prompt: Annotated[str, Field(description="What the agent is to do; it runs non-interactively "
+                                                 "(print mode) until it is done.")],
+        ctx: Context,
+        model: Annotated[str | None, Field(description="The model the agent uses, where it takes one.")] = None,
+        secrets: Annotated[list[str] | None, Field(description="Names of secrets the user set up for taskbox "
+                                                              "(its API key, e.g. ANTHROPIC_API_KEY), put "
+                                                              "into the agent's environment only.")] = None,
+        allow_domains: Annotated[list[str] | None, Field(description="More hosts the agent may reach besides "
+                                                                    "its model API hosts.")] = None,
+        base_url: Annotated[str | None, Field(description="A custom model endpoint for the agent.")] = None,
+        args: Annotated[list[str] | None, Field(description="More arguments for the agent CLI.")] = None,
+        timeout: Annotated[float | None, Field(description="Seconds before the run is stopped (default: the "
+                                                           "run_timeout setting).", gt=0, le=86400)] = None,
+        checkpoint: Annotated[bool | None, Field(description="Take a checkpoint when the agent ends (default: "
+                                                             "the run_checkpoint setting).")] = None,
+    ) -> Result:
+        """Run an agent CLI (OpenCode, Claude Code, Codex, or a shell) inside the task's sandbox on a prompt.
+
+        The run is an agent session of its own (in an exclusive task nobody else may be attached:
+        create the task with run_agent set, or detach first); every edit and command of the agent
+        happens in the sandbox. While it runs, progress notifications carry its newest output;
+        cancelling the call stops it. When it ends its work is committed and the branch fetched.
+        Returns exit_code, seconds, branch, commit, checkpoint_id and last_line (its output is in
+        the task's executions, secret values redacted).
+        """
+        call_args = {"agent": agent, "prompt": prompt, "model": model, "secrets": secrets,
+                     "allow_domains": allow_domains, "base_url": base_url, "args": args, "timeout": timeout,
+                     "checkpoint": checkpoint}
+
+        def call(_session: str | None, control: ExecControl) -> dict[str, Any]:
+            return ad.service.run_agent(task_id, agent, prompt=prompt, args=args, model=model, secrets=secrets,
+                                        allow_domains=allow_domains, base_url=base_url, timeout=timeout,
+                                        checkpoint=checkpoint, control=control)
+
+        return await ad.command(ctx, task_id, "run_agent_in_task", call_args, call, log=True)
 
     # --- files -------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ runs on the host in a workspace**: the merge itself runs inside a sandbox —
 
 - into a task (a sub-task into its parent): in the target task's own sandbox, on its
   workspace, after the task branch was fetched into the user's repository through the safe
-  path (:func:`taskbox.workspace.fetch_into`) and handed over as a bundle the host made
+  path (:func:`taskbox.workspace.publish`) and handed over as a bundle the host made
   from the user's repository;
 - into a branch of the user's repository: in a throwaway sandbox, on a bare copy of the two
   commits' objects; the result comes back as a bundle the host parses as data
@@ -28,6 +28,7 @@ keeps its own (each task writes its own, and they would conflict on every merge)
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,15 +63,19 @@ if $G merge-base --is-ancestor "$tip" "$old" 2>/dev/null \
   echo already; echo "$old"; exit 0
 fi
 base=$($G merge-base "$old" "$tip" 2>/dev/null || true)
-# the task's work without taskbox's bookkeeping files: the target keeps its own
-GIT_INDEX_FILE=$(mktemp); export GIT_INDEX_FILE
-$G read-tree "$tip" || exit 30
-$G ls-tree -r "$tip" -- $keep | sed "s/^[0-9]* [a-z]* [0-9a-f]*\t/0 0000000000000000000000000000000000000000\t/" \
-  | $G update-index --index-info || exit 31
-if [ -n "$base" ]; then $G ls-tree -r "$base" -- $keep | $G update-index --index-info || exit 32; fi
-work=$($G write-tree) || exit 33
-rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE
-theirs=$(echo "work of $tip" | $G commit-tree -p "$tip" "$work") || exit 34
+# the task's work without taskbox's bookkeeping files: the target keeps its own (when the task
+# left them as they were at the merge base, that is the task's commit itself)
+if [ -n "$base" ] && $G diff-tree --quiet "$base" "$tip" -- $keep; then theirs=$tip
+else
+  GIT_INDEX_FILE=$(mktemp); export GIT_INDEX_FILE
+  $G read-tree "$tip" || exit 30
+  $G ls-tree -r "$tip" -- $keep | sed "s/^[0-9]* [a-z]* [0-9a-f]*\t/0 0000000000000000000000000000000000000000\t/" \
+    | $G update-index --index-info || exit 31
+  if [ -n "$base" ]; then $G ls-tree -r "$base" -- $keep | $G update-index --index-info || exit 32; fi
+  work=$($G write-tree) || exit 33
+  rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE
+  theirs=$(echo "work of $tip" | $G commit-tree -p "$tip" "$work") || exit 34
+fi
 out=$($G merge-tree --write-tree --name-only --no-messages "$old" "$theirs"); rc=$?
 if [ $rc -eq 1 ]; then echo conflict; printf '%s\n' "$out" | tail -n +2; exit 0; fi
 [ $rc -eq 0 ] || exit 35
@@ -80,16 +85,29 @@ if [ "$squash" = 1 ]; then new=$(printf '%s' "$msg" | $G commit-tree -p "$old" "
 else new=$(printf '%s' "$msg" | $G commit-tree -p "$old" -p "$tip" "$tree") || exit 36; fi
 """.replace("TRAILER", TRAILER)
 
-# In the target task's workspace: take the bundle's objects, merge,
-# update the work tree, then move the branch (compare-and-swap).
+# In the target task's workspace: take the bundle's objects, then for each task commit in
+# turn merge it, update the work tree and move the branch (compare-and-swap); each merge is
+# announced by a line "$mark N" (a nonce the merged trees cannot know) and ends as _MERGE says.
+# The first that fails ends the script with its exit code: the ones before it are done.
 _IN_WORKSPACE = _G + r"""
-branch="$1"; tip="$2"; squash="$3"; bundle="$4"; shift 4; keep="$*"
+branch="$1"; squash="$2"; bundle="$3"; n="$4"; mark="$5"; shift 5
+tips=""; i=0
+while [ "$i" -lt "$n" ]; do tips="$tips $1"; shift; i=$((i + 1)); done
+keep="$*"
 ref="refs/heads/$branch"
 [ "$($G symbolic-ref -q HEAD)" = "$ref" ] || { echo "the workspace is not on branch $branch" >&2; exit 20; }
 if [ -f "$bundle" ]; then
   $G bundle unbundle "$bundle" >/dev/null || { rm -f "$bundle"; exit 21; }
   rm -f "$bundle"
 fi
+# stat data gone stale (the files handed over to the sandbox user, a restore) is not a change
+$G update-index -q --refresh >/dev/null 2>&1
+i=0
+for tip in $tips; do
+  i=$((i + 1))
+  eval "TASKBOX_MESSAGE=\$TASKBOX_MESSAGE_$i"
+  echo "$mark $i"
+  (
 $G cat-file -e "$tip^{commit}" 2>/dev/null || { echo "commit $tip is missing" >&2; exit 22; }
 old=$($G rev-parse --verify -q "$ref^{commit}") || exit 25
 """ + _MERGE + r"""
@@ -98,6 +116,8 @@ if ! $G update-ref -m "taskbox: merge $tip" "$ref" "$new" "$old"; then
   $G read-tree -u -m "$new" "$old"; exit 38
 fi
 echo merged; echo "$new"
+  ) || exit $?
+done
 """
 
 # In a throwaway sandbox on a bare copy of the two commits: merge into a ref of the copy.
@@ -142,24 +162,66 @@ def in_workspace(run: Runner, branch: str, tip: str, message: str, *, squash: bo
     merge would change: an error, nothing done). A conflict leaves the branch, the index and
     the work tree as they were.
     """
-    if not _SHA.match(tip):
-        raise InvalidInput(f"{tip!r} is not a commit id")
-    res = run(["sh", "-c", _IN_WORKSPACE, "sh", branch, tip, "1" if squash else "0", bundle, *keep],
-              env={"TASKBOX_MESSAGE": message})
-    out = _outcome(_check(res, "git merge"))
-    return out
+    done, error = in_workspace_many(run, branch, [(tip, message)], squash=squash, bundle=bundle, keep=keep)
+    if error is not None:
+        raise error
+    return done[0]
 
 
-def bundle_from(repo: Path, dest: Path, tip: str, exclude: list[str]) -> Path:
-    """A bundle of ``tip``'s history in the user's (trusted) repository, without what ``exclude`` reaches."""
-    ref = "refs/taskbox/merge-source"
-    git.run(["update-ref", ref, tip], cwd=repo)
+def in_workspace_many(run: Runner, branch: str, merges: list[tuple[str, str]], *, squash: bool = False,
+                      bundle: str = INCOMING, keep: tuple[str, ...] = KEEP) -> tuple[list[Outcome], GitError | None]:
+    """Merge each ``(tip, message)`` into ``branch`` in turn, in one command in the sandbox.
+
+    Each merge is made as :func:`in_workspace` makes it, on the branch as the one before left
+    it: its own commit, its own compare-and-swap; a conflict changes nothing and the next one
+    goes on. The first that fails stops the rest: returns the outcomes before it and its
+    error (``None`` when all were made).
+    """
+    if not merges:
+        return [], None
+    for tip, _message in merges:
+        if not _SHA.match(tip):
+            raise InvalidInput(f"{tip!r} is not a commit id")
+    mark = f"taskbox-merge-{secrets.token_hex(8)}"
+    env = {f"TASKBOX_MESSAGE_{n}": message for n, (_tip, message) in enumerate(merges, 1)}
+    res = run(["sh", "-c", _IN_WORKSPACE, "sh", branch, "1" if squash else "0", bundle, str(len(merges)), mark,
+               *(tip for tip, _message in merges), *keep], env=env)
+    sections: list[list[str]] = []
+    for line in res.stdout.decode(errors="replace").splitlines():
+        if line.startswith(mark + " "):
+            sections.append([])
+        elif sections:
+            sections[-1].append(line)
+    if res.exit_code == 0 and len(sections) != len(merges):
+        raise GitError(f"the merge in the sandbox answered for {len(sections)} of {len(merges)} commits")
+    if res.exit_code == 0:
+        return [_outcome("\n".join(lines)) for lines in sections], None
+    done = [_outcome("\n".join(lines)) for lines in sections[:-1]]
     try:
-        have = [f"^{c}" for c in exclude if c and _SHA.match(c) and c != tip
+        _check(res, "git merge")
+    except GitError as exc:
+        return done, exc
+    raise AssertionError("unreachable: a failed command is an error")
+
+
+def bundle_from(repo: Path, dest: Path, tips: str | list[str], exclude: list[str]) -> Path:
+    """A bundle of the history of ``tips`` in the user's (trusted) repository, without what
+    ``exclude`` reaches."""
+    tips = [tips] if isinstance(tips, str) else list(dict.fromkeys(tips))
+    for tip in tips:
+        if not _SHA.match(tip):
+            raise InvalidInput(f"{tip!r} is not a commit id")
+    stem = f"refs/taskbox/merge-source-{secrets.token_hex(4)}"  # its own: merges into other tasks may run
+    refs = [f"{stem}-{n}" for n in range(len(tips))]
+    git.run(["update-ref", "--stdin"], cwd=repo,
+            input="".join(f"create {ref} {tip}\n" for ref, tip in zip(refs, tips, strict=True)).encode())
+    try:
+        have = [f"^{c}" for c in dict.fromkeys(exclude) if c and _SHA.match(c) and c not in tips
                 and git.ref_exists(repo, f"{c}^{{commit}}")]
-        git.run(["bundle", "create", "--quiet", str(dest), ref, *have], cwd=repo, timeout=1800)
+        git.run(["bundle", "create", "--quiet", str(dest), *refs, *have], cwd=repo, timeout=1800)
     finally:
-        git.run(["update-ref", "-d", ref], cwd=repo, check=False)
+        git.run(["update-ref", "--stdin"], cwd=repo, check=False,
+                input="".join(f"delete {ref}\n" for ref in refs).encode())
     return dest
 
 

@@ -184,7 +184,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "run_subtasks": ("ultrawork",),
     "subtask_status": ("subtask-status",),
     "merge": ("merge_task",),
-    "run": (),
+    "run": ("run_agent_in_task",),
     "agent_attach": (),
     "ports": (),
 }

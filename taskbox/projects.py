@@ -9,17 +9,21 @@ A new task's workspace starts ready to work::
 
     [sandbox]
     image = "my-image:1"                   # the image (default: devcontainer.json's "image", else the setting)
+    # dockerfile = "docker/dev.Dockerfile" # or build one (instead of image); context defaults to its folder
+    caches = ["pip", "npm"]                # host caches shared read-only (taskbox.caches; `taskbox cache warm`)
 
     [agent]
     default = "claude-code"                # `taskbox run` without --agent
     packages = ["cowsay@1.6.0"]            # extra npm packages for `taskbox image build --agents --repo .`
 
 When the repository has ``.devcontainer/devcontainer.json`` (or ``.devcontainer.json``), its
-``image`` and ``postCreateCommand`` are used where the file above says nothing.
+``image`` or ``build.dockerfile``/``build.context``, and ``postCreateCommand``, are used where
+the file above says nothing.
 
 A **template** is the same settings kept under ``TASKBOX_HOME/templates/NAME.toml``
-(`taskbox template save|list|show`); ``create-task --template NAME`` applies it, the project's
-own file filling what the template leaves out.
+(`taskbox template save|list|show`) or shipped by a plugin (the ``project_templates`` hook);
+``create-task --template NAME`` applies it, the project's own file filling what the template
+leaves out.
 
 The repository is the user's own (trusted for reading); the destination workspace is hostile:
 files are written through :mod:`taskbox.files` on descriptors, never following a link.
@@ -36,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import caches
 from .config import load_project_file
 from .confine import normalize
 from .errors import InvalidInput, NotFound
@@ -54,8 +59,11 @@ class ProjectSetup:
     commands: list[str] = field(default_factory=list)
     timeout: int | None = None
     image: str | None = None
+    dockerfile: str | None = None  # relative to the repository, like context
+    context: str | None = None
     agent: str | None = None
     packages: list[str] = field(default_factory=list)
+    caches: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # where these came from (files, template)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,15 +77,23 @@ class ProjectSetup:
         if self.timeout:
             lines.append(f"timeout = {int(self.timeout)}")
         lines += ["", "[sandbox]"] + ([f"image = {q(self.image)}"] if self.image else [])
+        lines += [f"dockerfile = {q(self.dockerfile)}"] if self.dockerfile else []
+        lines += [f"context = {q(self.context)}"] if self.dockerfile and self.context else []
+        lines += [f"caches = {q(self.caches)}"] if self.caches else []
         lines += ["", "[agent]"] + ([f"default = {q(self.agent)}"] if self.agent else [])
         lines.append(f"packages = {q(self.packages)}")
         return "\n".join(lines) + "\n"
 
     def over(self, base: ProjectSetup) -> ProjectSetup:
-        """These settings, with ``base`` filling what they leave out (lists: these if non-empty)."""
+        """These settings, with ``base`` filling what they leave out (lists: these if non-empty).
+
+        The image and the Dockerfile go together: either names the sandbox's image."""
+        img = self if self.image or self.dockerfile else base
         return ProjectSetup(copy=self.copy or base.copy, commands=self.commands or base.commands,
-                            timeout=self.timeout or base.timeout, image=self.image or base.image,
+                            timeout=self.timeout or base.timeout, image=img.image, dockerfile=img.dockerfile,
+                            context=img.context,
                             agent=self.agent or base.agent, packages=self.packages or base.packages,
+                            caches=self.caches or base.caches,
                             sources=[*self.sources, *base.sources])
 
 
@@ -87,7 +103,7 @@ def parse(data: dict[str, Any], where: str) -> ProjectSetup:
     if unknown:
         raise InvalidInput(f"{where}: unknown sections {', '.join(sorted(unknown))}")
     setup, sandbox, agent = (data.get(k) or {} for k in ("setup", "sandbox", "agent"))
-    for name, section, keys in (("setup", setup, {"copy", "commands", "timeout"}), ("sandbox", sandbox, {"image"}),
+    for name, section, keys in (("setup", setup, {"copy", "commands", "timeout"}), ("sandbox", sandbox, {"image", "dockerfile", "context", "caches"}),
                                 ("agent", agent, {"default", "packages"})):
         if not isinstance(section, dict):
             raise InvalidInput(f"{where}: [{name}] must be a table")
@@ -112,11 +128,29 @@ def parse(data: dict[str, Any], where: str) -> ProjectSetup:
     image = sandbox.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
         raise InvalidInput(f"{where}: sandbox.image must be an image name")
+    paths: dict[str, str | None] = {}
+    for key in ("dockerfile", "context"):
+        value = sandbox.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidInput(f"{where}: sandbox.{key} must be a path in the repository")
+            try:
+                value = normalize(value, allow_root=key == "context")
+            except Exception as exc:  # noqa: BLE001 - any refusal of the path is a bad entry
+                raise InvalidInput(f"{where}: sandbox.{key} {value!r} must be a path inside the repository") from exc
+        paths[key] = value
+    if image and paths["dockerfile"]:
+        raise InvalidInput(f"{where}: name sandbox.image or sandbox.dockerfile, not both")
+    if paths["context"] and not paths["dockerfile"]:
+        raise InvalidInput(f"{where}: sandbox.context is the build context of sandbox.dockerfile; name that too")
+    if paths["dockerfile"] and not paths["context"]:
+        paths["context"] = str(Path(paths["dockerfile"]).parent)
     default = agent.get("default")
     if default is not None and not isinstance(default, str):
         raise InvalidInput(f"{where}: agent.default must be an agent name")
+    names = caches.check_names(strings(sandbox.get("caches", []), "sandbox.caches"), where)
     return ProjectSetup(copy=copy, commands=strings(setup.get("commands", []), "setup.commands"), timeout=timeout,
-                        image=image, agent=default, packages=strings(agent.get("packages", []), "agent.packages"),
+                        image=image, dockerfile=paths["dockerfile"], context=paths["context"], caches=names, agent=default, packages=strings(agent.get("packages", []), "agent.packages"),
                         sources=[where])
 
 
@@ -127,6 +161,14 @@ def _parse_text(text: str, path: Path) -> ProjectSetup:
         raise InvalidInput(f"{path}: invalid TOML: {exc}") from exc
 
 
+_JSONC = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/|,(?=\s*[}\]])', re.S)
+
+
+def strip_jsonc(text: str) -> str:
+    """JSON with comments (``//``, ``/* */``) and trailing commas, as devcontainer.json allows, made JSON."""
+    return _JSONC.sub(lambda m: m.group(0) if m.group(0).startswith('"') else "", text)
+
+
 def _devcontainer(repo: Path) -> ProjectSetup:
     for rel in (".devcontainer/devcontainer.json", ".devcontainer.json"):
         path = repo / rel
@@ -134,8 +176,9 @@ def _devcontainer(repo: Path) -> ProjectSetup:
             continue
         try:
             text = path.read_text(encoding="utf-8")
-            # devcontainer.json is JSONC: drop whole-line // comments (enough for the common case)
-            data = json.loads("\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//")))
+            data = json.loads(strip_jsonc(text))
+            if not isinstance(data, dict):
+                raise json.JSONDecodeError("not an object", text, 0)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidInput(f"{path}: cannot read it as JSON: {exc}") from exc
         post = data.get("postCreateCommand")
@@ -146,8 +189,19 @@ def _devcontainer(repo: Path) -> ProjectSetup:
         elif isinstance(post, dict):
             post = " && ".join(str(v) if isinstance(v, str) else " ".join(map(str, v)) for v in post.values())
         image = data.get("image") if isinstance(data.get("image"), str) else None
+        build: dict[str, Any] = data["build"] if isinstance(data.get("build"), dict) else {}
+        dockerfile = build.get("dockerfile") or data.get("dockerFile")  # "dockerFile": the older spelling
+        context = build.get("context") or data.get("context") or "."
+        rels: list[str | None] = [None, None]
+        if isinstance(dockerfile, str) and dockerfile.strip() and not image:
+            folder = Path(rel).parent  # devcontainer.json's paths are relative to its own folder
+            try:
+                rels = [normalize(str(folder / dockerfile), allow_root=False),
+                        normalize(str(folder / str(context)), allow_root=True)]
+            except Exception as exc:  # noqa: BLE001 - any refusal of the path is a bad entry
+                raise InvalidInput(f"{path}: build.dockerfile and build.context must be inside the repository") from exc
         return ProjectSetup(commands=[post] if isinstance(post, str) and post.strip() else [], image=image,
-                            sources=[str(path)])
+                            dockerfile=rels[0], context=rels[1], sources=[str(path)])
     return ProjectSetup()
 
 
@@ -166,21 +220,36 @@ def _template_path(home: Path, name: str) -> Path:
     return home / "templates" / f"{name}.toml"
 
 
-def template(home: Path, name: str) -> ProjectSetup:
+def template(home: Path, name: str, shipped: dict[str, Any] | None = None) -> ProjectSetup:
+    """Template ``name``: saved under ``home``, else one a plugin ships (``shipped``)."""
     path = _template_path(home, name)
     found = load_project_file(path, _parse_text)
+    if found is None and name in (shipped or {}):
+        settings, where = (shipped or {})[name], f"template {name} (from a plugin)"
+        if isinstance(settings, str):
+            try:
+                settings = tomllib.loads(settings)
+            except tomllib.TOMLDecodeError as exc:
+                raise InvalidInput(f"{where}: invalid TOML: {exc}") from exc
+        if not isinstance(settings, dict):
+            raise InvalidInput(f"{where}: settings must be a table or TOML text")
+        found = parse(settings, where)
     if found is None:
-        names = ", ".join(t["name"] for t in templates(home)) or "none"
+        names = ", ".join(t["name"] for t in templates(home, shipped)) or "none"
         raise NotFound(f"no template {name!r} (templates: {names}); save one with `taskbox template save`",
                        template=name)
     return found
 
 
-def templates(home: Path) -> list[dict[str, Any]]:
+def templates(home: Path, shipped: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The saved templates and those plugins ship (a saved one hides a shipped one of its name)."""
     folder = home / "templates"
-    if not folder.is_dir():
-        return []
-    return [{"name": p.stem, "path": str(p)} for p in sorted(folder.glob("*.toml")) if _NAME.match(p.stem)]
+    rows: dict[str, dict[str, Any]] = {p.stem: {"name": p.stem, "path": str(p), "source": "saved"}
+            for p in (sorted(folder.glob("*.toml")) if folder.is_dir() else []) if _NAME.match(p.stem)}
+    for name in shipped or {}:
+        if isinstance(name, str) and _NAME.match(name) and name not in rows:
+            rows[name] = {"name": name, "path": None, "source": "plugin"}
+    return [rows[n] for n in sorted(rows)]
 
 
 def save_template(home: Path, name: str, setup: ProjectSetup) -> Path:
@@ -215,6 +284,9 @@ def read_copies(repo: Path, entries: list[str]) -> list[tuple[str, bytes, int]]:
             raise InvalidInput(f"setup.copy: {rel} does not exist in {repo}") from None
         if stat.S_ISLNK(st.st_mode):
             raise InvalidInput(f"setup.copy: {rel} is a symbolic link; copy the file it points to instead")
+        real = path.resolve()
+        if real != root and root not in real.parents:  # a linked folder on the way leads out of the repository
+            raise InvalidInput(f"setup.copy: {rel} leads out of the repository through a symbolic link")
         files = [path] if stat.S_ISREG(st.st_mode) else sorted(
             p for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if stat.S_ISDIR(st.st_mode) else []
         for f in files:

@@ -184,6 +184,8 @@ class ContainerSpec:
     fsize: int = DEFAULT_FSIZE
     seccomp: str = "default"  # "default" or "unconfined"
     egress: EgressConfig | None = None  # required for network "allowlist"
+    # Host directories taskbox owns (shared caches, a CA bundle), mounted read-only: host path -> target.
+    ro_binds: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -496,6 +498,8 @@ class Sandbox:
         if spec.seccomp == "unconfined":
             security_opt.append("seccomp=unconfined")
         binds = {str(spec.workspace): {"bind": CONTAINER_WORKSPACE, "mode": "rw"}}
+        for source, target in spec.ro_binds.items():
+            binds[source] = {"bind": target, "mode": "ro"}
         command = ["sleep", "infinity"]
         if self.agent_home is not None:
             # The exec agent: its script read-only from the host, its socket in a small tmpfs
@@ -1397,14 +1401,17 @@ class Sandbox:
                         stderr=err.decode(errors="replace"), truncated=truncated)
 
     @contextmanager
-    def scratch(self, image: str, workspace: Path, labels: dict[str, str]) -> Iterator[str]:
+    def scratch(self, image: str, workspace: Path, labels: dict[str, str], *, network: str = "none",
+                ro_binds: dict[str, str] | None = None) -> Iterator[str]:
         """A throwaway hardened container that mounts only ``workspace`` (no network), removed after.
 
         For work on a workspace whose task container is not running: the agent-written
-        repository is read inside a sandbox, never by a host process.
+        repository is read inside a sandbox, never by a host process. ``network="open"`` and
+        ``ro_binds`` are for filling a shared cache (:mod:`taskbox.caches`).
         """
         spec = ContainerSpec(name=f"taskbox-scratch-{secrets.token_hex(6)}", image=image, workspace=workspace,
-                             labels={**labels, LABEL_SCRATCH: "1"}, memory="1g", cpus=1.0, pids_limit=256)
+                             labels={**labels, LABEL_SCRATCH: "1"}, memory="1g", cpus=1.0, pids_limit=256,
+                             network=network, ro_binds=dict(ro_binds or {}))
         cid = self.create(spec)
         try:
             yield cid

@@ -11,8 +11,10 @@ import dataclasses
 import functools
 import hashlib
 import os
+import queue
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -27,11 +29,13 @@ import pluggy
 
 from . import (
     agents,
+    caches,
     doctor,
     engine,
     faults,
     files,
     git,
+    images,
     live_output,
     liveness,
     network,
@@ -112,9 +116,11 @@ _TASK_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # with its execution record, also when it comes from the CLI); every other call is counted
 # when it is recorded. memory.rebuild counts the same way.
 SELF_COUNTING_TOOLS = frozenset({"execute_in_task"})
-# One lock per (home, parent task): Plan.md's sub-task table and merges into a task are serialised.
+# One lock per (home, task): merges into a task (and the parent's publish before sub-tasks fork) are serialised.
 _ULTRA_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 _ULTRA_LOCKS_GUARD = threading.Lock()
+# Per (home, parent task): whether its sub-task table is being rendered, and whether it is stale.
+_SUBTASK_VIEWS: dict[tuple[str, str], dict[str, bool]] = {}
 
 
 @dataclass
@@ -500,10 +506,12 @@ class TaskService:
         memory_on_branch: bool | None = None,
         template: str | None = None,
         publish: list[str] | None = None,
+        branch: str | None = None,
     ) -> Task:
         """Register a task, check out its workspace on a new branch and (unless lazy) start its container.
 
-        ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`).
+        ``branch`` is the wanted branch name (default: the ``branch_name`` hook's); a taken one
+        gets a suffix. ``disk`` and ``inodes`` are the workspace's quota (:mod:`taskbox.quota`).
         ``memory_on_branch`` (default: the setting) commits ``.task-memory/`` and ``Plan.md`` on
         the branch instead of its companion ref (:func:`taskbox.workspace.memory_ref`). Input is
         validated and Docker checked before anything changes; a failure part-way undoes what
@@ -537,7 +545,14 @@ class TaskService:
         if disk_bytes:  # not root, no mkfs, a quota larger than the free disk: say so now
             quota.check_supported()
             quota.check_room(self.paths.volumes, disk_bytes)
-        metadata = {k: v for k, v in (metadata or {}).items() if k not in ("quota", "memory_on_branch", "ports")}
+        metadata = {k: v for k, v in (metadata or {}).items()
+                    if k not in ("quota", "memory_on_branch", "ports", "setup_pending", "caches", "project_image")}
+        if lazy and setup.commands:  # run when the sandbox first starts (ensure_running), as the file says now
+            metadata["setup_pending"] = {"commands": setup.commands, "timeout": setup.timeout}
+        if setup.caches:  # mounted read-only into every container the task gets (taskbox.caches)
+            metadata["caches"] = list(setup.caches)
+        if not image and not setup.image and setup.dockerfile:  # a lazy task builds it when it first starts
+            metadata["project_image"] = {"dockerfile": setup.dockerfile, "context": setup.context}
         if self.settings.memory_on_branch if memory_on_branch is None else memory_on_branch:
             metadata["memory_on_branch"] = True
         if publish:  # published by _create_container, so a port already taken undoes the create
@@ -564,13 +579,16 @@ class TaskService:
             if proc.returncode != 0:
                 raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
             base_commit = proc.stdout.strip()
-        image_name = image or setup.image or self.settings.image
+        image_name = image or setup.image or (
+            self.project_image(repo_path, setup, build=not lazy, progress=say) if setup.dockerfile
+            else self.settings.image)
         if not lazy:  # Docker down or an image missing: say so before anything changes
-            self.sandbox.ensure_image(image_name)
+            self.sandbox.ensure_image(image_name, f"docker pull {image_name}" if setup.image and not image
+                                      else "taskbox image build")
             if net == "allowlist":
                 self.sandbox.ensure_image(self.settings.proxy_image, "taskbox image build --proxy")
 
-        wanted = self.hook.branch_name(agent=agent, model=model, description=description)
+        wanted = branch or self.hook.branch_name(agent=agent, model=model, description=description)
         now = time.time()
         task: Task | None = None
         for attempt in range(8):
@@ -655,15 +673,50 @@ class TaskService:
     def project_setup(self, repo: str | Path, template: str | None = None) -> projects.ProjectSetup:
         """A project's setup (``.taskbox/config.toml``, ``devcontainer.json``), under ``template`` if named."""
         own = projects.load(Path(repo))
-        return projects.template(self.paths.home, template).over(own) if template else own
+        return projects.template(self.paths.home, template, self._shipped_templates()).over(own) if template else own
+
+    def _shipped_templates(self) -> dict[str, Any]:
+        """The templates plugins ship (``project_templates`` hook); the first plugin to name one wins."""
+        out: dict[str, Any] = {}
+        for answer in self.hook.project_templates():
+            for name, settings in (answer or {}).items() if isinstance(answer, dict) else ():
+                out.setdefault(name, settings)
+        return out
+
+    def project_image(self, repo: Path, setup: projects.ProjectSetup, *, build: bool = True, force: bool = False,
+                      progress: Callable[[str], None] | None = None) -> str:
+        """The image of a project's own Dockerfile, built unless already built (or ``build`` is
+        false: a lazy task builds nothing at create, and its image when its sandbox first starts)."""
+        assert setup.dockerfile
+        context = setup.context or str(Path(setup.dockerfile).parent)
+        if not build:
+            return images.project_image(repo, setup.dockerfile, context)[0]
+        return images.build_project(self.sandbox.client, repo=repo, dockerfile=setup.dockerfile, context=context,
+                                    force=force, progress=progress).tag
+
+    def build_project_image(self, repo: str | Path, *, force: bool = False,
+                            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Build the image of the project at ``repo`` from its own Dockerfile (`image build --repo`);
+        ``packages``: its ``[agent] packages`` for the agents layer. ``image`` is None when the
+        project names no Dockerfile."""
+        root = git.repo_root(Path(repo).expanduser().resolve())
+        setup = projects.load(root)
+        out: dict[str, Any] = {"repo": str(root), "image": None, "packages": setup.packages}
+        if setup.dockerfile and not setup.image:
+            assert setup.context
+            res = images.build_project(self.sandbox.client, repo=root, dockerfile=setup.dockerfile,
+                                       context=setup.context, force=force, progress=progress)
+            out["image"] = {"tag": res.tag, "cached": res.cached, "seconds": round(res.seconds, 2)}
+        return out
 
     def templates(self) -> list[dict[str, Any]]:
-        return projects.templates(self.paths.home)
+        """Templates saved under TASKBOX_HOME and those plugins ship."""
+        return projects.templates(self.paths.home, self._shipped_templates())
 
     def show_setup(self, template: str | None = None, repo: str | Path = ".") -> dict[str, Any]:
         """A template's settings, or (no name) the project's own setup at ``repo``."""
         if template:
-            return projects.template(self.paths.home, template).to_dict()
+            return projects.template(self.paths.home, template, self._shipped_templates()).to_dict()
         return projects.load(git.repo_root(Path(repo).expanduser().resolve())).to_dict()
 
     def save_template(self, name: str, repo: str | Path = ".") -> dict[str, Any]:
@@ -705,14 +758,20 @@ class TaskService:
             task = self.get(task.id)
         return {**task.to_dict(), "session_id": sid, "warnings": self.sandbox_warnings(task)}
 
-    def agent_task_options(self, agent: str, options: dict[str, Any]) -> dict[str, Any]:
+    def agent_task_options(self, agent: str, options: dict[str, Any], *, secrets: list[str] | None = None,
+                           base_url: str | None = None) -> dict[str, Any]:
         """:meth:`create_task` options for a task made to run ``agent`` (``create-task --run``).
 
         The agents image unless an image is named; network ``allowlist`` (the preset's model
         API hosts are added when the agent starts) unless a mode is named. The run itself is
-        :meth:`run_agent`; the creator is not attached (the run attaches).
+        :meth:`run_agent`; the creator is not attached (the run attaches). The run's
+        ``secrets`` and ``base_url`` are checked here, so bad ones are refused before the task
+        is created.
         """
         p = agents.preset(agent)
+        if base_url:
+            agents.environment(p, base_url=base_url)  # a bad URL, or an agent that takes none
+        resolve_secrets(self.paths.home, secrets or [])  # a missing secret
         out = dict(options)
         out["image"] = out.get("image") or self.settings.agents_image
         if not out.get("network") and p.hosts:
@@ -784,6 +843,10 @@ class TaskService:
             pids_limit=task.pids_limit,
             network=task.network,
         )
+        names = [n for n in task.metadata.get("caches") or [] if n in caches.CACHES]
+        for name in names:
+            spec.ro_binds[str(caches.host_dir(self.paths.home, name))] = caches.get(name).target
+        spec.env.update(caches.sandbox_env(names, task.network))
         self.hook.sandbox_spec(service=self, task=task, spec=spec)  # hardening, egress proxy rules
         if not fresh:
             self._remove_labelled_container(task.id)  # e.g. left behind by a crash
@@ -797,7 +860,65 @@ class TaskService:
         for p in task.metadata.get("ports") or []:  # a new container: its published ports again
             self.sandbox.publish(cid, p["port"], p["host_ip"], p["host_port"], task.image,
                                  {LABEL_TASK: task.id, LABEL_HOME: self.home_label})
+        if "npm" in names:  # npm cannot read a read-only cache: the container starts from a copy of it
+            try:
+                r = self.sandbox.capture(cid, ["sh", "-c", caches.NPM_SEED], timeout=600)
+                error = r.stderr.strip()[-300:] if r.exit_code else None
+            except TaskboxError as exc:
+                error = exc.message[:300]
+            if error is not None:
+                self.registry.add_event("cache.seed_failed", task.id, {"cache": "npm", "error": error})
         return cid
+
+    # --- shared host caches (taskbox.caches) ---------------------------------------------------
+
+    def caches(self) -> list[dict[str, Any]]:
+        """The shared caches: host directory, size, where sandboxes see them."""
+        return caches.usage(self.paths.home)
+
+    def warm_cache(self, name: str, packages: list[str], *, requirements: str | Path | None = None,
+                   image: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Fill shared cache ``name`` with ``packages`` (and a requirements file's) from a
+        throwaway container with network; tasks then read it read-only (:mod:`taskbox.caches`)."""
+        say = progress or (lambda _msg: None)
+        caches.get(name)
+        req: str | None = None
+        if requirements is not None:  # the user's own file, passed as text: never a file in the cache
+            path = Path(requirements).expanduser()
+            try:  # bounded, and never blocking on a FIFO or a device
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise InvalidInput(f"requirements file {path} is not a regular file")
+                    data = os.read(fd, caches.REQUIREMENTS_MAX + 1)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise InvalidInput(f"cannot read requirements file {path}: {exc.strerror}") from exc
+            if len(data) > caches.REQUIREMENTS_MAX:
+                raise InvalidInput(f"requirements file {path} is larger than {caches.REQUIREMENTS_MAX} bytes")
+            req = data.decode("utf-8", errors="replace")
+        argv = caches.warm_command(name, packages, req is not None)
+        image_name = image or self.settings.image
+        self.sandbox.ensure_image(image_name)
+        folder = caches.host_dir(self.paths.home, name)
+        ca = caches.host_ca_file()
+        ro = {str(ca.resolve()): "/etc/taskbox-ca.pem"} if ca else {}
+        env = caches.warm_env("/etc/taskbox-ca.pem" if ca else None)
+        if req is not None:
+            env["TASKBOX_REQUIREMENTS"] = req
+        say(f"filling the {name} cache in a throwaway container of {image_name}")
+        t0 = time.perf_counter()
+        with self.sandbox.scratch(image_name, folder, {LABEL_HOME: self.home_label}, network="open",
+                                  ro_binds=ro) as cid:
+            r = self.sandbox.capture(cid, argv, env=env, timeout=self.settings.setup_timeout, limit=64 * 1024)
+        row = next(c for c in caches.usage(self.paths.home) if c["name"] == name)
+        self.registry.add_event("cache.warmed", None, {"cache": name, "packages": packages[:50],
+                                                       "exit_code": r.exit_code, "bytes": row["bytes"]})
+        if r.exit_code != 0:
+            tail = (r.stderr.strip() or r.stdout.decode(errors="replace").strip()).splitlines()[-1:] or [""]
+            raise SandboxError(f"cache warm {name} failed (exit code {r.exit_code}): {tail[0][:300]}", cache=name)
+        return {**row, "packages": packages, "seconds": round(time.perf_counter() - t0, 2)}
 
     # --- container state ---------------------------------------------------------------------
 
@@ -812,6 +933,12 @@ class TaskService:
         if state is ContainerState.RUNNING and task.status is Status.ACTIVE:
             return task
         if state in (ContainerState.NONE, ContainerState.LOST):
+            built = task.metadata.get("project_image")
+            if built and not self.sandbox.image_exists(task.image):  # a lazy task's own Dockerfile, not built yet
+                tag = self.project_image(Path(task.repo_path), projects.ProjectSetup(
+                    dockerfile=built["dockerfile"], context=built["context"]))
+                if tag != task.image:  # the Dockerfile changed since create: the task gets what it says now
+                    task = self._update(task.id, {"image": tag})
             cid = self._create_container(task)
             task = self._update(task.id, {"container_id": cid, "container_state": ContainerState.RUNNING},
                                 ("container.created", {"container_id": cid}))
@@ -823,6 +950,22 @@ class TaskService:
         if task.status is not Status.ACTIVE:
             task = self._transition(task.id, Status.ACTIVE, {"last_active": time.time()})
         self._recover_memory(task)
+        if task.metadata.get("setup_pending"):
+            task = self._run_pending_setup(task)
+        return task
+
+    def _run_pending_setup(self, task: Task) -> Task:
+        """A lazy task's setup commands, once, when its sandbox first starts: the caller that
+        clears the mark runs them; a failure fails the task like a failed setup at create."""
+        while (pending := task.metadata.get("setup_pending")):
+            meta = {k: v for k, v in task.metadata.items() if k != "setup_pending"}
+            try:
+                task = self.registry.update_task(task.id, task.version, {"metadata": meta})
+            except ConcurrentModification:
+                task = self.get(task.id)  # another change (or another caller that runs them): look again
+                continue
+            return self._run_setup(task, projects.ProjectSetup(commands=list(pending.get("commands") or []),
+                                                               timeout=pending.get("timeout")))
         return task
 
     def kill_orphans(self, task: Task, lease: Lease) -> list[dict[str, Any]]:
@@ -903,6 +1046,14 @@ class TaskService:
             return
         shown = [{k: r[k] for k in ("kind", "id", "command")} for r in busy[:10]]
         if not kill_running:
+            # An interactive `taskbox run` left running: say so, not its tmux command line.
+            runs = [f"agent {r.get('agent')} (session {sid})" for sid, r in (task.metadata.get("runs") or {}).items()
+                    if isinstance(r, dict) and any(f"-L {agents.tmux_socket(sid)} " in " ".join(
+                        str(b.get("command") or "").split()) + " " for b in busy)]
+            if runs and len(runs) == len(busy):
+                raise TaskBusy(f"cannot {action} task {task.id}: {', '.join(runs)} left running in it; come back "
+                               f"to it with `taskbox attach {task.id}` and end it, or {action} with the "
+                               "kill_running option", task_id=task.id, running=shown)
             names = "; ".join(f"job {r['id']}: {r['command']}" if r["kind"] == "job" else f"command: {r['command']}"
                               for r in shown[:3])
             raise TaskBusy(f"cannot {action} task {task.id}: {len(busy)} command(s) or job(s) still run in it "
@@ -1351,11 +1502,12 @@ class TaskService:
                   allow_domains: list[str] | None = None, base_url: str | None = None,
                   session_id: str | None = None, timeout: float | None = None,
                   terminal: agents.Terminal | None = None, echo: Callable[[bytes], object] | None = None,
-                  checkpoint: bool | None = None) -> dict[str, Any]:
+                  checkpoint: bool | None = None, control: ExecControl | None = None) -> dict[str, Any]:
         """Run an agent CLI inside the task's sandbox as an attached agent session.
 
         With ``prompt`` it runs non-interactively (print mode), its output streamed to ``echo``
-        and recorded (redacted) like a command; otherwise it runs on ``terminal`` under a tmux
+        and recorded (redacted) like a command (``control`` shows its progress and cancels it, as
+        for :meth:`exec`); otherwise it runs on ``terminal`` under a tmux
         server in the container, so the user can detach (``Ctrl-b d``) and come back with
         :meth:`attach_agent`. ``secrets`` go into the agent's process environment only; the
         preset's model API hosts (plus ``allow_domains`` and the ``base_url`` host) are allowed
@@ -1389,8 +1541,12 @@ class TaskService:
                                f"{self.settings.agents_image} (`create-task --run {p.name}` does)",
                                agent=p.name, image=task.image)
         has_tmux = any(f.endswith("/tmux") for f in found)
-        argv = p.command(prompt, extra)
-        res = self.attach(task.id, p.name, model or "unknown", session_id)
+        argv = p.command(prompt, [*agents.options(p, base_url=base_url, model=model), *extra])
+        try:
+            res = self.attach(task.id, p.name, model or "unknown", session_id)
+        except TaskLocked as exc:  # often the caller's own session: say what to do about it
+            raise TaskLocked(f"{exc.message}; a run is an agent session of its own, so detach the session that "
+                             "holds the task first (or use a collaborative task)", **exc.details) from exc
         sid = res.session.id
         task = res.task
         mode = "prompt" if prompt is not None else "interactive"
@@ -1413,9 +1569,9 @@ class TaskService:
         started = time.monotonic()
         try:
             if prompt is not None:
-                control = ExecControl()
-                control.echo = (lambda chunk: echo(self.redactor.output(chunk.decode(errors="replace")).encode())
-                                ) if echo else None
+                control = control or ExecControl()
+                if echo:
+                    control.echo = lambda chunk: echo(self.redactor.output(chunk.decode(errors="replace")).encode())
                 try:
                     result = self.exec(task.id, argv, env=env, secrets=list(values), session_id=sid,
                                        timeout=timeout or self.settings.run_timeout, control=control)
@@ -1534,9 +1690,58 @@ class TaskService:
         self._after(self.get(task.id), "ports", {"action": action, **wanted}, result)
         return result
 
+    def watch_run(self, task_id: str, session_id: str, stop: threading.Event | None = None,
+                  every: float | None = None) -> dict[str, Any] | None:
+        """Look after an interactive run left running (detached) until its agent ends.
+
+        While the agent runs its lease is renewed every third of ``lease_seconds`` (so no other
+        agent takes the task over from under it); the agent is looked at every ``every`` seconds
+        (at most 5); when it ends — or its container stops — the run is finished as if someone
+        had been attached: ``agent.exited``, the session detached (work committed, the branch
+        fetched, a checkpoint by the ``run_checkpoint`` setting). Returns that result, or None
+        when the run was finished elsewhere (``taskbox attach``) or ``stop`` was set.
+        ``taskbox run`` and ``taskbox attach`` start ``taskbox watch-run`` for this when they detach.
+        """
+        renew_every = max(1.0, self.settings.lease_seconds / 3)
+        every = every or min(5.0, renew_every)  # how soon an ended agent is noticed
+        started = renewed = time.monotonic()
+        while True:
+            try:
+                task = self.get(task_id)
+            except NotFound:
+                return None
+            run = (task.metadata.get("runs") or {}).get(session_id)
+            if not isinstance(run, dict) or session_id not in {s.id for s in self.registry.sessions(
+                    task.id, open_only=True)}:
+                return None
+            running = task.status is Status.ACTIVE and task.container_id is not None and \
+                self.sandbox.state(task.container_id) is ContainerState.RUNNING
+            if running and self._agent_alive(task, session_id):
+                if time.monotonic() - renewed >= renew_every - every / 2:
+                    self.renew(task.id, session_id)
+                    renewed = time.monotonic()
+            else:
+                code = self._agent_exit_code(task, session_id, -1) if running else -1
+                began = run.get("started")
+                seconds = time.time() - began if isinstance(began, (int, float)) else time.monotonic() - started
+                return self._finish_run(task.id, str(run.get("agent") or "agent"), session_id, "interactive", code,
+                                        seconds, None)
+            if (stop or threading.Event()).wait(every):
+                return None
+
     def _finish_run(self, task_id: str, agent: str, sid: str, mode: str, code: int, seconds: float,
                     checkpoint: bool | None) -> dict[str, Any]:
-        task = self.get(task_id)
+        # One finisher per run: `taskbox attach` and the watcher of a detached run may both see it end.
+        with files.locked(self.paths.locks / f"{task_id}.run.lock"):
+            task = self.get(task_id)
+            if sid not in {s.id for s in self.registry.sessions(task.id, open_only=True)}:
+                return {"task_id": task.id, "session_id": sid, "agent": agent, "mode": mode, "detached": False,
+                        "exit_code": code, "seconds": round(seconds, 2), "branch": task.branch, "commit": None,
+                        "checkpoint_id": None, "note": "the run had already been recorded"}
+            return self._finish_run_locked(task, agent, sid, mode, code, seconds, checkpoint)
+
+    def _finish_run_locked(self, task: Task, agent: str, sid: str, mode: str, code: int, seconds: float,
+                           checkpoint: bool | None) -> dict[str, Any]:
         self.registry.add_event("agent.exited", task.id, {"session_id": sid, "agent": agent, "exit_code": code,
                                                           "seconds": round(seconds, 2)})
         if sid in (task.metadata.get("runs") or {}):
@@ -2063,15 +2268,11 @@ class TaskService:
 
     def _publish(self, task: Task, message: str) -> tuple[str | None, str]:
         """Commit the workspace (in the sandbox) and fetch the branch into the user's repository."""
-        clean = self._clean_branch(task)
         with self.in_sandbox(task) as run:
-            commit = workspace.commit_all(run, message, clean=clean, base=task.base_ref or None)
-            if clean:
-                workspace.save_memory(run, task.branch)
-            head = workspace.fetch_into(run, Path(task.repo_path), task.branch, scratch=self.paths.home / "tmp",
-                                        limit=parse_size(self.settings.fetch_limit, "fetch_limit"),
-                                        with_memory=clean)
-        return commit, head
+            return workspace.publish(run, Path(task.repo_path), task.branch, message,
+                                     clean=self._clean_branch(task), base=task.base_ref or None,
+                                     scratch=self.paths.home / "tmp",
+                                     limit=parse_size(self.settings.fetch_limit, "fetch_limit"))
 
     def diff(self, task_id: str, stat: bool = False) -> str:
         """The task's changes against the commit it started from (committed or not)."""
@@ -2551,23 +2752,48 @@ class TaskService:
     # --- ultrawork: sub-tasks merged back in dependency order (SPEC §7) -------------------------
     # The plan and the scheduler's decisions are taskbox.ultrawork's; the merge is taskbox.merge's.
 
-    def _subtasks_changed(self, parent: Task) -> list[dict[str, Any]]:
-        """Tell the plugins (Plan.md's live table) the parent's sub-tasks changed; return the rows."""
-        rows = self.registry.subtasks(parent.id)
-        with self._ultra_lock(parent.id):
-            try:
-                self.hook.subtasks_changed(service=self, task=parent, subtasks=rows)
-            except (TaskboxError, OSError) as exc:  # Plan.md is a view: the run goes on
-                self.registry.add_event("memory.refused", parent.id, {"error": str(exc)[:300]})
-        return rows
+    def _subtasks_changed(self, parent: Task) -> None:
+        """Tell the plugins (Plan.md's live table) the parent's sub-tasks changed.
+
+        One thread at a time tells them, with the registry's rows as they are then; a change made
+        meanwhile by another thread only marks the view stale, and the telling thread tells them
+        again before it returns (the rows it reads then hold that change too). So a burst of
+        changes costs one or two renderings, and none waits for another's.
+        """
+        with _ULTRA_LOCKS_GUARD:
+            view = _SUBTASK_VIEWS.setdefault((str(self.paths.home), parent.id), {"stale": False, "busy": False})
+            view["stale"] = True
+            if view["busy"]:
+                return
+            view["busy"] = True
+        try:
+            while True:
+                with _ULTRA_LOCKS_GUARD:
+                    if not view["stale"]:
+                        view["busy"] = False
+                        return
+                    view["stale"] = False
+                rows = self.registry.subtasks(parent.id)
+                try:
+                    self.hook.subtasks_changed(service=self, task=parent, subtasks=rows)
+                except (TaskboxError, OSError) as exc:  # Plan.md is a view: the run goes on
+                    self.registry.add_event("memory.refused", parent.id, {"error": str(exc)[:300]})
+        except BaseException:
+            with _ULTRA_LOCKS_GUARD:
+                view["busy"] = False
+            raise
 
     def _ultra_lock(self, parent_id: str) -> threading.Lock:
         with _ULTRA_LOCKS_GUARD:
             return _ULTRA_LOCKS.setdefault((str(self.paths.home), parent_id), threading.Lock())
 
     def _set_subtask(self, parent: Task, sid: str, changes: dict[str, Any], *, expect: list[str] | None = None,
-                     event: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+                     event: tuple[str, dict[str, Any]] | None = None,
+                     wake: threading.Event | None = None) -> dict[str, Any] | None:
+        """Record a sub-task's change (then ``wake`` the orchestrator), then update the views."""
         row = self.registry.update_subtask(parent.id, sid, changes, expect=expect, event=event)
+        if wake is not None:
+            wake.set()
         if row is not None:
             self._subtasks_changed(parent)
         return row
@@ -2668,11 +2894,43 @@ class TaskService:
             if (r["status"] == ultrawork.MERGED and r["task_id"] and self.registry.task_exists(r["task_id"])
                     and self.get(r["task_id"]).status not in FINISHED):
                 closers += self._close_child(r, ultrawork.MERGED)
+        # Merges run one at a time on a thread of their own, in the order they are queued
+        # (dependency order), so a merge never holds up the start of a sub-task whose slot is free.
+        merges: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        queued: set[str] = set()  # queued once per run: a merge's outcome is final
+        halt = threading.Event()
+        failure: list[BaseException] = []
+
+        def merger() -> None:
+            last = False
+            while not last:
+                batch = [merges.get()]  # then whatever else is queued: merged in one go, in order
+                while not merges.empty():
+                    batch.append(merges.get())
+                last = None in batch
+                try:
+                    if halt.is_set() or failure:
+                        continue
+                    rows = [r for sid in batch if sid is not None
+                            and (r := self.registry.subtask(parent.id, sid))["status"] == ultrawork.SUCCEEDED]
+                    for row, out in zip(rows, self._merge_subtasks(parent, rows), strict=True):
+                        say(f"{row['id']}: {out}")
+                        closers.extend(self._close_child(row, out))
+                except BaseException as exc:  # the orchestrator raises it
+                    failure.append(exc)
+                finally:
+                    wake.set()
+
+        merging = threading.Thread(target=merger, name=f"merge-{parent.id}", daemon=True)
+        merging.start()
         interrupted = False
         base: str | None = None  # the parent's commit new sub-tasks fork from
         in_base: set[str] = set()  # the sub-tasks whose merge that commit holds
         try:
             while True:
+                wake.clear()  # before reading: a wake-up from now on is not lost
+                if failure:
+                    raise failure[0]
                 rows = self.registry.subtasks(parent.id)
                 d = ultrawork.decide(rows, par, merge)
                 for sid, by in d.block.items():
@@ -2684,19 +2942,24 @@ class TaskService:
                 if d.start:  # first fill the free slots: merges need no slot
                     if stop is not None and stop.is_set():
                         interrupted = True
+                        halt.set()  # merges queued but not begun wait for the next run
                         break
                     # A sub-task forks from the parent's branch as last committed and published, if
                     # that holds the merges of all its dependencies; else the parent is committed and
-                    # published again first (independent sub-tasks need no new fork point).
+                    # published again first (independent sub-tasks need no new fork point), never
+                    # while a merge moves the parent's branch.
                     needs = {dep for sid in d.start for dep in by_id[sid]["depends_on"]}
                     if base is None or not needs <= in_base:
-                        _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
-                                                              + ", ".join(d.start))
-                        in_base = {r["id"] for r in rows if r["status"] == ultrawork.MERGED}
+                        with self._ultra_lock(f"merge:{parent.id}"):
+                            merged = {r["id"] for r in self.registry.subtasks(parent.id)
+                                      if r["status"] == ultrawork.MERGED}
+                            _commit, base = self._publish(parent, "taskbox: before starting sub-tasks "
+                                                                  + ", ".join(d.start))
+                        in_base = merged
                     for sid in d.start:
-                        row = self._set_subtask(parent, sid, {"status": ultrawork.RUNNING, "started_at": time.time(),
-                                                              "finished_at": None, "error": "", "exit_code": None},
-                                                expect=[ultrawork.PENDING])
+                        row = self.registry.update_subtask(parent.id, sid, {
+                            "status": ultrawork.RUNNING, "started_at": time.time(), "finished_at": None, "error": "",
+                            "exit_code": None}, expect=[ultrawork.PENDING])
                         if row is None:
                             continue
                         say(f"{sid}: starting")
@@ -2704,24 +2967,31 @@ class TaskService:
                                              name=f"subtask-{sid}", daemon=True)
                         workers[sid] = t
                         t.start()
-                # then one merge (deciding again after it lets a dependent start as soon as it can)
-                ready = [sid for sid in d.merge if not (sid in workers and workers[sid].is_alive())]
-                if ready:
-                    sid = ready[0]
-                    out = self._merge_subtask(parent, by_id[sid])
-                    say(f"{sid}: {out}")
-                    closers += self._close_child(by_id[sid], out)
-                if d.block or ready or d.start:
+                    self._subtasks_changed(parent)  # one Plan.md update for the sub-tasks started together
+                # then queue the merges of what succeeded, in dependency order
+                ready = [sid for sid in d.merge if sid not in queued]
+                for sid in ready:
+                    queued.add(sid)
+                    merges.put(sid)
+                if d.block or d.start:
                     continue
                 workers = {k: t for k, t in workers.items() if t.is_alive()}
                 if d.done and not workers:
                     break
                 wake.wait(0.5)
-                wake.clear()
+            merges.put(None)
+            merging.join()
+            if failure:
+                raise failure[0]
+            if merge and not interrupted:  # the parent's branch reaches the user's repository
+                self._publish(parent, "taskbox: sub-tasks merged")
         finally:
+            halt.set()
+            merges.put(None)
             for t in workers.values():
                 t.join()
-            for t in closers:
+            merging.join()
+            for t in list(closers):
                 t.join()
             for r in self.registry.subtasks(parent.id):  # not merged (--no-merge, stopped): container stopped
                 if r["status"] == ultrawork.SUCCEEDED and r["task_id"] and self.registry.task_exists(r["task_id"]):
@@ -2735,8 +3005,6 @@ class TaskService:
             self.registry.add_event("ultrawork.finished", parent.id, {
                 "counts": status["counts"], "duration_s": round(time.time() - began, 2),
                 "interrupted": interrupted})
-        if merge and not interrupted:
-            self._publish(parent, "taskbox: sub-tasks merged")  # the parent's branch reaches the user's repository
         result = self.subtask_status(parent.id)
         result["duration_s"] = round(time.time() - began, 2)
         self._after(parent, "run_subtasks", args, result)
@@ -2760,7 +3028,8 @@ class TaskService:
                 self._set_subtask(parent, sid, {"status": ultrawork.TIMED_OUT, "finished_at": time.time(),
                                                 "error": f"timed out after {timeout:g}s"},
                                   event=("subtask.timed_out", {"subtask": sid, "task_id": child.id, "timeout": timeout,
-                                                               "duration_ms": round((time.monotonic() - started) * 1000)}))
+                                                               "duration_ms": round((time.monotonic() - started) * 1000)}),
+                                  wake=wake)
                 return
             if result.exit_code != 0:
                 reason = f"exit code {result.exit_code}" + (" (out of memory)" if result.oom_killed else "")
@@ -2769,13 +3038,15 @@ class TaskService:
                                                 "exit_code": result.exit_code, "error": reason},
                                   event=("subtask.failed", {"subtask": sid, "task_id": child.id,
                                                             "exit_code": result.exit_code,
-                                                            "duration_ms": result.duration_ms, "error": reason}))
+                                                            "duration_ms": result.duration_ms, "error": reason}),
+                                  wake=wake)
                 return
             tip = self._end_child(child)
             self._set_subtask(parent, sid, {"status": ultrawork.SUCCEEDED, "finished_at": time.time(), "exit_code": 0,
                                             "tip": tip},
                               event=("subtask.succeeded", {"subtask": sid, "task_id": child.id, "exit_code": 0,
-                                                           "duration_ms": result.duration_ms, "tip": tip}))
+                                                           "duration_ms": result.duration_ms, "tip": tip}),
+                              wake=wake)  # its slot is free and its merge can be queued now
         except TaskboxError as exc:
             if child is not None:
                 try:
@@ -2786,7 +3057,8 @@ class TaskService:
                                             "error": exc.message[:500]},
                               event=("subtask.failed", {"subtask": sid, "task_id": child.id if child else None,
                                                         "exit_code": None, "error": exc.message[:300],
-                                                        "duration_ms": round((time.monotonic() - started) * 1000)}))
+                                                        "duration_ms": round((time.monotonic() - started) * 1000)}),
+                              wake=wake)
         finally:
             wake.set()
 
@@ -2811,7 +3083,7 @@ class TaskService:
                                         cpus=own.get("cpus", parent.cpu_limit), pids_limit=parent.pids_limit,
                                         network=network, image=own.get("image", parent.image),
                                         parent_id=parent.id, metadata={"subtask": row["id"]},
-                                        allow_domains=domains)
+                                        allow_domains=domains, branch=f"{parent.branch}-{row['id']}")
             except Conflict:
                 if not self.registry.task_exists(tid):
                     raise
@@ -2863,21 +3135,33 @@ class TaskService:
         t.start()
         return [t]
 
-    def _merge_subtask(self, parent: Task, row: dict[str, Any]) -> str:
-        """Merge a succeeded sub-task into the parent; record merged, conflict (with files) or a failed merge."""
-        sid = row["id"]
+    def _merge_subtasks(self, parent: Task, rows: list[dict[str, Any]]) -> list[str]:
+        """Merge succeeded sub-tasks into the parent in this order, in one sandbox command; record each
+        as merged, conflict (with files) or a failed merge; return their outcomes."""
+        if not rows:
+            return []
+        error: TaskboxError | None
         try:
-            child = self.get(row["task_id"])
+            items = [(self.get(r["task_id"]), r["tip"], f"taskbox: merge sub-task {r['id']}: {r['title']}")
+                     for r in rows]
             faults.point("ultrawork.merging")
-            out = self._merge_into_task(parent, child, row["tip"], f"taskbox: merge sub-task {sid}: {row['title']}")
+            done, error = self._merge_many_into_task(parent, items)
             faults.point("ultrawork.merged")  # the parent's branch moved; the registry does not know yet
         except TaskboxError as exc:
-            self._set_subtask(parent, sid, {"status": ultrawork.FAILED, "error": f"merge failed: {exc.message}"[:500]},
+            if len(rows) > 1:  # say which one it was
+                return [out for r in rows for out in self._merge_subtasks(parent, [r])]
+            done, error = [], exc
+        outcomes = [self._record_merge(parent, r, out) for r, out in zip(rows, done, strict=False)]
+        if error is not None:
+            r = rows[len(done)]
+            message = f"merge failed: {error.message}"
+            self._set_subtask(parent, r["id"], {"status": ultrawork.FAILED, "error": message[:500]},
                               expect=[ultrawork.SUCCEEDED],
-                              event=("subtask.failed", {"subtask": sid, "task_id": row["task_id"],
-                                                        "error": f"merge failed: {exc.message}"[:300]}))
-            return ultrawork.FAILED
-        return self._record_merge(parent, row, out)
+                              event=("subtask.failed", {"subtask": r["id"], "task_id": r["task_id"],
+                                                        "error": message[:300]}))
+            outcomes.append(ultrawork.FAILED)
+            outcomes += self._merge_subtasks(parent, rows[len(done) + 1:])  # the rest were not tried
+        return outcomes
 
     def _record_merge(self, parent: Task, row: dict[str, Any], out: merge_engine.Outcome) -> str:
         sid = row["id"]
@@ -2895,10 +3179,20 @@ class TaskService:
     def _merge_into_task(self, target: Task, source: Task, tip: str, message: str,
                          squash: bool = False) -> merge_engine.Outcome:
         """Merge commit ``tip`` of ``source``'s branch (already fetched into the user's repository) into
-        ``target``'s branch, inside ``target``'s sandbox. One merge into a task at a time."""
-        if Path(source.repo_path) != Path(target.repo_path):
-            raise InvalidInput(f"tasks {source.id} and {target.id} work on different repositories")
-        repo = Path(source.repo_path)
+        ``target``'s branch, inside ``target``'s sandbox."""
+        done, error = self._merge_many_into_task(target, [(source, tip, message)], squash)
+        if error is not None:
+            raise error
+        return done[0]
+
+    def _merge_many_into_task(self, target: Task, items: list[tuple[Task, str, str]], squash: bool = False
+                              ) -> tuple[list[merge_engine.Outcome], GitError | None]:
+        """Merge each ``(source, tip, message)`` into ``target``'s branch in turn, in one command in
+        ``target``'s sandbox (see :func:`taskbox.merge.in_workspace_many`). One merge into a task at a time."""
+        repo = Path(target.repo_path)
+        for source, _tip, _message in items:
+            if Path(source.repo_path) != repo:
+                raise InvalidInput(f"tasks {source.id} and {target.id} work on different repositories")
         scratch = self.paths.home / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         limit = parse_size(self.settings.fetch_limit, "fetch_limit")
@@ -2907,15 +3201,18 @@ class TaskService:
             os.close(fd)
             bundle = Path(name)
             try:
-                merge_engine.bundle_from(repo, bundle, tip, [source.base_ref])
+                merge_engine.bundle_from(repo, bundle, [tip for _s, tip, _m in items],
+                                         [source.base_ref for source, _t, _m in items])
                 if bundle.stat().st_size > limit:
-                    raise GitError(f"the branch of {source.id} bundles to more than {limit} bytes; refusing to merge "
+                    names = ", ".join(source.id for source, _t, _m in items)
+                    raise GitError(f"the branch of {names} bundles to more than {limit} bytes; refusing to merge "
                                    "it (raise the fetch_limit setting if this is expected)")
                 files.atomic_write(self._ws(target), merge_engine.INCOMING, bundle.read_bytes())
             finally:
                 bundle.unlink(missing_ok=True)
             with self.in_sandbox(target) as run:
-                return merge_engine.in_workspace(run, target.branch, tip, message, squash=squash)
+                return merge_engine.in_workspace_many(run, target.branch, [(tip, message) for _s, tip, message in items],
+                                                      squash=squash)
 
     def _merge_into_branch(self, source: Task, branch: str, tip: str, message: str,
                            squash: bool = False) -> merge_engine.Outcome:

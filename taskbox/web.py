@@ -637,7 +637,7 @@ class Web:
     async def create(self, request: Request) -> Any:
         body = await _body(request)
         options: dict[str, Any] = {}
-        for key in ("agent", "model", "title", "lock_mode", "memory", "network", "image", "disk"):
+        for key in ("agent", "model", "title", "lock_mode", "memory", "network", "image", "disk", "template"):
             if (value := _str(body, key)) is not None:
                 options[key] = value
         if (value := _str(body, "id")) is not None:
@@ -846,7 +846,7 @@ ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("GET", "/api/tasks", Web.tasks, "List tasks (filters: status, q, parent).", ("status", "q", "parent")),
     ApiRoute("POST", "/api/tasks", Web.create, "Create a task (a workspace on a new branch and its sandbox).",
              body=("repo", "description", "agent", "model", "title", "id", "lock_mode", "memory", "cpus", "disk",
-                   "network", "allow_domains", "image", "base", "lazy", "attach")),
+                   "network", "allow_domains", "image", "base", "lazy", "attach", "template")),
     ApiRoute("GET", _t(""), Web.show, "A task's record with its live state.", ("recent",)),
     ApiRoute("POST", _t("/exec"), Web.exec, "Run a command in the task's sandbox (or start a background job).",
              body=("command", "workdir", "timeout", "background")),

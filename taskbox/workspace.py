@@ -171,67 +171,147 @@ def _check(res: Captured, what: str) -> str:
     return res.stdout.decode(errors="replace")
 
 
-# Commit everything; print "committed" or "unchanged", then the HEAD commit (or "none").
-# "$@": pathspecs kept at their last commit; $TASKBOX_UNTRACK: taskbox paths taken out of the index.
-_COMMIT = _G + r"""
-$G add --all || exit 10
+# Publish a task's work in one command in the sandbox: commit everything (the taskbox paths
+# kept or untracked as commit_fresh does), commit the memory files to the companion ref, and
+# print one line "taskbox-publish committed|unchanged HEAD|none TIP MEMORY-TIP|-"; then, when
+# the branch or its companion ref moved from what the user's repository has, the bundle of both
+# (leaving out what the user's repository has, $TASKBOX_BASIS) follows on stdout.
+# $1 branch ref, $2 companion ref or "-" (memory kept on the branch), $3 start commit or "-",
+# $4/$5 the user's repository's commits of the two refs (or "-"); "$@": pathspecs kept at
+# their last commit. Exit codes: 9-11 the commit, 12-16 the memory, 3 no branch.
+_PUBLISH = _G + r"""
+ref="$1"; mref="$2"; base="$3"; have="$4"; mhave="$5"; shift 5
+untrack=""
+if [ "$mref" != "-" ]; then  # a taskbox path the start commit tracked stays on the branch as the user's
+  for p in $TASKBOX_MEMORY_PATHS; do
+    [ "$base" != "-" ] && $G cat-file -e "$base:$p" 2>/dev/null && continue
+    untrack="$untrack $p"
+  done
+fi
+$G add --all >&2 || exit 10
 $G reset -q -- "$@" >/dev/null 2>&1 || $G rm -r -q --cached --ignore-unmatch -- "$@" >/dev/null || exit 9
-for p in $TASKBOX_UNTRACK; do $G rm -r -q --cached --ignore-unmatch -- "$p" >/dev/null || exit 9; done
-if $G diff --cached --quiet 2>/dev/null; then echo unchanged
-else $G commit --quiet --no-verify -m "$TASKBOX_MESSAGE" || exit 11; echo committed; fi
-$G rev-parse --verify --quiet 'HEAD^{commit}' || echo none
+for p in $untrack; do $G rm -r -q --cached --ignore-unmatch -- "$p" >/dev/null || exit 9; done
+if $G diff --cached --quiet 2>/dev/null; then state=unchanged
+else $G commit --quiet --no-verify -m "$TASKBOX_MESSAGE" >&2 || exit 11; state=committed; fi
+head=$($G rev-parse --verify --quiet 'HEAD^{commit}') || head=none
+if [ "$mref" != "-" ]; then (
+  gd=$($G rev-parse --git-dir) || exit 12
+  GIT_INDEX_FILE="$gd/taskbox-memory.index"; export GIT_INDEX_FILE
+  rm -f "$GIT_INDEX_FILE"
+  set --
+  [ -e .task-memory ] && set -- "$@" .task-memory
+  [ -e Plan.md ] && set -- "$@" Plan.md
+  [ $# -eq 0 ] && exit 0
+  $G add --force -- "$@" >&2 || exit 13
+  tree=$($G write-tree) || exit 14
+  rm -f "$GIT_INDEX_FILE"
+  old=$($G rev-parse --verify --quiet "$mref^{commit}")
+  if [ -n "$old" ] && [ "$($G rev-parse "$old^{tree}")" = "$tree" ]; then exit 0; fi
+  new=$(echo "taskbox: task memory" | $G commit-tree "$tree" ${old:+-p "$old"}) || exit 15
+  $G update-ref "$mref" "$new" || exit 16
+) || exit $?; fi
+tip=$($G rev-parse --verify --quiet "$ref^{commit}") || { echo "no branch $ref" >&2; exit 3; }
+mtip=-
+if [ "$mref" != "-" ]; then mtip=$($G rev-parse --verify --quiet "$mref^{commit}") || mtip=-; fi
+echo "taskbox-publish $state $head $tip $mtip"
+if [ "$tip" = "$have" ] && { [ "$mtip" = "-" ] || [ "$mtip" = "$mhave" ]; }; then exit 0; fi
+args="$ref"; tips="$tip"
+if [ "$mtip" != "-" ]; then args="$args $mref"; tips="$tips $mtip"; fi
+for b in $TASKBOX_BASIS; do
+  $G cat-file -e "$b^{commit}" 2>/dev/null || continue
+  for t in $tips; do
+    [ "$b" = "$t" ] && continue
+    if $G merge-base --is-ancestor "$b" "$t" 2>/dev/null; then args="$args ^$b"; break; fi
+  done
+done
+exec $G bundle create --quiet - $args
 """
+_PUBLISH_EXITS = {3: "finding the task branch", 9: "git commit", 10: "git commit", 11: "git commit",
+                  12: "saving the task memory", 13: "saving the task memory", 14: "saving the task memory",
+                  15: "saving the task memory", 16: "saving the task memory"}
+_PUBLISHED = re.compile(r"^taskbox-publish (committed|unchanged) ([0-9a-f]{40}(?:[0-9a-f]{24})?|none) "
+                        r"([0-9a-f]{40}(?:[0-9a-f]{24})?) ([0-9a-f]{40}(?:[0-9a-f]{24})?|-)\n$")
 
 
-# Which of the taskbox paths the start commit tracks (those stay on the branch as the user's).
-_TRACKED = _G + r"""
-base="$1"; shift
-for p in "$@"; do $G cat-file -e "$base:$p" 2>/dev/null && echo "$p"; done
-exit 0
-"""
+def _commits(repo: Path, names: list[str]) -> list[str]:
+    """The commit each of ``names`` (refs or commit ids) is in the user's (trusted) repository,
+    or ``""`` where there is none: one git process for them all."""
+    if not names:
+        return []
+    proc = git.run(["cat-file", "--batch-check=%(objectname)"], cwd=repo,
+                   input="".join(f"{n}^{{commit}}\n" for n in names).encode())
+    lines = proc.stdout.splitlines()
+    if len(lines) != len(names):
+        raise GitError(f"git cat-file gave {len(lines)} answers for {len(names)} names in {repo}")
+    return [line if _SHA.match(line) else "" for line in lines]
 
 
-def commit_all(run: Runner, message: str, *, clean: bool = False, base: str | None = None) -> str | None:
-    """Commit everything in the workspace (in the sandbox); the new commit, or None if unchanged.
+def publish(run: Runner, repo: Path, branch: str, message: str, *, clean: bool, base: str | None,
+            scratch: Path, limit: int) -> tuple[str | None, str]:
+    """Commit the workspace and bring its branch into the user's repository, in one sandbox command.
 
-    ``clean``: ``.task-memory`` and ``Plan.md`` stay off the branch (untracked if an earlier
-    commit had them), except a ``Plan.md`` the start commit ``base`` already tracked.
-    Bytecode is never added.
+    Returns (the new commit or None if nothing changed, the branch's commit). Committing is as
+    ``commit_fresh`` does it: ``clean`` keeps ``.task-memory`` and ``Plan.md`` off the branch
+    (a ``Plan.md`` the start commit ``base`` tracked stays) and commits them to the companion
+    ref (:func:`memory_ref`), which comes along; bytecode is never added.
+
+    The sandbox packs the branch into a bundle (prerequisites: the commits the user's
+    repository already has) only when it moved; the host takes at most ``limit`` bytes of
+    it into a file of its own, parses the header itself and gives only the pack to
+    ``git index-pack --strict`` in the user's repository; the refs move only after the new
+    tips are checked complete (``update-ref`` with the old value). No git process on the host
+    opens anything the sandbox wrote.
     """
-    tracked: set[str] = set()
-    if clean and base and _SHA.match(base):
-        tracked = set(_check(run(["sh", "-c", _TRACKED, "sh", base, *MEMORY_PATHS]), "git cat-file").split())
-    keep, untrack = _paths(clean, base, lambda p: p in tracked)
-    res = run(["sh", "-c", _COMMIT, "sh", *keep],
-              env={"TASKBOX_MESSAGE": message, "TASKBOX_UNTRACK": "\n".join(untrack)})
-    lines = _check(res, "git commit").split()
-    if len(lines) < 2 or lines[0] not in ("committed", "unchanged"):
-        raise GitError(f"git commit in the sandbox gave an unexpected answer: {' '.join(lines)[:200]!r}")
-    if lines[0] == "unchanged":
-        return None
-    sha = lines[-1]
-    return sha if _SHA.match(sha) else None
+    ref = f"refs/heads/{branch}"
+    mref = memory_ref(branch) if clean else None
+    names = [n for n in (ref, mref) if n]
+    found = _commits(repo, [*names, "HEAD"])
+    have = dict(zip(names, found, strict=False))
+    basis = list(dict.fromkeys(c for c in found if c))
+    keep, _untrack = _paths(clean, None, lambda _p: False)  # what to untrack is decided in the sandbox
+    argv = ["sh", "-c", _PUBLISH, "sh", ref, mref or "-", base if base and _SHA.match(base) else "-",
+            have[ref] or "-", (have[mref] if mref else "") or "-", *keep]
+    env = {"TASKBOX_MESSAGE": message, "TASKBOX_BASIS": " ".join(basis),
+           "TASKBOX_MEMORY_PATHS": " ".join(MEMORY_PATHS)}
+    scratch.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="publish-", suffix=".bundle", dir=scratch)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "w+b") as fh:
+            res = run(argv, env=env, sink=fh, limit=limit)
+            if res.truncated:
+                raise GitError(f"the task branch {branch} packs to more than {limit} bytes; refusing to fetch "
+                               "it (raise the fetch_limit setting if this is expected)")
+            if res.exit_code == 3:
+                raise GitError(f"the workspace has no branch {branch} (was it deleted or renamed in the sandbox?)",
+                               branch=branch)
+            _check(res, _PUBLISH_EXITS.get(res.exit_code, "git bundle"))
+            fh.seek(0)
+            m = _PUBLISHED.match(fh.readline(512).decode("ascii", errors="replace"))
+            if not m:
+                raise GitError("publishing the task branch in the sandbox gave an unexpected answer")
+            state, head, tip, mtip = m.groups()
+            commit = head if state == "committed" and head != "none" else None
+            wanted = {ref: tip, **({mref: mtip} if mref and mtip != "-" else {})}
+            if all(have.get(n) == sha for n, sha in wanted.items()):
+                return commit, tip
+            checked_out = git.run(["symbolic-ref", "--quiet", "HEAD"], cwd=repo, check=False).stdout.strip()
+            if checked_out == ref and have[ref] != tip:
+                raise GitError(f"branch {branch} is checked out in {repo}; switch to another branch there "
+                               "so taskbox can update it", branch=branch)
+            tips = _take_bundle(fh, repo, ref, mref, f"the task branch {branch}")
+    finally:
+        path.unlink(missing_ok=True)
+    _complete(repo, tips)
+    if checked_out == ref and have[ref] != tips[ref]:
+        raise GitError(f"branch {branch} is checked out in {repo}; switch to another branch there "
+                       "so taskbox can update it", branch=branch)
+    moves = "".join(f"update {name_} {new} {have.get(name_) or '0' * len(new)}\n"
+                    for name_, new in tips.items() if have.get(name_) != new)
+    if moves:  # the branch and its memory move together, each from the value read before (compare-and-swap)
+        git.run(["update-ref", "-m", "taskbox: fetch task branch", "--stdin"], cwd=repo, input=moves.encode())
+    return commit, tips[ref]
 
-
-# Commit the memory files to the companion ref "$1" through a private index.
-_SAVE_MEMORY = _G + r"""
-ref="$1"
-gd=$($G rev-parse --git-dir) || exit 12
-export GIT_INDEX_FILE="$gd/taskbox-memory.index"
-rm -f "$GIT_INDEX_FILE"
-set --
-[ -e .task-memory ] && set -- "$@" .task-memory
-[ -e Plan.md ] && set -- "$@" Plan.md
-[ $# -eq 0 ] && { echo none; exit 0; }
-$G add --force -- "$@" || exit 13
-tree=$($G write-tree) || exit 14
-rm -f "$GIT_INDEX_FILE"
-old=$($G rev-parse --verify --quiet "$ref^{commit}")
-if [ -n "$old" ] && [ "$($G rev-parse "$old^{tree}")" = "$tree" ]; then echo unchanged; exit 0; fi
-new=$(echo "taskbox: task memory" | $G commit-tree "$tree" ${old:+-p "$old"}) || exit 15
-$G update-ref "$ref" "$new" || exit 16
-echo saved
-"""
 
 # Write the memory files of companion ref "$1" that are missing in the workspace (never overwrite).
 _RESTORE_MEMORY = _G + r"""
@@ -247,12 +327,6 @@ echo restored
 """
 
 
-def save_memory(run: Runner, branch: str) -> bool:
-    """Commit the workspace's memory files to the branch's companion ref (in the sandbox); True if it moved."""
-    out = _check(run(["sh", "-c", _SAVE_MEMORY, "sh", memory_ref(branch)]), "saving the task memory").split()
-    return out[-1:] == ["saved"]
-
-
 def restore_memory(run: Runner, branch: str) -> bool:
     """Bring back memory files missing in the workspace from the companion ref (in the sandbox).
 
@@ -260,33 +334,6 @@ def restore_memory(run: Runner, branch: str) -> bool:
     """
     out = _check(run(["sh", "-c", _RESTORE_MEMORY, "sh", memory_ref(branch)]), "restoring the task memory").split()
     return out[-1:] == ["restored"]
-
-
-def branch_tip(run: Runner, branch: str, ref: str | None = None) -> str | None:
-    """The commit of ``branch`` (or of the full ``ref``) in the workspace, as the sandbox's git sees it."""
-    res = run([*_SANDBOX_GIT, "rev-parse", "--verify", "--quiet", f"{ref or f'refs/heads/{branch}'}^{{commit}}"])
-    sha = res.stdout.decode(errors="replace").strip()
-    return sha if res.exit_code == 0 and _SHA.match(sha) else None
-
-
-# Pack the branch (and the companion ref "$2" when it is not "-" and exists) as a bundle on
-# stdout, leaving out what the user's repository has.
-_BUNDLE = _G + r"""
-ref="$1"; mref="$2"; shift 2
-tip=$($G rev-parse --verify --quiet "$ref^{commit}") || { echo "no branch $ref" >&2; exit 3; }
-args="$ref"; tips="$tip"
-if [ "$mref" != "-" ] && mtip=$($G rev-parse --verify --quiet "$mref^{commit}"); then
-  args="$args $mref"; tips="$tips $mtip"
-fi
-for b in "$@"; do
-  $G cat-file -e "$b^{commit}" 2>/dev/null || continue
-  for t in $tips; do
-    [ "$b" = "$t" ] && continue
-    if $G merge-base --is-ancestor "$b" "$t" 2>/dev/null; then args="$args ^$b"; break; fi
-  done
-done
-exec $G bundle create --quiet - $args
-"""
 
 
 def _read_bundle_header(fh: BinaryIO, ref: str, extra: str | None = None
@@ -331,51 +378,6 @@ def _read_bundle_header(fh: BinaryIO, ref: str, extra: str | None = None
     return tips, prereqs, end + 2
 
 
-def fetch_into(run: Runner, repo: Path, branch: str, *, scratch: Path, limit: int,
-               with_memory: bool = False) -> str:
-    """Bring the task branch from the workspace into the user's repository; return its commit.
-
-    The sandbox packs the branch into a bundle (prerequisites: the commits the user's
-    repository already has); the host takes at most ``limit`` bytes of it into a file of its
-    own, parses the header itself and gives only the pack to ``git index-pack --strict`` in
-    the user's repository; the branch moves only after the new tip is checked complete
-    (``update-ref`` with the old value). No git process opens anything the sandbox wrote.
-    ``with_memory``: the companion ref (:func:`memory_ref`) comes along the same way, when
-    the workspace has it.
-    """
-    ref = f"refs/heads/{branch}"
-    mref = memory_ref(branch) if with_memory else None
-
-    def have_of(name: str) -> str:
-        return git.run(["rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], cwd=repo, check=False).stdout.strip()
-
-    have = {name: have_of(name) for name in (ref, mref) if name}
-    tip = branch_tip(run, branch)
-    if tip is None:
-        raise GitError(f"the workspace has no branch {branch} (was it deleted or renamed in the sandbox?)",
-                       branch=branch)
-    wanted = {ref: tip}
-    if mref and (mtip := branch_tip(run, branch, mref)):
-        wanted[mref] = mtip
-    if all(have.get(name) == sha for name, sha in wanted.items()):
-        return tip
-    checked_out = git.run(["symbolic-ref", "--quiet", "HEAD"], cwd=repo, check=False).stdout.strip()
-    if checked_out == ref and have[ref] != tip:
-        raise GitError(f"branch {branch} is checked out in {repo}; switch to another branch there "
-                       "so taskbox can update it", branch=branch)
-    basis = [c for c in (*have.values(), head_commit(repo)) if c and _SHA.match(c)]
-    tips = import_bundle(run, ["sh", "-c", _BUNDLE, "sh", ref, mref if mref in wanted else "-", *basis], repo,
-                         ref, extra=mref, scratch=scratch, limit=limit, what=f"the task branch {branch}")
-    for name_, new in sorted(tips.items(), key=lambda kv: kv[0] != ref):  # the branch first
-        if name_ == ref and checked_out == ref and have[ref] != new:
-            raise GitError(f"branch {branch} is checked out in {repo}; switch to another branch there "
-                           "so taskbox can update it", branch=branch)
-        if have.get(name_) != new:
-            git.run(["update-ref", "-m", "taskbox: fetch task " + ("branch" if name_ == ref else "memory"),
-                     name_, new, have.get(name_) or "0" * len(new)], cwd=repo)
-    return tips[ref]
-
-
 def import_bundle(run: Runner, argv: list[str], repo: Path, ref: str, *, extra: str | None = None,
                   scratch: Path, limit: int, what: str) -> dict[str, str]:
     """Run ``argv`` in the sandbox (it writes a bundle of ``ref``, and maybe ``extra``, to stdout)
@@ -397,17 +399,28 @@ def import_bundle(run: Runner, argv: list[str], repo: Path, ref: str, *, extra: 
                                "it (raise the fetch_limit setting if this is expected)")
             _check(res, "git bundle")
             fh.seek(0)
-            tips, prereqs, offset = _read_bundle_header(fh, ref, extra)
-            for sha in prereqs:
-                if not git.ref_exists(repo, f"{sha}^{{commit}}"):
-                    raise GitError(f"the bundle of {what} needs commit {sha[:12]}, which {repo} does not have")
-            fh.seek(offset)
-            git.run(["index-pack", "--stdin", "--fix-thin", "--strict"], cwd=repo, stdin=fh, timeout=1800)
+            tips = _take_bundle(fh, repo, ref, extra, what)
     finally:
         path.unlink(missing_ok=True)
-    # complete: every object the new tips need is there (index-pack checks objects, not reachability)
-    git.run(["rev-list", "--quiet", "--objects", *tips.values(), "--not", "--all"], cwd=repo)
+    _complete(repo, tips)
     return tips
+
+
+def _take_bundle(fh: BinaryIO, repo: Path, ref: str, extra: str | None, what: str) -> dict[str, str]:
+    """Index the pack of the bundle that starts at ``fh``'s position into ``repo``; return its tips."""
+    start = fh.tell()
+    tips, prereqs, offset = _read_bundle_header(fh, ref, extra)
+    for sha, there in zip(prereqs, _commits(repo, prereqs), strict=True):
+        if not there:
+            raise GitError(f"the bundle of {what} needs commit {sha[:12]}, which {repo} does not have")
+    fh.seek(start + offset)
+    git.run(["index-pack", "--stdin", "--fix-thin", "--strict"], cwd=repo, stdin=fh, timeout=1800)
+    return tips
+
+
+def _complete(repo: Path, tips: dict[str, str]) -> None:
+    """Every object the new tips need is there (index-pack checks objects, not reachability)."""
+    git.run(["rev-list", "--quiet", "--objects", *tips.values(), "--not", "--all"], cwd=repo)
 
 
 def diff(run: Runner, base: str | None, stat: bool = False, limit: int = DIFF_LIMIT) -> str:

@@ -1,4 +1,4 @@
-"""The real OpenCode and Claude Code CLIs, pinned, installed from npm into ``.cache/agents``.
+"""The real OpenCode, Claude Code and Codex CLIs, pinned, installed from npm into ``.cache/agents``.
 
 ``scripts/setup`` installs them (CI runs it); :func:`installed` installs them too when a
 test session starts without them, so a developer's plain ``pytest`` works. Missing Node.js
@@ -13,10 +13,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from taskbox.agents import PRESETS
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("TASKBOX_AGENTS_DIR") or ROOT / ".cache" / "agents")
-# Pinned: the versions these tests were written against (bump deliberately, and re-run them).
-PACKAGES = {"opencode": ("opencode-ai", "1.18.33"), "claude": ("@anthropic-ai/claude-code", "2.1.332")}
+# Pinned in taskbox/agents.py, the versions `taskbox image build --agents` puts in the sandbox
+# too, and these tests were written against (bump deliberately, and re-run them). By binary name.
+PACKAGES = {p.binary: (p.package.rpartition("@")[0], p.package.rpartition("@")[2])
+            for p in PRESETS.values() if p.package}
 
 
 def binary(name: str) -> Path:

@@ -1,8 +1,10 @@
 """A scripted model endpoint on loopback for driving real agent CLIs in tests.
 
 It speaks OpenAI-style chat completions (``POST /v1/chat/completions``, streamed as SSE, for
-OpenCode's custom provider) and Anthropic Messages (``POST /v1/messages``, streamed as SSE,
-for Claude Code with ``ANTHROPIC_BASE_URL``). A *script* decides each turn: given the tools
+OpenCode's custom provider), Anthropic Messages (``POST /v1/messages``, streamed as SSE,
+for Claude Code with ``ANTHROPIC_BASE_URL``) and the OpenAI Responses API (``POST
+/v1/responses``, streamed as SSE, for Codex with a custom provider; the parsing and the
+events are tests/model_stub.py's, which the sandbox tests serve in a container). A *script* decides each turn: given the tools
 the client offers and the results of the calls made so far in the conversation, it returns
 the next tool call or a final text. Requests that are not the scripted conversation (title
 generation, quota probes: no tools, or no marker in the first user message) get a short text.
@@ -18,6 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from .model_stub import (
+    content_text,
+    responses_calls,
+    responses_events,
+    responses_messages,
+    responses_namespaces,
+    responses_tools,
+)
 
 MARKER = "TASKBOX-SCRIPT"
 
@@ -59,25 +70,16 @@ class Script:
         return self.steps[i](turn)
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(_text(c.get("text", c.get("content", ""))) if isinstance(c, dict) else str(c)
-                         for c in content)
-    return "" if content is None else str(content)
-
-
 def _openai_turn(body: dict[str, Any]) -> tuple[Turn, str]:
     tools = {t["function"]["name"]: t["function"].get("parameters") or {} for t in body.get("tools") or []}
     calls, results, first = [], [], ""
     for m in body.get("messages", []):
         if m.get("role") == "user" and not first:
-            first = _text(m.get("content"))
+            first = content_text(m.get("content"))
         for tc in m.get("tool_calls") or []:
             calls.append((tc["function"]["name"], json.loads(tc["function"].get("arguments") or "{}")))
         if m.get("role") == "tool":
-            results.append(_text(m.get("content")))
+            results.append(content_text(m.get("content")))
     return Turn(tools, results, calls), first
 
 
@@ -95,8 +97,15 @@ def _anthropic_turn(body: dict[str, Any]) -> tuple[Turn, str]:
             if b.get("type") == "tool_use":
                 calls.append((b["name"], b.get("input") or {}))
             if b.get("type") == "tool_result":
-                results.append(_text(b.get("content")) + ("\n[is_error]" if b.get("is_error") else ""))
+                results.append(content_text(b.get("content")) + ("\n[is_error]" if b.get("is_error") else ""))
     return Turn(tools, results, calls), first
+
+
+def _responses_turn(body: dict[str, Any]) -> tuple[Turn, str]:
+    messages = responses_messages(body)
+    first = "\n".join(content_text(m.get("content")) for m in messages if m.get("role") == "user")
+    results = [str(m.get("content")) for m in messages if m.get("role") == "tool"]
+    return Turn(responses_tools(body), results, responses_calls(body)), first
 
 
 class ScriptedModel:
@@ -135,6 +144,8 @@ class ScriptedModel:
                     model._openai(self, body)
                 elif path.endswith("/messages"):
                     model._anthropic(self, body)
+                elif path.endswith("/responses"):
+                    model._responses(self, body)
                 else:
                     self.send_error(404)
 
@@ -210,6 +221,13 @@ class ScriptedModel:
                            "choices": [{"index": 0, "message": message, "finish_reason": finish}]})
             return
         self._sse(handler, [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"])
+
+    def _responses(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        turn, first = _responses_turn(body)
+        action = self._decide(turn, first)
+        act = action if isinstance(action, str) else (action.name, action.args)
+        self._sse(handler, responses_events(act, self.counter, body.get("model", "scripted"),
+                                            responses_namespaces(body)))
 
     def _anthropic(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         turn, first = _anthropic_turn(body)

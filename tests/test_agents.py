@@ -1,9 +1,9 @@
 """Agents inside the sandbox (`taskbox run`), for real.
 
-The real agent CLIs (from `taskbox image build --agents`) run in a task's container against
-``tests/model_stub.py``, served by a stand-in container on the egress proxy's outside network
-under the provider's API host name (``api.anthropic.com``, ``api.openai.com``): the sandbox
-reaches it only through the proxy, nothing leaves the machine. The interactive run is driven
+The real agent CLIs (from `taskbox image build --agents`: OpenCode, Claude Code and Codex) run
+in a task's container against ``tests/model_stub.py``, served by a stand-in container on the
+egress proxy's outside network under the provider's API host name (``api.anthropic.com``,
+``api.openai.com``): the sandbox reaches it only through the proxy, nothing leaves the machine. The interactive run is driven
 through tmux on the host (send keys, read the screen, detach, attach again).
 """
 
@@ -54,6 +54,12 @@ def test_presets_and_packages() -> None:
     assert config["model"] == "taskbox/m1"
     with pytest.raises(InvalidInput):
         agents.environment(claude, base_url="file:///etc/passwd")
+    codex = agents.preset("codex")  # its endpoint and model are options: a Responses API provider of its own
+    opts = agents.options(codex, base_url="http://api.openai.com/v1", model="m2")
+    assert opts[:2] == ["-c", 'model_provider="taskbox"'] and opts[-2:] == ["-m", "m2"]
+    assert 'base_url = "http://api.openai.com/v1"' in opts[3] and "supports_websockets = false" in opts[3]
+    assert agents.options(claude, base_url="http://h.test", model="m") == []
+    assert agents.environment(codex, base_url="http://h.test/v1") == {}
     text = images.agents_recipe("taskbox-sandbox:abc", specs)
     assert "tmux" in text and " ".join(sorted(specs)) in text
 
@@ -97,6 +103,32 @@ def test_run_bad_input_leaves_the_task_intact(svc: TaskService, repo: Path) -> N
     assert not svc.registry.sessions(task.id, open_only=True)
 
 
+def test_create_task_run_takes_the_run_options(svc: TaskService, repo: Path, home: Path) -> None:
+    env = {"TASKBOX_SECRET_RUN_TOKEN": SECRET}
+    # Bad run options are refused before anything is created.
+    r = run_cli("create-task", "refused", "--repo", str(repo), "--run", "shell", "--base-url", "http://h.test/v1",
+                "-p", "true")
+    assert r.returncode == 2 and r.stderr.strip() == "error: agent shell takes no base URL"
+    r = run_cli("create-task", "refused", "--repo", str(repo), "--run", "shell", "--secret", "NOT_THERE", "-p", "true")
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "no secret NOT_THERE" in r.stderr
+    r = run_cli("create-task", "refused", "--repo", str(repo), "--timeout", "5")
+    assert r.returncode == 2 and "go with --run AGENT" in r.stderr
+    assert svc.list_tasks() == []
+    # The options of `taskbox run` reach the run: prompt, model, secret, timeout, checkpoint, agent arguments.
+    r = run_cli("create-task", "run options", "--repo", str(repo), "--run", "shell", "--model", "m-one",
+                "--secret", "RUN_TOKEN", "--timeout", "60", "--checkpoint", "--image", IMAGE,
+                "-p", 'echo "$0 $1" > args.txt; echo token=$RUN_TOKEN', "--", "first", "second", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "token=[REDACTED:RUN_TOKEN]" in r.stdout and SECRET not in r.stdout + r.stderr
+    [task] = svc.list_tasks()
+    assert git(repo, "show", f"{task.branch}:args.txt") == "first second\n"
+    assert "shell (m-one) attached" in (Path(task.workspace_path) / "Plan.md").read_text()
+    assert svc.list_checkpoints(task.id)  # --checkpoint: one taken when the agent ended
+    started = [e["payload"] for e in svc.registry.events(task.id) if e["type"] == "agent.started"]
+    assert [p["mode"] for p in started] == ["prompt"]
+    _assert_secret_nowhere(home, Path(task.workspace_path), svc, task.id)
+
+
 def test_run_needs_the_agent_in_the_image(svc: TaskService, repo: Path) -> None:
     task = svc.create_task(repo, "no cli", network="open")
     with pytest.raises(Exception, match="not installed in image .*taskbox image build --agents"):
@@ -119,13 +151,20 @@ class Lab:
         return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
 
 
+PATCH = "*** Begin Patch\n*** Add File: /workspace/from_agent.txt\n+written by the agent\n*** End Patch\n"
+
+
 def _script() -> dict:
-    # Tool names and argument names of both CLIs; the stub picks the one offered.
+    # Tool names and argument names of the three CLIs; the stub picks the one offered. Codex
+    # (with a model it has no metadata for) offers no file tool: it edits with `apply_patch`
+    # through its command tool, which it runs itself.
     return {"marker": "TBX-SCRIPT", "final": "all done", "steps": [
-        {"tool": ["Write", "write"], "args": {"file_path": "/workspace/from_agent.txt", "filePath":
-                                              "/workspace/from_agent.txt", "content": "written by the agent\n"}},
-        {"tool": ["Bash", "bash"], "args": {"command": "uname -s > /workspace/ran.txt && echo token=$AGENT_TOKEN",
-                                            "description": "run a command"}},
+        {"tool": ["Write", "write", "exec_command"],
+         "args": {"file_path": "/workspace/from_agent.txt", "filePath": "/workspace/from_agent.txt",
+                  "content": "written by the agent\n", "cmd": f"apply_patch <<'EOF'\n{PATCH}EOF\n"}},
+        {"tool": ["Bash", "bash", "exec_command"],
+         "args": {"command": "uname -s > /workspace/ran.txt && echo token=$AGENT_TOKEN",
+                  "cmd": "uname -s > /workspace/ran.txt && echo token=$AGENT_TOKEN", "description": "run a command"}},
     ]}
 
 
@@ -173,13 +212,14 @@ def _assert_secret_nowhere(home: Path, ws: Path, svc: TaskService, task_id: str)
         assert SECRET not in json.dumps(api.inspect_container(c["Id"]))
 
 
-@pytest.mark.parametrize("agent,key,base", [
-    ("claude-code", "ANTHROPIC_API_KEY", "http://api.anthropic.com"),
-    ("opencode", "OPENAI_API_KEY", "http://api.openai.com/v1"),
+@pytest.mark.parametrize("agent,key,base,api", [
+    ("claude-code", "ANTHROPIC_API_KEY", "http://api.anthropic.com", "/v1/messages"),
+    ("opencode", "OPENAI_API_KEY", "http://api.openai.com/v1", "/v1/chat/completions"),
+    ("codex", "OPENAI_API_KEY", "http://api.openai.com/v1", "/v1/responses"),  # the Responses API, over SSE
 ])
 def test_real_agent_cli_works_through_the_proxy(asvc: TaskService, agents_lab: Lab, repo: Path, home: Path,
                                                 monkeypatch: pytest.MonkeyPatch, agent: str, key: str,
-                                                base: str) -> None:
+                                                base: str, api: str) -> None:
     monkeypatch.setenv(f"TASKBOX_SECRET_{key}", SECRET)
     monkeypatch.setenv("TASKBOX_SECRET_AGENT_TOKEN", SECRET[::-1])
     options = asvc.agent_task_options(agent, {"metadata": {"sandbox": {"allow_private": [agents_lab.subnet]}}})
@@ -194,7 +234,8 @@ def test_real_agent_cli_works_through_the_proxy(asvc: TaskService, agents_lab: L
     # The stub saw the agent's conversation, under the provider's name, through the proxy.
     reqs = agents_lab.requests()[seen:]
     host = base.split("//")[1].split("/")[0]
-    assert any(r["host"] == host and r["tools"] and r["calls"] == 2 for r in reqs), (reqs, printed[-4000:])
+    assert any(r["host"] == host and r["path"].split("?")[0] == api and r["tools"] and r["calls"] == 2
+               for r in reqs), (reqs, printed[-4000:])
     # The work is on the branch in the user's repository.
     assert git(repo, "show", f"{task.branch}:from_agent.txt") == "written by the agent\n"
     assert git(repo, "show", f"{task.branch}:ran.txt") == "Linux\n"
@@ -268,3 +309,154 @@ def test_interactive_run_detach_and_attach(svc: TaskService, repo: Path, home: P
     assert not svc.registry.sessions(task.id, open_only=True)
     with pytest.raises(NotFound, match="no detached agent run"):
         svc.attach_agent(task.id, agents.Terminal(0, 1))
+
+
+@pytest.mark.parametrize("how", ["detach-keys", "terminal-closed"])
+def test_detached_run_keeps_its_lease_and_is_recorded_when_it_ends(svc: TaskService, repo: Path, home: Path,
+                                                                   docker_engine, how: str) -> None:
+    """Left running (Ctrl-b d, or its terminal closed mid-run) and nobody attaches again: the run's
+    watcher renews the lease, then records the run when the agent ends."""
+    assert shutil.which("tmux"), "tmux is needed on the host for this test (apt-get install tmux)"
+    cafile, registry = images.host_npm_settings()
+    image = images.build_agents(docker_engine, packages=agents.packages(), npm_cafile=cafile,
+                                npm_registry=registry).tag
+    task = svc.create_task(repo, "left running", image=image)
+    lease = 6  # seconds: the watcher renews every 2
+    server = f"tbx-test-{secrets.token_hex(3)}"
+    env = " ".join(f"{k}={v}" for k, v in {"TASKBOX_HOME": str(home), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+                                           "TASKBOX_STRICT_EVENTS": "1", "TASKBOX_LEASE_SECONDS": lease,
+                                           "TASKBOX_RUN_CHECKPOINT": 1}.items())
+    cmd = f"env {env} {sys.executable} -m taskbox run {task.id} --agent shell; echo RUN-EXIT=$?; sleep 60"
+    _tmux("-L", server, "new-session", "-d", "-s", "t", "-x", "120", "-y", "30", cmd)
+    try:
+        def screen_until(needle: str) -> str:
+            deadline = time.monotonic() + 40
+            text = ""
+            while time.monotonic() < deadline:
+                text = _tmux("-L", server, "capture-pane", "-p", "-t", "t")
+                if needle in text:
+                    return text
+                time.sleep(0.2)
+            raise AssertionError(f"{needle!r} never showed:\n{text}")
+
+        screen_until("agent@")
+        _tmux("-L", server, "send-keys", "-t", "t", "echo left > left.txt; echo wrote-$((1+1))", "Enter")
+        screen_until("wrote-2")
+        if how == "detach-keys":
+            _tmux("-L", server, "send-keys", "-t", "t", "C-b", "d")
+            assert "keeps running" in screen_until("RUN-EXIT=0")
+    finally:
+        _tmux("-L", server, "kill-server", check=False)  # the user's terminal is gone (mid-run, or after)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(e["type"] == "agent.detached" for e in svc.registry.events(task.id)):
+        time.sleep(0.2)
+    assert any(e["type"] == "agent.detached" for e in svc.registry.events(task.id))  # a detach, not an end
+    [session] = svc.registry.sessions(task.id, open_only=True)
+    # Past the lease's length the run still holds the task: its lease was renewed.
+    time.sleep(lease + 3)
+    [held] = svc.registry.leases(task.id)
+    assert held.session_id == session.id and held.expires_at > time.time()
+    r = run_cli("detach", task.id, env={"TASKBOX_HOME": str(home)})  # refused on one line, saying why
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert f"agent shell (session {session.id}) left running" in r.stderr
+    assert f"taskbox attach {task.id}" in r.stderr
+    # The agent ends while nobody is attached (here: its shell is told to exit).
+    task = svc.get(task.id)
+    svc.sandbox.exec(task.container_id or "", ["tmux", "-L", agents.tmux_socket(session.id), "send-keys", "-t",
+                                               "agent", "exit 3", "Enter"], timeout=15)
+    deadline = time.monotonic() + 60  # until the run is recorded: the session detached, then the task paused
+    while time.monotonic() < deadline and not (any(e["type"] == "session.detached" for e in svc.registry.events(task.id))
+                                               and svc.get(task.id).status.value == "paused"):
+        time.sleep(0.5)
+    assert not svc.registry.sessions(task.id, open_only=True), "the ended run was never recorded"
+    assert not svc.registry.leases(task.id)  # the lease is released
+    [exited] = [e["payload"] for e in svc.registry.events(task.id) if e["type"] == "agent.exited"]
+    assert exited["session_id"] == session.id and exited["exit_code"] == 3
+    assert git(repo, "show", f"{task.branch}:left.txt") == "left\n"  # the branch was fetched
+    assert f"shell detached, session `{session.id}`" in (Path(task.workspace_path) / "Plan.md").read_text()
+    assert session.id not in (svc.get(task.id).metadata.get("runs") or {})
+    assert svc.get(task.id).status.value == "paused"
+    [ckpt] = svc.list_checkpoints(task.id)  # by the run_checkpoint setting, when the run ended
+    assert ckpt["trigger"] == "detach"
+    with pytest.raises(NotFound, match="no detached agent run"):
+        svc.attach_agent(task.id, agents.Terminal(0, 1))
+
+
+# --- the MCP tool, through the SDK's own client ---------------------------------------------------
+
+
+def test_mcp_run_agent_in_task_with_progress_and_cancel(svc: TaskService, repo: Path, home: Path,
+                                                        docker_engine) -> None:
+    import anyio
+
+    from .test_mcp import call, call_error, stdio
+
+    cafile, registry = images.host_npm_settings()
+    images.build_agents(docker_engine, packages=agents.packages(), npm_cafile=cafile, npm_registry=registry)
+    progress: list[str] = []
+
+    async def main() -> None:
+        async with stdio({"TASKBOX_SECRET_RUN_TOKEN": SECRET})() as client:
+            made = await call(client, "create_task_sandbox", task_id="mcp-run", task_description="mcp run",
+                              workspace_path=str(repo), run_agent="shell")
+            assert made["task_id"] == "mcp-run"
+            text = await call_error(client, "run_agent_in_task", task_id="mcp-run", agent="gpt5", prompt="hi")
+            assert "unknown agent 'gpt5'" in text
+            # The caller attached (exclusive): the run, a session of its own, is refused saying why.
+            await call(client, "attach_agent_to_task", task_id="mcp-run", agent_name="orchestrator",
+                       agent_model="m", session_id="s-caller")
+            text = await call_error(client, "run_agent_in_task", task_id="mcp-run", agent="shell", prompt="true")
+            assert "is locked by" in text and "detach the session that holds the task first" in text
+            await call(client, "detach_agent_from_task", task_id="mcp-run", session_id="s-caller")
+            text = await call_error(client, "run_agent_in_task", task_id="mcp-run", agent="shell", prompt="true",
+                                    secrets=["NOT_THERE"])
+            assert "no secret NOT_THERE" in text
+
+            async def on_progress(_value: float, _total: float | None, message: str | None) -> None:
+                progress.append(message or "")
+
+            res = await client.call_tool("run_agent_in_task", {
+                "task_id": "mcp-run", "agent": "shell", "secrets": ["RUN_TOKEN"],
+                "prompt": "echo from-mcp > mcp.txt; echo token=$RUN_TOKEN; "
+                          "for i in 1 2 3 4; do echo tick-$i; sleep 1; done"}, progress_callback=on_progress)
+            assert not res.is_error, res.content
+            done = res.structured_content or {}
+            assert done["exit_code"] == 0 and done["agent"] == "shell" and done["mode"] == "prompt"
+            assert done["last_line"] == "tick-4" and done["commit"]
+            # A cancelled run: its processes die in the container, the run is recorded as ended.
+            started = anyio.Event()
+
+            async def on_start(_value: float, _total: float | None, message: str | None) -> None:
+                if message and "started" in message:
+                    started.set()
+
+            async with anyio.create_task_group() as tg:
+                async def run() -> None:
+                    await client.call_tool("run_agent_in_task", {
+                        "task_id": "mcp-run", "agent": "shell",
+                        "prompt": "echo started; sleep 8; touch /workspace/too-late"}, progress_callback=on_start)
+
+                tg.start_soon(run)
+                with anyio.fail_after(60):
+                    await started.wait()
+                tg.cancel_scope.cancel()
+            status = await call(client, "get_task_status", task_id="mcp-run")  # the server keeps serving
+            assert status["task_id"] == "mcp-run"
+
+    anyio.run(main)
+    task = svc.get("mcp-run")
+    assert task.image == svc.settings.agents_image  # run_agent made it ready for the agent
+    assert git(repo, "show", f"{task.branch}:mcp.txt") == "from-mcp\n"
+    assert any("tick-" in m for m in progress), progress  # the newest output travelled along
+    assert not any(SECRET in m for m in progress)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (svc.registry.sessions(task.id, open_only=True)
+                                           or svc.running_work(svc.get(task.id))):
+        time.sleep(0.2)
+    assert not svc.registry.sessions(task.id, open_only=True) and not svc.running_work(svc.get(task.id))
+    exits = [e["payload"]["exit_code"] for e in svc.registry.events(task.id) if e["type"] == "agent.exited"]
+    assert exits == [0, -1]
+    assert any(e.get("status") == "cancelled" for e in svc.executions(task.id, 50))
+    time.sleep(8)  # past the moment the cancelled agent would have written its file
+    assert not (Path(task.workspace_path) / "too-late").exists()
+    _assert_secret_nowhere(home, Path(task.workspace_path), svc, task.id)

@@ -166,6 +166,10 @@ def test_codex_config_is_merged_into_its_toml(home: Path, tmp_path: Path) -> Non
     assert entry["command"] == sys.executable and entry["args"] == ["-m", "taskbox", "mcp"]
     assert entry["env"]["TASKBOX_HOME"] == str(home.resolve()) and "OLD" not in entry["env"]
     assert entry["tool_timeout_sec"] == 660
+    # required: Codex waits for it (an optional server gets 1 s, less than taskbox needs to list its tools)
+    assert entry["required"] is True and entry["startup_timeout_sec"] == 20
+    # its destructive tools (complete_task …) run without a prompt `codex exec` cannot show
+    assert entry["default_tools_approval_mode"] == "approve"
     # everything else is kept
     assert config["model"] == "gpt-5" and config["profiles"] == {"fast": {"model": "gpt-5-mini"}}
     assert config["mcp_servers"]["docs"] == {"command": "docs-mcp", "args": ["--x"]}

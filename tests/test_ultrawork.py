@@ -309,6 +309,55 @@ def test_merge_into_a_branch_of_the_users_repository(svc: TaskService, repo: Pat
     assert git(repo, "rev-parse", "HEAD") == before_head
 
 
+def test_bookkeeping_on_a_branch_is_not_merged(svc: TaskService, repo: Path) -> None:
+    """Tasks that keep Plan.md and memory on their branch: a merge brings the work, never the
+    source's bookkeeping (both sides added their own Plan.md: merged as is, they would conflict)."""
+    target = svc.create_task(repo, "bookkeeping target", memory_on_branch=True)
+    source = svc.create_task(repo, "bookkeeping source", memory_on_branch=True)
+    svc.exec(source.id, "echo work > work.txt")
+    res = svc.merge_task(source.id, target.id)
+    assert res["status"] == "merged", res
+    ws = Path(target.workspace_path)
+    assert (ws / "work.txt").read_text() == "work\n"
+    assert "bookkeeping target" in (ws / "Plan.md").read_text()
+    assert "bookkeeping source" not in (ws / "Plan.md").read_text()
+    with svc.in_sandbox(svc.get(target.id)) as run:
+        merged_plan = run(["git", "show", f"{res['commit']}:Plan.md"]).stdout.decode()
+        state = json.loads(run(["git", "show", f"{res['commit']}:.task-memory/state.json"]).stdout)
+    assert "bookkeeping target" in merged_plan and "bookkeeping source" not in merged_plan
+    assert state["task_id"] == target.id
+
+
+def test_merges_in_one_go_are_each_their_own(svc: TaskService, repo: Path) -> None:
+    """Several task commits merged in one sandbox command (the orchestrator merges what is queued
+    together): in order, one --no-ff commit each, a conflict changing nothing and the next going on."""
+    target = svc.create_task(repo, "batch target")
+    sources = {}
+    for name, command in (("one", "echo one > README.md"), ("mid", "echo mid > mid.txt"),
+                          ("two", "echo two > README.md"), ("last", "echo last > last.txt")):
+        task = svc.create_task(repo, f"batch {name}")
+        svc.exec(task.id, command)
+        sources[name] = (task, svc.sync(task.id).commit)
+    done, error = svc._merge_many_into_task(svc.get(target.id), [(t, tip, f"merge {n}") for n, (t, tip) in
+                                                                 sources.items()])
+    assert error is None, (done, error)
+    assert [o.status for o in done] == ["merged", "merged", "conflict", "merged"]
+    assert done[2].files == ["README.md"] and done[2].commit is None
+    ws = Path(target.workspace_path)
+    assert (ws / "README.md").read_text() == "one\n" and (ws / "last.txt").read_text() == "last\n"
+    with svc.in_sandbox(svc.get(target.id)) as run:
+        chain = run(["git", "log", "--first-parent", "--format=%H %P%x00%s", "-3"]).stdout.decode().splitlines()
+        status = run(["git", "status", "--porcelain", "--", ".", ":!Plan.md", ":!.task-memory"]).stdout
+    heads = [line.split("\0") for line in chain]
+    assert [subject for _h, subject in heads] == ["merge last", "merge mid", "merge one"]
+    assert [h.split()[0] for h, _s in heads] == [done[3].commit, done[1].commit, done[0].commit]
+    assert all(len(h.split()) == 3 for h, _s in heads)  # --no-ff: two parents each
+    assert heads[0][0].split()[1] == done[1].commit and heads[1][0].split()[1] == done[0].commit
+    assert status == b""
+    again, error = svc._merge_many_into_task(svc.get(target.id), [(t, tip, "again") for t, tip in sources.values()])
+    assert error is None and [o.status for o in again] == ["already", "already", "conflict", "already"]
+
+
 def _running_children(svc: TaskService, parent_id: str) -> list[str]:
     ids = {t.id for t in svc.list_tasks() if t.parent_id == parent_id}
     out = []
@@ -321,6 +370,28 @@ def _running_children(svc: TaskService, parent_id: str) -> list[str]:
 def _start_cli(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "taskbox", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
+def test_an_unexpected_error_in_the_merge_thread_ends_the_run(svc: TaskService, repo: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges run on a thread of their own: an error there reaches the caller (no run left waiting
+    for a merge that never comes), and nothing is left running."""
+    parent = svc.create_task(repo, "merge error parent")
+    svc.create_subtasks(parent.id, {"subtask": [{"id": "a", "command": "echo a > a.txt"}]})
+
+    def broken(self: TaskService, parent: object, rows: object) -> list[str]:
+        raise RuntimeError("the merge broke")
+
+    monkeypatch.setattr(TaskService, "_merge_subtasks", broken)
+    with pytest.raises(RuntimeError, match="the merge broke"):
+        svc.run_subtasks(parent.id)
+    status = svc.subtask_status(parent.id)
+    assert status["run"]["status"] == "finished" and status["subtasks"][0]["status"] == "succeeded"
+    assert _running_children(svc, parent.id) == []  # the child's container was stopped, its task kept
+    assert str(svc.get(status["subtasks"][0]["task_id"]).status) == "paused"
+    monkeypatch.undo()
+    res = svc.run_subtasks(parent.id)  # the next run merges it
+    assert res["subtasks"][0]["status"] == "merged" and (Path(parent.workspace_path) / "a.txt").exists()
 
 
 def test_resume_after_sigkill_mid_run(svc: TaskService, repo: Path, tmp_path: Path) -> None:
