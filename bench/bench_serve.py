@@ -8,6 +8,12 @@ In a throw-away TASKBOX_HOME:
   ``/api/events`` time each event from its write to its arrival. The baseline is a raw
   registry poll (a thread reading the events table by id at the server's own poll interval)
   timing the same events: what the WebSocket adds is the difference.
+- **live command output** (needs Docker; ``--no-output`` leaves it out): a command in a real
+  task prints its own clock every 0.1 s for 5 s; a WebSocket client on ``/api/events`` times
+  each line from its print to its arrival as ``exec.output`` text. The baseline is the same
+  lines timed where the host first receives them (the exec stream's chunks): what recording
+  them in the event log and streaming them adds is the difference (by design about half of
+  the 0.5 s recording interval).
 - **dashboard first load** with ``--tasks`` tasks (default 200): the API call the page makes
   (``GET /api/tasks`` over HTTP) against the same listing in-process (``list_tasks``), and,
   when Chromium is installed, the time a headless browser takes from navigation until every
@@ -25,8 +31,10 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +51,7 @@ import websockets  # noqa: E402
 from taskbox import web  # noqa: E402
 from taskbox.config import Settings  # noqa: E402
 from taskbox.models import Status, Task  # noqa: E402
+from taskbox.sandbox import LABEL_HOME, ExecControl  # noqa: E402
 from taskbox.service import TaskService  # noqa: E402
 from tests.webserver import running  # noqa: E402
 
@@ -116,6 +125,57 @@ def event_latency(svc: TaskService, base: str, clients: int, rate: float, second
             "raw_p50_ms": pct(raw_lat, 0.5), "raw_p95_ms": pct(raw_lat, 0.95), "delivered": len(ws_lat)}
 
 
+def output_latency(svc: TaskService, base: str, scratch: Path) -> dict[str, Any]:
+    """Print-to-arrival of a running command's output lines: WebSocket vs the host's own exec stream."""
+    repo = scratch / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
+           "GIT_COMMITTER_EMAIL": "b@b"}
+    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+    task = svc.create_task(repo, "live output bench", task_id="bench-output")
+    lines = 50
+    command = f"for i in $(seq 1 {lines}); do date +%s.%N; sleep 0.1; done"
+    host_lat: list[float] = []
+    ws_lat: list[float] = []
+
+    def stamps(text: str) -> list[float]:
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(float(line))
+            except ValueError:
+                pass
+        return out
+
+    def run() -> None:
+        control = ExecControl()
+        control.echo = lambda chunk: host_lat.extend((time.time() - t) * 1000 for t in stamps(chunk.decode()))
+        svc.exec(task.id, command, control=control)
+
+    async def main() -> None:
+        async with websockets.connect(base.replace("http", "ws") + f"/api/events?task={task.id}&type=exec.output",
+                                      max_size=2**20) as ws:
+            json.loads(await ws.recv())
+            runner = asyncio.create_task(asyncio.to_thread(run))
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                now = time.time()
+                ws_lat.extend((now - t) * 1000 for t in stamps(msg["payload"].get("text") or ""))
+                if msg["payload"].get("done"):
+                    break
+            await runner
+
+    try:
+        asyncio.run(main())
+    finally:
+        for c in svc.sandbox.api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
+            svc.sandbox.api.remove_container(c["Id"], force=True)
+    return {"lines": lines, "host_p50_ms": pct(host_lat, 0.5), "host_p95_ms": pct(host_lat, 0.95),
+            "ws_p50_ms": pct(ws_lat, 0.5), "ws_p95_ms": pct(ws_lat, 0.95), "host_lines": len(host_lat),
+            "ws_lines": len(ws_lat)}
+
+
 def first_load(svc: TaskService, base: str, tasks: int, runs: int = 5) -> dict[str, Any]:
     api_ms, raw_ms = [], []
     with httpx.Client(base_url=base, timeout=60) as c:
@@ -161,9 +221,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--tasks", type=int, default=200)
+    ap.add_argument("--no-output", action="store_true", help="Leave out the live output measurement (Docker).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="taskbox-bench-serve-"))
+    scratch = Path(tempfile.mkdtemp(prefix="taskbox-bench-serve-repo-"))
     try:
         # Events are recorded one by one here (no burst aggregation), to measure delivery.
         settings = dataclasses.replace(Settings.load(home), record_burst=10**9)
@@ -173,13 +235,15 @@ def main() -> int:
         with running(svc, mcp=False) as base:
             events = event_latency(svc, base, args.clients, args.rate, args.seconds)
             load = first_load(svc, base, args.tasks)
+            output = None if args.no_output else output_latency(svc, base, scratch)
     except Exception as exc:  # noqa: BLE001 - a benchmark that cannot run says why in one line
         print(f"bench_serve: could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
-        print(json.dumps({"events": events, "first_load": load}, indent=2))
+        print(json.dumps({"events": events, "first_load": load, "live_output": output}, indent=2))
     else:
         print(f"event delivery: {events['events']} events at {events['rate']:.0f}/s to {events['clients']} "
               f"WebSocket clients ({events['delivered']} deliveries)")
@@ -191,6 +255,13 @@ def main() -> int:
         print(f"  list_tasks in-process (baseline)           {load['list_tasks_median_ms']:8.1f}")
         browser = f"{load['browser_ms']:8.1f}" if load["browser_ms"] is not None else "     n/a (no chromium)"
         print(f"  headless Chromium until all rows are drawn {browser}")
+        if output is not None:
+            print(f"\nlive command output, {output['lines']} lines printed 0.1 s apart (print to arrival):")
+            print(f"{'':28}{'p50 ms':>10}{'p95 ms':>10}{'lines':>8}")
+            print(f"{'WebSocket exec.output':28}{output['ws_p50_ms']:>10.1f}{output['ws_p95_ms']:>10.1f}"
+                  f"{output['ws_lines']:>8}")
+            print(f"{'host exec stream (base)':28}{output['host_p50_ms']:>10.1f}{output['host_p95_ms']:>10.1f}"
+                  f"{output['host_lines']:>8}")
     ok = events["ws_p95_ms"] <= TARGET_P95_MS and events["delivered"] == events["events"] * events["clients"]
     if not ok:
         print(f"target missed: WebSocket p95 {events['ws_p95_ms']:.1f} ms > {TARGET_P95_MS} ms or events lost",

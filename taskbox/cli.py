@@ -1378,7 +1378,8 @@ def watch(statuses: tuple[str, ...], interval: float, once: bool) -> None:
                 fresh = svc.events(after_id=last, limit=1000)
                 if fresh:
                     last = fresh[-1]["id"]
-                    break
+                    if any(e["type"] != "exec.output" for e in fresh):
+                        break  # a running command's output changes nothing in the table
                 time.sleep(0.25)
     except TaskboxError as exc:
         click.echo(f"error: {exc.message}", err=True)

@@ -59,6 +59,13 @@ CATALOGUE: tuple[EventType, ...] = (
                             "output_incomplete"),
               "A command ran in the task's sandbox (``logged: false``: nothing of it is recorded; "
               "``output_incomplete``: its output stream ended before it did, so output and exit code are unsure)."),
+    EventType("exec.output", ("exec_id", "seq", "stream", "text", "command", "skipped", "done", "exit_code",
+                              "bytes"),
+              "Output of a command still running (any process's), every half second: ``text`` of ``stream`` "
+              "(stdout or stderr; none on the first event, which names the ``command``), numbered by ``seq`` per "
+              "``exec_id``; redacted and bounded (4 KiB a second per task; ``skipped``: bytes left out before this "
+              "text). The last has ``done``, the ``exit_code`` (null if it did not end normally) and the output "
+              "``bytes``. Commands shorter than half a second have none (see ``task.exec``)."),
     EventType("exec.orphaned", ("session_id", "command"),
               "A command left running by a server that died was killed when another session took the task over."),
     EventType("exec.cancelled", ("command", "duration_ms"),
@@ -92,6 +99,8 @@ CATALOGUE: tuple[EventType, ...] = (
               "An agent run ended; its session detached (work committed, branch fetched)."),
     EventType("agent.egress_allowed", ("agent", "hosts"),
               "An agent's model API hosts were added to the task's egress allowlist."),
+    EventType("todos.updated", ("changed", "total", "completed"),
+              "Todos were added, changed or removed (``changed``: their ids; the list's ``total`` and ``completed``)."),
     EventType("todo.completed", ("todo",), "A todo was marked completed."),
     EventType("decision.logged", ("time", "agent", "context", "decision", "rationale", "alternatives"),
               "A design decision was recorded in decisions.md.", open=True),

@@ -620,12 +620,17 @@ class Registry:
         )
 
     def add_event(self, type_: str, task_id: str | None, payload: dict[str, Any] | None = None, *,
-                  sample: str | None = None) -> bool:
+                  sample: str | None = None, limited: bool = True) -> bool:
         """Record an event, unless its task already had a burst of this type in this window.
 
         Returns whether it was written; one that is not is counted, and ends up in an
         aggregated event of the same type (``sample`` is what it keeps as an example).
+        ``limited=False`` is for a writer that bounds its events itself (live command output).
         """
+        if not limited:
+            with self.tx() as conn:
+                self._event(conn, type_, task_id, payload or {})
+            return True
         return self.add_events(type_, task_id, [payload or {}], [sample]) == 1
 
     def add_events(self, type_: str, task_id: str | None, payloads: Sequence[dict[str, Any]],
@@ -725,18 +730,26 @@ class Registry:
         return len(found)
 
     def events(
-        self, task_id: str | None = None, after_id: int = 0, limit: int = 1000
+        self, task_id: str | None = None, after_id: int = 0, limit: int = 1000, *, newest: bool = False,
+        types: Sequence[str] = (), exclude: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
+        """Events after ``after_id``, oldest first: the first ``limit`` of them, or with
+        ``newest`` the last ``limit``; only of ``types``, none of ``exclude``."""
         sql = "SELECT * FROM events WHERE id > ?"
         args: list[Any] = [after_id]
         if task_id:
             sql += " AND task_id = ?"
             args.append(task_id)
-        sql += " ORDER BY id LIMIT ?"
+        if types:
+            sql += f" AND type IN ({', '.join('?' * len(types))})"
+            args.extend(types)
+        if exclude:
+            sql += f" AND type NOT IN ({', '.join('?' * len(exclude))})"
+            args.extend(exclude)
+        sql += f" ORDER BY id {'DESC' if newest else ''} LIMIT ?"
         args.append(limit)
-        return [
-            {**dict(r), "payload": json.loads(r["payload"])} for r in self._conn().execute(sql, args)
-        ]
+        rows = [{**dict(r), "payload": json.loads(r["payload"])} for r in self._conn().execute(sql, args)]
+        return rows[::-1] if newest else rows
 
 
     def last_event_id(self) -> int:

@@ -247,14 +247,20 @@ class ExecControl:
         self.done = threading.Event()  # set by whoever runs the command, when it is over and logged
         self.redact: Callable[[str], str] = lambda text: text
         self.echo: Callable[[bytes], object] | None = None  # e.g. `taskbox run` showing output as it comes
+        # Every chunk as it comes, with its stream ("stdout" or "stderr"): the live output
+        # events (taskbox.live_output). Raw, wrapper marker included: the tap bounds and cleans.
+        self.tap: Callable[[str, bytes], object] | None = None
+        self.exec_id = secrets.token_hex(6)  # names this command's live output events
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes, stream: str = "stdout") -> None:
         with self._lock:
             self.output_bytes += len(chunk)
             self._tail += chunk
             del self._tail[:-self._tail_bytes]
         if self.echo is not None:
             self.echo(chunk)
+        if self.tap is not None:
+            self.tap(stream, chunk)
 
     def tail(self, lines: int = 10, chars: int = 2000) -> str:
         """The newest ``lines`` complete-or-partial lines of output, at most ``chars`` characters."""
@@ -1121,7 +1127,7 @@ class Sandbox:
                 if not chunk:
                     continue
                 if control is not None:
-                    control.feed(chunk)
+                    control.feed(chunk, "stdout" if buf is out else "stderr")
                 room = output_limit - len(buf)
                 if room > 0:
                     buf += chunk[:room]

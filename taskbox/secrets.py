@@ -177,6 +177,23 @@ class Redactor:
         self._refresh()
         return bool(self._pairs)
 
+    def longest(self) -> int:
+        """The length of the longest secret value (0 with none): a stream cut this far from
+        its end never splits one (see taskbox.live_output)."""
+        self._refresh()
+        pairs = self._pairs
+        return len(pairs[0][0]) if pairs else 0
+
+    def straddling(self, value: str, at: int) -> int | None:
+        """Where a secret value that straddles index ``at`` of ``value`` starts, if one does
+        (cutting ``value`` there would leave part of it on each side)."""
+        for secret, _name in self._pairs:
+            # Found within [at - len + 1, at + len - 1): it starts before ``at`` and ends after it.
+            found = value.find(secret, max(0, at - len(secret) + 1), at + len(secret) - 1)
+            if found != -1:
+                return found
+        return None
+
     def text(self, value: str) -> str:
         self._refresh()
         return self._text(value, self._pairs)

@@ -36,6 +36,7 @@ from . import (
     files,
     git,
     images,
+    live_output,
     liveness,
     network,
     policy,
@@ -200,6 +201,7 @@ class TaskService:
                                  backup_every=self.settings.backup_interval_minutes * 60,
                                  backup_keep=self.settings.backup_keep, create=create_registry)
         self.audit = AuditLog(self.paths.home / "audit", self.paths.locks, self.registry, self.settings)
+        self.output_budgets = live_output.Budgets()  # live exec.output bytes per task (see exec)
         self.pm = plugin_manager or make_manager()
         self.hook = self.pm.hook
         self._sandbox: Sandbox | None = None
@@ -1291,8 +1293,17 @@ class TaskService:
             args["log"] = False
         self._before(task, "exec", args)
         session = self.registry.get_session(session_id) if session_id else None
+        if control is None and log:
+            control = ExecControl()
         if control is not None:
             control.redact = self.redactor.output
+        # Its output, while it runs, goes to the event log for every reader (the dashboard, any
+        # process): bounded, redacted, rate-limited (taskbox.live_output). Nothing with log=False.
+        live = live_output.start(task.id, command, control, self.redactor,
+                                 functools.partial(self._record_output, task.id),
+                                 self.output_budgets) if log and control is not None else None
+        exit_code: int | None = None
+
         def run(cid: str) -> ExecResult:
             return self.sandbox.exec(cid, command, workdir=wd, timeout=secs,
                                      output_limit=min(output_limit or self.settings.exec_output_limit,
@@ -1310,16 +1321,27 @@ class TaskService:
                 # restart): nothing ran, so it is started or recreated and the command runs.
                 task = self.heal(task.id, "exec", exc.details["container_down"])
                 result = run(task.container_id or "")
+            exit_code = result.exit_code
         except TaskboxError as exc:
+            if live is not None:
+                live.close(None)
             self._redact_error(exc)  # in place: it reaches the caller
             partial = exc.details.get("result")
             if partial:
                 self._log_exec(task, session, command, wd, ExecResult(**partial), log)
             raise
+        finally:
+            if live is not None:
+                live.close(exit_code)
         result = self._redact_result(result)
         self._log_exec(task, session, command, wd, result, log)
         self._after(task, "exec", args, result)
         return result
+
+    def _record_output(self, task_id: str, payload: dict[str, Any]) -> None:
+        # Bounded by live_output's own budget, so past the registry's per-type limiter (its
+        # burst a minute would cut a live stream after a few seconds).
+        self.registry.add_event("exec.output", task_id, payload, limited=False)
 
     def _redact_result(self, result: ExecResult) -> ExecResult:
         if not self.redactor.active:
@@ -1889,6 +1911,9 @@ class TaskService:
                                   "todo": next((t for t in state["todos"] if t["id"] == todo["id"]),
                                                {"id": todo["id"], "deleted": True})})
         self._after(task, "update_todos", {"todos": clean}, {"todos": state["todos"]})
+        self.registry.add_event("todos.updated", task.id, {
+            "changed": [str(t["id"]) for t in clean][:50], "total": len(state["todos"]),
+            "completed": sum(1 for t in state["todos"] if t.get("status") == "completed")})
         for todo in completed:
             self.registry.add_event("todo.completed", task.id, {"todo": todo})
             self.hook.todo_complete(service=self, task=task, todo=todo)
@@ -2204,13 +2229,18 @@ class TaskService:
                 "conversations": self.memory(task).conversations(limit),
                 "events": self.registry.events(task.id, limit=limit)}
 
-    def events(self, task_id: str | None = None, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        """Events after ``after_id`` from the durable event log, oldest first (every process's)."""
+    def events(self, task_id: str | None = None, after_id: int = 0, limit: int = 1000, *, newest: bool = False,
+               types: list[str] | tuple[str, ...] = (), exclude: list[str] | tuple[str, ...] = ()
+               ) -> list[dict[str, Any]]:
+        """Events after ``after_id`` from the durable event log, oldest first (every process's):
+        the first ``limit`` of them, or with ``newest`` the last ``limit``; only of ``types``,
+        none of ``exclude``."""
         if after_id < 0 or not 1 <= limit <= 10_000:
             raise InvalidInput("after_id must be 0 or more and limit between 1 and 10000")
         if task_id:
             self.get(task_id)
-        return self.registry.events(task_id, after_id=after_id, limit=limit)
+        return self.registry.events(task_id, after_id=after_id, limit=limit, newest=newest, types=types,
+                                    exclude=exclude)
 
     def last_event_id(self) -> int:
         """The newest event's id (0 when there is none)."""

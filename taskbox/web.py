@@ -10,9 +10,10 @@ hooks, policy, events — stays in the service.
 - ``/api/…``: the REST API (:data:`ROUTES`; the OpenAPI document at ``/api/openapi.json``).
 - ``/api/events``: a WebSocket of the registry's durable event log. Events written by any
   process appear (the log is polled by id), ``?since=ID`` replays the events after ``ID``,
-  ``task=`` and ``type=`` filter. Output of commands started here streams as ``exec.output``
-  messages. Each client has a bounded queue; a client that falls behind is caught up from
-  the log instead of being sent an unbounded backlog.
+  ``task=`` and ``type=`` filter. Output of running commands — whichever process runs them —
+  is in the log as ``exec.output`` events (:mod:`taskbox.live_output`). Each client has a
+  bounded queue; a client that falls behind is caught up from the log instead of being sent
+  an unbounded backlog.
 - ``/mcp``: the same MCP server as ``taskbox mcp --http`` (streamable HTTP).
 - ``/metrics``: Prometheus metrics computed from the registry and its event log, so they
   are right whichever process did the work.
@@ -75,7 +76,6 @@ POLL_INTERVAL = 0.05  # seconds between reads of the event log while clients lis
 QUEUE_SIZE = 2000  # messages queued per WebSocket client before it is caught up from the log
 MAX_CLIENTS = 200  # WebSocket clients at once
 SEND_TIMEOUT = 30.0  # seconds a client may take to accept one message before it is dropped
-OUTPUT_INTERVAL = 0.5  # seconds between output messages of a running command
 WORKER_THREADS = 32  # service calls running at once; further calls queue
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 SECURITY_HEADERS = {
@@ -562,6 +562,14 @@ def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "").lower() in ("1", "true", "yes")
 
 
+def _list(request: Request, name: str) -> list[str]:
+    """A repeatable, comma-separated query parameter (at most 50 values)."""
+    values = [v for raw in request.query_params.getlist(name) for v in raw.split(",") if v]
+    if len(values) > 50:
+        raise InvalidInput(f"at most 50 values of {name}")
+    return values
+
+
 async def _body(request: Request) -> dict[str, Any]:
     """The request's JSON object body (bounded; must be sent as application/json)."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
@@ -606,7 +614,6 @@ class Web:
         self.metrics_registry.register(Metrics(service))
         self.limiter = anyio.CapacityLimiter(WORKER_THREADS)
         self._cpu: dict[str, tuple[float, float]] = {}  # task -> (cpu seconds, when): for a live CPU %
-        self._exec_seq = 0
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
@@ -660,9 +667,10 @@ class Web:
         timeout = float(body["timeout"]) if body.get("timeout") is not None else None
         if body.get("background"):
             return await self.call(lambda: self.service.start_job(tid, command, workdir=workdir, timeout=timeout))
+        # Its output streams to every client as the service's exec.output events (the same
+        # as a command run by any other process); the control only lets a client that goes
+        # away kill the command.
         control = ExecControl()
-        self._exec_seq += 1
-        exec_id = f"w{self._exec_seq}-{secrets.token_hex(3)}"
 
         def run() -> dict[str, Any]:
             try:
@@ -670,40 +678,13 @@ class Web:
             finally:
                 control.done.set()
 
-        async def report() -> None:
-            sent = ""
-            while not control.done.is_set():
-                await anyio.sleep(OUTPUT_INTERVAL)
-                text = control.tail(lines=40, chars=8000)
-                if text != sent:
-                    sent = text
-                    self.hub.publish({"kind": "output", "type": "exec.output", "task_id": tid, "exec_id": exec_id,
-                                      "command": control.redact(command)[:200], "text": text,
-                                      "bytes": control.output_bytes, "done": False})
-
-        result: dict[str, Any] = {}
-        failure: Exception | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(report)
-                try:
-                    result = await anyio.to_thread.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
-                except Exception as exc:  # raised below, outside the task group (not as a group)
-                    failure = exc
-                finally:
-                    tg.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
+            result = await anyio.to_thread.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):  # the client went away: kill the command
                 await anyio.to_thread.run_sync(control.cancel)
             raise
-        finally:
-            self.hub.publish({"kind": "output", "type": "exec.output", "task_id": tid, "exec_id": exec_id,
-                              "command": control.redact(command)[:200], "text": control.tail(lines=40, chars=8000),
-                              "bytes": control.output_bytes, "done": True,
-                              "exit_code": result.get("exit_code")})
-        return {**result, "exec_id": exec_id}
+        return {**result, "exec_id": control.exec_id}
 
     async def todos(self, request: Request) -> Any:
         tid = request.path_params["task_id"]
@@ -741,7 +722,9 @@ class Web:
     async def events(self, request: Request) -> Any:
         tid = request.path_params["task_id"]
         after, limit = _int(request, "since", 0), _int(request, "limit", 200, 1, 10_000)
-        rows = await self.call(lambda: self.service.events(tid, after_id=after, limit=limit))
+        types, exclude = _list(request, "type"), _list(request, "exclude")
+        rows = await self.call(lambda: self.service.events(tid, after_id=after, limit=limit, newest=_flag(request, "newest"),
+                                                           types=types, exclude=exclude))
         return {"task_id": tid, "events": [event_message(self.service.redactor(r)) for r in rows]}
 
     async def diff(self, request: Request) -> Any:
@@ -815,6 +798,15 @@ class Web:
         await _body(request)
         return await self.call(lambda: self.service.kill_job(tid, job))
 
+    async def subtasks(self, request: Request) -> Any:
+        tid = request.path_params["task_id"]
+        return await self.call(lambda: self.service.subtask_status(tid))
+
+    async def merge(self, request: Request) -> Any:
+        tid = request.path_params["task_id"]
+        body = await _body(request)
+        return await self.call(lambda: self.service.merge_task(tid, _str(body, "into"), squash=bool(body.get("squash"))))
+
     async def stats(self, request: Request) -> Any:
         return await self.call(lambda: self.service.stats(request.query_params.get("task") or None))
 
@@ -865,7 +857,9 @@ ROUTES: tuple[ApiRoute, ...] = (
              body=("decision", "context", "rationale", "alternatives", "agent")),
     ApiRoute("GET", _t("/history"), Web.history, "Sessions, conversation log and events of the task.", ("limit",)),
     ApiRoute("GET", _t("/executions"), Web.executions, "The task's newest command executions.", ("limit",)),
-    ApiRoute("GET", _t("/events"), Web.events, "The task's events after an id.", ("since", "limit")),
+    ApiRoute("GET", _t("/events"), Web.events,
+             "The task's events after an id: the first `limit`, or the last with `newest`; by `type`, `exclude`.",
+             ("since", "limit", "newest", "type", "exclude")),
     ApiRoute("GET", _t("/diff"), Web.diff, "The task's changes against the commit it started from.", ("stat",)),
     ApiRoute("GET", _t("/log"), Web.git_log, "The commits of the task branch.", ("limit",)),
     ApiRoute("GET", _t("/plan"), Web.plan, "The task's Plan.md (text; render it as untrusted)."),
@@ -883,6 +877,10 @@ ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("GET", _t("/jobs/{job_id}/output"), Web.job_output, "A background job's output from an offset.",
              ("offset", "limit")),
     ApiRoute("POST", _t("/jobs/{job_id}/kill"), Web.kill_job, "Kill a background job."),
+    ApiRoute("GET", _t("/subtasks"), Web.subtasks,
+             "An ultrawork parent's sub-tasks (status, dependencies, child task, merge) and progress."),
+    ApiRoute("POST", _t("/merge"), Web.merge, "Merge the task's branch into its parent, a task or a branch.",
+             body=("into", "squash")),
     ApiRoute("GET", "/api/stats", Web.stats, "Task counts by status (or one task's statistics).", ("task",)),
     ApiRoute("GET", "/api/usage", Web.usage, "Live memory and CPU of running tasks."),
     ApiRoute("GET", "/api/openapi.json", Web.openapi, "This document."),

@@ -19,7 +19,7 @@ FOUNDATION = {"errors", "models", "events", "config", "git", "files", "confine",
 ENGINES = {"registry", "sandbox", "engine", "images", "workspace", "memory", "snapshots", "checkpoints",
            "checkpoint_archive", "archive", "policy", "audit", "risk", "network", "pressure", "doctor", "quota",
            "secrets", "plugins", "guard", "ultrawork", "agents", "merge", "jobs", "trash", "backup", "execagent", "projects",
-           "caches", "pool"}
+           "caches", "pool", "live_output"}
 CORE = {"service"}
 PLUGINS = {"default_plugins"}
 ADAPTERS = {"cli", "mcp_server", "mcp_stdio", "mcp_instructions", "web", "integrate", "docgen", "__main__", "__init__"}

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
+import select
+import signal
 import stat
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,7 @@ from taskbox.errors import InvalidInput
 from taskbox.service import TaskService
 
 from .conftest import run_cli
+from .test_mcp import stdio_params
 from .webserver import running
 
 pytestmark = pytest.mark.docker
@@ -93,6 +100,11 @@ def test_rest_api_maps_onto_the_service(svc: TaskService, repo: Path) -> None:
         job = c.post("/api/tasks/webapi/exec", json={"command": "echo from-job", "background": True}).json()
         assert any(j["job_id"] == job["job_id"] for j in c.get("/api/tasks/webapi/jobs").json()["jobs"])
         assert c.get("/api/tasks/webapi/events", params={"since": 0}).json()["events"][0]["type"] == "task.registering"
+        newest = c.get("/api/tasks/webapi/events", params={"newest": 1, "limit": 2, "exclude": "job.started"}).json()
+        everything = [e for e in svc.events("webapi", limit=10_000) if e["type"] != "job.started"]
+        assert [e["id"] for e in newest["events"]] == [e["id"] for e in everything[-2:]]
+        only = c.get("/api/tasks/webapi/events", params={"type": "task.exec,checkpoint.created"}).json()["events"]
+        assert only and {e["type"] for e in only} == {"task.exec", "checkpoint.created"}
 
         # Errors: JSON bodies with the exception's status code, never a traceback.
         r = c.get("/api/tasks/nope")
@@ -106,6 +118,9 @@ def test_rest_api_maps_onto_the_service(svc: TaskService, repo: Path) -> None:
         r = c.post("/api/tasks/webapi/checkpoints/zzz/restore", json={})
         assert r.status_code == 404 and "message" in r.json()
         assert c.get("/api/nothing").status_code == 404
+        assert c.get("/api/tasks/webapi/subtasks").json()["total"] == 0
+        r = c.post("/api/tasks/webapi/merge", json={})
+        assert r.status_code == 400 and "no parent" in r.json()["message"]
 
         spec = c.get("/api/openapi.json").json()
         assert spec["openapi"].startswith("3.") and "/api/tasks/{task_id}/checkpoints/{checkpoint_id}/restore" in spec["paths"]
@@ -294,3 +309,118 @@ def test_watch_prints_the_task_table(svc: TaskService, repo: Path) -> None:
 def test_serve_refuses_a_bad_port_in_one_line(home: Path) -> None:
     proc = run_cli("serve", "--port", "70000", env={"TASKBOX_HOME": str(home)})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_output_of_a_command_run_by_another_process_streams_live(svc: TaskService, repo: Path) -> None:
+    svc.create_task(repo, "stream from the cli", task_id="stream")
+    secret = "tok-" + "k7Q2mZ9xV4pL8wR3"
+    script = ("for i in 1 2 3 4 5 6; do echo line-$i $DEPLOY_TOKEN; sleep 0.4; done; "
+              "echo '<img src=x onerror=alert(1)>' >&2; exit 3")
+    with running(svc) as base:
+        async def main() -> tuple[list[dict[str, Any]], bool]:
+            async with websockets.connect(ws_url(base, "task=stream&type=exec.output,task.exec")) as ws:
+                assert json.loads(await ws.recv())["kind"] == "hello"
+                # The secret is known to the CLI process only (not to this server's redactor).
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "taskbox", "exec", "stream", "--secret", "DEPLOY_TOKEN", "--", "sh", "-c",
+                    script, env={**os.environ, "TASKBOX_SECRET_DEPLOY_TOKEN": secret},
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                got: list[dict[str, Any]] = []
+                live = False
+                while not got or got[-1]["type"] != "task.exec":
+                    got.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+                    if "line-1" in str(got[-1]["payload"].get("text")) and proc.returncode is None:
+                        live = True  # output arrived while the command still ran
+                await proc.communicate()
+                assert proc.returncode == 3
+                return got, live
+
+        got, live = asyncio.run(main())
+    assert live
+    assert secret not in json.dumps(got)
+    out = [m for m in got if m["type"] == "exec.output"]
+    assert got[-1]["type"] == "task.exec" and out[-1]["payload"]["done"] is True
+    assert out[-1]["payload"]["exit_code"] == 3
+    assert [m["payload"]["seq"] for m in out] == list(range(len(out)))
+    assert len({m["payload"]["exec_id"] for m in out}) == 1
+    stdout = "".join(m["payload"]["text"] for m in out if m["payload"]["stream"] == "stdout")
+    assert stdout == "".join(f"line-{i} [REDACTED:DEPLOY_TOKEN]\n" for i in range(1, 7))
+    stderr = "".join(m["payload"]["text"] for m in out if m["payload"]["stream"] == "stderr")
+    assert stderr == "<img src=x onerror=alert(1)>\n"
+    assert "--secret" not in out[0]["payload"]["command"] and "DEPLOY_TOKEN" in out[0]["payload"]["command"]
+    # In the durable log too, for a client that comes later.
+    logged = [e for e in svc.registry.events("stream") if e["type"] == "exec.output"]
+    assert [e["id"] for e in logged] == [m["id"] for m in out]
+
+
+def test_watch_is_live_in_a_terminal_and_stops_on_ctrl_c(svc: TaskService, repo: Path) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `taskbox watch` on a real terminal
+        os.execvpe(sys.executable, [sys.executable, "-m", "taskbox", "watch", "--interval", "1"], dict(os.environ))
+    seen = bytearray()
+
+    def read_until(text: bytes, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} never shown; the terminal has: {seen[-2000:]!r}"
+            ready, _, _ = select.select([fd], [], [], min(left, 1))
+            if ready:
+                try:
+                    seen.extend(os.read(fd, 65536))
+                except OSError:  # EIO: the child closed the terminal
+                    raise AssertionError(f"watch ended early: {seen[-2000:]!r}") from None
+
+    try:
+        read_until(b"no tasks")
+        # A task created by another process appears without restarting watch.
+        proc = run_cli("create-task", "watched live", "--repo", str(repo), "--id", "watchlive", "--lazy")
+        assert proc.returncode == 0, proc.stderr
+        read_until(b"watchlive")
+        read_until(b"pending")
+        os.write(fd, b"\x03")  # Ctrl-C, through the terminal's line discipline (SIGINT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                seen.extend(chunk)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert b"Traceback" not in seen and b"KeyboardInterrupt" not in seen
+
+
+def test_output_of_a_command_run_by_an_mcp_server_in_another_process_streams(svc: TaskService, repo: Path) -> None:
+    svc.create_task(repo, "stream from mcp", task_id="mcpout")
+    with running(svc) as base:
+        async def main() -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+            async with websockets.connect(ws_url(base, "task=mcpout&type=exec.output")) as ws, \
+                    Client(stdio_params()) as client:
+                assert json.loads(await ws.recv())["kind"] == "hello"
+                call = asyncio.create_task(client.call_tool("execute_in_task", {
+                    "task_id": "mcpout", "command": "for i in 1 2 3 4 5; do echo mcp-line-$i; sleep 0.5; done"}))
+                got: list[dict[str, Any]] = []
+                live = False
+                while not got or not got[-1]["payload"].get("done"):
+                    got.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+                    live = live or ("mcp-line-1" in got[-1]["payload"]["text"] and not call.done())
+                res = await call
+                assert not res.is_error and res.structured_content is not None
+                return got, res.structured_content, live
+
+        got, result, live = asyncio.run(main())
+    assert live  # the MCP call was still running when its first line reached the dashboard's stream
+    assert "".join(m["payload"]["text"] for m in got) == "".join(f"mcp-line-{i}\n" for i in range(1, 6))
+    assert result["stdout"] == "".join(f"mcp-line-{i}\n" for i in range(1, 6))
+    assert got[-1]["payload"]["exit_code"] == 0

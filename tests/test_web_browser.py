@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import (
@@ -19,6 +23,7 @@ from selenium.common.exceptions import (
 )
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from taskbox.service import TaskService
@@ -118,6 +123,9 @@ def test_dashboard_is_live_and_restores_a_checkpoint(svc: TaskService, repo: Pat
         cp = next(c for c in svc.list_checkpoints("live") if c["name"] == "page-cp")
         css = f'button[data-restore="{cp["checkpoint_id"]}"]'
         wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#checkpoint-rows tr")) == 2)  # + the risky one
+        browser.find_element(By.CSS_SELECTOR, f'button[data-diff="{cp["checkpoint_id"]}"]').click()
+        wait(browser, lambda d: "junk.txt" in text_of(d, "#checkpoint-changes"), 60)
+        assert "app.py" in text_of(browser, "#checkpoint-changes")
         browser.find_element(By.CSS_SELECTOR, css).click()
         wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, css).text == "Confirm restore")
         browser.find_element(By.CSS_SELECTOR, css).click()
@@ -169,3 +177,276 @@ def test_hostile_workspace_content_renders_inert(svc: TaskService, repo: Path, b
         no_alert(browser)
         assert browser.execute_script("return document.querySelectorAll('main img, main script').length") == 0
         assert console_errors(browser) == []
+
+
+def test_a_command_run_by_the_cli_streams_to_the_task_page_as_text(svc: TaskService, repo: Path,
+                                                                    browser: webdriver.Chrome) -> None:
+    svc.create_task(repo, "cli output task", task_id="cliout")
+    with running(svc) as base:
+        browser.get(base + "/task/cliout")
+        wait(browser, lambda d: "cli output task" in text_of(d, "#task-head"))
+        wait(browser, lambda d: text_of(d, "#conn") == "live")
+        # Another process runs it; hostile output, printed while the command is still running.
+        script = ("echo '" + XSS[0] + "'; echo '" + XSS[1] + "' >&2; for i in 1 2 3 4 5 6 7 8 9 10; do "
+                  "echo cli-tick-$i; sleep 0.5; done; exit 3")
+        proc = subprocess.Popen([sys.executable, "-m", "taskbox", "exec", "cliout", "--", "sh", "-c", script],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TASKBOX_HOME": str(svc.paths.home)})
+        try:
+            wait(browser, lambda d: "cli-tick-2" in text_of(d, "#live-output"), 30)
+            assert proc.poll() is None  # live: the command is still running
+            assert text_of(browser, "#live-command").startswith("Running: sh -c")
+            assert XSS[0] in text_of(browser, "#live-output") and XSS[1] in text_of(browser, "#live-output")
+            wait(browser, lambda d: text_of(d, "#live-command").startswith("Exited 3"), 30)
+            assert "cli-tick-10" in text_of(browser, "#live-output")
+            assert proc.wait(30) == 3
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        screenshot(browser, "dashboard-cli-output")
+        no_alert(browser)
+        assert browser.execute_script("return window.__xss") is None
+        assert browser.execute_script(
+            "return document.querySelectorAll('#live-output *:not(span), main script, main img, main svg:not(.edges), "
+            "main [onerror], main [onload]').length") == 0
+        wait(browser, lambda d: "task.exec" in text_of(d, "#event-list"), 20)
+        assert "exec.output" not in text_of(browser, "#event-list")  # the command log has them
+        # Todos from another process appear, and change, without a reload (and Plan.md with them).
+        env = {"TASKBOX_HOME": str(svc.paths.home)}
+        assert run_cli("todo", "cliout", "--add", "write the parser", env=env).returncode == 0
+        wait(browser, lambda d: "☐ write the parser" in text_of(d, "#todo-list"), 20)
+        wait(browser, lambda d: "write the parser" in text_of(d, "#plan-body"), 20)
+        assert run_cli("todo", "cliout", "--done", "t1", env=env).returncode == 0
+        wait(browser, lambda d: "☑ write the parser" in text_of(d, "#todo-list"), 20)
+        # A page opened later shows the last command's output from the log, and the newest
+        # events, however many came since.
+        for i in range(300):
+            svc.registry.add_event("decision.logged", "cliout", {"decision": f"later-{i}"}, limited=False)
+        browser.get(base + "/task/cliout")
+        wait(browser, lambda d: "cli-tick-10" in text_of(d, "#live-output"), 30)
+        assert text_of(browser, "#live-command").startswith("Exited 3")
+        wait(browser, lambda d: "later-299" in text_of(d, "#event-list"), 30)
+        first = browser.find_element(By.CSS_SELECTOR, "#event-list li").text
+        assert "later-299" in first  # newest first
+        assert console_errors(browser) == []
+
+
+DIAMOND = """
+parallel = 2
+[[subtask]]
+id = "a"
+title = "base file"
+command = "sleep 2; echo a > a.txt"
+[[subtask]]
+id = "b"
+title = "b on a"
+command = "test -f a.txt && sleep 3 && echo b > b.txt"
+depends_on = ["a"]
+[[subtask]]
+id = "c"
+title = "c on a"
+command = "test -f a.txt && sleep 3 && echo c > c.txt"
+depends_on = ["a"]
+[[subtask]]
+id = "d"
+title = "d on b and c"
+command = "cat a.txt b.txt c.txt > d.txt"
+depends_on = ["b", "c"]
+"""
+
+
+def test_the_subtask_graph_of_a_real_ultrawork_run_is_live(svc: TaskService, repo: Path, tmp_path: Path,
+                                                            browser: webdriver.Chrome) -> None:
+    parent = svc.create_task(repo, "diamond parent", task_id="diamond")
+    plan = tmp_path / "plan.toml"
+    plan.write_text(DIAMOND)
+    with running(svc) as base:
+        browser.get(base + "/task/diamond")
+        wait(browser, lambda d: "diamond parent" in text_of(d, "#task-head"))
+        wait(browser, lambda d: text_of(d, "#conn") == "live")
+        assert not browser.find_element(By.ID, "subtasks").is_displayed()  # no sub-tasks yet
+        proc = subprocess.Popen([sys.executable, "-m", "taskbox", "ultrawork", parent.id, "--plan", str(plan)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TASKBOX_HOME": str(svc.paths.home)})
+        statuses: dict[str, set[str]] = {k: set() for k in "abcd"}
+
+        def status_of(d: webdriver.Chrome) -> dict[str, str]:
+            got = d.execute_script("return Array.from(document.querySelectorAll('#subtask-graph [data-subtask]'))"
+                                   ".map(n => [n.dataset.subtask, n.dataset.status])")
+            now = {k: v for k, v in got}
+            for k, v in now.items():
+                statuses.setdefault(k, set()).add(v)
+            return now
+
+        try:
+            # The graph appears without a reload: four nodes in three stages, four arrows.
+            wait(browser, lambda d: len(status_of(d)) == 4, 120)
+            cols = browser.execute_script("return Array.from(document.querySelectorAll('#subtask-graph .col'))"
+                                          ".map(c => Array.from(c.querySelectorAll('[data-subtask]'))"
+                                          ".map(n => n.dataset.subtask))")
+            assert [sorted(c) for c in cols] == [["a"], ["b", "c"], ["d"]]
+            edges = browser.execute_script("return Array.from(document.querySelectorAll('#subtask-graph path.edge'))"
+                                           ".map(e => e.getAttribute('data-edge'))")
+            assert sorted(edges) == ["a->b", "a->c", "b->d", "c->d"]
+            # Statuses change live as the run goes on (polled here as a person would watch them).
+            wait(browser, lambda d: status_of(d).get("b") == "running" or "merged" in statuses["b"], 180)
+            wait(browser, lambda d: set(status_of(d).values()) == {"merged"}, 300)
+            assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        assert "running" in statuses["a"] and "running" in statuses["b"]  # seen mid-run, not only at the end
+        assert "4/4 finished" in text_of(browser, "#subtask-progress")
+        status = httpx.get(base + "/api/tasks/diamond/subtasks", timeout=30).json()
+        assert status["merged"] == 4 and [s["id"] for s in status["subtasks"]] == ["a", "b", "c", "d"]
+        # Arrows join the nodes they name: each starts at its source's right edge, ends at its target's left.
+        geometry = browser.execute_script("""
+            const box = document.querySelector('#subtask-graph .graph').getBoundingClientRect();
+            return Array.from(document.querySelectorAll('#subtask-graph path.edge')).map(e => {
+              const [from, to] = e.getAttribute('data-edge').split('->');
+              const a = document.querySelector('[data-subtask="' + from + '"]').getBoundingClientRect();
+              const b = document.querySelector('[data-subtask="' + to + '"]').getBoundingClientRect();
+              const len = e.getTotalLength(), p0 = e.getPointAtLength(0), p1 = e.getPointAtLength(len);
+              return [p0.x + box.left - a.right, p1.x + box.left - b.left, len];
+            });""")
+        for start_gap, end_gap, length in geometry:
+            assert abs(start_gap) < 2 and abs(end_gap) < 2 and length > 10
+        # A node links to its child task's page.
+        child = svc.registry.subtask(parent.id, "d")["task_id"]
+        assert browser.find_element(By.CSS_SELECTOR, '[data-subtask="d"] a').get_attribute("href").endswith(
+            "/task/" + child)
+        screenshot(browser, "dashboard-subtask-graph")
+        browser.find_element(By.ID, "subtasks").screenshot(str(ARTIFACTS / "dashboard-subtask-graph-card.png"))
+        assert console_errors(browser) == []
+
+
+def test_the_dashboard_works_from_the_keyboard(svc: TaskService, repo: Path, browser: webdriver.Chrome) -> None:
+    svc.create_task(repo, "keyboard task", task_id="keys")
+    svc.create_checkpoint("keys", "kb-cp")
+    with running(svc) as base:
+        browser.get(base + "/")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-task="keys"]'))
+        body = browser.find_element(By.TAG_NAME, "body")
+
+        def tab_through(limit: int = 80) -> list[dict[str, Any]]:
+            seen: list[dict[str, Any]] = []
+            for _ in range(limit):
+                body.send_keys(Keys.TAB) if not seen else browser.switch_to.active_element.send_keys(Keys.TAB)
+                info = browser.execute_script("""
+                    const e = document.activeElement, s = getComputedStyle(e);
+                    return {tag: e.tagName.toLowerCase(), id: e.id, text: (e.textContent || '').trim().slice(0, 40),
+                            href: e.getAttribute('href'), outline: s.outlineStyle, width: s.outlineWidth,
+                            visible: e.matches(':focus-visible')};""")
+                if info["tag"] == "body" or (seen and info == seen[0]):
+                    break  # round the page once
+                seen.append(info)
+            return seen
+
+        order = tab_through()
+        assert order[0]["text"] == "Skip to content"  # the first stop skips the header
+        assert [o["tag"] for o in order if o["id"] in ("status-filter", "search")] == ["select", "input"]
+        assert any(o["href"] == "/task/keys" for o in order)
+        for o in order:  # every stop shows where the focus is
+            assert o["visible"] and o["outline"] != "none" and o["width"] != "0px", o
+        # Tab to the task's link; a live redraw of the list keeps the focus on it; Enter opens it.
+        for _ in range(len(order) + 1):
+            browser.switch_to.active_element.send_keys(Keys.TAB)
+            if browser.execute_script("return document.activeElement.getAttribute('href')") == "/task/keys":
+                break
+        browser.execute_script("document.activeElement.__old = true")
+        svc.log_decision("keys", "an event redraws the list")
+        wait(browser, lambda d: d.execute_script(
+            "const a = document.querySelector('a[href=\"/task/keys\"]'); return a && !a.__old"), 30)
+        assert browser.execute_script("return document.activeElement.getAttribute('href')") == "/task/keys"
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        wait(browser, lambda d: "keyboard task" in text_of(d, "#task-head"))
+        wait(browser, lambda d: "kb-cp" in text_of(d, "#checkpoint-rows"))
+        order = tab_through(120)
+        ids = [o["id"] for o in order if o["id"]]
+        for needed in ("command", "run", "checkpoint-name", "create-checkpoint", "load-diff"):
+            assert needed in ids, (needed, ids)
+        assert ids.index("command") < ids.index("run") < ids.index("checkpoint-name") < ids.index("create-checkpoint")
+        assert any(o["tag"] == "button" and o["text"] == "Restore" for o in order)
+        for o in order:
+            assert o["visible"] and o["outline"] != "none", o
+        # Everything that acts is a real button or link: nothing clickable is a bare element.
+        assert browser.execute_script(
+            "return document.querySelectorAll('[onclick], [role=button]:not(button), div[tabindex], span[tabindex]')"
+            ".length") == 0
+        # Run a command with the keyboard alone: type, Enter submits the form.
+        box = browser.find_element(By.ID, "command")
+        box.send_keys("echo from-the-keyboard | tee -a app.py", Keys.ENTER)
+        wait(browser, lambda d: text_of(d, "#live-command").startswith("Exited 0"), 60)
+        assert "from-the-keyboard" in text_of(browser, "#live-output")
+        # The checkpoint's Diff button, then the branch diff, highlighted line by line.
+        browser.find_element(By.CSS_SELECTOR, "button[data-diff]").send_keys(Keys.ENTER)
+        wait(browser, lambda d: "app.py" in text_of(d, "#checkpoint-changes"), 60)
+        browser.find_element(By.ID, "load-diff").send_keys(Keys.ENTER)
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff"), 60)
+        wait(browser, lambda d: "+from-the-keyboard" in d.execute_script(
+            "return Array.from(document.querySelectorAll('#diff-body pre.diff span.add')).map(e => e.textContent)"), 30)
+        assert browser.find_elements(By.CSS_SELECTOR, "#diff-body pre.diff span.file")
+        colour = browser.execute_script("return getComputedStyle(document.querySelector('#diff-body span.add'))"
+                                        ".backgroundColor")
+        assert colour not in ("rgba(0, 0, 0, 0)", "transparent")
+        screenshot(browser, "dashboard-keyboard")
+        assert console_errors(browser) == []
+
+
+def test_the_task_list_columns_are_live(svc: TaskService, repo: Path, browser: webdriver.Chrome) -> None:
+    svc.create_task(repo, "columns task", task_id="cols")
+    env = {"TASKBOX_HOME": str(svc.paths.home)}
+    with running(svc) as base:
+        browser.get(base + "/")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-task="cols"]'))
+        wait(browser, lambda d: text_of(d, "#conn") == "live")
+        headers = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#tasks thead th")]
+        assert headers == ["Task", "Title", "Status", "Agent", "Branch", "CPU", "Memory", "Last activity"]
+
+        def cell(name: str) -> str:
+            cells = browser.find_elements(By.CSS_SELECTOR, 'tr[data-task="cols"] td')
+            return cells[headers.index(name)].text if cells else ""
+
+        assert cell("Branch") == svc.get("cols").branch and cell("Status") == "active"
+        # Each change comes from another process; the row follows without a reload.
+        proc = run_cli("resume-task", "cols", "--agent", "opencode", env=env)
+        assert proc.returncode == 0, proc.stderr
+        wait(browser, lambda d: "opencode" in cell("Agent"), 30)
+        proc = run_cli("exec", "cols", "-b", "--", "sh", "-c", "while :; do :; done", env=env)
+        assert proc.returncode == 0, proc.stderr
+        wait(browser, lambda d: cell("CPU").endswith("%") and float(cell("CPU")[:-1]) >= 20, 60)
+        assert "iB (" in cell("Memory")
+        before = cell("Last activity")
+        wait(browser, lambda d: cell("Last activity") not in ("", before), 30)
+        screenshot(browser, "dashboard-tasks-live")
+        proc = run_cli("detach", "cols", "--kill-running", env=env)
+        assert proc.returncode == 0, proc.stderr
+        wait(browser, lambda d: cell("Status") == "paused", 60)
+        wait(browser, lambda d: cell("CPU") == "-" and cell("Memory") == "-", 30)
+        assert cell("Agent") == svc.get("cols").agent  # nobody attached: the task's own agent
+        assert console_errors(browser) == []
+
+
+def test_pages_of_tasks_in_every_state_load_without_console_errors(svc: TaskService, repo: Path,
+                                                                    browser: webdriver.Chrome) -> None:
+    svc.create_task(repo, "never started", task_id="st-pending", lazy=True)
+    svc.create_task(repo, "finished", task_id="st-done")
+    svc.complete("st-done", "all done")
+    svc.create_task(repo, "given up", task_id="st-aborted", lazy=True)
+    svc.abort("st-aborted", "not needed")
+    svc.create_task(repo, "cleaned up", task_id="st-clean")
+    svc.complete("st-clean", "done", cleanup=True)
+    with running(svc) as base:
+        browser.get(base + "/")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr[data-task]")) == 4)
+        for tid in ("st-pending", "st-done", "st-aborted", "st-clean"):
+            browser.get(base + "/task/" + tid)
+            title = svc.get(tid).title
+            wait(browser, lambda d, title=title: title in text_of(d, "#task-head"))
+            wait(browser, lambda d: "Loading" not in text_of(d, "#plan-body"))
+            browser.find_element(By.ID, "load-diff").click()
+            wait(browser, lambda d: "Loading" not in text_of(d, "#diff-body"), 60)
+            assert console_errors(browser) == [], tid
+        screenshot(browser, "dashboard-finished-task")

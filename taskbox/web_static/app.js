@@ -42,6 +42,28 @@ function safeHref(url) {
 
 function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); return node; }
 
+// Live redraws replace elements: a keyboard user's focus moves to the same control in the
+// new rows (found by its id, link or data attribute), instead of falling back to the page.
+function focusKey(node) {
+  if (!node || node === document.body) return null;
+  if (node.id) return "#" + CSS.escape(node.id);
+  for (const attr of ["data-restore", "data-diff", "href"]) {
+    if (node.hasAttribute(attr)) return node.tagName.toLowerCase() + "[" + attr + '="' + CSS.escape(node.getAttribute(attr)) + '"]';
+  }
+  return null;
+}
+
+function keepFocus(container, redraw) {
+  const active = document.activeElement;
+  const key = active && container.contains(active) ? focusKey(active) : null;
+  const result = redraw();
+  if (key && !container.contains(document.activeElement)) {
+    const again = container.querySelector(key);
+    if (again) again.focus({ preventScroll: true });
+  }
+  return result;
+}
+
 function ago(ts) {
   if (!ts) return "-";
   const s = Math.max(0, Date.now() / 1000 - ts);
@@ -218,7 +240,8 @@ function listView(main) {
       body),
   ]);
   let rows = [];
-  function draw() {
+  function draw() { keepFocus(body, drawRows); }
+  function drawRows() {
     clear(body);
     count.textContent = "(" + rows.length + ")";
     if (!rows.length) body.appendChild(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No tasks yet. Create one with `taskbox create-task`.")));
@@ -247,7 +270,9 @@ function listView(main) {
   }
   async function pollUsage() {
     try {
-      for (const u of (await api("GET", "/api/usage")).usage) usage[u.task_id] = u;
+      const fresh = (await api("GET", "/api/usage")).usage;
+      for (const k of Object.keys(usage)) delete usage[k]; // a task that stopped shows none
+      for (const u of fresh) usage[u.task_id] = u;
       draw();
     } catch (e) { /* the next poll tries again */ }
   }
@@ -256,7 +281,7 @@ function listView(main) {
   pollUsage();
   const timers = [setInterval(pollUsage, 3000), setInterval(draw, 10000)];
   return {
-    onMessage: (m) => { if (m.kind === "event") later(); },
+    onMessage: (m) => { if (m.kind === "event" && m.type !== "exec.output") later(); },
     close: () => timers.forEach(clearInterval),
   };
 }
@@ -269,7 +294,7 @@ function taskView(main, taskId) {
   const plan = el("div", { id: "plan-body" }, el("p", { class: "muted" }, "Loading…"));
   const todos = el("ul", { class: "todos", id: "todo-list" });
   const output = el("pre", { class: "output", id: "live-output", "aria-live": "polite" });
-  const outputLabel = el("p", { class: "muted", id: "live-command" }, "No command running from this page.");
+  const outputLabel = el("p", { class: "muted", id: "live-command" }, "No command running.");
   const execs = el("tbody", { id: "exec-rows" });
   const jobs = el("tbody", { id: "job-rows" });
   const cps = el("tbody", { id: "checkpoint-rows" });
@@ -283,25 +308,27 @@ function taskView(main, taskId) {
   const cpName = el("input", { id: "checkpoint-name", type: "text", placeholder: "name (optional)", "aria-label": "Checkpoint name" });
   const cpForm = el("form", { class: "toolbar", id: "checkpoint-form", on: { submit: (e) => { e.preventDefault(); createCheckpoint(); } } },
     el("label", { for: "checkpoint-name" }, "New checkpoint", cpName), el("button", { type: "submit", id: "create-checkpoint" }, "Create checkpoint"));
+  const diffButton = el("button", { type: "button", id: "load-diff", on: { click: () => loadDiff() } }, "Show diff");
   const graphCard = sec("subtasks", "Sub-tasks", graph);
+  graphCard.classList.add("wide");
   graphCard.hidden = true;
 
   append(main, [
     head,
     el("div", { class: "grid" },
-      sec("plan", "Plan.md", plan),
-      sec("todos", "Todos", todos),
       graphCard,
       sec("commands", "Commands", runForm, outputLabel, output,
         el("h3", {}, "Background jobs"), el("table", {}, el("tbody", {}, jobs)),
         el("h3", {}, "Recent executions"),
         el("table", {}, el("thead", {}, el("tr", {}, ["Command", "Exit", "Took", "Status"].map((h) => el("th", { scope: "col" }, h)))), execs)),
+      sec("plan", "Plan.md", plan),
+      sec("todos", "Todos", todos),
       sec("checkpoints", "Checkpoints", cpForm,
         el("table", {}, el("thead", {}, el("tr", {}, ["Name", "Id", "Trigger", "Taken", ""].map((h) => el("th", { scope: "col" }, h)))), cps),
         cpResult),
       sec("events", "Events", events),
       el("section", { class: "card wide", id: "diff", "aria-labelledby": "diff-h" }, el("h2", { id: "diff-h" }, "Branch diff"),
-        el("div", { class: "toolbar" }, el("button", { type: "button", id: "load-diff", on: { click: () => loadDiff() } }, "Show diff")),
+        el("div", { class: "toolbar" }, diffButton),
         diffBox)),
   ]);
 
@@ -314,6 +341,11 @@ function taskView(main, taskId) {
       task = await api("GET", "/api/tasks/" + enc(taskId));
     } catch (e) { clear(head).appendChild(el("p", { class: "error" }, e.message)); return; }
     document.title = "taskbox · " + task.task_id;
+    keepFocus(head, () => drawHead(task));
+    if (!diffShown && task.container_state === "running") loadDiff();
+  }
+
+  function drawHead(task) {
     clear(head);
     append(head, [
       el("h1", {}, task.title, " ", badge(task.status)),
@@ -361,21 +393,25 @@ function taskView(main, taskId) {
   async function loadCheckpoints() {
     try {
       const rows = (await api("GET", "/api/tasks/" + enc(taskId) + "/checkpoints")).checkpoints;
-      clear(cps);
-      if (!rows.length) cps.appendChild(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No checkpoints.")));
-      for (const c of rows.slice().reverse()) {
-        const id = c.checkpoint_id;
-        cps.appendChild(el("tr", { "data-checkpoint": id },
-          el("td", {}, c.name, c.current ? el("span", { class: "badge" }, "current") : null),
-          el("td", {}, el("code", {}, id)),
-          el("td", {}, c.trigger),
-          el("td", { class: "num" }, ago(c.created_at)),
-          el("td", {},
-            el("button", { type: "button", class: "danger", "data-restore": id, "aria-label": "Restore checkpoint " + c.name, on: { click: (e) => restore(id, c.name, e.currentTarget) } },
-              armed.id === id && Date.now() <= armed.until ? "Confirm restore" : "Restore"), " ",
-            el("button", { type: "button", "data-diff": id, "aria-label": "Diff checkpoint " + c.name + " against now", on: { click: () => cpDiff(id) } }, "Diff"))));
-      }
+      keepFocus(cps, () => drawCheckpoints(rows));
     } catch (e) { clear(cps).appendChild(el("tr", {}, el("td", { class: "error" }, e.message))); }
+  }
+
+  function drawCheckpoints(rows) {
+    clear(cps);
+    if (!rows.length) cps.appendChild(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No checkpoints.")));
+    for (const c of rows.slice().reverse()) {
+      const id = c.checkpoint_id;
+      cps.appendChild(el("tr", { "data-checkpoint": id },
+        el("td", {}, c.name, c.current ? el("span", { class: "badge" }, "current") : null),
+        el("td", {}, el("code", {}, id)),
+        el("td", {}, c.trigger),
+        el("td", { class: "num" }, ago(c.created_at)),
+        el("td", {},
+          el("button", { type: "button", class: "danger", "data-restore": id, "aria-label": "Restore checkpoint " + c.name, on: { click: (e) => restore(id, c.name, e.currentTarget) } },
+            armed.id === id && Date.now() <= armed.until ? "Confirm restore" : "Restore"), " ",
+          el("button", { type: "button", "data-diff": id, "aria-label": "Diff checkpoint " + c.name + " against now", on: { click: () => cpDiff(id) } }, "Diff"))));
+    }
   }
 
   let armed = { id: null, until: 0 };
@@ -420,8 +456,16 @@ function taskView(main, taskId) {
     } catch (e) { clear(cpResult).appendChild(el("p", { class: "error" }, e.message)); }
   }
 
+  // The branch diff loads by itself once when the task's container runs (a cheap command
+  // there; a stopped task would need a throwaway container, so it waits for the button).
+  // It is not reloaded on every event: each load runs a command in the container, and one
+  // started while a checkpoint freezes the container can wedge the engine (docs/serve.md,
+  // Known limits); the button refreshes it.
+  let diffShown = false;
   async function loadDiff() {
     clear(diffBox).appendChild(el("p", { class: "muted" }, "Loading…"));
+    diffShown = true;
+    diffButton.textContent = "Refresh diff";
     try {
       const d = await api("GET", "/api/tasks/" + enc(taskId) + "/diff");
       clear(diffBox).appendChild(d.diff ? renderDiff(d.diff) : el("p", { class: "muted" }, "No changes."));
@@ -429,19 +473,47 @@ function taskView(main, taskId) {
     } catch (e) { clear(diffBox).appendChild(el("p", { class: "error" }, e.message)); }
   }
 
-  let current = null;
+  // The live command log: exec.output events of any command of this task, whichever process
+  // runs it (the CLI, an agent over MCP, this page). It follows the newest command.
+  const live = { id: null, seq: -1, done: true, command: "" };
+  const OUTPUT_CHARS = 20000;
+  function trimOutput() {
+    let size = output.textContent.length;
+    while (size > OUTPUT_CHARS && output.firstChild) {
+      size -= output.firstChild.textContent.length;
+      output.removeChild(output.firstChild);
+    }
+  }
+  function showOutput(p) {
+    if (!p || typeof p.exec_id !== "string" || typeof p.seq !== "number") return;
+    if (p.exec_id !== live.id) {
+      if (!live.done && p.seq !== 0 && live.id !== null) return; // another command's tail: keep following this one
+      Object.assign(live, { id: p.exec_id, seq: -1, done: false, command: String(p.command || "") });
+      clear(output);
+    }
+    if (p.seq <= live.seq) return; // seen already (replayed history and the stream overlap)
+    live.seq = p.seq;
+    if (p.skipped) output.appendChild(el("span", { class: "muted" }, "[… " + bytes(p.skipped) + " of output not streamed …]\n"));
+    if (p.text) output.appendChild(p.stream === "stderr" ? el("span", { class: "stderr" }, String(p.text)) : document.createTextNode(String(p.text)));
+    trimOutput();
+    if (p.done) {
+      live.done = true;
+      outputLabel.textContent = (p.exit_code === null || p.exit_code === undefined ? "Ended (no exit code)" : "Exited " + p.exit_code) + ": " + live.command;
+    } else outputLabel.textContent = "Running: " + live.command;
+  }
+
   async function run() {
     const command = cmdInput.value.trim();
     if (!command) return;
     outputLabel.textContent = "Running: " + command;
-    output.textContent = "";
-    current = "pending";
+    clear(output);
     try {
       const r = await api("POST", "/api/tasks/" + enc(taskId) + "/exec", { command });
+      Object.assign(live, { id: r.exec_id, seq: Number.MAX_SAFE_INTEGER, done: true }); // the answer has it all
       output.textContent = (r.stdout || "") + (r.stderr || "");
+      trimOutput();
       outputLabel.textContent = "Exited " + r.exit_code + " after " + Math.round(r.duration_ms) + " ms: " + command;
     } catch (e) { outputLabel.textContent = "Failed: " + e.message; }
-    current = null;
     loadExecs();
   }
 
@@ -469,66 +541,132 @@ function taskView(main, taskId) {
   }
 
   async function loadEvents() {
+    const base = "/api/tasks/" + enc(taskId) + "/events?newest=1&";
     try {
-      const rows = (await api("GET", "/api/tasks/" + enc(taskId) + "/history?limit=100")).events;
+      const rows = (await api("GET", base + "limit=150&exclude=exec.output")).events;
       clear(events);
-      for (const r of rows.slice().reverse()) addEvent({ id: r.id, ts: r.ts, type: r.type, payload: r.payload }, false);
+      for (const r of rows.slice().reverse()) addEvent(r, false);
     } catch (e) { clear(events).appendChild(el("li", { class: "error" }, e.message)); }
+    try {
+      // The newest command's output so far (it may still run): the log has it.
+      for (const r of (await api("GET", base + "limit=80&type=exec.output")).events) showOutput(r.payload);
+    } catch (e) { /* the live stream still brings new output */ }
   }
 
+  // The sub-task graph of an ultrawork parent: one column per stage (a sub-task stands right
+  // of everything it depends on), an arrow per dependency, statuses live (any subtask.* event
+  // of the parent, or an event of a child task, reloads it).
+  let graphData = null;
   async function loadChildren() {
+    let rows = [];
     try {
-      children = (await api("GET", "/api/tasks?parent=" + enc(taskId))).tasks;
-    } catch (e) { children = []; }
-    graphCard.hidden = !children.length;
+      rows = (await api("GET", "/api/tasks/" + enc(taskId) + "/subtasks")).subtasks || [];
+    } catch (e) { rows = []; }
+    children = rows.filter((r) => r.task_id).map((r) => ({ task_id: r.task_id }));
+    graphCard.hidden = !rows.length;
+    graphData = rows;
+    drawGraph();
+  }
+
+  function drawGraph() { keepFocus(graph, drawNodes); }
+  function drawNodes() {
+    const rows = graphData || [];
     clear(graph);
-    if (!children.length) return;
-    const byId = Object.fromEntries(children.map((c) => [c.task_id, c]));
+    if (!rows.length) return;
+    const byId = Object.fromEntries(rows.map((r) => [r.id, r]));
     const depth = {};
     const level = (id, seen) => {
       if (depth[id] !== undefined) return depth[id];
       if (seen.has(id)) return 0;
       seen.add(id);
-      const deps = ((byId[id] || {}).dependencies || []).filter((d) => byId[d]);
+      const deps = ((byId[id] || {}).depends_on || []).filter((d) => byId[d]);
       depth[id] = deps.length ? 1 + Math.max(...deps.map((d) => level(d, seen))) : 0;
       return depth[id];
     };
     const cols = [];
-    for (const c of children) (cols[level(c.task_id, new Set())] ||= []).push(c);
+    for (const r of rows) (cols[level(r.id, new Set())] ||= []).push(r);
+    const done = rows.filter((r) => ["merged", "failed", "timed_out", "blocked", "conflict"].includes(r.status)).length;
+    graph.appendChild(el("p", { class: "muted", id: "subtask-progress" }, done + "/" + rows.length + " finished"));
+    const stage = el("div", { class: "graph" });
+    graph.appendChild(stage);
+    const nodes = {};
     cols.forEach((col, i) => {
-      graph.appendChild(el("div", { class: "col", role: "list", "aria-label": "Stage " + (i + 1) },
-        (col || []).map((c) => el("div", { class: "node", role: "listitem", "data-subtask": c.task_id },
-          el("a", { href: "/task/" + enc(c.task_id), "data-nav": "1" }, c.task_id), " ", badge(c.status),
-          el("div", { class: "muted" }, c.title),
-          (c.dependencies || []).length ? el("div", { class: "deps" }, "after ", c.dependencies.join(", ")) : null))));
+      stage.appendChild(el("div", { class: "col", role: "list", "aria-label": "Stage " + (i + 1) },
+        (col || []).map((r) => {
+          const deps = (r.depends_on || []);
+          const node = el("div", { class: "node status-" + String(r.status).replace(/[^a-z_]/g, ""), role: "listitem",
+            "data-subtask": r.id, "data-status": r.status },
+            el("div", { class: "node-head" },
+              r.task_id ? el("a", { href: "/task/" + enc(r.task_id), "data-nav": "1" }, r.id) : el("strong", {}, r.id),
+              " ", badge(r.status)),
+            el("div", { class: "muted" }, r.title),
+            deps.length ? el("div", { class: "deps" }, "after ", deps.join(", ")) : null,
+            r.status === "conflict" && (r.conflict_files || []).length ? el("div", { class: "error" }, "conflicts: ", r.conflict_files.join(", ")) : null);
+          nodes[r.id] = node;
+          return node;
+        })));
     });
+    // Arrows, once the nodes are laid out: an SVG over the columns, built element by element.
+    const NS = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("class", "edges");
+    svg.setAttribute("aria-hidden", "true");
+    const defs = document.createElementNS(NS, "defs");
+    const marker = document.createElementNS(NS, "marker");
+    for (const [k, v] of Object.entries({ id: "arrow", viewBox: "0 0 10 10", refX: "10", refY: "5", markerWidth: "7", markerHeight: "7", orient: "auto-start-reverse" })) marker.setAttribute(k, v);
+    const tip = document.createElementNS(NS, "path");
+    tip.setAttribute("d", "M 0 0 L 10 5 L 0 10 z");
+    marker.appendChild(tip);
+    defs.appendChild(marker);
+    svg.appendChild(defs);
+    stage.appendChild(svg);
+    const box = stage.getBoundingClientRect();
+    svg.setAttribute("width", String(Math.ceil(stage.scrollWidth)));
+    svg.setAttribute("height", String(Math.ceil(stage.clientHeight)));
+    for (const r of rows) {
+      for (const d of r.depends_on || []) {
+        if (!nodes[d] || !nodes[r.id]) continue;
+        const a = nodes[d].getBoundingClientRect(), b = nodes[r.id].getBoundingClientRect();
+        const x1 = a.right - box.left + stage.scrollLeft, y1 = a.top + a.height / 2 - box.top;
+        const x2 = b.left - box.left + stage.scrollLeft, y2 = b.top + b.height / 2 - box.top;
+        const path = document.createElementNS(NS, "path");
+        const mid = (x1 + x2) / 2;
+        path.setAttribute("d", `M ${x1} ${y1} C ${mid} ${y1}, ${mid} ${y2}, ${x2} ${y2}`);
+        path.setAttribute("class", "edge status-" + String(byId[d].status).replace(/[^a-z_]/g, ""));
+        path.setAttribute("marker-end", "url(#arrow)");
+        path.setAttribute("data-edge", d + "->" + r.id);
+        svg.appendChild(path);
+      }
+    }
   }
+  const redrawGraph = debounce(drawGraph, 150);
+  window.addEventListener("resize", redrawGraph);
 
   const reload = {
     head: debounce(loadHead, 150), plan: debounce(loadPlan, 300), execs: debounce(loadExecs, 200),
     cps: debounce(loadCheckpoints, 200), children: debounce(loadChildren, 300),
   };
   loadHead(); loadPlan(); loadExecs(); loadCheckpoints(); loadEvents(); loadChildren();
-  const timers = [setInterval(followJobs, 1000)];
+  // Events bring every change at once; this catches a Plan.md edit that records none (an
+  // agent's file tool). A host-side read of the file: nothing runs in the container.
+  const timers = [setInterval(followJobs, 1000), setInterval(() => reload.plan(), 10000)];
 
   return {
     onMessage: (m) => {
-      if (m.kind === "output" && m.task_id === taskId) {
-        if (current !== null || !m.done) {
-          outputLabel.textContent = (m.done ? "Finished: " : "Running: ") + m.command;
-          output.textContent = m.text;
-        }
+      if (m.kind !== "event") return;
+      if (m.type === "exec.output") {
+        if (m.task_id === taskId) showOutput(m.payload);
         return;
       }
-      if (m.kind !== "event") return;
-      if (children.some((c) => c.task_id === m.task_id) || (m.type === "task.registering")) reload.children();
+      if (children.some((c) => c.task_id === m.task_id)) reload.children();
       if (m.task_id !== taskId) return;
       addEvent(m, true);
       reload.head(); reload.plan();
       if (m.type === "task.exec" || m.type.startsWith("exec.") || m.type.startsWith("job.")) reload.execs();
       if (m.type.startsWith("checkpoint.")) reload.cps();
+      if (m.type.startsWith("subtask") || m.type.startsWith("ultrawork.") || m.type === "task.merged") reload.children();
     },
-    close: () => timers.forEach(clearInterval),
+    close: () => { timers.forEach(clearInterval); window.removeEventListener("resize", redrawGraph); },
   };
 }
 
