@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import websockets  # noqa: E402
 
-from taskbox import web  # noqa: E402
+from taskbox import quota, web  # noqa: E402
 from taskbox.config import Settings  # noqa: E402
 from taskbox.models import Status, Task  # noqa: E402
 from taskbox.sandbox import LABEL_HOME, ExecControl  # noqa: E402
@@ -171,6 +171,7 @@ def output_latency(svc: TaskService, base: str, scratch: Path) -> dict[str, Any]
     finally:
         for c in svc.sandbox.api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
             svc.sandbox.api.remove_container(c["Id"], force=True)
+        quota.release(svc.paths.volume(task.id), Path(task.workspace_path))  # the workspace's loop mount
     return {"lines": lines, "host_p50_ms": pct(host_lat, 0.5), "host_p95_ms": pct(host_lat, 0.95),
             "ws_p50_ms": pct(ws_lat, 0.5), "ws_p95_ms": pct(ws_lat, 0.95), "host_lines": len(host_lat),
             "ws_lines": len(ws_lat)}
