@@ -93,3 +93,32 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     """Run the real `taskbox` command line in a subprocess."""
     return subprocess.run([sys.executable, "-m", "taskbox", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def file_holds(path: Path, needle: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether the file holds ``needle``: read in chunks, over its data only (a workspace
+    volume under TASKBOX_HOME is a sparse file of many GiB, mostly holes)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        pos, tail = 0, b""
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole past pos
+                return False
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            if start != pos:
+                tail = b""
+            while start < end:
+                data = os.pread(fd, min(chunk, end - start), start)
+                if not data:
+                    break
+                if needle in tail + data:
+                    return True
+                tail = data[-(len(needle) - 1):] if len(needle) > 1 else b""
+                start += len(data)
+            pos = end
+        return False
+    finally:
+        os.close(fd)

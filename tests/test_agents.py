@@ -25,7 +25,7 @@ import pytest
 from taskbox import InvalidInput, NotFound, TaskBusy, TaskService, agents, images
 from taskbox.sandbox import LABEL_HOME
 
-from .conftest import IMAGE, git, run_cli
+from .conftest import IMAGE, file_holds, git, run_cli
 
 STUB = (Path(__file__).parent / "model_stub.py").read_text()
 ALIASES = ["api.anthropic.com", "api.openai.com", "elsewhere.test"]
@@ -206,7 +206,7 @@ def _assert_secret_nowhere(home: Path, ws: Path, svc: TaskService, task_id: str)
     for root in (home, ws):
         for path in root.rglob("*"):
             if path.is_file() and not path.is_symlink():
-                assert SECRET.encode() not in path.read_bytes(), f"the secret is in {path}"
+                assert not file_holds(path, SECRET.encode()), f"the secret is in {path}"
     api = svc.sandbox.api
     for c in api.containers(all=True, filters={"label": f"{LABEL_HOME}={svc.home_label}"}):
         assert SECRET not in json.dumps(api.inspect_container(c["Id"]))

@@ -43,7 +43,8 @@ def _plant_detached_run(svc: TaskService, repo: Path, exit_text: str) -> tuple[s
     return task.id, sid
 
 
-@pytest.mark.parametrize("planted", ["\u00b2", "9" * 5000, "99999999999999999999999"])
+@pytest.mark.parametrize("planted", ["\u00b2", "9" * 5000, "99999999999999999999999"],
+                         ids=["superscript", "5000-digits", "past-255"])
 def test_watch_run_takes_a_forged_exit_code_as_unknown(svc: TaskService, repo: Path, planted: str) -> None:
     """The agent ends leaving an exit file that only looks like a number (a superscript digit,
     5000 digits, a number past any exit status): the watcher records the run with code -1

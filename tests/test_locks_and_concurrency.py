@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from taskbox import ConcurrentModification, TaskLocked, TaskService
+from taskbox.errors import SandboxError
 
 from .conftest import git
 
@@ -167,3 +169,41 @@ def test_branch_taken_in_the_repo_gets_a_suffix(svc: TaskService, repo: Path) ->
     task = svc.create_task(repo, "existing work", agent="a", model="m", lazy=True)
     assert task.branch.startswith("a-m/existing-work-") and task.branch != "a-m/existing-work"
     assert os.path.isdir(task.workspace_path)
+
+
+@pytest.mark.parametrize("agent", ["0", "1"])
+def test_an_exec_from_another_process_waits_out_a_checkpoint_freeze(svc: TaskService, repo: Path,
+                                                                    agent: str) -> None:
+    """A `docker exec` started across a pause can wedge the engine for the container (its
+    `runc init` frozen in the cgroup); so an exec from any taskbox process waits for the
+    freeze to end, then runs, instead of racing it. With the exec agent on, the frozen agent
+    does not answer and the command falls back to `docker exec`, which waits the same way."""
+    task = svc.create_task(repo, "freeze gate")
+    cid = task.container_id or ""
+    svc.sandbox.pause(cid)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "taskbox", "exec", task.id, "--", "echo", "ran-after-thaw"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TASKBOX_EXEC_AGENT": agent})
+        time.sleep(4)  # the CLI starts and reaches the gate (with the agent: after its 2 s check)
+        assert proc.poll() is None, proc.communicate()
+        assert svc.sandbox.container_state(cid)["Paused"]
+    finally:
+        svc.sandbox.unpause(cid)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "ran-after-thaw" in out
+    # a pause is refused, not forced, while an exec is being started (the gate is shared-held)
+    fd = os.open(svc.paths.locks / f"freeze-{cid[:12]}.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        svc.sandbox.freeze_wait = 0.2
+        with pytest.raises(SandboxError, match="commands kept starting"):
+            svc.sandbox.pause(cid)
+        assert not svc.sandbox.container_state(cid)["Paused"]
+    finally:
+        os.close(fd)
+    svc.sandbox.pause(cid)
+    svc.sandbox.unpause(cid)
+    svc.sandbox.remove(cid)
+    assert not (svc.paths.locks / f"freeze-{cid[:12]}.lock").exists()

@@ -23,7 +23,7 @@ from taskbox.audit import NOT_LOGGED
 from taskbox.mcp_server import create_server
 from taskbox.secrets import Redactor, resolve
 
-from .conftest import run_cli
+from .conftest import file_holds, run_cli
 from .test_mcp import call, call_error
 
 
@@ -33,7 +33,7 @@ def leaks(svc: TaskService, repo: Path, needle: str) -> list[str]:
     found = []
     raw = needle.encode()
     for path in svc.paths.home.rglob("*"):
-        if path.is_file() and not path.is_symlink() and raw in path.read_bytes():
+        if path.is_file() and not path.is_symlink() and file_holds(path, raw):
             found.append(str(path.relative_to(svc.paths.home)))
     for row in svc.registry._conn().execute("SELECT type, payload FROM events"):
         if needle in row["payload"]:
