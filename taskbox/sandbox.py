@@ -20,6 +20,7 @@ Anything weaker than this is listed by :func:`weakened` so adapters can warn abo
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import re
@@ -443,6 +444,11 @@ class Sandbox:
         # The warm pool's release of a slot by id (taskbox.pool.Pool.release), set by the
         # service: removing a slot's container undoes its slot (its workspace bind, its directory).
         self.release_slot: Callable[[str], object] | None = None
+        # The freeze gate (see ``_exec_gate``): a directory of per-container lock files, set by
+        # the service; None turns it off.
+        self.gate_dir: Path | None = None
+        self.freeze_wait = 5.0  # seconds a pause waits for commands being started to be running
+        self._frozen: dict[str, tuple[int, int]] = {}  # cid -> (gate fd, the pausing thread)
 
     # --- engine facts ------------------------------------------------------------------------
 
@@ -832,6 +838,11 @@ class Sandbox:
         self._cgroups.pop(cid, None)
         if self.agent_keys is not None:
             self.agent_keys.drop(cid)
+        if self.gate_dir is not None and re.fullmatch(r"[0-9a-f]{12,64}", info["Id"]):
+            try:
+                os.unlink(self.gate_dir / f"freeze-{info['Id'][:12]}.lock")
+            except OSError:
+                pass  # never made (no exec, no pause)
         if LABEL_EGRESS in labels or labels.get(LABEL_ROLE) == "egress-proxy":
             self._remove_egress(owner)
         if not labels.get(LABEL_ROLE):
@@ -900,18 +911,98 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not inspect container {cid[:12]}") from exc
 
+    # --- the freeze gate ------------------------------------------------------------------
+    # A `docker exec` whose `runc init` is caught by a pause is frozen inside the container's
+    # cgroup while the engine holds the container's lock: `unpause`, `inspect` and `rm` of that
+    # container then hang. So starting an exec holds a shared lock on the container's gate file
+    # until its process runs, and a pause holds the exclusive lock until the unpause: no process
+    # (this one or another taskbox process) starts an exec across a freeze. The gate file's
+    # name comes from the engine's container id, never from anything in the sandbox.
+
+    def _gate_open(self, cid: str) -> int | None:
+        if self.gate_dir is None or not re.fullmatch(r"[0-9a-f]{12,64}", cid):
+            return None
+        try:
+            self.gate_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(self.gate_dir / f"freeze-{cid[:12]}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+
+    @staticmethod
+    def _gate_lock(fd: int, kind: int, wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        pause = 0.002
+        while True:
+            try:
+                fcntl.flock(fd, kind | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+
+    @contextmanager
+    def _exec_gate(self, cid: str) -> Iterator[None]:
+        """Held while an exec is being started (shared: execs do not wait for each other)."""
+        held = self._frozen.get(cid)
+        fd = None if held and held[1] == threading.get_ident() else self._gate_open(cid)
+        try:
+            # A freeze lasts as long as a checkpoint's capture; past this an exec goes ahead (and
+            # the engine says the container is paused).
+            if fd is not None:
+                self._gate_lock(fd, fcntl.LOCK_SH, 600.0)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _exec_started(self, exec_id: str, wait: float = 5.0) -> None:
+        """Return once the exec's process runs (or has ended): its ``runc init`` is done."""
+        deadline = time.monotonic() + wait
+        pause = 0.002
+        while time.monotonic() < deadline:
+            info = self.api.exec_inspect(exec_id)
+            if info.get("Pid") or info.get("ExitCode") is not None or not info.get("Running", True):
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _exec_start(self, cid: str, exec_id: str, **options: Any) -> Any:
+        """``exec_start`` behind the freeze gate, held until the process runs."""
+        with self._exec_gate(cid):
+            out = self.api.exec_start(exec_id, **options)
+            if options.get("stream") or options.get("socket") or options.get("detach"):
+                self._exec_started(exec_id)
+            return out
+
     def pause(self, cid: str) -> None:
-        """Freeze every process of a container (the cgroup freezer)."""
+        """Freeze every process of a container (the cgroup freezer), once no exec is being started.
+
+        Refused (a :class:`SandboxError`) when execs keep starting for ``freeze_wait`` seconds.
+        """
+        fd = self._gate_open(cid)
+        if fd is not None and not self._gate_lock(fd, fcntl.LOCK_EX, self.freeze_wait):
+            os.close(fd)
+            raise SandboxError(f"could not pause container {cid[:12]}: commands kept starting in it")
         try:
             self.api.pause(cid)
         except DOCKER_ERRORS as exc:
+            if fd is not None:
+                os.close(fd)
             raise docker_engine.translate(exc, f"could not pause container {cid[:12]}") from exc
+        if fd is not None:
+            self._frozen[cid] = (fd, threading.get_ident())
 
     def unpause(self, cid: str) -> None:
         try:
             self.api.unpause(cid)
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"could not unpause container {cid[:12]}") from exc
+        finally:
+            held = self._frozen.pop(cid, None)
+            if held is not None:
+                os.close(held[0])
 
     def commit(self, cid: str, repository: str, tag: str, message: str) -> str:
         """Save a container's filesystem as the image ``repository:tag`` (without pausing it again)."""
@@ -1064,7 +1155,7 @@ class Sandbox:
         try:
             exec_id = self.api.exec_create(cid, ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.oom_control "
                                                  "/sys/fs/cgroup/memory.events 2>/dev/null"])["Id"]
-            text = self.api.exec_start(exec_id).decode(errors="replace")
+            text = self._exec_start(cid, exec_id).decode(errors="replace")
         except DOCKER_ERRORS:
             return None
         for line in text.splitlines():
@@ -1232,7 +1323,7 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
         try:
-            stream = self.api.exec_start(exec_id, stream=True, demux=True)
+            stream = self._exec_start(cid, exec_id, stream=True, demux=True)
             if control is not None:
                 control.attach(lambda: self.kill_marked(cid, mark))
             for chunk_out, chunk_err in stream:
@@ -1259,7 +1350,7 @@ class Sandbox:
         try:
             exec_id = self.api.exec_create(cid, argv, workdir=workdir, user=f"{uid}:{gid}", environment=environment,
                                            tty=True, stdin=True)["Id"]
-            sock = self.api.exec_start(exec_id, tty=True, socket=True)
+            sock = self._exec_start(cid, exec_id, tty=True, socket=True)
         except DockerNotFound as exc:
             raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
         except DOCKER_ERRORS as exc:
@@ -1424,7 +1515,7 @@ class Sandbox:
                                            workdir=CONTAINER_WORKSPACE, user=f"{uid}:{gid}",
                                            environment={"LC_ALL": "C", **(env or {}), KILL_MARK: mark})["Id"]
             watchdog.start()
-            for chunk_out, chunk_err in self.api.exec_start(exec_id, stream=True, demux=True):
+            for chunk_out, chunk_err in self._exec_start(cid, exec_id, stream=True, demux=True):
                 if chunk_out:
                     room = limit - written
                     part = chunk_out[:max(room, 0)]
@@ -1512,7 +1603,7 @@ class Sandbox:
         uid, gid = sandbox_owner()
         try:
             exec_id = self.api.exec_create(cid, ["sh", "-c", script], user=f"{uid}:{gid}")["Id"]
-            self.api.exec_start(exec_id)
+            self._exec_start(cid, exec_id)
         except DOCKER_ERRORS:
             pass  # the container may be gone; nothing left to kill then
         return 0
@@ -1590,7 +1681,7 @@ class Sandbox:
             exec_id = self.api.exec_create(cid, ["sh", "-c", wrapper, "taskbox-job", job_id, command],
                                            workdir=workdir, user=f"{uid}:{gid}",
                                            environment={**(env or {}), KILL_MARK: JOB_MARK + job_id})["Id"]
-            self.api.exec_start(exec_id, detach=True)
+            self._exec_start(cid, exec_id, detach=True)
         except DockerNotFound as exc:
             raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
         except DOCKER_ERRORS as exc:

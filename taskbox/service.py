@@ -230,6 +230,7 @@ class TaskService:
             if self.settings.exec_agent:
                 self._sandbox.agent_home = self.paths.home
             self._sandbox.release_slot = self.pool.release
+            self._sandbox.gate_dir = self.paths.locks
         return self._sandbox
 
     @functools.cached_property
