@@ -449,6 +449,7 @@ class Sandbox:
         self.gate_dir: Path | None = None
         self.freeze_wait = 5.0  # seconds a pause waits for commands being started to be running
         self._frozen: dict[str, tuple[int, int]] = {}  # cid -> (gate fd, the pausing thread)
+        self._gating: dict[str, int] = {}  # exec id -> gate fd, from its create to its process start
 
     # --- engine facts ------------------------------------------------------------------------
 
@@ -942,20 +943,31 @@ class Sandbox:
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
 
-    @contextmanager
-    def _exec_gate(self, cid: str) -> Iterator[None]:
-        """Held while an exec is being started (shared: execs do not wait for each other)."""
+    def _gate_shared(self, cid: str) -> int | None:
+        """The gate's shared lock (execs do not wait for each other), or None when not gated."""
         held = self._frozen.get(cid)
-        fd = None if held and held[1] == threading.get_ident() else self._gate_open(cid)
+        if held and held[1] == threading.get_ident():
+            return None  # this thread froze it: the engine says it is paused, as before the gate
+        fd = self._gate_open(cid)
+        # A freeze lasts as long as a checkpoint's capture; past this an exec goes ahead (and
+        # the engine says the container is paused).
+        if fd is not None:
+            self._gate_lock(fd, fcntl.LOCK_SH, 600.0)
+        return fd
+
+    def _exec_create(self, cid: str, argv: list[str], **options: Any) -> str:
+        """``exec_create`` behind the freeze gate, which stays held until ``_exec_start`` has
+        the process running."""
+        fd = self._gate_shared(cid)
         try:
-            # A freeze lasts as long as a checkpoint's capture; past this an exec goes ahead (and
-            # the engine says the container is paused).
-            if fd is not None:
-                self._gate_lock(fd, fcntl.LOCK_SH, 600.0)
-            yield
-        finally:
+            exec_id = str(self.api.exec_create(cid, argv, **options)["Id"])
+        except BaseException:
             if fd is not None:
                 os.close(fd)
+            raise
+        if fd is not None:
+            self._gating[exec_id] = fd
+        return exec_id
 
     def _exec_started(self, exec_id: str, wait: float = 5.0) -> None:
         """Return once the exec's process runs (or has ended): its ``runc init`` is done."""
@@ -968,13 +980,18 @@ class Sandbox:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    def _exec_start(self, cid: str, exec_id: str, **options: Any) -> Any:
-        """``exec_start`` behind the freeze gate, held until the process runs."""
-        with self._exec_gate(cid):
+    def _exec_start(self, exec_id: str, **options: Any) -> Any:
+        """``exec_start``; the freeze gate taken by ``_exec_create`` is let go once the process runs."""
+        try:
             out = self.api.exec_start(exec_id, **options)
-            if options.get("stream") or options.get("socket") or options.get("detach"):
+            if exec_id in self._gating and (options.get("stream") or options.get("socket")
+                                            or options.get("detach")):
                 self._exec_started(exec_id)
             return out
+        finally:
+            fd = self._gating.pop(exec_id, None)
+            if fd is not None:
+                os.close(fd)
 
     def pause(self, cid: str) -> None:
         """Freeze every process of a container (the cgroup freezer), once no exec is being started.
@@ -1153,9 +1170,9 @@ class Sandbox:
     def _oom_kills_inside(self, cid: str) -> int | None:
         """The OOM kill counter read from inside the container (when the host cannot read it)."""
         try:
-            exec_id = self.api.exec_create(cid, ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.oom_control "
-                                                 "/sys/fs/cgroup/memory.events 2>/dev/null"])["Id"]
-            text = self._exec_start(cid, exec_id).decode(errors="replace")
+            exec_id = self._exec_create(cid, ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.oom_control "
+                                                 "/sys/fs/cgroup/memory.events 2>/dev/null"])
+            text = self._exec_start(exec_id).decode(errors="replace")
         except DOCKER_ERRORS:
             return None
         for line in text.splitlines():
@@ -1310,8 +1327,8 @@ class Sandbox:
         """Run the wrapped command with ``docker exec``; its output goes to ``consume``."""
         uid, gid = sandbox_owner()
         try:
-            exec_id = self.api.exec_create(cid, wrapped, workdir=workdir, user=f"{uid}:{gid}",
-                                           environment=env)["Id"]
+            exec_id = self._exec_create(cid, wrapped, workdir=workdir, user=f"{uid}:{gid}",
+                                           environment=env)
         except DockerNotFound as exc:
             raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`",
                                container_down="gone") from exc
@@ -1323,7 +1340,7 @@ class Sandbox:
         except DOCKER_ERRORS as exc:
             raise docker_engine.translate(exc, f"exec failed in {cid[:12]}") from exc
         try:
-            stream = self._exec_start(cid, exec_id, stream=True, demux=True)
+            stream = self._exec_start(exec_id, stream=True, demux=True)
             if control is not None:
                 control.attach(lambda: self.kill_marked(cid, mark))
             for chunk_out, chunk_err in stream:
@@ -1348,9 +1365,9 @@ class Sandbox:
         if mark:
             environment[KILL_MARK] = mark
         try:
-            exec_id = self.api.exec_create(cid, argv, workdir=workdir, user=f"{uid}:{gid}", environment=environment,
-                                           tty=True, stdin=True)["Id"]
-            sock = self._exec_start(cid, exec_id, tty=True, socket=True)
+            exec_id = self._exec_create(cid, argv, workdir=workdir, user=f"{uid}:{gid}", environment=environment,
+                                           tty=True, stdin=True)
+            sock = self._exec_start(exec_id, tty=True, socket=True)
         except DockerNotFound as exc:
             raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
         except DOCKER_ERRORS as exc:
@@ -1511,11 +1528,11 @@ class Sandbox:
         watchdog = threading.Timer(secs + 10, deadline)
         watchdog.daemon = True
         try:
-            exec_id = self.api.exec_create(cid, ["timeout", "-k", "2", str(secs), *argv],
+            exec_id = self._exec_create(cid, ["timeout", "-k", "2", str(secs), *argv],
                                            workdir=CONTAINER_WORKSPACE, user=f"{uid}:{gid}",
-                                           environment={"LC_ALL": "C", **(env or {}), KILL_MARK: mark})["Id"]
+                                           environment={"LC_ALL": "C", **(env or {}), KILL_MARK: mark})
             watchdog.start()
-            for chunk_out, chunk_err in self._exec_start(cid, exec_id, stream=True, demux=True):
+            for chunk_out, chunk_err in self._exec_start(exec_id, stream=True, demux=True):
                 if chunk_out:
                     room = limit - written
                     part = chunk_out[:max(room, 0)]
@@ -1602,8 +1619,8 @@ class Sandbox:
                   f'| grep -qx "{KILL_MARK}={mark}" && kill -9 "${{p#/proc/}}" 2>/dev/null; done; true')
         uid, gid = sandbox_owner()
         try:
-            exec_id = self.api.exec_create(cid, ["sh", "-c", script], user=f"{uid}:{gid}")["Id"]
-            self._exec_start(cid, exec_id)
+            exec_id = self._exec_create(cid, ["sh", "-c", script], user=f"{uid}:{gid}")
+            self._exec_start(exec_id)
         except DOCKER_ERRORS:
             pass  # the container may be gone; nothing left to kill then
         return 0
@@ -1678,10 +1695,10 @@ class Sandbox:
                    f'mv "$d/exit.tmp" "$d/exit"')
         uid, gid = sandbox_owner()
         try:
-            exec_id = self.api.exec_create(cid, ["sh", "-c", wrapper, "taskbox-job", job_id, command],
+            exec_id = self._exec_create(cid, ["sh", "-c", wrapper, "taskbox-job", job_id, command],
                                            workdir=workdir, user=f"{uid}:{gid}",
-                                           environment={**(env or {}), KILL_MARK: JOB_MARK + job_id})["Id"]
-            self._exec_start(cid, exec_id, detach=True)
+                                           environment={**(env or {}), KILL_MARK: JOB_MARK + job_id})
+            self._exec_start(exec_id, detach=True)
         except DockerNotFound as exc:
             raise SandboxError(f"container {cid[:12]} is gone; run `taskbox doctor --fix`") from exc
         except DOCKER_ERRORS as exc:
