@@ -87,6 +87,9 @@ def svc(home: Path, docker_engine) -> Iterator[TaskService]:
     yield service
     for c in docker_engine.api.containers(all=True, filters={"label": f"{LABEL_HOME}={service.home_label}"}):
         docker_engine.api.remove_container(c["Id"], force=True)
+    # a task's egress network too: the engine has room for about 30 networks in all
+    for n in docker_engine.api.networks(filters={"label": f"{LABEL_HOME}={service.home_label}"}):
+        docker_engine.api.remove_network(n["Id"])
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
