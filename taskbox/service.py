@@ -577,15 +577,21 @@ class TaskService:
                                                         "allow_domains": list(allow_domains)}}
         if task_id is not None and not _TASK_ID.match(task_id):
             raise InvalidInput(f"task id {task_id!r} must be lowercase letters, digits and dashes (max 63)")
-        base_commit = workspace.head_commit(repo_path)
+        wanted = branch or self.hook.branch_name(agent=agent, model=model, description=description)
+        # One git process answers the start commit, the base ref and whether the wanted branch is taken.
+        names = ["HEAD^{commit}", f"refs/heads/{wanted}", *([f"{base_ref}^{{commit}}"] if base_ref else [])]
+        if "\n" in wanted:
+            raise InvalidInput(f"cannot make a valid branch name from {wanted!r}")
+        if base_ref and "\n" in base_ref:
+            raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
+        head, wanted_tip, *based = workspace.lookup(repo_path, names)
+        base_commit = head or None
         if base_ref and base_commit is None:
             raise InvalidInput(f"{repo_path} has no commits, so base ref {base_ref!r} does not exist")
         if base_ref:
-            proc = git.run(["rev-parse", "--verify", "--quiet", f"{base_ref}^{{commit}}"], cwd=repo_path,
-                           check=False)
-            if proc.returncode != 0:
+            if not based[0]:
                 raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
-            base_commit = proc.stdout.strip()
+            base_commit = based[0]
         image_name = image or setup.image or (
             self.project_image(repo_path, setup, build=not lazy, progress=say) if setup.dockerfile
             else self.settings.image)
@@ -595,12 +601,11 @@ class TaskService:
             if net == "allowlist":
                 self.sandbox.ensure_image(self.settings.proxy_image, "taskbox image build --proxy")
 
-        wanted = branch or self.hook.branch_name(agent=agent, model=model, description=description)
         now = time.time()
         task: Task | None = None
         for attempt in range(8):
             tid = task_id or self._new_task_id(description, attempt)
-            branch = self._unique_branch(repo_path, wanted, attempt)
+            branch = self._unique_branch(repo_path, wanted, attempt, taken=bool(wanted_tip))
             candidate = Task(
                 id=tid,
                 title=title,
@@ -823,13 +828,15 @@ class TaskService:
             return base
         return f"{base[:35]}-{secrets.token_hex(2)}"
 
-    def _unique_branch(self, repo: Path, wanted: str, attempt: int) -> str:
-        taken = self.registry.branches_in_use(str(repo))
+    def _unique_branch(self, repo: Path, wanted: str, attempt: int, *, taken: bool | None = None) -> str:
+        """``wanted``, or it with a random suffix when taken; ``taken``: whether ``repo`` has it, if known."""
+        in_use = self.registry.branches_in_use(str(repo))
         name = wanted
-        if attempt > 0 or name in taken or git.ref_exists(repo, f"refs/heads/{name}"):
+        if (attempt > 0 or name in in_use
+                or (git.ref_exists(repo, f"refs/heads/{name}") if taken is None else taken)):
             for _ in range(20):
                 name = f"{wanted}-{secrets.token_hex(3)}"
-                if name not in taken and not git.ref_exists(repo, f"refs/heads/{name}"):
+                if name not in in_use and not git.ref_exists(repo, f"refs/heads/{name}"):
                     break
         if not git.check_ref_format(name):
             raise InvalidInput(f"cannot make a valid branch name from {wanted!r}")
