@@ -27,7 +27,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -124,18 +124,22 @@ def _paths(clean: bool, base: str | None, tracked_in_base: Callable[[str], bool]
     return keep, [p for p in MEMORY_PATHS if not (base and tracked_in_base(p))]
 
 
-def commit_fresh(ws: Path, message: str, *, clean: bool = True, branch: str | None = None) -> bool:
+def commit_fresh(ws: Path, message: str, *, clean: bool = True, branch: str | None = None,
+                 tracked: Sequence[bool] | None = None) -> bool:
     """The first commit of a new workspace, before any agent has written it (host-side git).
 
     ``clean``: memory and Plan.md go to the companion ref of ``branch`` instead of the branch.
-    True if a commit was made (False: nothing to commit). Four git processes in the usual
-    case (one question for the start commit and its taskbox paths, the add, the commit, and
-    one ``fast-import`` for the companion ref), as few as the commit allows: every process is
-    a few milliseconds of a warm create (docs/speed.md).
+    ``tracked``: whether the start commit tracks each of :data:`MEMORY_PATHS`, when the caller
+    already asked (else one git process asks). True if a commit was made (False: nothing to
+    commit). Three git processes in the usual case (the add, the commit, and one
+    ``fast-import`` for the companion ref): every process is a few milliseconds of a warm
+    create (docs/speed.md).
     """
     try:
-        base, *tracked = lookup(ws, ["HEAD^{commit}", *(f"HEAD:{p}" for p in MEMORY_PATHS)])
-        keep, _untrack = _paths(clean, base or None, lambda p: bool(tracked[MEMORY_PATHS.index(p)]))
+        if tracked is None:
+            tracked = [bool(sha) for sha in lookup(ws, [f"HEAD:{p}" for p in MEMORY_PATHS])]
+        known = dict(zip(MEMORY_PATHS, tracked, strict=True))
+        keep, _untrack = _paths(clean, "HEAD", lambda p: known[p])
         if clean and any(tracked):  # a taskbox path the start commit tracks: take everything, then put it back
             git.run(["add", "--all"], cwd=ws)
             git.run(["reset", "--quiet", "--", *keep], cwd=ws)
