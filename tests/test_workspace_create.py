@@ -1,0 +1,126 @@
+"""A new workspace's checkout and first commits, made with as few git processes as they allow.
+
+Real git throughout: the shortcuts (one ``fast-import`` for the companion memory ref, one
+``git add`` with exclude pathspecs, plain branch names checked without git) must give exactly
+what the longer ways give.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from taskbox import git as taskgit
+from taskbox import workspace
+from taskbox.workspace import memory_ref
+
+from .conftest import git as git_in
+
+
+def git(repo: Path, *args: str) -> str:
+    """git as the test's user in a workspace handed over to the sandbox user."""
+    return git_in(repo, "-c", "safe.directory=*", *args)
+
+
+def tree(repo: Path, ref: str) -> list[str]:
+    """``mode type sha\tpath`` of every entry under ``ref``, recursively."""
+    return git(repo, "ls-tree", "-r", "--full-tree", ref).splitlines()
+
+
+def fresh(repo: Path, dest: Path, branch: str = "task/one", *, clean: bool = True) -> Path:
+    workspace.create(repo, dest, branch, git(repo, "rev-parse", "HEAD").strip(), clean=clean)
+    return dest
+
+
+def write_memory(ws: Path, odd: bool = False) -> None:
+    mem = ws / ".task-memory"
+    (mem / "notes" / "deep").mkdir(parents=True)
+    (mem / "state.json").write_text('{"status": "pending"}\n')
+    (mem / "conversations.jsonl").write_bytes(b"")
+    (mem / "notes" / "deep" / "a b.md").write_text("spaces in a name\n")
+    (mem / "run.sh").write_text("#!/bin/sh\n")
+    (mem / "run.sh").chmod(0o755)
+    os.symlink("state.json", mem / "link")
+    (ws / "Plan.md").write_text("# Plan\n")
+    if odd:  # names a fast-import stream cannot carry unquoted
+        (mem / "line\nbreak").write_text("x\n")
+        (mem / '"quoted').write_text("y\n")
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_the_memory_ref_holds_what_git_add_would_commit(repo: Path, tmp_path: Path, odd: bool) -> None:
+    ws = fresh(repo, tmp_path / "ws")
+    write_memory(ws, odd)
+    twin = tmp_path / "twin"
+    shutil.copytree(ws, twin, symlinks=True)
+    workspace._save_memory_host(ws, memory_ref("task/one"))  # fast-import (or the index, for odd names)
+    workspace._save_memory_index(twin, memory_ref("task/one"))  # add --force, write-tree, commit-tree
+    ref = memory_ref("task/one")
+    assert tree(ws, ref) == tree(twin, ref)
+    assert any(line.startswith("100755 ") and line.endswith("run.sh") for line in tree(ws, ref))
+    assert any(line.startswith("120000 ") and line.endswith("link") for line in tree(ws, ref))
+    assert git(ws, "log", "-1", "--format=%an <%ae>|%cn <%ce>|%s|%P", ref) == \
+        "taskbox <taskbox@localhost>|taskbox <taskbox@localhost>|taskbox: task memory|\n"
+    assert git(ws, "show", f"{ref}:Plan.md") == "# Plan\n"
+    if not odd:  # kept as one pack: no `unpack-objects` process into loose objects
+        sha = git(ws, "rev-parse", ref).strip()
+        assert not (ws / ".git" / "objects" / sha[:2] / sha[2:]).exists()
+
+
+def test_the_first_commit_takes_new_work_and_leaves_memory_and_bytecode_out(repo: Path, tmp_path: Path) -> None:
+    ws = fresh(repo, tmp_path / "ws")
+    write_memory(ws)
+    (ws / "new.txt").write_text("from a task_start hook\n")
+    (ws / "README.md").write_text("# changed\n")
+    (ws / "pkg" / "__pycache__").mkdir(parents=True)
+    (ws / "pkg" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\0")
+    (ws / "x.pyc").write_bytes(b"\0")
+    assert workspace.commit_fresh(ws, "taskbox: start", clean=True, branch="task/one")
+    on_branch = git(ws, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert sorted(on_branch) == ["README.md", "app.py", "new.txt"]
+    assert "Plan.md" in git(ws, "ls-tree", "-r", "--name-only", memory_ref("task/one")).split()
+    # nothing new: no commit, and the branch stays at the start commit
+    ws2 = fresh(repo, tmp_path / "ws2", "task/two")
+    write_memory(ws2)
+    assert not workspace.commit_fresh(ws2, "taskbox: start", clean=True, branch="task/two",
+                                      tracked=[False, False])
+    assert git(ws2, "rev-parse", "HEAD") == git(repo, "rev-parse", "HEAD")
+
+
+def test_a_tracked_plan_stays_at_its_start_commit(repo: Path, tmp_path: Path) -> None:
+    (repo / "Plan.md").write_text("# the project's plan\n")
+    git(repo, "add", "Plan.md")
+    git(repo, "commit", "-qm", "plan")
+    ws = fresh(repo, tmp_path / "ws")
+    write_memory(ws)  # overwrites Plan.md with taskbox's notes
+    (ws / "new.txt").write_text("work\n")
+    assert workspace.commit_fresh(ws, "taskbox: start", clean=True, branch="task/one")
+    assert git(ws, "show", "HEAD:Plan.md") == "# the project's plan\n"
+    assert "new.txt" in git(ws, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert ".task-memory/state.json" not in git(ws, "ls-tree", "-r", "--name-only", "HEAD").split()
+
+
+def test_memory_on_the_branch_is_committed_there(repo: Path, tmp_path: Path) -> None:
+    ws = fresh(repo, tmp_path / "ws", clean=False)
+    write_memory(ws)
+    (ws / "x.pyc").write_bytes(b"\0")
+    assert workspace.commit_fresh(ws, "taskbox: start", clean=False, branch="task/one")
+    on_branch = git(ws, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert "Plan.md" in on_branch and ".task-memory/state.json" in on_branch and "x.pyc" not in on_branch
+    assert subprocess.run(["git", "-c", "safe.directory=*", "rev-parse", "--verify", "--quiet", memory_ref("task/one")], cwd=ws,
+                          capture_output=True).returncode != 0
+
+
+NAMES = ["main", "agent/claude-fix-login", "a.b/c_d-e", "x.lockx", "a..b", "a/.b", ".a", "a.lock", "a/b.lock/c",
+         "a.", "a/", "a//b", "-a", "HEAD", "a@{b", "@", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[", "a\\b",
+         "a/-b", "Ünï", "a\tb", "/a", "a/b/"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_branch_names_checked_without_git_agree_with_git(name: str) -> None:
+    by_git = subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True).returncode == 0
+    assert taskgit.check_ref_format(name) == by_git
