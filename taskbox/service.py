@@ -654,13 +654,16 @@ class TaskService:
                 say(f"making the workspace volume ({quota.human(vol['disk'])}, {vol['inodes'] or 'default'} inodes)")
                 quota.create_volume(self.paths.volume(task.id), ws, vol["disk"], vol["inodes"], sandbox_owner())
             say(f"checking out {repo_path} on branch {task.branch}")
-            workspace.create(repo_path, ws, task.branch, base_commit, clean=self._clean_branch(task))
-            self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
-            self.hook.task_start(service=self, task=task)
-            workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}",
-                                   clean=self._clean_branch(task), branch=task.branch, tracked=tracked)
-            for rel, data, fmode in copies:  # after the first commit: ignored or not, they are the user's local files
-                files.atomic_write(ws, rel, data, fmode | 0o600)
+            # One flush at the end instead of an fsync per file: until the create is recorded
+            # below, a crash leaves it pending, and `doctor` undoes it.
+            with files.deferred_sync(ws):
+                workspace.create(repo_path, ws, task.branch, base_commit, clean=self._clean_branch(task))
+                self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
+                self.hook.task_start(service=self, task=task)
+                workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}",
+                                       clean=self._clean_branch(task), branch=task.branch, tracked=tracked)
+                for rel, data, fmode in copies:  # after the first commit: ignored or not, the user's local files
+                    files.atomic_write(ws, rel, data, fmode | 0o600)
             faults.point("create.workspace")
             changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
             if not lazy:
