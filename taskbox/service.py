@@ -652,7 +652,8 @@ class TaskService:
                 self._remove_workspace(task)  # leftover of an earlier crashed create with this id
             if vol := task.metadata.get("quota"):
                 say(f"making the workspace volume ({quota.human(vol['disk'])}, {vol['inodes'] or 'default'} inodes)")
-                quota.create_volume(self.paths.volume(task.id), ws, vol["disk"], vol["inodes"], sandbox_owner())
+                quota.create_volume(self.paths.volume(task.id), ws, vol["disk"], vol["inodes"], sandbox_owner(),
+                                    spares=self.paths.volumes)
             say(f"checking out {repo_path} on branch {task.branch}")
             # One flush at the end instead of an fsync per file: until the create is recorded
             # below, a crash leaves it pending, and `doctor` undoes it.
@@ -2680,7 +2681,11 @@ class TaskService:
         if out["made"] or out["removed"]:
             self.registry.add_event("pool.filled", None, {"profile": out["profile"], "made": len(out["made"]),
                                                           "removed": len(out["removed"])})
-        return {**out, **self.pool_status()}
+        # Workspace volumes of the settings' quota made ahead too: a create then mounts one
+        # instead of running mkfs (taskbox.quota.make_spares).
+        size, inodes = self._workspace_quota(policy.Policy(), None, None)
+        spares = quota.make_spares(self.paths.volumes, size, inodes, sandbox_owner(), count) if size else None
+        return {**out, **self.pool_status(), "spare_volumes": spares}
 
     def _finish_claim(self, task_id: str, sid: str) -> None:
         task, slot = self.get(task_id), self.pool.slot(sid)
@@ -2691,6 +2696,7 @@ class TaskService:
     def pool_drain(self) -> dict[str, Any]:
         """Remove every free slot of the warm pool (claimed ones belong to their tasks)."""
         removed = pools.drain(self.pool, self.sandbox) if self.paths.pool.is_dir() else []
+        quota.drain_spares(self.paths.volumes)
         if removed:
             self.registry.add_event("pool.drained", None, {"removed": len(removed)})
         return {"removed": removed, **self.pool_status()}

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from taskbox import git as taskgit
-from taskbox import workspace
+from taskbox import quota, workspace
+from taskbox.confine import sandbox_owner
 from taskbox.workspace import memory_ref
 
 from .conftest import git as git_in
@@ -124,3 +125,52 @@ NAMES = ["main", "agent/claude-fix-login", "a.b/c_d-e", "x.lockx", "a..b", "a/.b
 def test_branch_names_checked_without_git_agree_with_git(name: str) -> None:
     by_git = subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True).returncode == 0
     assert taskgit.check_ref_format(name) == by_git
+
+
+# --- spare workspace volumes (made ahead by the pool's filler) --------------------------------
+
+MIB = 1 << 20
+
+
+def spares_of(volumes: Path) -> list[Path]:
+    return sorted((volumes / quota.SPARES).glob("*/*.img"))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_create_takes_a_spare_volume_and_the_filler_tops_up_and_tidies(tmp_path: Path) -> None:
+    volumes, workspaces = tmp_path / "volumes", tmp_path / "workspaces"
+    owner = sandbox_owner()
+    try:
+        assert quota.make_spares(volumes, 64 * MIB, 2000, owner, 2) == {"made": 2, "removed": 0}
+        inodes = {p.stat().st_ino for p in spares_of(volumes)}
+        image, ws = volumes / "t1.img", workspaces / "t1"
+        quota.create_volume(image, ws, 64 * MIB, 2000, owner, spares=volumes)
+        assert image.stat().st_ino in inodes and len(spares_of(volumes)) == 1  # renamed, not made
+        assert quota.is_mounted(image, ws) and os.listdir(ws) == []  # empty: no lost+found
+        assert (ws.stat().st_uid, ws.stat().st_gid) == owner
+        (ws / "work.txt").write_text("mine\n")
+        # another profile has no spare: made with mkfs as before
+        quota.create_volume(volumes / "t2.img", workspaces / "t2", 128 * MIB, 2000, owner, spares=volumes)
+        assert len(spares_of(volumes)) == 1
+        # leftovers of a filler and a taker that died, and a spare of a profile no longer wanted
+        folder = spares_of(volumes)[0].parent
+        pid = dead_pid()
+        for name in (f".fill.{pid}.ab.tmp", f".claim.{pid}.cd"):
+            (folder / name).write_bytes(b"")
+        (folder / f".fill.{os.getpid()}.live.tmp").write_bytes(b"")  # a live filler's: kept
+        other = volumes / quota.SPARES / "1-2-3-4"
+        other.mkdir()
+        (other / "x.img").write_bytes(b"")
+        assert quota.make_spares(volumes, 64 * MIB, 2000, owner, 2) == {"made": 1, "removed": 3}
+        assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".img")) == \
+            [f".fill.{os.getpid()}.live.tmp"]
+        assert not other.exists() and len(spares_of(volumes)) == 2
+        assert (ws / "work.txt").read_text() == "mine\n"  # the task's volume is nobody's spare
+        assert quota.drain_spares(volumes) == 2 and spares_of(volumes) == []
+    finally:
+        quota.release_all(volumes, workspaces)
