@@ -319,21 +319,9 @@ def make_spares(volumes: Path, size: int, inodes: int, owner: tuple[int, int], c
     one); first remove what fillers and takers that died left behind, and the spares of other
     profiles (the settings changed). Returns ``{"made": n, "removed": n}``."""
     check_supported()
-    root = volumes / SPARES
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     mine = _spare_dir(volumes, size, inodes, owner)
-    removed = 0
-    for folder in root.iterdir():
-        for entry in list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else [folder]:
-            parts = entry.name.split(".")
-            dead = (entry.name.startswith((".fill.", ".claim.")) and len(parts) > 2 and parts[2].isdigit()
-                    and not _alive(int(parts[2])))
-            if dead or (folder != mine and entry.name.endswith(".img")):
-                entry.unlink(missing_ok=True)
-                removed += 1
-        if folder != mine and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    mine.mkdir(mode=0o700, exist_ok=True)
+    removed = _tidy_spares(volumes, mine)
+    mine.mkdir(mode=0o700, parents=True, exist_ok=True)
     made = 0
     while len([n for n in os.listdir(mine) if n.endswith(".img")]) < count:
         check_room(mine, size)
@@ -353,19 +341,30 @@ def make_spares(volumes: Path, size: int, inodes: int, owner: tuple[int, int], c
     return {"made": made, "removed": removed}
 
 
-def drain_spares(volumes: Path) -> int:
-    """Delete every spare image (a taker holding one has already renamed it away)."""
+def _tidy_spares(volumes: Path, keep: Path | None) -> int:
+    """Delete what dead fillers and takers left, and every spare not in ``keep`` (a profile's
+    directory, or None: all of them); a taker holding one has renamed it away already.
+    Returns how many files went."""
     root = volumes / SPARES
     if not root.is_dir():
         return 0
-    n = 0
+    removed = 0
     for folder in list(root.iterdir()):
-        if folder.is_dir() and not folder.is_symlink():
-            for entry in list(folder.iterdir()):
-                if entry.name.endswith(".img"):
-                    entry.unlink(missing_ok=True)
-                    n += 1
-    return n
+        for entry in list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else [folder]:
+            parts = entry.name.split(".")
+            dead = (entry.name.startswith((".fill.", ".claim.")) and len(parts) > 2 and parts[2].isdigit()
+                    and not _alive(int(parts[2])))
+            if dead or (folder != keep and entry.name.endswith(".img")):
+                entry.unlink(missing_ok=True)
+                removed += 1
+        if folder != keep and folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
+def drain_spares(volumes: Path) -> int:
+    """Delete every spare image, and what dead fillers and takers left; how many files went."""
+    return _tidy_spares(volumes, None)
 
 
 def ensure_mounted(image: Path, mountpoint: Path) -> bool:
