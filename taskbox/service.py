@@ -2683,8 +2683,13 @@ class TaskService:
                                                           "removed": len(out["removed"])})
         # Workspace volumes of the settings' quota made ahead too: a create then mounts one
         # instead of running mkfs (taskbox.quota.make_spares).
-        size, inodes = self._workspace_quota(policy.Policy(), None, None)
-        spares = quota.make_spares(self.paths.volumes, size, inodes, sandbox_owner(), count) if size else None
+        spares: dict[str, Any] | None = None
+        try:  # an optional saving: a create without a spare makes its volume itself
+            size, inodes = self._workspace_quota(policy.Policy(), None, None)
+            if size:
+                spares = {**quota.make_spares(self.paths.volumes, size, inodes, sandbox_owner(), count)}
+        except TaskboxError as exc:
+            spares = {"error": exc.message[:300]}
         return {**out, **self.pool_status(), "spare_volumes": spares}
 
     def _finish_claim(self, task_id: str, sid: str) -> None:

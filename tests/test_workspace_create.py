@@ -11,12 +11,15 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from taskbox import TaskService, quota, workspace
 from taskbox import git as taskgit
-from taskbox import quota, workspace
 from taskbox.confine import sandbox_owner
+from taskbox.pool import Pool
+from taskbox.sandbox import LABEL_HOME
 from taskbox.workspace import memory_ref
 
 from .conftest import git as git_in
@@ -174,3 +177,32 @@ def test_a_create_takes_a_spare_volume_and_the_filler_tops_up_and_tidies(tmp_pat
         assert quota.drain_spares(volumes) == 2 and spares_of(volumes) == []
     finally:
         quota.release_all(volumes, workspaces)
+
+
+def test_the_pool_keeps_spare_volumes_and_a_create_mounts_one(home: Path, repo: Path, docker_engine: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKBOX_POOL_SIZE", "1")
+    monkeypatch.setenv("TASKBOX_MEMORY", "256m")
+    monkeypatch.setenv("TASKBOX_WORKSPACE_QUOTA", "64m")
+    service = TaskService(home)
+    try:
+        out = service.pool_fill()
+        assert out["spare_volumes"] == {"made": 1, "removed": 0}
+        spare = spares_of(service.paths.volumes)[0].stat().st_ino
+        task = service.create_task(repo, "from a spare", lazy=True)
+        image = service.paths.volume(task.id)
+        assert image.stat().st_ino == spare and spares_of(service.paths.volumes) == []
+        assert quota.is_mounted(image, Path(task.workspace_path))
+        assert (Path(task.workspace_path) / "README.md").read_text() == "# demo\n"
+        second = service.create_task(repo, "no spare left", lazy=True)  # made with mkfs, as before
+        assert quota.is_mounted(service.paths.volume(second.id), Path(second.workspace_path))
+        assert service.pool_fill()["spare_volumes"] == {"made": 1, "removed": 0}
+        service.pool_drain()
+        assert spares_of(service.paths.volumes) == []
+    finally:
+        for c in docker_engine.api.containers(all=True, filters={"label": f"{LABEL_HOME}={service.home_label}"}):
+            service.sandbox.remove(c["Id"])
+        pool = Pool(service.paths.pool)
+        for s in pool.slots():
+            pool.release(s.id)
+        pool.close()
