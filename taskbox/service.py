@@ -580,14 +580,15 @@ class TaskService:
         wanted = branch or self.hook.branch_name(agent=agent, model=model, description=description)
         # One git process answers the start commit, the base ref and whether the wanted branch is taken.
         start = f"{base_ref}^{{commit}}" if base_ref else "HEAD^{commit}"
-        names = ["HEAD^{commit}", f"refs/heads/{wanted}", *([start] if base_ref else []),
+        names = ["HEAD^{commit}", f"refs/heads/{wanted}", *([start] if base_ref else []), f"{start}^{{tree}}",
                  *(f"{start}:{p}" for p in workspace.MEMORY_PATHS)]  # taskbox paths the start commit tracks
         if "\n" in wanted:
             raise InvalidInput(f"cannot make a valid branch name from {wanted!r}")
         if base_ref and "\n" in base_ref:
             raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
         head, wanted_tip, *based = workspace.lookup(repo_path, names)
-        tracked = [bool(sha) for sha in based[-len(workspace.MEMORY_PATHS):]]
+        start_tree, *found = based[-1 - len(workspace.MEMORY_PATHS):]
+        tracked = [bool(sha) for sha in found]
         base_commit = head or None
         if base_ref and base_commit is None:
             raise InvalidInput(f"{repo_path} has no commits, so base ref {base_ref!r} does not exist")
@@ -662,7 +663,8 @@ class TaskService:
                 self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
                 self.hook.task_start(service=self, task=task)
                 workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}",
-                                       clean=self._clean_branch(task), branch=task.branch, tracked=tracked)
+                                       clean=self._clean_branch(task), branch=task.branch, tracked=tracked,
+                                       tree=start_tree)
                 for rel, data, fmode in copies:  # after the first commit: ignored or not, the user's local files
                     files.atomic_write(ws, rel, data, fmode | 0o600)
             faults.point("create.workspace")

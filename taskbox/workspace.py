@@ -125,19 +125,21 @@ def _paths(clean: bool, base: str | None, tracked_in_base: Callable[[str], bool]
 
 
 def commit_fresh(ws: Path, message: str, *, clean: bool = True, branch: str | None = None,
-                 tracked: Sequence[bool] | None = None) -> bool:
+                 tracked: Sequence[bool] | None = None, tree: str | None = None) -> bool:
     """The first commit of a new workspace, before any agent has written it (host-side git).
 
     ``clean``: memory and Plan.md go to the companion ref of ``branch`` instead of the branch.
-    ``tracked``: whether the start commit tracks each of :data:`MEMORY_PATHS`, when the caller
-    already asked (else one git process asks). True if a commit was made (False: nothing to
-    commit). Three git processes in the usual case (the add, the commit, and one
+    ``tracked`` (whether the start commit tracks each of :data:`MEMORY_PATHS`) and ``tree``
+    (the start commit's tree, ``""`` for none), when the caller already asked; else one git
+    process asks. True if a commit was made (False: nothing to commit). Three git processes
+    in the usual case (the add, a ``write-tree`` that finds the tree unchanged, and one
     ``fast-import`` for the companion ref): every process is a few milliseconds of a warm
     create (docs/speed.md).
     """
     try:
-        if tracked is None:
-            tracked = [bool(sha) for sha in lookup(ws, [f"HEAD:{p}" for p in MEMORY_PATHS])]
+        if tracked is None or tree is None:
+            tree, *found = lookup(ws, ["HEAD^{tree}", *(f"HEAD:{p}" for p in MEMORY_PATHS)])
+            tracked = [bool(sha) for sha in found]
         known = dict(zip(MEMORY_PATHS, tracked, strict=True))
         keep, _untrack = _paths(clean, "HEAD", lambda p: known[p])
         if clean and any(tracked):  # a taskbox path the start commit tracks: take everything, then put it back
@@ -151,6 +153,11 @@ def commit_fresh(ws: Path, message: str, *, clean: bool = True, branch: str | No
             git.run(["add", "--all", "--", ".", *(p.replace(":(glob)", ":(exclude,glob)", 1) for p in _BYTECODE)], cwd=ws)
         if clean and branch:
             _save_memory_host(ws, memory_ref(branch))
+        # Usually nothing new is staged: `git commit` would say so after refreshing the whole
+        # index again (every file of a fresh checkout is "racily clean" and hashed anew);
+        # `write-tree` only writes the index's tree, and the same tree means nothing to commit.
+        if tree and git.run(["write-tree"], cwd=ws).stdout.strip() == tree:
+            return False
         proc = git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, check=False)
         if proc.returncode != 0:
             out = proc.stdout + proc.stderr

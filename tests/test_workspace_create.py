@@ -83,15 +83,18 @@ def test_the_first_commit_takes_new_work_and_leaves_memory_and_bytecode_out(repo
     (ws / "pkg" / "__pycache__").mkdir(parents=True)
     (ws / "pkg" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\0")
     (ws / "x.pyc").write_bytes(b"\0")
-    assert workspace.commit_fresh(ws, "taskbox: start", clean=True, branch="task/one")
+    start_tree = git(repo, "rev-parse", "HEAD^{tree}").strip()
+    assert workspace.commit_fresh(ws, "taskbox: start", clean=True, branch="task/one", tracked=[False, False],
+                                  tree=start_tree)
     on_branch = git(ws, "ls-tree", "-r", "--name-only", "HEAD").split()
     assert sorted(on_branch) == ["README.md", "app.py", "new.txt"]
+    assert git(ws, "log", "-1", "--format=%s", "HEAD") == "taskbox: start\n"
     assert "Plan.md" in git(ws, "ls-tree", "-r", "--name-only", memory_ref("task/one")).split()
     # nothing new: no commit, and the branch stays at the start commit
     ws2 = fresh(repo, tmp_path / "ws2", "task/two")
     write_memory(ws2)
     assert not workspace.commit_fresh(ws2, "taskbox: start", clean=True, branch="task/two",
-                                      tracked=[False, False])
+                                      tracked=[False, False], tree=start_tree)
     assert git(ws2, "rev-parse", "HEAD") == git(repo, "rev-parse", "HEAD")
 
 
