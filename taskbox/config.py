@@ -100,7 +100,9 @@ class Settings:
     pool_size: int = _setting(
         0, "Warm pool: pre-started, unassigned sandboxes of the default profile (image, limits, network "
         "`none`/`open`) the housekeeping loop keeps ready, so a create with that profile claims one "
-        "instead of starting a container (docs/speed.md; about 7 MiB of memory per slot). `0`: off. Needs root."
+        "instead of starting a container (docs/speed.md; about 7 MiB of memory per slot). With workspace quotas on, "
+        "as many workspace volumes of the default quota are made ahead (no `mkfs` in a create; about 4 MiB of "
+        "disk each). `0`: off. Needs root."
     )
     exec_timeout: int = _setting(600, "Default timeout of a command run in a task, in seconds.")
     run_timeout: int = _setting(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +39,13 @@ _SAFE_CONFIG = {
     "protocol.ext.allow": "never",
     "safe.directory": "*",
 }
+IDENTITY_NAME = "taskbox"  # author and committer of taskbox's own commits
+IDENTITY_EMAIL = "taskbox@localhost"
 _IDENTITY = {
-    "GIT_AUTHOR_NAME": "taskbox",
-    "GIT_AUTHOR_EMAIL": "taskbox@localhost",
-    "GIT_COMMITTER_NAME": "taskbox",
-    "GIT_COMMITTER_EMAIL": "taskbox@localhost",
+    "GIT_AUTHOR_NAME": IDENTITY_NAME,
+    "GIT_AUTHOR_EMAIL": IDENTITY_EMAIL,
+    "GIT_COMMITTER_NAME": IDENTITY_NAME,
+    "GIT_COMMITTER_EMAIL": IDENTITY_EMAIL,
 }
 
 
@@ -160,7 +163,16 @@ def ref_exists(repo: Path, ref: str) -> bool:
     return proc.returncode == 0
 
 
+# Names that are valid branch names by every rule of git-check-ref-format(1): letters,
+# digits, "_", "-", "." and "/" in components that start with neither "." nor "-" (nor
+# end in ".lock" or "."), no "..", no "//". Only a name outside it costs a git process.
+_PLAIN_BRANCH = re.compile(r"^(?!.*\.\.)(?!.*\.lock(/|$))(?!.*\.(/|$))[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+
+
 def check_ref_format(branch: str) -> bool:
+    """Whether ``branch`` is a valid branch name (``git check-ref-format --branch``)."""
+    if _PLAIN_BRANCH.match(branch) and branch != "HEAD":
+        return True
     proc = subprocess.run(
         ["git", "check-ref-format", "--branch", branch], capture_output=True, text=True
     )

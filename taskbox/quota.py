@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import stat
 import struct
@@ -198,33 +199,47 @@ def check_room(directory: Path, size: int) -> None:
                            f"filesystem of {directory}; ask for less (--disk) or free some space")
 
 
-def create_volume(image: Path, mountpoint: Path, size: int, inodes: int, owner: tuple[int, int]) -> None:
-    """Make a ``size``-byte ext4 image with ``inodes`` inodes and mount it (empty) at ``mountpoint``.
-
-    The filesystem's root belongs to ``owner`` (uid, gid), the sandbox user. On any failure
-    nothing is left behind: no image, no mount, no loop device.
-    """
-    check_supported()
-    check_room(image.parent, size)
-    image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _new_image(image: Path) -> int:
     try:
-        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise VolumeError(f"a workspace volume {image} already exists; `taskbox doctor --fix` removes "
                           "leftovers") from None
     except OSError as exc:
         raise VolumeError(f"could not create the workspace volume {image}: {exc.strerror}") from exc
+
+
+def _mkfs(fd: int, image: Path, size: int, inodes: int, owner: tuple[int, int]) -> None:
+    """Give the new, open image file ``fd`` its size and an empty ext4 filesystem."""
     try:
-        try:
-            os.ftruncate(fd, size)  # sparse: the host pays only for what is written
-        finally:
-            os.close(fd)
-        uid, gid = owner
-        argv = ["mkfs.ext4", "-q", "-F", "-m", f"{100 * reserve(size) / size:.4f}", "-E",
-                f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1"]
-        if inodes:
-            argv += ["-N", str(inodes)]
-        _run([*argv, str(image)], f"could not make the filesystem of {image}")
+        os.ftruncate(fd, size)  # sparse: the host pays only for what is written
+    finally:
+        os.close(fd)
+    uid, gid = owner
+    argv = ["mkfs.ext4", "-q", "-F", "-m", f"{100 * reserve(size) / size:.4f}", "-E",
+            f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1"]
+    if inodes:
+        argv += ["-N", str(inodes)]
+    _run([*argv, str(image)], f"could not make the filesystem of {image}")
+
+
+def create_volume(image: Path, mountpoint: Path, size: int, inodes: int, owner: tuple[int, int], *,
+                  spares: Path | None = None) -> None:
+    """Make a ``size``-byte ext4 image with ``inodes`` inodes and mount it (empty) at ``mountpoint``.
+
+    The filesystem's root belongs to ``owner`` (uid, gid), the sandbox user. ``spares``: the
+    volumes directory whose spare images (:func:`make_spares`) of this profile may be taken
+    instead of making one (a rename, not a ``mkfs``). On any failure nothing is left behind:
+    no image, no mount, no loop device.
+    """
+    check_supported()
+    check_room(image.parent, size)
+    image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    spare = spares is not None and _take_spare(spares, size, inodes, owner, image)
+    fd = -1 if spare else _new_image(image)
+    try:
+        if not spare:
+            _mkfs(fd, image, size, inodes, owner)
         _prepare_mountpoint(mountpoint, must_be_empty=True)
         try:
             _mount(image, mountpoint)
@@ -240,6 +255,116 @@ def create_volume(image: Path, mountpoint: Path, size: int, inodes: int, owner: 
         except (VolumeError, OSError):
             pass
         raise
+
+
+# Spare volumes: images made (mkfs) ahead by the warm pool's filler, unmounted, one directory
+# per profile: volumes/spare/<size>-<inodes>-<uid>-<gid>/<name>.img. A create takes one with
+# two renames (to a claim name — of two takers exactly one succeeds — then to the task's
+# image). A filler's ``.fill.<pid>.*`` and a taker's ``.claim.<pid>.*`` left by a process
+# that died are removed by the next filler (:func:`make_spares`, run by the housekeeping
+# tick, so by `taskbox doctor` too). A spare holds an empty filesystem, nothing of any task.
+SPARES = "spare"
+
+
+def _spare_dir(volumes: Path, size: int, inodes: int, owner: tuple[int, int]) -> Path:
+    return volumes / SPARES / f"{size}-{inodes}-{owner[0]}-{owner[1]}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _take_spare(volumes: Path, size: int, inodes: int, owner: tuple[int, int], image: Path) -> bool:
+    """Move a spare image of this profile to ``image``; False when there is none."""
+    folder = _spare_dir(volumes, size, inodes, owner)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".img"))
+    except FileNotFoundError:
+        return False
+    if os.path.lexists(image):
+        raise VolumeError(f"a workspace volume {image} already exists; `taskbox doctor --fix` removes "
+                          "leftovers")
+    for name in names:
+        claim = folder / f".claim.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            os.rename(folder / name, claim)
+        except FileNotFoundError:
+            continue  # another create took it first
+        try:
+            os.rename(claim, image)
+            _fsync_dir(image.parent)  # the task's image is durable before its create is recorded
+        except OSError:
+            claim.unlink(missing_ok=True)
+            return False
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_spares(volumes: Path, size: int, inodes: int, owner: tuple[int, int], count: int) -> dict[str, int]:
+    """Keep ``count`` spare images of this profile (``mkfs`` done ahead, so a create only mounts
+    one); first remove what fillers and takers that died left behind, and the spares of other
+    profiles (the settings changed). Returns ``{"made": n, "removed": n}``."""
+    check_supported()
+    mine = _spare_dir(volumes, size, inodes, owner)
+    removed = _tidy_spares(volumes, mine)
+    mine.mkdir(mode=0o700, parents=True, exist_ok=True)
+    made = 0
+    while len([n for n in os.listdir(mine) if n.endswith(".img")]) < count:
+        check_room(mine, size)
+        token = secrets.token_hex(6)
+        tmp = mine / f".fill.{os.getpid()}.{token}.tmp"
+        fd = _new_image(tmp)
+        try:
+            _mkfs(fd, tmp, size, inodes, owner)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.rename(tmp, mine / f"{token}.img")
+            _fsync_dir(mine)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        made += 1
+    return {"made": made, "removed": removed}
+
+
+def _tidy_spares(volumes: Path, keep: Path | None) -> int:
+    """Delete what dead fillers and takers left, and every spare not in ``keep`` (a profile's
+    directory, or None: all of them); a taker holding one has renamed it away already.
+    Returns how many files went."""
+    root = volumes / SPARES
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for folder in list(root.iterdir()):
+        for entry in list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else [folder]:
+            parts = entry.name.split(".")
+            dead = (entry.name.startswith((".fill.", ".claim.")) and len(parts) > 2 and parts[2].isdigit()
+                    and not _alive(int(parts[2])))
+            if dead or (folder != keep and entry.name.endswith(".img")):
+                entry.unlink(missing_ok=True)
+                removed += 1
+        if folder != keep and folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
+def drain_spares(volumes: Path) -> int:
+    """Delete every spare image, and what dead fillers and takers left; how many files went."""
+    return _tidy_spares(volumes, None)
 
 
 def ensure_mounted(image: Path, mountpoint: Path) -> bool:

@@ -578,15 +578,25 @@ class TaskService:
                                                         "allow_domains": list(allow_domains)}}
         if task_id is not None and not _TASK_ID.match(task_id):
             raise InvalidInput(f"task id {task_id!r} must be lowercase letters, digits and dashes (max 63)")
-        base_commit = workspace.head_commit(repo_path)
+        wanted = branch or self.hook.branch_name(agent=agent, model=model, description=description)
+        # One git process answers the start commit, the base ref and whether the wanted branch is taken.
+        start = f"{base_ref}^{{commit}}" if base_ref else "HEAD^{commit}"
+        names = ["HEAD^{commit}", f"refs/heads/{wanted}", *([start] if base_ref else []), f"{start}^{{tree}}",
+                 *(f"{start}:{p}" for p in workspace.MEMORY_PATHS)]  # taskbox paths the start commit tracks
+        if "\n" in wanted:
+            raise InvalidInput(f"cannot make a valid branch name from {wanted!r}")
+        if base_ref and "\n" in base_ref:
+            raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
+        head, wanted_tip, *based = workspace.lookup(repo_path, names)
+        start_tree, *found = based[-1 - len(workspace.MEMORY_PATHS):]
+        tracked = [bool(sha) for sha in found]
+        base_commit = head or None
         if base_ref and base_commit is None:
             raise InvalidInput(f"{repo_path} has no commits, so base ref {base_ref!r} does not exist")
         if base_ref:
-            proc = git.run(["rev-parse", "--verify", "--quiet", f"{base_ref}^{{commit}}"], cwd=repo_path,
-                           check=False)
-            if proc.returncode != 0:
+            if not based[0]:
                 raise InvalidInput(f"base ref {base_ref!r} does not exist in {repo_path}")
-            base_commit = proc.stdout.strip()
+            base_commit = based[0]
         image_name = image or setup.image or (
             self.project_image(repo_path, setup, build=not lazy, progress=say) if setup.dockerfile
             else self.settings.image)
@@ -596,12 +606,11 @@ class TaskService:
             if net == "allowlist":
                 self.sandbox.ensure_image(self.settings.proxy_image, "taskbox image build --proxy")
 
-        wanted = branch or self.hook.branch_name(agent=agent, model=model, description=description)
         now = time.time()
         task: Task | None = None
         for attempt in range(8):
             tid = task_id or self._new_task_id(description, attempt)
-            branch = self._unique_branch(repo_path, wanted, attempt)
+            branch = self._unique_branch(repo_path, wanted, attempt, taken=bool(wanted_tip))
             candidate = Task(
                 id=tid,
                 title=title,
@@ -645,15 +654,20 @@ class TaskService:
                 self._remove_workspace(task)  # leftover of an earlier crashed create with this id
             if vol := task.metadata.get("quota"):
                 say(f"making the workspace volume ({quota.human(vol['disk'])}, {vol['inodes'] or 'default'} inodes)")
-                quota.create_volume(self.paths.volume(task.id), ws, vol["disk"], vol["inodes"], sandbox_owner())
+                quota.create_volume(self.paths.volume(task.id), ws, vol["disk"], vol["inodes"], sandbox_owner(),
+                                    spares=self.paths.volumes)
             say(f"checking out {repo_path} on branch {task.branch}")
-            workspace.create(repo_path, ws, task.branch, base_commit, clean=self._clean_branch(task))
-            self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
-            self.hook.task_start(service=self, task=task)
-            workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}",
-                                   clean=self._clean_branch(task), branch=task.branch)
-            for rel, data, fmode in copies:  # after the first commit: ignored or not, they are the user's local files
-                files.atomic_write(ws, rel, data, fmode | 0o600)
+            # One flush at the end instead of an fsync per file: until the create is recorded
+            # below, a crash leaves it pending, and `doctor` undoes it.
+            with files.deferred_sync(ws):
+                workspace.create(repo_path, ws, task.branch, base_commit, clean=self._clean_branch(task))
+                self.memory(task).init(task.id, str(Status.PENDING), task.branch, str(mode))
+                self.hook.task_start(service=self, task=task)
+                workspace.commit_fresh(ws, f"taskbox: start task {task.id}\n\n{description}",
+                                       clean=self._clean_branch(task), branch=task.branch, tracked=tracked,
+                                       tree=start_tree)
+                for rel, data, fmode in copies:  # after the first commit: ignored or not, the user's local files
+                    files.atomic_write(ws, rel, data, fmode | 0o600)
             faults.point("create.workspace")
             changes: dict[str, Any] = {"pending_op": None, "op_pid": None}
             if not lazy:
@@ -824,13 +838,15 @@ class TaskService:
             return base
         return f"{base[:35]}-{secrets.token_hex(2)}"
 
-    def _unique_branch(self, repo: Path, wanted: str, attempt: int) -> str:
-        taken = self.registry.branches_in_use(str(repo))
+    def _unique_branch(self, repo: Path, wanted: str, attempt: int, *, taken: bool | None = None) -> str:
+        """``wanted``, or it with a random suffix when taken; ``taken``: whether ``repo`` has it, if known."""
+        in_use = self.registry.branches_in_use(str(repo))
         name = wanted
-        if attempt > 0 or name in taken or git.ref_exists(repo, f"refs/heads/{name}"):
+        if (attempt > 0 or name in in_use
+                or (git.ref_exists(repo, f"refs/heads/{name}") if taken is None else taken)):
             for _ in range(20):
                 name = f"{wanted}-{secrets.token_hex(3)}"
-                if name not in taken and not git.ref_exists(repo, f"refs/heads/{name}"):
+                if name not in in_use and not git.ref_exists(repo, f"refs/heads/{name}"):
                     break
         if not git.check_ref_format(name):
             raise InvalidInput(f"cannot make a valid branch name from {wanted!r}")
@@ -2668,7 +2684,16 @@ class TaskService:
         if out["made"] or out["removed"]:
             self.registry.add_event("pool.filled", None, {"profile": out["profile"], "made": len(out["made"]),
                                                           "removed": len(out["removed"])})
-        return {**out, **self.pool_status()}
+        # Workspace volumes of the settings' quota made ahead too: a create then mounts one
+        # instead of running mkfs (taskbox.quota.make_spares).
+        spares: dict[str, Any] | None = None
+        try:  # an optional saving: a create without a spare makes its volume itself
+            size, inodes = self._workspace_quota(policy.Policy(), None, None)
+            if size:
+                spares = {**quota.make_spares(self.paths.volumes, size, inodes, sandbox_owner(), count)}
+        except TaskboxError as exc:
+            spares = {"error": exc.message[:300]}
+        return {**out, **self.pool_status(), "spare_volumes": spares}
 
     def _finish_claim(self, task_id: str, sid: str) -> None:
         task, slot = self.get(task_id), self.pool.slot(sid)
@@ -2679,6 +2704,7 @@ class TaskService:
     def pool_drain(self) -> dict[str, Any]:
         """Remove every free slot of the warm pool (claimed ones belong to their tasks)."""
         removed = pools.drain(self.pool, self.sandbox) if self.paths.pool.is_dir() else []
+        quota.drain_spares(self.paths.volumes)
         if removed:
             self.registry.add_event("pool.drained", None, {"removed": len(removed)})
         return {"removed": removed, **self.pool_status()}

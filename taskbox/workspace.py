@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -122,31 +124,109 @@ def _paths(clean: bool, base: str | None, tracked_in_base: Callable[[str], bool]
     return keep, [p for p in MEMORY_PATHS if not (base and tracked_in_base(p))]
 
 
-def commit_fresh(ws: Path, message: str, *, clean: bool = True, branch: str | None = None) -> str | None:
+def commit_fresh(ws: Path, message: str, *, clean: bool = True, branch: str | None = None,
+                 tracked: Sequence[bool] | None = None, tree: str | None = None) -> bool:
     """The first commit of a new workspace, before any agent has written it (host-side git).
 
     ``clean``: memory and Plan.md go to the companion ref of ``branch`` instead of the branch.
+    ``tracked`` (whether the start commit tracks each of :data:`MEMORY_PATHS`) and ``tree``
+    (the start commit's tree, ``""`` for none), when the caller already asked; else one git
+    process asks. True if a commit was made (False: nothing to commit). Three git processes
+    in the usual case (the add, a ``write-tree`` that finds the tree unchanged, and one
+    ``fast-import`` for the companion ref): every process is a few milliseconds of a warm
+    create (docs/speed.md).
     """
     try:
-        base = head_commit(ws)
-        keep, _untrack = _paths(clean, base, lambda p: git.ref_exists(ws, f"{base}:{p}"))
-        git.run(["add", "--all"], cwd=ws)
-        git.run(["reset", "--quiet", "--", *keep], cwd=ws)
+        if tracked is None or tree is None:
+            tree, *found = lookup(ws, ["HEAD^{tree}", *(f"HEAD:{p}" for p in MEMORY_PATHS)])
+            tracked = [bool(sha) for sha in found]
+        known = dict(zip(MEMORY_PATHS, tracked, strict=True))
+        keep, _untrack = _paths(clean, "HEAD", lambda p: known[p])
+        if clean and any(tracked):  # a taskbox path the start commit tracks: take everything, then put it back
+            git.run(["add", "--all"], cwd=ws)
+            git.run(["reset", "--quiet", "--", *keep], cwd=ws)
+        else:
+            # The index is the start commit's, so leaving a path out of the add keeps it at
+            # its last commit as `git reset` would. In clean mode the memory paths are
+            # untracked and ignored by .git/info/exclude, so `add --all` leaves them out
+            # (naming an ignored path in an exclude pathspec would make the add fail).
+            git.run(["add", "--all", "--", ".", *(p.replace(":(glob)", ":(exclude,glob)", 1) for p in _BYTECODE)], cwd=ws)
         if clean and branch:
             _save_memory_host(ws, memory_ref(branch))
+        # Usually nothing new is staged: `git commit` would say so after refreshing the whole
+        # index again (every file of a fresh checkout is "racily clean" and hashed anew);
+        # `write-tree` only writes the index's tree, and the same tree means nothing to commit.
+        if tree and git.run(["write-tree"], cwd=ws).stdout.strip() == tree:
+            return False
         proc = git.run(["commit", "--quiet", "--no-verify", "-m", message], cwd=ws, check=False)
         if proc.returncode != 0:
             out = proc.stdout + proc.stderr
             if any(m in out for m in ("nothing to commit", "nothing added", "no changes added")):
-                return None
+                return False
             raise GitError(f"git commit failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}",
                            returncode=proc.returncode, stderr=proc.stderr)
-        return git.run(["rev-parse", "HEAD"], cwd=ws).stdout.strip()
+        return True
     finally:
         hand_over(ws)
 
 
+def lookup(repo: Path, names: list[str]) -> list[str]:
+    """The object id each of ``names`` (revisions, one a line) names in a repository taskbox trusts
+    (the user's, or a workspace no agent has written yet), or ``""``: one git process for them all."""
+    proc = git.run(["cat-file", "--batch-check=%(objectname)"], cwd=repo,
+                   input="".join(f"{n}\n" for n in names).encode())
+    lines = proc.stdout.splitlines()
+    if len(lines) != len(names):
+        raise GitError(f"git cat-file gave {len(lines)} answers for {len(names)} names in {repo}")
+    return [line if _SHA.match(line) else "" for line in lines]
+
+
+def _memory_files(ws: Path) -> list[tuple[str, str, bytes]] | None:
+    """(git mode, path, content) of the memory files of a fresh workspace, as ``git add --force``
+    takes them; None when a name needs quoting in a fast-import stream (then git adds them)."""
+    out: list[tuple[str, str, bytes]] = []
+
+    def take(path: Path, rel: str) -> bool:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            out.append(("120000", rel, os.fsencode(os.readlink(path))))
+        elif stat.S_ISREG(st.st_mode):
+            out.append(("100755" if st.st_mode & 0o100 else "100644", rel, path.read_bytes()))
+        elif stat.S_ISDIR(st.st_mode):
+            for entry in sorted(os.listdir(path)):
+                if entry == ".git" or not take(path / entry, f"{rel}/{entry}"):
+                    return False
+        return not rel.startswith('"') and "\n" not in rel
+    for p in MEMORY_PATHS:
+        if os.path.lexists(ws / p) and not take(ws / p, p):
+            return None
+    return out
+
+
 def _save_memory_host(ws: Path, ref: str) -> None:
+    """Commit the memory files of a fresh workspace to ``ref`` (a root commit of them alone).
+
+    One ``git fast-import`` writes the blobs, the tree, the commit and the ref (kept as a
+    pack: ``unpackLimit=0`` spares an ``unpack-objects`` process); names it cannot take
+    unquoted go through a private index instead.
+    """
+    found = _memory_files(ws)
+    if found is None:
+        _save_memory_index(ws, ref)
+        return
+    if not found:
+        return
+    message = b"taskbox: task memory\n"
+    stream = [b"commit %s\ncommitter %s <%s> %d +0000\ndata %d\n%s" % (
+        ref.encode(), git.IDENTITY_NAME.encode(), git.IDENTITY_EMAIL.encode(), int(time.time()), len(message),
+        message)]
+    for mode, rel, data in found:
+        stream.append(b"M %s inline %s\ndata %d\n%s\n" % (mode.encode(), os.fsencode(rel), len(data), data))
+    stream.append(b"\n")
+    git.run(["-c", "fastimport.unpackLimit=0", "fast-import", "--quiet", "--force"], cwd=ws, input=b"".join(stream))
+
+
+def _save_memory_index(ws: Path, ref: str) -> None:
     """Commit the memory files of a fresh workspace to ``ref`` through a private index."""
     present = [p for p in MEMORY_PATHS if (ws / p).exists()]
     if not present:
