@@ -1,0 +1,99 @@
+"""Attacks on the live output events (taskbox.live_output, ``exec.output``) and the web
+routes merged with them: real Docker, real commands in a real sandbox, real event log.
+
+What a sandbox prints is hostile: it chooses the bytes, their timing and their volume. These
+tests print what an attacker would to get a secret's piece into the durable event log, or to
+make the log grow faster than the per-task budget the docs promise.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskbox import TaskService, live_output
+
+SECRET = "Zq8-leak-me-if-you-can-77"  # 25 characters
+
+
+def _output_events(svc: TaskService, task_id: str) -> list[dict[str, Any]]:
+    return [e["payload"] for e in svc.events(task_id) if e["type"] == "exec.output"]
+
+
+def test_a_secret_cut_by_the_pending_cap_never_leaks_its_tail(home: Path, repo: Path, docker_engine: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKBOX_SECRET_API_KEY", SECRET)
+    svc = TaskService(home)
+    task = svc.create_task(repo, "secret split by the pending cap")
+    # 1. A first line, streamed: the streamer holds its last characters back (a secret may be
+    #    arriving). 2. Within one interval, more than the pending cap (64 KiB) so its oldest
+    #    bytes are dropped — the cut lands 12 characters before the secret's end — followed by
+    #    text shaped like the wrapper's end marker (taken out of the live text, so the tail of
+    #    the secret is all that is left of that event and no size bound trims it away).
+    tail = 12
+    digits = live_output.PENDING_LIMIT - tail - len("\n__taskbox_end_0123456789abcdef__ ") - 1
+    script = ("printf 'a first line, longer than any secret value is\\n'; sleep 1.5; "
+              "{ head -c 5000 /dev/zero | tr '\\0' B; printf '%s' \"$API_KEY\"; "
+              f"printf '\\n__taskbox_end_0123456789abcdef__ '; head -c {digits} /dev/zero | tr '\\0' 1; "
+              "printf '\\n'; } ; sleep 1.5; echo done")
+    result = svc.exec(task.id, ["sh", "-c", script], secrets=["API_KEY"])
+    assert result.exit_code == 0, result.stderr
+    got = _output_events(svc, task.id)
+    assert got and got[-1].get("done") is True
+    assert any(p.get("skipped") for p in got)  # the pending cap did drop bytes
+    stored = json.dumps(got)
+    for k in (tail, 8, 6):
+        assert SECRET[-k:] not in stored, f"the last {k} characters of the secret are in the event log"
+    assert SECRET not in stored and SECRET[:12] not in stored
+
+
+BURST = 4000
+
+
+def _stored(payloads: list[dict[str, Any]]) -> int:
+    """What the log holds for the streamed text: each event's JSON (as the registry writes it),
+    but a command's first event without text and its last (``done``): one each per command."""
+    return sum(len(json.dumps(p, sort_keys=True)) for p in payloads if p["stream"] is not None)
+
+
+def test_a_flood_of_control_bytes_stores_no_more_than_the_budget(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "escape flood")
+    burst = BURST
+    stored = _stored
+    # Control bytes: one byte of output, six in the log (JSON escapes them as \u0001).
+    svc.output_budgets = live_output.Budgets(rate=0, burst=burst)
+    flood = "for i in 1 2 3 4; do head -c 2000 /dev/zero | tr '\\0' '\\001'; echo; sleep 0.7; done"
+    r = svc.exec(task.id, ["sh", "-c", flood])
+    assert r.exit_code == 0, r.stderr
+    got = _output_events(svc, task.id)
+    assert any("\x01" in p["text"] for p in got)  # some of it streamed
+    assert stored(got) <= burst, f"{stored(got)} bytes stored for a budget of {burst}"
+
+
+def test_many_one_line_events_store_no_more_than_the_budget(svc: TaskService, repo: Path) -> None:
+    # Each event costs its fields and its command in the log, not just its one byte of text.
+    task = svc.create_task(repo, "event flood")
+    burst, stored = BURST, _stored
+    svc.output_budgets = live_output.Budgets(rate=0, burst=burst)
+    before = {e["id"] for e in svc.events(task.id)}
+    errors: list[str] = []
+
+    def trickle() -> None:
+        try:
+            svc.exec(task.id, ["sh", "-c", "for i in $(seq 16); do echo; sleep 0.25; done"])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=trickle) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    got = [e["payload"] for e in svc.events(task.id) if e["type"] == "exec.output" and e["id"] not in before]
+    assert len({p["exec_id"] for p in got}) == 8
+    assert stored(got) <= burst, f"{stored(got)} bytes stored for a budget of {burst}"
