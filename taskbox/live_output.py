@@ -23,7 +23,11 @@ Command output is hostile and can be huge, so what is recorded is bounded at eve
   split across two chunks is redacted whole; where the pending cap dropped bytes, the
   text held back before them and the first characters after them go too (either may be a
   piece of a secret whose rest was dropped);
-- the wrapper's end-of-output marker (:mod:`taskbox.sandbox`) is taken out.
+- the wrapper's end-of-output marker (:mod:`taskbox.sandbox`) is taken out;
+- the log keeps a task's newest :data:`KEEP_EVENTS` of these events: older ones are deleted
+  when a command ends, and all of them with the task (they are for following a command
+  live; its whole result is in its ``task.exec`` event and the execution log). So the
+  event table does not grow without bound with the output of long-lived busy tasks.
 
 The last event has ``done: true`` and the exit code (``null`` when the command did not end
 normally: a timeout, a cancel, a lost container).
@@ -55,6 +59,7 @@ PENDING_LIMIT = 64 * 1024  # bytes of one stream held between two events
 LINE_WAIT = 2048  # characters of an unfinished line held back for its end
 COMMAND_CHARS = 200
 STREAMS = ("stdout", "stderr")
+KEEP_EVENTS = 2000  # a task's newest exec.output events kept in the log when a command ends
 EVENT_ROW = 64  # bytes of an event's row besides its payload (id, type, task, time)
 _MARKER = re.compile(r"\n?__taskbox_end_[0-9a-f]{16}__ -?\d+\n?")
 _MARKER_START = "__taskbox_end_"

@@ -97,3 +97,22 @@ def test_many_one_line_events_store_no_more_than_the_budget(svc: TaskService, re
     got = [e["payload"] for e in svc.events(task.id) if e["type"] == "exec.output" and e["id"] not in before]
     assert len({p["exec_id"] for p in got}) == 8
     assert stored(got) <= burst, f"{stored(got)} bytes stored for a budget of {burst}"
+
+
+def test_the_event_log_keeps_only_a_task_s_newest_live_output(svc: TaskService, repo: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A busy task's live output was kept forever (~14 MiB an hour of it): now the newest
+    # KEEP_EVENTS stay when a command ends. A small number here, to see it with few commands.
+    monkeypatch.setattr(live_output, "KEEP_EVENTS", 6)
+    task = svc.create_task(repo, "long-lived busy task")
+    other = svc.create_task(repo, "its neighbour")
+    svc.exec(other.id, ["sh", "-c", "for i in 1 2 3 4 5; do echo n$i; sleep 0.3; done"])
+    theirs = [e["id"] for e in svc.events(other.id, types=["exec.output"])]
+    for n in range(3):
+        r = svc.exec(task.id, ["sh", "-c", f"for i in 1 2 3 4 5 6; do echo run{n}-$i; sleep 0.3; done"])
+        assert r.exit_code == 0, r.stderr
+    kept = svc.events(task.id, types=["exec.output"])
+    assert 0 < len(kept) <= 6
+    assert kept[-1]["payload"].get("done") is True and "run2" in kept[-1]["payload"]["command"]
+    assert [e["id"] for e in svc.events(other.id, types=["exec.output"])] == theirs  # another task's stay
+    assert len([e for e in svc.events(task.id) if e["type"] == "task.exec"]) == 3  # the results stay
