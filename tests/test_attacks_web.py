@@ -13,9 +13,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from taskbox import TaskService, live_output
+from taskbox import TaskService, live_output, web
+
+from .webserver import running
 
 SECRET = "Zq8-leak-me-if-you-can-77"  # 25 characters
 
@@ -116,3 +119,51 @@ def test_the_event_log_keeps_only_a_task_s_newest_live_output(svc: TaskService, 
     assert kept[-1]["payload"].get("done") is True and "run2" in kept[-1]["payload"]["command"]
     assert [e["id"] for e in svc.events(other.id, types=["exec.output"])] == theirs  # another task's stay
     assert len([e for e in svc.events(task.id) if e["type"] == "task.exec"]) == 3  # the results stay
+
+
+# --- the new routes: sub-tasks, merge, template -----------------------------------------------
+
+
+def test_a_page_or_another_origin_cannot_merge_or_read_sub_tasks(svc: TaskService, repo: Path) -> None:
+    target = svc.create_task(repo, "merge target", task_id="mtarget")
+    source = svc.create_task(repo, "merge source", task_id="msource")
+    assert svc.exec(source.id, "echo merged > from_source.txt").exit_code == 0
+    landed = Path(target.workspace_path) / "from_source.txt"
+    with running(svc) as base, httpx.Client(base_url=base, timeout=120) as c:
+        merge = "/api/tasks/msource/merge"
+        for headers in ({"origin": "http://evil.example"}, {"origin": "null"},
+                        {"sec-fetch-site": "cross-site"}, {"host": "evil.example"}):
+            r = c.post(merge, json={"into": "mtarget"}, headers=headers)
+            assert r.status_code == 403, (headers, r.text)
+        # A cross-site form cannot send JSON, and a simple (no preflight) text/plain POST is refused.
+        for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+            r = c.post(merge, content=b'{"into": "mtarget"}', headers={"content-type": ctype})
+            assert r.status_code == 400, (ctype, r.text)
+        # DNS rebinding: another host name is refused for reads too; no CORS header is ever sent.
+        assert c.get("/api/tasks/msource/subtasks", headers={"host": "evil.example"}).status_code == 403
+        r = c.get("/api/tasks/msource/subtasks", headers={"origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        # A template name is a name, never a path.
+        for name in ("../../etc/passwd", "/etc/passwd", "..", "a/b"):
+            r = c.post("/api/tasks", json={"repo": str(repo), "description": "t", "template": name},
+                       headers={"origin": base})
+            assert r.status_code in (400, 404), (name, r.text)
+            assert "root:" not in r.text
+        assert not landed.exists()  # nothing above merged anything
+        # The same origin may.
+        r = c.post(merge, json={"into": "mtarget"}, headers={"origin": base})
+        assert r.status_code == 200, r.text
+    assert landed.read_text() == "merged\n"
+
+
+def test_a_token_server_refuses_the_new_routes_without_its_token(svc: TaskService, repo: Path) -> None:
+    svc.create_task(repo, "token target", task_id="ttarget", lazy=True)
+    token = web.load_token(svc.paths.home)
+    assert token
+    with running(svc, host="0.0.0.0", token=token) as base, httpx.Client(base_url=base, timeout=30) as c:
+        assert c.get("/api/tasks/ttarget/subtasks").status_code == 401
+        assert c.post("/api/tasks/ttarget/merge", json={"into": "main"}).status_code == 401
+        assert c.post("/api/tasks", json={"repo": str(repo), "description": "x", "template": "t"}).status_code == 401
+        auth = {"authorization": "Bearer " + "x" * len(token)}
+        assert c.post("/api/tasks/ttarget/merge", json={"into": "main"}, headers=auth).status_code == 401
+    assert [t.id for t in svc.list_tasks()] == ["ttarget"]
