@@ -18,6 +18,7 @@ import pytest
 
 from taskbox import TaskService, live_output, web
 
+from .conftest import run_cli
 from .webserver import running
 
 SECRET = "Zq8-leak-me-if-you-can-77"  # 25 characters
@@ -167,3 +168,21 @@ def test_a_token_server_refuses_the_new_routes_without_its_token(svc: TaskServic
         auth = {"authorization": "Bearer " + "x" * len(token)}
         assert c.post("/api/tasks/ttarget/merge", json={"into": "main"}, headers=auth).status_code == 401
     assert [t.id for t in svc.list_tasks()] == ["ttarget"]
+
+
+def test_live_output_cannot_drive_the_terminal_of_whoever_reads_the_history(svc: TaskService, repo: Path) -> None:
+    task = svc.create_task(repo, "terminal injection")
+    # C1 controls encoded in UTF-8 (CSI, OSC ... ST: xterm and VTE obey them), a bidi
+    # override and DEL: json.dumps(ensure_ascii=False) escapes none of them, only C0.
+    script = ("printf 'x\\302\\2332J\\302\\23552;c;cHduZWQ=\\302\\234 \\342\\200\\256evil\\177\\n'; sleep 1.2; "
+              "echo end")
+    assert svc.exec(task.id, ["sh", "-c", script]).exit_code == 0
+    assert any("\x9b" in p["text"] for p in _output_events(svc, task.id))  # it is in the log
+    for args in (("task-history", task.id), ("task-history", task.id, "--json")):
+        proc = run_cli(*args, env={"TASKBOX_HOME": str(svc.paths.home)})
+        assert proc.returncode == 0, proc.stderr
+        bad = sorted({hex(ord(ch)) for ch in proc.stdout
+                      if (ord(ch) < 0x20 and ch not in "\n") or 0x7F <= ord(ch) <= 0x9F or ch == "\u202e"})
+        assert not bad, f"{args}: control characters reach the terminal: {bad}"
+        if "--json" in args:
+            assert any("\x9b" in e["payload"].get("text", "") for e in json.loads(proc.stdout)["events"])
