@@ -63,9 +63,10 @@ CATALOGUE: tuple[EventType, ...] = (
                               "bytes"),
               "Output of a command still running (any process's), every half second: ``text`` of ``stream`` "
               "(stdout or stderr; none on the first event, which names the ``command``), numbered by ``seq`` per "
-              "``exec_id``; redacted and bounded (4 KiB a second per task; ``skipped``: bytes left out before this "
+              "``exec_id``; redacted and bounded (4 KiB a second per task, as stored; ``skipped``: bytes left out before this "
               "text). The last has ``done``, the ``exit_code`` (null if it did not end normally) and the output "
-              "``bytes``. Commands shorter than half a second have none (see ``task.exec``)."),
+              "``bytes``. Commands shorter than half a second have none (see ``task.exec``). The log keeps a "
+              "task's newest 2000 (older ones go when a command ends)."),
     EventType("exec.orphaned", ("session_id", "command"),
               "A command left running by a server that died was killed when another session took the task over."),
     EventType("exec.cancelled", ("command", "duration_ms"),

@@ -12,13 +12,22 @@ Command output is hostile and can be huge, so what is recorded is bounded at eve
 - at most :data:`RATE` bytes per second per task (a burst of :data:`BURST`; the budget is
   kept by each process, shared by its commands in that task), at most :data:`CHUNK` per
   event and :data:`EXEC_LIMIT` per command; output past the budget is skipped — the next
-  event says how many bytes (``skipped``) and carries the newest text. So the durable log
-  grows by at most about 14 MiB an hour per busy task, and by nothing for quick commands;
+  event says how many bytes (``skipped``) and carries the newest text. The bytes counted
+  are those the log stores: the text JSON-escaped (a control byte takes six) plus the
+  event's own fields and command, so neither escapes nor many tiny events get past it. So
+  the durable log grows by at most about 14 MiB an hour per busy task (and two events per
+  command: its first and its last), and by nothing for quick commands;
 - the bytes waiting between two events are capped (:data:`PENDING_LIMIT`, oldest dropped);
 - secrets never appear: text is redacted before it is recorded, and a stream is only cut
   where no secret value straddles the cut (the rest waits for the next event), so a value
-  split across two chunks is redacted whole;
-- the wrapper's end-of-output marker (:mod:`taskbox.sandbox`) is taken out.
+  split across two chunks is redacted whole; where the pending cap dropped bytes, the
+  text held back before them and the first characters after them go too (either may be a
+  piece of a secret whose rest was dropped);
+- the wrapper's end-of-output marker (:mod:`taskbox.sandbox`) is taken out;
+- the log keeps a task's newest :data:`KEEP_EVENTS` of these events: older ones are deleted
+  when a command ends, and all of them with the task (they are for following a command
+  live; its whole result is in its ``task.exec`` event and the execution log). So the
+  event table does not grow without bound with the output of long-lived busy tasks.
 
 The last event has ``done: true`` and the exit code (``null`` when the command did not end
 normally: a timeout, a cancel, a lost container).
@@ -27,6 +36,7 @@ normally: a timeout, a cancel, a lost container).
 from __future__ import annotations
 
 import codecs
+import json
 import logging
 import re
 import threading
@@ -49,6 +59,8 @@ PENDING_LIMIT = 64 * 1024  # bytes of one stream held between two events
 LINE_WAIT = 2048  # characters of an unfinished line held back for its end
 COMMAND_CHARS = 200
 STREAMS = ("stdout", "stderr")
+KEEP_EVENTS = 2000  # a task's newest exec.output events kept in the log when a command ends
+EVENT_ROW = 64  # bytes of an event's row besides its payload (id, type, task, time)
 _MARKER = re.compile(r"\n?__taskbox_end_[0-9a-f]{16}__ -?\d+\n?")
 _MARKER_START = "__taskbox_end_"
 
@@ -62,13 +74,14 @@ class Budgets:
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # task -> (tokens, when)
 
-    def take(self, task_id: str, wanted: int) -> int:
-        """How many of ``wanted`` bytes the task may record now (taken from its bucket)."""
+    def take(self, task_id: str, wanted: int, minimum: int = 0) -> int:
+        """How many of ``wanted`` bytes the task may record now (taken from its bucket); none
+        while it has fewer than ``minimum`` (an event's own size: never paid for nothing)."""
         now = time.monotonic()
         with self._lock:
             tokens, when = self._buckets.get(task_id, (self.burst, now))
             tokens = min(self.burst, tokens + (now - when) * self.rate)
-            granted = int(min(tokens, wanted))
+            granted = int(min(tokens, wanted)) if tokens >= minimum else 0
             self._buckets[task_id] = (tokens - granted, now)
             if len(self._buckets) > 10_000:  # tasks long gone
                 self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 3600}
@@ -105,6 +118,10 @@ class Streamer:
         self.seen = 0  # bytes of output the command wrote
         self.skipped = 0  # bytes of output not recorded (budget, caps)
         self._unsaid = 0  # of those, bytes no event has counted yet
+        # The stored size of an event besides its text (its fields, the command, the row).
+        self._overhead = EVENT_ROW + _stored(self.command) + len(json.dumps(
+            {"exec_id": self.exec_id, "seq": 10**9, "stream": "stdout", "text": "", "command": "",
+             "skipped": 10**12}))
         self._streams = {s: _Stream() for s in STREAMS}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -156,13 +173,15 @@ class Streamer:
             front_cut, s.cut = s.cut, False
         if front_cut:
             s.decoder.reset()
-        text = s.text + s.decoder.decode(raw, final=final)
+        new = s.decoder.decode(raw, final=final)
         longest = self.redactor.longest()
         if front_cut and longest > 1:
-            # The dropped bytes may have held the head of a secret: its tail must go too.
-            head = min(len(text), longest - 1)
-            dropped += len(text[:head].encode())
-            text = text[head:]
+            # A secret may straddle the dropped bytes on either side: the text held back before
+            # them may end with its head, the first characters after them may be its tail.
+            head = min(len(new), longest - 1)
+            dropped += len(s.text.encode()) + len(new[:head].encode())
+            s.text, new = "", new[head:]
+        text = s.text + new
         cut = len(text) if final else self._cut(text, longest)
         out, s.text = text[:cut], text[cut:]
         if name == "stdout":
@@ -170,17 +189,22 @@ class Streamer:
         out = self.redactor.text(out) if longest else out
         if not out and not dropped:
             return None
-        data = out.encode()
+        # What the event costs is what the log stores: the text JSON-escaped (a control byte
+        # is six bytes there) and the event's own fields, so neither a flood of escapes nor
+        # many one-line events get past the budget.
+        cost = _stored(out)
         room = min(CHUNK, max(0, EXEC_LIMIT - self.sent))
-        allowed = self.budgets.take(self.task_id, min(len(data), room))
-        if allowed < len(data):
+        want = min(cost, room)
+        granted = self.budgets.take(self.task_id, want + self._overhead, self._overhead + 1) if want else 0
+        allowed = max(0, granted - self._overhead)
+        if allowed < cost:
             # Over the budget: the newest text is what a live view wants; the rest is counted.
-            keep = data[len(data) - allowed:].decode(errors="ignore") if allowed else ""
-            dropped += len(data) - len(keep.encode())
+            keep = _tail(out, allowed)
+            dropped += len(out.encode()) - len(keep.encode())
             out = keep
         self.skipped += dropped
         self._unsaid += dropped
-        self.sent += len(out.encode())
+        self.sent += _stored(out)
         if not out and self.seq > 0:
             return None  # nothing to show now; the count goes out with the next event
         skipped, self._unsaid = self._unsaid, 0
@@ -230,6 +254,31 @@ class Streamer:
         except Exception as exc:  # noqa: BLE001 - the command's own result must still reach its caller
             log.warning("the end of %s's live output in %s was not recorded: %s: %s", self.exec_id, self.task_id,
                         type(exc).__name__, exc)
+
+
+def _stored(text: str) -> int:
+    """The bytes ``text`` takes in the event log (JSON, every non-ASCII character escaped)."""
+    return len(json.dumps(text)) - 2
+
+
+def _char_cost(ch: str) -> int:
+    o = ord(ch)
+    if 0x20 <= o < 0x7F:
+        return 2 if ch in '"\\' else 1
+    if ch in "\n\r\t\b\f":
+        return 2
+    return 12 if o > 0xFFFF else 6
+
+
+def _tail(text: str, limit: int) -> str:
+    """The newest characters of ``text`` whose stored size is at most ``limit``."""
+    size, i = 0, len(text)
+    while i > 0:
+        n = _char_cost(text[i - 1])
+        if size + n > limit:
+            break
+        size, i = size + n, i - 1
+    return text[i:]
 
 
 def start(task_id: str, command: str | list[str], control: ExecControl, redactor: Redactor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -10,9 +11,20 @@ from typing import Any
 
 from .results import plain
 
+# What a terminal would obey or reorder, beyond the C0 controls JSON escapes anyway: DEL, the
+# C1 controls (CSI, OSC, ... in UTF-8: xterm and VTE act on them) and the bidi controls. Text
+# from a sandbox (its output in events, file names) is hostile and is printed escaped.
+_TERMINAL = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_TERMINAL_CELL = re.compile(f"[\x00-\x1f{_TERMINAL.pattern[1:-1]}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
 
 def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=plain, ensure_ascii=False)
+    # Still JSON: any character of a string may be written as its \u escape.
+    return _TERMINAL.sub(_escape, json.dumps(data, indent=2, sort_keys=True, default=plain, ensure_ascii=False))
 
 
 def ago(ts: float | None) -> str:
@@ -41,7 +53,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 def _cell(value: Any) -> str:
     text = "-" if value is None or value == "" else str(value)
-    text = text.replace("\n", " ")
+    text = _TERMINAL_CELL.sub(_escape, text.replace("\n", " "))
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -331,6 +331,7 @@ class Registry:
                     (task_id, row["branch"], row["workspace_path"], row["container_id"], reason, time.time()))
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
             conn.execute("DELETE FROM rate_windows WHERE task_id = ?", (task_id,))
+            conn.execute("DELETE FROM events WHERE task_id = ? AND type = 'exec.output'", (task_id,))  # live only
             self._event(conn, "task.deleted", task_id, {"reason": reason})
         if self.records is not None:
             try:
@@ -751,6 +752,18 @@ class Registry:
         rows = [{**dict(r), "payload": json.loads(r["payload"])} for r in self._conn().execute(sql, args)]
         return rows[::-1] if newest else rows
 
+
+    def trim_events(self, task_id: str, type_: str, keep: int) -> int:
+        """Delete a task's events of ``type_`` but the newest ``keep`` (live command output,
+        whose whole result is in its ``task.exec`` event and the execution log); return how
+        many went. Ids are never reused (AUTOINCREMENT), so a reader's cursor stays valid."""
+        with self.tx() as conn:
+            row = conn.execute("SELECT id FROM events WHERE task_id = ? AND type = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
+                               (task_id, type_, max(0, keep))).fetchone()
+            if row is None:
+                return 0
+            return int(conn.execute("DELETE FROM events WHERE task_id = ? AND type = ? AND id <= ?",
+                                    (task_id, type_, row[0])).rowcount)
 
     def last_event_id(self) -> int:
         """The id of the newest event (0 when there is none): where a live reader starts."""

@@ -1359,6 +1359,8 @@ class TaskService:
         # Bounded by live_output's own budget, so past the registry's per-type limiter (its
         # burst a minute would cut a live stream after a few seconds).
         self.registry.add_event("exec.output", task_id, payload, limited=False)
+        if payload.get("done"):  # a command ended: only the task's newest live output stays in the log
+            self.registry.trim_events(task_id, "exec.output", live_output.KEEP_EVENTS)
 
     def _redact_result(self, result: ExecResult) -> ExecResult:
         if not self.redactor.active:
