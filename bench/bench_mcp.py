@@ -31,26 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from benchlib import BenchError, make_repo  # noqa: E402
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 MAX_RATIO = 2.0
 MAX_MEDIAN_MS = 100.0
-
-
-class BenchError(Exception):
-    """The benchmark could not run (no docker CLI, task not created, command failed)."""
-
-
-def make_repo(root: Path) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@b"}
-    (repo / "README.md").write_text("bench\n")
-    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "init"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, env=env, capture_output=True)
-    return repo
 
 
 def summary(samples: list[float]) -> dict[str, float]:

@@ -38,31 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from benchlib import BenchError, make_repo, pct  # noqa: E402
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 SINGLE_RATIO = 0.6
 LOAD_RATIO = 1.5
-
-
-class BenchError(Exception):
-    """The benchmark could not run."""
-
-
-def make_repo(root: Path) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@b"}
-    (repo / "README.md").write_text("bench\n")
-    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "init"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, env=env, capture_output=True)
-    return repo
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def stats(samples: list[float]) -> dict[str, float]:
