@@ -373,6 +373,18 @@ def parse_chunk_list(data: bytes, what: str) -> Chunks:
 _RAW_MIN = 4096
 
 
+
+def _read_exactly(fd: int, size: int) -> tuple[bytes, bool]:
+    """``size`` bytes of ``fd`` from its offset, and whether they were all there: a file cut
+    short while read is padded with zeros, so the declared size is stored all the same."""
+    data = b""
+    while len(data) < size:
+        got = os.read(fd, size - len(data))
+        if not got:
+            break
+        data += got
+    return data + bytes(size - len(data)), len(data) == size
+
 def _incompressible(data: bytes) -> bool:
     """Whether a small file's bytes look incompressible (random, compressed or encrypted).
 
@@ -642,14 +654,7 @@ class _Importer:
         """Stream ``size`` bytes of an open file as a blob; False if the file shrank meanwhile."""
         mark = self._mark()
         if size <= _CHUNK:  # the common case: one read, one write
-            data = b""
-            while len(data) < size:
-                got = os.read(fd, size - len(data))
-                if not got:
-                    break
-                data += got
-            whole = len(data) == size
-            data += bytes(size - len(data))  # truncated while read: the declared size is sent all the same
+            data, whole = _read_exactly(fd, size)
             self._write(b"blob\nmark %s\ndata %d\n%s\n" % (mark.encode(), size, data))
             return mark, whole
         self._write(b"blob\nmark %s\ndata %d\n" % (mark.encode(), size))
@@ -1004,14 +1009,7 @@ class _Sink:
         """A small file's blob (a fast-import mark, or the id of one written to the raw pack)."""
         if not self.raw_ok or not _RAW_MIN <= size <= _CHUNK:
             return self.imp.blob_from_fd(fd, size)
-        data = b""
-        while len(data) < size:
-            got = os.read(fd, size - len(data))
-            if not got:
-                break
-            data += got
-        whole = len(data) == size
-        data += bytes(size - len(data))  # truncated while read: the declared size is stored all the same
+        data, whole = _read_exactly(fd, size)
         if not _incompressible(data):
             return self.imp.blob(data), whole
         sha = _blob_id(data)
