@@ -32,6 +32,7 @@ from typing import Any
 
 from . import config
 from .errors import InvalidInput, VolumeError
+from .liveness import pid_alive
 
 MIN_BYTES = 64 * 1024**2
 MIN_INODES = 1000
@@ -304,16 +305,6 @@ def _take_spare(volumes: Path, size: int, inodes: int, owner: tuple[int, int], i
     return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def make_spares(volumes: Path, size: int, inodes: int, owner: tuple[int, int], count: int) -> dict[str, int]:
     """Keep ``count`` spare images of this profile (``mkfs`` done ahead, so a create only mounts
     one); first remove what fillers and takers that died left behind, and the spares of other
@@ -353,7 +344,7 @@ def _tidy_spares(volumes: Path, keep: Path | None) -> int:
         for entry in list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else [folder]:
             parts = entry.name.split(".")
             dead = (entry.name.startswith((".fill.", ".claim.")) and len(parts) > 2 and parts[2].isdigit()
-                    and not _alive(int(parts[2])))
+                    and not pid_alive(int(parts[2])))
             if dead or (folder != keep and entry.name.endswith(".img")):
                 entry.unlink(missing_ok=True)
                 removed += 1
