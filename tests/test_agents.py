@@ -295,7 +295,9 @@ def test_interactive_run_detach_and_attach(svc: TaskService, repo: Path, home: P
         with pytest.raises(TaskBusy):  # a detached agent still runs: the task is not stopped under it
             svc.pause(task.id)
         # Come back to it in a fresh window.
-        _tmux("-L", server, "kill-session", "-t", "t")
+        _tmux("-L", server, "kill-server", check=False)
+        # a fresh tmux server: the old one may still be exiting (its last session killed)
+        server = f"tbx-test-{secrets.token_hex(3)}"
         cmd = f"env {env} {sys.executable} -m taskbox attach {task.id}; echo ATTACH-EXIT=$?; sleep 60"
         _tmux("-L", server, "new-session", "-d", "-s", "t", "-x", "100", "-y", "25", cmd)
         screen_until("29 120")  # the same shell, its screen redrawn
